@@ -1,0 +1,3 @@
+//! `clan machines …`
+
+pub mod update;

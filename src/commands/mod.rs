@@ -1,0 +1,3 @@
+//! One module per subcommand: `clan machines update` lives in `machines/update.rs`.
+
+pub mod machines;

@@ -1,0 +1,246 @@
+//! Failure classification: turns a failed step's output into the guide's troubleshooting
+//! case, with the fix. Matches what both Nix 2.8 (`cannot connect to '…'`) and current Nix
+//! (`failed to start SSH connection to '…'`) print.
+
+use std::sync::LazyLock;
+
+use regex::Regex;
+
+use crate::error::{Error, ExitKind, Hint};
+use crate::plan::{Role, Runner, Step, StepKind};
+use crate::resolve::{BuildLocation, ResolvedMachine};
+
+/// The ssh-level reasons a connection fails.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SshFailure {
+    /// `Host key verification failed.`
+    HostKey,
+    /// `Permission denied (publickey…)`
+    PermissionDenied,
+    /// Refused, timed out, unresolvable or unroutable.
+    Unreachable,
+}
+
+/// Finds the ssh failure in a command's output, if there is one.
+pub fn ssh_failure(output: &str) -> Option<SshFailure> {
+    if output.contains("Host key verification failed")
+        || output.contains("REMOTE HOST IDENTIFICATION HAS CHANGED")
+    {
+        Some(SshFailure::HostKey)
+    } else if output.contains("Permission denied (") {
+        Some(SshFailure::PermissionDenied)
+    } else if [
+        "Connection refused",
+        "Connection timed out",
+        "Could not resolve hostname",
+        "No route to host",
+        "Network is unreachable",
+    ]
+    .iter()
+    .any(|m| output.contains(m))
+    {
+        Some(SshFailure::Unreachable)
+    } else {
+        None
+    }
+}
+
+/// The two systems of an architecture mismatch: (required, build host's).
+pub fn system_mismatch(output: &str) -> Option<(String, String)> {
+    // Nix 2.8 … 2.2x: "a 'x86_64-linux' with features {} is required to build '…', but I am a 'aarch64-linux' …"
+    static OLD: LazyLock<Regex> = LazyLock::new(|| {
+        Regex::new(r"a '([^']+)' with features \{[^}]*\} is required to build '[^']*', but I am a '([^']+)'")
+            .expect("valid regex")
+    });
+    // Newer Nix: "Required system: 'x86_64-linux' …" / "Current system: 'aarch64-linux' …"
+    static NEW_REQUIRED: LazyLock<Regex> =
+        LazyLock::new(|| Regex::new(r"Required system: '([^']+)'").expect("valid regex"));
+    static NEW_CURRENT: LazyLock<Regex> =
+        LazyLock::new(|| Regex::new(r"Current system: '([^']+)'").expect("valid regex"));
+    if let Some(c) = OLD.captures(output) {
+        return Some((c[1].to_string(), c[2].to_string()));
+    }
+    let required = NEW_REQUIRED.captures(output)?;
+    let current = NEW_CURRENT.captures(output)?;
+    Some((required[1].to_string(), current[1].to_string()))
+}
+
+/// The last lines of `output`, which is where Nix and ssh say what went wrong.
+fn tail(output: &str, lines: usize) -> String {
+    let all: Vec<&str> = output.lines().collect();
+    all[all.len().saturating_sub(lines)..].join("\n")
+}
+
+/// Explains why `step` of `machine` failed with `output` and exit `code`.
+pub fn diagnose(machine: &ResolvedMachine, step: &Step, output: &str, code: Option<i32>) -> Error {
+    let name = &machine.name;
+    let target = &machine.target.value;
+    let builder = match &machine.build.value {
+        BuildLocation::Remote(addr) => addr.to_string(),
+        BuildLocation::Local => "this machine".into(),
+        BuildLocation::Target => target.to_string(),
+    };
+    let exit = if step.kind.changes_target_system() {
+        ExitKind::PartiallyApplied
+    } else {
+        ExitKind::DeployFailed
+    };
+    let detail = tail(output, 15);
+    let base = |message: String| Error::new(message).detail(detail.clone()).exit(exit);
+
+    // ssh itself failed (exit 255) on the workstation's own connection to the step's host.
+    let outer_ssh_failed = matches!(step.runner, Runner::Remote { .. }) && code == Some(255);
+    let hop = match (step.kind, &step.runner) {
+        (StepKind::NestedCopy, _) if !outer_ssh_failed => Some(Hop::BuilderToTarget),
+        (StepKind::CopyDerivations, _) => Some(Hop::WorkstationTo(builder.clone())),
+        (StepKind::CopyFromWorkstation, _) => Some(Hop::WorkstationTo(target.to_string())),
+        (_, Runner::Remote { host, .. }) if outer_ssh_failed => {
+            Some(Hop::WorkstationTo(host.address.to_string()))
+        }
+        _ => None,
+    };
+    if let (Some(hop), Some(failure)) = (hop, ssh_failure(output)) {
+        return ssh_error(name, &builder, &target.to_string(), &hop, failure, base);
+    }
+    if let Some((required, have)) = system_mismatch(output) {
+        return base(format!(
+            "{name}: the build host {builder} is a '{have}' machine and cannot build this '{required}' system"
+        ))
+        .hint(Hint::text(format!(
+            "pick a build host whose system is {required} (deploy.buildHost in the inventory, or --build-host)"
+        )))
+        .hint(Hint::text(format!(
+            "or build on this workstation: clan machines update {name} --build-host localhost"
+        )));
+    }
+    let role_host = match &step.runner {
+        Runner::Remote { role: Role::BuildHost, host, .. } => format!("build host {}", host.address),
+        Runner::Remote { role: Role::Target, host, .. } => format!("target {}", host.address),
+        Runner::Workstation(_) => "the workstation".to_string(),
+    };
+    match step.kind {
+        StepKind::VerifySystem => base(format!(
+            "{name}: {} is not a NixOS system (it has no nixos-version or bin/switch-to-configuration); refusing to activate it on {target}",
+            machine.out_path
+        ))
+        .hint(Hint::text("the machine's system.build.toplevel must be a NixOS system")),
+        StepKind::Realise => base(format!(
+            "{name}: building {} failed on {role_host}",
+            machine.drv_path
+        ))
+        .hint(Hint::text("the build log is above; nothing was copied to or activated on the target")),
+        StepKind::Switch => base(format!(
+            "{name}: switch-to-configuration switch failed on {target}; the system profile already points to the new system"
+        ))
+        .hint(Hint::text("the target may be half-updated: check it, then re-deploy or roll back")),
+        StepKind::SetProfile => base(format!(
+            "{name}: setting the system profile on {target} failed"
+        ))
+        .hint(Hint::text("the deploy user must be allowed to write /nix/var/nix/profiles")),
+        _ => base(format!(
+            "{name}: {} on {role_host} failed{}",
+            step.kind.stage(),
+            code.map(|c| format!(" (exit {c})")).unwrap_or_default()
+        )),
+    }
+}
+
+/// Which ssh connection failed.
+enum Hop {
+    /// The workstation's own connection to a host.
+    WorkstationTo(String),
+    /// The build host's connection to the target, made for the closure copy.
+    BuilderToTarget,
+}
+
+fn ssh_error(
+    name: &str,
+    builder: &str,
+    target: &str,
+    hop: &Hop,
+    failure: SshFailure,
+    base: impl Fn(String) -> Error,
+) -> Error {
+    match (hop, failure) {
+        (Hop::BuilderToTarget, SshFailure::HostKey) => base(format!(
+            "{name}: host key verification failed on the second hop (build host {builder} → target {target}): the build host has no known_hosts entry for the target"
+        ))
+        .hint(Hint::text(format!(
+            "re-run with --host-key-check accept-new: it is passed to the build host's ssh, which records the target's key on first use: clan machines update {name} --host-key-check accept-new"
+        )))
+        .hint(Hint::text(format!(
+            "or seed it by hand, after checking the key: ssh {builder} 'ssh-keyscan {target_host} >> ~/.ssh/known_hosts'",
+            target_host = host_only(target)
+        ))),
+        (Hop::BuilderToTarget, SshFailure::PermissionDenied) => base(format!(
+            "{name}: permission denied on the second hop (build host {builder} → target {target}): the build host has no key that the target accepts"
+        ))
+        .hint(Hint::text(format!(
+            "create a key on the build host and authorize it on the target: ssh {builder} 'test -f ~/.ssh/id_ed25519 || ssh-keygen -t ed25519 -N \"\" -f ~/.ssh/id_ed25519' && ssh {builder} 'cat ~/.ssh/id_ed25519.pub' | ssh {target} 'cat >> ~/.ssh/authorized_keys'"
+        )))
+        .hint(Hint::text("or forward your SSH agent to the build host (see the guide's SSH Agent Forwarding section)")),
+        (Hop::BuilderToTarget, SshFailure::Unreachable) => base(format!(
+            "{name}: the build host {builder} cannot reach the target {target}"
+        ))
+        .hint(Hint::text("the build host opens its own ssh connection to the target: check that the target is reachable from the build host")),
+        (Hop::WorkstationTo(host), SshFailure::HostKey) => base(format!(
+            "{name}: host key verification failed for {host}: this workstation does not know its key (or it changed)"
+        ))
+        .hint(Hint::text(format!(
+            "if the host is new, re-run with --host-key-check accept-new, or connect once with: ssh {host}"
+        ))),
+        (Hop::WorkstationTo(host), SshFailure::PermissionDenied) => base(format!(
+            "{name}: permission denied when this workstation logs in to {host}"
+        ))
+        .hint(Hint::text(format!(
+            "authorize one of your keys for that user on {host}, or name one with ?IdentityFile=/path/to/key in the address"
+        ))),
+        (Hop::WorkstationTo(host), SshFailure::Unreachable) => base(format!(
+            "{name}: cannot reach {host} from this workstation"
+        ))
+        .hint(Hint::text("check the address, the port and that sshd runs there")),
+    }
+}
+
+fn host_only(address: &str) -> &str {
+    let no_user = address.rsplit_once('@').map_or(address, |(_, h)| h);
+    no_user.split(['?', ':']).next().unwrap_or(no_user)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn recognises_both_nix_generations() {
+        let old = "error: a 'x86_64-linux' with features {} is required to build '/nix/store/x.drv', but I am a 'aarch64-linux' with features {benchmark, big-parallel}";
+        assert_eq!(
+            system_mismatch(old),
+            Some(("x86_64-linux".into(), "aarch64-linux".into()))
+        );
+        let new = "error: Cannot build '/nix/store/x.drv'.\n       Reason: required system or feature not available\n       Required system: 'x86_64-linux' with features {}\n       Current system: 'aarch64-linux' with features {}";
+        assert_eq!(
+            system_mismatch(new),
+            Some(("x86_64-linux".into(), "aarch64-linux".into()))
+        );
+        assert_eq!(system_mismatch("error: builder failed"), None);
+    }
+
+    #[test]
+    fn recognises_ssh_failures() {
+        let v28 = "Host key verification failed.\nerror: cannot connect to 'root@127.0.0.3'";
+        let v226 = "Host key verification failed.\nerror: failed to start SSH connection to 'root@t'";
+        assert_eq!(ssh_failure(v28), Some(SshFailure::HostKey));
+        assert_eq!(ssh_failure(v226), Some(SshFailure::HostKey));
+        assert_eq!(
+            ssh_failure("root@t: Permission denied (publickey)."),
+            Some(SshFailure::PermissionDenied)
+        );
+        assert_eq!(
+            ssh_failure("ssh: connect to host t port 22: Connection refused"),
+            Some(SshFailure::Unreachable)
+        );
+        assert_eq!(ssh_failure("error: build failed"), None);
+        assert_eq!(host_only("root@t.example:22?IdentityFile=/k"), "t.example");
+    }
+}

@@ -1,0 +1,96 @@
+//! User-facing errors: one line that names the value and where it came from, the raw output
+//! it is based on, and hints that say what to do next.
+
+use std::fmt;
+
+/// How a failed run ends, as the process exit code. Documented in the README.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ExitKind {
+    /// The deploy failed before any target's system profile was touched.
+    DeployFailed = 1,
+    /// Bad input or configuration, found before anything ran on any host.
+    Usage = 2,
+    /// A target's profile or running system was being changed when it failed: it may be
+    /// half-updated.
+    PartiallyApplied = 3,
+}
+
+/// A suggested next step.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Hint(pub String);
+
+impl Hint {
+    /// A hint from any text.
+    pub fn text(s: impl Into<String>) -> Hint {
+        Hint(s.into())
+    }
+}
+
+/// An error as the user sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Error {
+    /// One line: what went wrong, naming the value and its source.
+    pub message: String,
+    /// Raw output of the failing command, shown indented under the message.
+    pub detail: Option<String>,
+    /// What to do about it.
+    pub hints: Vec<Hint>,
+    /// The exit code this error leads to.
+    pub exit: ExitKind,
+}
+
+impl Error {
+    /// A deploy failure (exit 1) with `message`.
+    pub fn new(message: impl Into<String>) -> Error {
+        Error {
+            message: message.into(),
+            detail: None,
+            hints: Vec::new(),
+            exit: ExitKind::DeployFailed,
+        }
+    }
+
+    /// A usage or configuration error (exit 2).
+    pub fn usage(message: impl Into<String>) -> Error {
+        Error {
+            exit: ExitKind::Usage,
+            ..Error::new(message)
+        }
+    }
+
+    /// Adds a hint.
+    pub fn hint(mut self, hint: Hint) -> Error {
+        self.hints.push(hint);
+        self
+    }
+
+    /// Sets the raw output.
+    pub fn detail(mut self, detail: impl Into<String>) -> Error {
+        let detail = detail.into();
+        self.detail = (!detail.trim().is_empty()).then_some(detail);
+        self
+    }
+
+    /// Sets the exit kind.
+    pub fn exit(mut self, exit: ExitKind) -> Error {
+        self.exit = exit;
+        self
+    }
+}
+
+impl fmt::Display for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "error: {}", self.message)?;
+        if let Some(detail) = &self.detail {
+            for line in detail.lines() {
+                write!(f, "\n  | {line}")?;
+            }
+        }
+        for hint in &self.hints {
+            write!(f, "\nhint: {}", hint.0)?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for Error {}

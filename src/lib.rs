@@ -1,0 +1,16 @@
+//! `clan`: deploy NixOS machines, evaluating on the workstation and building on a separate
+//! build host that copies the closure to the target over its own ssh connection.
+//!
+//! Data flows one way: [`cli`] → [`eval`] → [`resolve`] → [`plan`] → [`execute`] → report,
+//! with [`diagnostics`] turning failures into the guide's troubleshooting cases.
+
+pub mod cli;
+pub mod commands;
+pub mod diagnostics;
+pub mod error;
+pub mod eval;
+pub mod execute;
+pub mod host;
+pub mod plan;
+pub mod resolve;
+pub mod ssh;

@@ -1,0 +1,393 @@
+//! Resolution: which host each machine deploys to and where it builds, with the source of
+//! every choice, so a message can always say where a host came from.
+//!
+//! buildHost: `--build-host` > `inventory.machines.<m>.deploy.buildHost` >
+//! `clan.core.networking.buildHost` > the target itself. `localhost` (also `127.0.0.1`,
+//! `::1`, or `<you>@localhost`, with no port or options) builds on the workstation.
+//! targetHost: `--target-host` > inventory `deploy.targetHost` > `clan.core.networking.targetHost`.
+//!
+//! An address without a user gets the `User` that the user's ssh config sets for that host
+//! (`ssh -G`), else `root`, as clan does.
+
+use std::fmt;
+use std::process::Command;
+
+use crate::error::{Error, Hint};
+use crate::eval::MachineFacts;
+use crate::host::HostAddress;
+
+/// Where a resolved value came from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Source {
+    /// A command-line flag, e.g. `--build-host`.
+    Flag(&'static str),
+    /// `inventory.machines.<machine>.deploy.<attr>`.
+    Inventory {
+        /// Machine name.
+        machine: String,
+        /// `targetHost` or `buildHost`.
+        attr: &'static str,
+    },
+    /// `clan.core.networking.<attr>` in the machine's configuration.
+    MachineConfig {
+        /// Machine name.
+        machine: String,
+        /// `targetHost` or `buildHost`.
+        attr: &'static str,
+    },
+    /// Nothing set the build host: build on the target.
+    TargetFallback,
+}
+
+impl fmt::Display for Source {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Source::Flag(flag) => write!(f, "{flag}"),
+            Source::Inventory { machine, attr } => {
+                write!(f, "inventory.machines.{machine}.deploy.{attr}")
+            }
+            Source::MachineConfig { machine, attr } => {
+                write!(f, "clan.core.networking.{attr} in {machine}'s configuration")
+            }
+            Source::TargetFallback => f.write_str(
+                "no buildHost set in --build-host, the inventory or clan.core.networking: building on the target",
+            ),
+        }
+    }
+}
+
+/// A value and where it came from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Resolved<T> {
+    /// The value.
+    pub value: T,
+    /// Its source.
+    pub source: Source,
+}
+
+/// Where a machine's system is built.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BuildLocation {
+    /// On the workstation (`localhost`).
+    Local,
+    /// On the target itself: no second hop.
+    Target,
+    /// On a separate build host, which copies the closure to the target itself.
+    Remote(HostAddress),
+}
+
+/// A machine with its hosts decided.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ResolvedMachine {
+    /// Machine name.
+    pub name: String,
+    /// Where the system goes, user filled in.
+    pub target: Resolved<HostAddress>,
+    /// Where the system is built.
+    pub build: Resolved<BuildLocation>,
+    /// The target's system, if the configuration names one.
+    pub system: Option<String>,
+    /// Toplevel derivation.
+    pub drv_path: String,
+    /// Toplevel output path.
+    pub out_path: String,
+}
+
+/// Command-line overrides that apply to every machine of a deploy.
+#[derive(Debug, Clone, Default)]
+pub struct Overrides {
+    /// `--build-host`
+    pub build_host: Option<String>,
+    /// `--target-host`
+    pub target_host: Option<String>,
+}
+
+/// Looks up the user an ssh config sets for an address that names none.
+pub trait UserLookup {
+    /// The `User` the user's ssh configuration sets for `addr`, if it sets one.
+    fn configured_user(&self, addr: &HostAddress) -> Option<String>;
+    /// The user running this tool (for `localhost`).
+    fn local_user(&self) -> String;
+}
+
+/// [`UserLookup`] that asks `ssh -G`.
+pub struct SshConfigLookup;
+
+impl SshConfigLookup {
+    fn ssh_g_user(args: &[&str], addr: &HostAddress) -> Option<String> {
+        let mut cmd = Command::new("ssh");
+        cmd.arg("-G").args(args);
+        for (name, value) in &addr.options {
+            cmd.arg("-o").arg(format!("{name}={value}"));
+        }
+        let output = cmd.arg("--").arg(&addr.host).output().ok()?;
+        String::from_utf8_lossy(&output.stdout)
+            .lines()
+            .find_map(|l| l.strip_prefix("user ").map(str::to_string))
+    }
+}
+
+impl UserLookup for SshConfigLookup {
+    fn configured_user(&self, addr: &HostAddress) -> Option<String> {
+        // A User in the config shows as a difference from what ssh picks with no config.
+        let with_config = Self::ssh_g_user(&[], addr)?;
+        let without = Self::ssh_g_user(&["-F", "/dev/null"], addr)?;
+        (with_config != without).then_some(with_config)
+    }
+
+    fn local_user(&self) -> String {
+        std::env::var("USER")
+            .ok()
+            .filter(|u| !u.is_empty())
+            .or_else(|| {
+                let out = Command::new("id").arg("-un").output().ok()?;
+                Some(String::from_utf8_lossy(&out.stdout).trim().to_string())
+            })
+            .unwrap_or_else(|| "root".into())
+    }
+}
+
+/// Parses `value` as a host address, naming it and its source on failure.
+pub fn parse_address(value: &str, source: &Source) -> Result<HostAddress, Error> {
+    value.parse().map_err(|e| {
+        Error::usage(format!("invalid host address {value:?} in {source}: {e}")).hint(Hint::text(
+            "the format is [user@]host[:port][?SSH_OPTION=VALUE&…], e.g. root@builder.example.com:22?IdentityFile=/path/to/key",
+        ))
+    })
+}
+
+/// The first of `candidates` that is set, parsed.
+fn first_set(
+    candidates: Vec<(Option<&String>, Source)>,
+) -> Result<Option<Resolved<HostAddress>>, Error> {
+    for (value, source) in candidates {
+        if let Some(value) = value {
+            let value = parse_address(value, &source)?;
+            return Ok(Some(Resolved { value, source }));
+        }
+    }
+    Ok(None)
+}
+
+fn fill_user(addr: HostAddress, users: &dyn UserLookup) -> HostAddress {
+    if addr.user.is_some() {
+        return addr;
+    }
+    let user = users
+        .configured_user(&addr)
+        .unwrap_or_else(|| "root".into());
+    addr.with_default_user(&user)
+}
+
+/// Decides target and build location for one machine.
+pub fn resolve_machine(
+    name: &str,
+    facts: &MachineFacts,
+    overrides: &Overrides,
+    users: &dyn UserLookup,
+) -> Result<ResolvedMachine, Error> {
+    let inventory = |attr| Source::Inventory {
+        machine: name.to_string(),
+        attr,
+    };
+    let config = |attr| Source::MachineConfig {
+        machine: name.to_string(),
+        attr,
+    };
+    let target = first_set(vec![
+        (overrides.target_host.as_ref(), Source::Flag("--target-host")),
+        (facts.inventory_target_host.as_ref(), inventory("targetHost")),
+        (facts.config_target_host.as_ref(), config("targetHost")),
+    ])?
+    .ok_or_else(|| {
+        Error::usage(format!("machine {name} has no targetHost")).hint(Hint::text(format!(
+            "set inventory.machines.{name}.deploy.targetHost in clan.nix, clan.core.networking.targetHost in its configuration, or pass --target-host"
+        )))
+    })?;
+    let target = Resolved {
+        value: fill_user(target.value, users),
+        source: target.source,
+    };
+
+    let build = match first_set(vec![
+        (overrides.build_host.as_ref(), Source::Flag("--build-host")),
+        (facts.inventory_build_host.as_ref(), inventory("buildHost")),
+        (facts.config_build_host.as_ref(), config("buildHost")),
+    ])? {
+        None => Resolved {
+            value: BuildLocation::Target,
+            source: Source::TargetFallback,
+        },
+        Some(Resolved { value, source }) if value.is_local(&users.local_user()) => Resolved {
+            value: BuildLocation::Local,
+            source,
+        },
+        Some(Resolved { value, source }) => {
+            let value = fill_user(value, users);
+            let same_as_target = value.destination() == target.value.destination()
+                && value.port.unwrap_or(22) == target.value.port.unwrap_or(22);
+            Resolved {
+                value: if same_as_target {
+                    BuildLocation::Target
+                } else {
+                    BuildLocation::Remote(value)
+                },
+                source,
+            }
+        }
+    };
+
+    Ok(ResolvedMachine {
+        name: name.to_string(),
+        target,
+        build,
+        system: facts.system.clone(),
+        drv_path: facts.drv_path.clone(),
+        out_path: facts.out_path.clone(),
+    })
+}
+
+/// Checks a machine name given on the command line before it goes anywhere.
+pub fn check_machine_name(name: &str) -> Result<(), Error> {
+    let ok = !name.is_empty()
+        && !name.starts_with('-')
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
+    if ok {
+        Ok(())
+    } else {
+        Err(Error::usage(format!(
+            "invalid machine name {name:?} (from the command line): machine names hold only letters, digits, '-', '_' and '.'"
+        )))
+    }
+}
+
+/// One line saying where a machine builds and why.
+pub fn describe_build(machine: &ResolvedMachine) -> String {
+    let name = &machine.name;
+    match &machine.build.value {
+        BuildLocation::Local => format!(
+            "{name}: build on this machine (localhost) ({})",
+            machine.build.source
+        ),
+        BuildLocation::Target => format!(
+            "{name}: build on the target {} ({})",
+            machine.target.value, machine.build.source
+        ),
+        BuildLocation::Remote(addr) => {
+            format!("{name}: build on {addr} ({})", machine.build.source)
+        }
+    }
+}
+
+/// One line saying where a machine deploys to and why.
+pub fn describe_target(machine: &ResolvedMachine) -> String {
+    format!(
+        "{}: deploy to {} ({})",
+        machine.name, machine.target.value, machine.target.source
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    struct Users(Option<&'static str>);
+    impl UserLookup for Users {
+        fn configured_user(&self, _: &HostAddress) -> Option<String> {
+            self.0.map(str::to_string)
+        }
+        fn local_user(&self) -> String {
+            "alice".into()
+        }
+    }
+
+    fn facts(inv_t: Option<&str>, inv_b: Option<&str>, cfg_b: Option<&str>) -> MachineFacts {
+        MachineFacts {
+            inventory_target_host: inv_t.map(Into::into),
+            inventory_build_host: inv_b.map(Into::into),
+            config_target_host: None,
+            config_build_host: cfg_b.map(Into::into),
+            system: Some("x86_64-linux".into()),
+            drv_path: "/nix/store/a.drv".into(),
+            out_path: "/nix/store/a".into(),
+        }
+    }
+
+    fn build(
+        f: &MachineFacts,
+        cli: Option<&str>,
+    ) -> Result<Resolved<BuildLocation>, Error> {
+        let overrides = Overrides {
+            build_host: cli.map(Into::into),
+            target_host: None,
+        };
+        resolve_machine("m", f, &overrides, &Users(None)).map(|m| m.build)
+    }
+
+    #[test]
+    fn build_host_precedence() {
+        let all = facts(Some("root@t"), Some("root@inv"), Some("root@cfg"));
+        let remote = |s: &str| BuildLocation::Remote(s.parse().unwrap());
+        assert_eq!(build(&all, Some("root@cli")).unwrap().value, remote("root@cli"));
+        assert_eq!(
+            build(&all, None).unwrap(),
+            Resolved {
+                value: remote("root@inv"),
+                source: Source::Inventory {
+                    machine: "m".into(),
+                    attr: "buildHost"
+                }
+            }
+        );
+        let cfg_only = facts(Some("root@t"), None, Some("root@cfg"));
+        assert_eq!(
+            build(&cfg_only, None).unwrap().source.to_string(),
+            "clan.core.networking.buildHost in m's configuration"
+        );
+        let none = facts(Some("root@t"), None, None);
+        assert_eq!(build(&none, None).unwrap().value, BuildLocation::Target);
+        assert_eq!(build(&all, Some("localhost")).unwrap().value, BuildLocation::Local);
+        assert_eq!(build(&all, Some("alice@localhost")).unwrap().value, BuildLocation::Local);
+        assert_eq!(build(&all, Some("root@localhost")).unwrap().value, remote("root@localhost"));
+        // Naming the target as build host is building on the target.
+        assert_eq!(build(&all, Some("t")).unwrap().value, BuildLocation::Target);
+    }
+
+    #[test]
+    fn missing_target_names_all_three_places() {
+        let err = resolve_machine("m", &facts(None, None, None), &Overrides::default(), &Users(None))
+            .unwrap_err();
+        assert_eq!(err.exit, crate::error::ExitKind::Usage);
+        let text = err.to_string();
+        for place in ["inventory.machines.m.deploy.targetHost", "clan.core.networking.targetHost", "--target-host"] {
+            assert!(text.contains(place), "{text}");
+        }
+    }
+
+    #[test]
+    fn bad_inventory_value_names_value_and_source() {
+        let err = build(&facts(Some("root@t"), Some("root@b:99999"), None), None).unwrap_err();
+        assert!(err.message.contains("\"root@b:99999\""), "{}", err.message);
+        assert!(err.message.contains("inventory.machines.m.deploy.buildHost"));
+        assert!(err.message.contains("port"));
+    }
+
+    #[test]
+    fn default_user_comes_from_ssh_config_else_root() {
+        let f = facts(Some("t"), None, None);
+        let m = resolve_machine("m", &f, &Overrides::default(), &Users(None)).unwrap();
+        assert_eq!(m.target.value.user.as_deref(), Some("root"));
+        let m = resolve_machine("m", &f, &Overrides::default(), &Users(Some("deploy"))).unwrap();
+        assert_eq!(m.target.value.user.as_deref(), Some("deploy"));
+    }
+
+    #[test]
+    fn machine_names_are_checked() {
+        assert!(check_machine_name("web-01.prod_a").is_ok());
+        for bad in ["", "-x", "a;b", "$(id)", "a\nb", "a b"] {
+            assert!(check_machine_name(bad).is_err(), "{bad:?}");
+        }
+    }
+}
