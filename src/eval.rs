@@ -23,8 +23,10 @@ pub struct MachineFacts {
     /// The target's system (`nixpkgs.hostPlatform`), if the configuration sets one.
     pub system: Option<String>,
     /// `system.build.toplevel.drvPath`
+    #[serde(rename = "toplevelDrv")]
     pub drv_path: String,
     /// `system.build.toplevel.outPath`
+    #[serde(rename = "toplevelOut")]
     pub out_path: String,
 }
 
@@ -60,8 +62,9 @@ let
       configTargetHost = net.targetHost or null;
       configBuildHost = net.buildHost or null;
       system = if platform == null then null else if builtins.isString platform then platform else platform.system or null;
-      drvPath = toplevel.drvPath;
-      outPath = toplevel.outPath;
+      # Not `outPath`: JSON output would turn the whole set into that string.
+      toplevelDrv = toplevel.drvPath;
+      toplevelOut = toplevel.outPath;
     };
 in {
   machines = all;
@@ -142,7 +145,7 @@ mod tests {
         let json = r#"{"machines":["m"],"tags":{"m":["web"]},"selected":{"m":{
             "inventoryTargetHost":"root@t","inventoryBuildHost":null,"configTargetHost":null,
             "configBuildHost":"root@b","system":"x86_64-linux",
-            "drvPath":"/nix/store/a-s.drv","outPath":"/nix/store/b-s"}}}"#;
+            "toplevelDrv":"/nix/store/a-s.drv","toplevelOut":"/nix/store/b-s"}}}"#;
         let eval: Evaluation = serde_json::from_str(json).unwrap();
         assert_eq!(
             eval.selected["m"].config_build_host.as_deref(),

@@ -1,0 +1,465 @@
+//! A lab of simulated hosts for testing `clan` against real OpenSSH and real Nix.
+//!
+//! Each host is a mount namespace (`unshare --mount`) with its own `/nix`, `/root` and
+//! `/etc/nix` bind-mounted from a directory of the lab, and its own `sshd` listening on a
+//! loopback address of its own. The workstation is a namespace too (without sshd), so
+//! nothing touches the machine's real `~/.ssh` or `/nix`. Dropping the [`Lab`] stops every
+//! sshd it started and removes its directory (set `CLAN_LAB_KEEP=1` to keep it).
+//!
+//! Keys are set up as a user would: the workstation's key is authorized on every host, and
+//! every host has a key of its own that the other hosts authorize. The workstation knows
+//! every host key; hosts know each other's keys only after [`Lab::trust`].
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::io::Write;
+use std::net::{SocketAddr, TcpStream};
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+/// The name of the workstation in [`Lab`] calls.
+pub const WORKSTATION: &str = "workstation";
+
+/// How a host is set up.
+#[derive(Debug, Clone)]
+pub struct HostSpec {
+    name: String,
+    nix_system: Option<String>,
+}
+
+impl HostSpec {
+    /// A host with the machine's own Nix system.
+    pub fn new(name: &str) -> HostSpec {
+        HostSpec {
+            name: name.to_string(),
+            nix_system: None,
+        }
+    }
+
+    /// Sets `system = …` in the host's nix.conf (e.g. `aarch64-linux`).
+    pub fn nix_system(mut self, system: &str) -> HostSpec {
+        self.nix_system = Some(system.to_string());
+        self
+    }
+}
+
+/// One simulated host.
+#[derive(Debug)]
+pub struct Host {
+    /// Its name in the lab.
+    pub name: String,
+    /// Its loopback address.
+    pub ip: String,
+    /// Its directory: `nix/`, `root/`, `etc-nix/`, `sshd/`.
+    pub dir: PathBuf,
+    sshd: Option<Child>,
+}
+
+impl Host {
+    /// The host's `/root` as seen from outside its namespace.
+    pub fn root(&self) -> PathBuf {
+        self.dir.join("root")
+    }
+
+    /// The host's `/nix` as seen from outside its namespace.
+    pub fn nix(&self) -> PathBuf {
+        self.dir.join("nix")
+    }
+
+    /// Whether `store_path` (`/nix/store/…`) is in this host's store.
+    pub fn has_path(&self, store_path: &str) -> bool {
+        let rel = store_path.trim_start_matches("/nix/");
+        fs::symlink_metadata(self.nix().join(rel)).is_ok()
+    }
+
+    /// Where `/nix/var/nix/profiles/system` points, resolved to a store path.
+    pub fn system_profile(&self) -> Option<String> {
+        let profiles = self.nix().join("var/nix/profiles");
+        let generation = fs::read_link(profiles.join("system")).ok()?;
+        let target = fs::read_link(profiles.join(generation)).ok()?;
+        Some(target.display().to_string())
+    }
+
+    /// The lines `switch-to-configuration` recorded on this host: `<toplevel> <action>`.
+    pub fn switch_log(&self) -> Vec<String> {
+        fs::read_to_string(self.root().join("switch-to-configuration.log"))
+            .unwrap_or_default()
+            .lines()
+            .map(str::to_string)
+            .collect()
+    }
+
+    /// The host's `~/.ssh/known_hosts`.
+    pub fn known_hosts(&self) -> String {
+        fs::read_to_string(self.root().join(".ssh/known_hosts")).unwrap_or_default()
+    }
+
+    /// The sshd log.
+    pub fn sshd_log(&self) -> String {
+        fs::read_to_string(self.dir.join("sshd/sshd.log")).unwrap_or_default()
+    }
+
+    /// Number of store paths in this host's store.
+    pub fn store_entries(&self) -> usize {
+        fs::read_dir(self.nix().join("store"))
+            .map(|d| {
+                d.filter_map(Result::ok)
+                    .filter(|e| e.file_name() != ".links")
+                    .count()
+            })
+            .unwrap_or(0)
+    }
+}
+
+/// A running lab.
+#[derive(Debug)]
+pub struct Lab {
+    /// The lab's directory.
+    pub dir: PathBuf,
+    hosts: BTreeMap<String, Host>,
+    keep: bool,
+}
+
+static LABS: AtomicU32 = AtomicU32::new(0);
+
+/// A `/24` of loopback addresses of its own for each lab of each process.
+fn subnet() -> String {
+    let n = LABS.fetch_add(1, Ordering::SeqCst);
+    let pid = std::process::id();
+    format!("127.{}.{}", 100 + pid % 150, n % 250)
+}
+
+const NIX_CONF: &str = "experimental-features = nix-command flakes
+sandbox = false
+substituters =
+build-users-group =
+";
+
+fn run(cmd: &mut Command) -> Output {
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+fn write(path: &Path, text: &str) {
+    fs::create_dir_all(path.parent().expect("path has a parent")).expect("mkdir");
+    fs::write(path, text).unwrap_or_else(|e| panic!("write {}: {e}", path.display()));
+}
+
+fn append(path: &Path, text: &str) {
+    let mut f = fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .unwrap_or_else(|e| panic!("open {}: {e}", path.display()));
+    f.write_all(text.as_bytes()).expect("append");
+}
+
+/// The argv that runs `argv` inside the namespace of the host whose directory is `dir`.
+pub fn namespaced(dir: &Path, argv: &[&str]) -> Vec<String> {
+    let mut all = vec![
+        "unshare".to_string(),
+        "--mount".into(),
+        "--propagation".into(),
+        "private".into(),
+        "--".into(),
+        "sh".into(),
+        "-c".into(),
+        r#"d=$1; shift; mount --bind "$d/nix" /nix && mount --bind "$d/root" /root && mount --bind "$d/etc-nix" /etc/nix && exec "$@""#.into(),
+        "sh".into(),
+        dir.display().to_string(),
+    ];
+    all.extend(argv.iter().map(|s| s.to_string()));
+    all
+}
+
+impl Lab {
+    /// Starts a lab with a workstation and `hosts`, keys authorized everywhere, the
+    /// workstation knowing every host key, hosts knowing none of each other's.
+    pub fn start(hosts: &[HostSpec]) -> Lab {
+        for dir in ["/nix", "/etc/nix", "/run/sshd"] {
+            fs::create_dir_all(dir).expect("create mount points");
+        }
+        let base = tempfile::Builder::new()
+            .prefix("clan-lab-")
+            .tempdir_in("/tmp")
+            .expect("lab dir")
+            .keep();
+        let keep = std::env::var_os("CLAN_LAB_KEEP").is_some();
+        let subnet = subnet();
+        let mut lab = Lab {
+            dir: base.clone(),
+            hosts: BTreeMap::new(),
+            keep,
+        };
+        let workstation = HostSpec::new(WORKSTATION);
+        for (i, spec) in std::iter::once(&workstation).chain(hosts).enumerate() {
+            let host = Host {
+                name: spec.name.clone(),
+                ip: format!("{subnet}.{}", i + 2),
+                dir: base.join(&spec.name),
+                sshd: None,
+            };
+            for sub in ["nix", "root/.ssh", "etc-nix", "sshd"] {
+                fs::create_dir_all(host.dir.join(sub)).expect("host dirs");
+            }
+            let mut conf = NIX_CONF.to_string();
+            if let Some(system) = &spec.nix_system {
+                conf.push_str(&format!("system = {system}\n"));
+            }
+            write(&host.dir.join("etc-nix/nix.conf"), &conf);
+            let key = host.root().join(".ssh/id_ed25519");
+            run(Command::new("ssh-keygen").args(["-q", "-t", "ed25519", "-N", "", "-C"])
+                .arg(format!("root@{}", spec.name))
+                .arg("-f")
+                .arg(&key));
+            // Outgoing connections come from the host's own address, so sshd logs and
+            // `from=` rules see which host connects.
+            write(
+                &host.root().join(".ssh/config"),
+                &format!("Host *\n  BindAddress {}\n", host.ip),
+            );
+            lab.hosts.insert(spec.name.clone(), host);
+        }
+        for spec in hosts {
+            lab.start_sshd(&spec.name);
+        }
+        let names: Vec<String> = hosts.iter().map(|h| h.name.clone()).collect();
+        for name in &names {
+            for client in std::iter::once(WORKSTATION.to_string()).chain(names.iter().cloned()) {
+                if &client != name {
+                    lab.authorize(&client, ".ssh/id_ed25519", name);
+                }
+            }
+            lab.trust(WORKSTATION, name);
+        }
+        lab
+    }
+
+    /// A builder and a target, as in the guide; the builder already knows the target's key.
+    pub fn builder_and_target() -> Lab {
+        let lab = Lab::start(&[HostSpec::new("builder"), HostSpec::new("target")]);
+        lab.trust("builder", "target");
+        lab
+    }
+
+    /// The host called `name`.
+    pub fn host(&self, name: &str) -> &Host {
+        self.hosts
+            .get(name)
+            .unwrap_or_else(|| panic!("no lab host {name}"))
+    }
+
+    /// The address of host `name`.
+    pub fn ip(&self, name: &str) -> &str {
+        &self.host(name).ip
+    }
+
+    fn start_sshd(&mut self, name: &str) {
+        let host = self.hosts.get_mut(name).expect("host exists");
+        let sshd_dir = host.dir.join("sshd");
+        let host_key = sshd_dir.join("ssh_host_ed25519_key");
+        run(Command::new("ssh-keygen")
+            .args(["-q", "-t", "ed25519", "-N", "", "-f"])
+            .arg(&host_key));
+        let config = format!(
+            "ListenAddress {ip}:22\nHostKey {key}\nUsePAM no\nStrictModes no\nPidFile none\n\
+             AuthorizedKeysFile /root/.ssh/authorized_keys\nPermitRootLogin prohibit-password\n\
+             PasswordAuthentication no\nKbdInteractiveAuthentication no\nLogLevel VERBOSE\n\
+             AcceptEnv LANG\nSubsystem sftp internal-sftp\n",
+            ip = host.ip,
+            key = host_key.display()
+        );
+        let config_path = sshd_dir.join("sshd_config");
+        write(&config_path, &config);
+        fs::set_permissions(&host_key, fs::Permissions::from_mode(0o600)).expect("chmod");
+        let argv = namespaced(
+            &host.dir,
+            &[
+                "/usr/sbin/sshd",
+                "-D",
+                "-f",
+                &config_path.display().to_string(),
+                "-E",
+                &sshd_dir.join("sshd.log").display().to_string(),
+            ],
+        );
+        let child = Command::new(&argv[0])
+            .args(&argv[1..])
+            .stdin(Stdio::null())
+            .spawn()
+            .expect("start sshd");
+        host.sshd = Some(child);
+        let addr: SocketAddr = format!("{}:22", host.ip).parse().expect("socket address");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_err() {
+            assert!(
+                Instant::now() < deadline,
+                "sshd of {name} did not start: {}",
+                host.sshd_log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// The public half of the key at `key` (relative to `/root`) of host `owner`.
+    pub fn public_key(&self, owner: &str, key: &str) -> String {
+        fs::read_to_string(self.host(owner).root().join(format!("{key}.pub")))
+            .expect("public key")
+    }
+
+    /// Authorizes `owner`'s key at `key` (relative to `/root`) for root on `on`.
+    pub fn authorize(&self, owner: &str, key: &str, on: &str) {
+        append(
+            &self.host(on).root().join(".ssh/authorized_keys"),
+            &self.public_key(owner, key),
+        );
+    }
+
+    /// Removes every authorized key of host `on`.
+    pub fn deauthorize_all(&self, on: &str) {
+        write(&self.host(on).root().join(".ssh/authorized_keys"), "");
+    }
+
+    /// Creates a key at `key` (relative to `/root`) on host `owner`.
+    pub fn create_key(&self, owner: &str, key: &str) {
+        run(Command::new("ssh-keygen")
+            .args(["-q", "-t", "ed25519", "-N", "", "-f"])
+            .arg(self.host(owner).root().join(key)));
+    }
+
+    /// Removes host `owner`'s default key.
+    pub fn remove_default_key(&self, owner: &str) {
+        for f in ["id_ed25519", "id_ed25519.pub"] {
+            let _ = fs::remove_file(self.host(owner).root().join(".ssh").join(f));
+        }
+    }
+
+    /// Records host `of`'s key in `who`'s known_hosts.
+    pub fn trust(&self, who: &str, of: &str) {
+        let key = fs::read_to_string(self.host(of).dir.join("sshd/ssh_host_ed25519_key.pub"))
+            .expect("host key");
+        let key = key.split_whitespace().take(2).collect::<Vec<_>>().join(" ");
+        append(
+            &self.host(who).root().join(".ssh/known_hosts"),
+            &format!("{} {key}\n", self.ip(of)),
+        );
+    }
+
+    /// Empties `who`'s known_hosts.
+    pub fn forget_known_hosts(&self, who: &str) {
+        write(&self.host(who).root().join(".ssh/known_hosts"), "");
+    }
+
+    /// Writes a clan flake on the workstation and returns its directory. `clan_args` is a Nix
+    /// attrset expression given to `lib.clan`; it can use `system { … }` to define a
+    /// machine's configuration: `system { variant = "2"; networking.buildHost = "…"; }`.
+    pub fn write_flake(&self, clan_args: &str) -> PathBuf {
+        let lib = self.dir.join("clan-lib");
+        if !lib.exists() {
+            let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+            fs::create_dir_all(&lib).expect("lib dir");
+            fs::copy(repo.join("flake.nix"), lib.join("flake.nix")).expect("copy flake.nix");
+            run(Command::new("cp").arg("-r").arg(repo.join("nix")).arg(&lib));
+        }
+        let flake = self.dir.join("flake");
+        let _ = fs::remove_file(flake.join("flake.lock"));
+        write(
+            &flake.join("flake.nix"),
+            &FIXTURE_FLAKE
+                .replace("@LIB@", &lib.display().to_string())
+                .replace("@CLAN_ARGS@", clan_args),
+        );
+        flake
+    }
+
+    /// Runs `argv` on the workstation (in its namespace), in `cwd`, with a time limit.
+    pub fn run_on_workstation(&self, cwd: &Path, argv: &[&str]) -> Output {
+        let mut full = vec!["timeout", "--kill-after=10", "600"];
+        full.extend_from_slice(argv);
+        let ns = namespaced(&self.host(WORKSTATION).dir, &full);
+        Command::new(&ns[0])
+            .args(&ns[1..])
+            .current_dir(cwd)
+            .env("USER", "root")
+            .stdin(Stdio::null())
+            .output()
+            .expect("run on workstation")
+    }
+
+    /// Runs `argv` on host `name` in its namespace (not through ssh), for set-up and checks.
+    pub fn exec(&self, name: &str, argv: &[&str]) -> Output {
+        let ns = namespaced(&self.host(name).dir, argv);
+        Command::new(&ns[0])
+            .args(&ns[1..])
+            .stdin(Stdio::null())
+            .output()
+            .expect("exec in host")
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        for host in self.hosts.values_mut() {
+            if let Some(mut child) = host.sshd.take() {
+                let _ = child.kill();
+                let _ = child.wait();
+            }
+        }
+        // Sessions whose sshd is gone may still hold a store open: end them by their address.
+        let ips: Vec<&str> = self.hosts.values().map(|h| h.ip.as_str()).collect();
+        for ip in ips {
+            let _ = Command::new("pkill").args(["-f", &format!("sshd: .*{ip}")]).status();
+        }
+        if !self.keep {
+            let _ = fs::remove_dir_all(&self.dir);
+        } else {
+            eprintln!("lab kept at {}", self.dir.display());
+        }
+    }
+}
+
+/// The fixture flake: a clan built with this repo's library and `minimalSystem`, whose
+/// systems are plain derivations with a `switch-to-configuration` that records its calls.
+const FIXTURE_FLAKE: &str = r#"{
+  inputs.clan-core.url = "path:@LIB@";
+  outputs = { self, clan-core }:
+    let
+      toplevel = name: variant: derivation {
+        name = "nixos-system-${name}${if variant == "" then "" else "-" + variant}";
+        system = "x86_64-linux";
+        builder = "/bin/sh";
+        PATH = "/usr/bin:/bin";
+        inherit variant;
+        args = [ "-c" ''
+          if [ "$variant" = fail ]; then echo "fixture build of ${name} fails on purpose" >&2; exit 1; fi
+          mkdir -p $out/bin
+          if [ "$variant" = not-nixos ]; then exit 0; fi
+          echo "25.05-${name}" > $out/nixos-version
+          printf '#!/bin/sh\necho "%s $1" >> /root/switch-to-configuration.log\n' "$out" > $out/bin/switch-to-configuration
+          chmod +x $out/bin/switch-to-configuration
+        '' ];
+      };
+      system = args: { config, ... }: {
+        nixpkgs.hostPlatform = args.hostPlatform or "x86_64-linux";
+        clan.core.networking = args.networking or { };
+        system.build.toplevel = toplevel config.networking.hostName (args.variant or "");
+      };
+      clan = clan-core.lib.clan ({
+        inherit self;
+        nixosSystem = clan-core.lib.minimalSystem;
+      } // (@CLAN_ARGS@));
+    in {
+      inherit (clan.config) nixosConfigurations clanInternals;
+    };
+}
+"#;

@@ -1,0 +1,58 @@
+//! Helpers shared by the integration tests: run `clan` on the lab's workstation.
+
+#![allow(dead_code)]
+
+use std::path::Path;
+
+pub use clan_lab::{HostSpec, Lab};
+
+/// What a `clan` run showed the user.
+pub struct Run {
+    pub code: i32,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl Run {
+    /// stdout and stderr together.
+    pub fn all(&self) -> String {
+        format!("{}{}", self.stdout, self.stderr)
+    }
+}
+
+/// Runs `clan ARGS` on the lab's workstation in the flake directory.
+pub fn clan(lab: &Lab, flake: &Path, args: &[&str]) -> Run {
+    let mut argv = vec![env!("CARGO_BIN_EXE_clan")];
+    argv.extend_from_slice(args);
+    let out = lab.run_on_workstation(flake, &argv);
+    let run = Run {
+        code: out.status.code().unwrap_or(-1),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    };
+    eprintln!(
+        "$ clan {}\n--- exit {} ---\n{}{}",
+        args.join(" "),
+        run.code,
+        run.stdout,
+        run.stderr
+    );
+    run
+}
+
+/// Evaluates `attr` of the flake on the workstation (for expected store paths).
+pub fn eval_raw(lab: &Lab, flake: &Path, attr: &str) -> String {
+    let reference = format!("{}#{attr}", flake.display());
+    let out = lab.run_on_workstation(flake, &["nix", "eval", "--raw", &reference]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// The toplevel output path of `machine`.
+pub fn toplevel(lab: &Lab, flake: &Path, machine: &str) -> String {
+    eval_raw(
+        lab,
+        flake,
+        &format!("nixosConfigurations.{machine}.config.system.build.toplevel.outPath"),
+    )
+}
