@@ -97,6 +97,18 @@ impl Host {
         fs::read_to_string(self.root().join(".ssh/known_hosts")).unwrap_or_default()
     }
 
+    /// Whether this host's known_hosts holds a key for `host` (hashed entries included).
+    pub fn knows_host(&self, host: &str) -> bool {
+        Command::new("ssh-keygen")
+            .arg("-F")
+            .arg(host)
+            .arg("-f")
+            .arg(self.root().join(".ssh/known_hosts"))
+            .output()
+            .map(|o| o.status.success() && !o.stdout.is_empty())
+            .unwrap_or(false)
+    }
+
     /// The sshd log.
     pub fn sshd_log(&self) -> String {
         fs::read_to_string(self.dir.join("sshd/sshd.log")).unwrap_or_default()

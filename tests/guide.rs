@@ -1,0 +1,471 @@
+//! Integration tests on the lab (real sshd, real nix), one per section of the build host
+//! guide, named after it. Each asserts what the user sees and what each store ends in.
+
+mod common;
+use common::*;
+
+/// A flake with one machine `m`, built by `system { … }`, whose inventory entry is `deploy`.
+fn one_machine(lab: &Lab, deploy: &str, system_args: &str) -> std::path::PathBuf {
+    lab.write_flake(&format!(
+        "{{ inventory.machines.m = {{ {deploy} }}; machines.m = system {{ {system_args} }}; }}"
+    ))
+}
+
+fn target_of(lab: &Lab) -> String {
+    format!("deploy.targetHost = \"root@{}\";", lab.ip("target"))
+}
+
+/// Asserts the target runs `out`: profile set and switch-to-configuration called once more.
+fn assert_activated(lab: &Lab, out: &str) {
+    let target = lab.host("target");
+    assert!(target.has_path(out), "target lacks {out}");
+    assert_eq!(target.system_profile().as_deref(), Some(out));
+    assert_eq!(
+        target.switch_log().last().map(String::as_str),
+        Some(format!("{out} switch").as_str())
+    );
+}
+
+/// Asserts nothing reached the target.
+fn assert_target_untouched(lab: &Lab) {
+    let target = lab.host("target");
+    assert_eq!(target.system_profile(), None, "target profile changed");
+    assert!(target.switch_log().is_empty(), "switch-to-configuration ran");
+}
+
+// Background: "By default, clan machines update <machine> evaluates your flake on your
+// workstation, then builds and activates on deploy.targetHost."
+#[test]
+fn background_default_builds_on_the_target() {
+    let lab = Lab::builder_and_target();
+    let flake = one_machine(&lab, &target_of(&lab), "");
+    let out = toplevel(&lab, &flake, "m");
+    let run = clan(&lab, &flake, &["machines", "update", "m"]);
+    assert_eq!(run.code, 0);
+    assert!(
+        run.stderr.contains(&format!(
+            "m: build on the target root@{} (no buildHost set",
+            lab.ip("target")
+        )),
+        "provenance line missing"
+    );
+    assert_activated(&lab, &out);
+    assert!(!run.stderr.contains("(build host "), "no step may run on a build host");
+    assert_eq!(lab.host("builder").store_entries(), 0, "builder store touched");
+    assert!(!lab.host("workstation").has_path(&out), "built on the workstation");
+}
+
+// "1. Set It in the Inventory" + "What Happens During a Deploy": evaluate here, build on
+// the build host, the build host copies to the target, the target activates.
+#[test]
+fn what_happens_during_a_deploy_build_host_from_inventory() {
+    let lab = Lab::builder_and_target();
+    let deploy = format!(
+        "{} deploy.buildHost = \"root@{}\";",
+        target_of(&lab),
+        lab.ip("builder")
+    );
+    let flake = one_machine(&lab, &deploy, "");
+    let out = toplevel(&lab, &flake, "m");
+    let run = clan(&lab, &flake, &["machines", "update", "m"]);
+    assert_eq!(run.code, 0);
+    assert!(run.stderr.contains(&format!(
+        "m: build on root@{} (inventory.machines.m.deploy.buildHost)",
+        lab.ip("builder")
+    )));
+    assert!(lab.host("builder").has_path(&out), "not built on the builder");
+    assert!(
+        !lab.host("workstation").has_path(&out),
+        "the closure passed through the workstation"
+    );
+    assert_activated(&lab, &out);
+    // The second hop really is the builder's: the target's sshd saw the builder's address.
+    assert!(
+        lab.host("target")
+            .sshd_log()
+            .contains(&format!("from {}", lab.ip("builder"))),
+        "the builder never connected to the target"
+    );
+    // The temporary GC root on the builder is gone.
+    let leftovers: Vec<_> = std::fs::read_dir("/tmp")
+        .unwrap()
+        .filter_map(Result::ok)
+        .filter(|e| {
+            e.file_name().to_string_lossy().starts_with("clan-")
+                && e.file_name().to_string_lossy().ends_with("-m")
+                && e.path().join("system").read_link().ok().as_deref()
+                    == Some(std::path::Path::new(&out))
+        })
+        .collect();
+    assert!(leftovers.is_empty(), "GC root left behind: {leftovers:?}");
+
+    // Re-deploying the unchanged system succeeds and copies nothing new.
+    let builder_before = lab.host("builder").store_entries();
+    let target_before = lab.host("target").store_entries();
+    let again = clan(&lab, &flake, &["machines", "update", "m"]);
+    assert_eq!(again.code, 0);
+    assert!(!again.stderr.contains("copying path"), "copied again");
+    assert!(!again.stderr.contains("building '"), "built again");
+    assert_eq!(lab.host("builder").store_entries(), builder_before);
+    assert_eq!(lab.host("target").store_entries(), target_before);
+    assert_eq!(lab.host("target").switch_log().len(), 2);
+}
+
+// "2. Or Set It in the Machine Configuration"
+#[test]
+fn machine_configuration_build_host() {
+    let lab = Lab::builder_and_target();
+    let system = format!("networking.buildHost = \"root@{}\";", lab.ip("builder"));
+    let flake = one_machine(&lab, &target_of(&lab), &system);
+    let out = toplevel(&lab, &flake, "m");
+    let run = clan(&lab, &flake, &["machines", "update", "m"]);
+    assert_eq!(run.code, 0);
+    assert!(run.stderr.contains(&format!(
+        "m: build on root@{} (clan.core.networking.buildHost in m's configuration)",
+        lab.ip("builder")
+    )));
+    assert!(lab.host("builder").has_path(&out));
+    assert!(!lab.host("workstation").has_path(&out));
+    assert_activated(&lab, &out);
+}
+
+// "3. Or Override from the CLI": --build-host
+#[test]
+fn override_from_the_cli_build_host() {
+    let lab = Lab::builder_and_target();
+    let flake = one_machine(&lab, &target_of(&lab), "");
+    let out = toplevel(&lab, &flake, "m");
+    let builder = format!("root@{}", lab.ip("builder"));
+    let run = clan(&lab, &flake, &["machines", "update", "m", "--build-host", &builder]);
+    assert_eq!(run.code, 0);
+    assert!(run.stderr.contains(&format!("m: build on {builder} (--build-host)")));
+    assert!(lab.host("builder").has_path(&out));
+    assert_activated(&lab, &out);
+}
+
+// "Pass localhost to force a local build, even if the inventory names a remote builder"
+#[test]
+fn override_from_the_cli_localhost_forces_a_local_build() {
+    let lab = Lab::builder_and_target();
+    let deploy = format!(
+        "{} deploy.buildHost = \"root@{}\";",
+        target_of(&lab),
+        lab.ip("builder")
+    );
+    let flake = one_machine(&lab, &deploy, "");
+    let out = toplevel(&lab, &flake, "m");
+    let run = clan(&lab, &flake, &["machines", "update", "m", "--build-host", "localhost"]);
+    assert_eq!(run.code, 0);
+    assert!(run.stderr.contains("m: build on this machine (localhost) (--build-host)"));
+    assert!(lab.host("workstation").has_path(&out), "not built locally");
+    assert_eq!(lab.host("builder").store_entries(), 0, "builder touched");
+    assert_activated(&lab, &out);
+}
+
+// "Resolution Order": with all three set, the highest wins and the provenance says so.
+#[test]
+fn resolution_order_highest_source_wins() {
+    let lab = Lab::start(&[
+        HostSpec::new("cli-builder"),
+        HostSpec::new("inventory-builder"),
+        HostSpec::new("config-builder"),
+        HostSpec::new("target"),
+    ]);
+    for builder in ["cli-builder", "inventory-builder", "config-builder"] {
+        lab.trust(builder, "target");
+    }
+    let deploy = format!(
+        "{} deploy.buildHost = \"root@{}\";",
+        target_of(&lab),
+        lab.ip("inventory-builder")
+    );
+    let system = format!("networking.buildHost = \"root@{}\";", lab.ip("config-builder"));
+    let flake = one_machine(&lab, &deploy, &system);
+    let out = toplevel(&lab, &flake, "m");
+
+    let run = clan(&lab, &flake, &["machines", "update", "m"]);
+    assert_eq!(run.code, 0);
+    assert!(run.stderr.contains(&format!(
+        "m: build on root@{} (inventory.machines.m.deploy.buildHost)",
+        lab.ip("inventory-builder")
+    )));
+    assert!(lab.host("inventory-builder").has_path(&out));
+    assert_eq!(lab.host("config-builder").store_entries(), 0);
+
+    let cli_builder = format!("root@{}", lab.ip("cli-builder"));
+    let run = clan(&lab, &flake, &["machines", "update", "m", "--build-host", &cli_builder]);
+    assert_eq!(run.code, 0);
+    assert!(run.stderr.contains(&format!("m: build on {cli_builder} (--build-host)")));
+    assert!(lab.host("cli-builder").has_path(&out));
+    assert_eq!(lab.host("config-builder").store_entries(), 0);
+    assert_activated(&lab, &out);
+}
+
+// "First Deploy: Host Key Verification" and "Host Key Verification Fails After the Build
+// Succeeds": strict fails with the guide's error before activation; accept-new records it.
+#[test]
+fn first_deploy_host_key_verification() {
+    let lab = Lab::start(&[HostSpec::new("builder"), HostSpec::new("target")]);
+    assert!(!lab.host("builder").knows_host(lab.ip("target")));
+    let deploy = format!(
+        "{} deploy.buildHost = \"root@{}\";",
+        target_of(&lab),
+        lab.ip("builder")
+    );
+    let flake = one_machine(&lab, &deploy, "");
+    let out = toplevel(&lab, &flake, "m");
+
+    let strict = clan(&lab, &flake, &["machines", "update", "m"]);
+    assert_eq!(strict.code, 1);
+    assert!(strict.stderr.contains("Host key verification failed."));
+    assert!(strict.stderr.contains(&format!(
+        "host key verification failed on the second hop (build host root@{} → target root@{})",
+        lab.ip("builder"),
+        lab.ip("target")
+    )));
+    assert!(strict.stderr.contains("--host-key-check accept-new"));
+    assert!(lab.host("builder").has_path(&out), "the build should have run");
+    assert_target_untouched(&lab);
+
+    let accept = clan(
+        &lab,
+        &flake,
+        &["machines", "update", "m", "--host-key-check", "accept-new"],
+    );
+    assert_eq!(accept.code, 0);
+    assert!(
+        lab.host("builder").knows_host(lab.ip("target")),
+        "the build host did not record the target's key"
+    );
+    assert_activated(&lab, &out);
+
+    // Subsequent deploys can drop the flag.
+    let again = clan(&lab, &flake, &["machines", "update", "m"]);
+    assert_eq!(again.code, 0);
+}
+
+// "Architectures Must Match" / "Architecture Mismatch Between Build Host and Target"
+#[test]
+fn architecture_mismatch_between_build_host_and_target() {
+    let lab = Lab::start(&[
+        HostSpec::new("builder").nix_system("aarch64-linux"),
+        HostSpec::new("target"),
+    ]);
+    lab.trust("builder", "target");
+    let deploy = format!(
+        "{} deploy.buildHost = \"root@{}\";",
+        target_of(&lab),
+        lab.ip("builder")
+    );
+    let flake = one_machine(&lab, &deploy, "");
+    let out = toplevel(&lab, &flake, "m");
+    let run = clan(&lab, &flake, &["machines", "update", "m"]);
+    assert_eq!(run.code, 1);
+    assert!(run.stderr.contains(&format!(
+        "m: the build host root@{} is a 'aarch64-linux' machine and cannot build this 'x86_64-linux' system",
+        lab.ip("builder")
+    )));
+    assert!(run.stderr.contains("pick a build host whose system is x86_64-linux"));
+    assert!(run.stderr.contains("--build-host localhost"));
+    assert!(!lab.host("builder").has_path(&out));
+    assert_target_untouched(&lab);
+}
+
+// "The value has the same format as targetHost: user@host:port?SSH_OPTION=SSH_VALUE":
+// options apply to every connection to that host, the build host's nested copy included.
+#[test]
+fn host_address_ssh_options_apply_to_every_hop() {
+    let lab = Lab::builder_and_target();
+    lab.deauthorize_all("target");
+    for host in ["workstation", "builder"] {
+        lab.create_key(host, ".ssh/deploy_key");
+        lab.authorize(host, ".ssh/deploy_key", "target");
+    }
+    let with_key = format!(
+        "deploy.targetHost = \"root@{}?IdentityFile=/root/.ssh/deploy_key\"; deploy.buildHost = \"root@{}\";",
+        lab.ip("target"),
+        lab.ip("builder")
+    );
+    let without_key = format!(
+        "{} deploy.buildHost = \"root@{}\";",
+        target_of(&lab),
+        lab.ip("builder")
+    );
+
+    // Control: the default keys are not accepted by the target.
+    let flake = one_machine(&lab, &without_key, "");
+    let denied = clan(&lab, &flake, &["machines", "update", "m"]);
+    assert_eq!(denied.code, 1);
+    assert!(denied.stderr.contains("Permission denied"));
+    assert!(denied.stderr.contains("permission denied on the second hop"));
+    assert_target_untouched(&lab);
+
+    let flake = one_machine(&lab, &with_key, "");
+    let out = toplevel(&lab, &flake, "m");
+    let run = clan(&lab, &flake, &["machines", "update", "m"]);
+    assert_eq!(run.code, 0);
+    assert_activated(&lab, &out);
+}
+
+/// Every place an injected command could have left its mark.
+fn assert_no_canary(lab: &Lab) {
+    for host in ["workstation", "builder", "target"] {
+        assert!(
+            !lab.host(host).root().join("canary").exists(),
+            "injected command ran on {host}"
+        );
+    }
+    assert!(!std::path::Path::new("/tmp/clan-canary").exists());
+}
+
+fn assert_nothing_happened(lab: &Lab) {
+    assert_eq!(lab.host("builder").store_entries(), 0);
+    assert_eq!(lab.host("target").store_entries(), 0);
+    assert_target_untouched(lab);
+    assert_no_canary(lab);
+}
+
+#[test]
+fn bad_input_unknown_machine() {
+    let lab = Lab::builder_and_target();
+    let flake = one_machine(&lab, &target_of(&lab), "");
+    let run = clan(&lab, &flake, &["machines", "update", "nope"]);
+    assert_eq!(run.code, 2);
+    assert!(run.stderr.contains("unknown machine \"nope\" (from the command line)"));
+    assert!(run.stderr.contains("defines m"));
+    assert_nothing_happened(&lab);
+}
+
+#[test]
+fn bad_input_no_target_host_anywhere() {
+    let lab = Lab::builder_and_target();
+    let flake = one_machine(&lab, "", "");
+    let run = clan(&lab, &flake, &["machines", "update", "m"]);
+    assert_eq!(run.code, 2);
+    for place in [
+        "inventory.machines.m.deploy.targetHost",
+        "clan.core.networking.targetHost",
+        "--target-host",
+    ] {
+        assert!(run.stderr.contains(place), "{place} not named");
+    }
+    assert_nothing_happened(&lab);
+}
+
+#[test]
+fn bad_input_malformed_host_in_inventory() {
+    let lab = Lab::builder_and_target();
+    let deploy = format!("{} deploy.buildHost = \"root@builder:notaport\";", target_of(&lab));
+    let flake = one_machine(&lab, &deploy, "");
+    let run = clan(&lab, &flake, &["machines", "update", "m"]);
+    assert_eq!(run.code, 2);
+    assert!(run.stderr.contains(
+        "invalid host address \"root@builder:notaport\" in inventory.machines.m.deploy.buildHost: the port \"notaport\" is not a number"
+    ));
+    assert_nothing_happened(&lab);
+}
+
+#[test]
+fn bad_input_injection_attempts_are_refused() {
+    let lab = Lab::builder_and_target();
+    let target = lab.ip("target").to_string();
+    // Nix strings: `$(` needs no escaping, `\n` is a newline.
+    let hostile_targets = [
+        format!("root@{target}?IdentityFile=$(touch /root/canary)"),
+        format!("root@{target}?IdentityFile=%24(touch%20/tmp/clan-canary)"),
+        format!("root@{target}?IdentityFile=/k;touch /root/canary"),
+        format!("root@{target}\\ntouch /root/canary"),
+        format!("-oProxyCommand=touch /root/canary@{target}"),
+        format!("root@{target}?ProxyCommand=touch%20/root/canary"),
+    ];
+    for hostile in &hostile_targets {
+        let flake = one_machine(&lab, &format!("deploy.targetHost = \"{hostile}\";"), "");
+        let run = clan(&lab, &flake, &["machines", "update", "m"]);
+        assert_eq!(run.code, 2, "accepted {hostile:?}");
+        assert!(
+            run.stderr.contains("in inventory.machines.m.deploy.targetHost"),
+            "source not named for {hostile:?}"
+        );
+    }
+    let flake = one_machine(&lab, &target_of(&lab), "");
+    for name in ["m;touch /root/canary", "$(touch /root/canary)", "m\ntouch /root/canary"] {
+        let run = clan(&lab, &flake, &["machines", "update", name]);
+        assert_eq!(run.code, 2);
+        assert!(run.stderr.contains("invalid machine name"));
+        assert!(run.stderr.contains("(from the command line)"));
+    }
+    let run = clan(
+        &lab,
+        &flake,
+        &["machines", "update", "m", "--build-host", "root@b;touch /root/canary"],
+    );
+    assert_eq!(run.code, 2);
+    assert!(run.stderr.contains("invalid host address \"root@b;touch /root/canary\" in --build-host"));
+    assert_nothing_happened(&lab);
+}
+
+// --dry-run prints the plan stage by stage and changes nothing on any host.
+#[test]
+fn dry_run_prints_the_plan_and_changes_nothing() {
+    let lab = Lab::builder_and_target();
+    let deploy = format!(
+        "{} deploy.buildHost = \"root@{}\";",
+        target_of(&lab),
+        lab.ip("builder")
+    );
+    let flake = one_machine(&lab, &deploy, "");
+    let out = toplevel(&lab, &flake, "m");
+    let run = clan(&lab, &flake, &["machines", "update", "m", "--dry-run"]);
+    assert_eq!(run.code, 0);
+    let b = lab.ip("builder");
+    let t = lab.ip("target");
+    for expected in [
+        "  copy derivations:\n    [workstation] env 'NIX_SSHOPTS=-o StrictHostKeyChecking=yes' nix --extra-experimental-features nix-command copy --derivation --to ssh://root@".to_string(),
+        format!("  build:\n    [build host root@{b}] mkdir -m 0700 /tmp/clan-"),
+        format!("    [build host root@{b}] nix-store --realise /nix/store/"),
+        format!("  copy to target:\n    [build host root@{b}] env 'NIX_SSHOPTS=-o StrictHostKeyChecking=yes -o BatchMode=yes' nix --extra-experimental-features nix-command copy --to ssh://root@{t} {out}"),
+        format!("  activate:\n    [target root@{t}] test -e {out}/nixos-version"),
+        format!("    [target root@{t}] nix-env -p /nix/var/nix/profiles/system --set {out}"),
+        format!("  clean up:\n    [build host root@{b}] rm -rf -- /tmp/clan-"),
+    ] {
+        assert!(run.stdout.contains(&expected), "plan lacks {expected:?}");
+    }
+    assert!(!lab.host("workstation").has_path(&out));
+    assert_nothing_happened(&lab);
+}
+
+// An activation that is not a NixOS system is refused before the profile changes.
+#[test]
+fn activation_refuses_a_toplevel_that_is_not_nixos() {
+    let lab = Lab::builder_and_target();
+    let flake = one_machine(&lab, &target_of(&lab), "variant = \"not-nixos\";");
+    let out = toplevel(&lab, &flake, "m");
+    let run = clan(&lab, &flake, &["machines", "update", "m"]);
+    assert_eq!(run.code, 1);
+    assert!(run.stderr.contains(&format!(
+        "m: {out} is not a NixOS system (it has no nixos-version or bin/switch-to-configuration); refusing to activate"
+    )));
+    assert!(lab.host("target").has_path(&out));
+    assert_target_untouched(&lab);
+}
+
+// A failing build stops before anything is copied or activated.
+#[test]
+fn failed_build_stops_before_the_target() {
+    let lab = Lab::builder_and_target();
+    let deploy = format!(
+        "{} deploy.buildHost = \"root@{}\";",
+        target_of(&lab),
+        lab.ip("builder")
+    );
+    let flake = one_machine(&lab, &deploy, "variant = \"fail\";");
+    let run = clan(&lab, &flake, &["machines", "update", "m"]);
+    assert_eq!(run.code, 1);
+    assert!(run.stderr.contains("fixture build of m fails on purpose"));
+    assert!(run.stderr.contains(&format!(
+        "building /nix/store/"
+    )));
+    assert!(run.stderr.contains(&format!("failed on build host root@{}", lab.ip("builder"))));
+    assert_eq!(lab.host("target").store_entries(), 0);
+    assert_target_untouched(&lab);
+}
