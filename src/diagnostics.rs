@@ -114,8 +114,16 @@ pub fn diagnose(machine: &ResolvedMachine, step: &Step, output: &str, code: Opti
         )));
     }
     let role_host = match &step.runner {
-        Runner::Remote { role: Role::BuildHost, host, .. } => format!("build host {}", host.address),
-        Runner::Remote { role: Role::Target, host, .. } => format!("target {}", host.address),
+        Runner::Remote {
+            role: Role::BuildHost,
+            host,
+            ..
+        } => format!("build host {}", host.address),
+        Runner::Remote {
+            role: Role::Target,
+            host,
+            ..
+        } => format!("target {}", host.address),
         Runner::Workstation(_) => "the workstation".to_string(),
     };
     match step.kind {
@@ -229,7 +237,8 @@ mod tests {
     #[test]
     fn recognises_ssh_failures() {
         let v28 = "Host key verification failed.\nerror: cannot connect to 'root@127.0.0.3'";
-        let v226 = "Host key verification failed.\nerror: failed to start SSH connection to 'root@t'";
+        let v226 =
+            "Host key verification failed.\nerror: failed to start SSH connection to 'root@t'";
         assert_eq!(ssh_failure(v28), Some(SshFailure::HostKey));
         assert_eq!(ssh_failure(v226), Some(SshFailure::HostKey));
         assert_eq!(

@@ -113,13 +113,11 @@ pub fn evaluate(flake: &str, wanted: &[String]) -> Result<Evaluation, Error> {
         })?;
     if !output.status.success() {
         let stderr = String::from_utf8_lossy(&output.stderr);
-        return Err(
-            Error::new(format!("evaluating the flake {flake} failed"))
-                .detail(stderr.trim_end().to_string())
-                .hint(Hint::text(
-                    "the flake must expose clanInternals (use this repo's lib.clan; see the README)",
-                )),
-        );
+        return Err(Error::new(format!("evaluating the flake {flake} failed"))
+            .detail(stderr.trim_end().to_string())
+            .hint(Hint::text(
+                "the flake must expose clanInternals (use this repo's lib.clan; see the README)",
+            )));
     }
     serde_json::from_slice(&output.stdout).map_err(|e| {
         Error::new(format!(

@@ -290,7 +290,11 @@ impl fmt::Display for HostAddress {
         }
         for (i, (name, value)) in self.options.iter().enumerate() {
             let sep = if i == 0 { '?' } else { '&' };
-            write!(f, "{sep}{name}={}", utf8_percent_encode(value, ENCODE_IN_VALUES))?;
+            write!(
+                f,
+                "{sep}{name}={}",
+                utf8_percent_encode(value, ENCODE_IN_VALUES)
+            )?;
         }
         Ok(())
     }

@@ -226,8 +226,18 @@ pub fn plan_machine(
                 host_key_check,
             };
             steps.push(copy_drvs_to(&builder));
-            steps.push(remote(Role::BuildHost, &builder, StepKind::MakeRootDir, mkdir));
-            steps.push(remote(Role::BuildHost, &builder, StepKind::Realise, realise));
+            steps.push(remote(
+                Role::BuildHost,
+                &builder,
+                StepKind::MakeRootDir,
+                mkdir,
+            ));
+            steps.push(remote(
+                Role::BuildHost,
+                &builder,
+                StepKind::Realise,
+                realise,
+            ));
             steps.push(remote(
                 Role::BuildHost,
                 &builder,
@@ -243,7 +253,12 @@ pub fn plan_machine(
             steps.push(remote(Role::Target, &target, StepKind::Realise, realise));
             // The root may only go once the system profile holds the output.
             steps.extend(activation_steps(&target, out, run_id));
-            steps.push(remote(Role::Target, &target, StepKind::RemoveRootDir, rmdir));
+            steps.push(remote(
+                Role::Target,
+                &target,
+                StepKind::RemoveRootDir,
+                rmdir,
+            ));
             return MachinePlan { machine, steps };
         }
         BuildLocation::Local => {
@@ -410,7 +425,11 @@ mod tests {
     fn default_builds_on_target_without_second_hop() {
         let plan = plan_machine(machine(BuildLocation::Target), "r1", HostKeyCheck::Strict);
         assert!(plan.steps.iter().all(|s| s.kind != StepKind::NestedCopy));
-        assert!(plan.steps.iter().all(|s| !s.host_label().starts_with("build host")));
+        assert!(
+            plan.steps
+                .iter()
+                .all(|s| !s.host_label().starts_with("build host"))
+        );
         // The GC root goes only after the profile holds the system.
         let last = plan.steps.last().unwrap();
         assert_eq!(last.kind, StepKind::RemoveRootDir);
@@ -437,12 +456,16 @@ mod tests {
     #[test]
     fn switch_uses_systemd_run_only_where_systemd_runs() {
         let plan = plan_machine(machine(BuildLocation::Target), "r1", HostKeyCheck::Strict);
-        let switch = plan.steps.iter().find(|s| s.kind == StepKind::Switch).unwrap();
+        let switch = plan
+            .steps
+            .iter()
+            .find(|s| s.kind == StepKind::Switch)
+            .unwrap();
         assert_eq!(
             switch.command_line(),
             "if test -d /run/systemd/system; then systemd-run -E LOCALE_ARCHIVE -E NIXOS_INSTALL_BOOTLOADER \
-             --collect --no-ask-password --pipe --quiet --service-type=exec \
-             --unit=clan-switch-to-configuration-r1 --wait /nix/store/o-s/bin/switch-to-configuration switch; \
+             --collect --no-ask-password --pipe --quiet '--service-type=exec' \
+             '--unit=clan-switch-to-configuration-r1' --wait /nix/store/o-s/bin/switch-to-configuration switch; \
              else /nix/store/o-s/bin/switch-to-configuration switch; fi"
         );
         let argv = switch.local_argv();

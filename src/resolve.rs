@@ -315,10 +315,7 @@ mod tests {
         }
     }
 
-    fn build(
-        f: &MachineFacts,
-        cli: Option<&str>,
-    ) -> Result<Resolved<BuildLocation>, Error> {
+    fn build(f: &MachineFacts, cli: Option<&str>) -> Result<Resolved<BuildLocation>, Error> {
         let overrides = Overrides {
             build_host: cli.map(Into::into),
             target_host: None,
@@ -330,7 +327,10 @@ mod tests {
     fn build_host_precedence() {
         let all = facts(Some("root@t"), Some("root@inv"), Some("root@cfg"));
         let remote = |s: &str| BuildLocation::Remote(s.parse().unwrap());
-        assert_eq!(build(&all, Some("root@cli")).unwrap().value, remote("root@cli"));
+        assert_eq!(
+            build(&all, Some("root@cli")).unwrap().value,
+            remote("root@cli")
+        );
         assert_eq!(
             build(&all, None).unwrap(),
             Resolved {
@@ -348,20 +348,38 @@ mod tests {
         );
         let none = facts(Some("root@t"), None, None);
         assert_eq!(build(&none, None).unwrap().value, BuildLocation::Target);
-        assert_eq!(build(&all, Some("localhost")).unwrap().value, BuildLocation::Local);
-        assert_eq!(build(&all, Some("alice@localhost")).unwrap().value, BuildLocation::Local);
-        assert_eq!(build(&all, Some("root@localhost")).unwrap().value, remote("root@localhost"));
+        assert_eq!(
+            build(&all, Some("localhost")).unwrap().value,
+            BuildLocation::Local
+        );
+        assert_eq!(
+            build(&all, Some("alice@localhost")).unwrap().value,
+            BuildLocation::Local
+        );
+        assert_eq!(
+            build(&all, Some("root@localhost")).unwrap().value,
+            remote("root@localhost")
+        );
         // Naming the target as build host is building on the target.
         assert_eq!(build(&all, Some("t")).unwrap().value, BuildLocation::Target);
     }
 
     #[test]
     fn missing_target_names_all_three_places() {
-        let err = resolve_machine("m", &facts(None, None, None), &Overrides::default(), &Users(None))
-            .unwrap_err();
+        let err = resolve_machine(
+            "m",
+            &facts(None, None, None),
+            &Overrides::default(),
+            &Users(None),
+        )
+        .unwrap_err();
         assert_eq!(err.exit, crate::error::ExitKind::Usage);
         let text = err.to_string();
-        for place in ["inventory.machines.m.deploy.targetHost", "clan.core.networking.targetHost", "--target-host"] {
+        for place in [
+            "inventory.machines.m.deploy.targetHost",
+            "clan.core.networking.targetHost",
+            "--target-host",
+        ] {
             assert!(text.contains(place), "{text}");
         }
     }
@@ -370,7 +388,10 @@ mod tests {
     fn bad_inventory_value_names_value_and_source() {
         let err = build(&facts(Some("root@t"), Some("root@b:99999"), None), None).unwrap_err();
         assert!(err.message.contains("\"root@b:99999\""), "{}", err.message);
-        assert!(err.message.contains("inventory.machines.m.deploy.buildHost"));
+        assert!(
+            err.message
+                .contains("inventory.machines.m.deploy.buildHost")
+        );
         assert!(err.message.contains("port"));
     }
 

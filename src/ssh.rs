@@ -92,17 +92,13 @@ impl Invocation {
     }
 }
 
-/// Quotes one word for a POSIX shell. Words that need no quoting are left readable.
+/// Quotes one word for a POSIX shell (the remote login shell parses it once).
 pub fn quote(word: &str) -> String {
-    let plain = !word.is_empty()
-        && word
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b"-_./=:@,+%^".contains(&b));
-    if plain {
-        word.to_string()
-    } else {
-        format!("'{}'", word.replace('\'', r"'\''"))
-    }
+    shlex::try_quote(word)
+        .expect(
+            "command words never hold NUL bytes: they are checked addresses, names and store paths",
+        )
+        .into_owned()
 }
 
 /// A remote shell command: a plain invocation, or "this if the host runs systemd, else that".
@@ -160,7 +156,14 @@ impl SshHost {
             .into_iter()
             .map(|(k, v)| (k.to_string(), v.to_string()));
         let batch = batch_mode.then(|| ("BatchMode".to_string(), "yes".to_string()));
-        for (name, value) in self.address.options.iter().cloned().chain(policy).chain(batch) {
+        for (name, value) in self
+            .address
+            .options
+            .iter()
+            .cloned()
+            .chain(policy)
+            .chain(batch)
+        {
             flags.push("-o".to_string());
             flags.push(format!("{name}={value}"));
         }
@@ -234,7 +237,10 @@ mod tests {
             "deploy@t.example:2222?IdentityFile=/k",
             HostKeyCheck::AcceptNew,
         );
-        let argv = h.ssh_argv(&RemoteCommand::Run(Invocation::new("true", [] as [&str; 0])));
+        let argv = h.ssh_argv(&RemoteCommand::Run(Invocation::new(
+            "true",
+            [] as [&str; 0],
+        )));
         assert_eq!(
             argv,
             [

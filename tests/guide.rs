@@ -30,7 +30,10 @@ fn assert_activated(lab: &Lab, out: &str) {
 fn assert_target_untouched(lab: &Lab) {
     let target = lab.host("target");
     assert_eq!(target.system_profile(), None, "target profile changed");
-    assert!(target.switch_log().is_empty(), "switch-to-configuration ran");
+    assert!(
+        target.switch_log().is_empty(),
+        "switch-to-configuration ran"
+    );
 }
 
 // Background: "By default, clan machines update <machine> evaluates your flake on your
@@ -50,9 +53,19 @@ fn background_default_builds_on_the_target() {
         "provenance line missing"
     );
     assert_activated(&lab, &out);
-    assert!(!run.stderr.contains("(build host "), "no step may run on a build host");
-    assert_eq!(lab.host("builder").store_entries(), 0, "builder store touched");
-    assert!(!lab.host("workstation").has_path(&out), "built on the workstation");
+    assert!(
+        !run.stderr.contains("(build host "),
+        "no step may run on a build host"
+    );
+    assert_eq!(
+        lab.host("builder").store_entries(),
+        0,
+        "builder store touched"
+    );
+    assert!(
+        !lab.host("workstation").has_path(&out),
+        "built on the workstation"
+    );
 }
 
 // "1. Set It in the Inventory" + "What Happens During a Deploy": evaluate here, build on
@@ -73,7 +86,10 @@ fn what_happens_during_a_deploy_build_host_from_inventory() {
         "m: build on root@{} (inventory.machines.m.deploy.buildHost)",
         lab.ip("builder")
     )));
-    assert!(lab.host("builder").has_path(&out), "not built on the builder");
+    assert!(
+        lab.host("builder").has_path(&out),
+        "not built on the builder"
+    );
     assert!(
         !lab.host("workstation").has_path(&out),
         "the closure passed through the workstation"
@@ -136,9 +152,16 @@ fn override_from_the_cli_build_host() {
     let flake = one_machine(&lab, &target_of(&lab), "");
     let out = toplevel(&lab, &flake, "m");
     let builder = format!("root@{}", lab.ip("builder"));
-    let run = clan(&lab, &flake, &["machines", "update", "m", "--build-host", &builder]);
+    let run = clan(
+        &lab,
+        &flake,
+        &["machines", "update", "m", "--build-host", &builder],
+    );
     assert_eq!(run.code, 0);
-    assert!(run.stderr.contains(&format!("m: build on {builder} (--build-host)")));
+    assert!(
+        run.stderr
+            .contains(&format!("m: build on {builder} (--build-host)"))
+    );
     assert!(lab.host("builder").has_path(&out));
     assert_activated(&lab, &out);
 }
@@ -154,9 +177,16 @@ fn override_from_the_cli_localhost_forces_a_local_build() {
     );
     let flake = one_machine(&lab, &deploy, "");
     let out = toplevel(&lab, &flake, "m");
-    let run = clan(&lab, &flake, &["machines", "update", "m", "--build-host", "localhost"]);
+    let run = clan(
+        &lab,
+        &flake,
+        &["machines", "update", "m", "--build-host", "localhost"],
+    );
     assert_eq!(run.code, 0);
-    assert!(run.stderr.contains("m: build on this machine (localhost) (--build-host)"));
+    assert!(
+        run.stderr
+            .contains("m: build on this machine (localhost) (--build-host)")
+    );
     assert!(lab.host("workstation").has_path(&out), "not built locally");
     assert_eq!(lab.host("builder").store_entries(), 0, "builder touched");
     assert_activated(&lab, &out);
@@ -179,7 +209,10 @@ fn resolution_order_highest_source_wins() {
         target_of(&lab),
         lab.ip("inventory-builder")
     );
-    let system = format!("networking.buildHost = \"root@{}\";", lab.ip("config-builder"));
+    let system = format!(
+        "networking.buildHost = \"root@{}\";",
+        lab.ip("config-builder")
+    );
     let flake = one_machine(&lab, &deploy, &system);
     let out = toplevel(&lab, &flake, "m");
 
@@ -193,9 +226,16 @@ fn resolution_order_highest_source_wins() {
     assert_eq!(lab.host("config-builder").store_entries(), 0);
 
     let cli_builder = format!("root@{}", lab.ip("cli-builder"));
-    let run = clan(&lab, &flake, &["machines", "update", "m", "--build-host", &cli_builder]);
+    let run = clan(
+        &lab,
+        &flake,
+        &["machines", "update", "m", "--build-host", &cli_builder],
+    );
     assert_eq!(run.code, 0);
-    assert!(run.stderr.contains(&format!("m: build on {cli_builder} (--build-host)")));
+    assert!(
+        run.stderr
+            .contains(&format!("m: build on {cli_builder} (--build-host)"))
+    );
     assert!(lab.host("cli-builder").has_path(&out));
     assert_eq!(lab.host("config-builder").store_entries(), 0);
     assert_activated(&lab, &out);
@@ -224,7 +264,10 @@ fn first_deploy_host_key_verification() {
         lab.ip("target")
     )));
     assert!(strict.stderr.contains("--host-key-check accept-new"));
-    assert!(lab.host("builder").has_path(&out), "the build should have run");
+    assert!(
+        lab.host("builder").has_path(&out),
+        "the build should have run"
+    );
     assert_target_untouched(&lab);
 
     let accept = clan(
@@ -265,7 +308,10 @@ fn architecture_mismatch_between_build_host_and_target() {
         "m: the build host root@{} is a 'aarch64-linux' machine and cannot build this 'x86_64-linux' system",
         lab.ip("builder")
     )));
-    assert!(run.stderr.contains("pick a build host whose system is x86_64-linux"));
+    assert!(
+        run.stderr
+            .contains("pick a build host whose system is x86_64-linux")
+    );
     assert!(run.stderr.contains("--build-host localhost"));
     assert!(!lab.host("builder").has_path(&out));
     assert_target_untouched(&lab);
@@ -297,7 +343,11 @@ fn host_address_ssh_options_apply_to_every_hop() {
     let denied = clan(&lab, &flake, &["machines", "update", "m"]);
     assert_eq!(denied.code, 1);
     assert!(denied.stderr.contains("Permission denied"));
-    assert!(denied.stderr.contains("permission denied on the second hop"));
+    assert!(
+        denied
+            .stderr
+            .contains("permission denied on the second hop")
+    );
     assert_target_untouched(&lab);
 
     let flake = one_machine(&lab, &with_key, "");
@@ -331,7 +381,10 @@ fn bad_input_unknown_machine() {
     let flake = one_machine(&lab, &target_of(&lab), "");
     let run = clan(&lab, &flake, &["machines", "update", "nope"]);
     assert_eq!(run.code, 2);
-    assert!(run.stderr.contains("unknown machine \"nope\" (from the command line)"));
+    assert!(
+        run.stderr
+            .contains("unknown machine \"nope\" (from the command line)")
+    );
     assert!(run.stderr.contains("defines m"));
     assert_nothing_happened(&lab);
 }
@@ -355,7 +408,10 @@ fn bad_input_no_target_host_anywhere() {
 #[test]
 fn bad_input_malformed_host_in_inventory() {
     let lab = Lab::builder_and_target();
-    let deploy = format!("{} deploy.buildHost = \"root@builder:notaport\";", target_of(&lab));
+    let deploy = format!(
+        "{} deploy.buildHost = \"root@builder:notaport\";",
+        target_of(&lab)
+    );
     let flake = one_machine(&lab, &deploy, "");
     let run = clan(&lab, &flake, &["machines", "update", "m"]);
     assert_eq!(run.code, 2);
@@ -383,12 +439,17 @@ fn bad_input_injection_attempts_are_refused() {
         let run = clan(&lab, &flake, &["machines", "update", "m"]);
         assert_eq!(run.code, 2, "accepted {hostile:?}");
         assert!(
-            run.stderr.contains("in inventory.machines.m.deploy.targetHost"),
+            run.stderr
+                .contains("in inventory.machines.m.deploy.targetHost"),
             "source not named for {hostile:?}"
         );
     }
     let flake = one_machine(&lab, &target_of(&lab), "");
-    for name in ["m;touch /root/canary", "$(touch /root/canary)", "m\ntouch /root/canary"] {
+    for name in [
+        "m;touch /root/canary",
+        "$(touch /root/canary)",
+        "m\ntouch /root/canary",
+    ] {
         let run = clan(&lab, &flake, &["machines", "update", name]);
         assert_eq!(run.code, 2);
         assert!(run.stderr.contains("invalid machine name"));
@@ -397,10 +458,19 @@ fn bad_input_injection_attempts_are_refused() {
     let run = clan(
         &lab,
         &flake,
-        &["machines", "update", "m", "--build-host", "root@b;touch /root/canary"],
+        &[
+            "machines",
+            "update",
+            "m",
+            "--build-host",
+            "root@b;touch /root/canary",
+        ],
     );
     assert_eq!(run.code, 2);
-    assert!(run.stderr.contains("invalid host address \"root@b;touch /root/canary\" in --build-host"));
+    assert!(
+        run.stderr
+            .contains("invalid host address \"root@b;touch /root/canary\" in --build-host")
+    );
     assert_nothing_happened(&lab);
 }
 
@@ -462,10 +532,11 @@ fn failed_build_stops_before_the_target() {
     let run = clan(&lab, &flake, &["machines", "update", "m"]);
     assert_eq!(run.code, 1);
     assert!(run.stderr.contains("fixture build of m fails on purpose"));
-    assert!(run.stderr.contains(&format!(
-        "building /nix/store/"
-    )));
-    assert!(run.stderr.contains(&format!("failed on build host root@{}", lab.ip("builder"))));
+    assert!(run.stderr.contains("building /nix/store/"));
+    assert!(
+        run.stderr
+            .contains(&format!("failed on build host root@{}", lab.ip("builder")))
+    );
     assert_eq!(lab.host("target").store_entries(), 0);
     assert_target_untouched(&lab);
 }

@@ -230,7 +230,8 @@ impl Lab {
             }
             write(&host.dir.join("etc-nix/nix.conf"), &conf);
             let key = host.root().join(".ssh/id_ed25519");
-            run(Command::new("ssh-keygen").args(["-q", "-t", "ed25519", "-N", "", "-C"])
+            run(Command::new("ssh-keygen")
+                .args(["-q", "-t", "ed25519", "-N", "", "-C"])
                 .arg(format!("root@{}", spec.name))
                 .arg("-f")
                 .arg(&key));
@@ -325,8 +326,7 @@ impl Lab {
 
     /// The public half of the key at `key` (relative to `/root`) of host `owner`.
     pub fn public_key(&self, owner: &str, key: &str) -> String {
-        fs::read_to_string(self.host(owner).root().join(format!("{key}.pub")))
-            .expect("public key")
+        fs::read_to_string(self.host(owner).root().join(format!("{key}.pub"))).expect("public key")
     }
 
     /// Authorizes `owner`'s key at `key` (relative to `/root`) for root on `on`.
@@ -430,7 +430,9 @@ impl Drop for Lab {
         // Sessions whose sshd is gone may still hold a store open: end them by their address.
         let ips: Vec<&str> = self.hosts.values().map(|h| h.ip.as_str()).collect();
         for ip in ips {
-            let _ = Command::new("pkill").args(["-f", &format!("sshd: .*{ip}")]).status();
+            let _ = Command::new("pkill")
+                .args(["-f", &format!("sshd: .*{ip}")])
+                .status();
         }
         if !self.keep {
             let _ = fs::remove_dir_all(&self.dir);

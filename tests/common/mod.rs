@@ -44,7 +44,11 @@ pub fn clan(lab: &Lab, flake: &Path, args: &[&str]) -> Run {
 pub fn eval_raw(lab: &Lab, flake: &Path, attr: &str) -> String {
     let reference = format!("{}#{attr}", flake.display());
     let out = lab.run_on_workstation(flake, &["nix", "eval", "--raw", &reference]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 

@@ -8,7 +8,7 @@ use crate::eval::evaluate;
 use crate::execute::{Outcome, run_plan};
 use crate::plan::{DeployPlan, plan_machine};
 use crate::resolve::{
-    Overrides, SshConfigLookup, Source, check_machine_name, describe_build, describe_target,
+    Overrides, Source, SshConfigLookup, check_machine_name, describe_build, describe_target,
     parse_address, resolve_machine,
 };
 
@@ -107,7 +107,10 @@ fn flake_ref(args: &UpdateArgs) -> Result<String, Error> {
     let path = &args.flake;
     if path.is_dir() {
         let abs = path.canonicalize().map_err(|e| {
-            Error::usage(format!("cannot open the flake directory {}: {e}", path.display()))
+            Error::usage(format!(
+                "cannot open the flake directory {}: {e}",
+                path.display()
+            ))
         })?;
         return Ok(abs.display().to_string());
     }
