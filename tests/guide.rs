@@ -540,3 +540,65 @@ fn failed_build_stops_before_the_target() {
     assert_eq!(lab.host("target").store_entries(), 0);
     assert_target_untouched(&lab);
 }
+
+// "Nix compatibility": the same deploy with a current Nix (2.26) on the workstation and the
+// build host, the target on Nix 2.8; current Nix's messages are classified as the guide's cases.
+#[test]
+fn current_nix_on_workstation_and_build_host() {
+    let lab = Lab::start(&[
+        HostSpec::new(clan_lab::WORKSTATION).current_nix(),
+        HostSpec::new("builder").current_nix(),
+        HostSpec::new("arm-builder")
+            .current_nix()
+            .nix_system("aarch64-linux"),
+        HostSpec::new("target"),
+    ]);
+    for host in ["workstation", "builder"] {
+        let version = lab.exec(host, &["sh", "-c", "nix --version"]);
+        assert!(
+            String::from_utf8_lossy(&version.stdout).contains("2.26"),
+            "{host} does not run the current Nix"
+        );
+    }
+    let deploy = format!(
+        "{} deploy.buildHost = \"root@{}\";",
+        target_of(&lab),
+        lab.ip("builder")
+    );
+    let flake = one_machine(&lab, &deploy, "");
+    let out = toplevel(&lab, &flake, "m");
+
+    let strict = clan(&lab, &flake, &["machines", "update", "m"]);
+    assert_eq!(strict.code, 1);
+    assert!(strict.stderr.contains(&format!(
+        "failed to start SSH connection to 'root@{}'",
+        lab.ip("target")
+    )));
+    assert!(
+        strict
+            .stderr
+            .contains("host key verification failed on the second hop")
+    );
+    assert_target_untouched(&lab);
+
+    let accept = clan(
+        &lab,
+        &flake,
+        &["machines", "update", "m", "--host-key-check", "accept-new"],
+    );
+    assert_eq!(accept.code, 0);
+    assert!(lab.host("builder").has_path(&out));
+    assert!(!lab.host("workstation").has_path(&out));
+    assert_activated(&lab, &out);
+
+    let arm = format!("root@{}", lab.ip("arm-builder"));
+    let mismatch = clan(
+        &lab,
+        &flake,
+        &["machines", "update", "m", "--build-host", &arm],
+    );
+    assert_eq!(mismatch.code, 1);
+    assert!(mismatch.stderr.contains(&format!(
+        "the build host {arm} is a 'aarch64-linux' machine and cannot build this 'x86_64-linux' system"
+    )));
+}

@@ -28,6 +28,7 @@ pub const WORKSTATION: &str = "workstation";
 pub struct HostSpec {
     name: String,
     nix_system: Option<String>,
+    current_nix: bool,
 }
 
 impl HostSpec {
@@ -36,7 +37,15 @@ impl HostSpec {
         HostSpec {
             name: name.to_string(),
             nix_system: None,
+            current_nix: false,
         }
+    }
+
+    /// Runs a current Nix (2.26, from `scripts/fetch-current-nix`) on this host instead of
+    /// the system's 2.8: `nix`, `nix-store` and `nix-env` in its `/usr/local/bin`.
+    pub fn current_nix(mut self) -> HostSpec {
+        self.current_nix = true;
+        self
     }
 
     /// Sets `system = …` in the host's nix.conf (e.g. `aarch64-linux`).
@@ -176,6 +185,30 @@ fn append(path: &Path, text: &str) {
     f.write_all(text.as_bytes()).expect("append");
 }
 
+/// Where `scripts/fetch-current-nix` unpacks the current Nix.
+pub fn current_nix_root() -> PathBuf {
+    std::env::var_os("CLAN_LAB_CURRENT_NIX")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/var/cache/clan-lab/nix-current"))
+}
+
+/// Links `nix`, `nix-store`, `nix-env`, … of the current Nix into `bin`, which the host's
+/// namespace mounts over `/usr/local/bin`.
+fn install_current_nix(bin: &Path) {
+    let current = current_nix_root().join("bin");
+    assert!(
+        current.join("nix").exists(),
+        "current Nix is missing at {}: run scripts/setup (it runs scripts/fetch-current-nix)",
+        current.display()
+    );
+    fs::create_dir_all(bin).expect("bin dir");
+    for entry in fs::read_dir(&current).expect("current Nix bin dir") {
+        let entry = entry.expect("dir entry");
+        std::os::unix::fs::symlink(current.join(entry.file_name()), bin.join(entry.file_name()))
+            .expect("link current Nix");
+    }
+}
+
 /// The argv that runs `argv` inside the namespace of the host whose directory is `dir`.
 pub fn namespaced(dir: &Path, argv: &[&str]) -> Vec<String> {
     let mut all = vec![
@@ -186,7 +219,11 @@ pub fn namespaced(dir: &Path, argv: &[&str]) -> Vec<String> {
         "--".into(),
         "sh".into(),
         "-c".into(),
-        r#"d=$1; shift; mount --bind "$d/nix" /nix && mount --bind "$d/root" /root && mount --bind "$d/etc-nix" /etc/nix && exec "$@""#.into(),
+        concat!(
+            r#"d=$1; shift; mount --bind "$d/nix" /nix && mount --bind "$d/root" /root && mount --bind "$d/etc-nix" /etc/nix && "#,
+            r#"if [ -d "$d/bin" ]; then mount --bind "$d/bin" /usr/local/bin && PATH=/usr/local/bin:$PATH; fi && exec "$@""#
+        )
+        .into(),
         "sh".into(),
         dir.display().to_string(),
     ];
@@ -213,8 +250,18 @@ impl Lab {
             hosts: BTreeMap::new(),
             keep,
         };
-        let workstation = HostSpec::new(WORKSTATION);
-        for (i, spec) in std::iter::once(&workstation).chain(hosts).enumerate() {
+        // A spec named WORKSTATION configures the workstation; it gets no sshd.
+        let workstation = hosts
+            .iter()
+            .find(|h| h.name == WORKSTATION)
+            .cloned()
+            .unwrap_or_else(|| HostSpec::new(WORKSTATION));
+        let hosts: Vec<HostSpec> = hosts
+            .iter()
+            .filter(|h| h.name != WORKSTATION)
+            .cloned()
+            .collect();
+        for (i, spec) in std::iter::once(&workstation).chain(&hosts).enumerate() {
             let host = Host {
                 name: spec.name.clone(),
                 ip: format!("{subnet}.{}", i + 2),
@@ -227,6 +274,9 @@ impl Lab {
             let mut conf = NIX_CONF.to_string();
             if let Some(system) = &spec.nix_system {
                 conf.push_str(&format!("system = {system}\n"));
+            }
+            if spec.current_nix {
+                install_current_nix(&host.dir.join("bin"));
             }
             write(&host.dir.join("etc-nix/nix.conf"), &conf);
             let key = host.root().join(".ssh/id_ed25519");
@@ -243,7 +293,7 @@ impl Lab {
             );
             lab.hosts.insert(spec.name.clone(), host);
         }
-        for spec in hosts {
+        for spec in &hosts {
             lab.start_sshd(&spec.name);
         }
         let names: Vec<String> = hosts.iter().map(|h| h.name.clone()).collect();
