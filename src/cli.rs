@@ -42,7 +42,7 @@ pub struct UpdateArgs {
     #[arg(long, value_name = "PATH", default_value = ".")]
     pub flake: PathBuf,
 
-    /// Build here instead of the configured build host ('localhost' builds on this machine).
+    /// Build on this host instead of the configured build host ('localhost': build on this machine).
     #[arg(long, value_name = "HOST")]
     pub build_host: Option<String>,
 

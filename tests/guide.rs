@@ -602,3 +602,95 @@ fn current_nix_on_workstation_and_build_host() {
         "the build host {arm} is a 'aarch64-linux' machine and cannot build this 'x86_64-linux' system"
     )));
 }
+
+// "The value has the same format as targetHost": an address without a user gets the User
+// the user's ssh config sets for that host, else root.
+#[test]
+fn host_address_without_user_takes_ssh_config_user_else_root() {
+    let lab = Lab::builder_and_target();
+    let t = lab.ip("target").to_string();
+    let flake = one_machine(&lab, &format!("deploy.targetHost = \"{t}\";"), "");
+    let plain = clan(&lab, &flake, &["machines", "update", "m", "--dry-run"]);
+    assert_eq!(plain.code, 0);
+    assert!(
+        plain
+            .stdout
+            .contains(&format!("m: deploy to root@{t} (inventory"))
+    );
+
+    lab.prepend_ssh_config("workstation", &format!("Host {t}\n  User deploy\n"));
+    let configured = clan(&lab, &flake, &["machines", "update", "m", "--dry-run"]);
+    assert_eq!(configured.code, 0);
+    assert!(
+        configured
+            .stdout
+            .contains(&format!("m: deploy to deploy@{t} (inventory"))
+    );
+    assert!(
+        configured
+            .stdout
+            .contains(&format!("--to ssh://deploy@{t}"))
+    );
+}
+
+// clan-core picks up machines/<name>/configuration.nix; so does this library.
+#[test]
+fn machine_directory_configuration_is_picked_up() {
+    let lab = Lab::builder_and_target();
+    let flake = lab.write_flake(&format!(
+        "{{ inventory.machines.from-dir = {{ {} }}; }}",
+        target_of(&lab)
+    ));
+    lab.write_flake_file(
+        "machines/from-dir/configuration.nix",
+        r#"{ config, ... }: {
+          nixpkgs.hostPlatform = "x86_64-linux";
+          system.build.toplevel = derivation {
+            name = "nixos-system-from-dir";
+            system = "x86_64-linux";
+            builder = "/bin/sh";
+            PATH = "/usr/bin:/bin";
+            args = [ "-c" ''
+              mkdir -p $out/bin; echo dir > $out/nixos-version
+              printf '#!/bin/sh\necho "%s $1" >> /root/switch-to-configuration.log\n' "$out" > $out/bin/switch-to-configuration
+              chmod +x $out/bin/switch-to-configuration
+            '' ];
+          };
+        }"#,
+    );
+    let out = toplevel(&lab, &flake, "from-dir");
+    assert!(out.ends_with("-nixos-system-from-dir"));
+    let run = clan(&lab, &flake, &["machines", "update", "from-dir"]);
+    assert_eq!(run.code, 0);
+    assert_activated(&lab, &out);
+}
+
+// Every flag is described in --help.
+#[test]
+fn help_describes_every_flag() {
+    let help = |args: &[&str]| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_clan"))
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(out.status.success());
+        String::from_utf8(out.stdout).unwrap()
+    };
+    assert!(help(&["--help"]).contains("machines"));
+    let update = help(&["machines", "update", "--help"]);
+    for flag in [
+        "--flake",
+        "--build-host",
+        "--target-host",
+        "--host-key-check",
+        "--dry-run",
+        "[MACHINE]...",
+    ] {
+        assert!(update.contains(flag), "--help lacks {flag}");
+    }
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_clan"))
+        .args(["machines", "update", "--host-key-check", "tofu", "--help"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "tofu is not accepted");
+}

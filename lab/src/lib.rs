@@ -444,6 +444,18 @@ impl Lab {
         flake
     }
 
+    /// Writes `text` to `rel` inside the flake directory (call after [`Lab::write_flake`]).
+    pub fn write_flake_file(&self, rel: &str, text: &str) {
+        write(&self.dir.join("flake").join(rel), text);
+    }
+
+    /// Puts `text` at the start of host `who`'s `~/.ssh/config` (ssh takes the first value).
+    pub fn prepend_ssh_config(&self, who: &str, text: &str) {
+        let path = self.host(who).root().join(".ssh/config");
+        let old = fs::read_to_string(&path).unwrap_or_default();
+        write(&path, &format!("{text}\n{old}"));
+    }
+
     /// Runs `argv` on the workstation (in its namespace), in `cwd`, with a time limit.
     pub fn run_on_workstation(&self, cwd: &Path, argv: &[&str]) -> Output {
         let mut full = vec!["timeout", "--kill-after=10", "600"];
