@@ -57,4 +57,31 @@ pub struct UpdateArgs {
     /// Print every step with its host and exact command, then stop without running any.
     #[arg(long)]
     pub dry_run: bool,
+
+    /// Skip the checks of every ssh hop, Nix and the build host's system before the build.
+    #[arg(long)]
+    pub no_preflight: bool,
+
+    /// Forward your ssh agent to the build host for its copy to the target (root there can use your keys).
+    #[arg(long, overrides_with = "no_forward_agent")]
+    pub forward_agent: bool,
+
+    /// Do not forward your ssh agent, whatever the inventory or machine configuration says.
+    #[arg(long, overrides_with = "forward_agent")]
+    pub no_forward_agent: bool,
+
+    /// Copy the closure build host → this machine → target, for a build host that cannot reach the target.
+    #[arg(long)]
+    pub copy_via_workstation: bool,
+}
+
+impl UpdateArgs {
+    /// `Some(true)` for `--forward-agent`, `Some(false)` for `--no-forward-agent`.
+    pub fn forward_agent_override(&self) -> Option<bool> {
+        match (self.forward_agent, self.no_forward_agent) {
+            (true, _) => Some(true),
+            (_, true) => Some(false),
+            _ => None,
+        }
+    }
 }

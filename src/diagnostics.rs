@@ -154,14 +154,16 @@ pub fn diagnose(machine: &ResolvedMachine, step: &Step, output: &str, code: Opti
 }
 
 /// Which ssh connection failed.
-enum Hop {
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Hop {
     /// The workstation's own connection to a host.
     WorkstationTo(String),
     /// The build host's connection to the target, made for the closure copy.
     BuilderToTarget,
 }
 
-fn ssh_error(
+/// The guide's case for an ssh `failure` on `hop`, with its fix.
+pub fn ssh_error(
     name: &str,
     builder: &str,
     target: &str,

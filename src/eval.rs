@@ -20,6 +20,12 @@ pub struct MachineFacts {
     pub config_target_host: Option<String>,
     /// `clan.core.networking.buildHost`
     pub config_build_host: Option<String>,
+    /// `inventory.machines.<m>.deploy.forwardAgent`
+    #[serde(default)]
+    pub inventory_forward_agent: Option<bool>,
+    /// `clan.core.networking.forwardAgent`
+    #[serde(default)]
+    pub config_forward_agent: Option<bool>,
     /// The target's system (`nixpkgs.hostPlatform`), if the configuration sets one.
     pub system: Option<String>,
     /// `system.build.toplevel.drvPath`
@@ -61,6 +67,8 @@ let
       inventoryBuildHost = inv.deploy.buildHost or null;
       configTargetHost = net.targetHost or null;
       configBuildHost = net.buildHost or null;
+      inventoryForwardAgent = inv.deploy.forwardAgent or null;
+      configForwardAgent = net.forwardAgent or null;
       system = if platform == null then null else if builtins.isString platform then platform else platform.system or null;
       # Not `outPath`: JSON output would turn the whole set into that string.
       toplevelDrv = toplevel.drvPath;

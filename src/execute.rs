@@ -8,9 +8,10 @@ use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
+use crate::connection::Connections;
 use crate::diagnostics::diagnose;
-use crate::error::Error;
-use crate::plan::{DeployPlan, MachinePlan, Step};
+use crate::error::{Error, Hint};
+use crate::plan::{DeployPlan, MachinePlan, Runner, Step};
 
 /// How one machine's deploy ended.
 #[derive(Debug)]
@@ -24,15 +25,59 @@ pub enum Outcome {
     Failed(Error),
 }
 
-/// Runs every machine of `plan`, one after the other.
-pub fn run_plan(plan: &DeployPlan) -> Vec<(String, Outcome)> {
+/// Every command and its full output, for when the summary is not enough.
+#[derive(Debug)]
+pub struct Log {
+    path: Option<std::path::PathBuf>,
+    file: Mutex<Option<std::fs::File>>,
+}
+
+impl Log {
+    /// A log for run `run_id` under `$XDG_STATE_HOME/clan/logs` (or `~/.local/state/clan/logs`).
+    pub fn create(run_id: &str) -> Log {
+        let dir = std::env::var_os("XDG_STATE_HOME")
+            .map(std::path::PathBuf::from)
+            .or_else(|| {
+                std::env::var_os("HOME").map(|h| std::path::Path::new(&h).join(".local/state"))
+            })
+            .map(|d| d.join("clan/logs"));
+        let opened = dir.and_then(|dir| {
+            std::fs::create_dir_all(&dir).ok()?;
+            let path = dir.join(format!("deploy-{run_id}.log"));
+            let file = std::fs::File::create(&path).ok()?;
+            Some((path, file))
+        });
+        let (path, file) = match opened {
+            Some((path, file)) => (Some(path), Some(file)),
+            None => (None, None),
+        };
+        Log {
+            path,
+            file: Mutex::new(file),
+        }
+    }
+
+    fn write(&self, text: &str) {
+        if let Some(file) = self.file.lock().expect("log lock").as_mut() {
+            let _ = file.write_all(text.as_bytes());
+        }
+    }
+
+    /// Where the log is, if it could be created.
+    pub fn path(&self) -> Option<&std::path::Path> {
+        self.path.as_deref()
+    }
+}
+
+/// Runs every machine of `plan`, one after the other, over the shared `connections`.
+pub fn run_plan(plan: &DeployPlan, connections: &Connections, log: &Log) -> Vec<(String, Outcome)> {
     plan.machines
         .iter()
-        .map(|m| (m.machine.name.clone(), run_machine(m)))
+        .map(|m| (m.machine.name.clone(), run_machine(m, connections, log)))
         .collect()
 }
 
-fn run_machine(plan: &MachinePlan) -> Outcome {
+fn run_machine(plan: &MachinePlan, connections: &Connections, log: &Log) -> Outcome {
     let name = &plan.machine.name;
     let started = Instant::now();
     let mut failure: Option<Error> = None;
@@ -40,15 +85,26 @@ fn run_machine(plan: &MachinePlan) -> Outcome {
         if failure.is_some() && !step.kind.always_runs() {
             continue;
         }
-        eprintln!(
+        if let Runner::Remote { host, .. } = &step.runner {
+            // A failed shared connection is not fatal: ssh then connects on its own, and
+            // that connection's error is the one diagnosed.
+            let _ = connections.open(host);
+        }
+        let header = format!(
             "[{name}] {}: {} ({})",
             step.kind.stage(),
             step.command_line(),
             step.host_label()
         );
+        eprintln!("{header}");
+        log.write(&format!("{header}\n$ {}\n", step.local_argv().join(" ")));
         let (code, output) = run_step(name, step);
+        log.write(&format!("{output}(exit {code:?})\n\n"));
         if code != Some(0) {
-            let error = diagnose(&plan.machine, step, &output, code);
+            let mut error = diagnose(&plan.machine, step, &output, code);
+            if let Some(path) = log.path() {
+                error = error.hint(Hint::text(format!("full log: {}", path.display())));
+            }
             if failure.is_none() {
                 failure = Some(error);
             } else {

@@ -6,11 +6,13 @@
 
 pub mod cli;
 pub mod commands;
+pub mod connection;
 pub mod diagnostics;
 pub mod error;
 pub mod eval;
 pub mod execute;
 pub mod host;
 pub mod plan;
+pub mod preflight;
 pub mod resolve;
 pub mod ssh;

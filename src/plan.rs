@@ -3,8 +3,11 @@
 
 use std::fmt;
 
+use std::collections::BTreeSet;
+
+use crate::host::HostAddress;
 use crate::resolve::{BuildLocation, ResolvedMachine, describe_build, describe_target};
-use crate::ssh::{HostKeyCheck, Invocation, RemoteCommand, SshHost};
+use crate::ssh::{HostKeyCheck, Invocation, RemoteCommand, Side, SshHost};
 
 /// The system profile on NixOS.
 pub const SYSTEM_PROFILE: &str = "/nix/var/nix/profiles/system";
@@ -49,6 +52,8 @@ pub enum StepKind {
     NestedCopy,
     /// `nix copy` from the workstation to the target (local builds).
     CopyFromWorkstation,
+    /// `nix copy --from builder --to target` on the workstation (`--copy-via-workstation`).
+    RelayCopy,
     /// Check that the toplevel is a NixOS system.
     VerifySystem,
     /// `nix-env -p /nix/var/nix/profiles/system --set`.
@@ -65,7 +70,9 @@ impl StepKind {
         match self {
             StepKind::CopyDerivations => Stage::CopyDerivations,
             StepKind::MakeRootDir | StepKind::Realise => Stage::Build,
-            StepKind::NestedCopy | StepKind::CopyFromWorkstation => Stage::CopyToTarget,
+            StepKind::NestedCopy | StepKind::CopyFromWorkstation | StepKind::RelayCopy => {
+                Stage::CopyToTarget
+            }
             StepKind::VerifySystem | StepKind::SetProfile | StepKind::Switch => Stage::Activate,
             StepKind::RemoveRootDir => Stage::Cleanup,
         }
@@ -140,7 +147,7 @@ impl Step {
     pub fn local_argv(&self) -> Vec<String> {
         match &self.runner {
             Runner::Workstation(inv) => inv.argv.clone(),
-            Runner::Remote { host, command, .. } => host.ssh_argv(command),
+            Runner::Remote { host, command, .. } => host.ssh_argv(Side::Workstation, command),
         }
     }
 
@@ -181,19 +188,50 @@ fn nix(args: &[&str]) -> Invocation {
     Invocation::new("nix", all)
 }
 
+/// What a plan needs besides the machine: the run, the host key policy, connection sharing.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PlanContext {
+    /// Unique id of this run.
+    pub run_id: String,
+    /// Host key policy of every hop.
+    pub host_key_check: HostKeyCheck,
+    /// Directory of the workstation's shared ssh connections; `None` turns sharing off.
+    pub control_dir: Option<String>,
+    /// Hosts (`user@host:port`) whose ssh config sets a ControlPath of its own, kept as is.
+    pub own_control_path: BTreeSet<String>,
+    /// Copy the closure build host → workstation → target instead of the direct second hop.
+    pub copy_via_workstation: bool,
+}
+
+impl PlanContext {
+    /// How the workstation reaches `address`.
+    pub fn ssh_host(&self, address: &HostAddress, forward_agent: bool) -> SshHost {
+        let control_path = match &self.control_dir {
+            Some(dir) if !self.own_control_path.contains(&connection_key(address)) => {
+                Some(format!("{dir}/%C"))
+            }
+            _ => None,
+        };
+        SshHost {
+            address: address.clone(),
+            host_key_check: self.host_key_check,
+            control_path,
+            forward_agent,
+        }
+    }
+}
+
+/// `user@host:port`, what identifies one ssh connection.
+pub fn connection_key(address: &HostAddress) -> String {
+    format!("{}:{}", address.destination(), address.port.unwrap_or(22))
+}
+
 /// Builds the steps that deploy `machine`.
-pub fn plan_machine(
-    machine: ResolvedMachine,
-    run_id: &str,
-    host_key_check: HostKeyCheck,
-) -> MachinePlan {
-    let target = SshHost {
-        address: machine.target.value.clone(),
-        host_key_check,
-    };
+pub fn plan_machine(machine: ResolvedMachine, ctx: &PlanContext) -> MachinePlan {
+    let target = ctx.ssh_host(&machine.target.value, false);
     let drv = machine.drv_path.as_str();
     let out = machine.out_path.as_str();
-    let root_dir = format!("/tmp/clan-{run_id}-{}", machine.name);
+    let root_dir = format!("/tmp/clan-{}-{}", ctx.run_id, machine.name);
     let gc_root = format!("{root_dir}/system");
     let remote = |role: Role, host: &SshHost, kind: StepKind, inv: Invocation| Step {
         kind,
@@ -214,17 +252,14 @@ pub fn plan_machine(
         local(
             StepKind::CopyDerivations,
             nix(&["copy", "--derivation", "--to", &host.store_url(), drv])
-                .with_env("NIX_SSHOPTS", host.nix_sshopts(false)),
+                .with_env("NIX_SSHOPTS", host.nix_sshopts(Side::Workstation)),
         )
     };
 
     let mut steps = Vec::new();
     let cleanup = match &machine.build.value {
         BuildLocation::Remote(address) => {
-            let builder = SshHost {
-                address: address.clone(),
-                host_key_check,
-            };
+            let builder = ctx.ssh_host(address, machine.forward_agent.value);
             steps.push(copy_drvs_to(&builder));
             steps.push(remote(
                 Role::BuildHost,
@@ -238,13 +273,28 @@ pub fn plan_machine(
                 StepKind::Realise,
                 realise,
             ));
-            steps.push(remote(
-                Role::BuildHost,
-                &builder,
-                StepKind::NestedCopy,
-                nix(&["copy", "--to", &target.store_url(), out])
-                    .with_env("NIX_SSHOPTS", target.nix_sshopts(true)),
-            ));
+            if ctx.copy_via_workstation {
+                steps.push(local(
+                    StepKind::RelayCopy,
+                    nix(&[
+                        "copy",
+                        "--from",
+                        &builder.store_url(),
+                        "--to",
+                        &target.store_url(),
+                        out,
+                    ])
+                    .with_env("NIX_SSHOPTS", relay_sshopts(&builder, &target)),
+                ));
+            } else {
+                steps.push(remote(
+                    Role::BuildHost,
+                    &builder,
+                    StepKind::NestedCopy,
+                    nix(&["copy", "--to", &target.store_url(), out])
+                        .with_env("NIX_SSHOPTS", target.nix_sshopts(Side::Nested)),
+                ));
+            }
             remote(Role::BuildHost, &builder, StepKind::RemoveRootDir, rmdir)
         }
         BuildLocation::Target => {
@@ -252,7 +302,7 @@ pub fn plan_machine(
             steps.push(remote(Role::Target, &target, StepKind::MakeRootDir, mkdir));
             steps.push(remote(Role::Target, &target, StepKind::Realise, realise));
             // The root may only go once the system profile holds the output.
-            steps.extend(activation_steps(&target, out, run_id));
+            steps.extend(activation_steps(&target, out, &ctx.run_id));
             steps.push(remote(
                 Role::Target,
                 &target,
@@ -267,14 +317,37 @@ pub fn plan_machine(
             steps.push(local(
                 StepKind::CopyFromWorkstation,
                 nix(&["copy", "--to", &target.store_url(), out])
-                    .with_env("NIX_SSHOPTS", target.nix_sshopts(false)),
+                    .with_env("NIX_SSHOPTS", target.nix_sshopts(Side::Workstation)),
             ));
             local(StepKind::RemoveRootDir, rmdir)
         }
     };
-    steps.extend(activation_steps(&target, out, run_id));
+    steps.extend(activation_steps(&target, out, &ctx.run_id));
     steps.push(cleanup);
     MachinePlan { machine, steps }
+}
+
+/// `NIX_SSHOPTS` for a copy between two remote stores, which share one variable: both
+/// connections go through the workstation's shared connections, which were opened with each
+/// host's own options (the `%C` socket name tells the hosts apart).
+fn relay_sshopts(builder: &SshHost, target: &SshHost) -> String {
+    let mut flags = vec!["-o".to_string(), "BatchMode=yes".to_string()];
+    if let Some(path) = builder
+        .control_path
+        .as_ref()
+        .or(target.control_path.as_ref())
+    {
+        flags.extend([
+            "-o".into(),
+            "ControlMaster=no".into(),
+            "-o".into(),
+            format!("ControlPath={path}"),
+        ]);
+    }
+    if let Some(port) = builder.address.port.or(target.address.port) {
+        flags.extend(["-p".into(), port.to_string()]);
+    }
+    flags.join(" ")
 }
 
 /// Verify, set the profile, switch. The switch runs as a transient systemd unit where the
@@ -375,9 +448,23 @@ mod tests {
                 value: build,
                 source: Source::Flag("--build-host"),
             },
+            forward_agent: Resolved {
+                value: false,
+                source: Source::Default,
+            },
             system: None,
             drv_path: "/nix/store/d-s.drv".into(),
             out_path: "/nix/store/o-s".into(),
+        }
+    }
+
+    fn ctx(check: HostKeyCheck) -> PlanContext {
+        PlanContext {
+            run_id: "r1".into(),
+            host_key_check: check,
+            control_dir: None,
+            own_control_path: BTreeSet::new(),
+            copy_via_workstation: false,
         }
     }
 
@@ -392,8 +479,7 @@ mod tests {
     fn remote_build_host_copies_to_target_itself() {
         let plan = plan_machine(
             machine(BuildLocation::Remote("root@b".parse().unwrap())),
-            "r1",
-            HostKeyCheck::AcceptNew,
+            &ctx(HostKeyCheck::AcceptNew),
         );
         let b = "build host root@b".to_string();
         let t = "target root@t?IdentityFile=/k".to_string();
@@ -423,7 +509,7 @@ mod tests {
 
     #[test]
     fn default_builds_on_target_without_second_hop() {
-        let plan = plan_machine(machine(BuildLocation::Target), "r1", HostKeyCheck::Strict);
+        let plan = plan_machine(machine(BuildLocation::Target), &ctx(HostKeyCheck::Strict));
         assert!(plan.steps.iter().all(|s| s.kind != StepKind::NestedCopy));
         assert!(
             plan.steps
@@ -437,7 +523,7 @@ mod tests {
 
     #[test]
     fn local_build_copies_from_the_workstation() {
-        let plan = plan_machine(machine(BuildLocation::Local), "r1", HostKeyCheck::Strict);
+        let plan = plan_machine(machine(BuildLocation::Local), &ctx(HostKeyCheck::Strict));
         let copy = plan
             .steps
             .iter()
@@ -454,8 +540,48 @@ mod tests {
     }
 
     #[test]
+    fn relay_copies_through_the_workstation_over_shared_connections() {
+        let mut c = ctx(HostKeyCheck::Strict);
+        c.copy_via_workstation = true;
+        c.control_dir = Some("/run/c".into());
+        let plan = plan_machine(
+            machine(BuildLocation::Remote("root@b".parse().unwrap())),
+            &c,
+        );
+        assert!(plan.steps.iter().all(|s| s.kind != StepKind::NestedCopy));
+        let relay = plan
+            .steps
+            .iter()
+            .find(|s| s.kind == StepKind::RelayCopy)
+            .unwrap();
+        assert_eq!(relay.host_label(), "workstation");
+        assert_eq!(
+            relay.command_line(),
+            "env 'NIX_SSHOPTS=-o BatchMode=yes -o ControlMaster=no -o ControlPath=/run/c/%C' \
+             nix --extra-experimental-features nix-command copy --from ssh://root@b --to ssh://root@t /nix/store/o-s"
+        );
+    }
+
+    #[test]
+    fn own_control_path_is_left_alone() {
+        let mut c = ctx(HostKeyCheck::Strict);
+        c.control_dir = Some("/run/c".into());
+        c.own_control_path.insert("root@b:22".into());
+        assert_eq!(
+            c.ssh_host(&"root@b".parse().unwrap(), false).control_path,
+            None
+        );
+        assert_eq!(
+            c.ssh_host(&"root@t".parse().unwrap(), false)
+                .control_path
+                .as_deref(),
+            Some("/run/c/%C")
+        );
+    }
+
+    #[test]
     fn switch_uses_systemd_run_only_where_systemd_runs() {
-        let plan = plan_machine(machine(BuildLocation::Target), "r1", HostKeyCheck::Strict);
+        let plan = plan_machine(machine(BuildLocation::Target), &ctx(HostKeyCheck::Strict));
         let switch = plan
             .steps
             .iter()

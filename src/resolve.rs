@@ -37,6 +37,8 @@ pub enum Source {
     },
     /// Nothing set the build host: build on the target.
     TargetFallback,
+    /// Nothing set it: the default.
+    Default,
 }
 
 impl fmt::Display for Source {
@@ -52,6 +54,7 @@ impl fmt::Display for Source {
             Source::TargetFallback => f.write_str(
                 "no buildHost set in --build-host, the inventory or clan.core.networking: building on the target",
             ),
+            Source::Default => f.write_str("default"),
         }
     }
 }
@@ -85,6 +88,8 @@ pub struct ResolvedMachine {
     pub target: Resolved<HostAddress>,
     /// Where the system is built.
     pub build: Resolved<BuildLocation>,
+    /// Whether the workstation's ssh agent is forwarded to the build host.
+    pub forward_agent: Resolved<bool>,
     /// The target's system, if the configuration names one.
     pub system: Option<String>,
     /// Toplevel derivation.
@@ -100,6 +105,8 @@ pub struct Overrides {
     pub build_host: Option<String>,
     /// `--target-host`
     pub target_host: Option<String>,
+    /// `--forward-agent` / `--no-forward-agent`
+    pub forward_agent: Option<bool>,
 }
 
 /// Looks up the user an ssh config sets for an address that names none.
@@ -114,16 +121,33 @@ pub trait UserLookup {
 pub struct SshConfigLookup;
 
 impl SshConfigLookup {
-    fn ssh_g_user(args: &[&str], addr: &HostAddress) -> Option<String> {
+    /// One setting (lower-case keyword) of `ssh -G` for `addr`.
+    fn ssh_g(args: &[&str], addr: &HostAddress, keyword: &str) -> Option<String> {
         let mut cmd = Command::new("ssh");
         cmd.arg("-G").args(args);
+        if let Some(user) = &addr.user {
+            cmd.arg("-l").arg(user);
+        }
+        if let Some(port) = addr.port {
+            cmd.arg("-p").arg(port.to_string());
+        }
         for (name, value) in &addr.options {
             cmd.arg("-o").arg(format!("{name}={value}"));
         }
         let output = cmd.arg("--").arg(&addr.host).output().ok()?;
+        let prefix = format!("{keyword} ");
         String::from_utf8_lossy(&output.stdout)
             .lines()
-            .find_map(|l| l.strip_prefix("user ").map(str::to_string))
+            .find_map(|l| l.strip_prefix(&prefix).map(str::to_string))
+    }
+
+    fn ssh_g_user(args: &[&str], addr: &HostAddress) -> Option<String> {
+        Self::ssh_g(args, addr, "user")
+    }
+
+    /// Whether the user's ssh config sets a ControlPath for `addr`.
+    pub fn has_own_control_path(addr: &HostAddress) -> bool {
+        Self::ssh_g(&[], addr, "controlpath").is_some_and(|p| p != "none")
     }
 }
 
@@ -237,10 +261,23 @@ pub fn resolve_machine(
         }
     };
 
+    let forward_agent = [
+        (overrides.forward_agent, Source::Flag("--forward-agent")),
+        (facts.inventory_forward_agent, inventory("forwardAgent")),
+        (facts.config_forward_agent, config("forwardAgent")),
+    ]
+    .into_iter()
+    .find_map(|(value, source)| value.map(|value| Resolved { value, source }))
+    .unwrap_or(Resolved {
+        value: false,
+        source: Source::Default,
+    });
+
     Ok(ResolvedMachine {
         name: name.to_string(),
         target,
         build,
+        forward_agent,
         system: facts.system.clone(),
         drv_path: facts.drv_path.clone(),
         out_path: facts.out_path.clone(),
@@ -281,6 +318,17 @@ pub fn describe_build(machine: &ResolvedMachine) -> String {
     }
 }
 
+/// The warning printed when the agent is forwarded to a build host, if it is.
+pub fn describe_forward_agent(machine: &ResolvedMachine) -> Option<String> {
+    match (&machine.build.value, machine.forward_agent.value) {
+        (BuildLocation::Remote(addr), true) => Some(format!(
+            "warning: {}: your ssh agent is forwarded to the build host {addr} ({}): root there can use your keys while the deploy runs",
+            machine.name, machine.forward_agent.source
+        )),
+        _ => None,
+    }
+}
+
 /// One line saying where a machine deploys to and why.
 pub fn describe_target(machine: &ResolvedMachine) -> String {
     format!(
@@ -309,6 +357,8 @@ mod tests {
             inventory_build_host: inv_b.map(Into::into),
             config_target_host: None,
             config_build_host: cfg_b.map(Into::into),
+            inventory_forward_agent: None,
+            config_forward_agent: None,
             system: Some("x86_64-linux".into()),
             drv_path: "/nix/store/a.drv".into(),
             out_path: "/nix/store/a".into(),
@@ -318,7 +368,7 @@ mod tests {
     fn build(f: &MachineFacts, cli: Option<&str>) -> Result<Resolved<BuildLocation>, Error> {
         let overrides = Overrides {
             build_host: cli.map(Into::into),
-            target_host: None,
+            ..Overrides::default()
         };
         resolve_machine("m", f, &overrides, &Users(None)).map(|m| m.build)
     }
@@ -402,6 +452,34 @@ mod tests {
         assert_eq!(m.target.value.user.as_deref(), Some("root"));
         let m = resolve_machine("m", &f, &Overrides::default(), &Users(Some("deploy"))).unwrap();
         assert_eq!(m.target.value.user.as_deref(), Some("deploy"));
+    }
+
+    #[test]
+    fn forward_agent_precedence() {
+        let mut f = facts(Some("root@t"), Some("root@b"), None);
+        let resolve = |f: &MachineFacts, cli| {
+            let o = Overrides {
+                forward_agent: cli,
+                ..Overrides::default()
+            };
+            resolve_machine("m", f, &o, &Users(None))
+                .unwrap()
+                .forward_agent
+        };
+        assert_eq!(resolve(&f, None).value, false);
+        assert_eq!(resolve(&f, None).source, Source::Default);
+        f.config_forward_agent = Some(true);
+        assert_eq!(
+            resolve(&f, None).source.to_string(),
+            "clan.core.networking.forwardAgent in m's configuration"
+        );
+        f.inventory_forward_agent = Some(false);
+        assert_eq!(resolve(&f, None).value, false);
+        assert_eq!(resolve(&f, Some(true)).value, true);
+        assert_eq!(
+            resolve(&f, Some(true)).source,
+            Source::Flag("--forward-agent")
+        );
     }
 
     #[test]

@@ -106,6 +106,9 @@ pub fn quote(word: &str) -> String {
 pub enum RemoteCommand {
     /// Run one invocation.
     Run(Invocation),
+    /// Run each invocation in turn, whatever the others did, framing each one's output
+    /// (stderr included) with `@@clan-probe begin NAME` / `@@clan-probe end NAME STATUS`.
+    Probes(Vec<(String, Invocation)>),
     /// Run `with_systemd` when `/run/systemd/system` exists on the host, else `without`.
     IfSystemd {
         /// What runs on a systemd host.
@@ -120,6 +123,19 @@ impl RemoteCommand {
     pub fn to_shell(&self) -> String {
         match self {
             RemoteCommand::Run(inv) => inv.to_shell(),
+            RemoteCommand::Probes(probes) => probes
+                .iter()
+                .map(|(name, inv)| {
+                    format!(
+                        // The newline ends output that lacks one, so the marker starts a line.
+                        "echo {begin}; {} </dev/null 2>&1; s=$?; echo; echo {end} \"$s\"",
+                        inv.to_shell(),
+                        begin = quote(&format!("{PROBE_MARK} begin {name}")),
+                        end = quote(&format!("{PROBE_MARK} end {name}")),
+                    )
+                })
+                .collect::<Vec<_>>()
+                .join("; "),
             RemoteCommand::IfSystemd {
                 with_systemd,
                 without,
@@ -132,38 +148,76 @@ impl RemoteCommand {
     }
 }
 
-/// How to reach one host over ssh: its address (user already decided) and the policy.
+/// Marks the sections of a [`RemoteCommand::Probes`] script's output.
+pub const PROBE_MARK: &str = "@@clan-probe";
+
+/// How to reach one host over ssh from the workstation.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SshHost {
     /// The address with its user filled in.
     pub address: HostAddress,
     /// Host key policy for connections to this host.
     pub host_key_check: HostKeyCheck,
+    /// The workstation's shared connection to this host (`ControlPath`), unless the user's
+    /// ssh config has its own.
+    pub control_path: Option<String>,
+    /// Forward the workstation's ssh agent to this host.
+    pub forward_agent: bool,
+}
+
+/// Which ssh client connects.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Side {
+    /// The workstation's ssh, interactive prompts allowed.
+    Workstation,
+    /// The workstation's ssh where no prompt may hang the run (preflight).
+    WorkstationBatch,
+    /// The build host's ssh to the target (the second hop): never prompts, never uses the
+    /// workstation's control socket.
+    Nested,
 }
 
 impl SshHost {
+    /// An ssh host without connection sharing or agent forwarding.
+    pub fn new(address: HostAddress, host_key_check: HostKeyCheck) -> SshHost {
+        SshHost {
+            address,
+            host_key_check,
+            control_path: None,
+            forward_agent: false,
+        }
+    }
+
     /// Options as ssh flags: the address's own options first (ssh keeps the first value it
-    /// sees, so they win over the policy), then the host key policy.
-    fn option_flags(&self, batch_mode: bool) -> Vec<String> {
+    /// sees, so they win over ours), then the host key policy, then per-side options.
+    pub fn option_flags(&self, side: Side) -> Vec<String> {
         let mut flags = Vec::new();
         if let Some(port) = self.address.port {
             flags.push("-p".to_string());
             flags.push(port.to_string());
         }
-        let policy = self
-            .host_key_check
-            .ssh_options()
-            .into_iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()));
-        let batch = batch_mode.then(|| ("BatchMode".to_string(), "yes".to_string()));
-        for (name, value) in self
-            .address
-            .options
-            .iter()
-            .cloned()
-            .chain(policy)
-            .chain(batch)
-        {
+        let mut options: Vec<(String, String)> = self.address.options.clone();
+        options.extend(
+            self.host_key_check
+                .ssh_options()
+                .into_iter()
+                .map(|(k, v)| (k.to_string(), v.to_string())),
+        );
+        let batch = side == Side::Nested
+            || (side == Side::WorkstationBatch && self.host_key_check != HostKeyCheck::Ask);
+        if batch {
+            options.push(("BatchMode".into(), "yes".into()));
+        }
+        if side != Side::Nested {
+            if let Some(path) = &self.control_path {
+                options.push(("ControlMaster".into(), "no".into()));
+                options.push(("ControlPath".into(), path.clone()));
+            }
+            if self.forward_agent {
+                options.push(("ForwardAgent".into(), "yes".into()));
+            }
+        }
+        for (name, value) in options {
             flags.push("-o".to_string());
             flags.push(format!("{name}={value}"));
         }
@@ -171,13 +225,50 @@ impl SshHost {
     }
 
     /// The `ssh` argv that runs `command` on this host: no pseudo-terminal, no X11.
-    pub fn ssh_argv(&self, command: &RemoteCommand) -> Vec<String> {
+    pub fn ssh_argv(&self, side: Side, command: &RemoteCommand) -> Vec<String> {
         let mut argv = vec!["ssh".to_string(), "-T".to_string(), "-x".to_string()];
-        argv.extend(self.option_flags(false));
+        argv.extend(self.option_flags(side));
         argv.push("--".to_string());
         argv.push(self.address.destination());
         argv.push(command.to_shell());
         argv
+    }
+
+    /// The argv that starts the shared connection to this host in the background. ssh
+    /// returns once logged in; the master then lives until `ssh -O exit` or 60 idle seconds.
+    pub fn master_argv(&self) -> Option<Vec<String>> {
+        self.control_path.as_ref()?;
+        let mut argv = vec![
+            "ssh".to_string(),
+            "-f".into(),
+            "-N".into(),
+            "-T".into(),
+            "-x".into(),
+        ];
+        let mut flags = self.option_flags(Side::WorkstationBatch);
+        // Replace ControlMaster=no with the master's own settings.
+        if let Some(i) = flags.iter().position(|f| f == "ControlMaster=no") {
+            flags[i] = "ControlMaster=yes".into();
+        }
+        argv.extend(flags);
+        argv.extend(["-o".into(), "ControlPersist=60".into()]);
+        argv.push("--".into());
+        argv.push(self.address.destination());
+        Some(argv)
+    }
+
+    /// The argv that stops the shared connection.
+    pub fn exit_master_argv(&self) -> Option<Vec<String>> {
+        let path = self.control_path.as_ref()?;
+        Some(vec![
+            "ssh".into(),
+            "-o".into(),
+            format!("ControlPath={path}"),
+            "-O".into(),
+            "exit".into(),
+            "--".into(),
+            self.address.destination(),
+        ])
     }
 
     /// The Nix store URL of this host (`ssh://user@host`); port and options travel in
@@ -186,11 +277,39 @@ impl SshHost {
         format!("ssh://{}", self.address.destination())
     }
 
-    /// `NIX_SSHOPTS` for Nix's own ssh to this host. `batch_mode` is set for the nested
-    /// hop on the build host, where no one can answer a prompt.
-    pub fn nix_sshopts(&self, batch_mode: bool) -> String {
-        self.option_flags(batch_mode).join(" ")
+    /// `NIX_SSHOPTS` for Nix's own ssh to this host from `side`.
+    pub fn nix_sshopts(&self, side: Side) -> String {
+        self.option_flags(side).join(" ")
     }
+}
+
+/// The output of a [`RemoteCommand::Probes`] run: each probe's exit status and output.
+pub fn parse_probes(stdout: &str) -> std::collections::BTreeMap<String, (i32, String)> {
+    let mut results = std::collections::BTreeMap::new();
+    let mut current: Option<(String, String)> = None;
+    for line in stdout.lines() {
+        if let Some(rest) = line.strip_prefix(PROBE_MARK) {
+            let words: Vec<&str> = rest.split_whitespace().collect();
+            match words.as_slice() {
+                ["begin", name] => current = Some((name.to_string(), String::new())),
+                ["end", name, status] => {
+                    if let Some((_, mut output)) = current.take() {
+                        // Drop the newline the script added before the marker.
+                        output.pop();
+                        if !output.is_empty() && !output.ends_with('\n') {
+                            output.push('\n');
+                        }
+                        results.insert(name.to_string(), (status.parse().unwrap_or(-1), output));
+                    }
+                }
+                _ => {}
+            }
+        } else if let Some((_, output)) = current.as_mut() {
+            output.push_str(line);
+            output.push('\n');
+        }
+    }
+    results
 }
 
 #[cfg(test)]
@@ -198,10 +317,7 @@ mod tests {
     use super::*;
 
     fn host(s: &str, check: HostKeyCheck) -> SshHost {
-        SshHost {
-            address: s.parse().unwrap(),
-            host_key_check: check,
-        }
+        SshHost::new(s.parse().unwrap(), check)
     }
 
     #[test]
@@ -237,10 +353,10 @@ mod tests {
             "deploy@t.example:2222?IdentityFile=/k",
             HostKeyCheck::AcceptNew,
         );
-        let argv = h.ssh_argv(&RemoteCommand::Run(Invocation::new(
-            "true",
-            [] as [&str; 0],
-        )));
+        let argv = h.ssh_argv(
+            Side::Workstation,
+            &RemoteCommand::Run(Invocation::new("true", [] as [&str; 0])),
+        );
         assert_eq!(
             argv,
             [
@@ -264,10 +380,56 @@ mod tests {
     fn nested_options_carry_policy_and_batch_mode() {
         let h = host("root@t?IdentityFile=/root/.ssh/other", HostKeyCheck::None);
         assert_eq!(
-            h.nix_sshopts(true),
+            h.nix_sshopts(Side::Nested),
             "-o IdentityFile=/root/.ssh/other -o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null -o BatchMode=yes"
         );
         assert_eq!(h.store_url(), "ssh://root@t");
+    }
+
+    #[test]
+    fn shared_connection_and_agent_only_on_the_workstation_side() {
+        let mut h = host("root@b", HostKeyCheck::Strict);
+        h.control_path = Some("/tmp/c/%C".into());
+        h.forward_agent = true;
+        assert_eq!(
+            h.nix_sshopts(Side::Workstation),
+            "-o StrictHostKeyChecking=yes -o ControlMaster=no -o ControlPath=/tmp/c/%C -o ForwardAgent=yes"
+        );
+        assert_eq!(
+            h.nix_sshopts(Side::Nested),
+            "-o StrictHostKeyChecking=yes -o BatchMode=yes"
+        );
+        let master = h.master_argv().unwrap();
+        assert!(master.contains(&"ControlMaster=yes".to_string()));
+        assert!(master.contains(&"BatchMode=yes".to_string()));
+        assert!(!master.contains(&"ControlMaster=no".to_string()));
+        h.host_key_check = HostKeyCheck::Ask;
+        assert!(!h.nix_sshopts(Side::WorkstationBatch).contains("BatchMode"));
+    }
+
+    #[test]
+    fn probes_run_each_command_and_frame_its_output() {
+        let cmd = RemoteCommand::Probes(vec![
+            (
+                "one".to_string(),
+                Invocation::new("sh", ["-c", "echo out; echo err >&2; exit 3"]),
+            ),
+            ("two".to_string(), Invocation::new("echo", ["it's"])),
+            (
+                "three".to_string(),
+                Invocation::new("printf", ["no-newline"]),
+            ),
+            ("four".to_string(), Invocation::new("true", [] as [&str; 0])),
+        ]);
+        let out = std::process::Command::new("sh")
+            .args(["-c", &cmd.to_shell()])
+            .output()
+            .unwrap();
+        let parsed = parse_probes(&String::from_utf8_lossy(&out.stdout));
+        assert_eq!(parsed["one"], (3, "out\nerr\n".to_string()));
+        assert_eq!(parsed["two"], (0, "it's\n".to_string()));
+        assert_eq!(parsed["three"], (0, "no-newline\n".to_string()));
+        assert_eq!(parsed["four"], (0, String::new()));
     }
 
     #[test]

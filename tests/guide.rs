@@ -242,7 +242,8 @@ fn resolution_order_highest_source_wins() {
 }
 
 // "First Deploy: Host Key Verification" and "Host Key Verification Fails After the Build
-// Succeeds": strict fails with the guide's error before activation; accept-new records it.
+// Succeeds": strict fails with the guide's error before activation (before the build, with
+// the preflight); accept-new records the target's key on the build host.
 #[test]
 fn first_deploy_host_key_verification() {
     let lab = Lab::start(&[HostSpec::new("builder"), HostSpec::new("target")]);
@@ -254,16 +255,36 @@ fn first_deploy_host_key_verification() {
     );
     let flake = one_machine(&lab, &deploy, "");
     let out = toplevel(&lab, &flake, "m");
-
-    let strict = clan(&lab, &flake, &["machines", "update", "m"]);
-    assert_eq!(strict.code, 1);
-    assert!(strict.stderr.contains("Host key verification failed."));
-    assert!(strict.stderr.contains(&format!(
+    let second_hop = format!(
         "host key verification failed on the second hop (build host root@{} → target root@{})",
         lab.ip("builder"),
         lab.ip("target")
-    )));
+    );
+
+    let strict = clan(&lab, &flake, &["machines", "update", "m"]);
+    assert_eq!(strict.code, 1);
+    assert!(
+        strict
+            .stderr
+            .contains(&format!("preflight: m: {second_hop}"))
+    );
+    assert!(strict.stderr.contains("Host key verification failed."));
     assert!(strict.stderr.contains("--host-key-check accept-new"));
+    assert_eq!(
+        lab.host("builder").store_entries(),
+        0,
+        "preflight let the build start"
+    );
+    assert_target_untouched(&lab);
+
+    let after_build = clan(&lab, &flake, &["machines", "update", "m", "--no-preflight"]);
+    assert_eq!(after_build.code, 1);
+    assert!(
+        after_build
+            .stderr
+            .contains(&format!("error: m: {second_hop}"))
+    );
+    assert!(after_build.stderr.contains("--host-key-check accept-new"));
     assert!(
         lab.host("builder").has_path(&out),
         "the build should have run"
@@ -302,16 +323,34 @@ fn architecture_mismatch_between_build_host_and_target() {
     );
     let flake = one_machine(&lab, &deploy, "");
     let out = toplevel(&lab, &flake, "m");
+    let builder = format!("the build host root@{}", lab.ip("builder"));
+
     let run = clan(&lab, &flake, &["machines", "update", "m"]);
     assert_eq!(run.code, 1);
     assert!(run.stderr.contains(&format!(
-        "m: the build host root@{} is a 'aarch64-linux' machine and cannot build this 'x86_64-linux' system",
-        lab.ip("builder")
+        "preflight: m: {builder} is a 'aarch64-linux' machine (extra platforms: "
     )));
+    assert!(
+        run.stderr
+            .contains("cannot build this 'x86_64-linux' system")
+    );
     assert!(
         run.stderr
             .contains("pick a build host whose system is x86_64-linux")
     );
+    assert!(run.stderr.contains("--build-host localhost"));
+    assert_eq!(
+        lab.host("builder").store_entries(),
+        0,
+        "preflight let the build start"
+    );
+    assert_target_untouched(&lab);
+
+    let run = clan(&lab, &flake, &["machines", "update", "m", "--no-preflight"]);
+    assert_eq!(run.code, 1);
+    assert!(run.stderr.contains(&format!(
+        "error: m: {builder} is a 'aarch64-linux' machine and cannot build this 'x86_64-linux' system"
+    )));
     assert!(run.stderr.contains("--build-host localhost"));
     assert!(!lab.host("builder").has_path(&out));
     assert_target_untouched(&lab);
@@ -568,7 +607,7 @@ fn current_nix_on_workstation_and_build_host() {
     let flake = one_machine(&lab, &deploy, "");
     let out = toplevel(&lab, &flake, "m");
 
-    let strict = clan(&lab, &flake, &["machines", "update", "m"]);
+    let strict = clan(&lab, &flake, &["machines", "update", "m", "--no-preflight"]);
     assert_eq!(strict.code, 1);
     assert!(strict.stderr.contains(&format!(
         "failed to start SSH connection to 'root@{}'",
@@ -595,7 +634,14 @@ fn current_nix_on_workstation_and_build_host() {
     let mismatch = clan(
         &lab,
         &flake,
-        &["machines", "update", "m", "--build-host", &arm],
+        &[
+            "machines",
+            "update",
+            "m",
+            "--build-host",
+            &arm,
+            "--no-preflight",
+        ],
     );
     assert_eq!(mismatch.code, 1);
     assert!(mismatch.stderr.contains(&format!(

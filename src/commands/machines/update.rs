@@ -1,70 +1,51 @@
-//! `clan machines update`: evaluate → resolve → plan → execute → report.
+//! `clan machines update`: evaluate → resolve → plan → preflight → execute → report.
 
+use std::collections::BTreeSet;
 use std::io::Read;
 
 use crate::cli::UpdateArgs;
+use crate::commands::machines::load_machines;
+use crate::connection::Connections;
 use crate::error::{Error, ExitKind, Hint};
-use crate::eval::evaluate;
-use crate::execute::{Outcome, run_plan};
-use crate::plan::{DeployPlan, plan_machine};
+use crate::execute::{Log, Outcome, run_plan};
+use crate::plan::{DeployPlan, PlanContext, connection_key, plan_machine};
+use crate::preflight;
 use crate::resolve::{
-    Overrides, Source, SshConfigLookup, check_machine_name, describe_build, describe_target,
-    parse_address, resolve_machine,
+    BuildLocation, Overrides, ResolvedMachine, SshConfigLookup, describe_build,
+    describe_forward_agent, describe_target,
 };
 
 /// Runs the command; returns the process exit code.
 pub fn run(args: &UpdateArgs) -> Result<i32, Error> {
-    for name in &args.machines {
-        check_machine_name(name)?;
-    }
-    // Check the flags' addresses before the (slow) evaluation.
-    if let Some(value) = &args.build_host {
-        parse_address(value, &Source::Flag("--build-host"))?;
-    }
-    if let Some(value) = &args.target_host {
-        parse_address(value, &Source::Flag("--target-host"))?;
-    }
-
-    let flake = flake_ref(args)?;
-    eprintln!("Evaluating {flake} on this workstation…");
-    let evaluation = evaluate(&flake, &args.machines)?;
-    let unknown: Vec<&String> = args
-        .machines
-        .iter()
-        .filter(|m| !evaluation.machines.contains(m))
-        .collect();
-    if let Some(first) = unknown.first() {
-        return Err(Error::usage(format!(
-            "unknown machine {first:?} (from the command line): the flake {flake} defines {}",
-            if evaluation.machines.is_empty() {
-                "no machines".to_string()
-            } else {
-                evaluation.machines.join(", ")
-            }
-        ))
-        .hint(Hint::text(
-            "machines come from inventory.machines and machines in clan.nix",
-        )));
-    }
-
     let overrides = Overrides {
         build_host: args.build_host.clone(),
         target_host: args.target_host.clone(),
+        forward_agent: args.forward_agent_override(),
     };
-    let users = SshConfigLookup;
-    let resolved = evaluation
-        .selected
-        .iter()
-        .map(|(name, facts)| resolve_machine(name, facts, &overrides, &users))
-        .collect::<Result<Vec<_>, _>>()?;
+    let machines = load_machines(&args.flake, &args.machines, &overrides)?;
+    if args.copy_via_workstation {
+        check_relay(&machines)?;
+    }
 
     let run_id = run_id();
-    let plan = DeployPlan {
+    let connections = if args.dry_run {
+        Connections::disabled()
+    } else {
+        Connections::new(&run_id)
+    };
+    let ctx = PlanContext {
         run_id: run_id.clone(),
         host_key_check: args.host_key_check,
-        machines: resolved
+        control_dir: connections.dir(),
+        own_control_path: own_control_paths(&machines),
+        copy_via_workstation: args.copy_via_workstation,
+    };
+    let plan = DeployPlan {
+        run_id,
+        host_key_check: args.host_key_check,
+        machines: machines
             .into_iter()
-            .map(|m| plan_machine(m, &run_id, args.host_key_check))
+            .map(|m| plan_machine(m, &ctx))
             .collect(),
     };
     if args.dry_run {
@@ -76,9 +57,62 @@ pub fn run(args: &UpdateArgs) -> Result<i32, Error> {
     for machine in &plan.machines {
         eprintln!("{}", describe_target(&machine.machine));
         eprintln!("{}", describe_build(&machine.machine));
+        if let Some(warning) = describe_forward_agent(&machine.machine) {
+            eprintln!("{warning}");
+        }
     }
-    let outcomes = run_plan(&plan);
+    if !args.no_preflight {
+        eprintln!("Preflight: checking every hop…");
+        let problems = preflight::run(&plan, &ctx, &connections);
+        if !problems.is_empty() {
+            for problem in &problems {
+                eprintln!("\n{problem}");
+            }
+            eprintln!(
+                "\nPreflight found {} problem(s); nothing was copied, built or activated.",
+                problems.len()
+            );
+            return Ok(ExitKind::DeployFailed as i32);
+        }
+        eprintln!("Preflight: all hops ok.");
+    }
+    let log = Log::create(&plan.run_id);
+    let outcomes = run_plan(&plan, &connections, &log);
     Ok(report(&outcomes))
+}
+
+/// Hosts whose ssh config sets a ControlPath: their own sharing is kept.
+fn own_control_paths(machines: &[ResolvedMachine]) -> BTreeSet<String> {
+    let mut addresses = Vec::new();
+    for m in machines {
+        addresses.push(&m.target.value);
+        if let BuildLocation::Remote(addr) = &m.build.value {
+            addresses.push(addr);
+        }
+    }
+    addresses
+        .into_iter()
+        .filter(|a| SshConfigLookup::has_own_control_path(a))
+        .map(connection_key)
+        .collect()
+}
+
+/// The relay shares one `NIX_SSHOPTS` between both ends, so they must agree on the port.
+fn check_relay(machines: &[ResolvedMachine]) -> Result<(), Error> {
+    for m in machines {
+        if let BuildLocation::Remote(builder) = &m.build.value
+            && builder.port.unwrap_or(22) != m.target.value.port.unwrap_or(22)
+        {
+            return Err(Error::usage(format!(
+                "{}: --copy-via-workstation needs the build host {builder} and the target {} on the same ssh port",
+                m.name, m.target.value
+            ))
+            .hint(Hint::text(
+                "set the port in ~/.ssh/config (Host … Port …) instead of in the address",
+            )));
+        }
+    }
+    Ok(())
 }
 
 /// Prints the summary and returns the exit code: the worst outcome wins.
@@ -100,28 +134,6 @@ fn report(outcomes: &[(String, Outcome)]) -> i32 {
         }
     }
     exit
-}
-
-/// The flake reference for nix: an existing local directory becomes an absolute path.
-fn flake_ref(args: &UpdateArgs) -> Result<String, Error> {
-    let path = &args.flake;
-    if path.is_dir() {
-        let abs = path.canonicalize().map_err(|e| {
-            Error::usage(format!(
-                "cannot open the flake directory {}: {e}",
-                path.display()
-            ))
-        })?;
-        return Ok(abs.display().to_string());
-    }
-    let text = path.display().to_string();
-    if text.contains(':') {
-        Ok(text) // a flake URL such as github:owner/repo
-    } else {
-        Err(Error::usage(format!(
-            "the flake {text:?} (from --flake) is not a directory"
-        )))
-    }
 }
 
 /// 16 hex digits from the kernel's random source: names temporary roots and units.

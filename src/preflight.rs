@@ -1,0 +1,345 @@
+//! Preflight: before anything is copied or built, check every hop of every machine the way
+//! the deploy will use it, in one probe per host (through the shared connection):
+//! the workstation can log in to the build host and the target without a prompt; the build
+//! host can log in to the target with the options and host key policy of the copy; the build
+//! host's Nix can build the target's system; Nix exists on both; the target's system profile
+//! can be set. Every failure is reported with its hop and its fix, before any build starts.
+
+use std::collections::BTreeMap;
+use std::process::{Command, Stdio};
+
+use crate::connection::Connections;
+use crate::diagnostics::{Hop, SshFailure, ssh_error, ssh_failure};
+use crate::error::{Error, Hint};
+use crate::plan::{DeployPlan, PlanContext, connection_key};
+use crate::resolve::{BuildLocation, ResolvedMachine};
+use crate::ssh::{Invocation, RemoteCommand, Side, SshHost, parse_probes};
+
+/// Probe names.
+const NIX: &str = "nix";
+const SYSTEM: &str = "system";
+const CONFIG: &str = "config";
+const PROFILE: &str = "profile";
+
+/// Where a probe runs.
+#[derive(Debug, Clone)]
+enum ProbeHost {
+    Local,
+    Remote(SshHost),
+}
+
+impl ProbeHost {
+    fn key(&self) -> String {
+        match self {
+            ProbeHost::Local => "localhost".into(),
+            ProbeHost::Remote(host) => connection_key(&host.address),
+        }
+    }
+}
+
+/// Results of all probes on one host: login failure, or each probe's status and output.
+type HostResults = Result<BTreeMap<String, (i32, String)>, String>;
+
+fn nested_probe_name(target: &SshHost) -> String {
+    format!("hop-{}", connection_key(&target.address))
+}
+
+/// The probes one host runs: what it needs to be a build host, a source of the second hop,
+/// a target.
+#[derive(Default)]
+struct Probes(Vec<(String, Invocation)>);
+
+impl Probes {
+    fn add(&mut self, name: &str, inv: Invocation) {
+        if !self.0.iter().any(|(n, _)| n == name) {
+            self.0.push((name.to_string(), inv));
+        }
+    }
+
+    fn as_builder(&mut self) {
+        self.add(NIX, Invocation::new("nix-store", ["--version"]));
+        self.add(
+            SYSTEM,
+            Invocation::new(
+                "nix-instantiate",
+                ["--eval", "--json", "-E", "builtins.currentSystem"],
+            ),
+        );
+        // Only to read extra-platforms; `show-config` exists from 2.8 to today's Nix.
+        self.add(
+            CONFIG,
+            Invocation::new(
+                "nix",
+                [
+                    "--extra-experimental-features",
+                    "nix-command",
+                    "show-config",
+                ],
+            ),
+        );
+    }
+
+    fn as_target(&mut self) {
+        self.add(NIX, Invocation::new("nix-store", ["--version"]));
+        // The first existing directory on the way to the profiles must be writable.
+        self.add(
+            PROFILE,
+            Invocation::new(
+                "sh",
+                [
+                    "-c",
+                    "for d in /nix/var/nix/profiles /nix/var/nix /nix/var /nix; do if [ -e \"$d\" ]; then test -w \"$d\"; exit; fi; done; exit 1",
+                ],
+            ),
+        );
+    }
+
+    /// The build host logs in to the target exactly as the copy will: same options, same
+    /// host key policy, no prompts.
+    fn as_second_hop_to(&mut self, target: &SshHost) {
+        let mut argv = vec!["-T".to_string(), "-x".into()];
+        argv.extend(target.option_flags(Side::Nested));
+        argv.extend(["-o".into(), "ConnectTimeout=15".into(), "--".into()]);
+        argv.push(target.address.destination());
+        argv.push("true".into());
+        self.add(&nested_probe_name(target), Invocation::new("ssh", argv));
+    }
+}
+
+/// Runs the preflight for every machine of `plan`; returns one error per problem found.
+pub fn run(plan: &DeployPlan, ctx: &PlanContext, connections: &Connections) -> Vec<Error> {
+    // Collect what each host must be checked for.
+    let mut hosts: BTreeMap<String, (ProbeHost, Probes)> = BTreeMap::new();
+    for m in &plan.machines {
+        let machine = &m.machine;
+        let target = ctx.ssh_host(&machine.target.value, false);
+        probes_of(&mut hosts, ProbeHost::Remote(target.clone())).as_target();
+        match &machine.build.value {
+            BuildLocation::Target => probes_of(&mut hosts, ProbeHost::Remote(target)).as_builder(),
+            BuildLocation::Local => probes_of(&mut hosts, ProbeHost::Local).as_builder(),
+            BuildLocation::Remote(address) => {
+                let builder = probes_of(
+                    &mut hosts,
+                    ProbeHost::Remote(ctx.ssh_host(address, machine.forward_agent.value)),
+                );
+                builder.as_builder();
+                if !ctx.copy_via_workstation {
+                    builder.as_second_hop_to(&target);
+                }
+            }
+        }
+    }
+
+    let results: BTreeMap<String, HostResults> = std::thread::scope(|scope| {
+        let handles: Vec<_> = hosts
+            .iter()
+            .map(|(key, (host, probes))| {
+                scope.spawn(move || (key.clone(), probe(host, probes, connections)))
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().expect("probe thread"))
+            .collect()
+    });
+
+    let mut errors = Vec::new();
+    for m in &plan.machines {
+        errors.extend(check_machine(&m.machine, ctx, &results));
+    }
+    errors
+}
+
+fn probes_of(hosts: &mut BTreeMap<String, (ProbeHost, Probes)>, host: ProbeHost) -> &mut Probes {
+    let key = host.key();
+    &mut hosts.entry(key).or_insert((host, Probes::default())).1
+}
+
+fn probe(host: &ProbeHost, probes: &Probes, connections: &Connections) -> HostResults {
+    let script = RemoteCommand::Probes(probes.0.clone());
+    let argv = match host {
+        ProbeHost::Local => vec!["sh".to_string(), "-c".into(), script.to_shell()],
+        ProbeHost::Remote(ssh) => {
+            if let Err(message) = connections.open(ssh) {
+                return Err(message);
+            }
+            ssh.ssh_argv(Side::WorkstationBatch, &script)
+        }
+    };
+    let output = Command::new(&argv[0])
+        .args(&argv[1..])
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|e| format!("cannot run {}: {e}", argv[0]))?;
+    let parsed = parse_probes(&String::from_utf8_lossy(&output.stdout));
+    if parsed.is_empty() {
+        // Nothing ran: the login itself failed.
+        return Err(String::from_utf8_lossy(&output.stderr).into_owned());
+    }
+    Ok(parsed)
+}
+
+fn check_machine(
+    machine: &ResolvedMachine,
+    ctx: &PlanContext,
+    results: &BTreeMap<String, HostResults>,
+) -> Vec<Error> {
+    let name = &machine.name;
+    let target = ctx.ssh_host(&machine.target.value, false);
+    let target_label = target.address.to_string();
+    let mut errors = Vec::new();
+    let get = |key: &str| results.get(key).expect("every host was probed");
+
+    // Workstation → target.
+    let target_results = get(&connection_key(&target.address));
+    let target_reachable = target_results.is_ok();
+    match target_results {
+        Err(raw) => errors.push(login_error(name, &target_label, raw)),
+        Ok(probes) => {
+            if failed(probes, NIX) {
+                errors.push(
+                    Error::new(format!(
+                        "preflight: {name}: nix is not installed or not on PATH on the target {target_label}"
+                    ))
+                    .detail(output(probes, NIX))
+                    .hint(Hint::text("the target must run Nix (NixOS does)")),
+                );
+            }
+            if failed(probes, PROFILE) {
+                errors.push(
+                    Error::new(format!(
+                        "preflight: {name}: user {} cannot set the system profile on the target {target_label} (/nix/var/nix/profiles is not writable)",
+                        target.address.user.as_deref().unwrap_or("root")
+                    ))
+                    .hint(Hint::text(format!(
+                        "deploy as root: set deploy.targetHost = \"root@{}\"",
+                        target.address.host_for_url()
+                    ))),
+                );
+            }
+        }
+    }
+
+    // The build host.
+    let (builder_key, builder_label) = match &machine.build.value {
+        BuildLocation::Target => (connection_key(&target.address), target_label.clone()),
+        BuildLocation::Local => ("localhost".to_string(), "this machine".to_string()),
+        BuildLocation::Remote(address) => (connection_key(address), address.to_string()),
+    };
+    match get(&builder_key) {
+        Err(raw) => {
+            if !matches!(machine.build.value, BuildLocation::Target) {
+                errors.push(login_error(name, &builder_label, raw));
+            }
+        }
+        Ok(probes) => {
+            if failed(probes, NIX) {
+                errors.push(
+                    Error::new(format!(
+                        "preflight: {name}: nix is not installed or not on PATH on the build host {builder_label}"
+                    ))
+                    .detail(output(probes, NIX)),
+                );
+            } else if let Some(error) = system_error(machine, &builder_label, probes) {
+                errors.push(error);
+            }
+            if let BuildLocation::Remote(_) = &machine.build.value
+                && !ctx.copy_via_workstation
+            {
+                let hop = nested_probe_name(&target);
+                if failed(probes, &hop) {
+                    errors.push(second_hop_error(
+                        name,
+                        &builder_label,
+                        &target_label,
+                        &output(probes, &hop),
+                        target_reachable,
+                    ));
+                }
+            }
+        }
+    }
+    errors
+}
+
+fn failed(probes: &BTreeMap<String, (i32, String)>, name: &str) -> bool {
+    probes.get(name).is_some_and(|(status, _)| *status != 0)
+}
+
+fn output(probes: &BTreeMap<String, (i32, String)>, name: &str) -> String {
+    probes
+        .get(name)
+        .map(|(_, out)| out.trim_end().to_string())
+        .unwrap_or_default()
+}
+
+fn login_error(name: &str, host: &str, raw: &str) -> Error {
+    let failure = ssh_failure(raw).unwrap_or(SshFailure::Unreachable);
+    ssh_error(
+        name,
+        host,
+        host,
+        &Hop::WorkstationTo(host.to_string()),
+        failure,
+        |m| Error::new(format!("preflight: {m}")).detail(raw.trim_end()),
+    )
+}
+
+fn second_hop_error(
+    name: &str,
+    builder: &str,
+    target: &str,
+    raw: &str,
+    target_reachable_from_workstation: bool,
+) -> Error {
+    let failure = ssh_failure(raw).unwrap_or(SshFailure::Unreachable);
+    let mut error = ssh_error(name, builder, target, &Hop::BuilderToTarget, failure, |m| {
+        Error::new(format!("preflight: {m}")).detail(raw.trim_end())
+    });
+    if failure == SshFailure::Unreachable && target_reachable_from_workstation {
+        error = error.hint(Hint::text(format!(
+            "this workstation reaches the target: copy through it with clan machines update {name} --copy-via-workstation"
+        )));
+    }
+    error
+}
+
+/// The build host's systems (`system` plus `extra-platforms`) must include the target's.
+fn system_error(
+    machine: &ResolvedMachine,
+    builder: &str,
+    probes: &BTreeMap<String, (i32, String)>,
+) -> Option<Error> {
+    let wanted = machine.system.as_deref()?;
+    let (status, out) = probes.get(SYSTEM)?;
+    if *status != 0 {
+        return None;
+    }
+    let system: String = serde_json::from_str(out.trim()).ok()?;
+    let extra: Vec<String> = probes
+        .get(CONFIG)
+        .filter(|(status, _)| *status == 0)
+        .and_then(|(_, config)| {
+            config
+                .lines()
+                .find_map(|l| l.strip_prefix("extra-platforms = "))
+                .map(|v| v.split_whitespace().map(str::to_string).collect())
+        })
+        .unwrap_or_default();
+    if system == wanted || extra.iter().any(|p| p == wanted) {
+        return None;
+    }
+    let name = &machine.name;
+    Some(
+        Error::new(format!(
+            "preflight: {name}: the build host {builder} is a '{system}' machine (extra platforms: {}) and cannot build this '{wanted}' system",
+            if extra.is_empty() { "none".to_string() } else { extra.join(", ") }
+        ))
+        .hint(Hint::text(format!(
+            "pick a build host whose system is {wanted} (deploy.buildHost in the inventory, or --build-host)"
+        )))
+        .hint(Hint::text(format!(
+            "or build on this workstation: clan machines update {name} --build-host localhost"
+        ))),
+    )
+}
