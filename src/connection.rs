@@ -12,11 +12,14 @@ use std::sync::Mutex;
 use crate::plan::connection_key;
 use crate::ssh::SshHost;
 
+/// A host and how opening its shared connection went.
+type Opened = (SshHost, Result<(), String>);
+
 /// The workstation's shared connections of one run.
 #[derive(Debug)]
 pub struct Connections {
     dir: Option<PathBuf>,
-    opened: Mutex<BTreeMap<String, (SshHost, Result<(), String>)>>,
+    opened: Mutex<BTreeMap<String, Opened>>,
 }
 
 impl Connections {

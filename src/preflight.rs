@@ -160,9 +160,7 @@ fn probe(host: &ProbeHost, probes: &Probes, connections: &Connections) -> HostRe
     let argv = match host {
         ProbeHost::Local => vec!["sh".to_string(), "-c".into(), script.to_shell()],
         ProbeHost::Remote(ssh) => {
-            if let Err(message) = connections.open(ssh) {
-                return Err(message);
-            }
+            connections.open(ssh)?;
             ssh.ssh_argv(Side::WorkstationBatch, &script)
         }
     };

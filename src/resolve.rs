@@ -466,7 +466,7 @@ mod tests {
                 .unwrap()
                 .forward_agent
         };
-        assert_eq!(resolve(&f, None).value, false);
+        assert!(!resolve(&f, None).value);
         assert_eq!(resolve(&f, None).source, Source::Default);
         f.config_forward_agent = Some(true);
         assert_eq!(
@@ -474,8 +474,8 @@ mod tests {
             "clan.core.networking.forwardAgent in m's configuration"
         );
         f.inventory_forward_agent = Some(false);
-        assert_eq!(resolve(&f, None).value, false);
-        assert_eq!(resolve(&f, Some(true)).value, true);
+        assert!(!resolve(&f, None).value);
+        assert!(resolve(&f, Some(true)).value);
         assert_eq!(
             resolve(&f, Some(true)).source,
             Source::Flag("--forward-agent")
