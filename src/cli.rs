@@ -29,15 +29,16 @@ pub enum TopCommand {
 pub enum MachinesCommand {
     /// Evaluate here, build on the build host, copy to the target and activate.
     Update(UpdateArgs),
+    /// Show where a machine deploys to and builds, every source consulted, and which won.
+    Show(ShowArgs),
+    /// Set up the second hop: a key on the build host, authorized on the target, and the
+    /// target's verified host key in the build host's known_hosts.
+    SetupBuildHost(SetupBuildHostArgs),
 }
 
-/// Arguments of `clan machines update`.
+/// Where the hosts come from: the flake and the command-line overrides.
 #[derive(Debug, Args)]
-pub struct UpdateArgs {
-    /// Machines to update (default: every machine of the clan).
-    #[arg(value_name = "MACHINE")]
-    pub machines: Vec<String>,
-
+pub struct HostArgs {
     /// Path of the clan flake.
     #[arg(long, value_name = "PATH", default_value = ".")]
     pub flake: PathBuf,
@@ -49,6 +50,62 @@ pub struct UpdateArgs {
     /// Deploy to this address instead of the configured targetHost.
     #[arg(long, value_name = "HOST")]
     pub target_host: Option<String>,
+}
+
+/// Arguments of `clan machines show`.
+#[derive(Debug, Args)]
+pub struct ShowArgs {
+    /// Machines to show (default: every machine of the clan).
+    #[arg(value_name = "MACHINE")]
+    pub machines: Vec<String>,
+
+    /// Flake and host overrides, as for update.
+    #[command(flatten)]
+    pub hosts: HostArgs,
+
+    /// Agent forwarding override, as for update.
+    #[command(flatten)]
+    pub agent: AgentArgs,
+
+    /// Print JSON instead of text.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Arguments of `clan machines setup-build-host`.
+#[derive(Debug, Args)]
+pub struct SetupBuildHostArgs {
+    /// The machine whose build host is set up to reach its target.
+    #[arg(value_name = "MACHINE")]
+    pub machine: String,
+
+    /// Flake and host overrides, as for update.
+    #[command(flatten)]
+    pub hosts: HostArgs,
+
+    /// Host key policy for this workstation's own connections to the build host and target.
+    #[arg(long, value_enum, value_name = "POLICY", default_value_t = HostKeyCheck::Strict)]
+    pub host_key_check: HostKeyCheck,
+
+    /// Print what would change on which host, and change nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+}
+
+/// Arguments of `clan machines update`.
+#[derive(Debug, Args)]
+pub struct UpdateArgs {
+    /// Machines to update (default: every machine of the clan).
+    #[arg(value_name = "MACHINE")]
+    pub machines: Vec<String>,
+
+    /// Flake and host overrides.
+    #[command(flatten)]
+    pub hosts: HostArgs,
+
+    /// Agent forwarding override.
+    #[command(flatten)]
+    pub agent: AgentArgs,
 
     /// Host key policy for every ssh hop, the build host's own copy to the target included.
     #[arg(long, value_enum, value_name = "POLICY", default_value_t = HostKeyCheck::Strict)]
@@ -62,6 +119,14 @@ pub struct UpdateArgs {
     #[arg(long)]
     pub no_preflight: bool,
 
+    /// Copy the closure build host → this machine → target, for a build host that cannot reach the target.
+    #[arg(long)]
+    pub copy_via_workstation: bool,
+}
+
+/// `--forward-agent` / `--no-forward-agent`.
+#[derive(Debug, Args)]
+pub struct AgentArgs {
     /// Forward your ssh agent to the build host for its copy to the target (root there can use your keys).
     #[arg(long, overrides_with = "no_forward_agent")]
     pub forward_agent: bool,
@@ -69,19 +134,26 @@ pub struct UpdateArgs {
     /// Do not forward your ssh agent, whatever the inventory or machine configuration says.
     #[arg(long, overrides_with = "forward_agent")]
     pub no_forward_agent: bool,
-
-    /// Copy the closure build host → this machine → target, for a build host that cannot reach the target.
-    #[arg(long)]
-    pub copy_via_workstation: bool,
 }
 
-impl UpdateArgs {
+impl AgentArgs {
     /// `Some(true)` for `--forward-agent`, `Some(false)` for `--no-forward-agent`.
     pub fn forward_agent_override(&self) -> Option<bool> {
         match (self.forward_agent, self.no_forward_agent) {
             (true, _) => Some(true),
             (_, true) => Some(false),
             _ => None,
+        }
+    }
+}
+
+impl HostArgs {
+    /// The overrides these flags and `agent` make.
+    pub fn overrides(&self, agent: Option<&AgentArgs>) -> crate::resolve::Overrides {
+        crate::resolve::Overrides {
+            build_host: self.build_host.clone(),
+            target_host: self.target_host.clone(),
+            forward_agent: agent.and_then(AgentArgs::forward_agent_override),
         }
     }
 }

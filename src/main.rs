@@ -1,12 +1,14 @@
 use clap::Parser;
 
 use clan::cli::{Cli, MachinesCommand, TopCommand};
-use clan::commands::machines::update;
+use clan::commands::machines::{setup_build_host, show, update};
 
 fn main() {
     let cli = Cli::parse();
     let result = match &cli.command {
         TopCommand::Machines(MachinesCommand::Update(args)) => update::run(args),
+        TopCommand::Machines(MachinesCommand::Show(args)) => show::run(args),
+        TopCommand::Machines(MachinesCommand::SetupBuildHost(args)) => setup_build_host::run(args),
     };
     let code = match result {
         Ok(code) => code,

@@ -181,12 +181,10 @@ pub fn parse_address(value: &str, source: &Source) -> Result<HostAddress, Error>
 }
 
 /// The first of `candidates` that is set, parsed.
-fn first_set(
-    candidates: Vec<(Option<&String>, Source)>,
-) -> Result<Option<Resolved<HostAddress>>, Error> {
-    for (value, source) in candidates {
+fn first_set(candidates: Candidates<String>) -> Result<Option<Resolved<HostAddress>>, Error> {
+    for (source, value) in candidates {
         if let Some(value) = value {
-            let value = parse_address(value, &source)?;
+            let value = parse_address(&value, &source)?;
             return Ok(Some(Resolved { value, source }));
         }
     }
@@ -203,6 +201,71 @@ fn fill_user(addr: HostAddress, users: &dyn UserLookup) -> HostAddress {
     addr.with_default_user(&user)
 }
 
+/// The places a host setting can come from, highest priority first, with what each says.
+pub type Candidates<T> = Vec<(Source, Option<T>)>;
+
+/// Where targetHost can come from: `--target-host`, the inventory, the configuration.
+pub fn target_candidates(
+    name: &str,
+    facts: &MachineFacts,
+    overrides: &Overrides,
+) -> Candidates<String> {
+    vec![
+        (Source::Flag("--target-host"), overrides.target_host.clone()),
+        (
+            inventory(name, "targetHost"),
+            facts.inventory_target_host.clone(),
+        ),
+        (config(name, "targetHost"), facts.config_target_host.clone()),
+    ]
+}
+
+/// Where buildHost can come from: `--build-host`, the inventory, the configuration.
+pub fn build_candidates(
+    name: &str,
+    facts: &MachineFacts,
+    overrides: &Overrides,
+) -> Candidates<String> {
+    vec![
+        (Source::Flag("--build-host"), overrides.build_host.clone()),
+        (
+            inventory(name, "buildHost"),
+            facts.inventory_build_host.clone(),
+        ),
+        (config(name, "buildHost"), facts.config_build_host.clone()),
+    ]
+}
+
+/// Where forwardAgent can come from: the flags, the inventory, the configuration.
+pub fn forward_agent_candidates(
+    name: &str,
+    facts: &MachineFacts,
+    overrides: &Overrides,
+) -> Candidates<bool> {
+    vec![
+        (Source::Flag("--forward-agent"), overrides.forward_agent),
+        (
+            inventory(name, "forwardAgent"),
+            facts.inventory_forward_agent,
+        ),
+        (config(name, "forwardAgent"), facts.config_forward_agent),
+    ]
+}
+
+fn inventory(machine: &str, attr: &'static str) -> Source {
+    Source::Inventory {
+        machine: machine.to_string(),
+        attr,
+    }
+}
+
+fn config(machine: &str, attr: &'static str) -> Source {
+    Source::MachineConfig {
+        machine: machine.to_string(),
+        attr,
+    }
+}
+
 /// Decides target and build location for one machine.
 pub fn resolve_machine(
     name: &str,
@@ -210,34 +273,18 @@ pub fn resolve_machine(
     overrides: &Overrides,
     users: &dyn UserLookup,
 ) -> Result<ResolvedMachine, Error> {
-    let inventory = |attr| Source::Inventory {
-        machine: name.to_string(),
-        attr,
-    };
-    let config = |attr| Source::MachineConfig {
-        machine: name.to_string(),
-        attr,
-    };
-    let target = first_set(vec![
-        (overrides.target_host.as_ref(), Source::Flag("--target-host")),
-        (facts.inventory_target_host.as_ref(), inventory("targetHost")),
-        (facts.config_target_host.as_ref(), config("targetHost")),
-    ])?
-    .ok_or_else(|| {
-        Error::usage(format!("machine {name} has no targetHost")).hint(Hint::text(format!(
-            "set inventory.machines.{name}.deploy.targetHost in clan.nix, clan.core.networking.targetHost in its configuration, or pass --target-host"
-        )))
-    })?;
+    let target = first_set(target_candidates(name, facts, overrides))?
+        .ok_or_else(|| {
+            Error::usage(format!("machine {name} has no targetHost")).hint(Hint::text(format!(
+                "set inventory.machines.{name}.deploy.targetHost in clan.nix, clan.core.networking.targetHost in its configuration, or pass --target-host"
+            )))
+        })?;
     let target = Resolved {
         value: fill_user(target.value, users),
         source: target.source,
     };
 
-    let build = match first_set(vec![
-        (overrides.build_host.as_ref(), Source::Flag("--build-host")),
-        (facts.inventory_build_host.as_ref(), inventory("buildHost")),
-        (facts.config_build_host.as_ref(), config("buildHost")),
-    ])? {
+    let build = match first_set(build_candidates(name, facts, overrides))? {
         None => Resolved {
             value: BuildLocation::Target,
             source: Source::TargetFallback,
@@ -261,17 +308,13 @@ pub fn resolve_machine(
         }
     };
 
-    let forward_agent = [
-        (overrides.forward_agent, Source::Flag("--forward-agent")),
-        (facts.inventory_forward_agent, inventory("forwardAgent")),
-        (facts.config_forward_agent, config("forwardAgent")),
-    ]
-    .into_iter()
-    .find_map(|(value, source)| value.map(|value| Resolved { value, source }))
-    .unwrap_or(Resolved {
-        value: false,
-        source: Source::Default,
-    });
+    let forward_agent = forward_agent_candidates(name, facts, overrides)
+        .into_iter()
+        .find_map(|(source, value)| value.map(|value| Resolved { value, source }))
+        .unwrap_or(Resolved {
+            value: false,
+            source: Source::Default,
+        });
 
     Ok(ResolvedMachine {
         name: name.to_string(),

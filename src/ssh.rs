@@ -283,6 +283,18 @@ impl SshHost {
     }
 }
 
+/// Runs `command` on `host` from the workstation without prompts, capturing its output.
+pub fn run_remote(
+    host: &SshHost,
+    command: &RemoteCommand,
+) -> std::io::Result<std::process::Output> {
+    let argv = host.ssh_argv(Side::WorkstationBatch, command);
+    std::process::Command::new(&argv[0])
+        .args(&argv[1..])
+        .stdin(std::process::Stdio::null())
+        .output()
+}
+
 /// The output of a [`RemoteCommand::Probes`] run: each probe's exit status and output.
 pub fn parse_probes(stdout: &str) -> std::collections::BTreeMap<String, (i32, String)> {
     let mut results = std::collections::BTreeMap::new();

@@ -123,6 +123,20 @@ impl Host {
         fs::read_to_string(self.dir.join("sshd/sshd.log")).unwrap_or_default()
     }
 
+    /// Successful ssh logins to this host, by source address (from sshd's log).
+    pub fn logins_by_source(&self) -> BTreeMap<String, usize> {
+        let mut logins = BTreeMap::new();
+        for line in self.sshd_log().lines() {
+            if let Some(rest) = line.split("Accepted publickey for ").nth(1)
+                && let Some(from) = rest.split(" from ").nth(1)
+                && let Some(ip) = from.split_whitespace().next()
+            {
+                *logins.entry(ip.to_string()).or_insert(0) += 1;
+            }
+        }
+        logins
+    }
+
     /// Number of store paths in this host's store.
     pub fn store_entries(&self) -> usize {
         fs::read_dir(self.nix().join("store"))

@@ -4,6 +4,7 @@
 
 use std::path::Path;
 
+#[allow(unused_imports)]
 pub use clan_lab::{HostSpec, Lab};
 
 /// What a `clan` run showed the user.
@@ -24,7 +25,25 @@ impl Run {
 pub fn clan(lab: &Lab, flake: &Path, args: &[&str]) -> Run {
     let mut argv = vec![env!("CARGO_BIN_EXE_clan")];
     argv.extend_from_slice(args);
-    let out = lab.run_on_workstation(flake, &argv);
+    run_clan(lab, flake, args, &argv)
+}
+
+/// Runs `clan ARGS` under an ssh-agent that holds the workstation's default key.
+pub fn clan_with_agent(lab: &Lab, flake: &Path, args: &[&str]) -> Run {
+    let mut argv = vec![
+        "ssh-agent",
+        "sh",
+        "-c",
+        r#"ssh-add -q /root/.ssh/id_ed25519 && exec "$@""#,
+        "sh",
+        env!("CARGO_BIN_EXE_clan"),
+    ];
+    argv.extend_from_slice(args);
+    run_clan(lab, flake, args, &argv)
+}
+
+fn run_clan(lab: &Lab, flake: &Path, args: &[&str], argv: &[&str]) -> Run {
+    let out = lab.run_on_workstation(flake, argv);
     let run = Run {
         code: out.status.code().unwrap_or(-1),
         stdout: String::from_utf8_lossy(&out.stdout).into_owned(),

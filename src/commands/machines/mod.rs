@@ -1,15 +1,25 @@
 //! `clan machines …`, and what its subcommands share: evaluate the flake once, resolve hosts.
 
+pub mod setup_build_host;
+pub mod show;
 pub mod update;
 
 use std::path::Path;
 
 use crate::error::{Error, Hint};
-use crate::eval::evaluate;
+use crate::eval::{MachineFacts, evaluate};
 use crate::resolve::{
     Overrides, ResolvedMachine, Source, SshConfigLookup, check_machine_name, parse_address,
     resolve_machine,
 };
+
+/// A machine as the flake describes it, and with its hosts decided.
+pub struct LoadedMachine {
+    /// What the flake says.
+    pub facts: MachineFacts,
+    /// What was decided.
+    pub machine: ResolvedMachine,
+}
 
 /// Checks the command line, evaluates `flake` once for `names` (all machines if empty) and
 /// resolves every machine's hosts.
@@ -17,7 +27,7 @@ pub fn load_machines(
     flake: &Path,
     names: &[String],
     overrides: &Overrides,
-) -> Result<Vec<ResolvedMachine>, Error> {
+) -> Result<Vec<LoadedMachine>, Error> {
     for name in names {
         check_machine_name(name)?;
     }
@@ -47,8 +57,11 @@ pub fn load_machines(
     let users = SshConfigLookup;
     evaluation
         .selected
-        .iter()
-        .map(|(name, facts)| resolve_machine(name, facts, overrides, &users))
+        .into_iter()
+        .map(|(name, facts)| {
+            let machine = resolve_machine(&name, &facts, overrides, &users)?;
+            Ok(LoadedMachine { facts, machine })
+        })
         .collect()
 }
 

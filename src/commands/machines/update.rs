@@ -11,18 +11,18 @@ use crate::execute::{Log, Outcome, run_plan};
 use crate::plan::{DeployPlan, PlanContext, connection_key, plan_machine};
 use crate::preflight;
 use crate::resolve::{
-    BuildLocation, Overrides, ResolvedMachine, SshConfigLookup, describe_build,
-    describe_forward_agent, describe_target,
+    BuildLocation, ResolvedMachine, SshConfigLookup, describe_build, describe_forward_agent,
+    describe_target,
 };
 
 /// Runs the command; returns the process exit code.
 pub fn run(args: &UpdateArgs) -> Result<i32, Error> {
-    let overrides = Overrides {
-        build_host: args.build_host.clone(),
-        target_host: args.target_host.clone(),
-        forward_agent: args.forward_agent_override(),
-    };
-    let machines = load_machines(&args.flake, &args.machines, &overrides)?;
+    let overrides = args.hosts.overrides(Some(&args.agent));
+    let machines: Vec<ResolvedMachine> =
+        load_machines(&args.hosts.flake, &args.machines, &overrides)?
+            .into_iter()
+            .map(|loaded| loaded.machine)
+            .collect();
     if args.copy_via_workstation {
         check_relay(&machines)?;
     }
