@@ -80,15 +80,17 @@ pub fn run_plan(plan: &DeployPlan, connections: &Connections, log: &Log) -> Vec<
 fn run_machine(plan: &MachinePlan, connections: &Connections, log: &Log) -> Outcome {
     let name = &plan.machine.name;
     let started = Instant::now();
+    // Shared connections first: workstation steps (nix copy) use them too. A failure is not
+    // fatal here: ssh then connects on its own, and that connection's error is diagnosed.
+    for step in &plan.steps {
+        if let Runner::Remote { host, .. } = &step.runner {
+            let _ = connections.open(host);
+        }
+    }
     let mut failure: Option<Error> = None;
     for step in &plan.steps {
         if failure.is_some() && !step.kind.always_runs() {
             continue;
-        }
-        if let Runner::Remote { host, .. } = &step.runner {
-            // A failed shared connection is not fatal: ssh then connects on its own, and
-            // that connection's error is the one diagnosed.
-            let _ = connections.open(host);
         }
         let header = format!(
             "[{name}] {}: {} ({})",
