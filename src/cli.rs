@@ -122,6 +122,39 @@ pub struct UpdateArgs {
     /// Copy the closure build host → this machine → target, for a build host that cannot reach the target.
     #[arg(long)]
     pub copy_via_workstation: bool,
+
+    /// Also update the machines that have one of these tags (inventory.machines.<m>.tags).
+    #[arg(long, value_name = "TAG", num_args = 1..)]
+    pub tags: Vec<String>,
+
+    /// How many machines copy to their targets and activate at once.
+    #[arg(long, value_name = "N", default_value_t = 8, value_parser = clap::value_parser!(u16).range(1..))]
+    pub jobs: u16,
+
+    /// Stop starting new work after the first failure (by default the others go on).
+    #[arg(long)]
+    pub fail_fast: bool,
+
+    /// Let each target fetch paths from its own substituters instead of from the build host.
+    #[arg(long)]
+    pub use_substitutes: bool,
+
+    /// Print a JSON report of what happened to each machine on stdout.
+    #[arg(long)]
+    pub json: bool,
+
+    /// Progress display: live lines on a terminal (auto), or one plain line per event.
+    #[arg(long, value_enum, value_name = "FORMAT", default_value_t = LogFormat::Auto)]
+    pub log_format: LogFormat,
+}
+
+/// How progress is shown.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    /// Live lines when stderr is a terminal, plain lines otherwise.
+    Auto,
+    /// One plain line per event, no terminal codes.
+    Plain,
 }
 
 /// `--forward-agent` / `--no-forward-agent`.

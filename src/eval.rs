@@ -47,14 +47,21 @@ pub struct Evaluation {
     pub selected: BTreeMap<String, MachineFacts>,
 }
 
-/// The `--apply` function. `@WANTED@` becomes a Nix list of the requested names; an unknown
-/// name is left out here and reported by the caller, which knows the full machine list.
+/// The `--apply` function. `@WANTED@` and `@TAGS@` become Nix lists of the requested names
+/// and tags: the selection is the named machines plus those with a requested tag (all
+/// machines when both are empty). Unknown names and tags that match nothing are left out
+/// here and reported by the caller, which gets the full machine and tag lists.
 const APPLY: &str = r#"ci:
 let
   wanted = @WANTED@;
+  wantedTags = @TAGS@;
   inventoryMachines = ci.inventory.machines or { };
   all = builtins.attrNames ci.machines;
-  names = if wanted == [ ] then all else builtins.filter (n: builtins.elem n all) wanted;
+  tagsOf = n: (inventoryMachines.${n} or { }).tags or [ ];
+  tagged = builtins.filter (n: builtins.any (t: builtins.elem t wantedTags) (tagsOf n)) all;
+  names =
+    if wanted == [ ] && wantedTags == [ ] then all
+    else builtins.filter (n: builtins.elem n wanted || builtins.elem n tagged) all;
   facts = name:
     let
       inv = inventoryMachines.${name} or { };
@@ -76,7 +83,7 @@ let
     };
 in {
   machines = all;
-  tags = builtins.listToAttrs (map (n: { name = n; value = (inventoryMachines.${n} or { }).tags or [ ]; }) all);
+  tags = builtins.listToAttrs (map (n: { name = n; value = tagsOf n; }) all);
   selected = builtins.listToAttrs (map (n: { name = n; value = facts n; }) names);
 }"#;
 
@@ -87,16 +94,20 @@ fn nix_string(s: &str) -> String {
         .replace('$', "\\$")
 }
 
-/// The `nix eval` argv for `flake` and the requested machines (empty: all).
-pub fn eval_command(flake: &str, wanted: &[String]) -> Vec<String> {
-    let list = format!(
+/// A Nix list of strings.
+fn nix_list(items: &[String]) -> String {
+    format!(
         "[ {} ]",
-        wanted
+        items
             .iter()
             .map(|n| nix_string(n))
             .collect::<Vec<_>>()
             .join(" ")
-    );
+    )
+}
+
+/// The `nix eval` argv for `flake`, the requested machines and tags (both empty: all).
+pub fn eval_command(flake: &str, wanted: &[String], tags: &[String]) -> Vec<String> {
     vec![
         "nix".into(),
         "--extra-experimental-features".into(),
@@ -105,13 +116,16 @@ pub fn eval_command(flake: &str, wanted: &[String]) -> Vec<String> {
         "--json".into(),
         format!("{flake}#clanInternals"),
         "--apply".into(),
-        APPLY.replace("@WANTED@", &list),
+        APPLY
+            .replace("@WANTED@", &nix_list(wanted))
+            .replace("@TAGS@", &nix_list(tags)),
     ]
 }
 
-/// Evaluates `flake` for `wanted` machines in one `nix eval` process.
-pub fn evaluate(flake: &str, wanted: &[String]) -> Result<Evaluation, Error> {
-    let argv = eval_command(flake, wanted);
+/// Evaluates `flake` for the `wanted` machines and those with one of `tags`, in one
+/// `nix eval` process.
+pub fn evaluate(flake: &str, wanted: &[String], tags: &[String]) -> Result<Evaluation, Error> {
+    let argv = eval_command(flake, wanted, tags);
     let output = Command::new(&argv[0])
         .args(&argv[1..])
         .output()
@@ -141,9 +155,10 @@ mod tests {
     #[test]
     fn names_cannot_escape_the_nix_string() {
         assert_eq!(nix_string("a\"${b}\n"), r#""a\"\${b}\n""#);
-        let argv = eval_command("/f", &["x".into(), "y$(z)".into()]);
+        let argv = eval_command("/f", &["x".into(), "y$(z)".into()], &["web".into()]);
         assert_eq!(argv[5], "/f#clanInternals");
         assert!(argv[7].contains(r#"wanted = [ "x" "y\$(z)" ];"#));
+        assert!(argv[7].contains(r#"wantedTags = [ "web" ];"#));
     }
 
     #[test]

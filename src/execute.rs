@@ -1,129 +1,426 @@
-//! Execution: runs a [`DeployPlan`] step by step, streaming each command's output with the
-//! machine's name in front, and turns a failure into a diagnosis. After a failure only the
-//! clean-up steps of that machine still run.
+//! Execution: runs a [`DeployPlan`].
+//!
+//! Each build group runs in its own thread: derivations copied once, one batch
+//! `nix-store --realise --keep-going`, and meanwhile the builder is asked which toplevels are
+//! valid so far. A machine whose toplevel is built goes on at once to its copy and
+//! activation, at most `jobs` at a time, independently of the others. After a failure a
+//! machine stops; the others go on unless `fail_fast`. Nothing is activated for a machine
+//! whose build or copy failed. Every command's full output goes to the run's log directory.
 
+use std::collections::BTreeMap;
+use std::fs::File;
 use std::io::{BufRead, BufReader, Read, Write};
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc;
+use std::sync::{Arc, Condvar, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
 use crate::connection::Connections;
 use crate::diagnostics::diagnose;
-use crate::error::{Error, Hint};
-use crate::plan::{DeployPlan, MachinePlan, Runner, Step};
+use crate::error::{Error, ExitKind, Hint};
+use crate::plan::{BuildGroup, Builder, DeployPlan, MachinePlan, Runner, Stage, Step, StepKind};
+use crate::progress::Progress;
 
 /// How one machine's deploy ended.
 #[derive(Debug)]
 pub enum Outcome {
     /// The new system is active.
-    Deployed {
-        /// Wall time of the deploy.
-        elapsed: Duration,
-    },
+    Deployed,
     /// It failed; the error says where and what to do.
     Failed(Error),
+    /// Not attempted: `--fail-fast` stopped the run first.
+    Skipped,
 }
 
-/// Every command and its full output, for when the summary is not enough.
+/// What happened to one machine, for the summary and `--json`.
 #[derive(Debug)]
-pub struct Log {
-    path: Option<std::path::PathBuf>,
-    file: Mutex<Option<std::fs::File>>,
+pub struct MachineReport {
+    /// Machine name.
+    pub name: String,
+    /// Where it was built.
+    pub build_host: String,
+    /// Where it was deployed.
+    pub target: String,
+    /// How it ended.
+    pub outcome: Outcome,
+    /// Time spent in each stage.
+    pub stages: BTreeMap<Stage, Duration>,
+    /// Its log file.
+    pub log: Option<PathBuf>,
 }
 
-impl Log {
-    /// A log for run `run_id` under `$XDG_STATE_HOME/clan/logs` (or `~/.local/state/clan/logs`).
-    pub fn create(run_id: &str) -> Log {
+/// Knobs of a run.
+#[derive(Debug, Clone, Copy)]
+pub struct RunOptions {
+    /// Copies and activations at once.
+    pub jobs: usize,
+    /// Stop starting new work after the first failure.
+    pub fail_fast: bool,
+}
+
+/// The run's log directory: one file per machine and per build group.
+#[derive(Debug)]
+pub struct Logs {
+    dir: Option<PathBuf>,
+}
+
+impl Logs {
+    /// `$XDG_STATE_HOME/clan/logs/<run>` (or `~/.local/state/clan/logs/<run>`).
+    pub fn create(run_id: &str) -> Logs {
         let dir = std::env::var_os("XDG_STATE_HOME")
-            .map(std::path::PathBuf::from)
-            .or_else(|| {
-                std::env::var_os("HOME").map(|h| std::path::Path::new(&h).join(".local/state"))
-            })
-            .map(|d| d.join("clan/logs"));
-        let opened = dir.and_then(|dir| {
-            std::fs::create_dir_all(&dir).ok()?;
-            let path = dir.join(format!("deploy-{run_id}.log"));
-            let file = std::fs::File::create(&path).ok()?;
-            Some((path, file))
-        });
-        let (path, file) = match opened {
-            Some((path, file)) => (Some(path), Some(file)),
-            None => (None, None),
-        };
-        Log {
+            .map(PathBuf::from)
+            .or_else(|| std::env::var_os("HOME").map(|h| Path::new(&h).join(".local/state")))
+            .map(|d| d.join("clan/logs").join(run_id))
+            .filter(|d| std::fs::create_dir_all(d).is_ok());
+        Logs { dir }
+    }
+
+    /// The directory, if it could be created.
+    pub fn dir(&self) -> Option<&Path> {
+        self.dir.as_deref()
+    }
+
+    fn sink(&self, name: &str) -> LogSink {
+        let path = self.dir.as_ref().map(|d| d.join(format!("{name}.log")));
+        let file = path.as_ref().and_then(|p| File::create(p).ok());
+        LogSink {
             path,
             file: Mutex::new(file),
         }
     }
+}
 
+struct LogSink {
+    path: Option<PathBuf>,
+    file: Mutex<Option<File>>,
+}
+
+impl LogSink {
     fn write(&self, text: &str) {
         if let Some(file) = self.file.lock().expect("log lock").as_mut() {
             let _ = file.write_all(text.as_bytes());
         }
     }
+}
 
-    /// Where the log is, if it could be created.
-    pub fn path(&self) -> Option<&std::path::Path> {
-        self.path.as_deref()
+/// A counting semaphore: at most `n` holders.
+struct Semaphore {
+    free: Mutex<usize>,
+    changed: Condvar,
+}
+
+impl Semaphore {
+    fn new(n: usize) -> Semaphore {
+        Semaphore {
+            free: Mutex::new(n.max(1)),
+            changed: Condvar::new(),
+        }
+    }
+
+    fn acquire(&self) -> Permit<'_> {
+        let mut free = self.free.lock().expect("semaphore lock");
+        while *free == 0 {
+            free = self.changed.wait(free).expect("semaphore lock");
+        }
+        *free -= 1;
+        Permit(self)
     }
 }
 
-/// Runs every machine of `plan`, one after the other, over the shared `connections`.
-pub fn run_plan(plan: &DeployPlan, connections: &Connections, log: &Log) -> Vec<(String, Outcome)> {
+struct Permit<'a>(&'a Semaphore);
+
+impl Drop for Permit<'_> {
+    fn drop(&mut self) {
+        *self.0.free.lock().expect("semaphore lock") += 1;
+        self.0.changed.notify_one();
+    }
+}
+
+/// A machine's build result, sent by its group: how long it took, or why it failed.
+type Built = (usize, Result<Duration, Error>);
+
+/// Runs the plan; returns one report per machine, in the plan's order.
+pub fn run_plan(
+    plan: &DeployPlan,
+    connections: &Connections,
+    logs: &Logs,
+    progress: &Progress,
+    options: RunOptions,
+) -> Vec<MachineReport> {
+    let stop = AtomicBool::new(false);
+    let jobs = Semaphore::new(options.jobs);
+    let sinks: Vec<LogSink> = plan
+        .machines
+        .iter()
+        .map(|m| logs.sink(&m.machine.name))
+        .collect();
+    let results: Mutex<Vec<Option<(Outcome, BTreeMap<Stage, Duration>)>>> =
+        Mutex::new(plan.machines.iter().map(|_| None).collect());
+    let record = |i: usize, outcome: Outcome, stages: BTreeMap<Stage, Duration>| {
+        let failed = matches!(outcome, Outcome::Failed(_));
+        match &outcome {
+            Outcome::Deployed => progress.finish(i, true, "deployed"),
+            Outcome::Failed(e) => progress.finish(i, false, &format!("failed: {}", e.message)),
+            Outcome::Skipped => progress.finish(i, false, "skipped (--fail-fast)"),
+        }
+        results.lock().expect("results lock")[i] = Some((outcome, stages));
+        if failed && options.fail_fast {
+            stop.store(true, Ordering::SeqCst);
+        }
+    };
+
+    // Shared connections first: every command of a host goes through them. A failure is not
+    // fatal here: ssh then connects on its own, and that connection's error is diagnosed.
+    let hosts: Vec<&crate::ssh::SshHost> = plan
+        .groups
+        .iter()
+        .filter_map(|g| match &g.builder {
+            Builder::Remote { host, .. } => Some(host),
+            Builder::Local => None,
+        })
+        .chain(plan.machines.iter().flat_map(|m| {
+            m.steps.iter().filter_map(|s| match &s.runner {
+                Runner::Remote { host, .. } => Some(host),
+                Runner::Workstation(_) => None,
+            })
+        }))
+        .collect();
+    thread::scope(|scope| {
+        for host in hosts {
+            scope.spawn(move || {
+                let _ = connections.open(host);
+            });
+        }
+    });
+
+    thread::scope(|scope| {
+        let (built_tx, built_rx) = mpsc::channel::<Built>();
+        for (g, group) in plan.groups.iter().enumerate() {
+            let tx = built_tx.clone();
+            let sink = logs.sink(&format!("build{g}"));
+            scope.spawn(move || run_group(plan, group, &sink, progress, &tx));
+        }
+        drop(built_tx);
+        for (i, built) in built_rx {
+            let mut stages = BTreeMap::new();
+            match built {
+                Err(error) => record(i, Outcome::Failed(with_log(error, &sinks[i])), stages),
+                Ok(build_time) => {
+                    stages.insert(Stage::Build, build_time);
+                    let (jobs, stop, record, sinks) = (&jobs, &stop, &record, &sinks);
+                    scope.spawn(move || {
+                        let _permit = jobs.acquire();
+                        if stop.load(Ordering::SeqCst) {
+                            return record(i, Outcome::Skipped, stages);
+                        }
+                        let outcome =
+                            run_machine(&plan.machines[i], i, &sinks[i], progress, &mut stages);
+                        record(i, outcome, stages);
+                    });
+                }
+            }
+        }
+    });
+
+    // The GC roots go last: for machines that build on their target, only now does the
+    // system profile hold the output.
+    thread::scope(|scope| {
+        for (g, group) in plan.groups.iter().enumerate() {
+            scope.spawn(move || {
+                let (code, output) = run_step(&group.cleanup, &format!("build{g}"), None, progress);
+                if code != Some(0) {
+                    progress.event(&format!(
+                        "warning: removing the temporary GC root on the {} failed: {}",
+                        group.label(),
+                        output.trim()
+                    ));
+                }
+            });
+        }
+    });
+
+    let results = results.into_inner().expect("results lock");
     plan.machines
         .iter()
-        .map(|m| (m.machine.name.clone(), run_machine(m, connections, log)))
+        .zip(results)
+        .zip(sinks)
+        .map(|((m, result), sink)| {
+            let (outcome, stages) = result.unwrap_or((Outcome::Skipped, BTreeMap::new()));
+            MachineReport {
+                name: m.machine.name.clone(),
+                build_host: plan.groups[m.group].label(),
+                target: m.machine.target.value.to_string(),
+                outcome,
+                stages,
+                log: sink.path,
+            }
+        })
         .collect()
 }
 
-fn run_machine(plan: &MachinePlan, connections: &Connections, log: &Log) -> Outcome {
-    let name = &plan.machine.name;
-    let started = Instant::now();
-    // Shared connections first: workstation steps (nix copy) use them too. A failure is not
-    // fatal here: ssh then connects on its own, and that connection's error is diagnosed.
-    for step in &plan.steps {
-        if let Runner::Remote { host, .. } = &step.runner {
-            let _ = connections.open(host);
-        }
-    }
-    let mut failure: Option<Error> = None;
-    for step in &plan.steps {
-        if failure.is_some() && !step.kind.always_runs() {
-            continue;
-        }
-        let header = format!(
-            "[{name}] {}: {} ({})",
-            step.kind.stage(),
-            step.command_line(),
-            step.host_label()
-        );
-        eprintln!("{header}");
-        log.write(&format!("{header}\n$ {}\n", step.local_argv().join(" ")));
-        let (code, output) = run_step(name, step);
-        log.write(&format!("{output}(exit {code:?})\n\n"));
-        if code != Some(0) {
-            let mut error = diagnose(&plan.machine, step, &output, code);
-            if let Some(path) = log.path() {
-                error = error.hint(Hint::text(format!("full log: {}", path.display())));
-            }
-            if failure.is_none() {
-                failure = Some(error);
-            } else {
-                eprintln!("[{name}] warning: clean-up failed: {}", error.message);
-            }
-        }
-    }
-    match failure {
-        Some(error) => Outcome::Failed(error),
-        None => Outcome::Deployed {
-            elapsed: started.elapsed(),
-        },
+fn with_log(error: Error, sink: &LogSink) -> Error {
+    match &sink.path {
+        Some(path) => error.hint(Hint::text(format!("full log: {}", path.display()))),
+        None => error,
     }
 }
 
-/// Runs one step, echoing its output as `[machine]   | line`; returns exit code and output.
-fn run_step(name: &str, step: &Step) -> (Option<i32>, String) {
+/// Copies, realises and follows one build group; reports each member as soon as its
+/// toplevel is valid on the builder, or why it is not.
+fn run_group(
+    plan: &DeployPlan,
+    group: &BuildGroup,
+    sink: &LogSink,
+    progress: &Progress,
+    built: &mpsc::Sender<Built>,
+) {
+    let started = Instant::now();
+    let label = group.label();
+    for &i in &group.members {
+        progress.stage(i, &format!("building on the {label}"));
+    }
+    let fail_all = |step: &Step, output: &str, code: Option<i32>, members: &[usize]| {
+        for &i in members {
+            let error = diagnose(&plan.machines[i].machine, step, output, code);
+            let _ = built.send((i, Err(error)));
+        }
+    };
+    let (realise, setup) = group.steps.split_last().expect("a group always realises");
+    for step in setup {
+        let (code, output) = run_step(step, &label, Some(sink), progress);
+        if code != Some(0) {
+            return fail_all(step, &output, code, &group.members);
+        }
+    }
+
+    let poll = if group_polls_cheaply(group) {
+        Duration::from_millis(300)
+    } else {
+        Duration::from_secs(2)
+    };
+    // The realise runs while the builder is asked, now and then, what is built so far.
+    let (code, output, pending) = thread::scope(|scope| {
+        let handle = scope.spawn(|| run_step(realise, &label, Some(sink), progress));
+        let mut pending: Vec<usize> = group.members.clone();
+        let mut next_poll = Instant::now() + poll;
+        while !handle.is_finished() {
+            if Instant::now() >= next_poll && !pending.is_empty() {
+                pending = report_valid(plan, group, pending, started, built);
+                next_poll = Instant::now() + poll;
+            }
+            thread::sleep(Duration::from_millis(50));
+        }
+        let (code, output) = handle.join().expect("realise thread");
+        (code, output, pending)
+    });
+    let pending = report_valid(plan, group, pending, started, built);
+    if !pending.is_empty() {
+        fail_all(realise, &output, code.or(Some(1)), &pending);
+    }
+}
+
+/// Whether asking the builder is cheap: local, or over a shared connection.
+fn group_polls_cheaply(group: &BuildGroup) -> bool {
+    match &group.builder {
+        Builder::Local => true,
+        Builder::Remote { host, .. } => host.control_path.is_some(),
+    }
+}
+
+/// Sends every pending member whose toplevel is valid; returns those still pending.
+fn report_valid(
+    plan: &DeployPlan,
+    group: &BuildGroup,
+    pending: Vec<usize>,
+    started: Instant,
+    built: &mpsc::Sender<Built>,
+) -> Vec<usize> {
+    let outputs: Vec<&str> = pending
+        .iter()
+        .map(|&i| plan.machines[i].machine.out_path.as_str())
+        .collect();
+    let step = group.validity_step(&outputs);
+    let argv = step.local_argv();
+    let Ok(out) = Command::new(&argv[0])
+        .args(&argv[1..])
+        .stdin(Stdio::null())
+        .stderr(Stdio::null())
+        .output()
+    else {
+        return pending;
+    };
+    // Exit 0 or 1 both list the invalid paths; anything else (ssh failed) tells nothing.
+    if !matches!(out.status.code(), Some(0 | 1)) {
+        return pending;
+    }
+    let invalid = String::from_utf8_lossy(&out.stdout);
+    let invalid: Vec<&str> = invalid.lines().map(str::trim).collect();
+    let mut still = Vec::new();
+    for i in pending {
+        if invalid.contains(&plan.machines[i].machine.out_path.as_str()) {
+            still.push(i);
+        } else {
+            let _ = built.send((i, Ok(started.elapsed())));
+        }
+    }
+    still
+}
+
+/// Copies one machine's system to its target and activates it.
+fn run_machine(
+    plan: &MachinePlan,
+    i: usize,
+    sink: &LogSink,
+    progress: &Progress,
+    stages: &mut BTreeMap<Stage, Duration>,
+) -> Outcome {
+    let name = &plan.machine.name;
+    let mut current = None;
+    for step in &plan.steps {
+        let stage = step.kind.stage();
+        if current != Some(stage) {
+            current = Some(stage);
+            progress.stage(
+                i,
+                match stage {
+                    Stage::CopyToTarget => "copying to the target",
+                    _ => "activating",
+                },
+            );
+        }
+        let started = Instant::now();
+        let (code, output) = run_step(step, name, Some(sink), progress);
+        *stages.entry(stage).or_default() += started.elapsed();
+        if code != Some(0) {
+            let error = diagnose(&plan.machine, step, &output, code);
+            return Outcome::Failed(with_log(error, sink));
+        }
+    }
+    Outcome::Deployed
+}
+
+/// Runs one step, echoing its output as events; returns its exit code and output.
+fn run_step(
+    step: &Step,
+    label: &str,
+    sink: Option<&LogSink>,
+    progress: &Progress,
+) -> (Option<i32>, String) {
+    let header = format!(
+        "[{label}] {}: {} ({})",
+        step.kind.stage(),
+        step.command_line(),
+        step.host_label()
+    );
+    if step.kind != StepKind::RemoveRootDir || sink.is_some() {
+        progress.event(&header);
+    }
+    if let Some(sink) = sink {
+        sink.write(&format!("{header}\n$ {}\n", step.local_argv().join(" ")));
+    }
     let argv = step.local_argv();
     let child = Command::new(&argv[0])
         .args(&argv[1..])
@@ -137,7 +434,7 @@ fn run_step(name: &str, step: &Step) -> (Option<i32>, String) {
         Err(e) => return (None, format!("cannot run {}: {e}", argv[0])),
     };
     let collected = Arc::new(Mutex::new(String::new()));
-    let readers: Vec<_> = [
+    let streams: Vec<Box<dyn Read + Send>> = [
         child
             .stdout
             .take()
@@ -149,23 +446,38 @@ fn run_step(name: &str, step: &Step) -> (Option<i32>, String) {
     ]
     .into_iter()
     .flatten()
-    .map(|stream| {
-        let collected = Arc::clone(&collected);
-        let prefix = format!("[{name}]   | ");
-        thread::spawn(move || {
-            for line in BufReader::new(stream).lines().map_while(Result::ok) {
-                let _ = writeln!(std::io::stderr().lock(), "{prefix}{line}");
-                let mut all = collected.lock().expect("output lock");
-                all.push_str(&line);
-                all.push('\n');
-            }
-        })
-    })
     .collect();
-    for reader in readers {
-        let _ = reader.join();
-    }
+    thread::scope(|scope| {
+        for stream in streams {
+            let collected = Arc::clone(&collected);
+            scope.spawn(move || {
+                for line in BufReader::new(stream).lines().map_while(Result::ok) {
+                    progress.output(label, &line);
+                    let mut all = collected.lock().expect("output lock");
+                    all.push_str(&line);
+                    all.push('\n');
+                }
+            });
+        }
+    });
     let code = child.wait().ok().and_then(|s| s.code());
     let output = collected.lock().expect("output lock").clone();
+    if let Some(sink) = sink {
+        sink.write(&format!("{output}(exit {code:?})\n\n"));
+    }
     (code, output)
+}
+
+/// The exit code for a set of reports: 3 if a target may be half-updated, 1 if anything
+/// else failed or was skipped, 0 if every machine was deployed.
+pub fn exit_code(reports: &[MachineReport]) -> i32 {
+    reports
+        .iter()
+        .map(|r| match &r.outcome {
+            Outcome::Deployed => 0,
+            Outcome::Failed(e) if e.exit == ExitKind::PartiallyApplied => 3,
+            Outcome::Failed(_) | Outcome::Skipped => 1,
+        })
+        .max()
+        .unwrap_or(0)
 }

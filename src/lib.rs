@@ -14,5 +14,7 @@ pub mod execute;
 pub mod host;
 pub mod plan;
 pub mod preflight;
+pub mod progress;
+pub mod report;
 pub mod resolve;
 pub mod ssh;

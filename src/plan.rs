@@ -62,6 +62,8 @@ pub enum StepKind {
     Switch,
     /// Remove the temporary GC root directory.
     RemoveRootDir,
+    /// Ask the builder which toplevels are built so far.
+    CheckBuilt,
 }
 
 impl StepKind {
@@ -69,7 +71,7 @@ impl StepKind {
     pub fn stage(self) -> Stage {
         match self {
             StepKind::CopyDerivations => Stage::CopyDerivations,
-            StepKind::MakeRootDir | StepKind::Realise => Stage::Build,
+            StepKind::MakeRootDir | StepKind::Realise | StepKind::CheckBuilt => Stage::Build,
             StepKind::NestedCopy | StepKind::CopyFromWorkstation | StepKind::RelayCopy => {
                 Stage::CopyToTarget
             }
@@ -160,13 +162,79 @@ impl Step {
     }
 }
 
-/// The plan for one machine.
+/// The plan for one machine, after its build: copy to the target, activate.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MachinePlan {
     /// The machine with its hosts decided.
     pub machine: ResolvedMachine,
-    /// Its steps, in order.
+    /// Index of its build group in [`DeployPlan::groups`].
+    pub group: usize,
+    /// Its steps once its system is built, in order.
     pub steps: Vec<Step>,
+}
+
+/// Where a build group builds.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Builder {
+    /// On the workstation.
+    Local,
+    /// On a remote host (a build host, or a target building for itself).
+    Remote {
+        /// Which host it is.
+        role: Role,
+        /// How to reach it.
+        host: SshHost,
+    },
+}
+
+/// Machines that build on the same host, built together: one derivation copy, one
+/// `nix-store --realise --keep-going` with every toplevel, so shared dependencies are
+/// copied and built once and the host's own parallelism is used.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BuildGroup {
+    /// Where it builds.
+    pub builder: Builder,
+    /// Indices of its machines in [`DeployPlan::machines`].
+    pub members: Vec<usize>,
+    /// Copy derivations, create the GC-root directory, realise.
+    pub steps: Vec<Step>,
+    /// Remove the GC-root directory, after every member is done (also after failures).
+    pub cleanup: Step,
+}
+
+impl BuildGroup {
+    /// The step that lists which of `outputs` are not yet valid on the builder.
+    pub fn validity_step(&self, outputs: &[&str]) -> Step {
+        let mut args = vec!["--check-validity", "--print-invalid"];
+        args.extend_from_slice(outputs);
+        let inv = Invocation::new("nix-store", args);
+        Step {
+            kind: StepKind::CheckBuilt,
+            runner: match &self.builder {
+                Builder::Local => Runner::Workstation(inv),
+                Builder::Remote { role, host } => Runner::Remote {
+                    role: *role,
+                    host: host.clone(),
+                    command: RemoteCommand::Run(inv),
+                },
+            },
+        }
+    }
+
+    /// Who builds, for messages.
+    pub fn label(&self) -> String {
+        match &self.builder {
+            Builder::Local => "workstation".into(),
+            Builder::Remote {
+                role: Role::BuildHost,
+                host,
+            } => format!("build host {}", host.address),
+            Builder::Remote {
+                role: Role::Target,
+                host,
+            } => format!("target {}", host.address),
+        }
+    }
 }
 
 /// The plan for a deploy.
@@ -176,6 +244,8 @@ pub struct DeployPlan {
     pub run_id: String,
     /// Host key policy of every hop.
     pub host_key_check: HostKeyCheck,
+    /// Builds, one group per build host.
+    pub groups: Vec<BuildGroup>,
     /// One plan per machine.
     pub machines: Vec<MachinePlan>,
 }
@@ -201,6 +271,8 @@ pub struct PlanContext {
     pub own_control_path: BTreeSet<String>,
     /// Copy the closure build host → workstation → target instead of the direct second hop.
     pub copy_via_workstation: bool,
+    /// Let targets fetch paths from their own substituters (`nix copy -s`).
+    pub use_substitutes: bool,
 }
 
 impl PlanContext {
@@ -226,105 +298,194 @@ pub fn connection_key(address: &HostAddress) -> String {
     format!("{}:{}", address.destination(), address.port.unwrap_or(22))
 }
 
-/// Builds the steps that deploy `machine`.
-pub fn plan_machine(machine: ResolvedMachine, ctx: &PlanContext) -> MachinePlan {
-    let target = ctx.ssh_host(&machine.target.value, false);
-    let drv = machine.drv_path.as_str();
-    let out = machine.out_path.as_str();
-    let root_dir = format!("/tmp/clan-{}-{}", ctx.run_id, machine.name);
-    let gc_root = format!("{root_dir}/system");
-    let remote = |role: Role, host: &SshHost, kind: StepKind, inv: Invocation| Step {
-        kind,
-        runner: Runner::Remote {
-            role,
-            host: host.clone(),
-            command: RemoteCommand::Run(inv),
-        },
-    };
-    let local = |kind: StepKind, inv: Invocation| Step {
-        kind,
-        runner: Runner::Workstation(inv),
-    };
-    let mkdir = Invocation::new("mkdir", ["-m", "0700", &root_dir]);
-    let realise = Invocation::new("nix-store", ["--realise", drv, "--add-root", &gc_root]);
-    let rmdir = Invocation::new("rm", ["-rf", "--", &root_dir]);
-    let copy_drvs_to = |host: &SshHost| {
-        local(
-            StepKind::CopyDerivations,
-            nix(&["copy", "--derivation", "--to", &host.store_url(), drv])
-                .with_env("NIX_SSHOPTS", host.nix_sshopts(Side::Workstation)),
-        )
-    };
-
-    let mut steps = Vec::new();
-    let cleanup = match &machine.build.value {
-        BuildLocation::Remote(address) => {
-            let builder = ctx.ssh_host(address, machine.forward_agent.value);
-            steps.push(copy_drvs_to(&builder));
-            steps.push(remote(
-                Role::BuildHost,
-                &builder,
-                StepKind::MakeRootDir,
-                mkdir,
-            ));
-            steps.push(remote(
-                Role::BuildHost,
-                &builder,
-                StepKind::Realise,
-                realise,
-            ));
-            if ctx.copy_via_workstation {
-                steps.push(local(
-                    StepKind::RelayCopy,
-                    nix(&[
-                        "copy",
-                        "--from",
-                        &builder.store_url(),
-                        "--to",
-                        &target.store_url(),
-                        out,
-                    ])
-                    .with_env("NIX_SSHOPTS", relay_sshopts(&builder, &target)),
-                ));
-            } else {
-                steps.push(remote(
-                    Role::BuildHost,
-                    &builder,
-                    StepKind::NestedCopy,
-                    nix(&["copy", "--to", &target.store_url(), out])
-                        .with_env("NIX_SSHOPTS", target.nix_sshopts(Side::Nested)),
-                ));
+/// Plans the deploy of `machines`: build groups, then each machine's copy and activation.
+pub fn plan_deploy(machines: Vec<ResolvedMachine>, ctx: &PlanContext) -> DeployPlan {
+    let mut groups: Vec<BuildGroup> = Vec::new();
+    let mut group_keys: Vec<String> = Vec::new();
+    let mut plans = Vec::new();
+    for (index, machine) in machines.into_iter().enumerate() {
+        let target = ctx.ssh_host(&machine.target.value, false);
+        let (key, builder) = match &machine.build.value {
+            BuildLocation::Local => ("local".to_string(), Builder::Local),
+            BuildLocation::Target => (
+                format!("target {}", connection_key(&target.address)),
+                Builder::Remote {
+                    role: Role::Target,
+                    host: target.clone(),
+                },
+            ),
+            BuildLocation::Remote(address) => (
+                format!("build host {}", connection_key(address)),
+                Builder::Remote {
+                    role: Role::BuildHost,
+                    host: ctx.ssh_host(address, machine.forward_agent.value),
+                },
+            ),
+        };
+        let group = match group_keys.iter().position(|k| *k == key) {
+            Some(g) => g,
+            None => {
+                group_keys.push(key);
+                groups.push(BuildGroup {
+                    builder,
+                    members: Vec::new(),
+                    steps: Vec::new(),
+                    cleanup: Step {
+                        kind: StepKind::RemoveRootDir,
+                        runner: Runner::Workstation(Invocation::new("true", [] as [&str; 0])),
+                    },
+                });
+                groups.len() - 1
             }
-            remote(Role::BuildHost, &builder, StepKind::RemoveRootDir, rmdir)
+        };
+        groups[group].members.push(index);
+        let steps = machine_steps(&machine, &groups[group].builder, &target, ctx);
+        plans.push(MachinePlan {
+            machine,
+            group,
+            steps,
+        });
+    }
+    for (g, group) in groups.iter_mut().enumerate() {
+        let members: Vec<&ResolvedMachine> =
+            group.members.iter().map(|&i| &plans[i].machine).collect();
+        let (steps, cleanup) = group_steps(&group.builder, &members, g, ctx);
+        group.steps = steps;
+        group.cleanup = cleanup;
+    }
+    DeployPlan {
+        run_id: ctx.run_id.clone(),
+        host_key_check: ctx.host_key_check,
+        groups,
+        machines: plans,
+    }
+}
+
+/// The GC-root directory of group `g` on its builder.
+fn root_dir(ctx: &PlanContext, g: usize) -> String {
+    format!("/tmp/clan-{}-build{g}", ctx.run_id)
+}
+
+fn run_on(builder: &Builder, kind: StepKind, inv: Invocation) -> Step {
+    Step {
+        kind,
+        runner: match builder {
+            Builder::Local => Runner::Workstation(inv),
+            Builder::Remote { role, host } => Runner::Remote {
+                role: *role,
+                host: host.clone(),
+                command: RemoteCommand::Run(inv),
+            },
+        },
+    }
+}
+
+/// Copy every member's derivations in one go, make the root directory, realise them all.
+fn group_steps(
+    builder: &Builder,
+    members: &[&ResolvedMachine],
+    g: usize,
+    ctx: &PlanContext,
+) -> (Vec<Step>, Step) {
+    let dir = root_dir(ctx, g);
+    let drvs: Vec<&str> = members.iter().map(|m| m.drv_path.as_str()).collect();
+    let mut steps = Vec::new();
+    if let Builder::Remote { host, .. } = builder {
+        let mut args = vec!["copy", "--derivation", "--to"];
+        let url = host.store_url();
+        args.push(&url);
+        args.extend(drvs.iter().copied());
+        steps.push(Step {
+            kind: StepKind::CopyDerivations,
+            runner: Runner::Workstation(
+                nix(&args).with_env("NIX_SSHOPTS", host.nix_sshopts(Side::Workstation)),
+            ),
+        });
+    }
+    steps.push(run_on(
+        builder,
+        StepKind::MakeRootDir,
+        Invocation::new("mkdir", ["-m", "0700", &dir]),
+    ));
+    let root = format!("{dir}/system");
+    let mut realise = vec!["--realise"];
+    realise.extend(drvs.iter().copied());
+    realise.extend(["--add-root", &root, "--keep-going"]);
+    steps.push(run_on(
+        builder,
+        StepKind::Realise,
+        Invocation::new("nix-store", realise),
+    ));
+    let cleanup = run_on(
+        builder,
+        StepKind::RemoveRootDir,
+        Invocation::new("rm", ["-rf", "--", &dir]),
+    );
+    (steps, cleanup)
+}
+
+/// `nix copy` with `--substitute-on-destination` when targets may substitute.
+fn copy_args(use_substitutes: bool) -> Vec<&'static str> {
+    let mut args = vec!["copy"];
+    if use_substitutes {
+        args.push("--substitute-on-destination");
+    }
+    args
+}
+
+/// What a machine does once its system is built: copy to the target, activate.
+fn machine_steps(
+    machine: &ResolvedMachine,
+    builder: &Builder,
+    target: &SshHost,
+    ctx: &PlanContext,
+) -> Vec<Step> {
+    let out = machine.out_path.as_str();
+    let copy_args = || copy_args(ctx.use_substitutes);
+    let url = target.store_url();
+    let mut steps = Vec::new();
+    match builder {
+        Builder::Remote {
+            role: Role::Target, ..
+        } => {}
+        Builder::Local => {
+            let mut args = copy_args();
+            args.extend(["--to", &url, out]);
+            steps.push(Step {
+                kind: StepKind::CopyFromWorkstation,
+                runner: Runner::Workstation(
+                    nix(&args).with_env("NIX_SSHOPTS", target.nix_sshopts(Side::Workstation)),
+                ),
+            });
         }
-        BuildLocation::Target => {
-            steps.push(copy_drvs_to(&target));
-            steps.push(remote(Role::Target, &target, StepKind::MakeRootDir, mkdir));
-            steps.push(remote(Role::Target, &target, StepKind::Realise, realise));
-            // The root may only go once the system profile holds the output.
-            steps.extend(activation_steps(&target, out, &ctx.run_id));
-            steps.push(remote(
-                Role::Target,
-                &target,
-                StepKind::RemoveRootDir,
-                rmdir,
-            ));
-            return MachinePlan { machine, steps };
+        Builder::Remote { host, .. } if ctx.copy_via_workstation => {
+            let from = host.store_url();
+            let mut args = copy_args();
+            args.extend(["--from", &from, "--to", &url, out]);
+            steps.push(Step {
+                kind: StepKind::RelayCopy,
+                runner: Runner::Workstation(
+                    nix(&args).with_env("NIX_SSHOPTS", relay_sshopts(host, target)),
+                ),
+            });
         }
-        BuildLocation::Local => {
-            steps.push(local(StepKind::MakeRootDir, mkdir));
-            steps.push(local(StepKind::Realise, realise));
-            steps.push(local(
-                StepKind::CopyFromWorkstation,
-                nix(&["copy", "--to", &target.store_url(), out])
-                    .with_env("NIX_SSHOPTS", target.nix_sshopts(Side::Workstation)),
-            ));
-            local(StepKind::RemoveRootDir, rmdir)
+        Builder::Remote { role, host } => {
+            let mut args = copy_args();
+            args.extend(["--to", &url, out]);
+            steps.push(Step {
+                kind: StepKind::NestedCopy,
+                runner: Runner::Remote {
+                    role: *role,
+                    host: host.clone(),
+                    command: RemoteCommand::Run(
+                        nix(&args).with_env("NIX_SSHOPTS", target.nix_sshopts(Side::Nested)),
+                    ),
+                },
+            });
         }
-    };
-    steps.extend(activation_steps(&target, out, &ctx.run_id));
-    steps.push(cleanup);
-    MachinePlan { machine, steps }
+    }
+    steps.extend(activation_steps(target, out, &ctx.run_id));
+    steps
 }
 
 /// `NIX_SSHOPTS` for a copy between two remote stores, which share one variable: both
@@ -416,17 +577,40 @@ impl fmt::Display for DeployPlan {
             self.run_id, self.host_key_check
         )?;
         for plan in &self.machines {
-            writeln!(f)?;
             writeln!(f, "{}", describe_target(&plan.machine))?;
             writeln!(f, "{}", describe_build(&plan.machine))?;
+        }
+        let print_steps = |f: &mut fmt::Formatter<'_>, steps: &[Step]| -> fmt::Result {
             let mut stage = None;
-            for step in &plan.steps {
+            for step in steps {
                 if stage != Some(step.kind.stage()) {
                     stage = Some(step.kind.stage());
                     writeln!(f, "  {}:", step.kind.stage())?;
                 }
                 writeln!(f, "    [{}] {}", step.host_label(), step.command_line())?;
             }
+            Ok(())
+        };
+        for group in &self.groups {
+            let names: Vec<&str> = group
+                .members
+                .iter()
+                .map(|&i| self.machines[i].machine.name.as_str())
+                .collect();
+            writeln!(
+                f,
+                "\nBuild on the {} for {}:",
+                group.label(),
+                names.join(", ")
+            )?;
+            print_steps(f, &group.steps)?;
+            for &i in &group.members {
+                let plan = &self.machines[i];
+                writeln!(f, "Then {}, once its system is built:", plan.machine.name)?;
+                print_steps(f, &plan.steps)?;
+            }
+            writeln!(f, "After all of them:")?;
+            print_steps(f, std::slice::from_ref(&group.cleanup))?;
         }
         Ok(())
     }
@@ -437,11 +621,11 @@ mod tests {
     use super::*;
     use crate::resolve::{Resolved, Source};
 
-    fn machine(build: BuildLocation) -> ResolvedMachine {
+    fn machine(name: &str, target: &str, build: BuildLocation) -> ResolvedMachine {
         ResolvedMachine {
-            name: "m".into(),
+            name: name.into(),
             target: Resolved {
-                value: "root@t?IdentityFile=/k".parse().unwrap(),
+                value: target.parse().unwrap(),
                 source: Source::Flag("--target-host"),
             },
             build: Resolved {
@@ -453,9 +637,13 @@ mod tests {
                 source: Source::Default,
             },
             system: None,
-            drv_path: "/nix/store/d-s.drv".into(),
-            out_path: "/nix/store/o-s".into(),
+            drv_path: format!("/nix/store/d-{name}.drv"),
+            out_path: format!("/nix/store/o-{name}"),
         }
+    }
+
+    fn remote(s: &str) -> BuildLocation {
+        BuildLocation::Remote(s.parse().unwrap())
     }
 
     fn ctx(check: HostKeyCheck) -> PlanContext {
@@ -465,70 +653,113 @@ mod tests {
             control_dir: None,
             own_control_path: BTreeSet::new(),
             copy_via_workstation: false,
+            use_substitutes: false,
         }
     }
 
-    fn kinds(plan: &MachinePlan) -> Vec<(StepKind, String)> {
-        plan.steps
-            .iter()
-            .map(|s| (s.kind, s.host_label()))
-            .collect()
+    fn labels(steps: &[Step]) -> Vec<(StepKind, String)> {
+        steps.iter().map(|s| (s.kind, s.host_label())).collect()
     }
 
     #[test]
     fn remote_build_host_copies_to_target_itself() {
-        let plan = plan_machine(
-            machine(BuildLocation::Remote("root@b".parse().unwrap())),
+        let plan = plan_deploy(
+            vec![machine("m", "root@t?IdentityFile=/k", remote("root@b"))],
             &ctx(HostKeyCheck::AcceptNew),
         );
         let b = "build host root@b".to_string();
         let t = "target root@t?IdentityFile=/k".to_string();
         assert_eq!(
-            kinds(&plan),
+            labels(&plan.groups[0].steps),
             vec![
                 (StepKind::CopyDerivations, "workstation".into()),
                 (StepKind::MakeRootDir, b.clone()),
                 (StepKind::Realise, b.clone()),
+            ]
+        );
+        assert_eq!(
+            labels(&plan.machines[0].steps),
+            vec![
                 (StepKind::NestedCopy, b.clone()),
                 (StepKind::VerifySystem, t.clone()),
                 (StepKind::SetProfile, t.clone()),
                 (StepKind::Switch, t),
-                (StepKind::RemoveRootDir, b),
             ]
         );
+        assert_eq!(plan.groups[0].cleanup.host_label(), b);
         assert_eq!(
-            plan.steps[3].command_line(),
+            plan.machines[0].steps[0].command_line(),
             "env 'NIX_SSHOPTS=-o IdentityFile=/k -o StrictHostKeyChecking=accept-new -o BatchMode=yes' \
-             nix --extra-experimental-features nix-command copy --to ssh://root@t /nix/store/o-s"
+             nix --extra-experimental-features nix-command copy --to ssh://root@t /nix/store/o-m"
         );
         assert_eq!(
-            plan.steps[2].command_line(),
-            "nix-store --realise /nix/store/d-s.drv --add-root /tmp/clan-r1-m/system"
+            plan.groups[0].steps[2].command_line(),
+            "nix-store --realise /nix/store/d-m.drv --add-root /tmp/clan-r1-build0/system --keep-going"
+        );
+    }
+
+    #[test]
+    fn machines_sharing_a_build_host_build_together() {
+        let plan = plan_deploy(
+            vec![
+                machine("a", "root@ta", remote("root@b")),
+                machine("self", "root@ts", BuildLocation::Target),
+                machine("c", "root@tc", remote("root@b")),
+            ],
+            &ctx(HostKeyCheck::Strict),
+        );
+        assert_eq!(plan.groups.len(), 2);
+        assert_eq!(plan.groups[0].members, vec![0, 2]);
+        assert_eq!(plan.groups[1].members, vec![1]);
+        assert_eq!(
+            plan.groups[0].steps[0].command_line(),
+            "env 'NIX_SSHOPTS=-o StrictHostKeyChecking=yes' nix --extra-experimental-features nix-command \
+             copy --derivation --to ssh://root@b /nix/store/d-a.drv /nix/store/d-c.drv"
+        );
+        assert!(
+            plan.groups[0].steps[2].command_line().starts_with(
+                "nix-store --realise /nix/store/d-a.drv /nix/store/d-c.drv --add-root"
+            )
+        );
+        assert_eq!(
+            plan.groups[0]
+                .validity_step(&["/nix/store/o-a"])
+                .command_line(),
+            "nix-store --check-validity --print-invalid /nix/store/o-a"
         );
     }
 
     #[test]
     fn default_builds_on_target_without_second_hop() {
-        let plan = plan_machine(machine(BuildLocation::Target), &ctx(HostKeyCheck::Strict));
-        assert!(plan.steps.iter().all(|s| s.kind != StepKind::NestedCopy));
-        assert!(
-            plan.steps
-                .iter()
-                .all(|s| !s.host_label().starts_with("build host"))
+        let plan = plan_deploy(
+            vec![machine("m", "root@t", BuildLocation::Target)],
+            &ctx(HostKeyCheck::Strict),
         );
-        // The GC root goes only after the profile holds the system.
-        let last = plan.steps.last().unwrap();
-        assert_eq!(last.kind, StepKind::RemoveRootDir);
+        assert_eq!(plan.groups[0].label(), "target root@t");
+        assert!(plan.machines[0].steps.iter().all(|s| !matches!(
+            s.kind,
+            StepKind::NestedCopy | StepKind::CopyFromWorkstation | StepKind::RelayCopy
+        )));
+        let all: Vec<String> = plan.groups[0]
+            .steps
+            .iter()
+            .chain(&plan.machines[0].steps)
+            .map(Step::host_label)
+            .collect();
+        assert!(all.iter().all(|h| !h.starts_with("build host")));
     }
 
     #[test]
     fn local_build_copies_from_the_workstation() {
-        let plan = plan_machine(machine(BuildLocation::Local), &ctx(HostKeyCheck::Strict));
-        let copy = plan
-            .steps
-            .iter()
-            .find(|s| s.kind == StepKind::CopyFromWorkstation)
-            .unwrap();
+        let mut c = ctx(HostKeyCheck::Strict);
+        c.use_substitutes = true;
+        let plan = plan_deploy(
+            vec![machine("m", "root@t?IdentityFile=/k", BuildLocation::Local)],
+            &c,
+        );
+        assert_eq!(plan.groups[0].steps[0].kind, StepKind::MakeRootDir);
+        let copy = &plan.machines[0].steps[0];
+        assert_eq!(copy.kind, StepKind::CopyFromWorkstation);
         assert_eq!(copy.host_label(), "workstation");
         assert_eq!(
             copy.local_env(),
@@ -537,6 +768,10 @@ mod tests {
                 "-o IdentityFile=/k -o StrictHostKeyChecking=yes".to_string()
             )]
         );
+        assert!(
+            copy.command_line()
+                .contains("copy --substitute-on-destination --to ssh://root@t")
+        );
     }
 
     #[test]
@@ -544,21 +779,14 @@ mod tests {
         let mut c = ctx(HostKeyCheck::Strict);
         c.copy_via_workstation = true;
         c.control_dir = Some("/run/c".into());
-        let plan = plan_machine(
-            machine(BuildLocation::Remote("root@b".parse().unwrap())),
-            &c,
-        );
-        assert!(plan.steps.iter().all(|s| s.kind != StepKind::NestedCopy));
-        let relay = plan
-            .steps
-            .iter()
-            .find(|s| s.kind == StepKind::RelayCopy)
-            .unwrap();
+        let plan = plan_deploy(vec![machine("m", "root@t", remote("root@b"))], &c);
+        let relay = &plan.machines[0].steps[0];
+        assert_eq!(relay.kind, StepKind::RelayCopy);
         assert_eq!(relay.host_label(), "workstation");
         assert_eq!(
             relay.command_line(),
             "env 'NIX_SSHOPTS=-o BatchMode=yes -o ControlMaster=no -o ControlPath=/run/c/%C' \
-             nix --extra-experimental-features nix-command copy --from ssh://root@b --to ssh://root@t /nix/store/o-s"
+             nix --extra-experimental-features nix-command copy --from ssh://root@b --to ssh://root@t /nix/store/o-m"
         );
     }
 
@@ -581,8 +809,11 @@ mod tests {
 
     #[test]
     fn switch_uses_systemd_run_only_where_systemd_runs() {
-        let plan = plan_machine(machine(BuildLocation::Target), &ctx(HostKeyCheck::Strict));
-        let switch = plan
+        let plan = plan_deploy(
+            vec![machine("m", "root@t", BuildLocation::Target)],
+            &ctx(HostKeyCheck::Strict),
+        );
+        let switch = plan.machines[0]
             .steps
             .iter()
             .find(|s| s.kind == StepKind::Switch)
@@ -591,8 +822,8 @@ mod tests {
             switch.command_line(),
             "if test -d /run/systemd/system; then systemd-run -E LOCALE_ARCHIVE -E NIXOS_INSTALL_BOOTLOADER \
              --collect --no-ask-password --pipe --quiet '--service-type=exec' \
-             '--unit=clan-switch-to-configuration-r1' --wait /nix/store/o-s/bin/switch-to-configuration switch; \
-             else /nix/store/o-s/bin/switch-to-configuration switch; fi"
+             '--unit=clan-switch-to-configuration-r1' --wait /nix/store/o-m/bin/switch-to-configuration switch; \
+             else /nix/store/o-m/bin/switch-to-configuration switch; fi"
         );
         let argv = switch.local_argv();
         assert_eq!(&argv[..3], ["ssh", "-T", "-x"]);

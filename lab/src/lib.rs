@@ -118,6 +118,13 @@ impl Host {
             .unwrap_or(false)
     }
 
+    /// How many times the shared fixture dependency was built on this host.
+    pub fn shared_builds(&self) -> usize {
+        fs::read_to_string(self.root().join("shared-builds.log"))
+            .map(|s| s.lines().count())
+            .unwrap_or(0)
+    }
+
     /// The sshd log.
     pub fn sshd_log(&self) -> String {
         fs::read_to_string(self.dir.join("sshd/sshd.log")).unwrap_or_default()
@@ -453,7 +460,8 @@ impl Lab {
             &flake.join("flake.nix"),
             &FIXTURE_FLAKE
                 .replace("@LIB@", &lib.display().to_string())
-                .replace("@CLAN_ARGS@", clan_args),
+                .replace("@CLAN_ARGS@", clan_args)
+                .replace("@SHARED_SECONDS@", "0"),
         );
         flake
     }
@@ -524,25 +532,44 @@ const FIXTURE_FLAKE: &str = r#"{
   inputs.clan-core.url = "path:@LIB@";
   outputs = { self, clan-core }:
     let
-      toplevel = name: variant: derivation {
+      # A dependency every system with `shared = true` has; each build of it is counted in
+      # /root/shared-builds.log on the host that builds it.
+      shared = derivation {
+        name = "shared-part";
+        system = "x86_64-linux";
+        builder = "/bin/sh";
+        PATH = "/usr/bin:/bin";
+        args = [ "-c" ''
+          echo "$out" >> /root/shared-builds.log
+          sleep ''${SHARED_SECONDS:-0}
+          mkdir -p $out; echo shared > $out/data
+        '' ];
+        SHARED_SECONDS = "@SHARED_SECONDS@";
+      };
+      toplevel = name: args:
+        let variant = args.variant or ""; in
+        derivation ({
         name = "nixos-system-${name}${if variant == "" then "" else "-" + variant}";
         system = "x86_64-linux";
         builder = "/bin/sh";
         PATH = "/usr/bin:/bin";
         inherit variant;
+        seconds = toString (args.buildSeconds or 0);
         args = [ "-c" ''
           if [ "$variant" = fail ]; then echo "fixture build of ${name} fails on purpose" >&2; exit 1; fi
+          sleep "$seconds"
           mkdir -p $out/bin
+          if [ -n "''${sharedPart:-}" ]; then echo "$sharedPart" > $out/shared; fi
           if [ "$variant" = not-nixos ]; then exit 0; fi
           echo "25.05-${name}" > $out/nixos-version
           printf '#!/bin/sh\necho "%s $1" >> /root/switch-to-configuration.log\n' "$out" > $out/bin/switch-to-configuration
           chmod +x $out/bin/switch-to-configuration
         '' ];
-      };
+      } // (if args.shared or false then { sharedPart = shared; } else { }));
       system = args: { config, ... }: {
         nixpkgs.hostPlatform = args.hostPlatform or "x86_64-linux";
         clan.core.networking = args.networking or { };
-        system.build.toplevel = toplevel config.networking.hostName (args.variant or "");
+        system.build.toplevel = toplevel config.networking.hostName args;
       };
       clan = clan-core.lib.clan ({
         inherit self;

@@ -28,6 +28,16 @@ pub fn load_machines(
     names: &[String],
     overrides: &Overrides,
 ) -> Result<Vec<LoadedMachine>, Error> {
+    load_selection(flake, names, &[], overrides)
+}
+
+/// Like [`load_machines`], selecting the named machines plus those with one of `tags`.
+pub fn load_selection(
+    flake: &Path,
+    names: &[String],
+    tags: &[String],
+    overrides: &Overrides,
+) -> Result<Vec<LoadedMachine>, Error> {
     for name in names {
         check_machine_name(name)?;
     }
@@ -40,7 +50,7 @@ pub fn load_machines(
     }
     let flake = flake_ref(flake)?;
     eprintln!("Evaluating {flake} on this workstation…");
-    let evaluation = evaluate(&flake, names)?;
+    let evaluation = evaluate(&flake, names, tags)?;
     if let Some(unknown) = names.iter().find(|m| !evaluation.machines.contains(m)) {
         return Err(Error::usage(format!(
             "unknown machine {unknown:?} (from the command line): the flake {flake} defines {}",
@@ -53,6 +63,29 @@ pub fn load_machines(
         .hint(Hint::text(
             "machines come from inventory.machines and machines in clan.nix",
         )));
+    }
+    if let Some(tag) = tags.iter().find(|t| {
+        !evaluation
+            .tags
+            .values()
+            .any(|machine_tags| machine_tags.contains(t))
+    }) {
+        let mut known: Vec<&String> = evaluation.tags.values().flatten().collect();
+        known.sort();
+        known.dedup();
+        return Err(Error::usage(format!(
+            "the tag {tag:?} (from --tags) matches no machine; tags in the flake: {}",
+            if known.is_empty() {
+                "none".to_string()
+            } else {
+                known
+                    .iter()
+                    .map(|t| t.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            }
+        ))
+        .hint(Hint::text("tags come from inventory.machines.<name>.tags")));
     }
     let users = SshConfigLookup;
     evaluation

@@ -1,15 +1,17 @@
 //! `clan machines update`: evaluate → resolve → plan → preflight → execute → report.
 
 use std::collections::BTreeSet;
-use std::io::Read;
+use std::io::{IsTerminal, Read};
 
-use crate::cli::UpdateArgs;
-use crate::commands::machines::load_machines;
+use crate::cli::{LogFormat, UpdateArgs};
+use crate::commands::machines::load_selection;
 use crate::connection::Connections;
 use crate::error::{Error, ExitKind, Hint};
-use crate::execute::{Log, Outcome, run_plan};
-use crate::plan::{DeployPlan, PlanContext, connection_key, plan_machine};
+use crate::execute::{Logs, RunOptions, exit_code, run_plan};
+use crate::plan::{PlanContext, connection_key, plan_deploy};
 use crate::preflight;
+use crate::progress::Progress;
+use crate::report;
 use crate::resolve::{
     BuildLocation, ResolvedMachine, SshConfigLookup, describe_build, describe_forward_agent,
     describe_target,
@@ -19,7 +21,7 @@ use crate::resolve::{
 pub fn run(args: &UpdateArgs) -> Result<i32, Error> {
     let overrides = args.hosts.overrides(Some(&args.agent));
     let machines: Vec<ResolvedMachine> =
-        load_machines(&args.hosts.flake, &args.machines, &overrides)?
+        load_selection(&args.hosts.flake, &args.machines, &args.tags, &overrides)?
             .into_iter()
             .map(|loaded| loaded.machine)
             .collect();
@@ -39,15 +41,9 @@ pub fn run(args: &UpdateArgs) -> Result<i32, Error> {
         control_dir: connections.dir(),
         own_control_path: own_control_paths(&machines),
         copy_via_workstation: args.copy_via_workstation,
+        use_substitutes: args.use_substitutes,
     };
-    let plan = DeployPlan {
-        run_id,
-        host_key_check: args.host_key_check,
-        machines: machines
-            .into_iter()
-            .map(|m| plan_machine(m, &ctx))
-            .collect(),
-    };
+    let plan = plan_deploy(machines, &ctx);
     if args.dry_run {
         print!("{plan}");
         eprintln!("Dry run: nothing was copied, built or activated.");
@@ -76,9 +72,35 @@ pub fn run(args: &UpdateArgs) -> Result<i32, Error> {
         }
         eprintln!("Preflight: all hops ok.");
     }
-    let log = Log::create(&plan.run_id);
-    let outcomes = run_plan(&plan, &connections, &log);
-    Ok(report(&outcomes))
+    let logs = Logs::create(&plan.run_id);
+    let names: Vec<String> = plan
+        .machines
+        .iter()
+        .map(|m| m.machine.name.clone())
+        .collect();
+    let live = args.log_format == LogFormat::Auto && std::io::stderr().is_terminal();
+    let progress = Progress::new(&names, live);
+    let options = RunOptions {
+        jobs: usize::from(args.jobs),
+        fail_fast: args.fail_fast,
+    };
+    let reports = run_plan(&plan, &connections, &logs, &progress, options);
+    progress.close();
+    let code = exit_code(&reports);
+    eprintln!("\n{}", report::summary(&reports));
+    if code != 0
+        && let Some(dir) = logs.dir()
+    {
+        eprintln!("Logs of every machine and build: {}", dir.display());
+    }
+    if args.json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&report::json(&plan.run_id, &reports, code))
+                .expect("JSON always serializes")
+        );
+    }
+    Ok(code)
 }
 
 /// Hosts whose ssh config sets a ControlPath: their own sharing is kept.
@@ -113,27 +135,6 @@ fn check_relay(machines: &[ResolvedMachine]) -> Result<(), Error> {
         }
     }
     Ok(())
-}
-
-/// Prints the summary and returns the exit code: the worst outcome wins.
-fn report(outcomes: &[(String, Outcome)]) -> i32 {
-    let mut exit = 0;
-    eprintln!();
-    for (name, outcome) in outcomes {
-        match outcome {
-            Outcome::Deployed { elapsed } => {
-                eprintln!("{name}: deployed ({:.1}s)", elapsed.as_secs_f64());
-            }
-            Outcome::Failed(error) => {
-                eprintln!("{error}");
-                exit = exit.max(match error.exit {
-                    ExitKind::PartiallyApplied => 3,
-                    _ => 1,
-                });
-            }
-        }
-    }
-    exit
 }
 
 /// 16 hex digits from the kernel's random source: names temporary roots and units.

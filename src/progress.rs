@@ -1,0 +1,130 @@
+//! What the user sees while a deploy runs. On a terminal: one live line per machine with
+//! its stage and elapsed time (indicatif). Elsewhere, or with `--log-format plain`: one
+//! plain line per event, with Nix's own output prefixed and stripped of terminal codes.
+
+use std::sync::LazyLock;
+use std::time::Duration;
+
+use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
+use regex::Regex;
+
+/// The progress display of one run.
+pub enum Progress {
+    /// Line per event.
+    Plain {
+        /// Machine names, by plan index.
+        names: Vec<String>,
+    },
+    /// Live lines, one per machine.
+    Live {
+        /// Keeps the lines together.
+        multi: MultiProgress,
+        /// One line per machine, by plan index.
+        bars: Vec<ProgressBar>,
+    },
+}
+
+/// Terminal control sequences (colours, cursor movement).
+static ANSI: LazyLock<Regex> = LazyLock::new(|| {
+    Regex::new(r"\x1b\[[0-9;?]*[A-Za-z]|\x1b\][^\x07]*\x07").expect("valid regex")
+});
+
+/// `text` without terminal control sequences or other control characters.
+pub fn strip_control(text: &str) -> String {
+    ANSI.replace_all(text, "")
+        .chars()
+        .filter(|c| !c.is_control() || *c == '\t')
+        .collect()
+}
+
+impl Progress {
+    /// Live lines when `live`, else plain lines, for machines `names`.
+    pub fn new(names: &[String], live: bool) -> Progress {
+        if !live {
+            return Progress::Plain {
+                names: names.to_vec(),
+            };
+        }
+        let multi = MultiProgress::with_draw_target(ProgressDrawTarget::stderr());
+        let width = names.iter().map(String::len).max().unwrap_or(0);
+        let style = ProgressStyle::with_template(&format!(
+            "{{prefix:<{width}.bold}} {{spinner}} {{wide_msg}} {{elapsed:>4}}"
+        ))
+        .expect("valid template");
+        let bars = names
+            .iter()
+            .map(|name| {
+                let bar = multi.add(ProgressBar::new_spinner());
+                bar.set_style(style.clone());
+                bar.set_prefix(name.clone());
+                bar.set_message("waiting");
+                bar.enable_steady_tick(Duration::from_millis(120));
+                bar
+            })
+            .collect();
+        Progress::Live { multi, bars }
+    }
+
+    /// Machine `i` entered a stage.
+    pub fn stage(&self, i: usize, what: &str) {
+        match self {
+            Progress::Plain { names } => eprintln!("[{}] {what}", names[i]),
+            Progress::Live { bars, .. } => bars[i].set_message(what.to_string()),
+        }
+    }
+
+    /// Machine `i` is done.
+    pub fn finish(&self, i: usize, ok: bool, what: &str) {
+        match self {
+            Progress::Plain { names } => eprintln!("[{}] {what}", names[i]),
+            Progress::Live { bars, .. } => {
+                let mark = if ok { "✓" } else { "✗" };
+                bars[i].finish_with_message(format!("{mark} {what}"));
+            }
+        }
+    }
+
+    /// A command started, or something else worth a line.
+    pub fn event(&self, line: &str) {
+        match self {
+            Progress::Plain { .. } => eprintln!("{}", strip_control(line)),
+            Progress::Live { .. } => {} // in the log files
+        }
+    }
+
+    /// One line of a command's output.
+    pub fn output(&self, label: &str, line: &str) {
+        match self {
+            Progress::Plain { .. } => eprintln!("[{label}]   | {}", strip_control(line)),
+            Progress::Live { .. } => {} // in the log files
+        }
+    }
+
+    /// Ends the live display, so the summary prints below it.
+    pub fn close(&self) {
+        if let Progress::Live { multi, bars } = self {
+            for bar in bars {
+                if !bar.is_finished() {
+                    bar.abandon();
+                }
+            }
+            let _ = multi.clear();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn control_codes_are_stripped() {
+        assert_eq!(
+            strip_control(
+                "\u{1b}[31;1merror:\u{1b}[0m builder for '\u{1b}[35;1m/nix/store/x\u{1b}[0m' failed\r"
+            ),
+            "error: builder for '/nix/store/x' failed"
+        );
+        assert_eq!(strip_control("plain\ttext"), "plain\ttext");
+    }
+}

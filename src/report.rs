@@ -1,0 +1,119 @@
+//! The end of a deploy: a summary table for people, a JSON report for scripts.
+
+use serde_json::{Value, json};
+
+use crate::execute::{MachineReport, Outcome};
+use crate::plan::Stage;
+
+fn seconds(report: &MachineReport, stage: Stage) -> Option<f64> {
+    report.stages.get(&stage).map(|d| d.as_secs_f64())
+}
+
+fn result_word(outcome: &Outcome) -> &'static str {
+    match outcome {
+        Outcome::Deployed => "deployed",
+        Outcome::Failed(_) => "failed",
+        Outcome::Skipped => "skipped",
+    }
+}
+
+/// The summary table, then each failure's explanation.
+pub fn summary(reports: &[MachineReport]) -> String {
+    let headers = [
+        "machine",
+        "build host",
+        "target",
+        "result",
+        "build",
+        "copy",
+        "activate",
+    ];
+    let time = |r: &MachineReport, s| seconds(r, s).map_or("-".to_string(), |t| format!("{t:.1}s"));
+    let rows: Vec<[String; 7]> = reports
+        .iter()
+        .map(|r| {
+            [
+                r.name.clone(),
+                r.build_host.clone(),
+                r.target.clone(),
+                result_word(&r.outcome).to_string(),
+                time(r, Stage::Build),
+                time(r, Stage::CopyToTarget),
+                time(r, Stage::Activate),
+            ]
+        })
+        .collect();
+    let widths: Vec<usize> = (0..headers.len())
+        .map(|c| {
+            rows.iter()
+                .map(|r| r[c].chars().count())
+                .chain([headers[c].len()])
+                .max()
+                .unwrap_or(0)
+        })
+        .collect();
+    let line = |cells: Vec<&str>| {
+        cells
+            .iter()
+            .zip(&widths)
+            .map(|(c, w)| format!("{c:<w$}"))
+            .collect::<Vec<_>>()
+            .join("  ")
+            .trim_end()
+            .to_string()
+    };
+    let mut out = line(headers.to_vec());
+    out.push('\n');
+    for row in &rows {
+        out.push_str(&line(row.iter().map(String::as_str).collect()));
+        out.push('\n');
+    }
+    for r in reports {
+        if let Outcome::Failed(error) = &r.outcome {
+            out.push('\n');
+            out.push_str(&error.to_string());
+            out.push('\n');
+        }
+    }
+    out
+}
+
+/// The JSON report: per machine, where it built, where it went, how it ended, stage times.
+pub fn json(run_id: &str, reports: &[MachineReport], exit_code: i32) -> Value {
+    let machines: Vec<Value> = reports
+        .iter()
+        .map(|r| {
+            json!({
+                "name": r.name,
+                "buildHost": r.build_host,
+                "target": r.target,
+                "result": result_word(&r.outcome),
+                "error": match &r.outcome {
+                    Outcome::Failed(e) => Some(e.message.clone()),
+                    _ => None,
+                },
+                "seconds": {
+                    "build": seconds(r, Stage::Build),
+                    "copy": seconds(r, Stage::CopyToTarget),
+                    "activate": seconds(r, Stage::Activate),
+                },
+                "log": r.log.as_ref().map(|p| p.display().to_string()),
+            })
+        })
+        .collect();
+    json!({
+        "run": run_id,
+        "exitCode": exit_code,
+        "machines": machines,
+        "peakRssKiB": peak_rss_kib(),
+    })
+}
+
+/// This process's peak resident memory, from /proc (Linux).
+pub fn peak_rss_kib() -> Option<u64> {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()?
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+}

@@ -1,0 +1,241 @@
+//! Fleet deploys: many machines in one command, grouped by build host, failures isolated.
+
+mod common;
+use common::*;
+
+/// Three targets and two builders: t1 and t2 build on the shared builder, t3 on itself.
+fn fleet_lab() -> (Lab, std::path::PathBuf) {
+    let lab = Lab::start(&[
+        HostSpec::new("builder"),
+        HostSpec::new("t1"),
+        HostSpec::new("t2"),
+        HostSpec::new("t3"),
+    ]);
+    for t in ["t1", "t2", "t3"] {
+        lab.trust("builder", t);
+    }
+    (lab, std::path::PathBuf::new())
+}
+
+fn fleet_flake(lab: &Lab, t1_args: &str) -> std::path::PathBuf {
+    fleet_flake_with(lab, t1_args, "")
+}
+
+fn fleet_flake_with(lab: &Lab, t1_args: &str, t3_args: &str) -> std::path::PathBuf {
+    let b = lab.ip("builder");
+    lab.write_flake(&format!(
+        r#"{{
+          inventory.machines = {{
+            t1 = {{ deploy.targetHost = "root@{t1}"; deploy.buildHost = "root@{b}"; tags = [ "web" ]; }};
+            t2 = {{ deploy.targetHost = "root@{t2}"; deploy.buildHost = "root@{b}"; tags = [ "web" "db" ]; }};
+            t3 = {{ deploy.targetHost = "root@{t3}"; tags = [ "edge" ]; }};
+          }};
+          machines = {{
+            t1 = system {{ shared = true; {t1_args} }};
+            t2 = system {{ shared = true; }};
+            t3 = system {{ shared = true; {t3_args} }};
+          }};
+        }}"#,
+        t1 = lab.ip("t1"),
+        t2 = lab.ip("t2"),
+        t3 = lab.ip("t3"),
+    ))
+}
+
+fn profile(lab: &Lab, host: &str) -> Option<String> {
+    lab.host(host).system_profile()
+}
+
+#[test]
+fn fleet_deploys_every_machine_grouped_by_build_host() {
+    let (lab, _) = fleet_lab();
+    let flake = fleet_flake(&lab, "");
+    let outs: Vec<String> = ["t1", "t2", "t3"]
+        .iter()
+        .map(|m| toplevel(&lab, &flake, m))
+        .collect();
+    let run = clan(&lab, &flake, &["machines", "update"]);
+    assert_eq!(run.code, 0);
+    for (host, out) in ["t1", "t2", "t3"].iter().zip(&outs) {
+        assert_eq!(profile(&lab, host).as_deref(), Some(out.as_str()), "{host}");
+        assert_eq!(
+            lab.host(host).switch_log(),
+            vec![format!("{out} switch")],
+            "{host} switched other than once"
+        );
+    }
+    // The shared part was built once on the shared builder, once on t3 (its own builder),
+    // and never on the targets the builder serves.
+    assert_eq!(lab.host("builder").shared_builds(), 1);
+    assert_eq!(lab.host("t3").shared_builds(), 1);
+    assert_eq!(lab.host("t1").shared_builds(), 0);
+    assert_eq!(lab.host("t2").shared_builds(), 0);
+    // One batch for the shared builder, with both machines.
+    let batches: Vec<&str> = run
+        .stderr
+        .lines()
+        .filter(|l| l.contains("] build: nix-store --realise"))
+        .collect();
+    assert_eq!(batches.len(), 2, "{batches:?}");
+    assert!(
+        batches
+            .iter()
+            .any(|l| l.contains("nixos-system-t1.drv") && l.contains("nixos-system-t2.drv"))
+    );
+    // The summary table lists each machine.
+    for name in ["t1", "t2", "t3"] {
+        assert!(
+            run.stderr
+                .lines()
+                .any(|l| l.starts_with(name) && l.contains("deployed"))
+        );
+    }
+}
+
+#[test]
+fn fleet_failure_is_isolated_and_reported() {
+    let (lab, _) = fleet_lab();
+    let flake = fleet_flake(&lab, r#"variant = "fail";"#);
+    let run = clan(&lab, &flake, &["machines", "update", "--json"]);
+    assert_eq!(run.code, 1);
+    assert_eq!(profile(&lab, "t1"), None, "a failed machine was activated");
+    assert!(lab.host("t1").switch_log().is_empty());
+    assert!(
+        profile(&lab, "t2").is_some(),
+        "t2 was held back by t1's failure"
+    );
+    assert!(
+        profile(&lab, "t3").is_some(),
+        "t3 was held back by t1's failure"
+    );
+    assert!(
+        run.stderr
+            .lines()
+            .any(|l| l.starts_with("t1") && l.contains("failed"))
+    );
+    assert!(run.stderr.contains("t1: building /nix/store/"));
+    assert!(run.stderr.contains("fixture build of t1 fails on purpose"));
+    assert!(run.stderr.contains("Logs of every machine and build: "));
+
+    let report: serde_json::Value = serde_json::from_str(&run.stdout).expect("--json is JSON");
+    assert_eq!(report["exitCode"], 1);
+    let results: std::collections::BTreeMap<String, String> = report["machines"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| {
+            (
+                m["name"].as_str().unwrap().to_string(),
+                m["result"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    assert_eq!(results["t1"], "failed");
+    assert_eq!(results["t2"], "deployed");
+    assert_eq!(results["t3"], "deployed");
+    let t2 = report["machines"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["name"] == "t2")
+        .unwrap();
+    assert!(t2["seconds"]["build"].as_f64().is_some());
+    assert!(
+        t2["buildHost"]
+            .as_str()
+            .unwrap()
+            .contains(lab.ip("builder"))
+    );
+    assert!(report["peakRssKiB"].as_u64().unwrap() > 0);
+}
+
+#[test]
+fn fleet_fail_fast_stops_starting_new_work() {
+    let (lab, _) = fleet_lab();
+    // t1 fails at once on the builder; t3's own build takes 3 s, so it is built after the
+    // failure is known and must not be activated.
+    let flake = fleet_flake_with(&lab, r#"variant = "fail";"#, "buildSeconds = 3;");
+    let run = clan(
+        &lab,
+        &flake,
+        &["machines", "update", "t1", "t3", "--fail-fast"],
+    );
+    assert_eq!(run.code, 1);
+    assert_eq!(profile(&lab, "t1"), None);
+    assert_eq!(
+        profile(&lab, "t3"),
+        None,
+        "t3 was activated after the failure"
+    );
+    assert!(run.stderr.contains("[t3] skipped (--fail-fast)"));
+    assert!(
+        run.stderr
+            .lines()
+            .any(|l| l.starts_with("t3") && l.contains("skipped"))
+    );
+
+    // Without --fail-fast, t3 goes on.
+    let run = clan(&lab, &flake, &["machines", "update", "t1", "t3"]);
+    assert_eq!(run.code, 1);
+    assert!(profile(&lab, "t3").is_some());
+}
+
+#[test]
+fn fleet_selection_by_tags_and_names() {
+    let (lab, _) = fleet_lab();
+    let flake = fleet_flake(&lab, "");
+    let run = clan(
+        &lab,
+        &flake,
+        &["machines", "update", "--tags", "db", "--json"],
+    );
+    assert_eq!(run.code, 0);
+    assert!(profile(&lab, "t2").is_some());
+    assert_eq!(profile(&lab, "t1"), None);
+    assert_eq!(profile(&lab, "t3"), None);
+    let report: serde_json::Value = serde_json::from_str(&run.stdout).unwrap();
+    assert_eq!(report["machines"].as_array().unwrap().len(), 1);
+
+    // Names and tags combine.
+    let run = clan(
+        &lab,
+        &flake,
+        &["machines", "update", "t3", "--tags", "db", "--dry-run"],
+    );
+    assert_eq!(run.code, 0);
+    assert!(run.stdout.contains("t3: deploy to"));
+    assert!(run.stdout.contains("t2: deploy to"));
+    assert!(!run.stdout.contains("t1: deploy to"));
+
+    let bad_tag = clan(&lab, &flake, &["machines", "update", "--tags", "nope"]);
+    assert_eq!(bad_tag.code, 2);
+    assert!(bad_tag.stderr.contains(
+        "the tag \"nope\" (from --tags) matches no machine; tags in the flake: db, edge, web"
+    ));
+    let bad_name = clan(&lab, &flake, &["machines", "update", "t1", "t9"]);
+    assert_eq!(bad_name.code, 2);
+    assert!(bad_name.stderr.contains("unknown machine \"t9\""));
+    assert_eq!(profile(&lab, "t1"), None, "something ran despite the error");
+}
+
+#[test]
+fn non_terminal_output_is_plain_lines() {
+    let (lab, _) = fleet_lab();
+    let flake = fleet_flake(&lab, r#"variant = "fail";"#);
+    let run = clan(&lab, &flake, &["machines", "update"]);
+    assert_eq!(run.code, 1);
+    assert!(
+        !run.all().contains('\u{1b}'),
+        "terminal control codes in plain output"
+    );
+    assert!(!run.all().contains('\r'));
+    for event in [
+        "[t1] building on the build host",
+        "[t2] copying to the target",
+        "[t2] activating",
+        "[t2] deployed",
+        "[t3] deployed",
+    ] {
+        assert!(run.stderr.contains(event), "no event {event:?}");
+    }
+}
