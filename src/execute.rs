@@ -139,6 +139,9 @@ impl Drop for Permit<'_> {
     }
 }
 
+/// How a machine ended, and how long each stage took.
+type Ended = (Outcome, BTreeMap<Stage, Duration>);
+
 /// A machine's build result, sent by its group: how long it took, or why it failed.
 type Built = (usize, Result<Duration, Error>);
 
@@ -157,7 +160,7 @@ pub fn run_plan(
         .iter()
         .map(|m| logs.sink(&m.machine.name))
         .collect();
-    let results: Mutex<Vec<Option<(Outcome, BTreeMap<Stage, Duration>)>>> =
+    let results: Mutex<Vec<Option<Ended>>> =
         Mutex::new(plan.machines.iter().map(|_| None).collect());
     let record = |i: usize, outcome: Outcome, stages: BTreeMap<Stage, Duration>| {
         let failed = matches!(outcome, Outcome::Failed(_));

@@ -29,6 +29,7 @@ pub struct HostSpec {
     name: String,
     nix_system: Option<String>,
     current_nix: bool,
+    max_jobs: Option<u32>,
 }
 
 impl HostSpec {
@@ -38,7 +39,14 @@ impl HostSpec {
             name: name.to_string(),
             nix_system: None,
             current_nix: false,
+            max_jobs: None,
         }
+    }
+
+    /// Sets `max-jobs` in the host's nix.conf (builds at once).
+    pub fn max_jobs(mut self, jobs: u32) -> HostSpec {
+        self.max_jobs = Some(jobs);
+        self
     }
 
     /// Runs a current Nix (2.26, from `scripts/fetch-current-nix`) on this host instead of
@@ -296,6 +304,9 @@ impl Lab {
             if let Some(system) = &spec.nix_system {
                 conf.push_str(&format!("system = {system}\n"));
             }
+            if let Some(jobs) = spec.max_jobs {
+                conf.push_str(&format!("max-jobs = {jobs}\n"));
+            }
             if spec.current_nix {
                 install_current_nix(&host.dir.join("bin"));
             }
@@ -447,6 +458,11 @@ impl Lab {
     /// attrset expression given to `lib.clan`; it can use `system { … }` to define a
     /// machine's configuration: `system { variant = "2"; networking.buildHost = "…"; }`.
     pub fn write_flake(&self, clan_args: &str) -> PathBuf {
+        self.write_flake_with_shared_seconds(clan_args, 0)
+    }
+
+    /// [`Lab::write_flake`], with the shared dependency's build taking `seconds`.
+    pub fn write_flake_with_shared_seconds(&self, clan_args: &str, seconds: u32) -> PathBuf {
         let lib = self.dir.join("clan-lib");
         if !lib.exists() {
             let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
@@ -461,7 +477,7 @@ impl Lab {
             &FIXTURE_FLAKE
                 .replace("@LIB@", &lib.display().to_string())
                 .replace("@CLAN_ARGS@", clan_args)
-                .replace("@SHARED_SECONDS@", "0"),
+                .replace("@SHARED_SECONDS@", &seconds.to_string()),
         );
         flake
     }

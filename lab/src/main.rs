@@ -1,21 +1,50 @@
-//! `clan-lab demo CLAN_BINARY`: a real deploy on a lab with a builder and a target, telling
-//! the guide's first-deploy story: strict host key checking stops the second hop, then
-//! `--host-key-check accept-new` records the target's key and the deploy goes through.
+//! The lab's command line.
+//!
+//! - `clan-lab demo CLAN`: a real deploy on a builder and a target, telling the guide's
+//!   first-deploy story (strict host key checking stops the second hop; `accept-new` fixes it).
+//! - `clan-lab bench CLAN [N…]`: deploys N machines (default 1 4 16) through one build host,
+//!   with this tool and with the sequential commands a user would otherwise script, and a
+//!   no-op re-deploy; prints wall times, ratios, ssh logins and the tool's peak memory.
 
+use std::collections::BTreeMap;
 use std::path::Path;
 use std::process::ExitCode;
+use std::time::Instant;
 
 use clan_lab::{HostSpec, Lab};
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().collect();
-    let (Some("demo"), Some(clan)) = (args.get(1).map(String::as_str), args.get(2)) else {
-        eprintln!("usage: clan-lab demo PATH_TO_CLAN_BINARY");
-        return ExitCode::from(2);
+    let usage = || {
+        eprintln!("usage: clan-lab demo CLAN_BINARY | clan-lab bench CLAN_BINARY [N...]");
+        ExitCode::from(2)
+    };
+    let (Some(command), Some(clan)) = (args.get(1), args.get(2)) else {
+        return usage();
     };
     let clan = Path::new(clan)
         .canonicalize()
-        .expect("the clan binary exists");
+        .expect("the clan binary exists")
+        .display()
+        .to_string();
+    match command.as_str() {
+        "demo" => demo(&clan),
+        "bench" => {
+            let sizes: Vec<usize> = if args.len() > 3 {
+                args[3..]
+                    .iter()
+                    .map(|n| n.parse().expect("N is a number"))
+                    .collect()
+            } else {
+                vec![1, 4, 16]
+            };
+            bench(&clan, &sizes)
+        }
+        _ => usage(),
+    }
+}
+
+fn demo(clan: &str) -> ExitCode {
     let lab = Lab::start(&[HostSpec::new("builder"), HostSpec::new("target")]);
     let (builder, target) = (lab.ip("builder"), lab.ip("target"));
     println!(
@@ -30,9 +59,8 @@ fn main() -> ExitCode {
           machines.my-machine = system {{ }};
         }}"#
     ));
-    let clan = clan.display().to_string();
     let update = |extra: &[&str]| {
-        let mut argv = vec![clan.as_str(), "machines", "update", "my-machine"];
+        let mut argv = vec![clan, "machines", "update", "my-machine"];
         argv.extend_from_slice(extra);
         println!("\n$ clan {}", argv[1..].join(" "));
         let out = lab.run_on_workstation(&flake, &argv);
@@ -73,4 +101,196 @@ fn main() -> ExitCode {
     } else {
         ExitCode::FAILURE
     }
+}
+
+/// Seconds the shared part of every system takes to build, and each machine's own part.
+const SHARED_SECONDS: u32 = 2;
+const OWN_SECONDS: u32 = 1;
+
+/// A lab with one build host (4 builds at once) and `n` targets, and its flake.
+fn bench_lab(n: usize) -> (Lab, std::path::PathBuf, Vec<String>) {
+    let mut specs = vec![HostSpec::new("builder").max_jobs(4)];
+    let names: Vec<String> = (1..=n).map(|i| format!("m{i}")).collect();
+    specs.extend(names.iter().map(|m| HostSpec::new(m)));
+    let lab = Lab::start(&specs);
+    for m in &names {
+        lab.trust("builder", m);
+    }
+    let inventory: String = names
+        .iter()
+        .map(|m| {
+            format!(
+                r#"{m} = {{ deploy.targetHost = "root@{}"; deploy.buildHost = "root@{}"; }};"#,
+                lab.ip(m),
+                lab.ip("builder")
+            )
+        })
+        .collect();
+    let machines: String = names
+        .iter()
+        .map(|m| format!("{m} = system {{ shared = true; buildSeconds = {OWN_SECONDS}; }};"))
+        .collect();
+    let flake = lab.write_flake_with_shared_seconds(
+        &format!("{{ inventory.machines = {{ {inventory} }}; machines = {{ {machines} }}; }}"),
+        SHARED_SECONDS,
+    );
+    (lab, flake, names)
+}
+
+/// Logins seen by `host`'s sshd, by source address.
+fn logins(lab: &Lab, host: &str) -> BTreeMap<String, usize> {
+    lab.host(host).logins_by_source()
+}
+
+struct Figures {
+    n: usize,
+    tool: f64,
+    baseline: f64,
+    noop: f64,
+    peak_kib: u64,
+    ws_to_builder: usize,
+    ws_to_target_max: usize,
+    builder_to_target_max: usize,
+    baseline_ws_to_builder: usize,
+}
+
+fn bench(clan: &str, sizes: &[usize]) -> ExitCode {
+    let mut all = Vec::new();
+    for &n in sizes {
+        eprintln!("N = {n}: this tool…");
+        let (lab, flake, names) = bench_lab(n);
+        let started = Instant::now();
+        let out = lab.run_on_workstation(
+            &flake,
+            &[
+                clan,
+                "machines",
+                "update",
+                "--json",
+                "--log-format",
+                "plain",
+            ],
+        );
+        let tool = started.elapsed().as_secs_f64();
+        assert!(
+            out.status.success(),
+            "deploy failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let report: String = String::from_utf8_lossy(&out.stdout).into_owned();
+        let peak_kib = report
+            .split("\"peakRssKiB\":")
+            .nth(1)
+            .and_then(|r| {
+                r.trim()
+                    .split(|c: char| !c.is_ascii_digit())
+                    .next()
+                    .map(str::to_string)
+            })
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0);
+        let ws = lab.ip("workstation").to_string();
+        let ws_to_builder = logins(&lab, "builder").get(&ws).copied().unwrap_or(0);
+        let ws_to_target_max = names
+            .iter()
+            .map(|m| logins(&lab, m).get(&ws).copied().unwrap_or(0))
+            .max()
+            .unwrap_or(0);
+        let builder_to_target_max = names
+            .iter()
+            .map(|m| logins(&lab, m).get(lab.ip("builder")).copied().unwrap_or(0))
+            .max()
+            .unwrap_or(0);
+        for m in &names {
+            assert!(lab.host(m).system_profile().is_some(), "{m} not deployed");
+        }
+
+        eprintln!("N = {n}: no-op re-deploy…");
+        let started = Instant::now();
+        let out = lab.run_on_workstation(
+            &flake,
+            &[clan, "machines", "update", "--log-format", "plain"],
+        );
+        let noop = started.elapsed().as_secs_f64();
+        assert!(out.status.success(), "re-deploy failed");
+        drop(lab);
+
+        eprintln!("N = {n}: sequential baseline…");
+        let (lab, flake, names) = bench_lab(n);
+        let script = baseline_script(&lab, &flake, &names);
+        let started = Instant::now();
+        let out = lab.run_on_workstation(&flake, &["bash", "-ec", &script]);
+        let baseline = started.elapsed().as_secs_f64();
+        assert!(
+            out.status.success(),
+            "baseline failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        for m in &names {
+            assert!(
+                lab.host(m).system_profile().is_some(),
+                "baseline did not deploy {m}"
+            );
+        }
+        let baseline_ws_to_builder = logins(&lab, "builder")
+            .get(lab.ip("workstation"))
+            .copied()
+            .unwrap_or(0);
+        all.push(Figures {
+            n,
+            tool,
+            baseline,
+            noop,
+            peak_kib,
+            ws_to_builder,
+            ws_to_target_max,
+            builder_to_target_max,
+            baseline_ws_to_builder,
+        });
+    }
+    println!(
+        "\n| N | clan (s) | sequential baseline (s) | clan / baseline | no-op re-deploy (s) | ssh logins ws→builder (baseline) | max ws→target | max builder→target | clan peak RSS (MiB) |"
+    );
+    println!("|---|---|---|---|---|---|---|---|---|");
+    for f in &all {
+        println!(
+            "| {} | {:.1} | {:.1} | {:.2} | {:.1} | {} ({}) | {} | {} | {:.1} |",
+            f.n,
+            f.tool,
+            f.baseline,
+            f.tool / f.baseline,
+            f.noop,
+            f.ws_to_builder,
+            f.baseline_ws_to_builder,
+            f.ws_to_target_max,
+            f.builder_to_target_max,
+            f.peak_kib as f64 / 1024.0
+        );
+    }
+    println!(
+        "\nEach system: a shared part ({SHARED_SECONDS} s to build) and its own part ({OWN_SECONDS} s); one build host with max-jobs = 4."
+    );
+    ExitCode::SUCCESS
+}
+
+/// What a user would script without this tool: for each machine, one after the other,
+/// evaluate, copy the derivations, build, copy build host → target, activate; every step a
+/// fresh process and ssh connection.
+fn baseline_script(lab: &Lab, flake: &Path, names: &[String]) -> String {
+    let b = lab.ip("builder");
+    let mut script = String::from("export NIX_SSHOPTS='-o StrictHostKeyChecking=yes'\n");
+    for m in names {
+        let t = lab.ip(m);
+        script.push_str(&format!(
+            r#"drv=$(nix eval --raw '{flake}#nixosConfigurations.{m}.config.system.build.toplevel.drvPath')
+out=$(nix eval --raw '{flake}#nixosConfigurations.{m}.config.system.build.toplevel.outPath')
+nix copy --derivation --to ssh://root@{b} "$drv"
+ssh root@{b} nix-store --realise "$drv" >/dev/null
+ssh root@{b} "NIX_SSHOPTS='-o StrictHostKeyChecking=yes' nix --extra-experimental-features nix-command copy --to ssh://root@{t} $out"
+ssh root@{t} "nix-env -p /nix/var/nix/profiles/system --set $out && $out/bin/switch-to-configuration switch"
+"#,
+            flake = flake.display()
+        ));
+    }
+    script
 }
