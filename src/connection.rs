@@ -7,19 +7,20 @@ use std::fs;
 use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
-use std::sync::Mutex;
+use std::sync::{Arc, Condvar, Mutex, OnceLock};
 
 use crate::plan::connection_key;
 use crate::ssh::SshHost;
 
-/// A host and how opening its shared connection went.
-type Opened = (SshHost, Result<(), String>);
+/// A host and how opening its shared connection went (once, whoever asks first).
+type Opened = (SshHost, Arc<OnceLock<Result<(), String>>>);
 
 /// The workstation's shared connections of one run.
 #[derive(Debug)]
 pub struct Connections {
     dir: Option<PathBuf>,
     opened: Mutex<BTreeMap<String, Opened>>,
+    sessions: Mutex<BTreeMap<String, Arc<Semaphore>>>,
 }
 
 impl Connections {
@@ -36,6 +37,7 @@ impl Connections {
         Connections {
             dir: created.then_some(dir),
             opened: Mutex::new(BTreeMap::new()),
+            sessions: Mutex::new(BTreeMap::new()),
         }
     }
 
@@ -44,6 +46,7 @@ impl Connections {
         Connections {
             dir: None,
             opened: Mutex::new(BTreeMap::new()),
+            sessions: Mutex::new(BTreeMap::new()),
         }
     }
 
@@ -59,20 +62,43 @@ impl Connections {
             return Ok(());
         };
         let key = connection_key(&host.address);
-        let mut opened = self.opened.lock().expect("connections lock");
-        if let Some((_, result)) = opened.get(&key) {
-            return result.clone();
+        // The lock only finds the host's slot: other hosts connect at the same time.
+        let slot = Arc::clone(
+            &self
+                .opened
+                .lock()
+                .expect("connections lock")
+                .entry(key)
+                .or_insert_with(|| (host.clone(), Arc::new(OnceLock::new())))
+                .1,
+        );
+        slot.get_or_init(|| start_master(&argv)).clone()
+    }
+
+    /// The session slot for a command on `host`: limited when it goes over a shared
+    /// connection, free otherwise.
+    pub fn session(&self, host: &SshHost) -> Session {
+        if host.control_path.is_none() {
+            return Session(None);
         }
-        let result = start_master(&argv);
-        opened.insert(key, (host.clone(), result.clone()));
-        result
+        let key = connection_key(&host.address);
+        let mut sessions = self.sessions.lock().expect("sessions lock");
+        let sem = sessions
+            .entry(key)
+            .or_insert_with(|| Arc::new(Semaphore::new(SESSIONS_PER_CONNECTION)));
+        Session(Some(Arc::clone(sem)))
+    }
+
+    /// A slot that limits nothing, for commands that use no shared connection.
+    pub fn session_free(&self) -> Session {
+        Session(None)
     }
 
     /// Closes every shared connection and removes the control directory.
     pub fn close_all(&self) {
         let opened = std::mem::take(&mut *self.opened.lock().expect("connections lock"));
         for (host, result) in opened.values() {
-            if result.is_ok()
+            if matches!(result.get(), Some(Ok(())))
                 && let Some(argv) = host.exit_master_argv()
             {
                 let _ = Command::new(&argv[0])
@@ -94,6 +120,60 @@ impl Drop for Connections {
         self.close_all();
     }
 }
+
+/// A counting semaphore: at most `n` holders.
+#[derive(Debug)]
+pub(crate) struct Semaphore {
+    free: Mutex<usize>,
+    changed: Condvar,
+}
+
+impl Semaphore {
+    pub(crate) fn new(n: usize) -> Semaphore {
+        Semaphore {
+            free: Mutex::new(n.max(1)),
+            changed: Condvar::new(),
+        }
+    }
+
+    pub(crate) fn acquire(&self) -> Permit<'_> {
+        let mut free = self.free.lock().expect("semaphore lock");
+        while *free == 0 {
+            free = self.changed.wait(free).expect("semaphore lock");
+        }
+        *free -= 1;
+        Permit(self)
+    }
+}
+
+pub(crate) struct Permit<'a>(&'a Semaphore);
+
+impl Drop for Permit<'_> {
+    fn drop(&mut self) {
+        *self.0.free.lock().expect("semaphore lock") += 1;
+        self.0.changed.notify_one();
+    }
+}
+
+/// A session slot on a shared connection, held while a command runs over it.
+pub struct Session(Option<Arc<Semaphore>>);
+
+impl Session {
+    /// Runs `f` while holding the slot.
+    pub fn run<T>(&self, f: impl FnOnce() -> T) -> T {
+        match &self.0 {
+            Some(sem) => {
+                let _permit = sem.acquire();
+                f()
+            }
+            None => f(),
+        }
+    }
+}
+
+/// Sessions one shared connection carries at once: sshd refuses more than `MaxSessions`
+/// (10 by default) on one connection.
+const SESSIONS_PER_CONNECTION: usize = 8;
 
 /// Runs ssh in master mode. Its stderr goes to a file: the backgrounded master keeps it
 /// open, so a pipe would never reach end-of-file.

@@ -14,11 +14,11 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use crate::connection::Connections;
+use crate::connection::{Connections, Semaphore};
 use crate::diagnostics::diagnose;
 use crate::error::{Error, ExitKind, Hint};
 use crate::plan::{BuildGroup, Builder, DeployPlan, MachinePlan, Runner, Stage, Step, StepKind};
@@ -106,39 +106,6 @@ impl LogSink {
     }
 }
 
-/// A counting semaphore: at most `n` holders.
-struct Semaphore {
-    free: Mutex<usize>,
-    changed: Condvar,
-}
-
-impl Semaphore {
-    fn new(n: usize) -> Semaphore {
-        Semaphore {
-            free: Mutex::new(n.max(1)),
-            changed: Condvar::new(),
-        }
-    }
-
-    fn acquire(&self) -> Permit<'_> {
-        let mut free = self.free.lock().expect("semaphore lock");
-        while *free == 0 {
-            free = self.changed.wait(free).expect("semaphore lock");
-        }
-        *free -= 1;
-        Permit(self)
-    }
-}
-
-struct Permit<'a>(&'a Semaphore);
-
-impl Drop for Permit<'_> {
-    fn drop(&mut self) {
-        *self.0.free.lock().expect("semaphore lock") += 1;
-        self.0.changed.notify_one();
-    }
-}
-
 /// How a machine ended, and how long each stage took.
 type Ended = (Outcome, BTreeMap<Stage, Duration>);
 
@@ -204,7 +171,7 @@ pub fn run_plan(
         for (g, group) in plan.groups.iter().enumerate() {
             let tx = built_tx.clone();
             let sink = logs.sink(&format!("build{g}"));
-            scope.spawn(move || run_group(plan, group, &sink, progress, &tx));
+            scope.spawn(move || run_group(plan, group, &sink, progress, connections, &tx));
         }
         drop(built_tx);
         for (i, built) in built_rx {
@@ -219,8 +186,14 @@ pub fn run_plan(
                         if stop.load(Ordering::SeqCst) {
                             return record(i, Outcome::Skipped, stages);
                         }
-                        let outcome =
-                            run_machine(&plan.machines[i], i, &sinks[i], progress, &mut stages);
+                        let outcome = run_machine(
+                            &plan.machines[i],
+                            i,
+                            &sinks[i],
+                            progress,
+                            connections,
+                            &mut stages,
+                        );
                         record(i, outcome, stages);
                     });
                 }
@@ -233,7 +206,13 @@ pub fn run_plan(
     thread::scope(|scope| {
         for (g, group) in plan.groups.iter().enumerate() {
             scope.spawn(move || {
-                let (code, output) = run_step(&group.cleanup, &format!("build{g}"), None, progress);
+                let (code, output) = run_step(
+                    &group.cleanup,
+                    &format!("build{g}"),
+                    None,
+                    progress,
+                    connections,
+                );
                 if code != Some(0) {
                     progress.event(&format!(
                         "warning: removing the temporary GC root on the {} failed: {}",
@@ -278,6 +257,7 @@ fn run_group(
     group: &BuildGroup,
     sink: &LogSink,
     progress: &Progress,
+    connections: &Connections,
     built: &mpsc::Sender<Built>,
 ) {
     let started = Instant::now();
@@ -293,7 +273,7 @@ fn run_group(
     };
     let (realise, setup) = group.steps.split_last().expect("a group always realises");
     for step in setup {
-        let (code, output) = run_step(step, &label, Some(sink), progress);
+        let (code, output) = run_step(step, &label, Some(sink), progress, connections);
         if code != Some(0) {
             return fail_all(step, &output, code, &group.members);
         }
@@ -306,12 +286,12 @@ fn run_group(
     };
     // The realise runs while the builder is asked, now and then, what is built so far.
     let (code, output, pending) = thread::scope(|scope| {
-        let handle = scope.spawn(|| run_step(realise, &label, Some(sink), progress));
+        let handle = scope.spawn(|| run_step(realise, &label, Some(sink), progress, connections));
         let mut pending: Vec<usize> = group.members.clone();
         let mut next_poll = Instant::now() + poll;
         while !handle.is_finished() {
             if Instant::now() >= next_poll && !pending.is_empty() {
-                pending = report_valid(plan, group, pending, started, built);
+                pending = report_valid(plan, group, pending, started, connections, built);
                 next_poll = Instant::now() + poll;
             }
             thread::sleep(Duration::from_millis(50));
@@ -319,7 +299,7 @@ fn run_group(
         let (code, output) = handle.join().expect("realise thread");
         (code, output, pending)
     });
-    let pending = report_valid(plan, group, pending, started, built);
+    let pending = report_valid(plan, group, pending, started, connections, built);
     if !pending.is_empty() {
         fail_all(realise, &output, code.or(Some(1)), &pending);
     }
@@ -339,6 +319,7 @@ fn report_valid(
     group: &BuildGroup,
     pending: Vec<usize>,
     started: Instant,
+    connections: &Connections,
     built: &mpsc::Sender<Built>,
 ) -> Vec<usize> {
     let outputs: Vec<&str> = pending
@@ -346,13 +327,7 @@ fn report_valid(
         .map(|&i| plan.machines[i].machine.out_path.as_str())
         .collect();
     let step = group.validity_step(&outputs);
-    let argv = step.local_argv();
-    let Ok(out) = Command::new(&argv[0])
-        .args(&argv[1..])
-        .stdin(Stdio::null())
-        .stderr(Stdio::null())
-        .output()
-    else {
+    let Ok(out) = quiet(&step, connections) else {
         return pending;
     };
     // Exit 0 or 1 both list the invalid paths; anything else (ssh failed) tells nothing.
@@ -378,12 +353,26 @@ fn run_machine(
     i: usize,
     sink: &LogSink,
     progress: &Progress,
+    connections: &Connections,
     stages: &mut BTreeMap<Stage, Duration>,
 ) -> Outcome {
     let name = &plan.machine.name;
+    // A target that already has the system needs no copy (a valid path's closure is valid).
+    let present = plan.present_check.as_ref().is_some_and(|check| {
+        let started = Instant::now();
+        let present = quiet(check, connections).is_ok_and(|o| o.status.success());
+        *stages.entry(Stage::CopyToTarget).or_default() += started.elapsed();
+        present
+    });
+    if present {
+        progress.stage(i, "already on the target: no copy");
+    }
     let mut current = None;
     for step in &plan.steps {
         let stage = step.kind.stage();
+        if present && stage == Stage::CopyToTarget {
+            continue;
+        }
         if current != Some(stage) {
             current = Some(stage);
             progress.stage(
@@ -395,7 +384,7 @@ fn run_machine(
             );
         }
         let started = Instant::now();
-        let (code, output) = run_step(step, name, Some(sink), progress);
+        let (code, output) = run_step(step, name, Some(sink), progress, connections);
         *stages.entry(stage).or_default() += started.elapsed();
         if code != Some(0) {
             let error = diagnose(&plan.machine, step, &output, code);
@@ -405,8 +394,38 @@ fn run_machine(
     Outcome::Deployed
 }
 
+/// Runs a query step without showing it; its stdout, once its session slot is free.
+fn quiet(step: &Step, connections: &Connections) -> std::io::Result<std::process::Output> {
+    let argv = step.local_argv();
+    session_of(step, connections).run(|| {
+        Command::new(&argv[0])
+            .args(&argv[1..])
+            .stdin(Stdio::null())
+            .stderr(Stdio::null())
+            .output()
+    })
+}
+
+/// The session slot a step needs on its host's shared connection.
+fn session_of(step: &Step, connections: &Connections) -> crate::connection::Session {
+    match &step.runner {
+        Runner::Remote { host, .. } => connections.session(host),
+        Runner::Workstation(_) => connections.session_free(),
+    }
+}
+
 /// Runs one step, echoing its output as events; returns its exit code and output.
 fn run_step(
+    step: &Step,
+    label: &str,
+    sink: Option<&LogSink>,
+    progress: &Progress,
+    connections: &Connections,
+) -> (Option<i32>, String) {
+    session_of(step, connections).run(|| run_step_now(step, label, sink, progress))
+}
+
+fn run_step_now(
     step: &Step,
     label: &str,
     sink: Option<&LogSink>,

@@ -64,6 +64,8 @@ pub enum StepKind {
     RemoveRootDir,
     /// Ask the builder which toplevels are built so far.
     CheckBuilt,
+    /// Ask the target whether it already has the system.
+    CheckPresent,
 }
 
 impl StepKind {
@@ -72,9 +74,10 @@ impl StepKind {
         match self {
             StepKind::CopyDerivations => Stage::CopyDerivations,
             StepKind::MakeRootDir | StepKind::Realise | StepKind::CheckBuilt => Stage::Build,
-            StepKind::NestedCopy | StepKind::CopyFromWorkstation | StepKind::RelayCopy => {
-                Stage::CopyToTarget
-            }
+            StepKind::NestedCopy
+            | StepKind::CopyFromWorkstation
+            | StepKind::RelayCopy
+            | StepKind::CheckPresent => Stage::CopyToTarget,
             StepKind::VerifySystem | StepKind::SetProfile | StepKind::Switch => Stage::Activate,
             StepKind::RemoveRootDir => Stage::Cleanup,
         }
@@ -169,6 +172,8 @@ pub struct MachinePlan {
     pub machine: ResolvedMachine,
     /// Index of its build group in [`DeployPlan::groups`].
     pub group: usize,
+    /// Asks the target whether it already has the system; if so the copy is skipped.
+    pub present_check: Option<Step>,
     /// Its steps once its system is built, in order.
     pub steps: Vec<Step>,
 }
@@ -340,9 +345,24 @@ pub fn plan_deploy(machines: Vec<ResolvedMachine>, ctx: &PlanContext) -> DeployP
         };
         groups[group].members.push(index);
         let steps = machine_steps(&machine, &groups[group].builder, &target, ctx);
+        let present_check = steps
+            .iter()
+            .any(|s| s.kind.stage() == Stage::CopyToTarget)
+            .then(|| Step {
+                kind: StepKind::CheckPresent,
+                runner: Runner::Remote {
+                    role: Role::Target,
+                    host: target.clone(),
+                    command: RemoteCommand::Run(Invocation::new(
+                        "nix-store",
+                        ["--check-validity", machine.out_path.as_str()],
+                    )),
+                },
+            });
         plans.push(MachinePlan {
             machine,
             group,
+            present_check,
             steps,
         });
     }
@@ -607,6 +627,14 @@ impl fmt::Display for DeployPlan {
             for &i in &group.members {
                 let plan = &self.machines[i];
                 writeln!(f, "Then {}, once its system is built:", plan.machine.name)?;
+                if let Some(check) = &plan.present_check {
+                    writeln!(
+                        f,
+                        "    [{}] {}   (no copy if this succeeds)",
+                        check.host_label(),
+                        check.command_line()
+                    )?;
+                }
                 print_steps(f, &plan.steps)?;
             }
             writeln!(f, "After all of them:")?;

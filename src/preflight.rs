@@ -44,10 +44,10 @@ fn nested_probe_name(target: &SshHost) -> String {
     format!("hop-{}", connection_key(&target.address))
 }
 
-/// The probes one host runs: what it needs to be a build host, a source of the second hop,
-/// a target.
+/// The probes one host runs: what it needs to be a build host or a target, and, run apart
+/// so they overlap, its second hops.
 #[derive(Default)]
-struct Probes(Vec<(String, Invocation)>);
+struct Probes(Vec<(String, Invocation)>, Vec<(String, Invocation)>);
 
 impl Probes {
     fn add(&mut self, name: &str, inv: Invocation) {
@@ -102,7 +102,10 @@ impl Probes {
         argv.extend(["-o".into(), "ConnectTimeout=15".into(), "--".into()]);
         argv.push(target.address.destination());
         argv.push("true".into());
-        self.add(&nested_probe_name(target), Invocation::new("ssh", argv));
+        let name = nested_probe_name(target);
+        if !self.1.iter().any(|(n, _)| *n == name) {
+            self.1.push((name, Invocation::new("ssh", argv)));
+        }
     }
 }
 
@@ -130,17 +133,32 @@ pub fn run(plan: &DeployPlan, ctx: &PlanContext, connections: &Connections) -> V
         }
     }
 
+    // Every host's own probes, and each second hop apart (they may each wait on a slow
+    // target), all at once; the second hops share their build host's connection.
     let results: BTreeMap<String, HostResults> = std::thread::scope(|scope| {
         let handles: Vec<_> = hosts
             .iter()
-            .map(|(key, (host, probes))| {
-                scope.spawn(move || (key.clone(), probe(host, probes, connections)))
+            .flat_map(|(key, (host, probes))| {
+                std::iter::once(probes.0.clone())
+                    .chain(probes.1.iter().map(|hop| vec![hop.clone()]))
+                    .map(move |list| {
+                        scope.spawn(move || (key.clone(), probe(host, list, connections)))
+                    })
             })
             .collect();
-        handles
-            .into_iter()
-            .map(|h| h.join().expect("probe thread"))
-            .collect()
+        let mut merged: BTreeMap<String, HostResults> = BTreeMap::new();
+        for handle in handles {
+            let (key, result) = handle.join().expect("probe thread");
+            match (merged.get_mut(&key), result) {
+                (None, result) => {
+                    merged.insert(key, result);
+                }
+                (Some(Ok(all)), Ok(more)) => all.extend(more),
+                (Some(slot @ Ok(_)), Err(e)) => *slot = Err(e),
+                (Some(Err(_)), _) => {}
+            }
+        }
+        merged
     });
 
     let mut errors = Vec::new();
@@ -155,19 +173,32 @@ fn probes_of(hosts: &mut BTreeMap<String, (ProbeHost, Probes)>, host: ProbeHost)
     &mut hosts.entry(key).or_insert((host, Probes::default())).1
 }
 
-fn probe(host: &ProbeHost, probes: &Probes, connections: &Connections) -> HostResults {
-    let script = RemoteCommand::Probes(probes.0.clone());
-    let argv = match host {
-        ProbeHost::Local => vec!["sh".to_string(), "-c".into(), script.to_shell()],
+fn probe(
+    host: &ProbeHost,
+    probes: Vec<(String, Invocation)>,
+    connections: &Connections,
+) -> HostResults {
+    let script = RemoteCommand::Probes(probes);
+    let (argv, session) = match host {
+        ProbeHost::Local => (
+            vec!["sh".to_string(), "-c".into(), script.to_shell()],
+            connections.session_free(),
+        ),
         ProbeHost::Remote(ssh) => {
             connections.open(ssh)?;
-            ssh.ssh_argv(Side::WorkstationBatch, &script)
+            (
+                ssh.ssh_argv(Side::WorkstationBatch, &script),
+                connections.session(ssh),
+            )
         }
     };
-    let output = Command::new(&argv[0])
-        .args(&argv[1..])
-        .stdin(Stdio::null())
-        .output()
+    let output = session
+        .run(|| {
+            Command::new(&argv[0])
+                .args(&argv[1..])
+                .stdin(Stdio::null())
+                .output()
+        })
         .map_err(|e| format!("cannot run {}: {e}", argv[0]))?;
     let parsed = parse_probes(&String::from_utf8_lossy(&output.stdout));
     if parsed.is_empty() {

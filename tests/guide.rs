@@ -121,6 +121,7 @@ fn what_happens_during_a_deploy_build_host_from_inventory() {
     let again = clan(&lab, &flake, &["machines", "update", "m"]);
     assert_eq!(again.code, 0);
     assert!(!again.stderr.contains("copying path"), "copied again");
+    assert!(again.stderr.contains("[m] already on the target: no copy"));
     assert!(!again.stderr.contains("building '"), "built again");
     assert_eq!(lab.host("builder").store_entries(), builder_before);
     assert_eq!(lab.host("target").store_entries(), target_before);
