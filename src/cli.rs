@@ -5,6 +5,7 @@ use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
 
+use crate::plan::Action;
 use crate::ssh::HostKeyCheck;
 
 /// Deploy NixOS machines from a clan flake, optionally building on a separate build host.
@@ -34,6 +35,24 @@ pub enum MachinesCommand {
     /// Set up the second hop: a key on the build host, authorized on the target, and the
     /// target's verified host key in the build host's known_hosts.
     SetupBuildHost(SetupBuildHostArgs),
+    /// Switch a machine back to its previous system generation.
+    Rollback(RollbackArgs),
+}
+
+/// Arguments of `clan machines rollback`.
+#[derive(Debug, Args)]
+pub struct RollbackArgs {
+    /// The machine to roll back.
+    #[arg(value_name = "MACHINE")]
+    pub machine: String,
+
+    /// Flake and host overrides, as for update.
+    #[command(flatten)]
+    pub hosts: HostArgs,
+
+    /// Host key policy for the connection to the target.
+    #[arg(long, value_enum, value_name = "POLICY", default_value_t = HostKeyCheck::Strict)]
+    pub host_key_check: HostKeyCheck,
 }
 
 /// Where the hosts come from: the flake and the command-line overrides.
@@ -142,6 +161,22 @@ pub struct UpdateArgs {
     /// Print a JSON report of what happened to each machine on stdout.
     #[arg(long)]
     pub json: bool,
+
+    /// What activation does: switch (profile and now), boot (profile only), test (now only), dry-activate.
+    #[arg(long, value_enum, value_name = "ACTION", default_value_t = Action::Switch)]
+    pub action: Action,
+
+    /// Do not print what the new system changes against the current one before activating.
+    #[arg(long)]
+    pub no_diff: bool,
+
+    /// Do not arm the target's watchdog that rolls back when it is unreachable after activation.
+    #[arg(long)]
+    pub no_rollback: bool,
+
+    /// Seconds the target waits for a fresh ssh login after activation before it rolls back by itself.
+    #[arg(long, value_name = "SECONDS", default_value_t = 30, value_parser = clap::value_parser!(u32).range(5..))]
+    pub rollback_timeout: u32,
 
     /// Progress display: live lines on a terminal (auto), or one plain line per event.
     #[arg(long, value_enum, value_name = "FORMAT", default_value_t = LogFormat::Auto)]

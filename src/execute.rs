@@ -48,6 +48,8 @@ pub struct MachineReport {
     pub outcome: Outcome,
     /// Time spent in each stage.
     pub stages: BTreeMap<Stage, Duration>,
+    /// What the new system changed against the previous one, if it was summarised.
+    pub changes: Option<String>,
     /// Its log file.
     pub log: Option<PathBuf>,
 }
@@ -106,8 +108,8 @@ impl LogSink {
     }
 }
 
-/// How a machine ended, and how long each stage took.
-type Ended = (Outcome, BTreeMap<Stage, Duration>);
+/// How a machine ended, how long each stage took, what its activation changed.
+type Ended = (Outcome, BTreeMap<Stage, Duration>, Option<String>);
 
 /// A machine's build result, sent by its group: how long it took, or why it failed.
 type Built = (usize, Result<Duration, Error>);
@@ -129,18 +131,19 @@ pub fn run_plan(
         .collect();
     let results: Mutex<Vec<Option<Ended>>> =
         Mutex::new(plan.machines.iter().map(|_| None).collect());
-    let record = |i: usize, outcome: Outcome, stages: BTreeMap<Stage, Duration>| {
-        let failed = matches!(outcome, Outcome::Failed(_));
-        match &outcome {
-            Outcome::Deployed => progress.finish(i, true, "deployed"),
-            Outcome::Failed(e) => progress.finish(i, false, &format!("failed: {}", e.message)),
-            Outcome::Skipped => progress.finish(i, false, "skipped (--fail-fast)"),
-        }
-        results.lock().expect("results lock")[i] = Some((outcome, stages));
-        if failed && options.fail_fast {
-            stop.store(true, Ordering::SeqCst);
-        }
-    };
+    let record =
+        |i: usize, outcome: Outcome, stages: BTreeMap<Stage, Duration>, changes: Option<String>| {
+            let failed = matches!(outcome, Outcome::Failed(_));
+            match &outcome {
+                Outcome::Deployed => progress.finish(i, true, "deployed"),
+                Outcome::Failed(e) => progress.finish(i, false, &format!("failed: {}", e.message)),
+                Outcome::Skipped => progress.finish(i, false, "skipped (--fail-fast)"),
+            }
+            results.lock().expect("results lock")[i] = Some((outcome, stages, changes));
+            if failed && options.fail_fast {
+                stop.store(true, Ordering::SeqCst);
+            }
+        };
 
     // Shared connections first: every command of a host goes through them. A failure is not
     // fatal here: ssh then connects on its own, and that connection's error is diagnosed.
@@ -177,15 +180,16 @@ pub fn run_plan(
         for (i, built) in built_rx {
             let mut stages = BTreeMap::new();
             match built {
-                Err(error) => record(i, Outcome::Failed(with_log(error, &sinks[i])), stages),
+                Err(error) => record(i, Outcome::Failed(with_log(error, &sinks[i])), stages, None),
                 Ok(build_time) => {
                     stages.insert(Stage::Build, build_time);
                     let (jobs, stop, record, sinks) = (&jobs, &stop, &record, &sinks);
                     scope.spawn(move || {
                         let _permit = jobs.acquire();
                         if stop.load(Ordering::SeqCst) {
-                            return record(i, Outcome::Skipped, stages);
+                            return record(i, Outcome::Skipped, stages, None);
                         }
+                        let mut changes = None;
                         let outcome = run_machine(
                             &plan.machines[i],
                             i,
@@ -193,8 +197,9 @@ pub fn run_plan(
                             progress,
                             connections,
                             &mut stages,
+                            &mut changes,
                         );
-                        record(i, outcome, stages);
+                        record(i, outcome, stages, changes);
                     });
                 }
             }
@@ -230,13 +235,15 @@ pub fn run_plan(
         .zip(results)
         .zip(sinks)
         .map(|((m, result), sink)| {
-            let (outcome, stages) = result.unwrap_or((Outcome::Skipped, BTreeMap::new()));
+            let (outcome, stages, changes) =
+                result.unwrap_or((Outcome::Skipped, BTreeMap::new(), None));
             MachineReport {
                 name: m.machine.name.clone(),
                 build_host: plan.groups[m.group].label(),
                 target: m.machine.target.value.to_string(),
                 outcome,
                 stages,
+                changes,
                 log: sink.path,
             }
         })
@@ -355,6 +362,7 @@ fn run_machine(
     progress: &Progress,
     connections: &Connections,
     stages: &mut BTreeMap<Stage, Duration>,
+    changes: &mut Option<String>,
 ) -> Outcome {
     let name = &plan.machine.name;
     // A target that already has the system needs no copy (a valid path's closure is valid).
@@ -384,14 +392,82 @@ fn run_machine(
             );
         }
         let started = Instant::now();
-        let (code, output) = run_step(step, name, Some(sink), progress, connections);
+        let (code, output) = match step.kind {
+            StepKind::Confirm => confirm(step, plan.confirm_within, name, sink, progress),
+            _ => run_step(step, name, Some(sink), progress, connections),
+        };
         *stages.entry(stage).or_default() += started.elapsed();
+        if step.kind == StepKind::Diff {
+            // The summary is a courtesy: a Nix without diff-closures does not stop a deploy.
+            if code == Some(0) {
+                *changes = Some(output);
+            } else {
+                progress.event(&format!(
+                    "[{name}] warning: no change summary: {}",
+                    output.trim()
+                ));
+            }
+            continue;
+        }
         if code != Some(0) {
-            let error = diagnose(&plan.machine, step, &output, code);
+            let mut error = diagnose(&plan.machine, step, &output, code);
+            if step.kind == StepKind::Switch && !plan.undo_switch.is_empty() {
+                error = undo_switch(plan, name, sink, progress, connections, error);
+            }
             return Outcome::Failed(with_log(error, sink));
         }
     }
     Outcome::Deployed
+}
+
+/// After a failed switch: stop the watchdog and put the previous generation back.
+fn undo_switch(
+    plan: &MachinePlan,
+    name: &str,
+    sink: &LogSink,
+    progress: &Progress,
+    connections: &Connections,
+    error: Error,
+) -> Error {
+    for step in &plan.undo_switch {
+        let (code, output) = run_step(step, name, Some(sink), progress, connections);
+        if code != Some(0) {
+            return error.hint(Hint::text(format!(
+                "rolling the system profile back failed too ({}): check the target by hand, e.g. clan machines rollback {name}",
+                output.trim()
+            )));
+        }
+    }
+    if plan
+        .undo_switch
+        .iter()
+        .any(|s| s.command_line().contains("--rollback"))
+    {
+        error.hint(Hint::text(
+            "the system profile was rolled back to the previous generation: the next boot is not the broken system",
+        ))
+    } else {
+        error
+    }
+}
+
+/// Reaches the target over fresh connections until one works or the watchdog's time is
+/// nearly up.
+fn confirm(
+    step: &Step,
+    within: Duration,
+    name: &str,
+    sink: &LogSink,
+    progress: &Progress,
+) -> (Option<i32>, String) {
+    let deadline = Instant::now() + within;
+    loop {
+        let (code, output) = run_step_now(step, name, Some(sink), progress);
+        if code == Some(0) || Instant::now() + Duration::from_secs(2) >= deadline {
+            return (code, output);
+        }
+        thread::sleep(Duration::from_secs(1));
+    }
 }
 
 /// Runs a query step without showing it; its stdout, once its session slot is free.

@@ -1,7 +1,7 @@
 use clap::Parser;
 
 use clan::cli::{Cli, MachinesCommand, TopCommand};
-use clan::commands::machines::{setup_build_host, show, update};
+use clan::commands::machines::{rollback, setup_build_host, show, update};
 
 fn main() {
     let cli = Cli::parse();
@@ -9,6 +9,7 @@ fn main() {
         TopCommand::Machines(MachinesCommand::Update(args)) => update::run(args),
         TopCommand::Machines(MachinesCommand::Show(args)) => show::run(args),
         TopCommand::Machines(MachinesCommand::SetupBuildHost(args)) => setup_build_host::run(args),
+        TopCommand::Machines(MachinesCommand::Rollback(args)) => rollback::run(args),
     };
     let code = match result {
         Ok(code) => code,

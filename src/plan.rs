@@ -66,6 +66,14 @@ pub enum StepKind {
     CheckBuilt,
     /// Ask the target whether it already has the system.
     CheckPresent,
+    /// Show what the new system changes against the current one.
+    Diff,
+    /// Start the target's rollback watchdog.
+    ArmWatchdog,
+    /// Reach the target over a fresh connection and stop its watchdog.
+    Confirm,
+    /// Undo a failed switch: stop the watchdog, roll the profile back.
+    UndoProfile,
 }
 
 impl StepKind {
@@ -78,7 +86,13 @@ impl StepKind {
             | StepKind::CopyFromWorkstation
             | StepKind::RelayCopy
             | StepKind::CheckPresent => Stage::CopyToTarget,
-            StepKind::VerifySystem | StepKind::SetProfile | StepKind::Switch => Stage::Activate,
+            StepKind::VerifySystem
+            | StepKind::Diff
+            | StepKind::SetProfile
+            | StepKind::ArmWatchdog
+            | StepKind::Switch
+            | StepKind::Confirm
+            | StepKind::UndoProfile => Stage::Activate,
             StepKind::RemoveRootDir => Stage::Cleanup,
         }
     }
@@ -90,7 +104,10 @@ impl StepKind {
 
     /// Whether a failure from this step on may leave the target half-updated.
     pub fn changes_target_system(self) -> bool {
-        matches!(self, StepKind::SetProfile | StepKind::Switch)
+        matches!(
+            self,
+            StepKind::SetProfile | StepKind::Switch | StepKind::Confirm | StepKind::UndoProfile
+        )
     }
 }
 
@@ -174,6 +191,10 @@ pub struct MachinePlan {
     pub group: usize,
     /// Asks the target whether it already has the system; if so the copy is skipped.
     pub present_check: Option<Step>,
+    /// What undoes a failed switch.
+    pub undo_switch: Vec<Step>,
+    /// How long the workstation tries to confirm over a fresh connection.
+    pub confirm_within: std::time::Duration,
     /// Its steps once its system is built, in order.
     pub steps: Vec<Step>,
 }
@@ -278,6 +299,8 @@ pub struct PlanContext {
     pub copy_via_workstation: bool,
     /// Let targets fetch paths from their own substituters (`nix copy -s`).
     pub use_substitutes: bool,
+    /// How targets are activated.
+    pub activation: Activation,
 }
 
 impl PlanContext {
@@ -359,10 +382,20 @@ pub fn plan_deploy(machines: Vec<ResolvedMachine>, ctx: &PlanContext) -> DeployP
                     )),
                 },
             });
+        let undo_switch = undo_failed_switch(&target, &machine.name, ctx);
+        let confirm_within = std::time::Duration::from_secs(u64::from(
+            ctx.activation
+                .rollback_timeout
+                .unwrap_or(0)
+                .saturating_sub(3)
+                .max(1),
+        ));
         plans.push(MachinePlan {
             machine,
             group,
             present_check,
+            undo_switch,
+            confirm_within,
             steps,
         });
     }
@@ -504,7 +537,7 @@ fn machine_steps(
             });
         }
     }
-    steps.extend(activation_steps(target, out, &ctx.run_id));
+    steps.extend(activation_steps(target, out, &machine.name, ctx));
     steps
 }
 
@@ -531,9 +564,91 @@ fn relay_sshopts(builder: &SshHost, target: &SshHost) -> String {
     flags.join(" ")
 }
 
-/// Verify, set the profile, switch. The switch runs as a transient systemd unit where the
-/// target has systemd, so a dropped ssh connection cannot kill it half-way.
-fn activation_steps(target: &SshHost, out: &str, run_id: &str) -> Vec<Step> {
+/// What activation does, as `nixos-rebuild` names it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum Action {
+    /// Set the system profile and switch to the new system now.
+    #[default]
+    Switch,
+    /// Set the system profile; the new system runs from the next boot.
+    Boot,
+    /// Switch to the new system now without touching the profile (the next boot is the old one).
+    Test,
+    /// Set nothing; show what switching would do.
+    DryActivate,
+}
+
+impl Action {
+    /// The argument of `switch-to-configuration`.
+    pub fn word(self) -> &'static str {
+        match self {
+            Action::Switch => "switch",
+            Action::Boot => "boot",
+            Action::Test => "test",
+            Action::DryActivate => "dry-activate",
+        }
+    }
+
+    /// Whether the system profile is set.
+    pub fn sets_profile(self) -> bool {
+        matches!(self, Action::Switch | Action::Boot)
+    }
+
+    /// Whether the running system changes (and may cut the target off).
+    pub fn changes_running_system(self) -> bool {
+        matches!(self, Action::Switch | Action::Test)
+    }
+}
+
+/// How the target is activated: action, change summary, rollback watchdog.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Activation {
+    /// What to do.
+    pub action: Action,
+    /// Show what changes against the current system first.
+    pub diff: bool,
+    /// Seconds the target waits for a fresh connection before it rolls back by itself;
+    /// `None`: no watchdog.
+    pub rollback_timeout: Option<u32>,
+}
+
+impl Default for Activation {
+    fn default() -> Activation {
+        Activation {
+            action: Action::Switch,
+            diff: true,
+            rollback_timeout: Some(30),
+        }
+    }
+}
+
+/// The watchdog, on the target: unless the confirmation file appears in time, go back to
+/// the previous generation (for `switch`) or the profile's system (for `test`). It first
+/// lets go of the ssh session's output, or the session would last as long as it does.
+/// Arguments: timeout, confirmation file, profile, action.
+const WATCHDOG: &str = r#"exec </dev/null >/dev/null 2>&1
+sleep "$1"
+if [ -e "$2" ]; then rm -f "$2"; exit 0; fi
+if [ "$4" = switch ]; then nix-env -p "$3" --rollback || exit 1; fi
+exec "$(readlink -f "$3")/bin/switch-to-configuration" switch"#;
+
+/// The change summary: the new system against the running one (else the profile's).
+/// Arguments: profile, new system.
+const DIFF: &str = r#"cur=/run/current-system; [ -e "$cur" ] || cur=$1; [ -e "$cur" ] || { echo "no current system: first deploy"; exit 0; }
+exec nix --extra-experimental-features nix-command store diff-closures "$cur" "$2""#;
+
+/// Where the workstation confirms that it reached the target after activation.
+pub fn confirm_file(run_id: &str, machine: &str) -> String {
+    format!("/run/clan-confirm-{run_id}-{machine}")
+}
+
+/// Verify, summarise the change, set the profile, arm the watchdog, switch, confirm.
+/// The switch (and the watchdog) run as transient systemd units where the target has
+/// systemd, so a dropped ssh connection cannot kill them half-way.
+fn activation_steps(target: &SshHost, out: &str, machine: &str, ctx: &PlanContext) -> Vec<Step> {
+    let activation = ctx.activation;
+    let action = activation.action;
+    let run_id = ctx.run_id.as_str();
     let on_target = |kind, command| Step {
         kind,
         runner: Runner::Remote {
@@ -553,22 +668,117 @@ fn activation_steps(target: &SshHost, out: &str, run_id: &str) -> Vec<Step> {
             &switch_bin,
         ],
     );
-    let set_profile = Invocation::new("nix-env", ["-p", SYSTEM_PROFILE, "--set", out]);
-    vec![
-        on_target(StepKind::VerifySystem, RemoteCommand::Run(verify)),
-        on_target(StepKind::SetProfile, RemoteCommand::Run(set_profile)),
-        on_target(
-            StepKind::Switch,
+    let mut steps = vec![on_target(
+        StepKind::VerifySystem,
+        RemoteCommand::Run(verify),
+    )];
+    if activation.diff {
+        steps.push(on_target(
+            StepKind::Diff,
+            RemoteCommand::Run(Invocation::new(
+                "sh",
+                ["-c", DIFF, "sh", SYSTEM_PROFILE, out],
+            )),
+        ));
+    }
+    if action.sets_profile() {
+        steps.push(on_target(
+            StepKind::SetProfile,
+            RemoteCommand::Run(Invocation::new(
+                "nix-env",
+                ["-p", SYSTEM_PROFILE, "--set", out],
+            )),
+        ));
+    }
+    let confirm = confirm_file(run_id, machine);
+    let watchdog = activation
+        .rollback_timeout
+        .filter(|_| action.changes_running_system());
+    if let Some(timeout) = watchdog {
+        let timeout = timeout.to_string();
+        let args = [
+            "-c",
+            WATCHDOG,
+            "sh",
+            &timeout,
+            &confirm,
+            SYSTEM_PROFILE,
+            action.word(),
+        ];
+        let mut detached = vec!["-f", "sh"];
+        detached.extend(args);
+        let mut unit = vec![
+            "--collect".to_string(),
+            "--no-ask-password".into(),
+            "--quiet".into(),
+            format!("--unit=clan-rollback-{run_id}-{machine}"),
+            "sh".into(),
+        ];
+        unit.extend(args.iter().map(|a| a.to_string()));
+        steps.push(on_target(
+            StepKind::ArmWatchdog,
             RemoteCommand::IfSystemd {
-                with_systemd: systemd_switch(&switch_bin, run_id),
-                without: Invocation::new(&switch_bin, ["switch"]),
+                with_systemd: Invocation::new("systemd-run", unit),
+                without: Invocation::new("setsid", detached),
             },
-        ),
-    ]
+        ));
+    }
+    steps.push(on_target(
+        StepKind::Switch,
+        RemoteCommand::IfSystemd {
+            with_systemd: systemd_switch(&switch_bin, action.word(), run_id),
+            without: Invocation::new(&switch_bin, [action.word()]),
+        },
+    ));
+    if watchdog.is_some() {
+        // A fresh connection, not the shared one: it must prove that new logins still work.
+        let mut fresh = target.clone();
+        fresh.control_path = None;
+        fresh.address.options.extend([
+            ("ControlPath".to_string(), "none".to_string()),
+            ("ConnectTimeout".to_string(), "5".to_string()),
+        ]);
+        steps.push(Step {
+            kind: StepKind::Confirm,
+            runner: Runner::Remote {
+                role: Role::Target,
+                host: fresh,
+                command: RemoteCommand::Run(Invocation::new("touch", [confirm.as_str()])),
+            },
+        });
+    }
+    steps
+}
+
+/// What undoes a failed switch: stop the watchdog, put the previous generation back in the
+/// profile (so the next boot is not the broken system).
+pub fn undo_failed_switch(target: &SshHost, machine: &str, ctx: &PlanContext) -> Vec<Step> {
+    let on_target = |inv| Step {
+        kind: StepKind::UndoProfile,
+        runner: Runner::Remote {
+            role: Role::Target,
+            host: target.clone(),
+            command: RemoteCommand::Run(inv),
+        },
+    };
+    let mut steps = Vec::new();
+    if ctx.activation.rollback_timeout.is_some() && ctx.activation.action.changes_running_system() {
+        steps.push(on_target(Invocation::new(
+            "touch",
+            [confirm_file(&ctx.run_id, machine).as_str()],
+        )));
+    }
+    if ctx.activation.action.sets_profile() {
+        steps.push(on_target(Invocation::new(
+            "nix-env",
+            ["-p", SYSTEM_PROFILE, "--rollback"],
+        )));
+    }
+    steps
 }
 
 /// The switch as a transient unit that outlives the ssh session, piping its output back.
-pub fn systemd_switch(switch_bin: &str, run_id: &str) -> Invocation {
+pub fn systemd_switch(switch_bin: &str, action: &str, run_id: &str) -> Invocation {
     Invocation::new(
         "systemd-run",
         [
@@ -584,7 +794,7 @@ pub fn systemd_switch(switch_bin: &str, run_id: &str) -> Invocation {
             &format!("--unit=clan-switch-to-configuration-{run_id}"),
             "--wait",
             switch_bin,
-            "switch",
+            action,
         ],
     )
 }
@@ -682,6 +892,7 @@ mod tests {
             own_control_path: BTreeSet::new(),
             copy_via_workstation: false,
             use_substitutes: false,
+            activation: Activation::default(),
         }
     }
 
@@ -706,14 +917,22 @@ mod tests {
             ]
         );
         assert_eq!(
-            labels(&plan.machines[0].steps),
+            labels(&plan.machines[0].steps)[..6],
             vec![
                 (StepKind::NestedCopy, b.clone()),
                 (StepKind::VerifySystem, t.clone()),
+                (StepKind::Diff, t.clone()),
                 (StepKind::SetProfile, t.clone()),
+                (StepKind::ArmWatchdog, t.clone()),
                 (StepKind::Switch, t),
             ]
         );
+        // Confirmation over a fresh connection, not the shared one.
+        let confirm = plan.machines[0].steps.last().unwrap();
+        assert_eq!(confirm.kind, StepKind::Confirm);
+        let argv = confirm.local_argv();
+        assert!(argv.contains(&"ControlPath=none".to_string()));
+        assert_eq!(argv.last().unwrap(), "touch /run/clan-confirm-r1-m");
         assert_eq!(plan.groups[0].cleanup.host_label(), b);
         assert_eq!(
             plan.machines[0].steps[0].command_line(),
@@ -723,6 +942,60 @@ mod tests {
         assert_eq!(
             plan.groups[0].steps[2].command_line(),
             "nix-store --realise /nix/store/d-m.drv --add-root /tmp/clan-r1-build0/system --keep-going"
+        );
+    }
+
+    #[test]
+    fn actions_choose_profile_switch_and_watchdog() {
+        let kinds = |action: Action| {
+            let mut c = ctx(HostKeyCheck::Strict);
+            c.activation.action = action;
+            c.activation.diff = false;
+            let plan = plan_deploy(vec![machine("m", "root@t", BuildLocation::Target)], &c);
+            let switch = plan.machines[0]
+                .steps
+                .iter()
+                .find(|s| s.kind == StepKind::Switch)
+                .unwrap()
+                .command_line();
+            let kinds: Vec<StepKind> = plan.machines[0].steps.iter().map(|s| s.kind).collect();
+            (kinds, switch, plan.machines[0].undo_switch.len())
+        };
+        use StepKind::*;
+        let (k, switch, undo) = kinds(Action::Switch);
+        assert_eq!(k, [VerifySystem, SetProfile, ArmWatchdog, Switch, Confirm]);
+        assert!(switch.ends_with("switch-to-configuration switch; fi"));
+        assert_eq!(undo, 2);
+        let (k, switch, undo) = kinds(Action::Boot);
+        assert_eq!(k, [VerifySystem, SetProfile, Switch]);
+        assert!(switch.ends_with("switch-to-configuration boot; fi"));
+        assert_eq!(undo, 1);
+        let (k, switch, _) = kinds(Action::Test);
+        assert_eq!(k, [VerifySystem, ArmWatchdog, Switch, Confirm]);
+        assert!(switch.ends_with("switch-to-configuration test; fi"));
+        let (k, switch, undo) = kinds(Action::DryActivate);
+        assert_eq!(k, [VerifySystem, Switch]);
+        assert!(switch.ends_with("switch-to-configuration dry-activate; fi"));
+        assert_eq!(undo, 0);
+    }
+
+    #[test]
+    fn watchdog_is_detached_or_a_systemd_unit() {
+        let plan = plan_deploy(
+            vec![machine("m", "root@t", BuildLocation::Target)],
+            &ctx(HostKeyCheck::Strict),
+        );
+        let arm = plan.machines[0]
+            .steps
+            .iter()
+            .find(|s| s.kind == StepKind::ArmWatchdog)
+            .unwrap()
+            .command_line();
+        assert!(arm.starts_with("if test -d /run/systemd/system; then systemd-run --collect"));
+        assert!(arm.contains("'--unit=clan-rollback-r1-m' sh -c"));
+        assert!(arm.contains("else setsid -f sh -c"));
+        assert!(
+            arm.contains("sh 30 /run/clan-confirm-r1-m /nix/var/nix/profiles/system switch; fi")
         );
     }
 

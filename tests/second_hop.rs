@@ -351,7 +351,8 @@ fn copy_via_workstation_when_the_build_host_cannot_reach_the_target() {
 }
 
 // SSH connection reuse: one login per host from the workstation, at most two from the build
-// host to the target (preflight and copy).
+// host to the target (preflight and copy). The target sees one more login from the
+// workstation: the confirmation after activation, which must be a fresh connection.
 #[test]
 fn ssh_logins_per_host_for_one_deploy() {
     let lab = Lab::builder_and_target();
@@ -372,7 +373,14 @@ fn ssh_logins_per_host_for_one_deploy() {
         count(&target_logins, lab.ip("builder"))
     );
     assert_eq!(count(&builder_logins, ws), 1);
-    assert_eq!(count(&target_logins, ws), 1);
+    assert_eq!(count(&target_logins, ws), 2, "shared connection + fresh confirmation");
+    let quiet = clan(&lab, &flake, &["machines", "update", "m", "--no-rollback"]);
+    assert_eq!(quiet.code, 0);
+    assert_eq!(
+        lab.host("target").logins_by_source().get(ws).copied(),
+        Some(3),
+        "without the watchdog, one login"
+    );
     assert!(count(&target_logins, lab.ip("builder")) <= 2);
     assert!(count(&target_logins, lab.ip("builder")) >= 1);
     // The private control directory of the shared connections is gone.

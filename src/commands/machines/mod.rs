@@ -1,5 +1,6 @@
 //! `clan machines …`, and what its subcommands share: evaluate the flake once, resolve hosts.
 
+pub mod rollback;
 pub mod setup_build_host;
 pub mod show;
 pub mod update;

@@ -8,7 +8,7 @@ use crate::commands::machines::load_selection;
 use crate::connection::Connections;
 use crate::error::{Error, ExitKind, Hint};
 use crate::execute::{Logs, RunOptions, exit_code, run_plan};
-use crate::plan::{PlanContext, connection_key, plan_deploy};
+use crate::plan::{Activation, PlanContext, connection_key, plan_deploy};
 use crate::preflight;
 use crate::progress::Progress;
 use crate::report;
@@ -42,6 +42,11 @@ pub fn run(args: &UpdateArgs) -> Result<i32, Error> {
         own_control_path: own_control_paths(&machines),
         copy_via_workstation: args.copy_via_workstation,
         use_substitutes: args.use_substitutes,
+        activation: Activation {
+            action: args.action,
+            diff: !args.no_diff,
+            rollback_timeout: (!args.no_rollback).then_some(args.rollback_timeout),
+        },
     };
     let plan = plan_deploy(machines, &ctx);
     if args.dry_run {
@@ -87,6 +92,11 @@ pub fn run(args: &UpdateArgs) -> Result<i32, Error> {
     let reports = run_plan(&plan, &connections, &logs, &progress, options);
     progress.close();
     let code = exit_code(&reports);
+    for r in &reports {
+        if let Some(changes) = &r.changes {
+            eprintln!("\nChanges on {}:\n{}", r.name, changes.trim_end());
+        }
+    }
     eprintln!("\n{}", report::summary(&reports));
     if code != 0
         && let Some(dir) = logs.dir()

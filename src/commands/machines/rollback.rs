@@ -1,0 +1,66 @@
+//! `clan machines rollback`: switch a machine back to its previous system generation.
+
+use crate::cli::RollbackArgs;
+use crate::commands::machines::load_machines;
+use crate::error::{Error, ExitKind, Hint};
+use crate::plan::SYSTEM_PROFILE;
+use crate::ssh::{Invocation, RemoteCommand, SshHost, run_remote};
+
+/// Rolls the profile back one generation, then activates what it points to.
+/// Argument: the profile.
+const ROLLBACK: &str = r#"before=$(readlink -f "$1")
+nix-env -p "$1" --rollback || exit 3
+after=$(readlink -f "$1")
+echo "profile: $before -> $after"
+exec "$after/bin/switch-to-configuration" switch"#;
+
+/// Runs the command; returns the exit code.
+pub fn run(args: &RollbackArgs) -> Result<i32, Error> {
+    let loaded = load_machines(
+        &args.hosts.flake,
+        std::slice::from_ref(&args.machine),
+        &args.hosts.overrides(None),
+    )?;
+    let machine = &loaded
+        .first()
+        .ok_or_else(|| Error::usage(format!("unknown machine {:?}", args.machine)))?
+        .machine;
+    let target = SshHost::new(machine.target.value.clone(), args.host_key_check);
+    eprintln!(
+        "{}: rolling back to the previous generation on {}",
+        machine.name, target.address
+    );
+    let out = run_remote(
+        &target,
+        &RemoteCommand::Run(Invocation::new(
+            "sh",
+            ["-c", ROLLBACK, "sh", SYSTEM_PROFILE],
+        )),
+    )
+    .map_err(|e| Error::new(format!("cannot run ssh: {e}")))?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    print!("{stdout}");
+    match out.status.code() {
+        Some(0) => {
+            eprintln!("{}: rolled back", machine.name);
+            Ok(0)
+        }
+        Some(3) => Err(Error::new(format!(
+            "{}: there is no previous generation to roll back to on {}",
+            machine.name, target.address
+        ))
+        .detail(stderr.trim_end())),
+        code => Err(Error::new(format!(
+            "{}: rolling back on {} failed{}",
+            machine.name,
+            target.address,
+            code.map(|c| format!(" (exit {c})")).unwrap_or_default()
+        ))
+        .detail(format!("{stdout}{stderr}"))
+        .hint(Hint::text(
+            "if the profile already moved, the next boot uses the previous generation",
+        ))
+        .exit(ExitKind::PartiallyApplied)),
+    }
+}
