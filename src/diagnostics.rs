@@ -87,6 +87,14 @@ pub fn diagnose(machine: &ResolvedMachine, step: &Step, output: &str, code: Opti
     };
     let detail = tail(output, 15);
     let base = |message: String| Error::new(message).detail(detail.clone()).exit(exit);
+    if step.kind == StepKind::Confirm {
+        return base(format!(
+            "{name}: cannot log in to the target {target} over a fresh ssh connection after activating the new system: it rolls back to the previous generation by itself when its watchdog's time is up"
+        ))
+        .hint(Hint::text(
+            "the new system may have broken networking or sshd; once the target is back, check it and re-deploy",
+        ));
+    }
 
     // ssh itself failed (exit 255) on the workstation's own connection to the step's host.
     let outer_ssh_failed = matches!(step.runner, Runner::Remote { .. }) && code == Some(255);

@@ -373,7 +373,11 @@ fn ssh_logins_per_host_for_one_deploy() {
         count(&target_logins, lab.ip("builder"))
     );
     assert_eq!(count(&builder_logins, ws), 1);
-    assert_eq!(count(&target_logins, ws), 2, "shared connection + fresh confirmation");
+    assert_eq!(
+        count(&target_logins, ws),
+        2,
+        "shared connection + fresh confirmation"
+    );
     let quiet = clan(&lab, &flake, &["machines", "update", "m", "--no-rollback"]);
     assert_eq!(quiet.code, 0);
     assert_eq!(

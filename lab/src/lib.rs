@@ -376,6 +376,23 @@ impl Lab {
         );
         let config_path = sshd_dir.join("sshd_config");
         write(&config_path, &config);
+        // For fixture systems that stop or need sshd: stop the listener (sessions go on), or
+        // start it again as a daemon in this host's namespace.
+        let listener = format!("/usr/sbin/sshd .*-f {}", config_path.display());
+        let start = host.root().join("lab-sshd-start");
+        write(
+            &start,
+            &format!(
+                "#!/bin/sh\npgrep -f '{listener}' >/dev/null && exit 0\nexec /usr/sbin/sshd -f {} -E {}\n",
+                config_path.display(),
+                sshd_dir.join("sshd.log").display()
+            ),
+        );
+        let stop = host.root().join("lab-sshd-stop");
+        write(&stop, &format!("#!/bin/sh\npkill -f '{listener}'\n"));
+        for script in [&start, &stop] {
+            fs::set_permissions(script, fs::Permissions::from_mode(0o755)).expect("chmod");
+        }
         fs::set_permissions(&host_key, fs::Permissions::from_mode(0o600)).expect("chmod");
         let argv = namespaced(
             &host.dir,
@@ -527,6 +544,13 @@ impl Drop for Lab {
                 let _ = child.wait();
             }
         }
+        // An sshd that a fixture system restarted is no child of ours.
+        for host in self.hosts.values() {
+            let config = host.dir.join("sshd/sshd_config");
+            let _ = Command::new("pkill")
+                .args(["-f", &format!("/usr/sbin/sshd .*-f {}", config.display())])
+                .status();
+        }
         // Sessions whose sshd is gone may still hold a store open: end them by their address.
         let ips: Vec<&str> = self.hosts.values().map(|h| h.ip.as_str()).collect();
         for ip in ips {
@@ -562,9 +586,18 @@ const FIXTURE_FLAKE: &str = r#"{
         '' ];
         SHARED_SECONDS = "@SHARED_SECONDS@";
       };
+      # A package whose name carries a version, for change summaries.
+      package = nameVersion: derivation {
+        name = nameVersion;
+        system = "x86_64-linux";
+        builder = "/bin/sh";
+        PATH = "/usr/bin:/bin";
+        args = [ "-c" "mkdir -p $out; echo ${nameVersion} > $out/version" ];
+      };
       toplevel = name: args:
         let variant = args.variant or ""; in
         derivation ({
+        packages = map package (args.packages or [ ]);
         name = "nixos-system-${name}${if variant == "" then "" else "-" + variant}";
         system = "x86_64-linux";
         builder = "/bin/sh";
@@ -576,9 +609,20 @@ const FIXTURE_FLAKE: &str = r#"{
           sleep "$seconds"
           mkdir -p $out/bin
           if [ -n "''${sharedPart:-}" ]; then echo "$sharedPart" > $out/shared; fi
+          if [ -n "''${packages:-}" ]; then echo "$packages" > $out/packages; fi
           if [ "$variant" = not-nixos ]; then exit 0; fi
           echo "25.05-${name}" > $out/nixos-version
-          printf '#!/bin/sh\necho "%s $1" >> /root/switch-to-configuration.log\n' "$out" > $out/bin/switch-to-configuration
+          # Records each call; a healthy system makes sure the host's sshd runs (the lab's
+          # /root/lab-sshd-start), "breaks-ssh" stops it, "switch-fails" fails.
+          {
+            echo '#!/bin/sh'
+            echo "echo \"$out \$1\" >> /root/switch-to-configuration.log"
+            case "$variant" in
+              breaks-ssh) echo 'if [ "$1" = switch ] || [ "$1" = test ]; then /root/lab-sshd-stop; fi' ;;
+              switch-fails) echo 'echo "activating the fixture failed on purpose" >&2; exit 1' ;;
+              *) echo 'if [ -x /root/lab-sshd-start ]; then /root/lab-sshd-start; fi' ;;
+            esac
+          } > $out/bin/switch-to-configuration
           chmod +x $out/bin/switch-to-configuration
         '' ];
       } // (if args.shared or false then { sharedPart = shared; } else { }));

@@ -1,0 +1,274 @@
+//! Safe activation: actions, the change summary, the rollback watchdog when the target is
+//! lost, a failed switch, and `clan machines rollback`; asserted on the target's profile,
+//! what `switch-to-configuration` recorded, and whether its sshd answers.
+
+mod common;
+use common::*;
+
+use std::net::{SocketAddr, TcpStream};
+use std::time::{Duration, Instant};
+
+/// A flake with machine `m` on the lab's target, built on the target, with `system` args.
+fn flake(lab: &Lab, system_args: &str) -> std::path::PathBuf {
+    lab.write_flake(&format!(
+        r#"{{ inventory.machines.m = {{ deploy.targetHost = "root@{}"; }}; machines.m = system {{ {system_args} }}; }}"#,
+        lab.ip("target")
+    ))
+}
+
+fn target_lab() -> Lab {
+    Lab::start(&[HostSpec::new("target")])
+}
+
+fn sshd_answers(lab: &Lab) -> bool {
+    let addr: SocketAddr = format!("{}:22", lab.ip("target")).parse().unwrap();
+    TcpStream::connect_timeout(&addr, Duration::from_secs(1)).is_ok()
+}
+
+/// Deploys the first, healthy generation and returns its toplevel.
+fn first_generation(lab: &Lab) -> String {
+    let f = flake(lab, r#"packages = [ "hello-2.10" "tool-1.0" ];"#);
+    let out = toplevel(lab, &f, "m");
+    let run = clan(
+        lab,
+        &f,
+        &["machines", "update", "m", "--rollback-timeout", "10"],
+    );
+    assert_eq!(run.code, 0);
+    assert_eq!(
+        lab.host("target").system_profile().as_deref(),
+        Some(out.as_str())
+    );
+    out
+}
+
+#[test]
+fn actions_switch_boot_test_dry_activate() {
+    let lab = target_lab();
+    let v1 = first_generation(&lab);
+    let target = lab.host("target");
+    let f = flake(&lab, r#"variant = "v2";"#);
+    let v2 = toplevel(&lab, &f, "m");
+
+    let run = clan(
+        &lab,
+        &f,
+        &["machines", "update", "m", "--action", "dry-activate"],
+    );
+    assert_eq!(run.code, 0);
+    assert_eq!(
+        target.system_profile().as_deref(),
+        Some(v1.as_str()),
+        "dry-activate set the profile"
+    );
+    assert_eq!(
+        target.switch_log().last().unwrap(),
+        &format!("{v2} dry-activate")
+    );
+
+    let run = clan(&lab, &f, &["machines", "update", "m", "--action", "test"]);
+    assert_eq!(run.code, 0);
+    assert_eq!(
+        target.system_profile().as_deref(),
+        Some(v1.as_str()),
+        "test set the profile"
+    );
+    assert_eq!(target.switch_log().last().unwrap(), &format!("{v2} test"));
+
+    let run = clan(&lab, &f, &["machines", "update", "m", "--action", "boot"]);
+    assert_eq!(run.code, 0);
+    assert_eq!(
+        target.system_profile().as_deref(),
+        Some(v2.as_str()),
+        "boot did not set the profile"
+    );
+    assert_eq!(target.switch_log().last().unwrap(), &format!("{v2} boot"));
+
+    let run = clan(&lab, &f, &["machines", "update", "m"]);
+    assert_eq!(run.code, 0);
+    assert_eq!(target.switch_log().last().unwrap(), &format!("{v2} switch"));
+}
+
+#[test]
+fn change_summary_before_activation() {
+    let lab = target_lab();
+    let v1 = first_generation(&lab);
+    let f = flake(&lab, r#"packages = [ "hello-2.12" "newtool-0.3" ];"#);
+    let run = clan(&lab, &f, &["machines", "update", "m"]);
+    assert_eq!(run.code, 0);
+    assert!(run.stderr.contains("Changes on m:"));
+    assert!(
+        run.stderr.contains("hello: 2.10 → 2.12"),
+        "no version change in the summary"
+    );
+    assert!(run.stderr.contains("newtool: ∅ → 0.3"));
+    assert!(run.stderr.contains("tool: 1.0 → ∅"));
+    // Computed on the target, from its own store: the workstation never had the closures.
+    assert!(!lab.host("workstation").has_path(&v1));
+    let first = clan(
+        &lab,
+        &flake(&lab, ""),
+        &["machines", "update", "m", "--no-diff"],
+    );
+    assert!(!first.stderr.contains("Changes on m:"));
+}
+
+// The new system breaks sshd: the workstation cannot log in again, so the target restores
+// the previous generation by itself and is reachable again.
+#[test]
+fn lost_target_rolls_back_by_itself() {
+    let lab = target_lab();
+    let v1 = first_generation(&lab);
+    let f = flake(&lab, r#"variant = "breaks-ssh";"#);
+    let broken = toplevel(&lab, &f, "m");
+    let started = Instant::now();
+    let run = clan(
+        &lab,
+        &f,
+        &["machines", "update", "m", "--rollback-timeout", "8"],
+    );
+    assert_eq!(run.code, 3, "a lost target may be half-updated");
+    assert!(run.stderr.contains(&format!(
+        "m: cannot log in to the target root@{} over a fresh ssh connection after activating the new system",
+        lab.ip("target")
+    )));
+    assert!(
+        run.stderr
+            .contains("rolls back to the previous generation by itself")
+    );
+    assert!(
+        lab.host("target")
+            .switch_log()
+            .contains(&format!("{broken} switch"))
+    );
+
+    // The watchdog fires 8 s after it was armed.
+    let deadline = started + Duration::from_secs(25);
+    while lab.host("target").system_profile().as_deref() != Some(v1.as_str()) || !sshd_answers(&lab)
+    {
+        assert!(
+            Instant::now() < deadline,
+            "no rollback: profile {:?}",
+            lab.host("target").system_profile()
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    assert_eq!(
+        lab.host("target").switch_log().last().unwrap(),
+        &format!("{v1} switch")
+    );
+    // And it can be deployed to again.
+    let again = clan(
+        &lab,
+        &flake(&lab, r#"packages = [ "hello-2.10" "tool-1.0" ];"#),
+        &["machines", "update", "m"],
+    );
+    assert_eq!(again.code, 0);
+}
+
+// A healthy system is confirmed: the watchdog stands down and the system stays.
+#[test]
+fn confirmed_system_stays() {
+    let lab = target_lab();
+    first_generation(&lab);
+    let f = flake(&lab, r#"variant = "v2";"#);
+    let v2 = toplevel(&lab, &f, "m");
+    let run = clan(
+        &lab,
+        &f,
+        &["machines", "update", "m", "--rollback-timeout", "5"],
+    );
+    assert_eq!(run.code, 0);
+    std::thread::sleep(Duration::from_secs(7));
+    let target = lab.host("target");
+    assert_eq!(
+        target.system_profile().as_deref(),
+        Some(v2.as_str()),
+        "rolled back a healthy system"
+    );
+    assert_eq!(target.switch_log().last().unwrap(), &format!("{v2} switch"));
+    // This run's watchdog is gone, and so is its confirmation file.
+    let confirm = run
+        .stderr
+        .split("touch ")
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .expect("no confirmation step");
+    assert!(confirm.starts_with("/run/clan-confirm-"), "{confirm}");
+    let left = std::process::Command::new("pgrep")
+        .args(["-f", confirm])
+        .output()
+        .unwrap();
+    assert!(left.stdout.is_empty(), "watchdog still running");
+    assert!(
+        !std::path::Path::new(confirm).exists(),
+        "confirmation file left behind"
+    );
+}
+
+#[test]
+fn failed_switch_rolls_the_profile_back() {
+    let lab = target_lab();
+    let v1 = first_generation(&lab);
+    let f = flake(&lab, r#"variant = "switch-fails";"#);
+    let bad = toplevel(&lab, &f, "m");
+    let run = clan(
+        &lab,
+        &f,
+        &["machines", "update", "m", "--rollback-timeout", "6"],
+    );
+    assert_eq!(run.code, 3);
+    assert!(
+        run.stderr
+            .contains("activating the fixture failed on purpose")
+    );
+    assert!(run.stderr.contains("switch-to-configuration switch failed"));
+    assert!(
+        run.stderr
+            .contains("the system profile was rolled back to the previous generation")
+    );
+    assert_eq!(
+        lab.host("target").system_profile().as_deref(),
+        Some(v1.as_str())
+    );
+    assert!(
+        lab.host("target")
+            .switch_log()
+            .contains(&format!("{bad} switch"))
+    );
+    // The stood-down watchdog does not roll back a second time.
+    std::thread::sleep(Duration::from_secs(8));
+    assert_eq!(
+        lab.host("target").system_profile().as_deref(),
+        Some(v1.as_str())
+    );
+}
+
+#[test]
+fn rollback_command_switches_to_the_previous_generation() {
+    let lab = target_lab();
+    let v1 = first_generation(&lab);
+    let f = flake(&lab, r#"variant = "v2";"#);
+    let v2 = toplevel(&lab, &f, "m");
+    assert_eq!(clan(&lab, &f, &["machines", "update", "m"]).code, 0);
+    assert_eq!(
+        lab.host("target").system_profile().as_deref(),
+        Some(v2.as_str())
+    );
+
+    let run = clan(&lab, &f, &["machines", "rollback", "m"]);
+    assert_eq!(run.code, 0);
+    assert!(run.stdout.contains(&format!("profile: {v2} -> {v1}")));
+    assert_eq!(
+        lab.host("target").system_profile().as_deref(),
+        Some(v1.as_str())
+    );
+    assert_eq!(
+        lab.host("target").switch_log().last().unwrap(),
+        &format!("{v1} switch")
+    );
+
+    let nothing = clan(&lab, &f, &["machines", "rollback", "m"]);
+    assert_eq!(nothing.code, 1);
+    assert!(nothing.stderr.contains("no previous generation"));
+}
