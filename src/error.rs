@@ -13,6 +13,8 @@ pub enum ExitKind {
     /// A target's profile or running system was being changed when it failed: it may be
     /// half-updated.
     PartiallyApplied = 3,
+    /// Stopped by Ctrl-C.
+    Interrupted = 130,
 }
 
 /// A suggested next step.

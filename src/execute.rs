@@ -21,8 +21,11 @@ use std::time::{Duration, Instant};
 use crate::connection::{Connections, Semaphore};
 use crate::diagnostics::diagnose;
 use crate::error::{Error, ExitKind, Hint};
+use std::os::unix::process::CommandExt;
+
 use crate::plan::{BuildGroup, Builder, DeployPlan, MachinePlan, Runner, Stage, Step, StepKind};
 use crate::progress::Progress;
+use crate::ssh::RemoteCommand;
 
 /// How one machine's deploy ended.
 #[derive(Debug)]
@@ -189,6 +192,11 @@ pub fn run_plan(
                         if stop.load(Ordering::SeqCst) {
                             return record(i, Outcome::Skipped, stages, None);
                         }
+                        if crate::interrupt::requested() {
+                            let error =
+                                interrupted(&plan.machines[i].machine.name, "after its build");
+                            return record(i, Outcome::Failed(error), stages, None);
+                        }
                         let mut changes = None;
                         let outcome = run_machine(
                             &plan.machines[i],
@@ -250,6 +258,14 @@ pub fn run_plan(
         .collect()
 }
 
+/// What Ctrl-C left a machine in: stopped `when`, nothing activated.
+fn interrupted(machine: &str, when: &str) -> Error {
+    Error::new(format!(
+        "{machine}: interrupted {when}: nothing was activated on its target"
+    ))
+    .exit(ExitKind::Interrupted)
+}
+
 fn with_log(error: Error, sink: &LogSink) -> Error {
     match &sink.path {
         Some(path) => error.hint(Hint::text(format!("full log: {}", path.display()))),
@@ -279,7 +295,15 @@ fn run_group(
         }
     };
     let (realise, setup) = group.steps.split_last().expect("a group always realises");
+    let stop_all = |members: &[usize], when: &str| {
+        for &i in members {
+            let _ = built.send((i, Err(interrupted(&plan.machines[i].machine.name, when))));
+        }
+    };
     for step in setup {
+        if crate::interrupt::requested() {
+            return stop_all(&group.members, "before its build");
+        }
         let (code, output) = run_step(step, &label, Some(sink), progress, connections);
         if code != Some(0) {
             return fail_all(step, &output, code, &group.members);
@@ -307,6 +331,9 @@ fn run_group(
         (code, output, pending)
     });
     let pending = report_valid(plan, group, pending, started, connections, built);
+    if !pending.is_empty() && crate::interrupt::requested() {
+        return stop_all(&pending, "during its build");
+    }
     if !pending.is_empty() {
         fail_all(realise, &output, code.or(Some(1)), &pending);
     }
@@ -381,6 +408,10 @@ fn run_machine(
         if present && stage == Stage::CopyToTarget {
             continue;
         }
+        // Once activation began it finishes; before that, Ctrl-C stops the machine.
+        if stage != Stage::Activate && crate::interrupt::requested() {
+            return Outcome::Failed(interrupted(name, "while copying to the target"));
+        }
         if current != Some(stage) {
             current = Some(stage);
             progress.stage(
@@ -408,6 +439,9 @@ fn run_machine(
                 ));
             }
             continue;
+        }
+        if code != Some(0) && stage != Stage::Activate && crate::interrupt::requested() {
+            return Outcome::Failed(interrupted(name, "while copying to the target"));
         }
         if code != Some(0) {
             let mut error = diagnose(&plan.machine, step, &output, code);
@@ -520,12 +554,26 @@ fn run_step_now(
         sink.write(&format!("{header}\n$ {}\n", step.local_argv().join(" ")));
     }
     let argv = step.local_argv();
+    // Remote commands that stop when their input ends get an input we hold open.
+    let hangup = matches!(
+        &step.runner,
+        Runner::Remote {
+            command: RemoteCommand::UntilHangup(_),
+            ..
+        }
+    );
+    // A process group of its own: the terminal's Ctrl-C reaches clan only, which decides.
     let child = Command::new(&argv[0])
         .args(&argv[1..])
         .envs(step.local_env().iter().map(|(k, v)| (k, v)))
-        .stdin(Stdio::null())
+        .stdin(if hangup {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
+        .process_group(0)
         .spawn();
     let mut child = match child {
         Ok(child) => child,
@@ -545,7 +593,8 @@ fn run_step_now(
     .into_iter()
     .flatten()
     .collect();
-    thread::scope(|scope| {
+    let mut input = child.stdin.take();
+    let code = thread::scope(|scope| {
         for stream in streams {
             let collected = Arc::clone(&collected);
             scope.spawn(move || {
@@ -557,13 +606,61 @@ fn run_step_now(
                 }
             });
         }
+        wait_or_stop(&mut child, &mut input, step.kind.stage() != Stage::Activate)
     });
-    let code = child.wait().ok().and_then(|s| s.code());
     let output = collected.lock().expect("output lock").clone();
     if let Some(sink) = sink {
         sink.write(&format!("{output}(exit {code:?})\n\n"));
     }
     (code, output)
+}
+
+/// Waits for `child`; after Ctrl-C, stops it if it is `stoppable` (builds and copies, not
+/// activations): by ending its input (remote commands stop by themselves then), else by
+/// SIGTERM to its process group, and SIGKILL if it lingers.
+fn wait_or_stop(
+    child: &mut std::process::Child,
+    input: &mut Option<std::process::ChildStdin>,
+    stoppable: bool,
+) -> Option<i32> {
+    let mut stopping_since: Option<Instant> = None;
+    loop {
+        match child.try_wait() {
+            Ok(Some(status)) => return status.code(),
+            Ok(None) => {}
+            Err(_) => return None,
+        }
+        if stoppable && crate::interrupt::requested() {
+            match stopping_since {
+                None => {
+                    stopping_since = Some(Instant::now());
+                    if input.take().is_none() {
+                        terminate_group(child.id());
+                    }
+                }
+                Some(since) if since.elapsed() > Duration::from_secs(15) => {
+                    let _ = child.kill();
+                }
+                Some(_) => {}
+            }
+        }
+        thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// SIGTERM to the process group that `leader` leads (children run with `process_group(0)`).
+/// The syscall, not `/usr/bin/kill`: procps's `kill -TERM -PGID` reads the group as an
+/// option and signals every process instead.
+fn terminate_group(leader: u32) {
+    let Ok(pgid) = libc::pid_t::try_from(leader) else {
+        return;
+    };
+    if pgid > 1 {
+        // SAFETY: kill(2) has no memory effects; a negative pid names one process group.
+        unsafe {
+            libc::kill(-pgid, libc::SIGTERM);
+        }
+    }
 }
 
 /// The exit code for a set of reports: 3 if a target may be half-updated, 1 if anything
@@ -573,6 +670,7 @@ pub fn exit_code(reports: &[MachineReport]) -> i32 {
         .iter()
         .map(|r| match &r.outcome {
             Outcome::Deployed => 0,
+            Outcome::Failed(e) if e.exit == ExitKind::Interrupted => 130,
             Outcome::Failed(e) if e.exit == ExitKind::PartiallyApplied => 3,
             Outcome::Failed(_) | Outcome::Skipped => 1,
         })

@@ -12,6 +12,7 @@ pub mod error;
 pub mod eval;
 pub mod execute;
 pub mod host;
+pub mod interrupt;
 pub mod plan;
 pub mod preflight;
 pub mod progress;

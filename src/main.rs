@@ -6,7 +6,10 @@ use clan::commands::machines::{rollback, setup_build_host, show, update};
 fn main() {
     let cli = Cli::parse();
     let result = match &cli.command {
-        TopCommand::Machines(MachinesCommand::Update(args)) => update::run(args),
+        TopCommand::Machines(MachinesCommand::Update(args)) => {
+            clan::interrupt::install();
+            update::run(args)
+        }
         TopCommand::Machines(MachinesCommand::Show(args)) => show::run(args),
         TopCommand::Machines(MachinesCommand::SetupBuildHost(args)) => setup_build_host::run(args),
         TopCommand::Machines(MachinesCommand::Rollback(args)) => rollback::run(args),

@@ -464,11 +464,18 @@ fn group_steps(
     let mut realise = vec!["--realise"];
     realise.extend(drvs.iter().copied());
     realise.extend(["--add-root", &root, "--keep-going"]);
-    steps.push(run_on(
-        builder,
-        StepKind::Realise,
-        Invocation::new("nix-store", realise),
-    ));
+    let realise = Invocation::new("nix-store", realise);
+    steps.push(Step {
+        kind: StepKind::Realise,
+        runner: match builder {
+            Builder::Local => Runner::Workstation(realise),
+            Builder::Remote { role, host } => Runner::Remote {
+                role: *role,
+                host: host.clone(),
+                command: RemoteCommand::UntilHangup(realise),
+            },
+        },
+    });
     let cleanup = run_on(
         builder,
         StepKind::RemoveRootDir,
@@ -530,7 +537,7 @@ fn machine_steps(
                 runner: Runner::Remote {
                     role: *role,
                     host: host.clone(),
-                    command: RemoteCommand::Run(
+                    command: RemoteCommand::UntilHangup(
                         nix(&args).with_env("NIX_SSHOPTS", target.nix_sshopts(Side::Nested)),
                     ),
                 },
@@ -934,15 +941,18 @@ mod tests {
         assert!(argv.contains(&"ControlPath=none".to_string()));
         assert_eq!(argv.last().unwrap(), "touch /run/clan-confirm-r1-m");
         assert_eq!(plan.groups[0].cleanup.host_label(), b);
-        assert_eq!(
-            plan.machines[0].steps[0].command_line(),
-            "env 'NIX_SSHOPTS=-o IdentityFile=/k -o StrictHostKeyChecking=accept-new -o BatchMode=yes' \
+        // Builds and copies on remote hosts stop when the connection's input ends (Ctrl-C).
+        let copy = plan.machines[0].steps[0].command_line();
+        assert!(copy.starts_with("sh -c "), "{copy}");
+        assert!(copy.ends_with(
+            " sh env 'NIX_SSHOPTS=-o IdentityFile=/k -o StrictHostKeyChecking=accept-new -o BatchMode=yes' \
              nix --extra-experimental-features nix-command copy --to ssh://root@t /nix/store/o-m"
-        );
-        assert_eq!(
-            plan.groups[0].steps[2].command_line(),
-            "nix-store --realise /nix/store/d-m.drv --add-root /tmp/clan-r1-build0/system --keep-going"
-        );
+        ));
+        let realise = plan.groups[0].steps[2].command_line();
+        assert!(realise.starts_with("sh -c "), "{realise}");
+        assert!(realise.ends_with(
+            " sh nix-store --realise /nix/store/d-m.drv --add-root /tmp/clan-r1-build0/system --keep-going"
+        ));
     }
 
     #[test]
@@ -1018,8 +1028,8 @@ mod tests {
              copy --derivation --to ssh://root@b /nix/store/d-a.drv /nix/store/d-c.drv"
         );
         assert!(
-            plan.groups[0].steps[2].command_line().starts_with(
-                "nix-store --realise /nix/store/d-a.drv /nix/store/d-c.drv --add-root"
+            plan.groups[0].steps[2].command_line().contains(
+                " sh nix-store --realise /nix/store/d-a.drv /nix/store/d-c.drv --add-root"
             )
         );
         assert_eq!(

@@ -109,6 +109,9 @@ pub enum RemoteCommand {
     /// Run each invocation in turn, whatever the others did, framing each one's output
     /// (stderr included) with `@@clan-probe begin NAME` / `@@clan-probe end NAME STATUS`.
     Probes(Vec<(String, Invocation)>),
+    /// Run one invocation that stops when the ssh connection's input ends: how a stopped
+    /// deploy ends remote builds and copies without a pseudo-terminal.
+    UntilHangup(Invocation),
     /// Run `with_systemd` when `/run/systemd/system` exists on the host, else `without`.
     IfSystemd {
         /// What runs on a systemd host.
@@ -123,6 +126,9 @@ impl RemoteCommand {
     pub fn to_shell(&self) -> String {
         match self {
             RemoteCommand::Run(inv) => inv.to_shell(),
+            RemoteCommand::UntilHangup(inv) => {
+                format!("sh -c {} sh {}", quote(UNTIL_HANGUP), inv.to_shell())
+            }
             RemoteCommand::Probes(probes) => probes
                 .iter()
                 .map(|(name, inv)| {
@@ -147,6 +153,13 @@ impl RemoteCommand {
         }
     }
 }
+
+/// Runs "$@" until it ends or standard input does, whichever is first; exits with its status.
+/// A background job's input is /dev/null, so the session's input goes to the watcher as
+/// fd 3. The command leads a process group of its own (`setsid`), so the whole group is
+/// stopped (dash's `kill` takes `-PGID`, not `--`). The watcher lets go of the output, so
+/// the session ends with the command.
+const UNTIL_HANGUP: &str = r#"exec 3<&0; setsid "$@" </dev/null & p=$!; { cat <&3 >/dev/null; kill -TERM "-$p" 2>/dev/null; } >/dev/null 2>&1 & exec 3<&-; wait "$p""#;
 
 /// Marks the sections of a [`RemoteCommand::Probes`] script's output.
 pub const PROBE_MARK: &str = "@@clan-probe";
@@ -442,6 +455,45 @@ mod tests {
         assert_eq!(parsed["two"], (0, "it's\n".to_string()));
         assert_eq!(parsed["three"], (0, "no-newline\n".to_string()));
         assert_eq!(parsed["four"], (0, String::new()));
+    }
+
+    #[test]
+    fn until_hangup_stops_when_input_ends() {
+        use std::io::Write;
+        let cmd = RemoteCommand::UntilHangup(Invocation::new(
+            "sh",
+            ["-c", "echo started; sleep 30; echo finished"],
+        ));
+        let started = std::time::Instant::now();
+        let mut child = std::process::Command::new("sh")
+            .args(["-c", &cmd.to_shell()])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(300));
+        drop(child.stdin.take());
+        let out = child.wait_with_output().unwrap();
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(10),
+            "did not stop"
+        );
+        assert_eq!(String::from_utf8_lossy(&out.stdout), "started\n");
+        assert!(!out.status.success());
+        // With input open until it ends, it runs to the end with its own status.
+        let quick = RemoteCommand::UntilHangup(Invocation::new("sh", ["-c", "echo done; exit 3"]));
+        let mut child = std::process::Command::new("sh")
+            .args(["-c", &quick.to_shell()])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let stdin = child.stdin.take();
+        let out = child.wait_with_output().unwrap();
+        drop(stdin);
+        let _ = std::io::stdout().flush();
+        assert_eq!(String::from_utf8_lossy(&out.stdout), "done\n");
+        assert_eq!(out.status.code(), Some(3));
     }
 
     #[test]

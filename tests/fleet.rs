@@ -74,7 +74,7 @@ fn fleet_deploys_every_machine_grouped_by_build_host() {
     let batches: Vec<&str> = run
         .stderr
         .lines()
-        .filter(|l| l.contains("] build: nix-store --realise"))
+        .filter(|l| l.contains("] build: ") && l.contains("nix-store --realise"))
         .collect();
     assert_eq!(batches.len(), 2, "{batches:?}");
     assert!(

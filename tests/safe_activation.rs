@@ -272,3 +272,153 @@ fn rollback_command_switches_to_the_previous_generation() {
     assert_eq!(nothing.code, 1);
     assert!(nothing.stderr.contains("no previous generation"));
 }
+
+/// Waits until `cond` holds, for at most `secs`.
+fn wait_for(secs: u64, what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    while !cond() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn processes(pattern: &str) -> String {
+    let out = std::process::Command::new("pgrep")
+        .args(["-af", pattern])
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// A process that has nothing to do with the deploy, to prove that stopping one signals
+/// nothing else (a `kill -TERM -PGID` through procps's kill once signalled every process).
+struct Bystander(std::process::Child);
+
+impl Bystander {
+    fn start() -> Bystander {
+        Bystander(
+            std::process::Command::new("sleep")
+                .arg("300")
+                .spawn()
+                .unwrap(),
+        )
+    }
+
+    fn assert_alive(&mut self) {
+        assert!(
+            self.0.try_wait().unwrap().is_none(),
+            "Ctrl-C handling killed an unrelated process"
+        );
+    }
+}
+
+impl Drop for Bystander {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Sends Ctrl-C (SIGINT) to `pid`: the spawned command, which `unshare` and `sh` exec into,
+/// so it is clan itself.
+fn ctrl_c(pid: u32) {
+    let status = std::process::Command::new("kill")
+        .args(["-INT", &pid.to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success(), "no clan process to interrupt");
+}
+
+// Ctrl-C during a long build on the build host: the build stops there too, nothing is
+// activated, the temporary GC root is removed.
+#[test]
+fn ctrl_c_stops_remote_builds_and_cleans_up() {
+    let lab = Lab::builder_and_target();
+    let f = lab.write_flake(&format!(
+        r#"{{ inventory.machines.m = {{ deploy.targetHost = "root@{}"; deploy.buildHost = "root@{}"; }}; machines.m = system {{ buildSeconds = 45; variant = "slow-build"; }}; }}"#,
+        lab.ip("target"),
+        lab.ip("builder")
+    ));
+    let clan_bin = env!("CARGO_BIN_EXE_clan");
+    let child = lab.spawn_on_workstation(&f, &[clan_bin, "machines", "update", "m"]);
+    wait_for(30, "the build to start", || {
+        processes("nixos-system-m-slow-build.drv").contains("nix-store --realise")
+    });
+    wait_for(10, "the builder to run", || {
+        processes("sleep 45").contains("sleep 45")
+    });
+    let mut bystander = Bystander::start();
+    ctrl_c(child.id());
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    eprintln!("{stderr}");
+    bystander.assert_alive();
+    assert_eq!(out.status.code(), Some(130));
+    assert!(
+        stderr.contains("m: interrupted during its build: nothing was activated on its target")
+    );
+    assert!(
+        stderr
+            .lines()
+            .any(|l| l.starts_with('m') && l.contains("interrupted"))
+    );
+    // Nothing left running on the build host, and its GC root is gone.
+    wait_for(5, "the remote build to stop", || {
+        !processes("nixos-system-m-slow-build.drv").contains("nix-store --realise")
+            && !processes("sleep 45").contains("sleep 45")
+    });
+    let run_id = stderr
+        .split("/tmp/clan-")
+        .nth(1)
+        .and_then(|r| r.split('-').next())
+        .expect("no run id in the output");
+    assert!(
+        !std::path::Path::new(&format!("/tmp/clan-{run_id}-build0")).exists(),
+        "GC root left behind"
+    );
+    assert_eq!(lab.host("target").system_profile(), None);
+    assert!(lab.host("target").switch_log().is_empty());
+}
+
+// Ctrl-C during activation: the activation finishes, and the summary says so.
+#[test]
+fn ctrl_c_lets_a_running_activation_finish() {
+    let lab = target_lab();
+    let f = flake(&lab, r#"variant = "slow-switch";"#);
+    let out_path = toplevel(&lab, &f, "m");
+    let started = lab.host("target").root().join("switch-started");
+    let child =
+        lab.spawn_on_workstation(&f, &[env!("CARGO_BIN_EXE_clan"), "machines", "update", "m"]);
+    wait_for(30, "the switch to start", || started.exists());
+    let mut bystander = Bystander::start();
+    ctrl_c(child.id());
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    eprintln!("{stderr}");
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "the activation that ran finished: nothing failed"
+    );
+    assert!(
+        stderr.contains(
+            "Interrupted: stopping builds and copies, letting running activations finish"
+        )
+    );
+    assert!(
+        stderr
+            .lines()
+            .any(|l| l.starts_with('m') && l.contains("deployed"))
+    );
+    assert_eq!(
+        lab.host("target").system_profile().as_deref(),
+        Some(out_path.as_str())
+    );
+    assert!(
+        lab.host("target")
+            .switch_log()
+            .iter()
+            .any(|l| l.ends_with(" done")),
+        "the switch was cut short"
+    );
+}

@@ -525,6 +525,20 @@ impl Lab {
             .expect("run on workstation")
     }
 
+    /// Starts `argv` on the workstation (in its namespace), in `cwd`, output piped.
+    pub fn spawn_on_workstation(&self, cwd: &Path, argv: &[&str]) -> Child {
+        let ns = namespaced(&self.host(WORKSTATION).dir, argv);
+        Command::new(&ns[0])
+            .args(&ns[1..])
+            .current_dir(cwd)
+            .env("USER", "root")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn on workstation")
+    }
+
     /// Runs `argv` on host `name` in its namespace (not through ssh), for set-up and checks.
     pub fn exec(&self, name: &str, argv: &[&str]) -> Output {
         let ns = namespaced(&self.host(name).dir, argv);
@@ -620,6 +634,7 @@ const FIXTURE_FLAKE: &str = r#"{
             case "$variant" in
               breaks-ssh) echo 'if [ "$1" = switch ] || [ "$1" = test ]; then /root/lab-sshd-stop; fi' ;;
               switch-fails) echo 'echo "activating the fixture failed on purpose" >&2; exit 1' ;;
+              slow-switch) echo 'touch /root/switch-started; sleep 3; echo "$0 done" >> /root/switch-to-configuration.log' ;;
               *) echo 'if [ -x /root/lab-sshd-start ]; then /root/lab-sshd-start; fi' ;;
             esac
           } > $out/bin/switch-to-configuration
