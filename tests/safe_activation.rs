@@ -395,6 +395,7 @@ fn ctrl_c_lets_a_running_activation_finish() {
     let out = child.wait_with_output().unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     eprintln!("{stderr}");
+    bystander.assert_alive();
     assert_eq!(
         out.status.code(),
         Some(0),
