@@ -110,6 +110,26 @@ pub fn diagnose(machine: &ResolvedMachine, step: &Step, output: &str, code: Opti
     if let (Some(hop), Some(failure)) = (hop, ssh_failure(output)) {
         return ssh_error(name, &builder, &target.to_string(), &hop, failure, base);
     }
+    if output.contains("lacks a valid signature")
+        || output.contains("lacks a signature by a trusted key")
+    {
+        let (host, user) = match step.kind {
+            StepKind::CopyDerivations => (builder.clone(), user_of(&builder)),
+            _ => (
+                target.to_string(),
+                target.user.clone().unwrap_or_else(|| "root".into()),
+            ),
+        };
+        return base(format!(
+            "{name}: {host} refused the copied paths: they are not signed by a key it trusts, and {user} is not a trusted Nix user there"
+        ))
+        .hint(Hint::text(format!(
+            "make {user} a trusted user on {host}: nix.settings.trusted-users = [ \"{user}\" ];"
+        )))
+        .hint(Hint::text(
+            "or sign the paths where they are built (secret-key-files) and add the public key to trusted-public-keys on the receiving host",
+        ));
+    }
     if let Some((required, have)) = system_mismatch(output) {
         return base(format!(
             "{name}: the build host {builder} is a '{have}' machine and cannot build this '{required}' system"
@@ -218,6 +238,13 @@ pub fn ssh_error(
         ))
         .hint(Hint::text("check the address, the port and that sshd runs there")),
     }
+}
+
+fn user_of(address: &str) -> String {
+    address
+        .split_once('@')
+        .map_or("root", |(user, _)| user)
+        .to_string()
 }
 
 fn host_only(address: &str) -> &str {

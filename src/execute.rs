@@ -258,6 +258,15 @@ pub fn run_plan(
         .collect()
 }
 
+/// The sudo password for targets that need one: read once, kept in memory only, written to
+/// the standard input of the commands that ask sudo to read it.
+static SUDO_PASSWORD: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+
+/// Sets the sudo password for this run.
+pub fn set_sudo_password(password: String) {
+    let _ = SUDO_PASSWORD.set(password);
+}
+
 /// What Ctrl-C left a machine in: stopped `when`, nothing activated.
 fn interrupted(machine: &str, when: &str) -> Error {
     Error::new(format!(
@@ -562,11 +571,15 @@ fn run_step_now(
             ..
         }
     );
+    let password = match &step.runner {
+        Runner::Remote { command, .. } if command.reads_password() => SUDO_PASSWORD.get(),
+        _ => None,
+    };
     // A process group of its own: the terminal's Ctrl-C reaches clan only, which decides.
     let child = Command::new(&argv[0])
         .args(&argv[1..])
         .envs(step.local_env().iter().map(|(k, v)| (k, v)))
-        .stdin(if hangup {
+        .stdin(if hangup || password.is_some() {
             Stdio::piped()
         } else {
             Stdio::null()
@@ -594,6 +607,12 @@ fn run_step_now(
     .flatten()
     .collect();
     let mut input = child.stdin.take();
+    if let (Some(password), Some(stdin)) = (password, input.as_mut()) {
+        let _ = stdin.write_all(format!("{password}\n").as_bytes());
+        if !hangup {
+            input = None; // sudo has its line; the command gets end-of-file
+        }
+    }
     let code = thread::scope(|scope| {
         for stream in streams {
             let collected = Arc::clone(&collected);

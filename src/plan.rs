@@ -301,6 +301,23 @@ pub struct PlanContext {
     pub use_substitutes: bool,
     /// How targets are activated.
     pub activation: Activation,
+    /// Targets (`user@host:port`) whose user needs a password for sudo; other non-root
+    /// target users use `sudo --non-interactive`.
+    pub sudo_password: BTreeSet<String>,
+}
+
+impl PlanContext {
+    /// How a privileged command runs on `target`: as is for root, else through sudo.
+    pub fn privileged(&self, target: &SshHost, command: RemoteCommand) -> RemoteCommand {
+        if target.address.user.as_deref().is_none_or(|u| u == "root") {
+            command
+        } else {
+            command.sudo(
+                self.sudo_password
+                    .contains(&connection_key(&target.address)),
+            )
+        }
+    }
 }
 
 impl PlanContext {
@@ -633,16 +650,20 @@ impl Default for Activation {
 /// the previous generation (for `switch`) or the profile's system (for `test`). It first
 /// lets go of the ssh session's output, or the session would last as long as it does.
 /// Arguments: timeout, confirmation file, profile, action.
-const WATCHDOG: &str = r#"exec </dev/null >/dev/null 2>&1
-sleep "$1"
-if [ -e "$2" ]; then rm -f "$2"; exit 0; fi
-if [ "$4" = switch ]; then nix-env -p "$3" --rollback || exit 1; fi
-exec "$(readlink -f "$3")/bin/switch-to-configuration" switch"#;
+const WATCHDOG: &str = concat!(
+    r#"exec </dev/null >/dev/null 2>&1; sleep "$1"; "#,
+    r#"if [ -e "$2" ]; then rm -f "$2"; exit 0; fi; "#,
+    r#"if [ "$4" = switch ]; then nix-env -p "$3" --rollback || exit 1; fi; "#,
+    r#"exec "$(readlink -f "$3")/bin/switch-to-configuration" switch"#
+);
 
 /// The change summary: the new system against the running one (else the profile's).
 /// Arguments: profile, new system.
-const DIFF: &str = r#"cur=/run/current-system; [ -e "$cur" ] || cur=$1; [ -e "$cur" ] || { echo "no current system: first deploy"; exit 0; }
-exec nix --extra-experimental-features nix-command store diff-closures "$cur" "$2""#;
+const DIFF: &str = concat!(
+    r#"cur=/run/current-system; [ -e "$cur" ] || cur=$1; "#,
+    r#"[ -e "$cur" ] || { echo "no current system: first deploy"; exit 0; }; "#,
+    r#"exec nix --extra-experimental-features nix-command store diff-closures "$cur" "$2""#
+);
 
 /// Where the workstation confirms that it reached the target after activation.
 pub fn confirm_file(run_id: &str, machine: &str) -> String {
@@ -664,6 +685,8 @@ fn activation_steps(target: &SshHost, out: &str, machine: &str, ctx: &PlanContex
             command,
         },
     };
+    // Profile, watchdog, switch and confirmation need root on the target.
+    let as_root = |kind, command| on_target(kind, ctx.privileged(target, command));
     let switch_bin = format!("{out}/bin/switch-to-configuration");
     let verify = Invocation::new(
         "test",
@@ -689,7 +712,7 @@ fn activation_steps(target: &SshHost, out: &str, machine: &str, ctx: &PlanContex
         ));
     }
     if action.sets_profile() {
-        steps.push(on_target(
+        steps.push(as_root(
             StepKind::SetProfile,
             RemoteCommand::Run(Invocation::new(
                 "nix-env",
@@ -722,7 +745,7 @@ fn activation_steps(target: &SshHost, out: &str, machine: &str, ctx: &PlanContex
             "sh".into(),
         ];
         unit.extend(args.iter().map(|a| a.to_string()));
-        steps.push(on_target(
+        steps.push(as_root(
             StepKind::ArmWatchdog,
             RemoteCommand::IfSystemd {
                 with_systemd: Invocation::new("systemd-run", unit),
@@ -730,7 +753,7 @@ fn activation_steps(target: &SshHost, out: &str, machine: &str, ctx: &PlanContex
             },
         ));
     }
-    steps.push(on_target(
+    steps.push(as_root(
         StepKind::Switch,
         RemoteCommand::IfSystemd {
             with_systemd: systemd_switch(&switch_bin, action.word(), run_id),
@@ -745,12 +768,13 @@ fn activation_steps(target: &SshHost, out: &str, machine: &str, ctx: &PlanContex
             ("ControlPath".to_string(), "none".to_string()),
             ("ConnectTimeout".to_string(), "5".to_string()),
         ]);
+        let touch = RemoteCommand::Run(Invocation::new("touch", [confirm.as_str()]));
         steps.push(Step {
             kind: StepKind::Confirm,
             runner: Runner::Remote {
                 role: Role::Target,
+                command: ctx.privileged(&fresh, touch),
                 host: fresh,
-                command: RemoteCommand::Run(Invocation::new("touch", [confirm.as_str()])),
             },
         });
     }
@@ -765,7 +789,7 @@ pub fn undo_failed_switch(target: &SshHost, machine: &str, ctx: &PlanContext) ->
         runner: Runner::Remote {
             role: Role::Target,
             host: target.clone(),
-            command: RemoteCommand::Run(inv),
+            command: ctx.privileged(target, RemoteCommand::Run(inv)),
         },
     };
     let mut steps = Vec::new();
@@ -900,6 +924,7 @@ mod tests {
             copy_via_workstation: false,
             use_substitutes: false,
             activation: Activation::default(),
+            sudo_password: BTreeSet::new(),
         }
     }
 
@@ -987,6 +1012,51 @@ mod tests {
         assert_eq!(k, [VerifySystem, Switch]);
         assert!(switch.ends_with("switch-to-configuration dry-activate; fi"));
         assert_eq!(undo, 0);
+    }
+
+    #[test]
+    fn non_root_targets_activate_through_sudo() {
+        let mut c = ctx(HostKeyCheck::Strict);
+        let steps = |c: &PlanContext| {
+            plan_deploy(vec![machine("m", "deploy@t", BuildLocation::Target)], c).machines[0]
+                .steps
+                .clone()
+        };
+        let lines = |steps: &[Step]| -> Vec<(StepKind, String)> {
+            steps.iter().map(|s| (s.kind, s.command_line())).collect()
+        };
+        for (kind, line) in lines(&steps(&c)) {
+            let privileged = matches!(
+                kind,
+                StepKind::SetProfile | StepKind::ArmWatchdog | StepKind::Switch | StepKind::Confirm
+            );
+            assert_eq!(
+                line.contains("sudo --non-interactive -- "),
+                privileged,
+                "{kind:?}: {line}"
+            );
+        }
+        c.sudo_password.insert("deploy@t:22".into());
+        let with_password = steps(&c);
+        let switch = with_password
+            .iter()
+            .find(|s| s.kind == StepKind::Switch)
+            .unwrap();
+        assert!(switch.command_line().contains(
+            "else sudo --stdin '--prompt=' -- /nix/store/o-m/bin/switch-to-configuration switch; fi"
+        ));
+        let Runner::Remote { command, .. } = &switch.runner else {
+            panic!()
+        };
+        assert!(command.reads_password());
+        // root needs no sudo.
+        let root = plan_deploy(vec![machine("m", "root@t", BuildLocation::Target)], &c);
+        assert!(
+            root.machines[0]
+                .steps
+                .iter()
+                .all(|s| !s.command_line().contains("sudo"))
+        );
     }
 
     #[test]

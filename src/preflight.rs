@@ -79,8 +79,12 @@ impl Probes {
         );
     }
 
-    fn as_target(&mut self) {
+    /// `root`: the profile is set as this user; otherwise through sudo, already checked.
+    fn as_target(&mut self, root: bool) {
         self.add(NIX, Invocation::new("nix-store", ["--version"]));
+        if !root {
+            return;
+        }
         // The first existing directory on the way to the profiles must be writable.
         self.add(
             PROFILE,
@@ -116,7 +120,8 @@ pub fn run(plan: &DeployPlan, ctx: &PlanContext, connections: &Connections) -> V
     for m in &plan.machines {
         let machine = &m.machine;
         let target = ctx.ssh_host(&machine.target.value, false);
-        probes_of(&mut hosts, ProbeHost::Remote(target.clone())).as_target();
+        let root = target.address.user.as_deref().is_none_or(|u| u == "root");
+        probes_of(&mut hosts, ProbeHost::Remote(target.clone())).as_target(root);
         match &machine.build.value {
             BuildLocation::Target => probes_of(&mut hosts, ProbeHost::Remote(target)).as_builder(),
             BuildLocation::Local => probes_of(&mut hosts, ProbeHost::Local).as_builder(),

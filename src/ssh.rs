@@ -74,6 +74,33 @@ impl Invocation {
         }
     }
 
+    /// This command through sudo: `--non-interactive` when no password is needed, else
+    /// reading the password from standard input (never from the command line).
+    pub fn sudo(self, with_password: bool) -> Invocation {
+        let mut argv = vec!["sudo".to_string()];
+        if with_password {
+            argv.extend(["--stdin".into(), "--prompt=".into()]);
+        } else {
+            argv.push("--non-interactive".into());
+        }
+        argv.push("--".into());
+        if !self.env.is_empty() {
+            argv.push("env".into());
+            argv.extend(self.env.iter().map(|(k, v)| format!("{k}={v}")));
+        }
+        argv.extend(self.argv);
+        Invocation {
+            env: Vec::new(),
+            argv,
+        }
+    }
+
+    /// Whether this command reads a sudo password from standard input.
+    pub fn reads_password(&self) -> bool {
+        self.argv
+            .starts_with(&["sudo".to_string(), "--stdin".to_string()])
+    }
+
     /// Adds an environment variable.
     pub fn with_env(mut self, name: &str, value: impl Into<String>) -> Self {
         self.env.push((name.to_string(), value.into()));
@@ -122,6 +149,36 @@ pub enum RemoteCommand {
 }
 
 impl RemoteCommand {
+    /// Every invocation through sudo (see [`Invocation::sudo`]).
+    pub fn sudo(self, with_password: bool) -> RemoteCommand {
+        match self {
+            RemoteCommand::Run(inv) => RemoteCommand::Run(inv.sudo(with_password)),
+            RemoteCommand::UntilHangup(inv) => RemoteCommand::UntilHangup(inv.sudo(with_password)),
+            RemoteCommand::Probes(probes) => RemoteCommand::Probes(
+                probes
+                    .into_iter()
+                    .map(|(name, inv)| (name, inv.sudo(with_password)))
+                    .collect(),
+            ),
+            RemoteCommand::IfSystemd {
+                with_systemd,
+                without,
+            } => RemoteCommand::IfSystemd {
+                with_systemd: with_systemd.sudo(with_password),
+                without: without.sudo(with_password),
+            },
+        }
+    }
+
+    /// Whether it reads a sudo password from standard input (once, first).
+    pub fn reads_password(&self) -> bool {
+        match self {
+            RemoteCommand::Run(inv) | RemoteCommand::UntilHangup(inv) => inv.reads_password(),
+            RemoteCommand::Probes(probes) => probes.iter().any(|(_, inv)| inv.reads_password()),
+            RemoteCommand::IfSystemd { with_systemd, .. } => with_systemd.reads_password(),
+        }
+    }
+
     /// The shell line sent to the remote host.
     pub fn to_shell(&self) -> String {
         match self {

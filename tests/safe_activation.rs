@@ -423,3 +423,116 @@ fn ctrl_c_lets_a_running_activation_finish() {
         "the switch was cut short"
     );
 }
+
+/// A target whose deploy users reach Nix through its daemon; `trusted` are trusted users.
+fn non_root_lab(trusted: &[&str]) -> Lab {
+    let lab = Lab::start(&[HostSpec::new("target").nix_daemon(trusted)]);
+    lab.add_user("target", "deploy", None);
+    lab.add_user("target", "deploypw", Some("lab-sudo-secret"));
+    lab
+}
+
+fn non_root_flake(lab: &Lab, user: &str) -> std::path::PathBuf {
+    lab.write_flake(&format!(
+        r#"{{ inventory.machines.m = {{ deploy.targetHost = "{user}@{}"; }}; machines.m = system {{ }}; }}"#,
+        lab.ip("target")
+    ))
+}
+
+#[test]
+fn non_root_target_with_passwordless_sudo() {
+    let lab = non_root_lab(&["deploy"]);
+    let f = non_root_flake(&lab, "deploy");
+    let out = toplevel(&lab, &f, "m");
+    let run = clan(&lab, &f, &["machines", "update", "m"]);
+    assert_eq!(run.code, 0);
+    assert!(
+        run.stderr
+            .contains("sudo --non-interactive -- nix-env -p /nix/var/nix/profiles/system --set")
+    );
+    assert_eq!(
+        lab.host("target").system_profile().as_deref(),
+        Some(out.as_str())
+    );
+    // switch-to-configuration ran as root: it wrote root's log.
+    assert_eq!(
+        lab.host("target").switch_log(),
+        vec![format!("{out} switch")]
+    );
+}
+
+#[test]
+fn non_root_target_with_a_sudo_password() {
+    let lab = non_root_lab(&["deploypw"]);
+    let f = non_root_flake(&lab, "deploypw");
+    let out_path = toplevel(&lab, &f, "m");
+    let clan_bin = env!("CARGO_BIN_EXE_clan");
+
+    let none = lab.run_on_workstation_with_input(&f, &[clan_bin, "machines", "update", "m"], "");
+    assert_eq!(none.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&none.stderr).contains("needs a password, and none was given"));
+
+    let out = lab.run_on_workstation_with_input(
+        &f,
+        &[clan_bin, "machines", "update", "m", "--json"],
+        "lab-sudo-secret\n",
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    eprintln!("{stderr}");
+    assert_eq!(out.status.code(), Some(0));
+    assert!(stderr.contains("sudo --stdin '--prompt=' -- nix-env"));
+    assert_eq!(
+        lab.host("target").system_profile().as_deref(),
+        Some(out_path.as_str())
+    );
+    assert_eq!(
+        lab.host("target").switch_log(),
+        vec![format!("{out_path} switch")]
+    );
+    // The password is on no command line and in no output or log.
+    assert!(!stdout.contains("lab-sudo-secret") && !stderr.contains("lab-sudo-secret"));
+    let report: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    let log = report["machines"][0]["log"].as_str().unwrap();
+    let log_dir = std::path::Path::new(log).parent().unwrap();
+    let log_dir = lab
+        .host("workstation")
+        .root()
+        .join(log_dir.strip_prefix("/root").unwrap());
+    for entry in std::fs::read_dir(&log_dir).unwrap() {
+        let text = std::fs::read_to_string(entry.unwrap().path()).unwrap();
+        assert!(
+            !text.contains("lab-sudo-secret"),
+            "the password reached a log"
+        );
+    }
+}
+
+// An untrusted user may add derivations and have them built, but not paths built elsewhere:
+// the build host's copy is refused.
+#[test]
+fn non_root_untrusted_user_gets_the_fix() {
+    let lab = Lab::start(&[
+        HostSpec::new("builder"),
+        HostSpec::new("target").nix_daemon(&[]),
+    ]);
+    lab.trust("builder", "target");
+    lab.add_user("target", "deploy", None);
+    let f = lab.write_flake(&format!(
+        r#"{{ inventory.machines.m = {{ deploy.targetHost = "deploy@{}"; deploy.buildHost = "root@{}"; }}; machines.m = system {{ }}; }}"#,
+        lab.ip("target"),
+        lab.ip("builder")
+    ));
+    let run = clan(&lab, &f, &["machines", "update", "m"]);
+    assert_eq!(run.code, 1);
+    assert!(
+        run.stderr.contains("lacks a"),
+        "no Nix signature error shown"
+    );
+    assert!(run.stderr.contains("refused the copied paths: they are not signed by a key it trusts, and deploy is not a trusted Nix user there"));
+    assert!(
+        run.stderr
+            .contains(r#"nix.settings.trusted-users = [ "deploy" ];"#)
+    );
+    assert_eq!(lab.host("target").system_profile(), None);
+}

@@ -30,6 +30,7 @@ pub struct HostSpec {
     nix_system: Option<String>,
     current_nix: bool,
     max_jobs: Option<u32>,
+    daemon_trusted_users: Option<Vec<String>>,
 }
 
 impl HostSpec {
@@ -40,7 +41,15 @@ impl HostSpec {
             nix_system: None,
             current_nix: false,
             max_jobs: None,
+            daemon_trusted_users: None,
         }
+    }
+
+    /// Runs a `nix-daemon` on the host, so users other than root can use Nix, trusting
+    /// root and `trusted` (`trusted-users`).
+    pub fn nix_daemon(mut self, trusted: &[&str]) -> HostSpec {
+        self.daemon_trusted_users = Some(trusted.iter().map(|s| s.to_string()).collect());
+        self
     }
 
     /// Sets `max-jobs` in the host's nix.conf (builds at once).
@@ -70,9 +79,10 @@ pub struct Host {
     pub name: String,
     /// Its loopback address.
     pub ip: String,
-    /// Its directory: `nix/`, `root/`, `etc-nix/`, `sshd/`.
+    /// Its directory: `nix/`, `root/`, `etc-nix/`, `home/`, `sshd/`.
     pub dir: PathBuf,
     sshd: Option<Child>,
+    daemon: Option<Child>,
 }
 
 impl Host {
@@ -249,7 +259,7 @@ pub fn namespaced(dir: &Path, argv: &[&str]) -> Vec<String> {
         "sh".into(),
         "-c".into(),
         concat!(
-            r#"d=$1; shift; mount --bind "$d/nix" /nix && mount --bind "$d/root" /root && mount --bind "$d/etc-nix" /etc/nix && "#,
+            r#"d=$1; shift; mount --bind "$d/nix" /nix && mount --bind "$d/root" /root && mount --bind "$d/etc-nix" /etc/nix && mount --bind "$d/home" /home && "#,
             r#"if [ -d "$d/bin" ]; then mount --bind "$d/bin" /usr/local/bin && PATH=/usr/local/bin:$PATH; fi && exec "$@""#
         )
         .into(),
@@ -296,13 +306,17 @@ impl Lab {
                 ip: format!("{subnet}.{}", i + 2),
                 dir: base.join(&spec.name),
                 sshd: None,
+                daemon: None,
             };
-            for sub in ["nix", "root/.ssh", "etc-nix", "sshd"] {
+            for sub in ["nix", "root/.ssh", "etc-nix", "sshd", "home"] {
                 fs::create_dir_all(host.dir.join(sub)).expect("host dirs");
             }
             let mut conf = NIX_CONF.to_string();
             if let Some(system) = &spec.nix_system {
                 conf.push_str(&format!("system = {system}\n"));
+            }
+            if let Some(trusted) = &spec.daemon_trusted_users {
+                conf.push_str(&format!("trusted-users = root {}\n", trusted.join(" ")));
             }
             if let Some(jobs) = spec.max_jobs {
                 conf.push_str(&format!("max-jobs = {jobs}\n"));
@@ -327,6 +341,9 @@ impl Lab {
         }
         for spec in &hosts {
             lab.start_sshd(&spec.name);
+            if spec.daemon_trusted_users.is_some() {
+                lab.start_daemon(&spec.name);
+            }
         }
         let names: Vec<String> = hosts.iter().map(|h| h.name.clone()).collect();
         for name in &names {
@@ -421,6 +438,80 @@ impl Lab {
             );
             std::thread::sleep(Duration::from_millis(20));
         }
+    }
+
+    fn start_daemon(&mut self, name: &str) {
+        let host = self.hosts.get_mut(name).expect("host exists");
+        let argv = namespaced(&host.dir, &["nix-daemon"]);
+        let child = Command::new(&argv[0])
+            .args(&argv[1..])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start nix-daemon");
+        host.daemon = Some(child);
+        let socket = host.nix().join("var/nix/daemon-socket/socket");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !socket.exists() {
+            assert!(
+                Instant::now() < deadline,
+                "nix-daemon of {name} did not start"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Adds a login user `user` (on the machine, once) whose home on host `on` authorizes
+    /// every other lab host's key; with `password` it must give it to sudo, without it sudo asks
+    /// for none. The machine's `/etc/sudoers.d/clan-lab-USER` grants it sudo.
+    pub fn add_user(&self, on: &str, user: &str, password: Option<&str>) {
+        let exists = Command::new("id")
+            .arg(user)
+            .output()
+            .is_ok_and(|o| o.status.success());
+        if !exists {
+            run(Command::new("useradd")
+                .args(["--no-create-home", "--home-dir"])
+                .arg(format!("/home/{user}"))
+                .args(["--shell", "/bin/sh", user]));
+        }
+        match password {
+            Some(password) => {
+                let mut child = Command::new("chpasswd")
+                    .stdin(Stdio::piped())
+                    .spawn()
+                    .expect("chpasswd");
+                child
+                    .stdin
+                    .take()
+                    .expect("stdin")
+                    .write_all(format!("{user}:{password}\n").as_bytes())
+                    .expect("password");
+                assert!(child.wait().expect("chpasswd").success());
+            }
+            // Not locked (sshd refuses locked accounts), and no password to type.
+            None => {
+                run(Command::new("usermod").args(["-p", "*", user]));
+            }
+        }
+        let rule = match password {
+            Some(_) => format!("{user} ALL=(ALL) ALL\n"),
+            None => format!("{user} ALL=(ALL) NOPASSWD: ALL\n"),
+        };
+        write(Path::new(&format!("/etc/sudoers.d/clan-lab-{user}")), &rule);
+        let home = self.host(on).dir.join("home").join(user);
+        fs::create_dir_all(home.join(".ssh")).expect("home");
+        for owner in self.hosts.keys().filter(|h| *h != on) {
+            append(
+                &home.join(".ssh/authorized_keys"),
+                &self.public_key(owner, ".ssh/id_ed25519"),
+            );
+        }
+        run(Command::new("chown")
+            .arg("-R")
+            .arg(format!("{user}:"))
+            .arg(&home));
     }
 
     /// The public half of the key at `key` (relative to `/root`) of host `owner`.
@@ -525,6 +616,28 @@ impl Lab {
             .expect("run on workstation")
     }
 
+    /// Like [`Lab::run_on_workstation`], with `input` on standard input.
+    pub fn run_on_workstation_with_input(&self, cwd: &Path, argv: &[&str], input: &str) -> Output {
+        let mut full = vec!["timeout", "--kill-after=10", "600"];
+        full.extend_from_slice(argv);
+        let ns = namespaced(&self.host(WORKSTATION).dir, &full);
+        let mut child = Command::new(&ns[0])
+            .args(&ns[1..])
+            .current_dir(cwd)
+            .env("USER", "root")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("run on workstation");
+        let _ = child
+            .stdin
+            .take()
+            .expect("stdin")
+            .write_all(input.as_bytes());
+        child.wait_with_output().expect("run on workstation")
+    }
+
     /// Starts `argv` on the workstation (in its namespace), in `cwd`, output piped.
     pub fn spawn_on_workstation(&self, cwd: &Path, argv: &[&str]) -> Child {
         let ns = namespaced(&self.host(WORKSTATION).dir, argv);
@@ -553,7 +666,7 @@ impl Lab {
 impl Drop for Lab {
     fn drop(&mut self) {
         for host in self.hosts.values_mut() {
-            if let Some(mut child) = host.sshd.take() {
+            for mut child in [host.sshd.take(), host.daemon.take()].into_iter().flatten() {
                 let _ = child.kill();
                 let _ = child.wait();
             }

@@ -8,11 +8,11 @@ use crate::ssh::{Invocation, RemoteCommand, SshHost, run_remote};
 
 /// Rolls the profile back one generation, then activates what it points to.
 /// Argument: the profile.
-const ROLLBACK: &str = r#"before=$(readlink -f "$1")
-nix-env -p "$1" --rollback || exit 3
-after=$(readlink -f "$1")
-echo "profile: $before -> $after"
-exec "$after/bin/switch-to-configuration" switch"#;
+const ROLLBACK: &str = concat!(
+    r#"before=$(readlink -f "$1"); nix-env -p "$1" --rollback || exit 3; "#,
+    r#"after=$(readlink -f "$1"); echo "profile: $before -> $after"; "#,
+    r#"exec "$after/bin/switch-to-configuration" switch"#
+);
 
 /// Runs the command; returns the exit code.
 pub fn run(args: &RollbackArgs) -> Result<i32, Error> {
@@ -30,14 +30,12 @@ pub fn run(args: &RollbackArgs) -> Result<i32, Error> {
         "{}: rolling back to the previous generation on {}",
         machine.name, target.address
     );
-    let out = run_remote(
-        &target,
-        &RemoteCommand::Run(Invocation::new(
-            "sh",
-            ["-c", ROLLBACK, "sh", SYSTEM_PROFILE],
-        )),
-    )
-    .map_err(|e| Error::new(format!("cannot run ssh: {e}")))?;
+    let mut rollback = Invocation::new("sh", ["-c", ROLLBACK, "sh", SYSTEM_PROFILE]);
+    if target.address.user.as_deref().is_some_and(|u| u != "root") {
+        rollback = rollback.sudo(false);
+    }
+    let out = run_remote(&target, &RemoteCommand::Run(rollback))
+        .map_err(|e| Error::new(format!("cannot run ssh: {e}")))?;
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
     print!("{stdout}");
