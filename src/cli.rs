@@ -50,9 +50,9 @@ pub struct RollbackArgs {
     #[command(flatten)]
     pub hosts: HostArgs,
 
-    /// Host key policy for the connection to the target.
-    #[arg(long, value_enum, value_name = "POLICY", default_value_t = HostKeyCheck::Strict)]
-    pub host_key_check: HostKeyCheck,
+    /// Host key policy for every ssh hop, the build host's own copy to the target included.
+    #[command(flatten)]
+    pub connect: ConnectArgs,
 }
 
 /// Where the hosts come from: the flake and the command-line overrides.
@@ -69,6 +69,14 @@ pub struct HostArgs {
     /// Deploy to this address instead of the configured targetHost.
     #[arg(long, value_name = "HOST")]
     pub target_host: Option<String>,
+}
+
+/// How this workstation's ssh connections check host keys.
+#[derive(Debug, Args)]
+pub struct ConnectArgs {
+    /// Host key policy for every ssh hop, the build host's own copy to the target included.
+    #[arg(long, value_enum, value_name = "POLICY", default_value_t = HostKeyCheck::Strict)]
+    pub host_key_check: HostKeyCheck,
 }
 
 /// Arguments of `clan machines show`.
@@ -102,9 +110,9 @@ pub struct SetupBuildHostArgs {
     #[command(flatten)]
     pub hosts: HostArgs,
 
-    /// Host key policy for this workstation's own connections to the build host and target.
-    #[arg(long, value_enum, value_name = "POLICY", default_value_t = HostKeyCheck::Strict)]
-    pub host_key_check: HostKeyCheck,
+    /// Host key policy for every ssh hop, the build host's own copy to the target included.
+    #[command(flatten)]
+    pub connect: ConnectArgs,
 
     /// Print what would change on which host, and change nothing.
     #[arg(long)]
@@ -127,8 +135,8 @@ pub struct UpdateArgs {
     pub agent: AgentArgs,
 
     /// Host key policy for every ssh hop, the build host's own copy to the target included.
-    #[arg(long, value_enum, value_name = "POLICY", default_value_t = HostKeyCheck::Strict)]
-    pub host_key_check: HostKeyCheck,
+    #[command(flatten)]
+    pub connect: ConnectArgs,
 
     /// Print every step with its host and exact command, then stop without running any.
     #[arg(long)]

@@ -23,7 +23,9 @@ use crate::diagnostics::diagnose;
 use crate::error::{Error, ExitKind, Hint};
 use std::os::unix::process::CommandExt;
 
-use crate::plan::{BuildGroup, Builder, DeployPlan, MachinePlan, Runner, Stage, Step, StepKind};
+use crate::plan::{
+    BuildGroup, Builder, DeployPlan, MachinePlan, Runner, Stage, Step, StepKind, TargetState,
+};
 use crate::progress::Progress;
 use crate::ssh::RemoteCommand;
 
@@ -401,20 +403,35 @@ fn run_machine(
     changes: &mut Option<String>,
 ) -> Outcome {
     let name = &plan.machine.name;
-    // A target that already has the system needs no copy (a valid path's closure is valid).
-    let present = plan.present_check.as_ref().is_some_and(|check| {
-        let started = Instant::now();
-        let present = quiet(check, connections).is_ok_and(|o| o.status.success());
-        *stages.entry(Stage::CopyToTarget).or_default() += started.elapsed();
-        present
-    });
-    if present {
-        progress.stage(i, "already on the target: no copy");
+    // A target that has the system needs no copy (a valid path's closure is valid); one
+    // that runs it needs no watchdog or summary either.
+    let started = Instant::now();
+    let state = TargetState::from_exit(
+        quiet(&plan.present_check, connections)
+            .ok()
+            .and_then(|o| o.status.code()),
+    );
+    *stages.entry(Stage::CopyToTarget).or_default() += started.elapsed();
+    match state {
+        TargetState::Running => progress.stage(i, "already running this system: re-activating"),
+        TargetState::Present => progress.stage(i, "already on the target: no copy"),
+        TargetState::Absent => {}
     }
     let mut current = None;
     for step in &plan.steps {
         let stage = step.kind.stage();
-        if present && stage == Stage::CopyToTarget {
+        let skip = match state {
+            TargetState::Absent => false,
+            TargetState::Present => stage == Stage::CopyToTarget,
+            TargetState::Running => {
+                stage == Stage::CopyToTarget
+                    || matches!(
+                        step.kind,
+                        StepKind::Diff | StepKind::ArmWatchdog | StepKind::Confirm
+                    )
+            }
+        };
+        if skip {
             continue;
         }
         // Once activation began it finishes; before that, Ctrl-C stops the machine.

@@ -189,8 +189,9 @@ pub struct MachinePlan {
     pub machine: ResolvedMachine,
     /// Index of its build group in [`DeployPlan::groups`].
     pub group: usize,
-    /// Asks the target whether it already has the system; if so the copy is skipped.
-    pub present_check: Option<Step>,
+    /// Asks the target whether it has the system ([`TargetState`]): no copy if it has,
+    /// no watchdog and no change summary if it already runs it.
+    pub present_check: Step,
     /// What undoes a failed switch.
     pub undo_switch: Vec<Step>,
     /// How long the workstation tries to confirm over a fresh connection.
@@ -385,20 +386,23 @@ pub fn plan_deploy(machines: Vec<ResolvedMachine>, ctx: &PlanContext) -> DeployP
         };
         groups[group].members.push(index);
         let steps = machine_steps(&machine, &groups[group].builder, &target, ctx);
-        let present_check = steps
-            .iter()
-            .any(|s| s.kind.stage() == Stage::CopyToTarget)
-            .then(|| Step {
-                kind: StepKind::CheckPresent,
-                runner: Runner::Remote {
-                    role: Role::Target,
-                    host: target.clone(),
-                    command: RemoteCommand::Run(Invocation::new(
-                        "nix-store",
-                        ["--check-validity", machine.out_path.as_str()],
-                    )),
-                },
-            });
+        let present_check = Step {
+            kind: StepKind::CheckPresent,
+            runner: Runner::Remote {
+                role: Role::Target,
+                host: target.clone(),
+                command: RemoteCommand::Run(Invocation::new(
+                    "sh",
+                    [
+                        "-c",
+                        TARGET_STATE,
+                        "sh",
+                        SYSTEM_PROFILE,
+                        machine.out_path.as_str(),
+                    ],
+                )),
+            },
+        };
         let undo_switch = undo_failed_switch(&target, &machine.name, ctx);
         let confirm_within = std::time::Duration::from_secs(u64::from(
             ctx.activation
@@ -665,6 +669,38 @@ const DIFF: &str = concat!(
     r#"exec nix --extra-experimental-features nix-command store diff-closures "$cur" "$2""#
 );
 
+/// What the target has of the new system: exit 0, it runs it (the running system, or the
+/// profile where no running one is recorded); 1, it has it; 2, it lacks it.
+/// Arguments: profile, new system.
+const TARGET_STATE: &str = concat!(
+    r#"nix-store --check-validity "$2" 2>/dev/null || exit 2; "#,
+    r#"c=/run/current-system; [ -e "$c" ] || c=$1; "#,
+    r#"[ "$(readlink -f "$c")" = "$2" ] || exit 1"#
+);
+
+/// What a target has of the system being deployed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TargetState {
+    /// Not in its store: copy it.
+    Absent,
+    /// In its store: no copy.
+    Present,
+    /// It runs it already: no copy; re-activating it changes nothing that could cut the
+    /// target off, so no watchdog and no change summary.
+    Running,
+}
+
+impl TargetState {
+    /// The state from the exit code of [`MachinePlan::present_check`].
+    pub fn from_exit(code: Option<i32>) -> TargetState {
+        match code {
+            Some(0) => TargetState::Running,
+            Some(1) => TargetState::Present,
+            _ => TargetState::Absent,
+        }
+    }
+}
+
 /// Where the workstation confirms that it reached the target after activation.
 pub fn confirm_file(run_id: &str, machine: &str) -> String {
     format!("/run/clan-confirm-{run_id}-{machine}")
@@ -868,14 +904,13 @@ impl fmt::Display for DeployPlan {
             for &i in &group.members {
                 let plan = &self.machines[i];
                 writeln!(f, "Then {}, once its system is built:", plan.machine.name)?;
-                if let Some(check) = &plan.present_check {
-                    writeln!(
-                        f,
-                        "    [{}] {}   (no copy if this succeeds)",
-                        check.host_label(),
-                        check.command_line()
-                    )?;
-                }
+                let check = &plan.present_check;
+                writeln!(
+                    f,
+                    "    [{}] {}   (exit 1: no copy; exit 0, already running it: no copy, watchdog or summary)",
+                    check.host_label(),
+                    check.command_line()
+                )?;
                 print_steps(f, &plan.steps)?;
             }
             writeln!(f, "After all of them:")?;

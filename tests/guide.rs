@@ -11,6 +11,15 @@ fn one_machine(lab: &Lab, deploy: &str, system_args: &str) -> std::path::PathBuf
     ))
 }
 
+/// Deploys to the target, building on host `builder`.
+fn built_on(lab: &Lab, builder: &str) -> String {
+    format!(
+        "{} deploy.buildHost = \"root@{}\";",
+        target_of(lab),
+        lab.ip(builder)
+    )
+}
+
 fn target_of(lab: &Lab) -> String {
     format!("deploy.targetHost = \"root@{}\";", lab.ip("target"))
 }
@@ -73,11 +82,7 @@ fn background_default_builds_on_the_target() {
 #[test]
 fn what_happens_during_a_deploy_build_host_from_inventory() {
     let lab = Lab::builder_and_target();
-    let deploy = format!(
-        "{} deploy.buildHost = \"root@{}\";",
-        target_of(&lab),
-        lab.ip("builder")
-    );
+    let deploy = built_on(&lab, "builder");
     let flake = one_machine(&lab, &deploy, "");
     let out = toplevel(&lab, &flake, "m");
     let run = clan(&lab, &flake, &["machines", "update", "m"]);
@@ -121,7 +126,15 @@ fn what_happens_during_a_deploy_build_host_from_inventory() {
     let again = clan(&lab, &flake, &["machines", "update", "m"]);
     assert_eq!(again.code, 0);
     assert!(!again.stderr.contains("copying path"), "copied again");
-    assert!(again.stderr.contains("[m] already on the target: no copy"));
+    assert!(
+        again
+            .stderr
+            .contains("[m] already running this system: re-activating")
+    );
+    assert!(
+        !again.stderr.contains("clan-rollback"),
+        "no watchdog for an unchanged system"
+    );
     assert!(!again.stderr.contains("building '"), "built again");
     assert_eq!(lab.host("builder").store_entries(), builder_before);
     assert_eq!(lab.host("target").store_entries(), target_before);
@@ -171,11 +184,7 @@ fn override_from_the_cli_build_host() {
 #[test]
 fn override_from_the_cli_localhost_forces_a_local_build() {
     let lab = Lab::builder_and_target();
-    let deploy = format!(
-        "{} deploy.buildHost = \"root@{}\";",
-        target_of(&lab),
-        lab.ip("builder")
-    );
+    let deploy = built_on(&lab, "builder");
     let flake = one_machine(&lab, &deploy, "");
     let out = toplevel(&lab, &flake, "m");
     let run = clan(
@@ -205,11 +214,7 @@ fn resolution_order_highest_source_wins() {
     for builder in ["cli-builder", "inventory-builder", "config-builder"] {
         lab.trust(builder, "target");
     }
-    let deploy = format!(
-        "{} deploy.buildHost = \"root@{}\";",
-        target_of(&lab),
-        lab.ip("inventory-builder")
-    );
+    let deploy = built_on(&lab, "inventory-builder");
     let system = format!(
         "networking.buildHost = \"root@{}\";",
         lab.ip("config-builder")
@@ -249,11 +254,7 @@ fn resolution_order_highest_source_wins() {
 fn first_deploy_host_key_verification() {
     let lab = Lab::start(&[HostSpec::new("builder"), HostSpec::new("target")]);
     assert!(!lab.host("builder").knows_host(lab.ip("target")));
-    let deploy = format!(
-        "{} deploy.buildHost = \"root@{}\";",
-        target_of(&lab),
-        lab.ip("builder")
-    );
+    let deploy = built_on(&lab, "builder");
     let flake = one_machine(&lab, &deploy, "");
     let out = toplevel(&lab, &flake, "m");
     let second_hop = format!(
@@ -317,11 +318,7 @@ fn architecture_mismatch_between_build_host_and_target() {
         HostSpec::new("target"),
     ]);
     lab.trust("builder", "target");
-    let deploy = format!(
-        "{} deploy.buildHost = \"root@{}\";",
-        target_of(&lab),
-        lab.ip("builder")
-    );
+    let deploy = built_on(&lab, "builder");
     let flake = one_machine(&lab, &deploy, "");
     let out = toplevel(&lab, &flake, "m");
     let builder = format!("the build host root@{}", lab.ip("builder"));
@@ -372,11 +369,7 @@ fn host_address_ssh_options_apply_to_every_hop() {
         lab.ip("target"),
         lab.ip("builder")
     );
-    let without_key = format!(
-        "{} deploy.buildHost = \"root@{}\";",
-        target_of(&lab),
-        lab.ip("builder")
-    );
+    let without_key = built_on(&lab, "builder");
 
     // Control: the default keys are not accepted by the target.
     let flake = one_machine(&lab, &without_key, "");
@@ -518,11 +511,7 @@ fn bad_input_injection_attempts_are_refused() {
 #[test]
 fn dry_run_prints_the_plan_and_changes_nothing() {
     let lab = Lab::builder_and_target();
-    let deploy = format!(
-        "{} deploy.buildHost = \"root@{}\";",
-        target_of(&lab),
-        lab.ip("builder")
-    );
+    let deploy = built_on(&lab, "builder");
     let flake = one_machine(&lab, &deploy, "");
     let out = toplevel(&lab, &flake, "m");
     let run = clan(&lab, &flake, &["machines", "update", "m", "--dry-run"]);
@@ -534,7 +523,7 @@ fn dry_run_prints_the_plan_and_changes_nothing() {
         format!("  build:\n    [build host root@{b}] mkdir -m 0700 /tmp/clan-"),
         format!("    [build host root@{b}] sh -c "),
         " sh nix-store --realise /nix/store/".to_string(),
-        format!("[target root@{t}] nix-store --check-validity {out}   (no copy if this succeeds)"),
+        format!("/nix/var/nix/profiles/system {out}   (exit 1: no copy; exit 0, already running it: no copy, watchdog or summary)"),
         format!("  copy to target:\n    [build host root@{b}] sh -c "),
         format!(" sh env 'NIX_SSHOPTS=-o StrictHostKeyChecking=yes -o BatchMode=yes' nix --extra-experimental-features nix-command copy --to ssh://root@{t} {out}"),
         format!("  activate:\n    [target root@{t}] test -e {out}/nixos-version"),
@@ -566,11 +555,7 @@ fn activation_refuses_a_toplevel_that_is_not_nixos() {
 #[test]
 fn failed_build_stops_before_the_target() {
     let lab = Lab::builder_and_target();
-    let deploy = format!(
-        "{} deploy.buildHost = \"root@{}\";",
-        target_of(&lab),
-        lab.ip("builder")
-    );
+    let deploy = built_on(&lab, "builder");
     let flake = one_machine(&lab, &deploy, "variant = \"fail\";");
     let run = clan(&lab, &flake, &["machines", "update", "m"]);
     assert_eq!(run.code, 1);
@@ -603,11 +588,7 @@ fn current_nix_on_workstation_and_build_host() {
             "{host} does not run the current Nix"
         );
     }
-    let deploy = format!(
-        "{} deploy.buildHost = \"root@{}\";",
-        target_of(&lab),
-        lab.ip("builder")
-    );
+    let deploy = built_on(&lab, "builder");
     let flake = one_machine(&lab, &deploy, "");
     let out = toplevel(&lab, &flake, "m");
 

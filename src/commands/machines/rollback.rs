@@ -25,7 +25,7 @@ pub fn run(args: &RollbackArgs) -> Result<i32, Error> {
         .first()
         .ok_or_else(|| Error::usage(format!("unknown machine {:?}", args.machine)))?
         .machine;
-    let target = SshHost::new(machine.target.value.clone(), args.host_key_check);
+    let target = SshHost::new(machine.target.value.clone(), args.connect.host_key_check);
     eprintln!(
         "{}: rolling back to the previous generation on {}",
         machine.name, target.address

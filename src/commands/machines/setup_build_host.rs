@@ -46,8 +46,8 @@ pub fn run(args: &SetupBuildHostArgs) -> Result<i32, Error> {
             "set inventory.machines.<name>.deploy.buildHost, or pass --build-host",
         )));
     };
-    let builder = SshHost::new(builder_address.clone(), args.host_key_check);
-    let target = SshHost::new(machine.target.value.clone(), args.host_key_check);
+    let builder = SshHost::new(builder_address.clone(), args.connect.host_key_check);
+    let target = SshHost::new(machine.target.value.clone(), args.connect.host_key_check);
     let key_file = target
         .address
         .options

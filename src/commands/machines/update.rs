@@ -38,7 +38,7 @@ pub fn run(args: &UpdateArgs) -> Result<i32, Error> {
     };
     let ctx = PlanContext {
         run_id: run_id.clone(),
-        host_key_check: args.host_key_check,
+        host_key_check: args.connect.host_key_check,
         control_dir: connections.dir(),
         own_control_path: own_control_paths(&machines),
         copy_via_workstation: args.copy_via_workstation,
