@@ -427,7 +427,10 @@ fn run_machine(
                 stage == Stage::CopyToTarget
                     || matches!(
                         step.kind,
-                        StepKind::Diff | StepKind::ArmWatchdog | StepKind::Confirm
+                        StepKind::VerifySystem
+                            | StepKind::Diff
+                            | StepKind::ArmWatchdog
+                            | StepKind::Confirm
                     )
             }
         };

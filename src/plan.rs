@@ -686,7 +686,7 @@ pub enum TargetState {
     /// In its store: no copy.
     Present,
     /// It runs it already: no copy; re-activating it changes nothing that could cut the
-    /// target off, so no watchdog and no change summary.
+    /// target off, so no watchdog, no change summary, and no check that it is NixOS.
     Running,
 }
 
