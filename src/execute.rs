@@ -645,7 +645,7 @@ fn run_step_now(
                 }
             });
         }
-        wait_or_stop(&mut child, &mut input, step.kind.stage() != Stage::Activate)
+        wait_or_stop(&mut child, &mut input, step.kind.stoppable())
     });
     let output = collected.lock().expect("output lock").clone();
     if let Some(sink) = sink {

@@ -102,6 +102,12 @@ impl StepKind {
         self == StepKind::RemoveRootDir
     }
 
+    /// Whether Ctrl-C stops it: builds and copies, not activation (it finishes) and not
+    /// clean-up (it must run).
+    pub fn stoppable(self) -> bool {
+        !matches!(self.stage(), Stage::Activate | Stage::Cleanup)
+    }
+
     /// Whether a failure from this step on may leave the target half-updated.
     pub fn changes_target_system(self) -> bool {
         matches!(

@@ -36,7 +36,7 @@ pub fn run(args: &UpdateArgs) -> Result<i32, Error> {
     } else {
         Connections::new(&run_id)
     };
-    let ctx = PlanContext {
+    let mut ctx = PlanContext {
         run_id: run_id.clone(),
         host_key_check: args.connect.host_key_check,
         control_dir: connections.dir(),
@@ -50,7 +50,6 @@ pub fn run(args: &UpdateArgs) -> Result<i32, Error> {
         },
         sudo_password: BTreeSet::new(),
     };
-    let mut ctx = ctx;
     if !args.dry_run {
         ctx.sudo_password = sudo_needs_password(&machines, &ctx, &connections)?;
         if !ctx.sudo_password.is_empty() {
