@@ -327,8 +327,25 @@ fn run_group(
         Duration::from_secs(2)
     };
     // The realise runs while the builder is asked, now and then, what is built so far.
+    // A new line only when another build finished (plain output would repeat it otherwise).
+    let last_done = Mutex::new(None);
+    let on_builds = |done: u64, expected: u64| {
+        let mut last = last_done.lock().expect("progress lock");
+        if expected > 0 && *last != Some(done) {
+            *last = Some(done);
+            for &i in &group.members {
+                progress.stage(
+                    i,
+                    &format!("building on the {label}: {done}/{expected} built"),
+                );
+            }
+        }
+    };
     let (code, output, pending) = thread::scope(|scope| {
-        let handle = scope.spawn(|| run_step(realise, &label, Some(sink), progress, connections));
+        let handle = scope.spawn(|| {
+            session_of(realise, connections)
+                .run(|| run_step_now(realise, &label, Some(sink), progress, Some(&on_builds)))
+        });
         let mut pending: Vec<usize> = group.members.clone();
         let mut next_poll = Instant::now() + poll;
         while !handle.is_finished() {
@@ -525,7 +542,7 @@ fn confirm(
 ) -> (Option<i32>, String) {
     let deadline = Instant::now() + within;
     loop {
-        let (code, output) = run_step_now(step, name, Some(sink), progress);
+        let (code, output) = run_step_now(step, name, Some(sink), progress, None);
         if code == Some(0) || Instant::now() + Duration::from_secs(2) >= deadline {
             return (code, output);
         }
@@ -561,14 +578,18 @@ fn run_step(
     progress: &Progress,
     connections: &Connections,
 ) -> (Option<i32>, String) {
-    session_of(step, connections).run(|| run_step_now(step, label, sink, progress))
+    session_of(step, connections).run(|| run_step_now(step, label, sink, progress, None))
 }
+
+/// Called with (builds done, builds expected) as a realise reports them.
+type OnBuilds<'a> = &'a (dyn Fn(u64, u64) + Sync);
 
 fn run_step_now(
     step: &Step,
     label: &str,
     sink: Option<&LogSink>,
     progress: &Progress,
+    on_builds: Option<OnBuilds<'_>>,
 ) -> (Option<i32>, String) {
     let header = format!(
         "[{label}] {}: {} ({})",
@@ -637,7 +658,18 @@ fn run_step_now(
         for stream in streams {
             let collected = Arc::clone(&collected);
             scope.spawn(move || {
+                let mut nix = crate::nixlog::Reader::default();
                 for line in BufReader::new(stream).lines().map_while(Result::ok) {
+                    let line = match nix.read(&line) {
+                        crate::nixlog::Event::Text(text) => text,
+                        crate::nixlog::Event::Builds { done, expected } => {
+                            if let Some(on_builds) = on_builds {
+                                on_builds(done, expected);
+                            }
+                            continue;
+                        }
+                        crate::nixlog::Event::Nothing => continue,
+                    };
                     progress.output(label, &line);
                     let mut all = collected.lock().expect("output lock");
                     all.push_str(&line);

@@ -13,6 +13,7 @@ pub mod eval;
 pub mod execute;
 pub mod host;
 pub mod interrupt;
+pub mod nixlog;
 pub mod plan;
 pub mod preflight;
 pub mod progress;

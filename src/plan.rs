@@ -490,7 +490,14 @@ fn group_steps(
     let root = format!("{dir}/system");
     let mut realise = vec!["--realise"];
     realise.extend(drvs.iter().copied());
-    realise.extend(["--add-root", &root, "--keep-going"]);
+    // internal-json: the executor shows "N/M built" and turns the rest back into lines.
+    realise.extend([
+        "--add-root",
+        &root,
+        "--keep-going",
+        "--log-format",
+        "internal-json",
+    ]);
     let realise = Invocation::new("nix-store", realise);
     steps.push(Step {
         kind: StepKind::Realise,
@@ -1017,7 +1024,7 @@ mod tests {
         let realise = plan.groups[0].steps[2].command_line();
         assert!(realise.starts_with("sh -c "), "{realise}");
         assert!(realise.ends_with(
-            " sh nix-store --realise /nix/store/d-m.drv --add-root /tmp/clan-r1-build0/system --keep-going"
+            " sh nix-store --realise /nix/store/d-m.drv --add-root /tmp/clan-r1-build0/system --keep-going --log-format internal-json"
         ));
     }
 

@@ -82,6 +82,11 @@ fn fleet_deploys_every_machine_grouped_by_build_host() {
             .iter()
             .any(|l| l.contains("nixos-system-t1.drv") && l.contains("nixos-system-t2.drv"))
     );
+    // Nix's own build count reaches the progress lines.
+    assert!(run.stderr.contains(&format!(
+        "[t1] building on the build host root@{}: 3/3 built",
+        lab.ip("builder")
+    )));
     // The summary table lists each machine.
     for name in ["t1", "t2", "t3"] {
         assert!(
