@@ -97,11 +97,6 @@ impl StepKind {
         }
     }
 
-    /// Whether the step runs even after an earlier step failed.
-    pub fn always_runs(self) -> bool {
-        self == StepKind::RemoveRootDir
-    }
-
     /// Whether Ctrl-C stops it: builds and copies, not activation (it finishes) and not
     /// clean-up (it must run).
     pub fn stoppable(self) -> bool {

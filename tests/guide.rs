@@ -24,27 +24,6 @@ fn target_of(lab: &Lab) -> String {
     format!("deploy.targetHost = \"root@{}\";", lab.ip("target"))
 }
 
-/// Asserts the target runs `out`: profile set and switch-to-configuration called once more.
-fn assert_activated(lab: &Lab, out: &str) {
-    let target = lab.host("target");
-    assert!(target.has_path(out), "target lacks {out}");
-    assert_eq!(target.system_profile().as_deref(), Some(out));
-    assert_eq!(
-        target.switch_log().last().map(String::as_str),
-        Some(format!("{out} switch").as_str())
-    );
-}
-
-/// Asserts nothing reached the target.
-fn assert_target_untouched(lab: &Lab) {
-    let target = lab.host("target");
-    assert_eq!(target.system_profile(), None, "target profile changed");
-    assert!(
-        target.switch_log().is_empty(),
-        "switch-to-configuration ran"
-    );
-}
-
 // Background: "By default, clan machines update <machine> evaluates your flake on your
 // workstation, then builds and activates on deploy.targetHost."
 #[test]

@@ -22,23 +22,6 @@ fn lab_without_builder_key_on_target() -> Lab {
     lab
 }
 
-fn assert_target_untouched(lab: &Lab) {
-    assert_eq!(
-        lab.host("target").system_profile(),
-        None,
-        "target profile changed"
-    );
-    assert!(lab.host("target").switch_log().is_empty(), "switch ran");
-}
-
-fn assert_activated(lab: &Lab, out: &str) {
-    assert_eq!(lab.host("target").system_profile().as_deref(), Some(out));
-    assert_eq!(
-        lab.host("target").switch_log().last().map(String::as_str),
-        Some(format!("{out} switch").as_str())
-    );
-}
-
 // Troubleshooting: "Permission Denied During Closure Copy".
 #[test]
 fn troubleshooting_permission_denied_during_closure_copy() {

@@ -119,11 +119,6 @@ impl Host {
             .collect()
     }
 
-    /// The host's `~/.ssh/known_hosts`.
-    pub fn known_hosts(&self) -> String {
-        fs::read_to_string(self.root().join(".ssh/known_hosts")).unwrap_or_default()
-    }
-
     /// Whether this host's known_hosts holds a key for `host` (hashed entries included).
     pub fn knows_host(&self, host: &str) -> bool {
         Command::new("ssh-keygen")

@@ -59,6 +59,28 @@ fn run_clan(lab: &Lab, flake: &Path, args: &[&str], argv: &[&str]) -> Run {
     run
 }
 
+/// Asserts the lab's target runs `out`: in its store, its profile, and the last thing
+/// `switch-to-configuration` recorded.
+pub fn assert_activated(lab: &Lab, out: &str) {
+    let target = lab.host("target");
+    assert!(target.has_path(out), "target lacks {out}");
+    assert_eq!(target.system_profile().as_deref(), Some(out));
+    assert_eq!(
+        target.switch_log().last().map(String::as_str),
+        Some(format!("{out} switch").as_str())
+    );
+}
+
+/// Asserts nothing was activated on the lab's target.
+pub fn assert_target_untouched(lab: &Lab) {
+    let target = lab.host("target");
+    assert_eq!(target.system_profile(), None, "target profile changed");
+    assert!(
+        target.switch_log().is_empty(),
+        "switch-to-configuration ran"
+    );
+}
+
 /// Evaluates `attr` of the flake on the workstation (for expected store paths).
 pub fn eval_raw(lab: &Lab, flake: &Path, attr: &str) -> String {
     let reference = format!("{}#{attr}", flake.display());
