@@ -123,17 +123,18 @@ pub fn run(args: &UpdateArgs) -> Result<i32, Error> {
 
 /// Hosts whose ssh config sets a ControlPath: their own sharing is kept.
 fn own_control_paths(machines: &[ResolvedMachine]) -> BTreeSet<String> {
-    let mut addresses = Vec::new();
+    // Each connection once: a build host shared by a fleet is asked about once.
+    let mut addresses = std::collections::BTreeMap::new();
     for m in machines {
-        addresses.push(&m.target.value);
+        addresses.insert(connection_key(&m.target.value), &m.target.value);
         if let BuildLocation::Remote(addr) = &m.build.value {
-            addresses.push(addr);
+            addresses.insert(connection_key(addr), addr);
         }
     }
     addresses
         .into_iter()
-        .filter(|a| SshConfigLookup::has_own_control_path(a))
-        .map(connection_key)
+        .filter(|(_, a)| SshConfigLookup::has_own_control_path(a))
+        .map(|(key, _)| key)
         .collect()
 }
 
