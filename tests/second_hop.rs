@@ -380,3 +380,59 @@ fn ssh_logins_per_host_for_one_deploy() {
     assert!(dir.starts_with("/tmp/clan-ssh-"), "{dir}");
     assert!(!std::path::Path::new(dir).exists(), "{dir} left behind");
 }
+
+// A ControlPath of the user's own is kept: their ssh config's master serves the target, and
+// the tool's own shared connection is used only for hosts without one.
+#[test]
+fn users_own_control_path_is_respected() {
+    let lab = Lab::builder_and_target();
+    let t = lab.ip("target").to_string();
+    lab.prepend_ssh_config(
+        "workstation",
+        &format!("Host {t}\n  ControlMaster auto\n  ControlPath /root/.ssh/own-cm-%C\n  ControlPersist 20\n"),
+    );
+    let flake = remote_build(&lab);
+    let out = toplevel(&lab, &flake, "m");
+    let run = clan(&lab, &flake, &["machines", "update", "m", "--json"]);
+    assert_eq!(run.code, 0);
+    assert_activated(&lab, &out);
+    let own_sockets: Vec<_> = std::fs::read_dir(lab.host("workstation").root().join(".ssh"))
+        .unwrap()
+        .filter_map(Result::ok)
+        .filter(|e| e.file_name().to_string_lossy().starts_with("own-cm-"))
+        .collect();
+    assert_eq!(own_sockets.len(), 1, "the user's own master was not used");
+    // The log shows which ssh options each command used.
+    let report: serde_json::Value = serde_json::from_str(&run.stdout).unwrap();
+    let log = report["machines"][0]["log"].as_str().unwrap();
+    let log = lab
+        .host("workstation")
+        .root()
+        .join(std::path::Path::new(log).strip_prefix("/root").unwrap());
+    let log = std::fs::read_to_string(log).unwrap();
+    for line in log.lines().filter(|l| l.starts_with("$ ssh ")) {
+        if line.contains(&format!("-- root@{t} ")) && !line.contains("ControlPath=none") {
+            assert!(
+                !line.contains("ControlPath=/tmp/clan-ssh-"),
+                "ours replaced the user's: {line}"
+            );
+        }
+        if line.contains(&format!("-- root@{} ", lab.ip("builder"))) {
+            assert!(
+                line.contains("ControlPath=/tmp/clan-ssh-"),
+                "the build host lost sharing: {line}"
+            );
+        }
+    }
+    let _ = lab.run_on_workstation(
+        &flake,
+        &[
+            "ssh",
+            "-o",
+            "ControlPath=/root/.ssh/own-cm-%C",
+            "-O",
+            "exit",
+            &t,
+        ],
+    );
+}
