@@ -410,20 +410,27 @@ fn users_own_control_path_is_respected() {
         .root()
         .join(std::path::Path::new(log).strip_prefix("/root").unwrap());
     let log = std::fs::read_to_string(log).unwrap();
+    let (mut on_target, mut on_builder) = (0, 0);
     for line in log.lines().filter(|l| l.starts_with("$ ssh ")) {
         if line.contains(&format!("-- root@{t} ")) && !line.contains("ControlPath=none") {
+            on_target += 1;
             assert!(
                 !line.contains("ControlPath=/tmp/clan-ssh-"),
                 "ours replaced the user's: {line}"
             );
         }
         if line.contains(&format!("-- root@{} ", lab.ip("builder"))) {
+            on_builder += 1;
             assert!(
                 line.contains("ControlPath=/tmp/clan-ssh-"),
                 "the build host lost sharing: {line}"
             );
         }
     }
+    assert!(
+        on_target >= 3 && on_builder >= 1,
+        "checked {on_target} target and {on_builder} build host commands"
+    );
     let _ = lab.run_on_workstation(
         &flake,
         &[
