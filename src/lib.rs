@@ -20,3 +20,4 @@ pub mod progress;
 pub mod report;
 pub mod resolve;
 pub mod ssh;
+pub mod sudo;

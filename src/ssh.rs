@@ -365,6 +365,27 @@ pub fn run_remote(
         .output()
 }
 
+/// Like [`run_remote`], writing `input` to the command's standard input first (a sudo
+/// password for `sudo --stdin`: on standard input, never on a command line).
+pub fn run_remote_with_input(
+    host: &SshHost,
+    command: &RemoteCommand,
+    input: &str,
+) -> std::io::Result<std::process::Output> {
+    use std::io::Write;
+    let argv = host.ssh_argv(Side::WorkstationBatch, command);
+    let mut child = std::process::Command::new(&argv[0])
+        .args(&argv[1..])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()?;
+    if let Some(mut stdin) = child.stdin.take() {
+        stdin.write_all(input.as_bytes())?;
+    }
+    child.wait_with_output()
+}
+
 /// The output of a [`RemoteCommand::Probes`] run: each probe's exit status and output.
 pub fn parse_probes(stdout: &str) -> std::collections::BTreeMap<String, (i32, String)> {
     let mut results = std::collections::BTreeMap::new();

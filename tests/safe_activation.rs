@@ -536,3 +536,39 @@ fn non_root_untrusted_user_gets_the_fix() {
     );
     assert_eq!(lab.host("target").system_profile(), None);
 }
+
+#[test]
+fn rollback_command_on_a_target_whose_sudo_needs_a_password() {
+    let lab = non_root_lab(&["deploypw"]);
+    let clan_bin = env!("CARGO_BIN_EXE_clan");
+    let password = "lab-sudo-secret\n";
+    let v1_flake = non_root_flake(&lab, "deploypw");
+    let v1 = toplevel(&lab, &v1_flake, "m");
+    let deploy = |f: &std::path::Path| {
+        lab.run_on_workstation_with_input(f, &[clan_bin, "machines", "update", "m"], password)
+    };
+    assert_eq!(deploy(&v1_flake).status.code(), Some(0));
+    let v2_flake = lab.write_flake(&format!(
+        r#"{{ inventory.machines.m = {{ deploy.targetHost = "deploypw@{}"; }}; machines.m = system {{ variant = "v2"; }}; }}"#,
+        lab.ip("target")
+    ));
+    assert_eq!(deploy(&v2_flake).status.code(), Some(0));
+
+    let out = lab.run_on_workstation_with_input(
+        &v2_flake,
+        &[clan_bin, "machines", "rollback", "m"],
+        password,
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    eprintln!("{stderr}");
+    assert_eq!(out.status.code(), Some(0));
+    assert!(!stderr.contains("lab-sudo-secret"));
+    assert_eq!(
+        lab.host("target").system_profile().as_deref(),
+        Some(v1.as_str())
+    );
+    assert_eq!(
+        lab.host("target").switch_log().last().unwrap(),
+        &format!("{v1} switch")
+    );
+}

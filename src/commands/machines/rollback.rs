@@ -2,9 +2,11 @@
 
 use crate::cli::RollbackArgs;
 use crate::commands::machines::load_machines;
+use crate::connection::Connections;
 use crate::error::{Error, ExitKind, Hint};
 use crate::plan::SYSTEM_PROFILE;
-use crate::ssh::{Invocation, RemoteCommand, SshHost, run_remote};
+use crate::ssh::{Invocation, RemoteCommand, SshHost, run_remote, run_remote_with_input};
+use crate::sudo;
 
 /// Rolls the profile back one generation, then activates what it points to.
 /// Argument: the profile.
@@ -30,12 +32,25 @@ pub fn run(args: &RollbackArgs) -> Result<i32, Error> {
         "{}: rolling back to the previous generation on {}",
         machine.name, target.address
     );
-    let mut rollback = Invocation::new("sh", ["-c", ROLLBACK, "sh", SYSTEM_PROFILE]);
-    if target.address.user.as_deref().is_some_and(|u| u != "root") {
-        rollback = rollback.sudo(false);
+    let rollback = RemoteCommand::Run(Invocation::new(
+        "sh",
+        ["-c", ROLLBACK, "sh", SYSTEM_PROFILE],
+    ));
+    let root = target.address.user.as_deref().is_none_or(|u| u == "root");
+    let out = if root {
+        run_remote(&target, &rollback)
+    } else {
+        // The profile and the switch need root: sudo, with the password asked once if needed.
+        let targets = [(machine.name.clone(), target.clone())];
+        let needs = sudo::needs_password(&targets, &Connections::disabled())?;
+        if needs.is_empty() {
+            run_remote(&target, &rollback.sudo(false))
+        } else {
+            let password = sudo::read_password(&needs)?;
+            run_remote_with_input(&target, &rollback.sudo(true), &format!("{password}\n"))
+        }
     }
-    let out = run_remote(&target, &RemoteCommand::Run(rollback))
-        .map_err(|e| Error::new(format!("cannot run ssh: {e}")))?;
+    .map_err(|e| Error::new(format!("cannot run ssh: {e}")))?;
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
     print!("{stdout}");

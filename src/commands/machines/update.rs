@@ -16,7 +16,8 @@ use crate::resolve::{
     BuildLocation, ResolvedMachine, SshConfigLookup, describe_build, describe_forward_agent,
     describe_target,
 };
-use crate::ssh::{Invocation, RemoteCommand, run_remote};
+use crate::ssh::SshHost;
+use crate::sudo;
 
 /// Runs the command; returns the process exit code.
 pub fn run(args: &UpdateArgs) -> Result<i32, Error> {
@@ -51,9 +52,13 @@ pub fn run(args: &UpdateArgs) -> Result<i32, Error> {
         sudo_password: BTreeSet::new(),
     };
     if !args.dry_run {
-        ctx.sudo_password = sudo_needs_password(&machines, &ctx, &connections)?;
+        let targets: Vec<(String, SshHost)> = machines
+            .iter()
+            .map(|m| (m.name.clone(), ctx.ssh_host(&m.target.value, false)))
+            .collect();
+        ctx.sudo_password = sudo::needs_password(&targets, &connections)?;
         if !ctx.sudo_password.is_empty() {
-            crate::execute::set_sudo_password(read_sudo_password(&ctx.sudo_password)?);
+            crate::execute::set_sudo_password(sudo::read_password(&ctx.sudo_password)?);
         }
     }
     let plan = plan_deploy(machines, &ctx);
@@ -136,80 +141,6 @@ fn own_control_paths(machines: &[ResolvedMachine]) -> BTreeSet<String> {
         .filter(|(_, a)| SshConfigLookup::has_own_control_path(a))
         .map(|(key, _)| key)
         .collect()
-}
-
-/// Which non-root targets need a password for sudo: asks each once, `sudo -n true`.
-/// Targets it cannot reach are left to the preflight, which explains them.
-fn sudo_needs_password(
-    machines: &[ResolvedMachine],
-    ctx: &PlanContext,
-    connections: &Connections,
-) -> Result<BTreeSet<String>, Error> {
-    let mut needs = BTreeSet::new();
-    let mut seen = BTreeSet::new();
-    for m in machines {
-        let target = ctx.ssh_host(&m.target.value, false);
-        let user = target.address.user.clone().unwrap_or_else(|| "root".into());
-        if user == "root" || !seen.insert(connection_key(&target.address)) {
-            continue;
-        }
-        if connections.open(&target).is_err() {
-            continue;
-        }
-        let probe = RemoteCommand::Run(Invocation::new("sudo", ["--non-interactive", "true"]));
-        let Ok(out) = connections
-            .session(&target)
-            .run(|| run_remote(&target, &probe))
-        else {
-            continue;
-        };
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        match out.status.code() {
-            Some(0) | Some(255) => {}
-            _ if stderr.contains("password is required") => {
-                needs.insert(connection_key(&target.address));
-            }
-            _ => {
-                return Err(Error::usage(format!(
-                    "{}: the target user {user} on {} cannot use sudo, which activation needs",
-                    m.name, target.address
-                ))
-                .detail(stderr.trim_end())
-                .hint(Hint::text(format!(
-                    "let {user} run commands as root with sudo on the target, or deploy as root@{}",
-                    target.address.host_for_url()
-                ))));
-            }
-        }
-    }
-    Ok(needs)
-}
-
-/// The sudo password, asked once: on the terminal without echo, else one line of standard
-/// input (`clan machines update … < password-file`). Never on a command line, never logged.
-fn read_sudo_password(targets: &BTreeSet<String>) -> Result<String, Error> {
-    let list = targets.iter().cloned().collect::<Vec<_>>().join(", ");
-    let password = if std::io::stdin().is_terminal() {
-        rpassword::prompt_password(format!("sudo password for {list}: "))
-            .map_err(|e| Error::new(format!("cannot read the sudo password: {e}")))?
-    } else {
-        let mut line = String::new();
-        std::io::stdin().read_line(&mut line).map_err(|e| {
-            Error::new(format!(
-                "cannot read the sudo password from standard input: {e}"
-            ))
-        })?;
-        line.trim_end_matches(['\r', '\n']).to_string()
-    };
-    if password.is_empty() {
-        return Err(Error::usage(format!(
-            "sudo on {list} needs a password, and none was given"
-        ))
-        .hint(Hint::text(
-            "run on a terminal to be asked, or give it on standard input; or allow the user sudo without a password",
-        )));
-    }
-    Ok(password)
 }
 
 /// The relay shares one `NIX_SSHOPTS` between both ends, so they must agree on the port.

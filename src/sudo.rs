@@ -1,0 +1,81 @@
+//! sudo on non-root targets: whether the user needs a password, and reading it once.
+
+use std::collections::BTreeSet;
+use std::io::IsTerminal;
+
+use crate::connection::Connections;
+use crate::error::{Error, Hint};
+use crate::plan::connection_key;
+use crate::ssh::{Invocation, RemoteCommand, SshHost, run_remote};
+
+/// Which non-root targets need a password for sudo: asks each once, `sudo -n true`.
+/// Targets it cannot reach are left to the preflight, which explains them.
+pub fn needs_password(
+    targets: &[(String, SshHost)],
+    connections: &Connections,
+) -> Result<BTreeSet<String>, Error> {
+    let mut needs = BTreeSet::new();
+    let mut seen = BTreeSet::new();
+    for (name, target) in targets {
+        let user = target.address.user.clone().unwrap_or_else(|| "root".into());
+        if user == "root" || !seen.insert(connection_key(&target.address)) {
+            continue;
+        }
+        if connections.open(&target).is_err() {
+            continue;
+        }
+        let probe = RemoteCommand::Run(Invocation::new("sudo", ["--non-interactive", "true"]));
+        let Ok(out) = connections
+            .session(&target)
+            .run(|| run_remote(&target, &probe))
+        else {
+            continue;
+        };
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        match out.status.code() {
+            Some(0) | Some(255) => {}
+            _ if stderr.contains("password is required") => {
+                needs.insert(connection_key(&target.address));
+            }
+            _ => {
+                return Err(Error::usage(format!(
+                    "{}: the target user {user} on {} cannot use sudo, which activation needs",
+                    name, target.address
+                ))
+                .detail(stderr.trim_end())
+                .hint(Hint::text(format!(
+                    "let {user} run commands as root with sudo on the target, or deploy as root@{}",
+                    target.address.host_for_url()
+                ))));
+            }
+        }
+    }
+    Ok(needs)
+}
+
+/// The sudo password, asked once: on the terminal without echo, else one line of standard
+/// input (`clan machines update … < password-file`). Never on a command line, never logged.
+pub fn read_password(targets: &BTreeSet<String>) -> Result<String, Error> {
+    let list = targets.iter().cloned().collect::<Vec<_>>().join(", ");
+    let password = if std::io::stdin().is_terminal() {
+        rpassword::prompt_password(format!("sudo password for {list}: "))
+            .map_err(|e| Error::new(format!("cannot read the sudo password: {e}")))?
+    } else {
+        let mut line = String::new();
+        std::io::stdin().read_line(&mut line).map_err(|e| {
+            Error::new(format!(
+                "cannot read the sudo password from standard input: {e}"
+            ))
+        })?;
+        line.trim_end_matches(['\r', '\n']).to_string()
+    };
+    if password.is_empty() {
+        return Err(Error::usage(format!(
+            "sudo on {list} needs a password, and none was given"
+        ))
+        .hint(Hint::text(
+            "run on a terminal to be asked, or give it on standard input; or allow the user sudo without a password",
+        )));
+    }
+    Ok(password)
+}
