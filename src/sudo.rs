@@ -21,13 +21,13 @@ pub fn needs_password(
         if user == "root" || !seen.insert(connection_key(&target.address)) {
             continue;
         }
-        if connections.open(&target).is_err() {
+        if connections.open(target).is_err() {
             continue;
         }
         let probe = RemoteCommand::Run(Invocation::new("sudo", ["--non-interactive", "true"]));
         let Ok(out) = connections
-            .session(&target)
-            .run(|| run_remote(&target, &probe))
+            .session(target)
+            .run(|| run_remote(target, &probe))
         else {
             continue;
         };
