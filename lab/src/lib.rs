@@ -219,6 +219,13 @@ fn append(path: &Path, text: &str) {
     f.write_all(text.as_bytes()).expect("append");
 }
 
+/// `argv` under a time limit, so that a hung command cannot hang the test suite.
+fn with_time_limit<'a>(argv: &[&'a str]) -> Vec<&'a str> {
+    let mut full = vec!["timeout", "--kill-after=10", "600"];
+    full.extend_from_slice(argv);
+    full
+}
+
 /// Where `scripts/fetch-current-nix` unpacks the current Nix.
 pub fn current_nix_root() -> PathBuf {
     std::env::var_os("CLAN_LAB_CURRENT_NIX")
@@ -599,13 +606,7 @@ impl Lab {
 
     /// Runs `argv` on the workstation (in its namespace), in `cwd`, with a time limit.
     pub fn run_on_workstation(&self, cwd: &Path, argv: &[&str]) -> Output {
-        let mut full = vec!["timeout", "--kill-after=10", "600"];
-        full.extend_from_slice(argv);
-        let ns = namespaced(&self.host(WORKSTATION).dir, &full);
-        Command::new(&ns[0])
-            .args(&ns[1..])
-            .current_dir(cwd)
-            .env("USER", "root")
+        self.workstation_command(cwd, &with_time_limit(argv))
             .stdin(Stdio::null())
             .output()
             .expect("run on workstation")
@@ -613,13 +614,8 @@ impl Lab {
 
     /// Like [`Lab::run_on_workstation`], with `input` on standard input.
     pub fn run_on_workstation_with_input(&self, cwd: &Path, argv: &[&str], input: &str) -> Output {
-        let mut full = vec!["timeout", "--kill-after=10", "600"];
-        full.extend_from_slice(argv);
-        let ns = namespaced(&self.host(WORKSTATION).dir, &full);
-        let mut child = Command::new(&ns[0])
-            .args(&ns[1..])
-            .current_dir(cwd)
-            .env("USER", "root")
+        let mut child = self
+            .workstation_command(cwd, &with_time_limit(argv))
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -635,16 +631,20 @@ impl Lab {
 
     /// Starts `argv` on the workstation (in its namespace), in `cwd`, output piped.
     pub fn spawn_on_workstation(&self, cwd: &Path, argv: &[&str]) -> Child {
-        let ns = namespaced(&self.host(WORKSTATION).dir, argv);
-        Command::new(&ns[0])
-            .args(&ns[1..])
-            .current_dir(cwd)
-            .env("USER", "root")
+        self.workstation_command(cwd, argv)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
             .expect("spawn on workstation")
+    }
+
+    /// `argv` in the workstation's namespace, in `cwd`, as root.
+    fn workstation_command(&self, cwd: &Path, argv: &[&str]) -> Command {
+        let ns = namespaced(&self.host(WORKSTATION).dir, argv);
+        let mut command = Command::new(&ns[0]);
+        command.args(&ns[1..]).current_dir(cwd).env("USER", "root");
+        command
     }
 
     /// Runs `argv` on host `name` in its namespace (not through ssh), for set-up and checks.
