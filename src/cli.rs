@@ -53,6 +53,10 @@ pub struct RollbackArgs {
     /// Host key policy for every ssh hop, the build host's own copy to the target included.
     #[command(flatten)]
     pub connect: ConnectArgs,
+
+    /// Seconds to wait for a deploy of the same target to release its lock.
+    #[arg(long, value_name = "SECONDS", default_value_t = 300)]
+    pub lock_timeout: u32,
 }
 
 /// Where the hosts come from: the flake and the command-line overrides.
@@ -185,6 +189,10 @@ pub struct UpdateArgs {
     /// Seconds the target waits for a fresh ssh login after activation before it rolls back by itself.
     #[arg(long, value_name = "SECONDS", default_value_t = 30, value_parser = clap::value_parser!(u32).range(5..))]
     pub rollback_timeout: u32,
+
+    /// Seconds to wait for another deploy of the same target to release its lock.
+    #[arg(long, value_name = "SECONDS", default_value_t = 300)]
+    pub lock_timeout: u32,
 
     /// Progress display: live lines on a terminal (auto), or one plain line per event.
     #[arg(long, value_enum, value_name = "FORMAT", default_value_t = LogFormat::Auto)]

@@ -87,6 +87,40 @@ pub fn diagnose(machine: &ResolvedMachine, step: &Step, output: &str, code: Opti
     };
     let detail = tail(output, 15);
     let base = |message: String| Error::new(message).detail(detail.clone()).exit(exit);
+    if step.kind == StepKind::Confirm && code == Some(4) {
+        let rolled = output
+            .lines()
+            .find_map(|l| l.strip_prefix("clan: rolled-back "))
+            .unwrap_or("the previous generation");
+        return base(format!(
+            "{name}: the target's watchdog rolled back before the confirmation arrived: {rolled}"
+        ))
+        .hint(Hint::text(
+            "the confirmation came too late: raise --rollback-timeout, then re-deploy",
+        ));
+    }
+    if step.kind == StepKind::Confirm && code == Some(5) {
+        return base(format!(
+            "{name}: the target no longer knows this activation: another deploy took it over before it was confirmed"
+        ))
+        .hint(Hint::text(
+            "deploys of one machine wait for each other's lock; check who else deploys it, then re-deploy",
+        ));
+    }
+    if step.kind == StepKind::LockTarget && code == Some(75) {
+        let holder = output
+            .lines()
+            .find_map(|l| l.strip_prefix("clan: busy "))
+            .map(describe_holder)
+            .unwrap_or_else(|| "another deploy".into());
+        return base(format!(
+            "{name}: {target} is being deployed by {holder}; nothing was changed on it"
+        ))
+        .exit(ExitKind::DeployFailed)
+        .hint(Hint::text(
+            "wait for that deploy to end and run this one again, or wait longer with --lock-timeout SECONDS",
+        ));
+    }
     if step.kind == StepKind::Confirm {
         return base(format!(
             "{name}: cannot log in to the target {target} over a fresh ssh connection after activating the new system: it rolls back to the previous generation by itself when its watchdog's time is up"
@@ -166,13 +200,12 @@ pub fn diagnose(machine: &ResolvedMachine, step: &Step, output: &str, code: Opti
         ))
         .hint(Hint::text("the build log is above; nothing was copied to or activated on the target")),
         StepKind::Switch => base(format!(
-            "{name}: switch-to-configuration switch failed on {target}; the system profile already points to the new system"
+            "{name}: switch-to-configuration failed on {target}"
+        )),
+        StepKind::Prepare => base(format!(
+            "{name}: preparing the activation on {target} failed (recording the current generation, arming the watchdog, setting the system profile)"
         ))
-        .hint(Hint::text("the target may be half-updated: check it, then re-deploy or roll back")),
-        StepKind::SetProfile => base(format!(
-            "{name}: setting the system profile on {target} failed"
-        ))
-        .hint(Hint::text("the deploy user must be allowed to write /nix/var/nix/profiles")),
+        .hint(Hint::text("the deploy user must be allowed to write /nix/var/nix/profiles and /run/clan (root, or sudo)")),
         _ => base(format!(
             "{name}: {} on {role_host} failed{}",
             step.kind.stage(),
@@ -250,6 +283,17 @@ fn user_of(address: &str) -> String {
 fn host_only(address: &str) -> &str {
     let no_user = address.rsplit_once('@').map_or(address, |(_, h)| h);
     no_user.split(['?', ':']).next().unwrap_or(no_user)
+}
+
+/// "RUN WHO SINCE" from the target's lock, for people.
+pub fn describe_holder(holder: &str) -> String {
+    let mut words = holder.split_whitespace();
+    match (words.next(), words.next(), words.next()) {
+        (Some(run), Some(who), Some(since)) => {
+            format!("run {run} from {who} (holding its lock since {since})")
+        }
+        _ => "another deploy".into(),
+    }
 }
 
 #[cfg(test)]

@@ -24,7 +24,8 @@ use crate::error::{Error, ExitKind, Hint};
 use std::os::unix::process::CommandExt;
 
 use crate::plan::{
-    BuildGroup, Builder, DeployPlan, MachinePlan, Runner, Stage, Step, StepKind, TargetState,
+    Action, BuildGroup, Builder, DeployPlan, MachinePlan, Runner, Stage, Step, StepKind,
+    TargetState,
 };
 use crate::progress::Progress;
 use crate::ssh::RemoteCommand;
@@ -34,6 +35,8 @@ use crate::ssh::RemoteCommand;
 pub enum Outcome {
     /// The new system is active.
     Deployed,
+    /// `--action dry-activate` showed what switching would do; nothing changed.
+    DryActivated,
     /// It failed; the error says where and what to do.
     Failed(Error),
     /// Not attempted: `--fail-fast` stopped the run first.
@@ -141,6 +144,7 @@ pub fn run_plan(
             let failed = matches!(outcome, Outcome::Failed(_));
             match &outcome {
                 Outcome::Deployed => progress.finish(i, true, "deployed"),
+                Outcome::DryActivated => progress.finish(i, true, "dry-activated"),
                 Outcome::Failed(e) => progress.finish(i, false, &format!("failed: {}", e.message)),
                 Outcome::Skipped => progress.finish(i, false, "skipped (--fail-fast)"),
             }
@@ -435,28 +439,15 @@ fn run_machine(
         TargetState::Absent => {}
     }
     let mut current = None;
-    for step in &plan.steps {
+    // The target's deploy lock, held until this machine is done (dropped on return).
+    let mut _lock: Option<LockGuard> = None;
+    let mut dry = true;
+    for step in plan.steps.iter().filter(|s| s.when.holds(state)) {
         let stage = step.kind.stage();
-        let skip = match state {
-            TargetState::Absent => false,
-            TargetState::Present => stage == Stage::CopyToTarget,
-            TargetState::Running => {
-                stage == Stage::CopyToTarget
-                    || matches!(
-                        step.kind,
-                        StepKind::VerifySystem
-                            | StepKind::Diff
-                            | StepKind::ArmWatchdog
-                            | StepKind::Confirm
-                    )
-            }
-        };
-        if skip {
-            continue;
-        }
-        // Once activation began it finishes; before that, Ctrl-C stops the machine.
-        if stage != Stage::Activate && crate::interrupt::requested() {
-            return Outcome::Failed(interrupted(name, "while copying to the target"));
+        // Until the profile or the running system is touched, Ctrl-C stops the machine;
+        // from then on, activation finishes.
+        if !step.kind.changes_target_system() && crate::interrupt::requested() {
+            return Outcome::Failed(interrupted(name, "before its activation"));
         }
         if current != Some(stage) {
             current = Some(stage);
@@ -469,6 +460,27 @@ fn run_machine(
             );
         }
         let started = Instant::now();
+        if step.kind == StepKind::LockTarget {
+            match hold_lock(step, name, sink, progress) {
+                Ok(lock) => _lock = Some(lock),
+                Err((code, output)) => {
+                    *stages.entry(stage).or_default() += started.elapsed();
+                    if crate::interrupt::requested() {
+                        return Outcome::Failed(interrupted(
+                            name,
+                            "while waiting for its target's lock",
+                        ));
+                    }
+                    let error = diagnose(&plan.machine, step, &output, code);
+                    return Outcome::Failed(with_log(error, sink));
+                }
+            }
+            *stages.entry(stage).or_default() += started.elapsed();
+            continue;
+        }
+        if step.kind == StepKind::Prepare {
+            dry = false;
+        }
         let (code, output) = match step.kind {
             StepKind::Confirm => confirm(step, plan.confirm_within, name, sink, progress),
             _ => run_step(step, name, Some(sink), progress, connections),
@@ -477,7 +489,7 @@ fn run_machine(
         if step.kind == StepKind::Diff {
             // The summary is a courtesy: a Nix without diff-closures does not stop a deploy.
             if code == Some(0) {
-                *changes = Some(output);
+                *changes = Some(output).filter(|c| !c.trim().is_empty());
             } else {
                 progress.event(&format!(
                     "[{name}] warning: no change summary: {}",
@@ -491,47 +503,179 @@ fn run_machine(
         }
         if code != Some(0) {
             let mut error = diagnose(&plan.machine, step, &output, code);
-            if step.kind == StepKind::Switch && !plan.undo_switch.is_empty() {
-                error = undo_switch(plan, name, sink, progress, connections, error);
+            if step.kind == StepKind::Switch
+                && let Some(undo) = &plan.undo
+            {
+                error = undo_switch(undo, plan.action, name, sink, progress, connections, error);
             }
             return Outcome::Failed(with_log(error, sink));
         }
     }
-    Outcome::Deployed
+    if dry {
+        Outcome::DryActivated
+    } else {
+        Outcome::Deployed
+    }
 }
 
-/// After a failed switch: stop the watchdog and put the previous generation back.
+/// The target's deploy lock: `clan-activate lock` holds it until its standard input ends,
+/// which is when this value is dropped, or when this process dies (the ssh session ends).
+struct LockGuard {
+    child: std::process::Child,
+    input: Option<std::process::ChildStdin>,
+}
+
+impl Drop for LockGuard {
+    fn drop(&mut self) {
+        self.input.take();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while matches!(self.child.try_wait(), Ok(None)) && Instant::now() < deadline {
+            thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Takes the target's deploy lock: waits (saying who holds it) until the target says
+/// `clan: acquired`; returns the exit code and output if it never does.
+fn hold_lock(
+    step: &Step,
+    label: &str,
+    sink: &LogSink,
+    progress: &Progress,
+) -> Result<LockGuard, (Option<i32>, String)> {
+    let argv = step.local_argv();
+    sink.write(&format!(
+        "[{label}] {}: {} ({})\n$ {}\n",
+        step.kind.stage(),
+        step.command_line(),
+        step.host_label(),
+        argv.join(" ")
+    ));
+    let password = match &step.runner {
+        Runner::Remote { command, .. } if command.reads_password() => SUDO_PASSWORD.get(),
+        _ => None,
+    };
+    let mut child = Command::new(&argv[0])
+        .args(&argv[1..])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .process_group(0)
+        .spawn()
+        .map_err(|e| (None, format!("cannot run {}: {e}", argv[0])))?;
+    let mut input = child.stdin.take();
+    if let (Some(password), Some(stdin)) = (password, input.as_mut()) {
+        let _ = stdin.write_all(format!("{password}\n").as_bytes());
+    }
+    let output = Arc::new(Mutex::new(String::new()));
+    let (tx, rx) = mpsc::channel::<String>();
+    for stream in [
+        child
+            .stdout
+            .take()
+            .map(|s| Box::new(s) as Box<dyn Read + Send>),
+        child
+            .stderr
+            .take()
+            .map(|s| Box::new(s) as Box<dyn Read + Send>),
+    ]
+    .into_iter()
+    .flatten()
+    {
+        let (tx, output) = (tx.clone(), Arc::clone(&output));
+        thread::spawn(move || {
+            for line in BufReader::new(stream).lines().map_while(Result::ok) {
+                let mut all = output.lock().expect("output lock");
+                all.push_str(&line);
+                all.push('\n');
+                drop(all);
+                let _ = tx.send(line);
+            }
+        });
+    }
+    drop(tx);
+    loop {
+        match rx.recv_timeout(Duration::from_millis(100)) {
+            Ok(line) => {
+                sink.write(&format!("{line}\n"));
+                if line == "clan: acquired" {
+                    return Ok(LockGuard { child, input });
+                }
+                if let Some(holder) = line.strip_prefix("clan: waiting ") {
+                    progress.event(&format!(
+                        "[{label}] waiting for the target's deploy lock, held by {}",
+                        crate::diagnostics::describe_holder(holder)
+                    ));
+                }
+            }
+            Err(mpsc::RecvTimeoutError::Timeout) => {
+                if crate::interrupt::requested() {
+                    input.take();
+                    terminate_group(child.id());
+                    let _ = child.wait();
+                    return Err((Some(130), "interrupted".into()));
+                }
+            }
+            Err(mpsc::RecvTimeoutError::Disconnected) => {
+                input.take();
+                let code = child.wait().ok().and_then(|s| s.code());
+                let output = output.lock().expect("output lock").clone();
+                sink.write(&format!(
+                    "(exit {})\n\n",
+                    code.map_or("none".into(), |c| c.to_string())
+                ));
+                return Err((code, output));
+            }
+        }
+    }
+}
+
+/// After a failed switch: the target goes back to the generation it had before (see
+/// `clan-activate undo`); the error says where the profile points now.
 fn undo_switch(
-    plan: &MachinePlan,
+    undo: &Step,
+    action: Action,
     name: &str,
     sink: &LogSink,
     progress: &Progress,
     connections: &Connections,
     error: Error,
 ) -> Error {
-    for step in &plan.undo_switch {
-        let (code, output) = run_step(step, name, Some(sink), progress, connections);
-        if code != Some(0) {
-            return error.hint(Hint::text(format!(
-                "rolling the system profile back failed too ({}): check the target by hand, e.g. clan machines rollback {name}",
-                output.trim()
-            )));
+    let (code, output) = run_step(undo, name, Some(sink), progress, connections);
+    let profile = output
+        .lines()
+        .find_map(|l| l.strip_prefix("clan: profile "))
+        .map(str::to_string);
+    match (code, profile) {
+        (Some(0), Some(profile)) => {
+            let (generation, path) = profile.split_once(' ').unwrap_or((&profile, ""));
+            error.hint(Hint::text(match action {
+                Action::Test => format!(
+                    "the system profile was not touched (--action test): it points to generation {generation} ({path}), which the target switched back to"
+                ),
+                Action::Boot => format!(
+                    "the system profile points to generation {generation} again ({path}): the next boot is the previous system; the failed generation was deleted"
+                ),
+                _ => format!(
+                    "the system profile points to generation {generation} again ({path}) and the target switched back to it; the failed generation was deleted, so neither a rollback nor the boot menu offers it"
+                ),
+            }))
         }
-    }
-    if plan
-        .undo_switch
-        .iter()
-        .any(|s| s.command_line().contains("--rollback"))
-    {
-        error.hint(Hint::text(
-            "the system profile was rolled back to the previous generation: the next boot is not the broken system",
-        ))
-    } else {
-        error
+        (Some(3), _) => error.hint(Hint::text(
+            "there is no previous generation to go back to (a first deploy): the profile still points to the failed system",
+        )),
+        _ => error.hint(Hint::text(format!(
+            "going back to the previous generation failed too ({}): check the target, e.g. clan machines rollback {}",
+            output.trim(),
+            crate::ssh::quote(name)
+        ))),
     }
 }
 
-/// Reaches the target over fresh connections until one works or the watchdog's time is
+/// Reaches the target over fresh connections until it confirms, says it cannot (exit 4:
+/// its watchdog rolled back; 5: another deploy took over), or the watchdog's time is
 /// nearly up.
 fn confirm(
     step: &Step,
@@ -541,9 +685,20 @@ fn confirm(
     progress: &Progress,
 ) -> (Option<i32>, String) {
     let deadline = Instant::now() + within;
+    let mut attempts = 0;
     loop {
-        let (code, output) = run_step_now(step, name, Some(sink), progress, None);
-        if code == Some(0) || Instant::now() + Duration::from_secs(2) >= deadline {
+        attempts += 1;
+        let (code, output) = if attempts == 1 {
+            run_step_now(step, name, Some(sink), progress, None)
+        } else {
+            run_step_now(step, name, Some(sink), &Progress::silent(), None)
+        };
+        if matches!(code, Some(0 | 4 | 5)) || Instant::now() + Duration::from_secs(2) >= deadline {
+            if attempts > 1 {
+                progress.event(&format!(
+                    "[{name}] confirmation: {attempts} attempts over a fresh connection"
+                ));
+            }
             return (code, output);
         }
         thread::sleep(Duration::from_secs(1));
@@ -740,7 +895,9 @@ pub fn exit_code(reports: &[MachineReport]) -> i32 {
     reports
         .iter()
         .map(|r| match &r.outcome {
-            Outcome::Deployed => 0,
+            // Ctrl-C during an activation that then finished: still an interrupted run.
+            Outcome::Deployed | Outcome::DryActivated if crate::interrupt::requested() => 130,
+            Outcome::Deployed | Outcome::DryActivated => 0,
             Outcome::Failed(e) if e.exit == ExitKind::Interrupted => 130,
             Outcome::Failed(e) if e.exit == ExitKind::PartiallyApplied => 3,
             Outcome::Failed(_) | Outcome::Skipped => 1,

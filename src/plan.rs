@@ -7,7 +7,7 @@ use std::collections::BTreeSet;
 
 use crate::host::HostAddress;
 use crate::resolve::{BuildLocation, ResolvedMachine, describe_build, describe_target};
-use crate::ssh::{HostKeyCheck, Invocation, RemoteCommand, Side, SshHost};
+use crate::ssh::{ACTIVATE, HostKeyCheck, Invocation, RemoteCommand, Side, SshHost};
 
 /// The system profile on NixOS.
 pub const SYSTEM_PROFILE: &str = "/nix/var/nix/profiles/system";
@@ -56,9 +56,12 @@ pub enum StepKind {
     RelayCopy,
     /// Check that the toplevel is a NixOS system.
     VerifySystem,
-    /// `nix-env -p /nix/var/nix/profiles/system --set`.
-    SetProfile,
-    /// `switch-to-configuration switch`.
+    /// Take the target's deploy lock, held until the machine is done.
+    LockTarget,
+    /// Under the lock: stand down what earlier runs left, record the current generation,
+    /// arm the watchdog, set the profile.
+    Prepare,
+    /// `switch-to-configuration ACTION`.
     Switch,
     /// Remove the temporary GC root directory.
     RemoveRootDir,
@@ -68,12 +71,45 @@ pub enum StepKind {
     CheckPresent,
     /// Show what the new system changes against the current one.
     Diff,
-    /// Start the target's rollback watchdog.
-    ArmWatchdog,
-    /// Reach the target over a fresh connection and stop its watchdog.
+    /// Reach the target over a fresh connection; it stands its watchdog down and says so.
     Confirm,
-    /// Undo a failed switch: stop the watchdog, roll the profile back.
-    UndoProfile,
+    /// Undo a failed switch: back to the recorded generation, the failed one deleted.
+    Undo,
+}
+
+/// When a step of a machine runs, depending on what the target has of its system
+/// ([`TargetState`], asked first).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum When {
+    /// Always.
+    Always,
+    /// When the system is not in the target's store (copies).
+    TargetLacksSystem,
+    /// When the target does not run the system yet.
+    TargetNotRunning,
+    /// When the target runs it already (re-activation: no watchdog).
+    TargetRunning,
+}
+
+impl When {
+    /// Whether a step with this condition runs for a target in `state`.
+    pub fn holds(self, state: TargetState) -> bool {
+        match self {
+            When::Always => true,
+            When::TargetLacksSystem => state == TargetState::Absent,
+            When::TargetNotRunning => state != TargetState::Running,
+            When::TargetRunning => state == TargetState::Running,
+        }
+    }
+
+    fn note(self) -> &'static str {
+        match self {
+            When::Always => "",
+            When::TargetLacksSystem => "   (if the target lacks the system)",
+            When::TargetNotRunning => "   (unless the target runs the system already)",
+            When::TargetRunning => "   (if the target runs the system already)",
+        }
+    }
 }
 
 impl StepKind {
@@ -88,11 +124,11 @@ impl StepKind {
             | StepKind::CheckPresent => Stage::CopyToTarget,
             StepKind::VerifySystem
             | StepKind::Diff
-            | StepKind::SetProfile
-            | StepKind::ArmWatchdog
+            | StepKind::LockTarget
+            | StepKind::Prepare
             | StepKind::Switch
             | StepKind::Confirm
-            | StepKind::UndoProfile => Stage::Activate,
+            | StepKind::Undo => Stage::Activate,
             StepKind::RemoveRootDir => Stage::Cleanup,
         }
     }
@@ -107,7 +143,7 @@ impl StepKind {
     pub fn changes_target_system(self) -> bool {
         matches!(
             self,
-            StepKind::SetProfile | StepKind::Switch | StepKind::Confirm | StepKind::UndoProfile
+            StepKind::Prepare | StepKind::Switch | StepKind::Confirm | StepKind::Undo
         )
     }
 }
@@ -144,6 +180,8 @@ pub struct Step {
     pub kind: StepKind,
     /// Where and how it runs.
     pub runner: Runner,
+    /// When it runs.
+    pub when: When,
 }
 
 impl Step {
@@ -162,7 +200,7 @@ impl Step {
     pub fn command_line(&self) -> String {
         match &self.runner {
             Runner::Workstation(inv) => inv.to_shell(),
-            Runner::Remote { command, .. } => command.to_shell(),
+            Runner::Remote { command, .. } => command.summary(),
         }
     }
 
@@ -193,8 +231,10 @@ pub struct MachinePlan {
     /// Asks the target whether it has the system ([`TargetState`]): no copy if it has,
     /// no watchdog and no change summary if it already runs it.
     pub present_check: Step,
-    /// What undoes a failed switch.
-    pub undo_switch: Vec<Step>,
+    /// What undoes a failed switch (not for `dry-activate`).
+    pub undo: Option<Step>,
+    /// How the target is activated.
+    pub action: Action,
     /// How long the workstation tries to confirm over a fresh connection.
     pub confirm_within: std::time::Duration,
     /// Its steps once its system is built, in order.
@@ -246,6 +286,7 @@ impl BuildGroup {
                     command: RemoteCommand::Run(inv),
                 },
             },
+            when: When::Always,
         }
     }
 
@@ -306,6 +347,10 @@ pub struct PlanContext {
     /// Targets (`user@host:port`) whose user needs a password for sudo; other non-root
     /// target users use `sudo --non-interactive`.
     pub sudo_password: BTreeSet<String>,
+    /// Who deploys, as the target's lock shows it to other deploys (`user@host`, checked).
+    pub workstation: String,
+    /// Seconds a deploy waits for another deploy's lock on the same target.
+    pub lock_timeout: u32,
 }
 
 impl PlanContext {
@@ -336,6 +381,7 @@ impl PlanContext {
             host_key_check: self.host_key_check,
             control_path,
             forward_agent,
+            fresh: false,
         }
     }
 }
@@ -380,6 +426,7 @@ pub fn plan_deploy(machines: Vec<ResolvedMachine>, ctx: &PlanContext) -> DeployP
                     cleanup: Step {
                         kind: StepKind::RemoveRootDir,
                         runner: Runner::Workstation(Invocation::new("true", [] as [&str; 0])),
+                        when: When::Always,
                     },
                 });
                 groups.len() - 1
@@ -403,8 +450,9 @@ pub fn plan_deploy(machines: Vec<ResolvedMachine>, ctx: &PlanContext) -> DeployP
                     ],
                 )),
             },
+            when: When::Always,
         };
-        let undo_switch = undo_failed_switch(&target, &machine.name, ctx);
+        let undo = undo_failed_switch(&target, ctx);
         let confirm_within = std::time::Duration::from_secs(u64::from(
             ctx.activation
                 .rollback_timeout
@@ -416,7 +464,8 @@ pub fn plan_deploy(machines: Vec<ResolvedMachine>, ctx: &PlanContext) -> DeployP
             machine,
             group,
             present_check,
-            undo_switch,
+            undo,
+            action: ctx.activation.action,
             confirm_within,
             steps,
         });
@@ -452,6 +501,7 @@ fn run_on(builder: &Builder, kind: StepKind, inv: Invocation) -> Step {
                 command: RemoteCommand::Run(inv),
             },
         },
+        when: When::Always,
     }
 }
 
@@ -475,6 +525,7 @@ fn group_steps(
             runner: Runner::Workstation(
                 nix(&args).with_env("NIX_SSHOPTS", host.nix_sshopts(Side::Workstation)),
             ),
+            when: When::Always,
         });
     }
     steps.push(run_on(
@@ -504,6 +555,7 @@ fn group_steps(
                 command: RemoteCommand::UntilHangup(realise),
             },
         },
+        when: When::Always,
     });
     let cleanup = run_on(
         builder,
@@ -545,6 +597,7 @@ fn machine_steps(
                 runner: Runner::Workstation(
                     nix(&args).with_env("NIX_SSHOPTS", target.nix_sshopts(Side::Workstation)),
                 ),
+                when: When::TargetLacksSystem,
             });
         }
         Builder::Remote { host, .. } if ctx.copy_via_workstation => {
@@ -556,6 +609,7 @@ fn machine_steps(
                 runner: Runner::Workstation(
                     nix(&args).with_env("NIX_SSHOPTS", relay_sshopts(host, target)),
                 ),
+                when: When::TargetLacksSystem,
             });
         }
         Builder::Remote { role, host } => {
@@ -570,10 +624,11 @@ fn machine_steps(
                         nix(&args).with_env("NIX_SSHOPTS", target.nix_sshopts(Side::Nested)),
                     ),
                 },
+                when: When::TargetLacksSystem,
             });
         }
     }
-    steps.extend(activation_steps(target, out, &machine.name, ctx));
+    steps.extend(activation_steps(target, out, ctx));
     steps
 }
 
@@ -658,17 +713,6 @@ impl Default for Activation {
     }
 }
 
-/// The watchdog, on the target: unless the confirmation file appears in time, go back to
-/// the previous generation (for `switch`) or the profile's system (for `test`). It first
-/// lets go of the ssh session's output, or the session would last as long as it does.
-/// Arguments: timeout, confirmation file, profile, action.
-const WATCHDOG: &str = concat!(
-    r#"exec </dev/null >/dev/null 2>&1; sleep "$1"; "#,
-    r#"if [ -e "$2" ]; then rm -f "$2"; exit 0; fi; "#,
-    r#"if [ "$4" = switch ]; then nix-env -p "$3" --rollback || exit 1; fi; "#,
-    r#"exec "$(readlink -f "$3")/bin/switch-to-configuration" switch"#
-);
-
 /// The change summary: the new system against the running one (else the profile's).
 /// Arguments: profile, new system.
 const DIFF: &str = concat!(
@@ -709,28 +753,34 @@ impl TargetState {
     }
 }
 
-/// Where the workstation confirms that it reached the target after activation.
-pub fn confirm_file(run_id: &str, machine: &str) -> String {
-    format!("/run/clan-confirm-{run_id}-{machine}")
-}
-
-/// Verify, summarise the change, set the profile, arm the watchdog, switch, confirm.
-/// The switch (and the watchdog) run as transient systemd units where the target has
-/// systemd, so a dropped ssh connection cannot kill them half-way.
-fn activation_steps(target: &SshHost, out: &str, machine: &str, ctx: &PlanContext) -> Vec<Step> {
+/// Verify, summarise the change, lock the target, prepare (record the current generation,
+/// arm the watchdog, set the profile), switch, confirm: the target's side is one script,
+/// [`crate::ssh::ACTIVATE`]. The switch (and the watchdog) run as transient systemd units
+/// where the target has systemd, so a dropped ssh connection cannot kill them half-way.
+fn activation_steps(target: &SshHost, out: &str, ctx: &PlanContext) -> Vec<Step> {
     let activation = ctx.activation;
     let action = activation.action;
     let run_id = ctx.run_id.as_str();
-    let on_target = |kind, command| Step {
+    let on_target = |kind, command, when| Step {
         kind,
         runner: Runner::Remote {
             role: Role::Target,
             host: target.clone(),
             command,
         },
+        when,
     };
-    // Profile, watchdog, switch and confirmation need root on the target.
-    let as_root = |kind, command| on_target(kind, ctx.privileged(target, command));
+    // Lock, profile, watchdog, switch and confirmation need root on the target.
+    let activate = |args: &[&str]| {
+        ctx.privileged(
+            target,
+            RemoteCommand::Script {
+                script: ACTIVATE,
+                args: args.iter().map(|a| a.to_string()).collect(),
+                sudo: None,
+            },
+        )
+    };
     let switch_bin = format!("{out}/bin/switch-to-configuration");
     let verify = Invocation::new(
         "test",
@@ -745,6 +795,7 @@ fn activation_steps(target: &SshHost, out: &str, machine: &str, ctx: &PlanContex
     let mut steps = vec![on_target(
         StepKind::VerifySystem,
         RemoteCommand::Run(verify),
+        When::TargetNotRunning,
     )];
     if activation.diff {
         steps.push(on_target(
@@ -753,125 +804,88 @@ fn activation_steps(target: &SshHost, out: &str, machine: &str, ctx: &PlanContex
                 "sh",
                 ["-c", DIFF, "sh", SYSTEM_PROFILE, out],
             )),
+            When::TargetNotRunning,
         ));
     }
-    if action.sets_profile() {
-        steps.push(as_root(
-            StepKind::SetProfile,
-            RemoteCommand::Run(Invocation::new(
-                "nix-env",
-                ["-p", SYSTEM_PROFILE, "--set", out],
-            )),
-        ));
-    }
-    let confirm = confirm_file(run_id, machine);
     let watchdog = activation
         .rollback_timeout
         .filter(|_| action.changes_running_system());
-    if let Some(timeout) = watchdog {
-        let timeout = timeout.to_string();
-        let args = [
-            "-c",
-            WATCHDOG,
-            "sh",
-            &timeout,
-            &confirm,
-            SYSTEM_PROFILE,
-            action.word(),
-        ];
-        let mut detached = vec!["-f", "sh"];
-        detached.extend(args);
-        let mut unit = vec![
-            "--collect".to_string(),
-            "--no-ask-password".into(),
-            "--quiet".into(),
-            format!("--unit=clan-rollback-{run_id}-{machine}"),
-            "sh".into(),
-        ];
-        unit.extend(args.iter().map(|a| a.to_string()));
-        steps.push(as_root(
-            StepKind::ArmWatchdog,
-            RemoteCommand::IfSystemd {
-                with_systemd: Invocation::new("systemd-run", unit),
-                without: Invocation::new("setsid", detached),
+    if action != Action::DryActivate {
+        let lock_timeout = ctx.lock_timeout.to_string();
+        steps.push(on_target(
+            StepKind::LockTarget,
+            activate(&["lock", run_id, &ctx.workstation, &lock_timeout]),
+            When::Always,
+        ));
+        let timeout = watchdog.unwrap_or(0).to_string();
+        steps.push(on_target(
+            StepKind::Prepare,
+            activate(&["prepare", run_id, action.word(), out, &timeout]),
+            if watchdog.is_some() {
+                When::TargetNotRunning
+            } else {
+                When::Always
             },
         ));
+        if watchdog.is_some() {
+            // Re-activating the running system cannot cut the target off: no watchdog.
+            steps.push(on_target(
+                StepKind::Prepare,
+                activate(&["prepare", run_id, action.word(), out, "0"]),
+                When::TargetRunning,
+            ));
+        }
     }
-    steps.push(as_root(
+    steps.push(on_target(
         StepKind::Switch,
-        RemoteCommand::IfSystemd {
-            with_systemd: systemd_switch(&switch_bin, action.word(), run_id),
-            without: Invocation::new(&switch_bin, [action.word()]),
-        },
+        activate(&["switch", run_id, action.word(), out]),
+        When::Always,
     ));
     if watchdog.is_some() {
         // A fresh connection, not the shared one: it must prove that new logins still work.
         let mut fresh = target.clone();
         fresh.control_path = None;
-        fresh.address.options.extend([
-            ("ControlPath".to_string(), "none".to_string()),
-            ("ConnectTimeout".to_string(), "5".to_string()),
-        ]);
-        let touch = RemoteCommand::Run(Invocation::new("touch", [confirm.as_str()]));
+        fresh.fresh = true;
+        let confirm = ctx.privileged(
+            &fresh,
+            RemoteCommand::Script {
+                script: ACTIVATE,
+                args: vec!["confirm".into(), run_id.into()],
+                sudo: None,
+            },
+        );
         steps.push(Step {
             kind: StepKind::Confirm,
             runner: Runner::Remote {
                 role: Role::Target,
-                command: ctx.privileged(&fresh, touch),
+                command: confirm,
                 host: fresh,
             },
+            when: When::TargetNotRunning,
         });
     }
     steps
 }
 
-/// What undoes a failed switch: stop the watchdog, put the previous generation back in the
-/// profile (so the next boot is not the broken system).
-pub fn undo_failed_switch(target: &SshHost, machine: &str, ctx: &PlanContext) -> Vec<Step> {
-    let on_target = |inv| Step {
-        kind: StepKind::UndoProfile,
+/// What undoes a failed switch: the target goes back to the generation recorded before the
+/// profile was touched (and deletes the failed one); `None` for `dry-activate`.
+pub fn undo_failed_switch(target: &SshHost, ctx: &PlanContext) -> Option<Step> {
+    (ctx.activation.action != Action::DryActivate).then(|| Step {
+        kind: StepKind::Undo,
         runner: Runner::Remote {
             role: Role::Target,
             host: target.clone(),
-            command: ctx.privileged(target, RemoteCommand::Run(inv)),
+            command: ctx.privileged(
+                target,
+                RemoteCommand::Script {
+                    script: ACTIVATE,
+                    args: vec!["undo".into(), ctx.run_id.clone()],
+                    sudo: None,
+                },
+            ),
         },
-    };
-    let mut steps = Vec::new();
-    if ctx.activation.rollback_timeout.is_some() && ctx.activation.action.changes_running_system() {
-        steps.push(on_target(Invocation::new(
-            "touch",
-            [confirm_file(&ctx.run_id, machine).as_str()],
-        )));
-    }
-    if ctx.activation.action.sets_profile() {
-        steps.push(on_target(Invocation::new(
-            "nix-env",
-            ["-p", SYSTEM_PROFILE, "--rollback"],
-        )));
-    }
-    steps
-}
-
-/// The switch as a transient unit that outlives the ssh session, piping its output back.
-pub fn systemd_switch(switch_bin: &str, action: &str, run_id: &str) -> Invocation {
-    Invocation::new(
-        "systemd-run",
-        [
-            "-E",
-            "LOCALE_ARCHIVE",
-            "-E",
-            "NIXOS_INSTALL_BOOTLOADER",
-            "--collect",
-            "--no-ask-password",
-            "--pipe",
-            "--quiet",
-            "--service-type=exec",
-            &format!("--unit=clan-switch-to-configuration-{run_id}"),
-            "--wait",
-            switch_bin,
-            action,
-        ],
-    )
+        when: When::Always,
+    })
 }
 
 impl fmt::Display for DeployPlan {
@@ -892,7 +906,13 @@ impl fmt::Display for DeployPlan {
                     stage = Some(step.kind.stage());
                     writeln!(f, "  {}:", step.kind.stage())?;
                 }
-                writeln!(f, "    [{}] {}", step.host_label(), step.command_line())?;
+                writeln!(
+                    f,
+                    "    [{}] {}{}",
+                    step.host_label(),
+                    step.command_line(),
+                    step.when.note()
+                )?;
             }
             Ok(())
         };
@@ -920,6 +940,14 @@ impl fmt::Display for DeployPlan {
                     check.command_line()
                 )?;
                 print_steps(f, &plan.steps)?;
+                if let Some(undo) = &plan.undo {
+                    writeln!(
+                        f,
+                        "  if the switch fails:\n    [{}] {}",
+                        undo.host_label(),
+                        undo.command_line()
+                    )?;
+                }
             }
             writeln!(f, "After all of them:")?;
             print_steps(f, std::slice::from_ref(&group.cleanup))?;
@@ -968,6 +996,8 @@ mod tests {
             use_substitutes: false,
             activation: Activation::default(),
             sudo_password: BTreeSet::new(),
+            workstation: "alice@ws".into(),
+            lock_timeout: 300,
         }
     }
 
@@ -992,14 +1022,30 @@ mod tests {
             ]
         );
         assert_eq!(
-            labels(&plan.machines[0].steps)[..6],
+            labels(&plan.machines[0].steps)[..8],
             vec![
                 (StepKind::NestedCopy, b.clone()),
                 (StepKind::VerifySystem, t.clone()),
                 (StepKind::Diff, t.clone()),
-                (StepKind::SetProfile, t.clone()),
-                (StepKind::ArmWatchdog, t.clone()),
-                (StepKind::Switch, t),
+                (StepKind::LockTarget, t.clone()),
+                (StepKind::Prepare, t.clone()),
+                (StepKind::Prepare, t.clone()),
+                (StepKind::Switch, t.clone()),
+                (StepKind::Confirm, t),
+            ]
+        );
+        let lines: Vec<String> = plan.machines[0].steps[3..]
+            .iter()
+            .map(|s| format!("{} {:?}", s.command_line(), s.when))
+            .collect();
+        assert_eq!(
+            lines,
+            [
+                "clan-activate lock r1 alice@ws 300 Always",
+                "clan-activate prepare r1 switch /nix/store/o-m 30 TargetNotRunning",
+                "clan-activate prepare r1 switch /nix/store/o-m 0 TargetRunning",
+                "clan-activate switch r1 switch /nix/store/o-m Always",
+                "clan-activate confirm r1 TargetNotRunning",
             ]
         );
         // Confirmation over a fresh connection, not the shared one.
@@ -1007,17 +1053,27 @@ mod tests {
         assert_eq!(confirm.kind, StepKind::Confirm);
         let argv = confirm.local_argv();
         assert!(argv.contains(&"ControlPath=none".to_string()));
-        assert_eq!(argv.last().unwrap(), "touch /run/clan-confirm-r1-m");
+        assert!(argv.last().unwrap().ends_with(" confirm r1"));
+        assert_eq!(
+            plan.machines[0].undo.as_ref().unwrap().command_line(),
+            "clan-activate undo r1"
+        );
         assert_eq!(plan.groups[0].cleanup.host_label(), b);
         // Builds and copies on remote hosts stop when the connection's input ends (Ctrl-C).
-        let copy = plan.machines[0].steps[0].command_line();
+        let copy = plan.machines[0].steps[0].local_argv().pop().unwrap();
         assert!(copy.starts_with("sh -c "), "{copy}");
         assert!(copy.ends_with(
             " sh env 'NIX_SSHOPTS=-o IdentityFile=/k -o StrictHostKeyChecking=accept-new -o BatchMode=yes' \
              nix --extra-experimental-features nix-command copy --to ssh://root@t /nix/store/o-m"
         ));
-        let realise = plan.groups[0].steps[2].command_line();
+        let realise = plan.groups[0].steps[2].local_argv().pop().unwrap();
         assert!(realise.starts_with("sh -c "), "{realise}");
+        // People see the command, not the wrapper that stops it on hang-up.
+        assert!(
+            plan.groups[0].steps[2]
+                .command_line()
+                .starts_with("nix-store --realise ")
+        );
         assert!(realise.ends_with(
             " sh nix-store --realise /nix/store/d-m.drv --add-root /tmp/clan-r1-build0/system --keep-going --log-format internal-json"
         ));
@@ -1037,24 +1093,34 @@ mod tests {
                 .unwrap()
                 .command_line();
             let kinds: Vec<StepKind> = plan.machines[0].steps.iter().map(|s| s.kind).collect();
-            (kinds, switch, plan.machines[0].undo_switch.len())
+            (kinds, switch, plan.machines[0].undo.is_some())
         };
         use StepKind::*;
         let (k, switch, undo) = kinds(Action::Switch);
-        assert_eq!(k, [VerifySystem, SetProfile, ArmWatchdog, Switch, Confirm]);
-        assert!(switch.ends_with("switch-to-configuration switch; fi"));
-        assert_eq!(undo, 2);
+        assert_eq!(
+            k,
+            [VerifySystem, LockTarget, Prepare, Prepare, Switch, Confirm]
+        );
+        assert_eq!(switch, "clan-activate switch r1 switch /nix/store/o-m");
+        assert!(undo);
         let (k, switch, undo) = kinds(Action::Boot);
-        assert_eq!(k, [VerifySystem, SetProfile, Switch]);
-        assert!(switch.ends_with("switch-to-configuration boot; fi"));
-        assert_eq!(undo, 1);
+        assert_eq!(k, [VerifySystem, LockTarget, Prepare, Switch]);
+        assert_eq!(switch, "clan-activate switch r1 boot /nix/store/o-m");
+        assert!(undo);
         let (k, switch, _) = kinds(Action::Test);
-        assert_eq!(k, [VerifySystem, ArmWatchdog, Switch, Confirm]);
-        assert!(switch.ends_with("switch-to-configuration test; fi"));
+        assert_eq!(
+            k,
+            [VerifySystem, LockTarget, Prepare, Prepare, Switch, Confirm]
+        );
+        assert_eq!(switch, "clan-activate switch r1 test /nix/store/o-m");
+        // dry-activate changes nothing: no lock, no profile, nothing to undo.
         let (k, switch, undo) = kinds(Action::DryActivate);
         assert_eq!(k, [VerifySystem, Switch]);
-        assert!(switch.ends_with("switch-to-configuration dry-activate; fi"));
-        assert_eq!(undo, 0);
+        assert_eq!(
+            switch,
+            "clan-activate switch r1 dry-activate /nix/store/o-m"
+        );
+        assert!(!undo);
     }
 
     #[test]
@@ -1065,18 +1131,22 @@ mod tests {
                 .steps
                 .clone()
         };
-        let lines = |steps: &[Step]| -> Vec<(StepKind, String)> {
-            steps.iter().map(|s| (s.kind, s.command_line())).collect()
-        };
-        for (kind, line) in lines(&steps(&c)) {
+        for step in steps(&c) {
             let privileged = matches!(
-                kind,
-                StepKind::SetProfile | StepKind::ArmWatchdog | StepKind::Switch | StepKind::Confirm
+                step.kind,
+                StepKind::LockTarget | StepKind::Prepare | StepKind::Switch | StepKind::Confirm
+            );
+            let argv = step.local_argv();
+            let remote = argv.last().unwrap();
+            assert_eq!(
+                remote.starts_with("sudo --non-interactive -- sh -c "),
+                privileged,
+                "{:?}: {remote}",
+                step.kind
             );
             assert_eq!(
-                line.contains("sudo --non-interactive -- "),
-                privileged,
-                "{kind:?}: {line}"
+                step.command_line().starts_with("sudo clan-activate "),
+                privileged
             );
         }
         c.sudo_password.insert("deploy@t:22".into());
@@ -1085,40 +1155,23 @@ mod tests {
             .iter()
             .find(|s| s.kind == StepKind::Switch)
             .unwrap();
-        assert!(switch.command_line().contains(
-            "else sudo --stdin '--prompt=' -- /nix/store/o-m/bin/switch-to-configuration switch; fi"
-        ));
         let Runner::Remote { command, .. } = &switch.runner else {
             panic!()
         };
         assert!(command.reads_password());
+        // The password goes to sudo through the wrapper, never on the command line.
+        assert!(
+            command
+                .to_shell()
+                .starts_with("sh -c 'IFS= read -r CLAN_SUDO_PASSWORD")
+        );
         // root needs no sudo.
         let root = plan_deploy(vec![machine("m", "root@t", BuildLocation::Target)], &c);
         assert!(
             root.machines[0]
                 .steps
                 .iter()
-                .all(|s| !s.command_line().contains("sudo"))
-        );
-    }
-
-    #[test]
-    fn watchdog_is_detached_or_a_systemd_unit() {
-        let plan = plan_deploy(
-            vec![machine("m", "root@t", BuildLocation::Target)],
-            &ctx(HostKeyCheck::Strict),
-        );
-        let arm = plan.machines[0]
-            .steps
-            .iter()
-            .find(|s| s.kind == StepKind::ArmWatchdog)
-            .unwrap()
-            .command_line();
-        assert!(arm.starts_with("if test -d /run/systemd/system; then systemd-run --collect"));
-        assert!(arm.contains("'--unit=clan-rollback-r1-m' sh -c"));
-        assert!(arm.contains("else setsid -f sh -c"));
-        assert!(
-            arm.contains("sh 30 /run/clan-confirm-r1-m /nix/var/nix/profiles/system switch; fi")
+                .all(|s| !s.local_argv().last().unwrap().contains("sudo"))
         );
     }
 
@@ -1141,8 +1194,8 @@ mod tests {
              copy --derivation --to ssh://root@b /nix/store/d-a.drv /nix/store/d-c.drv"
         );
         assert!(
-            plan.groups[0].steps[2].command_line().contains(
-                " sh nix-store --realise /nix/store/d-a.drv /nix/store/d-c.drv --add-root"
+            plan.groups[0].steps[2].command_line().starts_with(
+                "nix-store --realise /nix/store/d-a.drv /nix/store/d-c.drv --add-root"
             )
         );
         assert_eq!(
@@ -1229,28 +1282,5 @@ mod tests {
                 .as_deref(),
             Some("/run/c/%C")
         );
-    }
-
-    #[test]
-    fn switch_uses_systemd_run_only_where_systemd_runs() {
-        let plan = plan_deploy(
-            vec![machine("m", "root@t", BuildLocation::Target)],
-            &ctx(HostKeyCheck::Strict),
-        );
-        let switch = plan.machines[0]
-            .steps
-            .iter()
-            .find(|s| s.kind == StepKind::Switch)
-            .unwrap();
-        assert_eq!(
-            switch.command_line(),
-            "if test -d /run/systemd/system; then systemd-run -E LOCALE_ARCHIVE -E NIXOS_INSTALL_BOOTLOADER \
-             --collect --no-ask-password --pipe --quiet '--service-type=exec' \
-             '--unit=clan-switch-to-configuration-r1' --wait /nix/store/o-m/bin/switch-to-configuration switch; \
-             else /nix/store/o-m/bin/switch-to-configuration switch; fi"
-        );
-        let argv = switch.local_argv();
-        assert_eq!(&argv[..3], ["ssh", "-T", "-x"]);
-        assert!(!argv.contains(&"-t".to_string()), "never a pseudo-terminal");
     }
 }

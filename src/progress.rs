@@ -22,6 +22,8 @@ pub enum Progress {
         /// One line per machine, by plan index.
         bars: Vec<ProgressBar>,
     },
+    /// Nothing shown (retries whose first attempt was shown; everything is in the log).
+    Silent,
 }
 
 /// Terminal control sequences (colours, cursor movement).
@@ -38,6 +40,11 @@ pub fn strip_control(text: &str) -> String {
 }
 
 impl Progress {
+    /// A display that shows nothing.
+    pub fn silent() -> Progress {
+        Progress::Silent
+    }
+
     /// Live lines when `live`, else plain lines, for machines `names`.
     pub fn new(names: &[String], live: bool) -> Progress {
         if !live {
@@ -70,6 +77,7 @@ impl Progress {
         match self {
             Progress::Plain { names } => eprintln!("[{}] {what}", names[i]),
             Progress::Live { bars, .. } => bars[i].set_message(what.to_string()),
+            Progress::Silent => {}
         }
     }
 
@@ -81,6 +89,7 @@ impl Progress {
                 let mark = if ok { "✓" } else { "✗" };
                 bars[i].finish_with_message(format!("{mark} {what}"));
             }
+            Progress::Silent => {}
         }
     }
 
@@ -88,7 +97,7 @@ impl Progress {
     pub fn event(&self, line: &str) {
         match self {
             Progress::Plain { .. } => eprintln!("{}", strip_control(line)),
-            Progress::Live { .. } => {} // in the log files
+            Progress::Live { .. } | Progress::Silent => {} // in the log files
         }
     }
 
@@ -96,7 +105,7 @@ impl Progress {
     pub fn output(&self, label: &str, line: &str) {
         match self {
             Progress::Plain { .. } => eprintln!("[{label}]   | {}", strip_control(line)),
-            Progress::Live { .. } => {} // in the log files
+            Progress::Live { .. } | Progress::Silent => {} // in the log files
         }
     }
 

@@ -12,6 +12,7 @@ fn seconds(report: &MachineReport, stage: Stage) -> Option<f64> {
 fn result_word(outcome: &Outcome) -> &'static str {
     match outcome {
         Outcome::Deployed => "deployed",
+        Outcome::DryActivated => "dry-activated",
         Outcome::Failed(e) if e.exit == crate::error::ExitKind::Interrupted => "interrupted",
         Outcome::Failed(_) => "failed",
         Outcome::Skipped => "skipped",

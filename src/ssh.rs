@@ -74,16 +74,23 @@ impl Invocation {
         }
     }
 
-    /// This command through sudo: `--non-interactive` when no password is needed, else
-    /// reading the password from standard input (never from the command line).
+    /// This command through sudo: `--non-interactive` when no password is needed, else with
+    /// the password read from the first line of standard input by a wrapper on the target
+    /// and handed to sudo through `SUDO_ASKPASS` (`printenv` prints it): never on a command
+    /// line, and never left on the command's standard input, also when a `NOPASSWD` rule
+    /// means sudo does not ask for it. The rest of the input reaches the command.
     pub fn sudo(self, with_password: bool) -> Invocation {
-        let mut argv = vec!["sudo".to_string()];
+        let mut argv = Vec::new();
         if with_password {
-            argv.extend(["--stdin".into(), "--prompt=".into()]);
+            argv.extend([
+                "sh".to_string(),
+                "-c".into(),
+                SUDO_WITH_PASSWORD.into(),
+                "sh".into(),
+            ]);
         } else {
-            argv.push("--non-interactive".into());
+            argv.extend(["sudo".into(), "--non-interactive".into(), "--".into()]);
         }
-        argv.push("--".into());
         if !self.env.is_empty() {
             argv.push("env".into());
             argv.extend(self.env.iter().map(|(k, v)| format!("{k}={v}")));
@@ -95,10 +102,9 @@ impl Invocation {
         }
     }
 
-    /// Whether this command reads a sudo password from standard input.
+    /// Whether this command reads a sudo password from the first line of standard input.
     pub fn reads_password(&self) -> bool {
-        self.argv
-            .starts_with(&["sudo".to_string(), "--stdin".to_string()])
+        self.argv.get(2).map(String::as_str) == Some(SUDO_WITH_PASSWORD)
     }
 
     /// Adds an environment variable.
@@ -139,12 +145,15 @@ pub enum RemoteCommand {
     /// Run one invocation that stops when the ssh connection's input ends: how a stopped
     /// deploy ends remote builds and copies without a pseudo-terminal.
     UntilHangup(Invocation),
-    /// Run `with_systemd` when `/run/systemd/system` exists on the host, else `without`.
-    IfSystemd {
-        /// What runs on a systemd host.
-        with_systemd: Invocation,
-        /// What runs elsewhere.
-        without: Invocation,
+    /// Run one of this crate's scripts with arguments (installed on the host first).
+    Script {
+        /// Which script.
+        script: Script,
+        /// Its arguments.
+        args: Vec<String>,
+        /// Through sudo: `Some(true)` with a password on standard input, `Some(false)`
+        /// without one.
+        sudo: Option<bool>,
     },
 }
 
@@ -160,13 +169,28 @@ impl RemoteCommand {
                     .map(|(name, inv)| (name, inv.sudo(with_password)))
                     .collect(),
             ),
-            RemoteCommand::IfSystemd {
-                with_systemd,
-                without,
-            } => RemoteCommand::IfSystemd {
-                with_systemd: with_systemd.sudo(with_password),
-                without: without.sudo(with_password),
+            RemoteCommand::Script { script, args, .. } => RemoteCommand::Script {
+                script,
+                args,
+                sudo: Some(with_password),
             },
+        }
+    }
+
+    /// The command in short, for people: a script by its name and arguments.
+    pub fn summary(&self) -> String {
+        match self {
+            RemoteCommand::Script { script, args, sudo } => {
+                let mut words = Vec::new();
+                if sudo.is_some() {
+                    words.push("sudo".to_string());
+                }
+                words.push(script.name.to_string());
+                words.extend(args.iter().map(|a| quote(a)));
+                words.join(" ")
+            }
+            RemoteCommand::UntilHangup(inv) => inv.to_shell(),
+            other => other.to_shell(),
         }
     }
 
@@ -175,7 +199,7 @@ impl RemoteCommand {
         match self {
             RemoteCommand::Run(inv) | RemoteCommand::UntilHangup(inv) => inv.reads_password(),
             RemoteCommand::Probes(probes) => probes.iter().any(|(_, inv)| inv.reads_password()),
-            RemoteCommand::IfSystemd { with_systemd, .. } => with_systemd.reads_password(),
+            RemoteCommand::Script { sudo, .. } => *sudo == Some(true),
         }
     }
 
@@ -199,17 +223,69 @@ impl RemoteCommand {
                 })
                 .collect::<Vec<_>>()
                 .join("; "),
-            RemoteCommand::IfSystemd {
-                with_systemd,
-                without,
-            } => format!(
-                "if test -d /run/systemd/system; then {}; else {}; fi",
-                with_systemd.to_shell(),
-                without.to_shell()
-            ),
+            RemoteCommand::Script { script, args, sudo } => {
+                let inv = script.invocation(args);
+                match sudo {
+                    Some(with_password) => inv.sudo(*with_password).to_shell(),
+                    None => inv.to_shell(),
+                }
+            }
         }
     }
 }
+
+/// Reads the sudo password from the first line of standard input and runs `sudo -- "$@"`
+/// with it available to sudo only (`SUDO_ASKPASS=printenv`, the prompt naming the variable);
+/// `-k`: the password is checked even if sudo cached an earlier success.
+const SUDO_WITH_PASSWORD: &str = r#"IFS= read -r CLAN_SUDO_PASSWORD || exit 1; export CLAN_SUDO_PASSWORD; SUDO_ASKPASS=$(command -v printenv) || exit 1; export SUDO_ASKPASS; exec sudo -k -A -p CLAN_SUDO_PASSWORD -- "$@""#;
+
+/// A shell script of this crate (`src/scripts/`) that runs on a remote host.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Script {
+    /// What it is called in messages and on the host (`clan-activate`).
+    pub name: &'static str,
+    /// Its text.
+    pub text: &'static str,
+}
+
+/// The target's side of an activation (`src/scripts/activate.sh`).
+pub const ACTIVATE: Script = Script {
+    name: "clan-activate",
+    text: include_str!("scripts/activate.sh"),
+};
+
+impl Script {
+    /// Where it is installed on a host: `/run/clan/NAME-HASH.sh`, the hash telling versions
+    /// of the script apart.
+    pub fn installed_path(&self) -> String {
+        // FNV-1a, 64 bits: stable across builds and platforms.
+        let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+        for byte in self.text.bytes() {
+            hash ^= u64::from(byte);
+            hash = hash.wrapping_mul(0x0100_0000_01b3);
+        }
+        format!("/run/clan/{}-{hash:016x}.sh", self.name)
+    }
+
+    /// The invocation that installs the script (root-only, once per version) and runs it
+    /// with `args`.
+    pub fn invocation(&self, args: &[String]) -> Invocation {
+        let mut argv = vec![
+            "-c".to_string(),
+            INSTALL_SCRIPT.to_string(),
+            self.name.to_string(),
+            self.installed_path(),
+            self.text.to_string(),
+        ];
+        argv.extend(args.iter().cloned());
+        Invocation::new("sh", argv)
+    }
+}
+
+/// Installs a script at "$1" with the text "$2" unless it is there (written aside, then
+/// renamed: never half a script), then runs it with the rest of the arguments.
+const INSTALL_SCRIPT: &str = r#"umask 077; f=$1; t=$2; shift 2; if [ ! -f "$f" ]; then mkdir -p "${f%/*}" && printf '%s
+' "$t" >"$f.$$" && mv -f "$f.$$" "$f" || exit 1; fi; exec sh "$f" "$@""#;
 
 /// Runs "$@" until it ends or standard input does, whichever is first; exits with its status.
 /// A background job's input is /dev/null, so the session's input goes to the watcher as
@@ -233,6 +309,9 @@ pub struct SshHost {
     pub control_path: Option<String>,
     /// Forward the workstation's ssh agent to this host.
     pub forward_agent: bool,
+    /// A fresh connection, never a shared one (`ControlPath=none`, `ConnectTimeout=5`): to
+    /// prove that new logins work.
+    pub fresh: bool,
 }
 
 /// Which ssh client connects.
@@ -255,6 +334,7 @@ impl SshHost {
             host_key_check,
             control_path: None,
             forward_agent: false,
+            fresh: false,
         }
     }
 
@@ -273,6 +353,10 @@ impl SshHost {
                 .into_iter()
                 .map(|(k, v)| (k.to_string(), v.to_string())),
         );
+        if self.fresh {
+            options.push(("ControlPath".into(), "none".into()));
+            options.push(("ConnectTimeout".into(), "5".into()));
+        }
         let batch = side == Side::Nested
             || (side == Side::WorkstationBatch && self.host_key_check != HostKeyCheck::Ask);
         if batch {
@@ -572,17 +656,5 @@ mod tests {
         let _ = std::io::stdout().flush();
         assert_eq!(String::from_utf8_lossy(&out.stdout), "done\n");
         assert_eq!(out.status.code(), Some(3));
-    }
-
-    #[test]
-    fn systemd_switch_is_one_conditional_line() {
-        let cmd = RemoteCommand::IfSystemd {
-            with_systemd: Invocation::new("systemd-run", ["--wait", "x"]),
-            without: Invocation::new("/nix/store/abc/bin/switch-to-configuration", ["switch"]),
-        };
-        assert_eq!(
-            cmd.to_shell(),
-            "if test -d /run/systemd/system; then systemd-run --wait x; else /nix/store/abc/bin/switch-to-configuration switch; fi"
-        );
     }
 }

@@ -6,7 +6,7 @@ use std::io::IsTerminal;
 use crate::connection::Connections;
 use crate::error::{Error, Hint};
 use crate::plan::connection_key;
-use crate::ssh::{Invocation, RemoteCommand, SshHost, run_remote};
+use crate::ssh::{Invocation, RemoteCommand, SshHost, run_remote, run_remote_with_input};
 
 /// Which non-root targets need a password for sudo: asks each once, `sudo -n true`.
 /// Targets it cannot reach are left to the preflight, which explains them.
@@ -78,4 +78,38 @@ pub fn read_password(targets: &BTreeSet<String>) -> Result<String, Error> {
         )));
     }
     Ok(password)
+}
+
+/// Checks `password` with sudo on every target that needs one (`sudo -k`: a cached earlier
+/// success does not count), before anything is built: a wrong password stops the run here.
+pub fn check_password(
+    targets: &[(String, SshHost)],
+    needs: &BTreeSet<String>,
+    password: &str,
+    connections: &Connections,
+) -> Result<(), Error> {
+    let mut seen = BTreeSet::new();
+    for (name, target) in targets {
+        let key = connection_key(&target.address);
+        if !needs.contains(&key) || !seen.insert(key) {
+            continue;
+        }
+        let probe = RemoteCommand::Run(Invocation::new("true", [] as [&str; 0]).sudo(true));
+        let out = connections
+            .session(target)
+            .run(|| run_remote_with_input(target, &probe, &format!("{password}\n")))
+            .map_err(|e| Error::new(format!("cannot run ssh: {e}")))?;
+        if !out.status.success() {
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            return Err(Error::new(format!(
+                "{name}: sudo on {} refused the password (preflight); nothing was built or changed",
+                target.address
+            ))
+            .detail(stderr.trim_end())
+            .hint(Hint::text(
+                "run again and type the target user's sudo password",
+            )));
+        }
+    }
+    Ok(())
 }

@@ -31,6 +31,28 @@ pub struct HostSpec {
     current_nix: bool,
     max_jobs: Option<u32>,
     daemon_trusted_users: Option<Vec<String>>,
+    kind: HostKind,
+}
+
+/// What runs a lab host.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum HostKind {
+    /// A mount namespace with its own `/nix`, `/root`, `/etc/nix`, `/home` and `/run`, and
+    /// an `sshd` of its own; no init system.
+    #[default]
+    Namespace,
+    /// A container booted with systemd as PID 1 (`systemd-nspawn -b`), as on NixOS: sshd
+    /// runs as `ssh.service`, `systemd-run` works, `/run` is its own.
+    Systemd,
+}
+
+impl std::fmt::Display for HostKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            HostKind::Namespace => "namespace",
+            HostKind::Systemd => "systemd",
+        })
+    }
 }
 
 impl HostSpec {
@@ -42,7 +64,14 @@ impl HostSpec {
             current_nix: false,
             max_jobs: None,
             daemon_trusted_users: None,
+            kind: HostKind::Namespace,
         }
+    }
+
+    /// Runs the host as `kind` (see [`HostKind`]).
+    pub fn kind(mut self, kind: HostKind) -> HostSpec {
+        self.kind = kind;
+        self
     }
 
     /// Runs a `nix-daemon` on the host, so users other than root can use Nix, trusting
@@ -81,8 +110,11 @@ pub struct Host {
     pub ip: String,
     /// Its directory: `nix/`, `root/`, `etc-nix/`, `home/`, `sshd/`.
     pub dir: PathBuf,
+    /// What runs it.
+    pub kind: HostKind,
     sshd: Option<Child>,
     daemon: Option<Child>,
+    container: Option<Child>,
 }
 
 impl Host {
@@ -219,6 +251,24 @@ fn append(path: &Path, text: &str) {
     f.write_all(text.as_bytes()).expect("append");
 }
 
+unsafe extern "C" {
+    fn kill(pid: i32, sig: i32) -> i32;
+}
+
+fn libc_pid(pid: u32) -> Result<i32, std::num::TryFromIntError> {
+    i32::try_from(pid)
+}
+
+/// The lab's sshd configuration for a host at `ip` with the host key at `key`.
+fn sshd_config(ip: &str, key: &str) -> String {
+    format!(
+        "ListenAddress {ip}:22\nHostKey {key}\nUsePAM no\nStrictModes no\n\
+         AuthorizedKeysFile /root/.ssh/authorized_keys\nPermitRootLogin prohibit-password\n\
+         PasswordAuthentication no\nKbdInteractiveAuthentication no\nLogLevel VERBOSE\n\
+         AcceptEnv LANG\nSubsystem sftp internal-sftp\n"
+    )
+}
+
 /// `argv` under a time limit, so that a hung command cannot hang the test suite.
 fn with_time_limit<'a>(argv: &[&'a str]) -> Vec<&'a str> {
     let mut full = vec!["timeout", "--kill-after=10", "600"];
@@ -250,7 +300,8 @@ fn install_current_nix(bin: &Path) {
     }
 }
 
-/// The argv that runs `argv` inside the namespace of the host whose directory is `dir`.
+/// The argv that runs `argv` inside the namespace of the host whose directory is `dir`:
+/// its own `/nix`, `/root`, `/etc/nix`, `/home` and `/run`.
 pub fn namespaced(dir: &Path, argv: &[&str]) -> Vec<String> {
     let mut all = vec![
         "unshare".to_string(),
@@ -261,7 +312,7 @@ pub fn namespaced(dir: &Path, argv: &[&str]) -> Vec<String> {
         "sh".into(),
         "-c".into(),
         concat!(
-            r#"d=$1; shift; mount --bind "$d/nix" /nix && mount --bind "$d/root" /root && mount --bind "$d/etc-nix" /etc/nix && mount --bind "$d/home" /home && "#,
+            r#"d=$1; shift; mount --bind "$d/nix" /nix && mount --bind "$d/root" /root && mount --bind "$d/etc-nix" /etc/nix && mount --bind "$d/home" /home && mount --bind "$d/run" /run && "#,
             r#"if [ -d "$d/bin" ]; then mount --bind "$d/bin" /usr/local/bin && PATH=/usr/local/bin:$PATH; fi && exec "$@""#
         )
         .into(),
@@ -307,10 +358,12 @@ impl Lab {
                 name: spec.name.clone(),
                 ip: format!("{subnet}.{}", i + 2),
                 dir: base.join(&spec.name),
+                kind: spec.kind,
                 sshd: None,
                 daemon: None,
+                container: None,
             };
-            for sub in ["nix", "root/.ssh", "etc-nix", "sshd", "home"] {
+            for sub in ["nix", "root/.ssh", "etc-nix", "sshd", "home", "run/sshd"] {
                 fs::create_dir_all(host.dir.join(sub)).expect("host dirs");
             }
             let mut conf = NIX_CONF.to_string();
@@ -342,9 +395,16 @@ impl Lab {
             lab.hosts.insert(spec.name.clone(), host);
         }
         for spec in &hosts {
-            lab.start_sshd(&spec.name);
-            if spec.daemon_trusted_users.is_some() {
-                lab.start_daemon(&spec.name);
+            match spec.kind {
+                HostKind::Namespace => {
+                    lab.start_sshd(&spec.name);
+                    if spec.daemon_trusted_users.is_some() {
+                        lab.start_daemon(&spec.name);
+                    }
+                }
+                HostKind::Systemd => {
+                    lab.start_container(&spec.name, spec.daemon_trusted_users.is_some())
+                }
             }
         }
         let names: Vec<String> = hosts.iter().map(|h| h.name.clone()).collect();
@@ -386,12 +446,8 @@ impl Lab {
             .args(["-q", "-t", "ed25519", "-N", "", "-f"])
             .arg(&host_key));
         let config = format!(
-            "ListenAddress {ip}:22\nHostKey {key}\nUsePAM no\nStrictModes no\nPidFile none\n\
-             AuthorizedKeysFile /root/.ssh/authorized_keys\nPermitRootLogin prohibit-password\n\
-             PasswordAuthentication no\nKbdInteractiveAuthentication no\nLogLevel VERBOSE\n\
-             AcceptEnv LANG\nSubsystem sftp internal-sftp\n",
-            ip = host.ip,
-            key = host_key.display()
+            "{}PidFile none\n",
+            sshd_config(&host.ip, &host_key.display().to_string())
         );
         let config_path = sshd_dir.join("sshd_config");
         write(&config_path, &config);
@@ -440,6 +496,126 @@ impl Lab {
             );
             std::thread::sleep(Duration::from_millis(20));
         }
+    }
+
+    /// Boots host `name` as a systemd container: a root directory with a copy of the
+    /// machine's `/etc` (its sshd listening on the host's address, units that do not belong
+    /// masked), `/usr` read-only from the machine, and the host's own `/nix`, `/root`,
+    /// `/etc/nix` and `/home`. Waits until its sshd answers.
+    fn start_container(&mut self, name: &str, nix_daemon: bool) {
+        let host = self.hosts.get_mut(name).expect("host exists");
+        let rootfs = host.dir.join("rootfs");
+        let sshd_dir = host.dir.join("sshd");
+        fs::create_dir_all(&rootfs).expect("rootfs");
+        run(Command::new("cp").arg("-a").arg("/etc").arg(&rootfs));
+        let etc = rootfs.join("etc");
+        let _ = fs::remove_file(etc.join("os-release"));
+        fs::copy("/usr/lib/os-release", etc.join("os-release")).expect("os-release");
+        for link in ["bin", "sbin", "lib", "lib64"] {
+            std::os::unix::fs::symlink(format!("usr/{link}"), rootfs.join(link)).expect("link");
+        }
+        for dir in [
+            "usr", "var", "tmp", "root", "nix", "run", "proc", "sys", "dev", "home", "lab-sshd",
+        ] {
+            fs::create_dir_all(rootfs.join(dir)).expect("rootfs dirs");
+        }
+        fs::set_permissions(rootfs.join("tmp"), fs::Permissions::from_mode(0o1777)).expect("tmp");
+        // Only sshd (and nix-daemon when asked) of what the machine enables.
+        let mut masked: Vec<String> = ["postgresql", "nix-daemon", "e2scrub_reap", "cron"]
+            .iter()
+            .map(|u| format!("{u}.service"))
+            .collect();
+        for wants in [
+            "multi-user.target.wants",
+            "sockets.target.wants",
+            "timers.target.wants",
+        ] {
+            if let Ok(entries) = fs::read_dir(etc.join("systemd/system").join(wants)) {
+                for entry in entries.flatten() {
+                    masked.push(entry.file_name().to_string_lossy().into_owned());
+                }
+            }
+        }
+        masked.push("nix-daemon.socket".into());
+        for unit in masked {
+            let keep = unit == "ssh.service" || (nix_daemon && unit.starts_with("nix-daemon"));
+            if keep {
+                continue;
+            }
+            let path = etc.join("systemd/system").join(&unit);
+            let _ = fs::remove_file(&path);
+            std::os::unix::fs::symlink("/dev/null", &path).expect("mask unit");
+        }
+        let host_key = sshd_dir.join("ssh_host_ed25519_key");
+        run(Command::new("ssh-keygen")
+            .args(["-q", "-t", "ed25519", "-N", "", "-f"])
+            .arg(&host_key));
+        fs::set_permissions(&host_key, fs::Permissions::from_mode(0o600)).expect("chmod");
+        write(
+            &etc.join("ssh/sshd_config"),
+            &sshd_config(&host.ip, "/lab-sshd/ssh_host_ed25519_key"),
+        );
+        write(
+            &etc.join("default/ssh"),
+            "SSHD_OPTS=\"-E /lab-sshd/sshd.log\"\n",
+        );
+        write(
+            &host.root().join("lab-sshd-start"),
+            "#!/bin/sh\nsystemctl start ssh.service\n",
+        );
+        write(
+            &host.root().join("lab-sshd-stop"),
+            "#!/bin/sh\nsystemctl stop ssh.service\n",
+        );
+        for script in ["lab-sshd-start", "lab-sshd-stop"] {
+            fs::set_permissions(host.root().join(script), fs::Permissions::from_mode(0o755))
+                .expect("chmod");
+        }
+        let bind = |from: &Path, to: &str| format!("--bind={}:{to}", from.display());
+        let child = Command::new("systemd-nspawn")
+            .args(["--quiet", "--register=no", "--keep-unit", "--bind-ro=/usr"])
+            .arg(format!("--directory={}", rootfs.display()))
+            .arg(format!("--machine=clan-lab-{}", host.ip.replace('.', "-")))
+            .arg(bind(&host.nix(), "/nix"))
+            .arg(bind(&host.root(), "/root"))
+            .arg(bind(&host.dir.join("etc-nix"), "/etc/nix"))
+            .arg(bind(&host.dir.join("home"), "/home"))
+            .arg(bind(&sshd_dir, "/lab-sshd"))
+            .arg("--boot")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("systemd-nspawn (apt-get install systemd-container)");
+        host.container = Some(child);
+        let addr: SocketAddr = format!("{}:22", host.ip).parse().expect("socket address");
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_err() {
+            if let Some(status) = host
+                .container
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+            {
+                panic!("the systemd container of {name} exited: {status}");
+            }
+            assert!(
+                Instant::now() < deadline,
+                "sshd of the systemd host {name} did not start: {}",
+                host.sshd_log()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// The PID (as the machine sees it) of a systemd host's init: the child of its
+    /// `systemd-nspawn`.
+    fn init_pid(&self, name: &str) -> Option<u32> {
+        let nspawn = self.host(name).container.as_ref()?.id();
+        let children = fs::read_to_string(format!("/proc/{nspawn}/task/{nspawn}/children")).ok()?;
+        children.split_whitespace().find_map(|pid| {
+            let comm = fs::read_to_string(format!("/proc/{pid}/comm")).ok()?;
+            (comm.trim() == "systemd").then(|| pid.parse().ok())?
+        })
     }
 
     fn start_daemon(&mut self, name: &str) {
@@ -502,6 +678,18 @@ impl Lab {
             None => format!("{user} ALL=(ALL) NOPASSWD: ALL\n"),
         };
         write(Path::new(&format!("/etc/sudoers.d/clan-lab-{user}")), &rule);
+        // Debian's nix-daemon socket is for the nix-users group (systemd hosts use it).
+        let _ = Command::new("usermod")
+            .args(["-a", "-G", "nix-users", user])
+            .output();
+        // Systemd hosts have a copy of /etc: give them the account and the rule too.
+        for host in self.hosts.values().filter(|h| h.kind == HostKind::Systemd) {
+            let etc = host.dir.join("rootfs/etc");
+            for file in ["passwd", "shadow", "group", "gshadow"] {
+                let _ = fs::copy(Path::new("/etc").join(file), etc.join(file));
+            }
+            write(&etc.join(format!("sudoers.d/clan-lab-{user}")), &rule);
+        }
         let home = self.host(on).dir.join("home").join(user);
         fs::create_dir_all(home.join(".ssh")).expect("home");
         for owner in self.hosts.keys().filter(|h| *h != on) {
@@ -514,6 +702,40 @@ impl Lab {
             .arg("-R")
             .arg(format!("{user}:"))
             .arg(&home));
+    }
+
+    /// Replaces the sudo rule of `user` (made by [`Lab::add_user`]) with `rule`, a sudoers
+    /// line, on the machine and on every systemd host.
+    pub fn sudo_rule(&self, user: &str, rule: &str) {
+        let rule = format!("{rule}\n");
+        write(Path::new(&format!("/etc/sudoers.d/clan-lab-{user}")), &rule);
+        for host in self.hosts.values().filter(|h| h.kind == HostKind::Systemd) {
+            write(
+                &host
+                    .dir
+                    .join(format!("rootfs/etc/sudoers.d/clan-lab-{user}")),
+                &rule,
+            );
+        }
+    }
+
+    /// The generations of host `name`'s system profile: (number, store path), oldest first.
+    pub fn generations(&self, name: &str) -> Vec<(u32, String)> {
+        let profiles = self.host(name).nix().join("var/nix/profiles");
+        let mut found: Vec<(u32, String)> = fs::read_dir(&profiles)
+            .map(|d| {
+                d.flatten()
+                    .filter_map(|e| {
+                        let file = e.file_name().to_string_lossy().into_owned();
+                        let n = file.strip_prefix("system-")?.strip_suffix("-link")?;
+                        let target = fs::read_link(e.path()).ok()?;
+                        Some((n.parse().ok()?, target.display().to_string()))
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        found.sort();
+        found
     }
 
     /// The public half of the key at `key` (relative to `/root`) of host `owner`.
@@ -647,9 +869,69 @@ impl Lab {
         command
     }
 
+    /// Where `/run/current-system` points on host `name`, if anywhere.
+    pub fn current_system(&self, name: &str) -> Option<String> {
+        let out = self.exec(name, &["readlink", "-f", "/run/current-system"]);
+        let path = String::from_utf8_lossy(&out.stdout).trim().to_string();
+        (out.status.success() && !path.is_empty() && self.host(name).has_path(&path))
+            .then_some(path)
+    }
+
+    /// What of `clan` still runs on host `name`: its processes (`pgrep -a -f clan-`), and on
+    /// a systemd host its units (`clan-*`). Empty when nothing does.
+    pub fn clan_leftovers(&self, name: &str) -> String {
+        let mut found = String::new();
+        let host = self.host(name);
+        if host.kind == HostKind::Systemd {
+            let out = self.exec(
+                name,
+                &["systemctl", "list-units", "--no-legend", "--all", "clan-*"],
+            );
+            found.push_str(&String::from_utf8_lossy(&out.stdout));
+        }
+        // Processes whose command line runs the activation script on this host's addresses:
+        // namespace hosts share the machine's process table, so look for this run's marks.
+        let out = Command::new("pgrep")
+            .args(["-a", "-f", "clan-activate"])
+            .output()
+            .expect("pgrep");
+        for line in String::from_utf8_lossy(&out.stdout).lines() {
+            let pid = line.split_whitespace().next().unwrap_or("");
+            let mount_ns = |pid: &str| fs::read_link(format!("/proc/{pid}/ns/mnt")).ok();
+            let in_host = match host.kind {
+                HostKind::Systemd => self
+                    .init_pid(name)
+                    .and_then(|init| mount_ns(&init.to_string()))
+                    .is_some_and(|ns| mount_ns(pid) == Some(ns)),
+                // A namespace host's processes see its /nix: check their mounts.
+                HostKind::Namespace => fs::read_to_string(format!("/proc/{pid}/mountinfo"))
+                    .is_ok_and(|m| m.contains(&host.nix().display().to_string())),
+            };
+            if in_host {
+                found.push_str(line);
+                found.push('\n');
+            }
+        }
+        found
+    }
+
     /// Runs `argv` on host `name` in its namespace (not through ssh), for set-up and checks.
+    /// On a systemd host it runs in the container's mount namespace (its `/run`, its
+    /// units) when the container runs.
     pub fn exec(&self, name: &str, argv: &[&str]) -> Output {
-        let ns = namespaced(&self.host(name).dir, argv);
+        let ns = match self.host(name).kind {
+            HostKind::Systemd if let Some(pid) = self.init_pid(name) => {
+                let mut all: Vec<String> = ["nsenter", "--mount", "--target"]
+                    .iter()
+                    .map(|s| s.to_string())
+                    .collect();
+                all.push(pid.to_string());
+                all.push("--".into());
+                all.extend(argv.iter().map(|s| s.to_string()));
+                all
+            }
+            _ => namespaced(&self.host(name).dir, argv),
+        };
         Command::new(&ns[0])
             .args(&ns[1..])
             .stdin(Stdio::null())
@@ -660,6 +942,27 @@ impl Lab {
 
 impl Drop for Lab {
     fn drop(&mut self) {
+        // Containers shut down in parallel: SIGTERM asks systemd-nspawn for a clean
+        // shutdown, SIGKILL follows after a few seconds.
+        let containers: Vec<Child> = self
+            .hosts
+            .values_mut()
+            .filter_map(|h| h.container.take())
+            .collect();
+        for child in &containers {
+            if let Ok(pid) = libc_pid(child.id()) {
+                // SAFETY: kill(2) with a positive pid signals one process.
+                unsafe { kill(pid, 15) };
+            }
+        }
+        for mut child in containers {
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while child.try_wait().ok().flatten().is_none() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+        }
         for host in self.hosts.values_mut() {
             for mut child in [host.sshd.take(), host.daemon.take()].into_iter().flatten() {
                 let _ = child.kill();
@@ -726,6 +1029,7 @@ const FIXTURE_FLAKE: &str = r#"{
         PATH = "/usr/bin:/bin";
         inherit variant;
         seconds = toString (args.buildSeconds or 0);
+        switchSeconds = toString (args.switchSeconds or 0);
         args = [ "-c" ''
           if [ "$variant" = fail ]; then echo "fixture build of ${name} fails on purpose" >&2; exit 1; fi
           sleep "$seconds"
@@ -734,15 +1038,20 @@ const FIXTURE_FLAKE: &str = r#"{
           if [ -n "''${packages:-}" ]; then echo "$packages" > $out/packages; fi
           if [ "$variant" = not-nixos ]; then exit 0; fi
           echo "25.05-${name}" > $out/nixos-version
-          # Records each call; a healthy system makes sure the host's sshd runs (the lab's
-          # /root/lab-sshd-start), "breaks-ssh" stops it, "switch-fails" fails.
+          # Records each call and what it got on standard input (/root/switch-stdin.log);
+          # keeps /run/current-system as NixOS does; takes switchSeconds; a healthy system
+          # makes sure the host's sshd runs (the lab's /root/lab-sshd-start), "breaks-ssh"
+          # stops it, "restarts-ssh" restarts it mid-switch, "switch-fails" fails.
           {
             echo '#!/bin/sh'
             echo "echo \"$out \$1\" >> /root/switch-to-configuration.log"
+            echo 'timeout 1 cat >> /root/switch-stdin.log 2>/dev/null'
+            echo "if [ \"\$1\" = switch ] || [ \"\$1\" = test ]; then ln -sfn $out /run/current-system; fi"
+            echo "if [ $switchSeconds != 0 ] && [ \"\$1\" != dry-activate ]; then touch /root/switch-started; sleep $switchSeconds; echo \"$out \$1 done\" >> /root/switch-to-configuration.log; fi"
             case "$variant" in
               breaks-ssh) echo 'if [ "$1" = switch ] || [ "$1" = test ]; then /root/lab-sshd-stop; fi' ;;
+              restarts-ssh) echo 'if [ "$1" = switch ]; then /root/lab-sshd-stop; sleep 1; /root/lab-sshd-start; sleep 1; fi' ;;
               switch-fails) echo 'echo "activating the fixture failed on purpose" >&2; exit 1' ;;
-              slow-switch) echo 'touch /root/switch-started; sleep 3; echo "$0 done" >> /root/switch-to-configuration.log' ;;
               *) echo 'if [ -x /root/lab-sshd-start ]; then /root/lab-sshd-start; fi' ;;
             esac
           } > $out/bin/switch-to-configuration

@@ -4,17 +4,8 @@ use crate::cli::RollbackArgs;
 use crate::commands::machines::load_machines;
 use crate::connection::Connections;
 use crate::error::{Error, ExitKind, Hint};
-use crate::plan::SYSTEM_PROFILE;
-use crate::ssh::{Invocation, RemoteCommand, SshHost, run_remote, run_remote_with_input};
+use crate::ssh::{ACTIVATE, RemoteCommand, SshHost, run_remote, run_remote_with_input};
 use crate::sudo;
-
-/// Rolls the profile back one generation, then activates what it points to.
-/// Argument: the profile.
-const ROLLBACK: &str = concat!(
-    r#"before=$(readlink -f "$1"); nix-env -p "$1" --rollback || exit 3; "#,
-    r#"after=$(readlink -f "$1"); echo "profile: $before -> $after"; "#,
-    r#"exec "$after/bin/switch-to-configuration" switch"#
-);
 
 /// Runs the command; returns the exit code.
 pub fn run(args: &RollbackArgs) -> Result<i32, Error> {
@@ -32,10 +23,16 @@ pub fn run(args: &RollbackArgs) -> Result<i32, Error> {
         "{}: rolling back to the previous generation on {}",
         machine.name, target.address
     );
-    let rollback = RemoteCommand::Run(Invocation::new(
-        "sh",
-        ["-c", ROLLBACK, "sh", SYSTEM_PROFILE],
-    ));
+    // The same way back as the watchdog's and a failed switch's, under the deploy lock.
+    let rollback = RemoteCommand::Script {
+        script: ACTIVATE,
+        args: vec![
+            "rollback".into(),
+            crate::commands::machines::update::run_id(),
+            args.lock_timeout.to_string(),
+        ],
+        sudo: None,
+    };
     let root = target.address.user.as_deref().is_none_or(|u| u == "root");
     let out = if root {
         run_remote(&target, &rollback)
@@ -53,12 +50,35 @@ pub fn run(args: &RollbackArgs) -> Result<i32, Error> {
     .map_err(|e| Error::new(format!("cannot run ssh: {e}")))?;
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
-    print!("{stdout}");
+    for line in stdout.lines().filter(|l| !l.starts_with("clan: ")) {
+        println!("{line}");
+    }
+    let profile = stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("clan: profile "))
+        .map(str::to_string);
     match out.status.code() {
         Some(0) => {
-            eprintln!("{}: rolled back", machine.name);
+            eprintln!(
+                "{}: rolled back: the system profile points to generation {}",
+                machine.name,
+                profile.as_deref().unwrap_or("?")
+            );
             Ok(0)
         }
+        Some(75) => Err(Error::new(format!(
+            "{}: {} is being deployed by {}; nothing was changed",
+            machine.name,
+            target.address,
+            stdout
+                .lines()
+                .find_map(|l| l.strip_prefix("clan: busy "))
+                .map(crate::diagnostics::describe_holder)
+                .unwrap_or_else(|| "another deploy".into())
+        ))
+        .hint(Hint::text(
+            "wait for that deploy to end, or wait longer with --lock-timeout SECONDS",
+        ))),
         Some(3) => Err(Error::new(format!(
             "{}: there is no previous generation to roll back to on {}",
             machine.name, target.address

@@ -50,6 +50,8 @@ pub fn run(args: &UpdateArgs) -> Result<i32, Error> {
             rollback_timeout: (!args.no_rollback).then_some(args.rollback_timeout),
         },
         sudo_password: BTreeSet::new(),
+        workstation: workstation_identity(),
+        lock_timeout: args.lock_timeout,
     };
     if !args.dry_run {
         let targets: Vec<(String, SshHost)> = machines
@@ -58,7 +60,11 @@ pub fn run(args: &UpdateArgs) -> Result<i32, Error> {
             .collect();
         ctx.sudo_password = sudo::needs_password(&targets, &connections)?;
         if !ctx.sudo_password.is_empty() {
-            crate::execute::set_sudo_password(sudo::read_password(&ctx.sudo_password)?);
+            let password = sudo::read_password(&ctx.sudo_password)?;
+            if !args.no_preflight {
+                sudo::check_password(&targets, &ctx.sudo_password, &password, &connections)?;
+            }
+            crate::execute::set_sudo_password(password);
         }
     }
     let plan = plan_deploy(machines, &ctx);
@@ -162,7 +168,7 @@ fn check_relay(machines: &[ResolvedMachine]) -> Result<(), Error> {
 }
 
 /// 16 hex digits from the kernel's random source: names temporary roots and units.
-fn run_id() -> String {
+pub fn run_id() -> String {
     let mut bytes = [0u8; 8];
     if let Ok(mut f) = std::fs::File::open("/dev/urandom") {
         let _ = f.read_exact(&mut bytes);
@@ -174,4 +180,28 @@ fn run_id() -> String {
         bytes = (t.as_nanos() as u64 ^ u64::from(std::process::id())).to_le_bytes();
     }
     bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// `user@host` of this workstation, as a target's lock shows it to other deploys: only
+/// letters, digits and `.-_` (anything else becomes `_`).
+pub fn workstation_identity() -> String {
+    let user = std::env::var("USER").unwrap_or_else(|_| "?".into());
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_string())
+        .unwrap_or_default();
+    let clean = |s: &str| -> String {
+        let s: String = s
+            .chars()
+            .take(64)
+            .map(|c| {
+                if c.is_ascii_alphanumeric() || "._-".contains(c) {
+                    c
+                } else {
+                    '_'
+                }
+            })
+            .collect();
+        if s.is_empty() { "unknown".into() } else { s }
+    };
+    format!("{}@{}", clean(&user), clean(&host))
 }

@@ -1,0 +1,329 @@
+#!/bin/sh
+# clan-activate: the target's side of an activation. Runs as root on the target, installed
+# by the workstation at /run/clan/clan-activate-<hash>.sh (see RemoteCommand::Script).
+#
+# Usage: clan-activate.sh COMMAND RUN [ARGUMENTS]
+#   RUN is the deploy's run id (hex). State lives in /run/clan (root only, gone at reboot):
+#   lock (the deploy lock), holder (who holds it), act (held while a watchdog acts or is
+#   stood down), activation-RUN/ (one activation: action, generations, watchdog, switch).
+#
+#   lock RUN WHO SECONDS
+#       Take the target's deploy lock, waiting at most SECONDS (printing "clan: waiting
+#       HOLDER" once), print "clan: acquired" and hold it until standard input ends: the
+#       deploy's ssh session, so a killed workstation releases it. Exit 75: still held.
+#   prepare RUN ACTION TOPLEVEL TIMEOUT
+#       Under the lock: stand down what earlier runs left pending (their switch is waited
+#       for, their watchdog stopped), record the current generation ("clan: previous N
+#       PATH"), arm this run's watchdog (TIMEOUT > 0, ACTION switch or test), set the
+#       profile (switch, boot: "clan: profile N PATH").
+#   switch RUN ACTION TOPLEVEL
+#       TOPLEVEL's switch-to-configuration ACTION, in a transient unit where systemd runs
+#       (a lost ssh session cannot stop it half-way), telling the watchdog when it starts
+#       and ends. Exits with its status.
+#   watchdog RUN
+#       Waits for the switch to end, then TIMEOUT seconds; unless the activation was
+#       confirmed by then, rolls back to the recorded generation (see back_to).
+#   confirm RUN
+#       Stands the watchdog down: exit 0 "clan: confirmed"; 4, it rolled back already
+#       ("clan: rolled-back ..."); 5, no such activation (a later deploy took over).
+#   undo RUN
+#       After a failed switch: stands the watchdog down and goes back to the recorded
+#       generation, deleting the failed one. Prints "clan: profile N PATH".
+#   rollback RUN SECONDS
+#       `clan machines rollback`: under the lock (waiting at most SECONDS), back to the
+#       newest generation older than the current one.
+#
+# Exit codes: 0 done; 1 failed; 2 bad arguments; 3 no generation to go back to; 4, 5 as
+# for confirm; 75 lock held by another deploy.
+# Lines starting with "clan: " are for the workstation; the rest is for the run's log.
+
+set -u
+D=/run/clan
+P=/nix/var/nix/profiles/system
+SELF=$0
+
+if [ $# -lt 2 ]; then
+	echo "usage: $0 COMMAND RUN [ARGUMENTS]" >&2
+	exit 2
+fi
+cmd=$1
+run=$2
+shift 2
+case $run in
+'' | *[!0-9a-f]*)
+	echo "clan-activate: bad run id" >&2
+	exit 2
+	;;
+esac
+umask 077
+mkdir -p "$D" || exit 1
+R="$D/activation-$run"
+
+say() { printf 'clan: %s\n' "$*"; }
+
+has_systemd() { [ -d /run/systemd/system ]; }
+
+# The generation number a profile link points to (system-12-link: 12), or nothing.
+gen_of() {
+	l=$(readlink "$1" 2>/dev/null) || return 0
+	n=${l##*/}
+	n=${n#system-}
+	n=${n%-link}
+	case $n in
+	'' | *[!0-9]*) ;;
+	*) echo "$n" ;;
+	esac
+}
+
+# The newest generation of the profile older than $1, or nothing.
+gen_before() {
+	best=
+	for l in "$P"-*-link; do
+		[ -L "$l" ] || continue
+		n=${l##*/system-}
+		n=${n%-link}
+		case $n in '' | *[!0-9]*) continue ;; esac
+		if [ "$n" -lt "$1" ] && { [ -z "$best" ] || [ "$n" -gt "$best" ]; }; then best=$n; fi
+	done
+	echo "$best"
+}
+
+# SYSTEM's switch-to-configuration ACTION; in a transient unit (named after UNIT) where
+# systemd runs, its output piped back.
+run_switch() {
+	if has_systemd; then
+		systemd-run -E LOCALE_ARCHIVE -E NIXOS_INSTALL_BOOTLOADER -E PATH --collect \
+			--no-ask-password --pipe --quiet --service-type=exec --unit="clan-switch-$3" \
+			--wait "$1/bin/switch-to-configuration" "$2" </dev/null
+	else
+		"$1/bin/switch-to-configuration" "$2" </dev/null
+	fi
+}
+
+# The one way back, for the watchdog, the undo of a failed switch and `clan machines
+# rollback`: the profile to generation GEN exactly, generation BAD (if any) deleted so that
+# nothing ever goes back to it and the boot menu no longer offers it, then GEN's system's
+# switch-to-configuration WORD.
+back_to() {
+	gen=$1
+	bad=$2
+	word=$3
+	if [ -z "$gen" ]; then
+		echo "no previous generation to go back to" >&2
+		return 3
+	fi
+	nix-env -p "$P" --switch-generation "$gen" >&2 || return 1
+	if [ -n "$bad" ] && [ "$bad" != "$gen" ]; then
+		nix-env -p "$P" --delete-generations "$bad" >&2 || echo "warning: cannot delete generation $bad" >&2
+	fi
+	sys=$(readlink -f "$P")
+	say "profile $gen $sys"
+	run_switch "$sys" "$word" "$run-back"
+}
+
+# Stops the watchdog of run $1 (record $2), whatever runs it.
+stop_watchdog() {
+	if has_systemd; then systemctl stop "clan-watchdog-$1.service" 2>/dev/null; fi
+	if [ -s "$2/watchdog-pid" ]; then
+		w=$(cat "$2/watchdog-pid")
+		kill -TERM "-$w" 2>/dev/null || kill -TERM "$w" 2>/dev/null
+	fi
+	return 0
+}
+
+# Holds the act lock (fd 8) until the calling command exits.
+act_lock() {
+	exec 8>>"$D/act"
+	flock 8
+}
+
+# What earlier runs left: wait for a switch of theirs that still runs, stop their watchdog,
+# forget them. Their system stays: this run reached the target, which is what their
+# watchdog waited for.
+take_over() {
+	act_lock
+	for r in "$D"/activation-*; do
+		[ -d "$r" ] || continue
+		other=${r##*/activation-}
+		[ "$other" = "$run" ] && continue
+		if [ -s "$r/switch-pid" ] && [ ! -e "$r/switch-status" ]; then
+			p=$(cat "$r/switch-pid")
+			while kill -0 "$p" 2>/dev/null && [ ! -e "$r/switch-status" ]; do sleep 0.2; done
+		fi
+		stop_watchdog "$other" "$r"
+		rm -rf "$r"
+		say "took-over $other"
+	done
+}
+
+case $cmd in
+lock)
+	[ $# -eq 2 ] || exit 2
+	exec 9>>"$D/lock"
+	if ! flock -n 9; then
+		say "waiting $(cat "$D/holder" 2>/dev/null)"
+		if ! flock -w "$2" 9; then
+			say "busy $(cat "$D/holder" 2>/dev/null)"
+			exit 75
+		fi
+	fi
+	printf '%s %s %s\n' "$run" "$1" "$(date -u +%Y-%m-%dT%H:%M:%SZ)" >"$D/holder"
+	say acquired
+	# Held while the session lasts; cat does not keep the lock.
+	cat >/dev/null 9>&-
+	rm -f "$D/holder"
+	;;
+prepare)
+	[ $# -eq 3 ] || exit 2
+	action=$1
+	top=$2
+	timeout=$3
+	trap '' HUP PIPE
+	take_over
+	prev=$(gen_of "$P")
+	rm -rf "$R"
+	mkdir "$R" || exit 1
+	echo "$action" >"$R/action"
+	echo "$prev" >"$R/prev-gen"
+	echo "$timeout" >"$R/timeout"
+	say "previous ${prev:-none} $(readlink -f "$P" 2>/dev/null || echo none)"
+	# The watchdog first: a connection lost from here on is covered.
+	if [ "$timeout" -gt 0 ] && { [ "$action" = switch ] || [ "$action" = test ]; }; then
+		: >"$R/watchdog"
+		if has_systemd; then
+			systemd-run -E PATH --collect --no-ask-password --quiet \
+				--unit="clan-watchdog-$run" sh "$SELF" watchdog "$run" || exit 1
+		else
+			setsid sh "$SELF" watchdog "$run" </dev/null >/dev/null 2>&1 8>&- &
+		fi
+	fi
+	new=
+	if [ "$action" = switch ] || [ "$action" = boot ]; then
+		nix-env -p "$P" --set "$top" >&2 || exit 1
+		new=$(gen_of "$P")
+		[ "$new" = "$prev" ] && new=
+		echo "$new" >"$R/new-gen"
+		say "profile $(gen_of "$P") $(readlink -f "$P")"
+	fi
+	exec 8>&-
+	;;
+switch)
+	[ $# -eq 2 ] || exit 2
+	if has_systemd; then
+		systemd-run -E LOCALE_ARCHIVE -E NIXOS_INSTALL_BOOTLOADER -E PATH --collect \
+			--no-ask-password --pipe --quiet --service-type=exec --unit="clan-switch-$run" \
+			--wait sh "$SELF" switch-now "$run" "$@" </dev/null
+	else
+		sh "$SELF" switch-now "$run" "$@" </dev/null
+	fi
+	s=$?
+	# Without a watchdog there is nothing to confirm: the activation is over.
+	if [ $s -eq 0 ] && [ -d "$R" ] && [ ! -e "$R/watchdog" ]; then rm -rf "$R"; fi
+	exit $s
+	;;
+switch-now)
+	[ $# -eq 2 ] || exit 2
+	[ -d "$R" ] && echo $$ >"$R/switch-pid"
+	"$2/bin/switch-to-configuration" "$1"
+	s=$?
+	[ -d "$R" ] && echo $s >"$R/switch-status"
+	exit $s
+	;;
+watchdog)
+	trap '' HUP PIPE
+	[ -d "$R" ] || exit 0
+	exec >>"$D/watchdog-$run.log" 2>&1
+	echo $$ >"$R/watchdog-pid"
+	timeout=$(cat "$R/timeout")
+	# The countdown starts when the switch has ended: first wait for it to start (at most
+	# the timeout: the connection may have been lost before it did), then to end.
+	i=0
+	while [ -d "$R" ] && [ ! -e "$R/switch-pid" ] && [ $i -lt $((timeout * 5)) ]; do
+		sleep 0.2
+		i=$((i + 1))
+	done
+	if [ -s "$R/switch-pid" ]; then
+		p=$(cat "$R/switch-pid")
+		while [ -d "$R" ] && [ ! -e "$R/switch-status" ] && kill -0 "$p" 2>/dev/null; do sleep 0.2; done
+	fi
+	[ -d "$R" ] || exit 0
+	date +%s >"$R/countdown"
+	sleep "$timeout"
+	act_lock
+	[ -d "$R" ] || exit 0
+	echo "$(date -u +%Y-%m-%dT%H:%M:%SZ) not confirmed within ${timeout}s: rolling back"
+	action=$(cat "$R/action")
+	prev=$(cat "$R/prev-gen")
+	new=$(cat "$R/new-gen" 2>/dev/null)
+	if [ "$action" = test ]; then
+		sys=$(readlink -f "$P")
+		echo "profile $(gen_of "$P") $sys" >"$D/rolled-back-$run"
+		rm -rf "$R"
+		run_switch "$sys" test "$run-back"
+	else
+		echo "profile ${prev:-none} $(readlink -f "$P-$prev-link" 2>/dev/null)" >"$D/rolled-back-$run"
+		rm -rf "$R"
+		back_to "$prev" "$new" switch
+	fi
+	;;
+confirm)
+	act_lock
+	if [ -d "$R" ]; then
+		stop_watchdog "$run" "$R"
+		rm -rf "$R"
+		say confirmed
+		exit 0
+	fi
+	if [ -e "$D/rolled-back-$run" ]; then
+		say "rolled-back $(cat "$D/rolled-back-$run")"
+		exit 4
+	fi
+	exit 5
+	;;
+undo)
+	trap '' HUP PIPE
+	act_lock
+	if [ ! -d "$R" ]; then
+		echo "no activation of run $run is pending" >&2
+		exit 5
+	fi
+	stop_watchdog "$run" "$R"
+	action=$(cat "$R/action")
+	prev=$(cat "$R/prev-gen")
+	new=$(cat "$R/new-gen" 2>/dev/null)
+	rm -rf "$R"
+	case $action in
+	test)
+		# The profile was not touched: back to its system, if there is one.
+		sys=$(readlink -f "$P") || exit 3
+		say "profile $(gen_of "$P") $sys"
+		run_switch "$sys" test "$run-back"
+		;;
+	*) back_to "$prev" "$new" "$action" ;;
+	esac
+	;;
+rollback)
+	[ $# -eq 1 ] || exit 2
+	trap '' HUP PIPE
+	exec 9>>"$D/lock"
+	if ! flock -n 9; then
+		say "waiting $(cat "$D/holder" 2>/dev/null)"
+		flock -w "$1" 9 || {
+			say "busy $(cat "$D/holder" 2>/dev/null)"
+			exit 75
+		}
+	fi
+	take_over
+	cur=$(gen_of "$P")
+	if [ -z "$cur" ]; then
+		echo "there is no system profile" >&2
+		exit 3
+	fi
+	say "previous $cur $(readlink -f "$P")"
+	back_to "$(gen_before "$cur")" "" switch
+	;;
+*)
+	echo "clan-activate: unknown command $cmd" >&2
+	exit 2
+	;;
+esac

@@ -1,0 +1,542 @@
+//! Activation that never lies: actions, the change summary, the watchdog (lost target,
+//! long switch, stale watchdog), exact-generation rollback, the target's deploy lock, sudo,
+//! and Ctrl-C. Every scenario runs on both kinds of target: a namespace host (no init) and
+//! a systemd host (systemd as PID 1, as on NixOS). Each asserts the target's profile,
+//! `/run/current-system`, what `switch-to-configuration` recorded, and what of clan remains.
+
+mod common;
+use common::*;
+
+use clan_lab::HostKind;
+use std::net::{SocketAddr, TcpStream};
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+/// Runs `$body` (a fn taking a [`HostKind`]) as one test per kind of target.
+macro_rules! on_both_kinds {
+    ($($name:ident),* $(,)?) => {
+        $(
+            mod $name {
+                #[test]
+                fn namespace() {
+                    super::$name(clan_lab::HostKind::Namespace);
+                }
+                #[test]
+                fn systemd() {
+                    super::$name(clan_lab::HostKind::Systemd);
+                }
+            }
+        )*
+    };
+}
+
+on_both_kinds!(
+    actions_switch_boot_test_dry_activate,
+    change_summary_before_activation,
+    lost_target_rolls_back_to_the_exact_previous_generation,
+    confirmed_system_stays_and_nothing_remains,
+    switch_longer_than_the_timeout_is_never_rolled_back,
+    switch_that_restarts_sshd_completes,
+    stale_watchdog_of_a_killed_run_never_acts,
+    failed_generations_are_never_gone_back_to,
+    two_runs_of_one_machine_take_turns,
+    sudo_password_never_reaches_the_switch,
+    wrong_sudo_password_is_found_before_the_build,
+    ctrl_c_during_activation_finishes_and_exits_130,
+    rollback_command_goes_to_the_generation_before,
+    rollback_command_with_a_sudo_password,
+    non_root_target_with_passwordless_sudo,
+);
+
+fn target_lab(kind: HostKind) -> Lab {
+    Lab::start(&[HostSpec::new("target").kind(kind)])
+}
+
+/// A flake with machine `m` on the lab's target, built on the target, with `system` args.
+fn flake(lab: &Lab, system_args: &str) -> PathBuf {
+    flake_as(lab, "root", system_args)
+}
+
+fn flake_as(lab: &Lab, user: &str, system_args: &str) -> PathBuf {
+    lab.write_flake(&format!(
+        r#"{{ inventory.machines.m = {{ deploy.targetHost = "{user}@{}"; }}; machines.m = system {{ {system_args} }}; }}"#,
+        lab.ip("target")
+    ))
+}
+
+fn sshd_answers(lab: &Lab) -> bool {
+    let addr: SocketAddr = format!("{}:22", lab.ip("target")).parse().unwrap();
+    TcpStream::connect_timeout(&addr, Duration::from_secs(1)).is_ok()
+}
+
+fn update(lab: &Lab, f: &std::path::Path, extra: &[&str]) -> Run {
+    let mut args = vec!["machines", "update", "m", "--log-format", "plain"];
+    args.extend_from_slice(extra);
+    clan(lab, f, &args)
+}
+
+/// Deploys `variant` and returns its toplevel.
+fn deploy(lab: &Lab, system_args: &str) -> String {
+    let f = flake(lab, system_args);
+    let out = toplevel(lab, &f, "m");
+    let run = update(lab, &f, &["--rollback-timeout", "10"]);
+    assert_eq!(run.code, 0, "deploying {system_args} failed");
+    assert_system(lab, Some(&out), Some(&out));
+    out
+}
+
+/// The target's profile points to `profile`, and it runs `running` (`/run/current-system`).
+fn assert_system(lab: &Lab, profile: Option<&str>, running: Option<&str>) {
+    assert_eq!(
+        lab.host("target").system_profile().as_deref(),
+        profile,
+        "system profile"
+    );
+    assert_eq!(
+        lab.current_system("target").as_deref(),
+        running,
+        "/run/current-system"
+    );
+}
+
+/// Nothing of clan runs on the target any more: no watchdog, no switch, no lock holder.
+fn assert_nothing_left(lab: &Lab) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let left = lab.clan_leftovers("target");
+        if left.trim().is_empty() {
+            return;
+        }
+        assert!(Instant::now() < deadline, "left on the target:\n{left}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+fn switches(lab: &Lab) -> Vec<String> {
+    lab.host("target").switch_log()
+}
+
+/// Waits until `cond` holds, for at most `secs`.
+fn wait_for(secs: u64, what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    while !cond() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn actions_switch_boot_test_dry_activate(kind: HostKind) {
+    let lab = target_lab(kind);
+    let v1 = deploy(&lab, r#"packages = [ "hello-2.10" ];"#);
+    let f = flake(&lab, r#"variant = "v2";"#);
+    let v2 = toplevel(&lab, &f, "m");
+
+    let run = update(&lab, &f, &["--action", "dry-activate", "--json"]);
+    assert_eq!(run.code, 0);
+    let report: serde_json::Value = serde_json::from_str(&run.stdout).unwrap();
+    assert_eq!(report["machines"][0]["result"], "dry-activated");
+    assert_system(&lab, Some(&v1), Some(&v1));
+    assert_eq!(
+        switches(&lab).last().unwrap(),
+        &format!("{v2} dry-activate")
+    );
+
+    let run = update(&lab, &f, &["--action", "test"]);
+    assert_eq!(run.code, 0);
+    assert_system(&lab, Some(&v1), Some(&v2));
+    assert_eq!(switches(&lab).last().unwrap(), &format!("{v2} test"));
+
+    let run = update(&lab, &f, &["--action", "boot"]);
+    assert_eq!(run.code, 0);
+    assert_system(&lab, Some(&v2), Some(&v2));
+    assert_eq!(switches(&lab).last().unwrap(), &format!("{v2} boot"));
+
+    let run = update(&lab, &f, &[]);
+    assert_eq!(run.code, 0);
+    assert_eq!(switches(&lab).last().unwrap(), &format!("{v2} switch"));
+    assert_nothing_left(&lab);
+}
+
+fn change_summary_before_activation(kind: HostKind) {
+    let lab = target_lab(kind);
+    let v1 = deploy(&lab, r#"packages = [ "hello-2.10" "tool-1.0" ];"#);
+    let f = flake(&lab, r#"packages = [ "hello-2.12" "newtool-0.3" ];"#);
+    let run = update(&lab, &f, &[]);
+    assert_eq!(run.code, 0);
+    assert!(
+        run.stderr.contains("hello: 2.10 → 2.12"),
+        "no version change"
+    );
+    assert!(run.stderr.contains("newtool: ∅ → 0.3"));
+    assert!(run.stderr.contains("tool: 1.0 → ∅"));
+    // Computed on the target, from its own store: the workstation never had the closures.
+    assert!(!lab.host("workstation").has_path(&v1));
+    let again = update(&lab, &flake(&lab, ""), &["--no-diff"]);
+    assert_eq!(again.code, 0);
+    assert!(!again.stderr.contains("Changes on m:"));
+}
+
+// The new system stops sshd: the workstation cannot log in again, so the target goes back to
+// the exact generation it had before, deletes the broken one, and is reachable again.
+fn lost_target_rolls_back_to_the_exact_previous_generation(kind: HostKind) {
+    let lab = target_lab(kind);
+    let v1 = deploy(&lab, "");
+    let generations_before = lab.generations("target");
+    let f = flake(&lab, r#"variant = "breaks-ssh";"#);
+    let broken = toplevel(&lab, &f, "m");
+    let run = update(&lab, &f, &["--rollback-timeout", "6"]);
+    assert_eq!(run.code, 3, "a lost target may be half-updated");
+    assert!(run.stderr.contains(&format!(
+        "m: cannot log in to the target root@{} over a fresh ssh connection",
+        lab.ip("target")
+    )));
+    assert!(switches(&lab).contains(&format!("{broken} switch")));
+    wait_for(30, "the watchdog's rollback", || {
+        lab.host("target").system_profile().as_deref() == Some(v1.as_str()) && sshd_answers(&lab)
+    });
+    wait_for(10, "the previous system to run", || {
+        lab.current_system("target").as_deref() == Some(v1.as_str())
+    });
+    assert_eq!(switches(&lab).last().unwrap(), &format!("{v1} switch"));
+    // Exactly the previous generation, and the broken one is gone from the profile.
+    assert_eq!(lab.generations("target"), generations_before);
+    assert_nothing_left(&lab);
+    // And it can be deployed to again.
+    assert_eq!(
+        update(&lab, &flake(&lab, r#"variant = "v3";"#), &[]).code,
+        0
+    );
+}
+
+fn confirmed_system_stays_and_nothing_remains(kind: HostKind) {
+    let lab = target_lab(kind);
+    deploy(&lab, "");
+    let f = flake(&lab, r#"variant = "v2";"#);
+    let v2 = toplevel(&lab, &f, "m");
+    let run = update(&lab, &f, &["--rollback-timeout", "5"]);
+    assert_eq!(run.code, 0);
+    assert_nothing_left(&lab);
+    std::thread::sleep(Duration::from_secs(7));
+    assert_system(&lab, Some(&v2), Some(&v2));
+    assert_eq!(switches(&lab).last().unwrap(), &format!("{v2} switch"));
+}
+
+// The countdown starts when the switch has ended: a switch of 8 s with a 5 s timeout is
+// never rolled back, then or later.
+fn switch_longer_than_the_timeout_is_never_rolled_back(kind: HostKind) {
+    let lab = target_lab(kind);
+    deploy(&lab, "");
+    let f = flake(&lab, r#"variant = "slow"; switchSeconds = 8;"#);
+    let slow = toplevel(&lab, &f, "m");
+    let run = update(&lab, &f, &["--rollback-timeout", "5", "--json"]);
+    assert_eq!(run.code, 0);
+    let report: serde_json::Value = serde_json::from_str(&run.stdout).unwrap();
+    assert_eq!(report["machines"][0]["result"], "deployed");
+    assert_system(&lab, Some(&slow), Some(&slow));
+    std::thread::sleep(Duration::from_secs(10));
+    assert_system(&lab, Some(&slow), Some(&slow));
+    assert_eq!(
+        switches(&lab)[switches(&lab).len() - 2..],
+        [format!("{slow} switch"), format!("{slow} switch done")],
+        "something switched after the slow switch"
+    );
+    assert_nothing_left(&lab);
+}
+
+// A switch that restarts sshd (as real switches do) completes, and is confirmed.
+fn switch_that_restarts_sshd_completes(kind: HostKind) {
+    let lab = target_lab(kind);
+    deploy(&lab, "");
+    let f = flake(&lab, r#"variant = "restarts-ssh";"#);
+    let new = toplevel(&lab, &f, "m");
+    let run = update(&lab, &f, &["--rollback-timeout", "8"]);
+    assert_eq!(run.code, 0);
+    assert_system(&lab, Some(&new), Some(&new));
+    std::thread::sleep(Duration::from_secs(9));
+    assert_system(&lab, Some(&new), Some(&new));
+    assert_nothing_left(&lab);
+}
+
+// Run 1 is killed (SIGKILL) during its switch; its watchdog is still pending. Run 2 takes
+// over: it waits for the switch, stands the watchdog down, deploys, and its result holds.
+fn stale_watchdog_of_a_killed_run_never_acts(kind: HostKind) {
+    let lab = target_lab(kind);
+    deploy(&lab, "");
+    let f1 = flake(&lab, r#"variant = "v2"; switchSeconds = 3;"#);
+    let started = lab.host("target").root().join("switch-started");
+    let _ = std::fs::remove_file(&started);
+    let child = lab.spawn_on_workstation(
+        &f1,
+        &[
+            env!("CARGO_BIN_EXE_clan"),
+            "machines",
+            "update",
+            "m",
+            "--rollback-timeout",
+            "5",
+        ],
+    );
+    wait_for(60, "run 1's switch", || started.exists());
+    let status = std::process::Command::new("kill")
+        .args(["-KILL", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let _ = child.wait_with_output();
+
+    let f2 = flake(&lab, r#"variant = "v3";"#);
+    let v3 = toplevel(&lab, &f2, "m");
+    let run = update(&lab, &f2, &["--rollback-timeout", "5"]);
+    assert_eq!(run.code, 0);
+    assert_system(&lab, Some(&v3), Some(&v3));
+    std::thread::sleep(Duration::from_secs(10));
+    assert_system(&lab, Some(&v3), Some(&v3));
+    assert_eq!(switches(&lab).last().unwrap(), &format!("{v3} switch"));
+    assert_nothing_left(&lab);
+}
+
+// A failed switch goes back to the exact previous generation and deletes the failed one:
+// neither `clan machines rollback` nor the next failed switch's undo ever lands on it.
+fn failed_generations_are_never_gone_back_to(kind: HostKind) {
+    let lab = target_lab(kind);
+    let v1 = deploy(&lab, "");
+    let v2 = deploy(&lab, r#"variant = "v2";"#);
+    let f = flake(&lab, r#"variant = "switch-fails";"#);
+    let bad = toplevel(&lab, &f, "m");
+    let run = update(&lab, &f, &["--rollback-timeout", "5"]);
+    assert_eq!(run.code, 3);
+    assert!(
+        run.stderr
+            .contains("activating the fixture failed on purpose")
+    );
+    assert!(
+        run.stderr
+            .contains("m: switch-to-configuration failed on root@")
+    );
+    assert!(run.stderr.contains("the failed generation was deleted"));
+    assert_system(&lab, Some(&v2), Some(&v2));
+    assert!(
+        lab.generations("target").iter().all(|(_, p)| *p != bad),
+        "the failed generation is still in the profile"
+    );
+    // Its watchdog stood down: no second rollback later.
+    std::thread::sleep(Duration::from_secs(7));
+    assert_system(&lab, Some(&v2), Some(&v2));
+
+    let back = clan(&lab, &f, &["machines", "rollback", "m"]);
+    assert_eq!(back.code, 0);
+    assert_system(&lab, Some(&v1), Some(&v1));
+
+    let f4 = flake(&lab, r#"variant = "switch-fails"; packages = [ "x-1" ];"#);
+    let run = update(&lab, &f4, &["--rollback-timeout", "5"]);
+    assert_eq!(run.code, 3);
+    assert_system(&lab, Some(&v1), Some(&v1));
+    assert!(
+        lab.generations("target")
+            .iter()
+            .all(|(_, p)| *p == v1 || *p == v2),
+        "a failed generation is left: {:?}",
+        lab.generations("target")
+    );
+    assert_nothing_left(&lab);
+}
+
+// Two runs of one machine started 0.3 s apart: the second waits for the first's lock, says
+// who holds it, and the end state is exactly its own system.
+fn two_runs_of_one_machine_take_turns(kind: HostKind) {
+    let lab = target_lab(kind);
+    deploy(&lab, "");
+    let clan_bin = env!("CARGO_BIN_EXE_clan");
+    let args = [
+        clan_bin,
+        "machines",
+        "update",
+        "m",
+        "--log-format",
+        "plain",
+        "--rollback-timeout",
+        "5",
+    ];
+    let f1 = flake(&lab, r#"variant = "v2"; switchSeconds = 3;"#);
+    let first = lab.spawn_on_workstation(&f1, &args);
+    std::thread::sleep(Duration::from_millis(300));
+    // The second run builds a little longer, so the first one reaches the lock first.
+    let dir2 = lab.dir.join("flake2");
+    let f2 = flake(&lab, r#"variant = "v3"; buildSeconds = 1;"#);
+    let v3 = toplevel(&lab, &f2, "m");
+    std::fs::create_dir_all(&dir2).unwrap();
+    std::fs::copy(f2.join("flake.nix"), dir2.join("flake.nix")).unwrap();
+    let second = lab.spawn_on_workstation(&dir2, &args);
+    let first = first.wait_with_output().unwrap();
+    let second = second.wait_with_output().unwrap();
+    let (e1, e2) = (
+        String::from_utf8_lossy(&first.stderr),
+        String::from_utf8_lossy(&second.stderr),
+    );
+    eprintln!("--- first ---\n{e1}\n--- second ---\n{e2}");
+    assert_eq!(first.status.code(), Some(0));
+    assert_eq!(second.status.code(), Some(0));
+    assert!(e2.contains("waiting for the target's deploy lock, held by run "));
+    assert!(e2.contains("from root@"));
+    assert_system(&lab, Some(&v3), Some(&v3));
+    assert_eq!(switches(&lab).last().unwrap(), &format!("{v3} switch"));
+    assert_nothing_left(&lab);
+}
+
+/// A target whose deploy users reach Nix through its daemon; `trusted` are trusted users.
+fn non_root_lab(kind: HostKind, trusted: &[&str]) -> Lab {
+    let lab = Lab::start(&[HostSpec::new("target").kind(kind).nix_daemon(trusted)]);
+    lab.add_user("target", "deploy", None);
+    lab.add_user("target", "deploypw", Some("lab-sudo-secret"));
+    lab
+}
+
+// sudo needs no password for the commands clan runs, but a password for everything else:
+// the password line is read by clan's wrapper and never reaches a command's input.
+fn sudo_password_never_reaches_the_switch(kind: HostKind) {
+    let lab = non_root_lab(kind, &["deploypw"]);
+    lab.sudo_rule(
+        "deploypw",
+        "deploypw ALL=(ALL) NOPASSWD: /usr/bin/sh, /bin/sh, /nix/store/*/bin/switch-to-configuration\ndeploypw ALL=(ALL) ALL",
+    );
+    let f = flake_as(&lab, "deploypw", "");
+    let out = toplevel(&lab, &f, "m");
+    let run = lab.run_on_workstation_with_input(
+        &f,
+        &[env!("CARGO_BIN_EXE_clan"), "machines", "update", "m"],
+        "lab-sudo-secret\n",
+    );
+    eprintln!("{}", String::from_utf8_lossy(&run.stderr));
+    assert_eq!(run.status.code(), Some(0));
+    assert_system(&lab, Some(&out), Some(&out));
+    let stdin = std::fs::read_to_string(lab.host("target").root().join("switch-stdin.log"))
+        .unwrap_or_default();
+    assert!(
+        !stdin.contains("lab-sudo-secret"),
+        "the switch got the password"
+    );
+    assert!(
+        !String::from_utf8_lossy(&run.stderr).contains("lab-sudo-secret"),
+        "the password was shown"
+    );
+    assert_nothing_left(&lab);
+}
+
+fn wrong_sudo_password_is_found_before_the_build(kind: HostKind) {
+    let lab = non_root_lab(kind, &["deploypw"]);
+    let f = flake_as(&lab, "deploypw", r#"variant = "never-built";"#);
+    let out = toplevel(&lab, &f, "m");
+    let run = lab.run_on_workstation_with_input(
+        &f,
+        &[env!("CARGO_BIN_EXE_clan"), "machines", "update", "m"],
+        "not-the-password\n",
+    );
+    let stderr = String::from_utf8_lossy(&run.stderr);
+    eprintln!("{stderr}");
+    assert_eq!(run.status.code(), Some(1));
+    assert!(stderr.contains("refused the password (preflight)"));
+    assert!(!lab.host("target").has_path(&out), "it was built anyway");
+    assert_system(&lab, None, None);
+}
+
+// Ctrl-C during activation: the activation finishes (a half-done switch is worse), the run
+// exits 130, and the summary says what the machine was left on.
+fn ctrl_c_during_activation_finishes_and_exits_130(kind: HostKind) {
+    let lab = target_lab(kind);
+    let f = flake(&lab, r#"variant = "slow"; switchSeconds = 3;"#);
+    let out_path = toplevel(&lab, &f, "m");
+    let started = lab.host("target").root().join("switch-started");
+    let child = lab.spawn_on_workstation(
+        &f,
+        &[
+            env!("CARGO_BIN_EXE_clan"),
+            "machines",
+            "update",
+            "m",
+            "--log-format",
+            "plain",
+        ],
+    );
+    wait_for(60, "the switch to start", || started.exists());
+    let status = std::process::Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    eprintln!("{stderr}");
+    assert_eq!(out.status.code(), Some(130));
+    assert!(
+        stderr
+            .lines()
+            .any(|l| l.starts_with("m ") && l.contains("deployed")),
+        "the summary does not say what m was left on"
+    );
+    assert_system(&lab, Some(&out_path), Some(&out_path));
+    assert!(
+        switches(&lab).iter().any(|l| l.ends_with(" done")),
+        "the switch was cut short"
+    );
+    assert_nothing_left(&lab);
+}
+
+fn rollback_command_goes_to_the_generation_before(kind: HostKind) {
+    let lab = target_lab(kind);
+    let v1 = deploy(&lab, "");
+    let v2 = deploy(&lab, r#"variant = "v2";"#);
+    let f = flake(&lab, "");
+    let run = clan(&lab, &f, &["machines", "rollback", "m"]);
+    assert_eq!(run.code, 0);
+    assert!(
+        run.stderr
+            .contains("m: rolled back: the system profile points to generation 1")
+    );
+    assert_system(&lab, Some(&v1), Some(&v1));
+    assert_eq!(switches(&lab).last().unwrap(), &format!("{v1} switch"));
+    // Rolling back keeps the newer generation (it did not fail): it can be deployed again.
+    assert!(lab.generations("target").iter().any(|(_, p)| *p == v2));
+    let nothing = clan(&lab, &f, &["machines", "rollback", "m"]);
+    assert_eq!(nothing.code, 1);
+    assert!(nothing.stderr.contains("no previous generation"));
+    assert_system(&lab, Some(&v1), Some(&v1));
+    assert_nothing_left(&lab);
+}
+
+fn rollback_command_with_a_sudo_password(kind: HostKind) {
+    let lab = non_root_lab(kind, &["deploypw"]);
+    let clan_bin = env!("CARGO_BIN_EXE_clan");
+    let password = "lab-sudo-secret\n";
+    let v1_flake = flake_as(&lab, "deploypw", "");
+    let v1 = toplevel(&lab, &v1_flake, "m");
+    let deploy = |f: &std::path::Path| {
+        lab.run_on_workstation_with_input(f, &[clan_bin, "machines", "update", "m"], password)
+    };
+    assert_eq!(deploy(&v1_flake).status.code(), Some(0));
+    let v2_flake = flake_as(&lab, "deploypw", r#"variant = "v2";"#);
+    assert_eq!(deploy(&v2_flake).status.code(), Some(0));
+    let out = lab.run_on_workstation_with_input(
+        &v2_flake,
+        &[clan_bin, "machines", "rollback", "m"],
+        password,
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    eprintln!("{stderr}");
+    assert_eq!(out.status.code(), Some(0));
+    assert!(!stderr.contains("lab-sudo-secret"));
+    assert_system(&lab, Some(&v1), Some(&v1));
+    assert_nothing_left(&lab);
+}
+
+fn non_root_target_with_passwordless_sudo(kind: HostKind) {
+    let lab = non_root_lab(kind, &["deploy"]);
+    let f = flake_as(&lab, "deploy", "");
+    let out = toplevel(&lab, &f, "m");
+    let run = update(&lab, &f, &[]);
+    assert_eq!(run.code, 0);
+    assert!(run.stderr.contains("sudo clan-activate prepare "));
+    assert_system(&lab, Some(&out), Some(&out));
+    // switch-to-configuration ran as root: it wrote root's log.
+    assert_eq!(switches(&lab), vec![format!("{out} switch")]);
+    assert_nothing_left(&lab);
+}
