@@ -13,8 +13,10 @@ use crate::resolve::{BuildLocation, ResolvedMachine};
 /// The ssh-level reasons a connection fails.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SshFailure {
-    /// `Host key verification failed.`
+    /// `Host key verification failed.`: no known key.
     HostKey,
+    /// `REMOTE HOST IDENTIFICATION HAS CHANGED`: a known key differs (impersonation?).
+    ChangedHostKey,
     /// `Permission denied (publickey…)`
     PermissionDenied,
     /// Refused, timed out, unresolvable or unroutable.
@@ -23,9 +25,9 @@ pub enum SshFailure {
 
 /// Finds the ssh failure in a command's output, if there is one.
 pub fn ssh_failure(output: &str) -> Option<SshFailure> {
-    if output.contains("Host key verification failed")
-        || output.contains("REMOTE HOST IDENTIFICATION HAS CHANGED")
-    {
+    if output.contains("REMOTE HOST IDENTIFICATION HAS CHANGED") {
+        Some(SshFailure::ChangedHostKey)
+    } else if output.contains("Host key verification failed") {
         Some(SshFailure::HostKey)
     } else if output.contains("Permission denied (") {
         Some(SshFailure::PermissionDenied)
@@ -142,7 +144,15 @@ pub fn diagnose(machine: &ResolvedMachine, step: &Step, output: &str, code: Opti
         _ => None,
     };
     if let (Some(hop), Some(failure)) = (hop, ssh_failure(output)) {
-        return ssh_error(name, &builder, &target.to_string(), &hop, failure, base);
+        return ssh_error(
+            name,
+            &builder,
+            &target.to_string(),
+            &hop,
+            failure,
+            output,
+            base,
+        );
     }
     if output.contains("lacks a valid signature")
         || output.contains("lacks a signature by a trusted key")
@@ -230,9 +240,29 @@ pub fn ssh_error(
     target: &str,
     hop: &Hop,
     failure: SshFailure,
+    output: &str,
     base: impl Fn(String) -> Error,
 ) -> Error {
+    static FINGERPRINT: LazyLock<Regex> =
+        LazyLock::new(|| Regex::new(r"SHA256:[A-Za-z0-9+/=]+").expect("valid regex"));
+    let fingerprint = FINGERPRINT
+        .find(output)
+        .map_or("(not shown)", |m| m.as_str());
     match (hop, failure) {
+        (Hop::BuilderToTarget, SshFailure::ChangedHostKey) => base(format!(
+            "{name}: the target {target} presented a different host key to the build host {builder} than the one the build host knows: someone may be impersonating the target (or it was reinstalled). The build host saw {fingerprint}"
+        ))
+        .hint(Hint::text(format!(
+            "compare {fingerprint} with the target's real key (on its console: ssh-keygen -lf /etc/ssh/ssh_host_ed25519_key.pub); only if it is the real one, remove the old entry on the build host: ssh {builder} 'ssh-keygen -R {target_host}'",
+            target_host = host_only(target)
+        ))),
+        (Hop::WorkstationTo(host), SshFailure::ChangedHostKey) => base(format!(
+            "{name}: {host} presented a different host key than the one this workstation knows: someone may be impersonating it (or it was reinstalled). It presented {fingerprint}"
+        ))
+        .hint(Hint::text(format!(
+            "compare {fingerprint} with the host's real key; only if it is the real one, remove the old entry: ssh-keygen -R {}",
+            host_only(host)
+        ))),
         (Hop::BuilderToTarget, SshFailure::HostKey) => base(format!(
             "{name}: host key verification failed on the second hop (build host {builder} → target {target}): the build host has no known_hosts entry for the target"
         ))

@@ -36,6 +36,17 @@ pub struct MachineFacts {
     pub out_path: String,
 }
 
+/// A flake as `nix eval` is given it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FlakeRef {
+    /// The reference on nix's command line.
+    pub reference: String,
+    /// The directory nix runs in (the reference is then `.`).
+    pub dir: Option<std::path::PathBuf>,
+    /// For messages.
+    pub shown: String,
+}
+
 /// The result of evaluating a flake for a deploy.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 pub struct Evaluation {
@@ -45,6 +56,9 @@ pub struct Evaluation {
     pub tags: BTreeMap<String, Vec<String>>,
     /// Facts for the requested machines (all of them when none were requested).
     pub selected: BTreeMap<String, MachineFacts>,
+    /// `builtins.storeDir`.
+    #[serde(default, rename = "storeDir")]
+    pub store_dir: Option<String>,
 }
 
 /// The `--apply` function. `@WANTED@` and `@TAGS@` become Nix lists of the requested names
@@ -82,6 +96,7 @@ let
       toplevelOut = toplevel.outPath;
     };
 in {
+  storeDir = builtins.storeDir;
   machines = all;
   tags = builtins.listToAttrs (map (n: { name = n; value = tagsOf n; }) all);
   selected = builtins.listToAttrs (map (n: { name = n; value = facts n; }) names);
@@ -124,15 +139,22 @@ pub fn eval_command(flake: &str, wanted: &[String], tags: &[String]) -> Vec<Stri
 
 /// Evaluates `flake` for the `wanted` machines and those with one of `tags`, in one
 /// `nix eval` process.
-pub fn evaluate(flake: &str, wanted: &[String], tags: &[String]) -> Result<Evaluation, Error> {
-    let argv = eval_command(flake, wanted, tags);
-    let output = Command::new(&argv[0])
-        .args(&argv[1..])
-        .output()
-        .map_err(|e| {
-            Error::new(format!("cannot run nix to evaluate {flake}: {e}"))
-                .hint(Hint::text("install Nix (2.8 or newer) on this workstation"))
-        })?;
+pub fn evaluate(
+    flake_ref: &FlakeRef,
+    wanted: &[String],
+    tags: &[String],
+) -> Result<Evaluation, Error> {
+    let argv = eval_command(&flake_ref.reference, wanted, tags);
+    let flake = flake_ref.shown.as_str();
+    let mut command = Command::new(&argv[0]);
+    command.args(&argv[1..]);
+    if let Some(dir) = &flake_ref.dir {
+        command.current_dir(dir);
+    }
+    let output = command.output().map_err(|e| {
+        Error::new(format!("cannot run nix to evaluate {flake}: {e}"))
+            .hint(Hint::text("install Nix (2.8 or newer) on this workstation"))
+    })?;
     if !output.status.success() {
         let stderr = String::from_utf8_lossy(&output.stderr);
         return Err(Error::new(format!("evaluating the flake {flake} failed"))

@@ -79,13 +79,37 @@ pub struct Logs {
 
 impl Logs {
     /// `$XDG_STATE_HOME/clan/logs/<run>` (or `~/.local/state/clan/logs/<run>`).
+    /// Directories are private (0700) and files 0600: logs hold build output and host names.
     pub fn create(run_id: &str) -> Logs {
+        use std::os::unix::fs::DirBuilderExt;
         let dir = std::env::var_os("XDG_STATE_HOME")
             .map(PathBuf::from)
             .or_else(|| std::env::var_os("HOME").map(|h| Path::new(&h).join(".local/state")))
             .map(|d| d.join("clan/logs").join(run_id))
-            .filter(|d| std::fs::create_dir_all(d).is_ok());
+            .filter(|d| {
+                std::fs::DirBuilder::new()
+                    .recursive(true)
+                    .mode(0o700)
+                    .create(d)
+                    .is_ok()
+            });
+        // `recursive` applies the mode to every directory it creates; the run's own must be
+        // private even when its parents existed.
+        if let Some(d) = &dir {
+            use std::os::unix::fs::PermissionsExt;
+            let _ = std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o700));
+        }
         Logs { dir }
+    }
+
+    /// The log of machine `name` (a checked name: safe as a file name).
+    fn machine(&self, name: &crate::boundary::MachineName) -> LogSink {
+        self.sink(&format!("machine-{name}"))
+    }
+
+    /// The log of build group `g`.
+    fn group(&self, g: usize) -> LogSink {
+        self.sink(&format!("build-{g}"))
     }
 
     /// The directory, if it could be created.
@@ -95,7 +119,16 @@ impl Logs {
 
     fn sink(&self, name: &str) -> LogSink {
         let path = self.dir.as_ref().map(|d| d.join(format!("{name}.log")));
-        let file = path.as_ref().and_then(|p| File::create(p).ok());
+        let file = path.as_ref().and_then(|p| {
+            use std::os::unix::fs::OpenOptionsExt;
+            std::fs::OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .mode(0o600)
+                .open(p)
+                .ok()
+        });
         LogSink {
             path,
             file: Mutex::new(file),
@@ -135,7 +168,7 @@ pub fn run_plan(
     let sinks: Vec<LogSink> = plan
         .machines
         .iter()
-        .map(|m| logs.sink(&m.machine.name))
+        .map(|m| logs.machine(&m.machine.name))
         .collect();
     let results: Mutex<Vec<Option<Ended>>> =
         Mutex::new(plan.machines.iter().map(|_| None).collect());
@@ -182,7 +215,7 @@ pub fn run_plan(
         let (built_tx, built_rx) = mpsc::channel::<Built>();
         for (g, group) in plan.groups.iter().enumerate() {
             let tx = built_tx.clone();
-            let sink = logs.sink(&format!("build{g}"));
+            let sink = logs.group(g);
             scope.spawn(move || run_group(plan, group, &sink, progress, connections, &tx));
         }
         drop(built_tx);
@@ -252,7 +285,7 @@ pub fn run_plan(
             let (outcome, stages, changes) =
                 result.unwrap_or((Outcome::Skipped, BTreeMap::new(), None));
             MachineReport {
-                name: m.machine.name.clone(),
+                name: m.machine.name.to_string(),
                 build_host: plan.groups[m.group].label(),
                 target: m.machine.target.value.to_string(),
                 outcome,

@@ -70,6 +70,20 @@ pub enum AddressError {
     )]
     CommandOption(String),
     #[error(
+        "the ssh option {0} would set the host key policy; it comes only from --host-key-check (strict, ask, accept-new, none), for every hop"
+    )]
+    HostKeyOption(String),
+    #[error(
+        "the ssh option {0} would forward your ssh agent; that comes only from --forward-agent / --no-forward-agent or deploy.forwardAgent / clan.core.networking.forwardAgent, which warn when it is on"
+    )]
+    AgentOption(String),
+    #[error(
+        "the ssh option {0} is not one a host address may set (the README lists them); put it in ~/.ssh/config under a Host entry for this host, where you decide, not the flake"
+    )]
+    NotAllowed(String),
+    #[error("the value of ssh option {0} starts with '-', which ssh could read as a flag")]
+    OptionValueDash(String),
+    #[error(
         "the value of ssh option {name} contains {ch:?}; whitespace, quotes, backslashes and shell metacharacters are refused"
     )]
     BadOptionValue { name: String, ch: char },
@@ -77,8 +91,46 @@ pub enum AddressError {
     BadEncoding(String),
 }
 
-/// Options that make ssh run a command. An inventory value should never be able to run
-/// commands on the workstation or, through the nested copy, on the build host.
+/// The ssh options a host address may set: what a deploy address legitimately needs to
+/// reach a host (port, user, keys, jumps, timeouts, algorithms). Anything else belongs in
+/// `~/.ssh/config`, where the user decides, not the flake. Canonical spelling; matched
+/// case-insensitively.
+pub const ALLOWED_OPTIONS: &[&str] = &[
+    "AddressFamily",
+    "BindAddress",
+    "BindInterface",
+    "CertificateFile",
+    "Ciphers",
+    "Compression",
+    "ConnectTimeout",
+    "ConnectionAttempts",
+    "GSSAPIAuthentication",
+    "HostKeyAlgorithms",
+    "HostKeyAlias",
+    "HostName",
+    "IPQoS",
+    "IdentitiesOnly",
+    "IdentityFile",
+    "KbdInteractiveAuthentication",
+    "KexAlgorithms",
+    "LogLevel",
+    "MACs",
+    "NumberOfPasswordPrompts",
+    "PasswordAuthentication",
+    "Port",
+    "PreferredAuthentications",
+    "ProxyJump",
+    "PubkeyAcceptedAlgorithms",
+    "PubkeyAcceptedKeyTypes",
+    "PubkeyAuthentication",
+    "RekeyLimit",
+    "ServerAliveCountMax",
+    "ServerAliveInterval",
+    "TCPKeepAlive",
+    "User",
+];
+
+/// Options that make ssh run a command or load code (said so when refused).
 const COMMAND_OPTIONS: &[&str] = &[
     "proxycommand",
     "localcommand",
@@ -86,7 +138,44 @@ const COMMAND_OPTIONS: &[&str] = &[
     "knownhostscommand",
     "remotecommand",
     "match",
+    "pkcs11provider",
+    "securitykeyprovider",
 ];
+
+/// Options that set the host key policy: only `--host-key-check` does.
+const HOST_KEY_OPTIONS: &[&str] = &[
+    "stricthostkeychecking",
+    "userknownhostsfile",
+    "globalknownhostsfile",
+    "verifyhostkeydns",
+    "updatehostkeys",
+    "checkhostip",
+    "hashknownhosts",
+];
+
+/// Options that forward the agent: only the forwardAgent settings and flags do.
+const AGENT_OPTIONS: &[&str] = &["forwardagent", "identityagent", "addkeystoagent"];
+
+/// The canonical name of an allowed option, or why `name` is refused.
+fn allowed_option(name: &str) -> Result<&'static str, AddressError> {
+    let lower = name.to_ascii_lowercase();
+    if let Some(canonical) = ALLOWED_OPTIONS
+        .iter()
+        .find(|o| o.eq_ignore_ascii_case(name))
+    {
+        return Ok(canonical);
+    }
+    let name = name.to_string();
+    Err(if COMMAND_OPTIONS.contains(&lower.as_str()) {
+        AddressError::CommandOption(name)
+    } else if HOST_KEY_OPTIONS.contains(&lower.as_str()) {
+        AddressError::HostKeyOption(name)
+    } else if AGENT_OPTIONS.contains(&lower.as_str()) {
+        AddressError::AgentOption(name)
+    } else {
+        AddressError::NotAllowed(name)
+    })
+}
 
 /// Characters refused in option values: they would be re-split or re-interpreted by
 /// `NIX_SSHOPTS` handling (plain whitespace splitting in old Nix, shell-like in new Nix).
@@ -261,9 +350,7 @@ fn parse_options(query: &str) -> Result<Vec<(String, String)>, AddressError> {
         if !name.starts_with(|c: char| c.is_ascii_alphabetic()) {
             return Err(AddressError::BadOptionName(name.to_string()));
         }
-        if COMMAND_OPTIONS.contains(&name.to_ascii_lowercase().as_str()) {
-            return Err(AddressError::CommandOption(name.to_string()));
-        }
+        let name = allowed_option(name)?;
         let value = percent_decode_str(raw_value)
             .decode_utf8()
             .map_err(|_| AddressError::BadEncoding(name.to_string()))?
@@ -276,6 +363,9 @@ fn parse_options(query: &str) -> Result<Vec<(String, String)>, AddressError> {
                 name: name.to_string(),
                 ch,
             });
+        }
+        if value.starts_with('-') {
+            return Err(AddressError::OptionValueDash(name.to_string()));
         }
         options.push((name.to_string(), value));
     }
@@ -328,13 +418,60 @@ mod tests {
 
     #[test]
     fn ssh_scheme_ipv6_and_several_options() {
-        let a = parse("ssh://root@[2001:db8::1]:2222?Opt1=a&Opt2=b%2Cc").unwrap();
+        let a = parse("ssh://root@[2001:db8::1]:2222?IdentityFile=a&proxyjump=b%2Cc").unwrap();
         assert_eq!(a.host, "2001:db8::1");
         assert_eq!(a.port, Some(2222));
         assert_eq!(a.destination(), "root@[2001:db8::1]");
-        assert_eq!(a.options[1], ("Opt2".into(), "b,c".into()));
+        // Names are spelled canonically, whatever case the address used.
+        assert_eq!(a.options[1], ("ProxyJump".into(), "b,c".into()));
         let bare = parse("::1").unwrap();
         assert_eq!((bare.host.as_str(), bare.port), ("::1", None));
+    }
+
+    #[test]
+    fn only_allowed_options_and_each_refusal_names_the_right_place() {
+        for ok in [
+            "h?IdentityFile=/k&IdentitiesOnly=yes&ConnectTimeout=5&ServerAliveInterval=10",
+            "h?ProxyJump=jump.example.com:2222&HostKeyAlias=web&Compression=yes&Port=22",
+        ] {
+            assert!(parse(ok).is_ok(), "{ok}");
+        }
+        let refused = |s: &str| parse(s).unwrap_err();
+        for code in [
+            "PKCS11Provider=/tmp/x.so",
+            "SecurityKeyProvider=/tmp/x.so",
+            "ProxyCommand=nc",
+            "LocalCommand=x",
+            "KnownHostsCommand=x",
+        ] {
+            assert!(
+                matches!(
+                    refused(&format!("h?{code}")),
+                    AddressError::CommandOption(_)
+                ),
+                "{code}"
+            );
+        }
+        for policy in [
+            "StrictHostKeyChecking=no",
+            "UserKnownHostsFile=/dev/null",
+            "stricthostkeychecking=no",
+            "GlobalKnownHostsFile=/x",
+        ] {
+            let e = refused(&format!("h?{policy}"));
+            assert!(matches!(e, AddressError::HostKeyOption(_)), "{policy}");
+            assert!(e.to_string().contains("--host-key-check"));
+        }
+        let e = refused("h?ForwardAgent=yes");
+        assert!(matches!(e, AddressError::AgentOption(_)));
+        assert!(e.to_string().contains("--forward-agent"));
+        let e = refused("h?ControlPath=/tmp/x");
+        assert!(matches!(e, AddressError::NotAllowed(_)));
+        assert!(e.to_string().contains("~/.ssh/config"));
+        assert!(matches!(
+            refused("h?ProxyJump=-oProxyCommand%3Dx"),
+            AddressError::OptionValueDash(_)
+        ));
     }
 
     #[test]
@@ -422,14 +559,14 @@ mod tests {
 
         /// Whatever is accepted round-trips and cannot be read by ssh as a flag.
         #[test]
-        fn accepted_addresses_are_safe(s in "(ssh://)?([a-z-]{1,5}@)?([a-z0-9.-]{1,8}|\\[::[0-9]{1,3}\\])(:[0-9]{1,6})?(\\?[A-Za-z]{1,6}=[A-Za-z0-9/%,.-]{0,8}(&[A-Za-z]{1,6}=[a-z0-9%/-]{0,6})?)?") {
+        fn accepted_addresses_are_safe(s in "(ssh://)?([a-z-]{1,5}@)?([a-z0-9.-]{1,8}|\\[::[0-9]{1,3}\\])(:[0-9]{1,6})?(\\?(IdentityFile|proxyjump|Port|HostKeyAlias|[A-Za-z]{1,6})=[A-Za-z0-9/%,.-]{0,8}(&(ConnectTimeout|User|[A-Za-z]{1,6})=[a-z0-9%/-]{0,6})?)?") {
             if let Ok(addr) = parse(&s) {
                 prop_assert!(!addr.host.starts_with('-'));
                 prop_assert!(!addr.destination().starts_with('-'));
                 if let Some(user) = &addr.user { prop_assert!(!user.starts_with('-')); }
                 for (name, value) in &addr.options {
-                    prop_assert!(name.chars().all(|c| c.is_ascii_alphanumeric()));
-                    prop_assert!(name.starts_with(|c: char| c.is_ascii_alphabetic()));
+                    prop_assert!(ALLOWED_OPTIONS.contains(&name.as_str()), "{} is not allowed", name);
+                    prop_assert!(!value.starts_with('-'));
                     prop_assert!(!value.chars().any(|c| c.is_whitespace() || REFUSED_IN_VALUES.contains(&c)));
                 }
                 prop_assert_eq!(parse(&addr.to_string()).unwrap(), addr);

@@ -959,11 +959,12 @@ impl fmt::Display for DeployPlan {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::boundary::{MachineName, Origin, StoreDir, StorePath};
     use crate::resolve::{Resolved, Source};
 
     fn machine(name: &str, target: &str, build: BuildLocation) -> ResolvedMachine {
         ResolvedMachine {
-            name: name.into(),
+            name: MachineName::parse(name, &Origin::CommandLine("test")).unwrap(),
             target: Resolved {
                 value: target.parse().unwrap(),
                 source: Source::Flag("--target-host"),
@@ -977,8 +978,18 @@ mod tests {
                 source: Source::Default,
             },
             system: None,
-            drv_path: format!("/nix/store/d-{name}.drv"),
-            out_path: format!("/nix/store/o-{name}"),
+            drv_path: StorePath::parse_drv(
+                &format!("/nix/store/00000000000000000000000000000000-d-{name}.drv"),
+                &StoreDir::default(),
+                &Origin::CommandLine("test"),
+            )
+            .unwrap(),
+            out_path: StorePath::parse(
+                &format!("/nix/store/00000000000000000000000000000000-o-{name}"),
+                &StoreDir::default(),
+                &Origin::CommandLine("test"),
+            )
+            .unwrap(),
         }
     }
 
@@ -1042,9 +1053,9 @@ mod tests {
             lines,
             [
                 "clan-activate lock r1 alice@ws 300 Always",
-                "clan-activate prepare r1 switch /nix/store/o-m 30 TargetNotRunning",
-                "clan-activate prepare r1 switch /nix/store/o-m 0 TargetRunning",
-                "clan-activate switch r1 switch /nix/store/o-m Always",
+                "clan-activate prepare r1 switch /nix/store/00000000000000000000000000000000-o-m 30 TargetNotRunning",
+                "clan-activate prepare r1 switch /nix/store/00000000000000000000000000000000-o-m 0 TargetRunning",
+                "clan-activate switch r1 switch /nix/store/00000000000000000000000000000000-o-m Always",
                 "clan-activate confirm r1 TargetNotRunning",
             ]
         );
@@ -1064,7 +1075,7 @@ mod tests {
         assert!(copy.starts_with("sh -c "), "{copy}");
         assert!(copy.ends_with(
             " sh env 'NIX_SSHOPTS=-o IdentityFile=/k -o StrictHostKeyChecking=accept-new -o BatchMode=yes' \
-             nix --extra-experimental-features nix-command copy --to ssh://root@t /nix/store/o-m"
+             nix --extra-experimental-features nix-command copy --to ssh://root@t /nix/store/00000000000000000000000000000000-o-m"
         ));
         let realise = plan.groups[0].steps[2].local_argv().pop().unwrap();
         assert!(realise.starts_with("sh -c "), "{realise}");
@@ -1075,7 +1086,7 @@ mod tests {
                 .starts_with("nix-store --realise ")
         );
         assert!(realise.ends_with(
-            " sh nix-store --realise /nix/store/d-m.drv --add-root /tmp/clan-r1-build0/system --keep-going --log-format internal-json"
+            " sh nix-store --realise /nix/store/00000000000000000000000000000000-d-m.drv --add-root /tmp/clan-r1-build0/system --keep-going --log-format internal-json"
         ));
     }
 
@@ -1101,24 +1112,33 @@ mod tests {
             k,
             [VerifySystem, LockTarget, Prepare, Prepare, Switch, Confirm]
         );
-        assert_eq!(switch, "clan-activate switch r1 switch /nix/store/o-m");
+        assert_eq!(
+            switch,
+            "clan-activate switch r1 switch /nix/store/00000000000000000000000000000000-o-m"
+        );
         assert!(undo);
         let (k, switch, undo) = kinds(Action::Boot);
         assert_eq!(k, [VerifySystem, LockTarget, Prepare, Switch]);
-        assert_eq!(switch, "clan-activate switch r1 boot /nix/store/o-m");
+        assert_eq!(
+            switch,
+            "clan-activate switch r1 boot /nix/store/00000000000000000000000000000000-o-m"
+        );
         assert!(undo);
         let (k, switch, _) = kinds(Action::Test);
         assert_eq!(
             k,
             [VerifySystem, LockTarget, Prepare, Prepare, Switch, Confirm]
         );
-        assert_eq!(switch, "clan-activate switch r1 test /nix/store/o-m");
+        assert_eq!(
+            switch,
+            "clan-activate switch r1 test /nix/store/00000000000000000000000000000000-o-m"
+        );
         // dry-activate changes nothing: no lock, no profile, nothing to undo.
         let (k, switch, undo) = kinds(Action::DryActivate);
         assert_eq!(k, [VerifySystem, Switch]);
         assert_eq!(
             switch,
-            "clan-activate switch r1 dry-activate /nix/store/o-m"
+            "clan-activate switch r1 dry-activate /nix/store/00000000000000000000000000000000-o-m"
         );
         assert!(!undo);
     }
@@ -1191,18 +1211,18 @@ mod tests {
         assert_eq!(
             plan.groups[0].steps[0].command_line(),
             "env 'NIX_SSHOPTS=-o StrictHostKeyChecking=yes' nix --extra-experimental-features nix-command \
-             copy --derivation --to ssh://root@b /nix/store/d-a.drv /nix/store/d-c.drv"
+             copy --derivation --to ssh://root@b /nix/store/00000000000000000000000000000000-d-a.drv /nix/store/00000000000000000000000000000000-d-c.drv"
         );
         assert!(
             plan.groups[0].steps[2].command_line().starts_with(
-                "nix-store --realise /nix/store/d-a.drv /nix/store/d-c.drv --add-root"
+                "nix-store --realise /nix/store/00000000000000000000000000000000-d-a.drv /nix/store/00000000000000000000000000000000-d-c.drv --add-root"
             )
         );
         assert_eq!(
             plan.groups[0]
-                .validity_step(&["/nix/store/o-a"])
+                .validity_step(&["/nix/store/00000000000000000000000000000000-o-a"])
                 .command_line(),
-            "nix-store --check-validity --print-invalid /nix/store/o-a"
+            "nix-store --check-validity --print-invalid /nix/store/00000000000000000000000000000000-o-a"
         );
     }
 
@@ -1263,7 +1283,7 @@ mod tests {
         assert_eq!(
             relay.command_line(),
             "env 'NIX_SSHOPTS=-o BatchMode=yes -o ControlMaster=no -o ControlPath=/run/c/%C' \
-             nix --extra-experimental-features nix-command copy --from ssh://root@b --to ssh://root@t /nix/store/o-m"
+             nix --extra-experimental-features nix-command copy --from ssh://root@b --to ssh://root@t /nix/store/00000000000000000000000000000000-o-m"
         );
     }
 

@@ -315,6 +315,7 @@ fn login_error(name: &str, host: &str, raw: &str) -> Error {
         host,
         &Hop::WorkstationTo(host.to_string()),
         failure,
+        raw,
         |m| Error::new(format!("preflight: {m}")).detail(raw.trim_end()),
     )
 }
@@ -327,9 +328,15 @@ fn second_hop_error(
     target_reachable_from_workstation: bool,
 ) -> Error {
     let failure = ssh_failure(raw).unwrap_or(SshFailure::Unreachable);
-    let mut error = ssh_error(name, builder, target, &Hop::BuilderToTarget, failure, |m| {
-        Error::new(format!("preflight: {m}")).detail(raw.trim_end())
-    });
+    let mut error = ssh_error(
+        name,
+        builder,
+        target,
+        &Hop::BuilderToTarget,
+        failure,
+        raw,
+        |m| Error::new(format!("preflight: {m}")).detail(raw.trim_end()),
+    );
     if failure == SshFailure::Unreachable && target_reachable_from_workstation {
         error = error.hint(Hint::text(format!(
             "this workstation reaches the target: copy through it with clan machines update {name} --copy-via-workstation"

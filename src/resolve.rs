@@ -12,6 +12,7 @@
 use std::fmt;
 use std::process::Command;
 
+use crate::boundary::{MachineName, NixSystem, Origin, Refused, StoreDir, StorePath};
 use crate::error::{Error, Hint};
 use crate::eval::MachineFacts;
 use crate::host::HostAddress;
@@ -83,7 +84,7 @@ pub enum BuildLocation {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ResolvedMachine {
     /// Machine name.
-    pub name: String,
+    pub name: MachineName,
     /// Where the system goes, user filled in.
     pub target: Resolved<HostAddress>,
     /// Where the system is built.
@@ -91,11 +92,11 @@ pub struct ResolvedMachine {
     /// Whether the workstation's ssh agent is forwarded to the build host.
     pub forward_agent: Resolved<bool>,
     /// The target's system, if the configuration names one.
-    pub system: Option<String>,
+    pub system: Option<NixSystem>,
     /// Toplevel derivation.
-    pub drv_path: String,
+    pub drv_path: StorePath,
     /// Toplevel output path.
-    pub out_path: String,
+    pub out_path: StorePath,
 }
 
 /// Command-line overrides that apply to every machine of a deploy.
@@ -268,11 +269,33 @@ fn config(machine: &str, attr: &'static str) -> Source {
 
 /// Decides target and build location for one machine.
 pub fn resolve_machine(
-    name: &str,
+    name: &MachineName,
     facts: &MachineFacts,
+    store: &StoreDir,
     overrides: &Overrides,
     users: &dyn UserLookup,
 ) -> Result<ResolvedMachine, Error> {
+    let attr = |what: &str| Origin::Flake(format!("machines.{name}.{what}"));
+    let refused = |e: Refused| Error::usage(e.to_string());
+    let system = facts
+        .system
+        .as_deref()
+        .map(|s| NixSystem::parse(s, &attr("nixpkgs.hostPlatform")))
+        .transpose()
+        .map_err(refused)?;
+    let drv_path = StorePath::parse_drv(
+        &facts.drv_path,
+        store,
+        &attr("config.system.build.toplevel.drvPath"),
+    )
+    .map_err(refused)?;
+    let out_path = StorePath::parse(
+        &facts.out_path,
+        store,
+        &attr("config.system.build.toplevel.outPath"),
+    )
+    .map_err(refused)?;
+    let name = name.as_str();
     let target = first_set(target_candidates(name, facts, overrides))?
         .ok_or_else(|| {
             Error::usage(format!("machine {name} has no targetHost")).hint(Hint::text(format!(
@@ -317,30 +340,20 @@ pub fn resolve_machine(
         });
 
     Ok(ResolvedMachine {
-        name: name.to_string(),
+        name: MachineName::parse(name, &Origin::Flake("machines".into())).map_err(refused)?,
         target,
         build,
         forward_agent,
-        system: facts.system.clone(),
-        drv_path: facts.drv_path.clone(),
-        out_path: facts.out_path.clone(),
+        system,
+        drv_path,
+        out_path,
     })
 }
 
 /// Checks a machine name given on the command line before it goes anywhere.
-pub fn check_machine_name(name: &str) -> Result<(), Error> {
-    let ok = !name.is_empty()
-        && !name.starts_with('-')
-        && name
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
-    if ok {
-        Ok(())
-    } else {
-        Err(Error::usage(format!(
-            "invalid machine name {name:?} (from the command line): machine names hold only letters, digits, '-', '_' and '.'"
-        )))
-    }
+pub fn check_machine_name(name: &str) -> Result<MachineName, Error> {
+    MachineName::parse(name, &Origin::CommandLine("the command line"))
+        .map_err(|e| Error::usage(e.to_string()))
 }
 
 /// One line saying where a machine builds and why.
@@ -384,6 +397,10 @@ pub fn describe_target(machine: &ResolvedMachine) -> String {
 mod tests {
     use super::*;
 
+    fn name(n: &str) -> MachineName {
+        MachineName::parse(n, &Origin::CommandLine("test")).unwrap()
+    }
+
     struct Users(Option<&'static str>);
     impl UserLookup for Users {
         fn configured_user(&self, _: &HostAddress) -> Option<String> {
@@ -403,8 +420,8 @@ mod tests {
             inventory_forward_agent: None,
             config_forward_agent: None,
             system: Some("x86_64-linux".into()),
-            drv_path: "/nix/store/a.drv".into(),
-            out_path: "/nix/store/a".into(),
+            drv_path: "/nix/store/00000000000000000000000000000000-a.drv".into(),
+            out_path: "/nix/store/00000000000000000000000000000000-a".into(),
         }
     }
 
@@ -413,7 +430,14 @@ mod tests {
             build_host: cli.map(Into::into),
             ..Overrides::default()
         };
-        resolve_machine("m", f, &overrides, &Users(None)).map(|m| m.build)
+        resolve_machine(
+            &name("m"),
+            f,
+            &StoreDir::default(),
+            &overrides,
+            &Users(None),
+        )
+        .map(|m| m.build)
     }
 
     #[test]
@@ -460,8 +484,9 @@ mod tests {
     #[test]
     fn missing_target_names_all_three_places() {
         let err = resolve_machine(
-            "m",
+            &name("m"),
             &facts(None, None, None),
+            &StoreDir::default(),
             &Overrides::default(),
             &Users(None),
         )
@@ -491,9 +516,23 @@ mod tests {
     #[test]
     fn default_user_comes_from_ssh_config_else_root() {
         let f = facts(Some("t"), None, None);
-        let m = resolve_machine("m", &f, &Overrides::default(), &Users(None)).unwrap();
+        let m = resolve_machine(
+            &name("m"),
+            &f,
+            &StoreDir::default(),
+            &Overrides::default(),
+            &Users(None),
+        )
+        .unwrap();
         assert_eq!(m.target.value.user.as_deref(), Some("root"));
-        let m = resolve_machine("m", &f, &Overrides::default(), &Users(Some("deploy"))).unwrap();
+        let m = resolve_machine(
+            &name("m"),
+            &f,
+            &StoreDir::default(),
+            &Overrides::default(),
+            &Users(Some("deploy")),
+        )
+        .unwrap();
         assert_eq!(m.target.value.user.as_deref(), Some("deploy"));
     }
 
@@ -505,7 +544,7 @@ mod tests {
                 forward_agent: cli,
                 ..Overrides::default()
             };
-            resolve_machine("m", f, &o, &Users(None))
+            resolve_machine(&name("m"), f, &StoreDir::default(), &o, &Users(None))
                 .unwrap()
                 .forward_agent
         };

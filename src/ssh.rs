@@ -412,17 +412,15 @@ impl SshHost {
     }
 
     /// The argv that stops the shared connection.
+    /// With every option of the address: `%C` in the socket's name hashes the host name,
+    /// port and user ssh resolves, so `?HostName=` or a port must be given here too.
     pub fn exit_master_argv(&self) -> Option<Vec<String>> {
-        let path = self.control_path.as_ref()?;
-        Some(vec![
-            "ssh".into(),
-            "-o".into(),
-            format!("ControlPath={path}"),
-            "-O".into(),
-            "exit".into(),
-            "--".into(),
-            self.address.destination(),
-        ])
+        self.control_path.as_ref()?;
+        let mut argv = vec!["ssh".to_string()];
+        argv.extend(self.option_flags(Side::WorkstationBatch));
+        argv.extend(["-O".into(), "exit".into(), "--".into()]);
+        argv.push(self.address.destination());
+        Some(argv)
     }
 
     /// The Nix store URL of this host (`ssh://user@host`); port and options travel in
@@ -656,5 +654,53 @@ mod tests {
         let _ = std::io::stdout().flush();
         assert_eq!(String::from_utf8_lossy(&out.stdout), "done\n");
         assert_eq!(out.status.code(), Some(3));
+    }
+
+    #[test]
+    fn activation_script_refuses_bad_arguments_before_touching_anything() {
+        let run = |args: &[&str]| {
+            std::process::Command::new("sh")
+                .arg("-c")
+                .arg(ACTIVATE.text)
+                .arg("clan-activate")
+                .args(args)
+                .output()
+                .unwrap()
+                .status
+                .code()
+        };
+        assert_eq!(run(&[]), Some(2));
+        assert_eq!(run(&["lock"]), Some(2));
+        assert_eq!(run(&["lock", "../x", "w", "1"]), Some(2));
+        assert_eq!(run(&["lock", "-rf", "w", "1"]), Some(2));
+        assert_eq!(run(&["confirm", "ABC"]), Some(2));
+        // It parses as a POSIX shell script.
+        let syntax = std::process::Command::new("sh")
+            .args(["-n", "-c", ACTIVATE.text])
+            .status()
+            .unwrap();
+        assert!(syntax.success());
+    }
+
+    #[test]
+    fn scripts_install_once_per_version_and_say_what_runs() {
+        let cmd = RemoteCommand::Script {
+            script: ACTIVATE,
+            args: vec!["confirm".into(), "0123".into()],
+            sudo: None,
+        };
+        assert_eq!(cmd.summary(), "clan-activate confirm 0123");
+        let line = cmd.to_shell();
+        assert!(line.starts_with("sh -c "));
+        assert!(line.contains(&ACTIVATE.installed_path()));
+        assert!(
+            ACTIVATE
+                .installed_path()
+                .starts_with("/run/clan/clan-activate-")
+        );
+        assert!(line.ends_with(" confirm 0123"));
+        let with_password = cmd.sudo(true);
+        assert!(with_password.reads_password());
+        assert_eq!(with_password.summary(), "sudo clan-activate confirm 0123");
     }
 }

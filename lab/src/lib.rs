@@ -212,6 +212,11 @@ pub struct Lab {
 
 static LABS: AtomicU32 = AtomicU32::new(0);
 
+/// Held while the machine's `/etc` changes (users) or is copied (systemd hosts): `useradd`
+/// refuses to run while another holds `/etc/passwd`'s lock, and a copy must not see half
+/// an account.
+static ETC: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 /// A `/24` of loopback addresses of its own for each lab of each process.
 fn subnet() -> String {
     let n = LABS.fetch_add(1, Ordering::SeqCst);
@@ -507,7 +512,10 @@ impl Lab {
         let rootfs = host.dir.join("rootfs");
         let sshd_dir = host.dir.join("sshd");
         fs::create_dir_all(&rootfs).expect("rootfs");
-        run(Command::new("cp").arg("-a").arg("/etc").arg(&rootfs));
+        {
+            let _etc = ETC.lock().unwrap_or_else(|e| e.into_inner());
+            run(Command::new("cp").arg("-a").arg("/etc").arg(&rootfs));
+        }
         let etc = rootfs.join("etc");
         let _ = fs::remove_file(etc.join("os-release"));
         fs::copy("/usr/lib/os-release", etc.join("os-release")).expect("os-release");
@@ -644,6 +652,7 @@ impl Lab {
     /// every other lab host's key; with `password` it must give it to sudo, without it sudo asks
     /// for none. The machine's `/etc/sudoers.d/clan-lab-USER` grants it sudo.
     pub fn add_user(&self, on: &str, user: &str, password: Option<&str>) {
+        let _etc = ETC.lock().unwrap_or_else(|e| e.into_inner());
         let exists = Command::new("id")
             .arg(user)
             .output()
@@ -781,6 +790,22 @@ impl Lab {
         );
     }
 
+    /// Records a wrong key for host `of` in `who`'s known_hosts (`impostor`'s key under
+    /// `of`'s address), as if `of` had been impersonated or reinstalled.
+    pub fn trust_wrong_key(&self, who: &str, of: &str, impostor: &str) {
+        let key = fs::read_to_string(
+            self.host(impostor)
+                .dir
+                .join("sshd/ssh_host_ed25519_key.pub"),
+        )
+        .expect("host key");
+        let key = key.split_whitespace().take(2).collect::<Vec<_>>().join(" ");
+        append(
+            &self.host(who).root().join(".ssh/known_hosts"),
+            &format!("{} {key}\n", self.ip(of)),
+        );
+    }
+
     /// Empties `who`'s known_hosts.
     pub fn forget_known_hosts(&self, who: &str) {
         write(&self.host(who).root().join(".ssh/known_hosts"), "");
@@ -795,6 +820,11 @@ impl Lab {
 
     /// [`Lab::write_flake`], with the shared dependency's build taking `seconds`.
     pub fn write_flake_with_shared_seconds(&self, clan_args: &str, seconds: u32) -> PathBuf {
+        self.write_flake_in("flake", clan_args, seconds)
+    }
+
+    /// [`Lab::write_flake`] into the directory `rel` of the lab (any name: spaces, `#`…).
+    pub fn write_flake_in(&self, rel: &str, clan_args: &str, seconds: u32) -> PathBuf {
         let lib = self.dir.join("clan-lib");
         if !lib.exists() {
             let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
@@ -802,7 +832,7 @@ impl Lab {
             fs::copy(repo.join("flake.nix"), lib.join("flake.nix")).expect("copy flake.nix");
             run(Command::new("cp").arg("-r").arg(repo.join("nix")).arg(&lib));
         }
-        let flake = self.dir.join("flake");
+        let flake = self.dir.join(rel);
         let _ = fs::remove_file(flake.join("flake.lock"));
         write(
             &flake.join("flake.nix"),

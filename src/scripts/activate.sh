@@ -131,6 +131,19 @@ stop_watchdog() {
 	return 0
 }
 
+# Takes the deploy lock (fd 9, held until the calling command exits), waiting at most $1
+# seconds and saying who holds it; exit 75 if it stays held.
+take_lock() {
+	exec 9>>"$D/lock"
+	if ! flock -n 9; then
+		say "waiting $(cat "$D/holder" 2>/dev/null)"
+		if ! flock -w "$1" 9; then
+			say "busy $(cat "$D/holder" 2>/dev/null)"
+			exit 75
+		fi
+	fi
+}
+
 # Holds the act lock (fd 8) until the calling command exits.
 act_lock() {
 	exec 8>>"$D/act"
@@ -159,14 +172,7 @@ take_over() {
 case $cmd in
 lock)
 	[ $# -eq 2 ] || exit 2
-	exec 9>>"$D/lock"
-	if ! flock -n 9; then
-		say "waiting $(cat "$D/holder" 2>/dev/null)"
-		if ! flock -w "$2" 9; then
-			say "busy $(cat "$D/holder" 2>/dev/null)"
-			exit 75
-		fi
-	fi
+	take_lock "$2"
 	printf '%s %s %s\n' "$run" "$1" "$(date -u +%Y-%m-%dT%H:%M:%SZ)" >"$D/holder"
 	say acquired
 	# Held while the session lasts; cat does not keep the lock.
@@ -305,14 +311,7 @@ undo)
 rollback)
 	[ $# -eq 1 ] || exit 2
 	trap '' HUP PIPE
-	exec 9>>"$D/lock"
-	if ! flock -n 9; then
-		say "waiting $(cat "$D/holder" 2>/dev/null)"
-		flock -w "$1" 9 || {
-			say "busy $(cat "$D/holder" 2>/dev/null)"
-			exit 75
-		}
-	fi
+	take_lock "$1"
 	take_over
 	cur=$(gen_of "$P")
 	if [ -z "$cur" ]; then

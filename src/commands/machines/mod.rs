@@ -7,8 +7,9 @@ pub mod update;
 
 use std::path::Path;
 
+use crate::boundary::{MachineName, Origin, StoreDir, Tag};
 use crate::error::{Error, Hint};
-use crate::eval::{MachineFacts, evaluate};
+use crate::eval::{FlakeRef, MachineFacts, evaluate};
 use crate::resolve::{
     Overrides, ResolvedMachine, Source, SshConfigLookup, check_machine_name, parse_address,
     resolve_machine,
@@ -42,6 +43,9 @@ pub fn load_selection(
     for name in names {
         check_machine_name(name)?;
     }
+    for tag in tags {
+        Tag::parse(tag, &Origin::CommandLine("--tags")).map_err(|e| Error::usage(e.to_string()))?;
+    }
     // Check the flags' addresses before the (slow) evaluation.
     if let Some(value) = &overrides.build_host {
         parse_address(value, &Source::Flag("--build-host"))?;
@@ -50,8 +54,10 @@ pub fn load_selection(
         parse_address(value, &Source::Flag("--target-host"))?;
     }
     let flake = flake_ref(flake)?;
-    eprintln!("Evaluating {flake} on this workstation…");
+    eprintln!("Evaluating {} on this workstation…", flake.shown);
     let evaluation = evaluate(&flake, names, tags)?;
+    let flake = &flake.shown;
+    check_names(&evaluation)?;
     if let Some(unknown) = names.iter().find(|m| !evaluation.machines.contains(m)) {
         return Err(Error::usage(format!(
             "unknown machine {unknown:?} (from the command line): the flake {flake} defines {}",
@@ -89,33 +95,336 @@ pub fn load_selection(
         .hint(Hint::text("tags come from inventory.machines.<name>.tags")));
     }
     let users = SshConfigLookup;
+    let machines = resolve_evaluation(evaluation, overrides, &users)?;
+    check_outputs(&machines)?;
+    Ok(machines)
+}
+
+/// Every value of an evaluation through the boundary ([`crate::boundary`]): each machine
+/// name and tag the flake defines (one bad name stops the run, named with where it came
+/// from), the store directory, then each selected machine's hosts, system and store paths.
+pub fn resolve_evaluation(
+    evaluation: crate::eval::Evaluation,
+    overrides: &Overrides,
+    users: &dyn crate::resolve::UserLookup,
+) -> Result<Vec<LoadedMachine>, Error> {
+    let refused = |e: crate::boundary::Refused| Error::usage(e.to_string());
+    check_names(&evaluation)?;
+    let store = match &evaluation.store_dir {
+        Some(dir) => {
+            StoreDir::parse(dir, &Origin::Flake("builtins.storeDir".into())).map_err(refused)?
+        }
+        None => StoreDir::default(),
+    };
     evaluation
         .selected
         .into_iter()
         .map(|(name, facts)| {
-            let machine = resolve_machine(&name, &facts, overrides, &users)?;
+            let name =
+                MachineName::parse(&name, &Origin::Flake("machines".into())).map_err(refused)?;
+            let machine = resolve_machine(&name, &facts, &store, overrides, users)?;
             Ok(LoadedMachine { facts, machine })
         })
         .collect()
 }
 
-/// The flake reference for nix: an existing local directory becomes an absolute path.
-fn flake_ref(path: &Path) -> Result<String, Error> {
-    if path.is_dir() {
-        let abs = path.canonicalize().map_err(|e| {
-            Error::usage(format!(
-                "cannot open the flake directory {}: {e}",
-                path.display()
-            ))
-        })?;
-        return Ok(abs.display().to_string());
+/// Every machine name and tag the flake defines, through the boundary.
+fn check_names(evaluation: &crate::eval::Evaluation) -> Result<(), Error> {
+    let refused = |e: crate::boundary::Refused| Error::usage(e.to_string());
+    for name in evaluation.machines.iter().chain(evaluation.selected.keys()) {
+        MachineName::parse(name, &Origin::Flake("machines".into())).map_err(refused)?;
     }
+    for (name, tags) in &evaluation.tags {
+        MachineName::parse(name, &Origin::Flake("inventory.machines".into())).map_err(refused)?;
+        for tag in tags {
+            Tag::parse(
+                tag,
+                &Origin::Flake(format!("inventory.machines.{name}.tags")),
+            )
+            .map_err(refused)?;
+        }
+    }
+    Ok(())
+}
+
+/// Each toplevel's `outPath` must be an output of its `drvPath`, as the workstation's store
+/// says (`nix-store -q --outputs`, local and cheap): a flake cannot make the target activate
+/// a path other than what the build produces.
+fn check_outputs(machines: &[LoadedMachine]) -> Result<(), Error> {
+    for loaded in machines {
+        let m = &loaded.machine;
+        let out = std::process::Command::new("nix-store")
+            .args(["-q", "--outputs", m.drv_path.as_str()])
+            .output()
+            .map_err(|e| Error::new(format!("cannot run nix-store: {e}")))?;
+        let outputs = String::from_utf8_lossy(&out.stdout);
+        if !out.status.success() || !outputs.lines().any(|l| l.trim() == m.out_path.as_str()) {
+            return Err(Error::usage(format!(
+                "{}: the toplevel's outPath {} is not an output of its drvPath {} (from the flake): refusing to deploy it",
+                m.name, m.out_path, m.drv_path
+            ))
+            .detail(String::from_utf8_lossy(&out.stderr).trim_end().to_string()));
+        }
+    }
+    Ok(())
+}
+
+/// The flake reference for nix. A local directory with a plain absolute path is passed as
+/// that path. One whose path holds characters a flake reference reads otherwise (`#` a
+/// fragment, `?` a query, `%`, whitespace…) is evaluated from inside it as `.`: Nix 2.8
+/// does not percent-decode `path:` URLs, so this is the one spelling every version reads
+/// the same. Anything with a scheme (`github:`, `git+https:`, `path:`) is passed as given.
+/// A path that does not exist is named in the error.
+pub fn flake_ref(path: &Path) -> Result<FlakeRef, Error> {
     let text = path.display().to_string();
-    if text.contains(':') {
-        Ok(text) // a flake URL such as github:owner/repo
+    let has_scheme = text.split_once(':').is_some_and(|(scheme, _)| {
+        !scheme.is_empty()
+            && !scheme.contains('/')
+            && scheme
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '+' | '-' | '.'))
+    });
+    if !path.exists() && has_scheme {
+        return Ok(FlakeRef {
+            reference: text.clone(),
+            dir: None,
+            shown: text,
+        });
+    }
+    if !path.is_dir() {
+        return Err(Error::usage(if path.exists() {
+            format!("the flake {text:?} (from --flake) is not a directory")
+        } else {
+            format!("the flake directory {text:?} (from --flake) does not exist")
+        })
+        .hint(Hint::text(
+            "pass the directory that holds flake.nix, or a flake reference such as github:owner/repo",
+        )));
+    }
+    let abs = path
+        .canonicalize()
+        .map_err(|e| Error::usage(format!("cannot open the flake directory {text:?}: {e}")))?;
+    let shown = crate::boundary::terminal_safe(&abs.display().to_string());
+    let plain = abs.to_str().is_some_and(|a| {
+        a.chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '/' | '.' | '_' | '-' | '+'))
+    });
+    Ok(if plain {
+        FlakeRef {
+            reference: abs.display().to_string(),
+            dir: None,
+            shown,
+        }
     } else {
-        Err(Error::usage(format!(
-            "the flake {text:?} (from --flake) is not a directory"
-        )))
+        FlakeRef {
+            reference: ".".into(),
+            dir: Some(abs),
+            shown,
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::eval::Evaluation;
+    use crate::host::HostAddress;
+    use crate::plan::{Activation, PlanContext, Runner, plan_deploy};
+    use crate::ssh::{HostKeyCheck, Invocation, RemoteCommand};
+    use proptest::prelude::*;
+    use std::collections::BTreeSet;
+
+    struct Users;
+    impl crate::resolve::UserLookup for Users {
+        fn configured_user(&self, _: &HostAddress) -> Option<String> {
+            None
+        }
+        fn local_user(&self) -> String {
+            "alice".into()
+        }
+    }
+
+    /// Flags the plan itself uses; any other word starting with '-' would be a value that
+    /// became an option.
+    const FLAGS: &[&str] = &[
+        "--extra-experimental-features",
+        "--derivation",
+        "--to",
+        "--from",
+        "--realise",
+        "--add-root",
+        "--keep-going",
+        "--log-format",
+        "--check-validity",
+        "--print-invalid",
+        "--substitute-on-destination",
+        "--",
+        "-m",
+        "-rf",
+        "-e",
+        "-a",
+        "-x",
+        "-c",
+        "-o",
+        "-p",
+    ];
+
+    /// The data words of an invocation: its argv without the text of `sh -c SCRIPT`, and
+    /// its environment values split as `NIX_SSHOPTS` is.
+    fn data_words(inv: &Invocation) -> Vec<String> {
+        let mut words: Vec<String> = inv
+            .argv
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| !(*i == 2 && inv.argv[0] == "sh" && inv.argv[1] == "-c"))
+            .map(|(_, w)| w.clone())
+            .collect();
+        for (_, value) in &inv.env {
+            words.extend(value.split_whitespace().map(str::to_string));
+        }
+        words
+    }
+
+    fn hostile() -> impl Strategy<Value = String> {
+        prop_oneof![
+            Just("../../../../tmp/x".to_string()),
+            Just("--option post-build-hook /tmp/x".to_string()),
+            Just("/tmp/x".to_string()),
+            Just("root@t?PKCS11Provider=/tmp/x.so".to_string()),
+            Just("root@t?StrictHostKeyChecking=no".to_string()),
+            Just("a\u{1b}[2Kb".to_string()),
+            Just("web;curl x|sh".to_string()),
+            "[a-z]{1,8}",
+            "root@[a-z]{1,6}(:[0-9]{1,5})?",
+            "/nix/store/[0-9a-z]{32}-[a-z.-]{1,10}",
+            "\\PC{0,24}",
+            // Valid ones too, so that plans get made and checked.
+            "/nix/store/[0-9a-df-np-sv-z]{32}-[a-z]{1,8}(\\.drv)?",
+            "/nix/store/[0-9a-df-np-sv-z]{32}-[a-z]{1,8}\\.drv",
+            "(root|deploy)@[a-z]{1,6}(\\?(IdentityFile|ProxyJump|ForwardAgent|PKCS11Provider)=[a-z/-]{1,8})?",
+            "x86_64-linux",
+        ]
+    }
+
+    /// Mostly `valid`, sometimes anything hostile.
+    fn mostly(valid: &'static str) -> impl Strategy<Value = String> {
+        prop_oneof![3 => proptest::string::string_regex(valid).unwrap(), 1 => hostile()]
+    }
+
+    fn facts_json() -> impl Strategy<Value = serde_json::Value> {
+        (
+            proptest::option::of(mostly(
+                "(root|deploy)@[a-z]{1,6}(\\?(IdentityFile|ProxyJump|ForwardAgent|PKCS11Provider|Port)=[a-z0-9/-]{1,8})?",
+            )),
+            proptest::option::of(mostly("(root@)?(b|localhost)[a-z]{0,3}")),
+            proptest::option::of(mostly("x86_64-linux|aarch64-linux")),
+            mostly("/nix/store/[0-9a-df-np-sv-z]{32}-[a-z]{1,8}\\.drv"),
+            mostly("/nix/store/[0-9a-df-np-sv-z]{32}-[a-z]{1,8}"),
+        )
+            .prop_map(|(target, build, system, drv, out)| {
+                serde_json::json!({
+                    "inventoryTargetHost": target,
+                    "inventoryBuildHost": build,
+                    "configTargetHost": null,
+                    "configBuildHost": null,
+                    "system": system,
+                    "toplevelDrv": drv,
+                    "toplevelOut": out,
+                })
+            })
+    }
+
+    static PLANS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+    #[test]
+    fn the_fuzz_makes_plans() {
+        the_whole_boundary_holds();
+        assert!(
+            PLANS.load(std::sync::atomic::Ordering::Relaxed) > 20,
+            "the fuzz rarely got past the boundary: it checks nothing"
+        );
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(3000))]
+
+        // An evaluation with arbitrary strings in every field goes through the boundary and
+        // the planner without a panic, and no command of the resulting plan carries a value
+        // that could become an option or a second word.
+        #[test]
+        fn the_whole_boundary_holds(
+            names in proptest::collection::vec(mostly("[a-z][a-z0-9.-]{0,8}"), 1..3),
+            tags in proptest::collection::vec(mostly("[a-z]{1,5}"), 0..2),
+            facts in proptest::collection::vec(facts_json(), 1..3),
+            store in mostly("/nix/store"),
+        ) {
+            let mut selected = serde_json::Map::new();
+            for (name, f) in names.iter().zip(&facts) {
+                selected.insert(name.clone(), f.clone());
+            }
+            let json = serde_json::json!({
+                "storeDir": store,
+                "machines": names,
+                "tags": { names[0].clone(): tags },
+                "selected": selected,
+            });
+            let Ok(evaluation) = serde_json::from_value::<Evaluation>(json) else {
+                return Ok(());
+            };
+            let Ok(loaded) = resolve_evaluation(evaluation, &Overrides::default(), &Users) else {
+                return Ok(());
+            };
+            let ctx = PlanContext {
+                run_id: "0123456789abcdef".into(),
+                host_key_check: HostKeyCheck::Strict,
+                control_dir: Some("/tmp/clan-ssh-x".into()),
+                own_control_path: BTreeSet::new(),
+                copy_via_workstation: false,
+                use_substitutes: false,
+                activation: Activation::default(),
+                sudo_password: BTreeSet::new(),
+                workstation: "alice@ws".into(),
+                lock_timeout: 300,
+            };
+            let plan = plan_deploy(loaded.into_iter().map(|l| l.machine).collect(), &ctx);
+            let mut steps: Vec<&crate::plan::Step> = Vec::new();
+            for g in &plan.groups {
+                steps.extend(&g.steps);
+                steps.push(&g.cleanup);
+            }
+            for m in &plan.machines {
+                steps.extend(&m.steps);
+                steps.push(&m.present_check);
+                steps.extend(&m.undo);
+            }
+            PLANS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            for step in steps {
+                let words = match &step.runner {
+                    Runner::Workstation(inv) => data_words(inv),
+                    Runner::Remote { command, .. } => match command {
+                        RemoteCommand::Run(inv) | RemoteCommand::UntilHangup(inv) => data_words(inv),
+                        RemoteCommand::Script { args, .. } => args.clone(),
+                        RemoteCommand::Probes(_) => Vec::new(),
+                    },
+                };
+                for word in words {
+                    prop_assert!(
+                        !word.chars().any(|c| c.is_control() || c.is_whitespace()),
+                        "{:?} in {:?}", word, step.kind
+                    );
+                    prop_assert!(
+                        !word.starts_with('-') || FLAGS.contains(&word.as_str()),
+                        "{:?} in {:?} would be an option", word, step.kind
+                    );
+                }
+                // The ssh command line itself never lets a value become an ssh flag: the
+                // destination follows "--".
+                let argv = step.local_argv();
+                if argv[0] == "ssh" {
+                    let dashdash = argv.iter().position(|w| w == "--").unwrap();
+                    prop_assert!(!argv[dashdash + 1].starts_with('-'));
+                }
+            }
+        }
     }
 }

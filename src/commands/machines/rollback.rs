@@ -38,7 +38,7 @@ pub fn run(args: &RollbackArgs) -> Result<i32, Error> {
         run_remote(&target, &rollback)
     } else {
         // The profile and the switch need root: sudo, with the password asked once if needed.
-        let targets = [(machine.name.clone(), target.clone())];
+        let targets = [(machine.name.to_string(), target.clone())];
         let needs = sudo::needs_password(&targets, &Connections::disabled())?;
         if needs.is_empty() {
             run_remote(&target, &rollback.sudo(false))

@@ -21,7 +21,7 @@ pub fn run(args: &ShowArgs) -> Result<i32, Error> {
     if args.json {
         let all: serde_json::Map<String, Value> = loaded
             .iter()
-            .map(|l| (l.machine.name.clone(), to_json(l, &overrides)))
+            .map(|l| (l.machine.name.to_string(), to_json(l, &overrides)))
             .collect();
         println!(
             "{}",

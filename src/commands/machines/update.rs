@@ -56,7 +56,7 @@ pub fn run(args: &UpdateArgs) -> Result<i32, Error> {
     if !args.dry_run {
         let targets: Vec<(String, SshHost)> = machines
             .iter()
-            .map(|m| (m.name.clone(), ctx.ssh_host(&m.target.value, false)))
+            .map(|m| (m.name.to_string(), ctx.ssh_host(&m.target.value, false)))
             .collect();
         ctx.sudo_password = sudo::needs_password(&targets, &connections)?;
         if !ctx.sudo_password.is_empty() {
@@ -74,6 +74,9 @@ pub fn run(args: &UpdateArgs) -> Result<i32, Error> {
         return Ok(0);
     }
 
+    if ctx.host_key_check == crate::ssh::HostKeyCheck::None {
+        eprintln!("{}", host_key_none_warning(&plan));
+    }
     for machine in &plan.machines {
         eprintln!("{}", describe_target(&machine.machine));
         eprintln!("{}", describe_build(&machine.machine));
@@ -100,7 +103,7 @@ pub fn run(args: &UpdateArgs) -> Result<i32, Error> {
     let names: Vec<String> = plan
         .machines
         .iter()
-        .map(|m| m.machine.name.clone())
+        .map(|m| m.machine.name.to_string())
         .collect();
     let live = args.log_format == LogFormat::Auto && std::io::stderr().is_terminal();
     let progress = Progress::new(&names, live);
@@ -204,4 +207,19 @@ pub fn workstation_identity() -> String {
         if s.is_empty() { "unknown".into() } else { s }
     };
     format!("{}@{}", clean(&user), clean(&host))
+}
+
+/// One line naming every host whose key `--host-key-check none` leaves unchecked.
+pub fn host_key_none_warning(plan: &crate::plan::DeployPlan) -> String {
+    let mut hosts = std::collections::BTreeSet::new();
+    for m in &plan.machines {
+        hosts.insert(m.machine.target.value.destination());
+        if let BuildLocation::Remote(builder) = &m.machine.build.value {
+            hosts.insert(builder.destination());
+        }
+    }
+    format!(
+        "warning: --host-key-check none: host keys are not checked for {} (nor on the build host's copies to targets): anyone on the network path can impersonate these hosts",
+        hosts.into_iter().collect::<Vec<_>>().join(", ")
+    )
 }
