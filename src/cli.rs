@@ -197,6 +197,11 @@ pub struct UpdateArgs {
     /// Progress display: live lines on a terminal (auto), or one plain line per event.
     #[arg(long, value_enum, value_name = "FORMAT", default_value_t = LogFormat::Auto)]
     pub log_format: LogFormat,
+
+    /// Show every command and its output (plain lines), not one line per step; the run's
+    /// log always has them.
+    #[arg(short, long)]
+    pub verbose: bool,
 }
 
 /// How progress is shown.

@@ -785,8 +785,11 @@ fn run_step_now(
         step.command_line(),
         step.host_label()
     );
-    if step.kind != StepKind::RemoveRootDir || sink.is_some() {
+    // One short line per step for people; the command itself with -v, and always in the log.
+    if progress.verbose() {
         progress.event(&header);
+    } else if let Some(what) = step.kind.describe() {
+        progress.event(&format!("[{label}] {what} ({})", step.host_label()));
     }
     if let Some(sink) = sink {
         sink.write(&format!("{header}\n$ {}\n", step.local_argv().join(" ")));

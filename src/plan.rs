@@ -133,6 +133,29 @@ impl StepKind {
         }
     }
 
+    /// What the step does, for people: one short phrase (the command is in the log, and
+    /// with `-v` on the terminal). `None` for steps too small to mention.
+    pub fn describe(self) -> Option<&'static str> {
+        Some(match self {
+            StepKind::CopyDerivations => "copy the derivations to the builder",
+            StepKind::Realise => "build",
+            StepKind::NestedCopy => "copy the closure, build host → target",
+            StepKind::CopyFromWorkstation => "copy the closure, workstation → target",
+            StepKind::RelayCopy => "copy the closure, build host → workstation → target",
+            StepKind::VerifySystem => "check that it is a NixOS system",
+            StepKind::Diff => "compute what changes",
+            StepKind::LockTarget => "take the target's deploy lock",
+            StepKind::Prepare => "record the current generation, arm the watchdog, set the profile",
+            StepKind::Switch => "switch-to-configuration",
+            StepKind::Confirm => "confirm over a fresh ssh connection",
+            StepKind::Undo => "go back to the previous generation",
+            StepKind::MakeRootDir
+            | StepKind::RemoveRootDir
+            | StepKind::CheckBuilt
+            | StepKind::CheckPresent => return None,
+        })
+    }
+
     /// Whether Ctrl-C stops it: builds and copies, not activation (it finishes) and not
     /// clean-up (it must run).
     pub fn stoppable(self) -> bool {
@@ -444,7 +467,7 @@ pub fn plan_deploy(machines: Vec<ResolvedMachine>, ctx: &PlanContext) -> DeployP
                     [
                         "-c",
                         TARGET_STATE,
-                        "sh",
+                        "clan-target-state",
                         SYSTEM_PROFILE,
                         machine.out_path.as_str(),
                     ],
@@ -713,22 +736,12 @@ impl Default for Activation {
     }
 }
 
-/// The change summary: the new system against the running one (else the profile's).
-/// Arguments: profile, new system.
-const DIFF: &str = concat!(
-    r#"cur=/run/current-system; [ -e "$cur" ] || cur=$1; "#,
-    r#"[ -e "$cur" ] || { echo "no current system: first deploy"; exit 0; }; "#,
-    r#"exec nix --extra-experimental-features nix-command store diff-closures "$cur" "$2""#
-);
+/// The change summary (`src/scripts/diff.sh`). Arguments: profile, new system.
+const DIFF: &str = include_str!("scripts/diff.sh");
 
-/// What the target has of the new system: exit 0, it runs it (the running system, or the
-/// profile where no running one is recorded); 1, it has it; 2, it lacks it.
-/// Arguments: profile, new system.
-const TARGET_STATE: &str = concat!(
-    r#"nix-store --check-validity "$2" 2>/dev/null || exit 2; "#,
-    r#"c=/run/current-system; [ -e "$c" ] || c=$1; "#,
-    r#"[ "$(readlink -f "$c")" = "$2" ] || exit 1"#
-);
+/// What the target has of the new system (`src/scripts/target-state.sh`): exit 0, it runs
+/// it; 1, it has it; 2, it lacks it. Arguments: profile, new system.
+const TARGET_STATE: &str = include_str!("scripts/target-state.sh");
 
 /// What a target has of the system being deployed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -802,7 +815,7 @@ fn activation_steps(target: &SshHost, out: &str, ctx: &PlanContext) -> Vec<Step>
             StepKind::Diff,
             RemoteCommand::Run(Invocation::new(
                 "sh",
-                ["-c", DIFF, "sh", SYSTEM_PROFILE, out],
+                ["-c", DIFF, "clan-diff", SYSTEM_PROFILE, out],
             )),
             When::TargetNotRunning,
         ));
@@ -1180,10 +1193,11 @@ mod tests {
         };
         assert!(command.reads_password());
         // The password goes to sudo through the wrapper, never on the command line.
+        assert!(command.to_shell().starts_with("sh -c '# clan: runs `sudo"));
         assert!(
             command
                 .to_shell()
-                .starts_with("sh -c 'IFS= read -r CLAN_SUDO_PASSWORD")
+                .contains("IFS= read -r CLAN_SUDO_PASSWORD")
         );
         // root needs no sudo.
         let root = plan_deploy(vec![machine("m", "root@t", BuildLocation::Target)], &c);
@@ -1302,5 +1316,23 @@ mod tests {
                 .as_deref(),
             Some("/run/c/%C")
         );
+    }
+
+    /// The `--dry-run` plan of a machine through a build host, as people read it: every
+    /// step, its host, its condition, and the undo. Run ids and hashes are fixed here.
+    #[test]
+    fn dry_run_plan_snapshot() {
+        let plan = plan_deploy(
+            vec![
+                machine(
+                    "web1",
+                    "root@web1.example.com",
+                    remote("root@builder.example.com"),
+                ),
+                machine("db1", "deploy@db1.example.com:2222", BuildLocation::Target),
+            ],
+            &ctx(HostKeyCheck::AcceptNew),
+        );
+        insta::assert_snapshot!(plan.to_string());
     }
 }

@@ -14,6 +14,8 @@ pub enum Progress {
     Plain {
         /// Machine names, by plan index.
         names: Vec<String>,
+        /// Show each command and its output (`-v`), not just one line per step.
+        verbose: bool,
     },
     /// Live lines, one per machine.
     Live {
@@ -46,10 +48,11 @@ impl Progress {
     }
 
     /// Live lines when `live`, else plain lines, for machines `names`.
-    pub fn new(names: &[String], live: bool) -> Progress {
+    pub fn new(names: &[String], live: bool, verbose: bool) -> Progress {
         if !live {
             return Progress::Plain {
                 names: names.to_vec(),
+                verbose,
             };
         }
         let multi = MultiProgress::with_draw_target(ProgressDrawTarget::stderr());
@@ -75,7 +78,7 @@ impl Progress {
     /// Machine `i` entered a stage.
     pub fn stage(&self, i: usize, what: &str) {
         match self {
-            Progress::Plain { names } => eprintln!("[{}] {what}", names[i]),
+            Progress::Plain { names, .. } => eprintln!("[{}] {what}", names[i]),
             Progress::Live { bars, .. } => bars[i].set_message(what.to_string()),
             Progress::Silent => {}
         }
@@ -84,13 +87,18 @@ impl Progress {
     /// Machine `i` is done.
     pub fn finish(&self, i: usize, ok: bool, what: &str) {
         match self {
-            Progress::Plain { names } => eprintln!("[{}] {what}", names[i]),
+            Progress::Plain { names, .. } => eprintln!("[{}] {what}", names[i]),
             Progress::Live { bars, .. } => {
                 let mark = if ok { "✓" } else { "✗" };
                 bars[i].finish_with_message(format!("{mark} {what}"));
             }
             Progress::Silent => {}
         }
+    }
+
+    /// Whether commands and their output are shown (`-v`).
+    pub fn verbose(&self) -> bool {
+        matches!(self, Progress::Plain { verbose: true, .. })
     }
 
     /// A command started, or something else worth a line.
@@ -104,7 +112,10 @@ impl Progress {
     /// One line of a command's output.
     pub fn output(&self, label: &str, line: &str) {
         match self {
-            Progress::Plain { .. } => eprintln!("[{label}]   | {}", strip_control(line)),
+            Progress::Plain { verbose: true, .. } => {
+                eprintln!("[{label}]   | {}", strip_control(line))
+            }
+            Progress::Plain { .. } => {} // in the log files
             Progress::Live { .. } | Progress::Silent => {} // in the log files
         }
     }

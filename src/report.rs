@@ -119,3 +119,76 @@ pub fn peak_rss_kib() -> Option<u64> {
         .find_map(|l| l.strip_prefix("VmHWM:"))
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
 }
+
+/// An error as JSON: message, the raw output it is based on, hints.
+pub fn error_json(error: &crate::error::Error) -> Value {
+    json!({
+        "message": error.message,
+        "detail": error.detail,
+        "hints": error.hints.iter().map(|h| h.0.clone()).collect::<Vec<_>>(),
+        "exitCode": error.exit as i32,
+    })
+}
+
+/// The `--json` report of a run that ended before any machine was deployed (bad input, an
+/// evaluation error, a preflight problem): its exit code and every error, no machines.
+pub fn failure_json(run_id: Option<&str>, errors: &[crate::error::Error], exit_code: i32) -> Value {
+    json!({
+        "run": run_id,
+        "exitCode": exit_code,
+        "errors": errors.iter().map(error_json).collect::<Vec<_>>(),
+        "machines": [],
+        "peakRssKiB": peak_rss_kib(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::error::{Error, ExitKind, Hint};
+    use std::collections::BTreeMap;
+    use std::time::Duration;
+
+    fn report(name: &str, outcome: Outcome) -> MachineReport {
+        let mut stages = BTreeMap::new();
+        stages.insert(Stage::Build, Duration::from_millis(12_100));
+        stages.insert(Stage::CopyToTarget, Duration::from_millis(800));
+        MachineReport {
+            name: name.into(),
+            build_host: "build host root@builder".into(),
+            target: format!("root@{name}"),
+            outcome,
+            stages,
+            changes: None,
+            log: None,
+        }
+    }
+
+    #[test]
+    fn summary_and_json_snapshots() {
+        let reports = vec![
+            report("web1", Outcome::Deployed),
+            report(
+                "web2",
+                Outcome::Failed(
+                    Error::new("web2: switch-to-configuration failed on root@web2")
+                        .detail("activating failed")
+                        .hint(Hint::text(
+                            "the system profile points to generation 4 again",
+                        ))
+                        .exit(ExitKind::PartiallyApplied),
+                ),
+            ),
+            report("web3", Outcome::DryActivated),
+            report("web4", Outcome::Skipped),
+        ];
+        insta::assert_snapshot!(summary(&reports));
+        let mut json = json(
+            "0123456789abcdef",
+            &reports,
+            crate::execute::exit_code(&reports),
+        );
+        json["peakRssKiB"] = Value::Null;
+        insta::assert_json_snapshot!(json);
+    }
+}

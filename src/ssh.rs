@@ -113,6 +113,21 @@ impl Invocation {
         self
     }
 
+    /// The command in short, for people: one of clan's scripts (`sh -c '# clan: …' NAME
+    /// ARGS…`) by its name and arguments; anything else as [`Invocation::to_shell`].
+    pub fn summary(&self) -> String {
+        match self.argv.as_slice() {
+            [sh, c, text, name, args @ ..]
+                if sh == "sh" && c == "-c" && text.starts_with("# clan:") =>
+            {
+                let mut words = vec![name.clone()];
+                words.extend(args.iter().map(|a| quote(a)));
+                words.join(" ")
+            }
+            _ => self.to_shell(),
+        }
+    }
+
     /// The command as one POSIX shell line: `env NAME=VALUE … argv…`, every word quoted.
     pub fn to_shell(&self) -> String {
         let mut words: Vec<String> = Vec::new();
@@ -189,7 +204,7 @@ impl RemoteCommand {
                 words.extend(args.iter().map(|a| quote(a)));
                 words.join(" ")
             }
-            RemoteCommand::UntilHangup(inv) => inv.to_shell(),
+            RemoteCommand::Run(inv) | RemoteCommand::UntilHangup(inv) => inv.summary(),
             other => other.to_shell(),
         }
     }
@@ -234,10 +249,9 @@ impl RemoteCommand {
     }
 }
 
-/// Reads the sudo password from the first line of standard input and runs `sudo -- "$@"`
-/// with it available to sudo only (`SUDO_ASKPASS=printenv`, the prompt naming the variable);
-/// `-k`: the password is checked even if sudo cached an earlier success.
-const SUDO_WITH_PASSWORD: &str = r#"IFS= read -r CLAN_SUDO_PASSWORD || exit 1; export CLAN_SUDO_PASSWORD; SUDO_ASKPASS=$(command -v printenv) || exit 1; export SUDO_ASKPASS; exec sudo -k -A -p CLAN_SUDO_PASSWORD -- "$@""#;
+/// Runs `sudo -- "$@"` with the password from the first line of standard input, for sudo
+/// only (`src/scripts/sudo-with-password.sh`).
+const SUDO_WITH_PASSWORD: &str = include_str!("scripts/sudo-with-password.sh");
 
 /// A shell script of this crate (`src/scripts/`) that runs on a remote host.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -282,17 +296,11 @@ impl Script {
     }
 }
 
-/// Installs a script at "$1" with the text "$2" unless it is there (written aside, then
-/// renamed: never half a script), then runs it with the rest of the arguments.
-const INSTALL_SCRIPT: &str = r#"umask 077; f=$1; t=$2; shift 2; if [ ! -f "$f" ]; then mkdir -p "${f%/*}" && printf '%s
-' "$t" >"$f.$$" && mv -f "$f.$$" "$f" || exit 1; fi; exec sh "$f" "$@""#;
+/// Installs a script and runs it (`src/scripts/install-script.sh`).
+const INSTALL_SCRIPT: &str = include_str!("scripts/install-script.sh");
 
-/// Runs "$@" until it ends or standard input does, whichever is first; exits with its status.
-/// A background job's input is /dev/null, so the session's input goes to the watcher as
-/// fd 3. The command leads a process group of its own (`setsid`), so the whole group is
-/// stopped (dash's `kill` takes `-PGID`, not `--`). The watcher lets go of the output, so
-/// the session ends with the command.
-const UNTIL_HANGUP: &str = r#"exec 3<&0; setsid "$@" </dev/null & p=$!; { cat <&3 >/dev/null; kill -TERM "-$p" 2>/dev/null; } >/dev/null 2>&1 & exec 3<&-; wait "$p""#;
+/// Runs "$@" until it ends or standard input does (`src/scripts/until-hangup.sh`).
+const UNTIL_HANGUP: &str = include_str!("scripts/until-hangup.sh");
 
 /// Marks the sections of a [`RemoteCommand::Probes`] script's output.
 pub const PROBE_MARK: &str = "@@clan-probe";

@@ -532,7 +532,7 @@ fn non_root_target_with_passwordless_sudo(kind: HostKind) {
     let lab = non_root_lab(kind, &["deploy"]);
     let f = flake_as(&lab, "deploy", "");
     let out = toplevel(&lab, &f, "m");
-    let run = update(&lab, &f, &[]);
+    let run = update(&lab, &f, &["-v"]);
     assert_eq!(run.code, 0);
     assert!(run.stderr.contains("sudo clan-activate prepare "));
     assert_system(&lab, Some(&out), Some(&out));

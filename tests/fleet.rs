@@ -54,7 +54,7 @@ fn fleet_deploys_every_machine_grouped_by_build_host() {
         .iter()
         .map(|m| toplevel(&lab, &flake, m))
         .collect();
-    let run = clan(&lab, &flake, &["machines", "update"]);
+    let run = clan(&lab, &flake, &["machines", "update", "-v"]);
     assert_eq!(run.code, 0);
     for (host, out) in ["t1", "t2", "t3"].iter().zip(&outs) {
         assert_eq!(profile(&lab, host).as_deref(), Some(out.as_str()), "{host}");

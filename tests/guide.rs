@@ -64,8 +64,10 @@ fn what_happens_during_a_deploy_build_host_from_inventory() {
     let deploy = built_on(&lab, "builder");
     let flake = one_machine(&lab, &deploy, "");
     let out = toplevel(&lab, &flake, "m");
-    let run = clan(&lab, &flake, &["machines", "update", "m"]);
+    let run = clan(&lab, &flake, &["machines", "update", "m", "--json"]);
     assert_eq!(run.code, 0);
+    let report: serde_json::Value = serde_json::from_str(&run.stdout).unwrap();
+    let run_id = report["run"].as_str().unwrap().to_string();
     assert!(run.stderr.contains(&format!(
         "m: build on root@{} (inventory.machines.m.deploy.buildHost)",
         lab.ip("builder")
@@ -86,24 +88,21 @@ fn what_happens_during_a_deploy_build_host_from_inventory() {
             .contains(&format!("from {}", lab.ip("builder"))),
         "the builder never connected to the target"
     );
-    // The temporary GC root on the builder is gone.
-    let leftovers: Vec<_> = std::fs::read_dir("/tmp")
-        .unwrap()
-        .filter_map(Result::ok)
-        .filter(|e| {
-            e.file_name().to_string_lossy().starts_with("clan-")
-                && e.file_name().to_string_lossy().ends_with("-m")
-                && e.path().join("system").read_link().ok().as_deref()
-                    == Some(std::path::Path::new(&out))
-        })
-        .collect();
+    // The temporary GC root on the builder (hosts share /tmp) is gone: this run's
+    // /tmp/clan-<run>-build0, which held `system` → the toplevel.
+    let root = std::path::PathBuf::from(format!("/tmp/clan-{run_id}-build0"));
+    let leftovers: Vec<_> = [root].into_iter().filter(|r| r.exists()).collect();
     assert!(leftovers.is_empty(), "GC root left behind: {leftovers:?}");
 
     // Re-deploying the unchanged system succeeds and copies nothing new.
     let builder_before = lab.host("builder").store_entries();
     let target_before = lab.host("target").store_entries();
-    let again = clan(&lab, &flake, &["machines", "update", "m"]);
+    let again = clan(&lab, &flake, &["machines", "update", "m", "-v"]);
     assert_eq!(again.code, 0);
+    assert!(
+        again.stderr.contains("already on the target: no copy")
+            || again.stderr.contains("already running this system")
+    );
     assert!(!again.stderr.contains("copying path"), "copied again");
     assert!(
         again
@@ -398,6 +397,36 @@ fn bad_input_unknown_machine() {
             .contains("unknown machine \"nope\" (from the command line)")
     );
     assert!(run.stderr.contains("defines m"));
+    assert_nothing_happened(&lab);
+}
+
+// `--json` prints a report on every exit path: bad input and a preflight failure too.
+#[test]
+fn json_report_on_every_exit_path() {
+    let lab = Lab::start(&[HostSpec::new("builder"), HostSpec::new("target")]);
+    let flake = one_machine(&lab, &built_on(&lab, "builder"), "");
+    let bad = clan(&lab, &flake, &["machines", "update", "nope", "--json"]);
+    assert_eq!(bad.code, 2);
+    let report: serde_json::Value = serde_json::from_str(&bad.stdout).unwrap();
+    assert_eq!(report["exitCode"], 2);
+    assert!(
+        report["errors"][0]["message"]
+            .as_str()
+            .unwrap()
+            .contains("unknown machine \"nope\"")
+    );
+    // The builder does not know the target's key: the preflight stops the run.
+    let preflight = clan(&lab, &flake, &["machines", "update", "m", "--json"]);
+    assert_eq!(preflight.code, 1);
+    let report: serde_json::Value = serde_json::from_str(&preflight.stdout).unwrap();
+    assert_eq!(report["exitCode"], 1);
+    assert!(report["run"].is_string());
+    assert!(
+        report["errors"][0]["message"]
+            .as_str()
+            .unwrap()
+            .contains("host key verification failed on the second hop")
+    );
     assert_nothing_happened(&lab);
 }
 

@@ -142,7 +142,7 @@ fn non_root_target_with_a_sudo_password() {
 
     let out = lab.run_on_workstation_with_input(
         &f,
-        &[clan_bin, "machines", "update", "m", "--json"],
+        &[clan_bin, "machines", "update", "m", "--json", "-v"],
         "lab-sudo-secret\n",
     );
     let stdout = String::from_utf8_lossy(&out.stdout);

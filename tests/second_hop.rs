@@ -80,7 +80,7 @@ fn troubleshooting_build_runs_on_target_is_said_before_the_build() {
         .stderr
         .find("m: build on the target")
         .expect("no provenance line");
-    let built = run.stderr.find("nix-store --realise").expect("no build");
+    let built = run.stderr.find("] build (").expect("no build");
     assert!(said < built, "provenance came after the build started");
     assert!(run.stderr.contains(
         "(no buildHost set in --build-host, the inventory or clan.core.networking: building on the target)"
@@ -341,7 +341,7 @@ fn ssh_logins_per_host_for_one_deploy() {
     let lab = Lab::builder_and_target();
     let flake = remote_build(&lab);
     let out = toplevel(&lab, &flake, "m");
-    let run = clan(&lab, &flake, &["machines", "update", "m"]);
+    let run = clan(&lab, &flake, &["machines", "update", "m", "-v"]);
     assert_eq!(run.code, 0);
     assert_activated(&lab, &out);
     let ws = lab.ip("workstation");

@@ -19,8 +19,30 @@ use crate::resolve::{
 use crate::ssh::SshHost;
 use crate::sudo;
 
-/// Runs the command; returns the process exit code.
+/// Runs the command; returns the process exit code. With `--json`, a report is printed on
+/// every exit path: a deploy's, or the errors that ended the run before it.
 pub fn run(args: &UpdateArgs) -> Result<i32, Error> {
+    let result = deploy(args);
+    if args.json
+        && let Err(error) = &result
+    {
+        print_json(&report::failure_json(
+            None,
+            std::slice::from_ref(error),
+            error.exit as i32,
+        ));
+    }
+    result
+}
+
+fn print_json(value: &serde_json::Value) {
+    println!(
+        "{}",
+        serde_json::to_string_pretty(value).expect("JSON always serializes")
+    );
+}
+
+fn deploy(args: &UpdateArgs) -> Result<i32, Error> {
     let overrides = args.hosts.overrides(Some(&args.agent));
     let machines: Vec<ResolvedMachine> =
         load_selection(&args.hosts.flake, &args.machines, &args.tags, &overrides)?
@@ -95,7 +117,11 @@ pub fn run(args: &UpdateArgs) -> Result<i32, Error> {
                 "\nPreflight found {} problem(s); nothing was copied, built or activated.",
                 problems.len()
             );
-            return Ok(ExitKind::DeployFailed as i32);
+            let code = ExitKind::DeployFailed as i32;
+            if args.json {
+                print_json(&report::failure_json(Some(&plan.run_id), &problems, code));
+            }
+            return Ok(code);
         }
         eprintln!("Preflight: all hops ok.");
     }
@@ -105,8 +131,9 @@ pub fn run(args: &UpdateArgs) -> Result<i32, Error> {
         .iter()
         .map(|m| m.machine.name.to_string())
         .collect();
-    let live = args.log_format == LogFormat::Auto && std::io::stderr().is_terminal();
-    let progress = Progress::new(&names, live);
+    let live =
+        !args.verbose && args.log_format == LogFormat::Auto && std::io::stderr().is_terminal();
+    let progress = Progress::new(&names, live, args.verbose);
     let options = RunOptions {
         jobs: usize::from(args.jobs),
         fail_fast: args.fail_fast,
@@ -126,11 +153,7 @@ pub fn run(args: &UpdateArgs) -> Result<i32, Error> {
         eprintln!("Logs of every machine and build: {}", dir.display());
     }
     if args.json {
-        println!(
-            "{}",
-            serde_json::to_string_pretty(&report::json(&plan.run_id, &reports, code))
-                .expect("JSON always serializes")
-        );
+        print_json(&report::json(&plan.run_id, &reports, code));
     }
     Ok(code)
 }
