@@ -1,12 +1,15 @@
 {
   description = "clan: deploy NixOS machines, building on a separate build host";
 
-  # No inputs: nixpkgs comes from the user's flake (`lib.clan { inherit nixpkgs; … }`),
-  # so this library never pins or fetches a second nixpkgs.
+  # nixpkgs is used for its lib (the module system) and, unless the user's flake brings its
+  # own `nixpkgs` input (`lib.clan` takes `self.inputs.nixpkgs` first), for nixosSystem.
+  # clan-core's template follows it as `clan-core/nixpkgs`.
+  inputs.nixpkgs.url = "github:NixOS/nixpkgs/nixos-unstable";
+
   outputs =
-    { self }:
+    { self, nixpkgs }:
     let
-      clanLib = import ./nix/lib.nix;
+      clanLib = import ./nix/lib.nix { defaultNixpkgs = nixpkgs; };
     in
     {
       lib = {

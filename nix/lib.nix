@@ -1,36 +1,30 @@
-# The clan Nix library.
+# The clan Nix library, on nixpkgs' real module system.
 #
-# `clan { self; inventory; machines; nixpkgs; … }` turns a clan definition into flake outputs:
+# `clan { self; imports; meta; inventory; machines; directory; specialArgs; nixpkgs; … }` is a
+# module evaluation (class "clan", `lib.evalModules`): every argument but `self`, `nixpkgs`,
+# `nixosSystem` and `imports` is configuration of the interface below; `imports` are clan
+# modules, which may be functions of `{ lib, config, self, … }`; values may use
+# `mkDefault`/`mkForce`. Outputs:
 #   nixosConfigurations.<name>  one NixOS system per machine
-#   clanInternals.inventory     the inventory as written (the CLI reads deploy.* from it)
-#   clanInternals.machines      the same configurations, for the CLI's single evaluation
-# `clanCoreModule` declares clan.core.networking.{targetHost,buildHost,forwardAgent}.
-# `minimalSystem` is a small stand-in for nixpkgs.lib.nixosSystem (no nixpkgs needed): it
-# evaluates modules with option defaults and recursive merging, which is enough for systems
-# whose toplevel is a plain derivation (tests, demos).
+#   clanInternals.inventory     the inventory, typed (the CLI reads deploy.* from it)
+#   clanInternals.machines      the same configurations, for the CLI
+# Machines are found as clan-core finds them: inventory.machines, `machines`, and the
+# directories of `<directory>/machines/`, whose configuration.nix and
+# hardware-configuration.nix are imported. `inventory.json` in the directory is read.
+# What clan-core supports and this library does not (inventory instances and services,
+# pkgsForSystem, vars, clan service modules) is refused with an error naming the key.
+#
+# `minimalSystem` stands in for nixpkgs.lib.nixosSystem where no full nixpkgs exists (tests,
+# demos): the same module system with the few options a toplevel needs.
+{ defaultNixpkgs ? null }:
 let
   inherit (builtins)
     attrNames
-    concatMap
-    foldl'
-    isAttrs
-    isFunction
-    isPath
-    isString
-    listToAttrs
-    mapAttrs
+    filter
     pathExists
+    readDir
     removeAttrs
     ;
-
-  # Derivations and option declarations are leaves, never merged into.
-  isMergeable = v: isAttrs v && (v.type or null) != "derivation" && !(v ? _type);
-  recursiveUpdate =
-    a: b:
-    a
-    // mapAttrs (
-      n: v: if isMergeable v && isMergeable (a.${n} or null) then recursiveUpdate a.${n} v else v
-    ) b;
 
   clanCoreModule =
     { lib, ... }:
@@ -53,139 +47,307 @@ let
           description = "Forward the workstation's SSH agent to the build host; the inventory's deploy.forwardAgent wins over it.";
         };
       };
+      options.clan.core.deployment.requireExplicitUpdate = lib.mkOption {
+        type = lib.types.bool;
+        default = false;
+        description = "Leave this machine out of `clan machines update` without machine names.";
+      };
     };
 
-  miniLib = {
-    mkOption = attrs: attrs // { _type = "option"; };
-    mkDefault = v: v;
-    mkForce = v: v;
-    mkOverride = _: v: v;
-    types =
-      let
-        type = name: { inherit name; };
-      in
-      {
-        str = type "str";
-        bool = type "bool";
-        int = type "int";
-        path = type "path";
-        package = type "package";
-        anything = type "anything";
-        nullOr = _: type "nullOr";
-        listOf = _: type "listOf";
-        attrsOf = _: type "attrsOf";
-        submodule = _: type "submodule";
+  # What `minimalSystem` declares: enough for a toplevel, on the real module system.
+  # Anything else a configuration sets at the top level (boot, fileSystems, …) is accepted
+  # and ignored, so hardware-configuration.nix files evaluate.
+  minimalModule =
+    { lib, ... }:
+    {
+      freeformType = lib.types.lazyAttrsOf lib.types.raw;
+      options = {
+        system.build = lib.mkOption {
+          type = lib.types.lazyAttrsOf lib.types.raw;
+          default = { };
+          description = "Build products; `toplevel` is the system.";
+        };
+        system.stateVersion = lib.mkOption {
+          type = lib.types.nullOr lib.types.str;
+          default = null;
+        };
+        nixpkgs.hostPlatform = lib.mkOption {
+          type = lib.types.nullOr (lib.types.either lib.types.str (lib.types.attrsOf lib.types.raw));
+          default = null;
+        };
+        nixpkgs.system = lib.mkOption {
+          type = lib.types.nullOr lib.types.str;
+          default = null;
+        };
+        networking.hostName = lib.mkOption {
+          type = lib.types.str;
+          default = "nixos";
+        };
       };
-  };
-
-  optionDefaults =
-    opts: if (opts._type or null) == "option" then opts.default or null else mapAttrs (_: optionDefaults) opts;
+    };
 
   minimalSystem =
     {
       modules,
       specialArgs ? { },
+      lib ? throw "clan.lib.minimalSystem needs `lib` (nixpkgs' lib); lib.clan passes it",
       ...
     }:
-    let
-      args = {
-        inherit config;
-        lib = miniLib;
-        options = { };
-        pkgs = throw "clan.lib.minimalSystem has no nixpkgs: use nixpkgs.lib.nixosSystem for real systems";
-      }
-      // specialArgs;
-      load =
-        m:
-        let
-          v = if isPath m || isString m then import m else m;
-        in
-        if isFunction v then v args else v;
-      expand =
-        m:
-        let
-          v = load m;
-        in
-        [ v ] ++ concatMap expand (v.imports or [ ]);
-      all = concatMap expand modules;
-      configPart = v: if v ? config || v ? options then v.config or { } else removeAttrs v [ "imports" ];
-      defaults = foldl' recursiveUpdate { } (map (v: optionDefaults (v.options or { })) all);
-      config = foldl' recursiveUpdate defaults (map configPart all);
-    in
-    {
-      inherit config;
-      _type = "configuration";
+    lib.evalModules {
       class = "nixos";
+      specialArgs = {
+        modulesPath = throw "clan.lib.minimalSystem has no NixOS modules (modulesPath)";
+      } // specialArgs;
+      modules = [ minimalModule ] ++ modules;
     };
 
-  # Accept clan-core's argument names, so an existing clan flake needs few changes.
+  # The interface of a clan, as clan-core names it.
+  interface =
+    { lib, self, ... }:
+    let
+      inherit (lib) mkOption types;
+      unsupported =
+        key: extra:
+        mkOption {
+          type = types.raw;
+          default = null;
+          description = "Not supported by this clan tool: setting it is an error naming `${key}`. ${extra}";
+        };
+      machineModule =
+        { name, ... }:
+        {
+          options = {
+            name = mkOption {
+              type = types.str;
+              default = name;
+            };
+            description = mkOption {
+              type = types.nullOr types.str;
+              default = null;
+            };
+            icon = mkOption {
+              type = types.nullOr types.str;
+              default = null;
+            };
+            tags = mkOption {
+              type = types.listOf types.str;
+              default = [ ];
+              description = "Tags to select machines by (`clan machines update --tags`).";
+            };
+            machineClass = mkOption {
+              type = types.enum [ "nixos" ];
+              default = "nixos";
+              description = "Only NixOS machines are deployed by this tool.";
+            };
+            requireExplicitUpdate = mkOption {
+              type = types.bool;
+              default = false;
+              description = "Leave this machine out of `clan machines update` without machine names.";
+            };
+            deploy = {
+              targetHost = mkOption {
+                type = types.nullOr types.str;
+                default = null;
+              };
+              buildHost = mkOption {
+                type = types.nullOr types.str;
+                default = null;
+              };
+              forwardAgent = mkOption {
+                type = types.nullOr types.bool;
+                default = null;
+              };
+            };
+          };
+        };
+    in
+    {
+      options = {
+        meta = mkOption {
+          type = types.submodule {
+            freeformType = types.attrsOf types.raw;
+            options.name = mkOption {
+              type = types.str;
+              default = "clan";
+            };
+          };
+          default = { };
+        };
+        directory = mkOption {
+          type = types.nullOr types.raw;
+          default = self;
+          description = "The directory of the clan (machines/, inventory.json); the flake by default.";
+        };
+        specialArgs = mkOption {
+          type = types.attrsOf types.raw;
+          default = { };
+          description = "Extra arguments of every machine's modules (`self` is always given).";
+        };
+        machines = mkOption {
+          type = types.attrsOf types.deferredModule;
+          default = { };
+          description = "NixOS modules per machine.";
+        };
+        inventory = mkOption {
+          type = types.submodule {
+            options = {
+              meta = mkOption {
+                type = types.attrsOf types.raw;
+                default = { };
+              };
+              machines = mkOption {
+                type = types.attrsOf (types.submodule machineModule);
+                default = { };
+              };
+              instances = unsupported "inventory.instances" "Configure those services in the machines' NixOS modules, or use clan-core.";
+              services = unsupported "inventory.services" "Configure those services in the machines' NixOS modules, or use clan-core.";
+              modules = unsupported "inventory.modules" "";
+              tags = unsupported "inventory.tags" "Set tags on inventory.machines.<name>.tags.";
+            };
+          };
+          default = { };
+        };
+        pkgsForSystem = unsupported "pkgsForSystem" "Set nixpkgs options in the machines' modules.";
+        vars = unsupported "vars" "Clan vars are not supported yet.";
+        modules = unsupported "modules" "Clan service modules are not supported.";
+        templates = unsupported "templates" "";
+      };
+    };
+
   clan =
     {
       self ? null,
-      directory ? self,
-      imports ? [ ],
-      meta ? { },
-      inventory ? { },
-      machines ? { },
-      specialArgs ? { },
-      nixpkgs ? null,
+      nixpkgs ? (if self != null then self.inputs.nixpkgs or defaultNixpkgs else defaultNixpkgs),
       nixosSystem ? null,
+      imports ? [ ],
       ...
-    }:
+    }@args:
     let
-      importPart =
-        i:
-        let
-          v = if isPath i || isString i then import i else i;
-        in
-        if isFunction v then v { } else v;
-      definition = foldl' recursiveUpdate { inventory = { }; machines = { }; } (
-        map importPart imports ++ [ { inherit meta inventory machines; } ]
-      );
+      lib =
+        if nixpkgs != null && nixpkgs ? lib then
+          nixpkgs.lib
+        else
+          throw "clan.lib.clan: no nixpkgs: give your flake a `nixpkgs` input, or pass `nixpkgs`";
+      settings = removeAttrs args [
+        "self"
+        "nixpkgs"
+        "nixosSystem"
+        "imports"
+      ];
+      directory0 = settings.directory or self;
+      inventoryJson =
+        if directory0 != null && pathExists "${toString directory0}/inventory.json" then
+          [
+            {
+              _file = "${toString directory0}/inventory.json";
+              inventory = lib.importJSON "${toString directory0}/inventory.json";
+            }
+          ]
+        else
+          [ ];
+      eval = lib.evalModules {
+        class = "clan";
+        specialArgs = { inherit self; };
+        modules = [ interface ] ++ inventoryJson ++ imports ++ [ settings ];
+      };
+      config = eval.config;
+      refusals = filter (key: key.value != null) [
+        {
+          name = "inventory.instances";
+          value = config.inventory.instances;
+        }
+        {
+          name = "inventory.services";
+          value = config.inventory.services;
+        }
+        {
+          name = "inventory.modules";
+          value = config.inventory.modules;
+        }
+        {
+          name = "inventory.tags";
+          value = config.inventory.tags;
+        }
+        {
+          name = "pkgsForSystem";
+          value = config.pkgsForSystem;
+        }
+        {
+          name = "vars";
+          value = config.vars;
+        }
+        {
+          name = "modules";
+          value = config.modules;
+        }
+        {
+          name = "templates";
+          value = config.templates;
+        }
+      ];
+      checked =
+        if refusals == [ ] then
+          true
+        else
+          throw "clan: `${(builtins.head refusals).name}` is set, but this clan tool does not support it (it would be ignored, and what it configures would be missing on the machines): remove it, or configure the same in the machines' NixOS modules";
       buildSystem =
         if nixosSystem != null then
           nixosSystem
-        else if nixpkgs != null then
+        else if nixpkgs ? lib.nixosSystem then
           nixpkgs.lib.nixosSystem
         else
-          throw "clan.lib.clan: pass `nixpkgs` (for nixpkgs.lib.nixosSystem) or `nixosSystem`";
-      inventoryMachines = definition.inventory.machines or { };
-      names = attrNames (inventoryMachines // definition.machines);
-      machineFile =
+          throw "clan.lib.clan: this nixpkgs has no lib.nixosSystem (only nixpkgs' lib?): pass a full nixpkgs, or `nixosSystem = clan-core.lib.minimalSystem` for plain-derivation systems";
+      directory = config.directory;
+      dir = if directory == null then null else toString directory;
+      dirMachines =
+        if dir != null && pathExists "${dir}/machines" then
+          attrNames (lib.filterAttrs (_: type: type == "directory") (readDir "${dir}/machines"))
+        else
+          [ ];
+      names = lib.unique (
+        attrNames config.inventory.machines ++ attrNames config.machines ++ dirMachines
+      );
+      machineFiles =
         name:
-        if directory == null then
+        if dir == null then
           [ ]
         else
-          let
-            file = "${toString directory}/machines/${name}/configuration.nix";
-          in
-          if pathExists file then [ file ] else [ ];
+          filter pathExists [
+            "${dir}/machines/${name}/configuration.nix"
+            "${dir}/machines/${name}/hardware-configuration.nix"
+          ];
       modulesFor =
         name:
         [
           clanCoreModule
-          ({ lib, ... }: { networking.hostName = lib.mkDefault name; })
+          { networking.hostName = lib.mkDefault name; }
         ]
-        ++ machineFile name
-        ++ (if definition.machines ? ${name} then [ definition.machines.${name} ] else [ ]);
-      nixosConfigurations = listToAttrs (
-        map (name: {
-          inherit name;
-          value = buildSystem {
-            modules = modulesFor name;
-            specialArgs = specialArgs;
-          };
-        }) names
+        ++ machineFiles name
+        ++ lib.optional (config.machines ? ${name}) config.machines.${name};
+      nixosConfigurations = lib.genAttrs names (
+        name:
+        buildSystem {
+          inherit lib;
+          modules = modulesFor name;
+          specialArgs = {
+            inherit self;
+          }
+          // config.specialArgs;
+        }
       );
       clanInternals = {
-        inventory = definition.inventory;
-        machines = nixosConfigurations;
-        meta = definition.meta or { };
+        inventory = builtins.seq checked config.inventory;
+        machines = builtins.seq checked nixosConfigurations;
+        meta = config.meta;
       };
     in
     {
-      config = { inherit nixosConfigurations clanInternals; };
-      inherit nixosConfigurations clanInternals;
+      config = {
+        inherit clanInternals;
+        nixosConfigurations = builtins.seq checked nixosConfigurations;
+      };
+      inherit clanInternals;
+      nixosConfigurations = builtins.seq checked nixosConfigurations;
     };
 in
 {

@@ -70,9 +70,17 @@ pub struct HostArgs {
     #[arg(long, value_name = "HOST")]
     pub build_host: Option<String>,
 
-    /// Deploy to this address instead of the configured targetHost.
+    /// Deploy to this address instead of the configured targetHost (one machine only).
     #[arg(long, value_name = "HOST")]
     pub target_host: Option<String>,
+
+    /// Pass `--option NAME VALUE` to every Nix call (evaluation, copies, builds).
+    #[arg(long = "option", num_args = 2, value_names = ["NAME", "VALUE"], action = clap::ArgAction::Append)]
+    pub nix_option: Vec<String>,
+
+    /// Show Nix's evaluation trace when evaluating the flake fails.
+    #[arg(long)]
+    pub show_trace: bool,
 }
 
 /// How this workstation's ssh connections check host keys.
@@ -238,6 +246,31 @@ impl AgentArgs {
 
 impl HostArgs {
     /// The overrides these flags and `agent` make.
+    /// `--option` and `--show-trace`, checked: option names are plain words; values hold no
+    /// control characters.
+    pub fn nix_options(&self) -> Result<crate::eval::NixOptions, crate::error::Error> {
+        let mut options = Vec::new();
+        for pair in self.nix_option.chunks(2) {
+            let [name, value] = pair else { continue };
+            let name_ok = !name.is_empty()
+                && name.starts_with(|c: char| c.is_ascii_alphabetic())
+                && name
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_');
+            if !name_ok || value.chars().any(char::is_control) {
+                return Err(crate::error::Error::usage(format!(
+                    "invalid --option {:?} {:?}: the name is a Nix setting (letters, digits, '-'), the value one line",
+                    name, value
+                )));
+            }
+            options.push((name.clone(), value.clone()));
+        }
+        Ok(crate::eval::NixOptions {
+            options,
+            show_trace: self.show_trace,
+        })
+    }
+
     pub fn overrides(&self, agent: Option<&AgentArgs>) -> crate::resolve::Overrides {
         crate::resolve::Overrides {
             build_host: self.build_host.clone(),

@@ -26,8 +26,15 @@ pub struct MachineFacts {
     /// `clan.core.networking.forwardAgent`
     #[serde(default)]
     pub config_forward_agent: Option<bool>,
-    /// The target's system (`nixpkgs.hostPlatform`), if the configuration sets one.
+    /// The target's system (`nixpkgs.hostPlatform`, `nixpkgs.system` or the toplevel's).
     pub system: Option<String>,
+    /// `inventory.machines.<m>.requireExplicitUpdate` or
+    /// `clan.core.deployment.requireExplicitUpdate`: left out unless named.
+    #[serde(default)]
+    pub require_explicit_update: bool,
+    /// The configuration's `warnings` (NixOS shows them at build time; so does clan).
+    #[serde(default)]
+    pub warnings: Vec<String>,
     /// `system.build.toplevel.drvPath`
     #[serde(rename = "toplevelDrv")]
     pub drv_path: String,
@@ -62,27 +69,50 @@ pub struct Evaluation {
 }
 
 /// The `--apply` function. `@WANTED@` and `@TAGS@` become Nix lists of the requested names
-/// and tags: the selection is the named machines plus those with a requested tag (all
-/// machines when both are empty). Unknown names and tags that match nothing are left out
-/// here and reported by the caller, which gets the full machine and tag lists.
+/// and tags, `@SYSTEM@` the workstation's Nix system. The selection follows clan-core: with
+/// tags, the machines having all of them (with names too: those names, filtered by the
+/// tags); with neither, every machine. Unknown names are left out here and reported by the
+/// caller, which gets the full machine and tag lists.
+///
+/// Two output shapes are read: this library's (`clanInternals.machines.<name>`) and
+/// clan-core's (`clanInternals.machines.<system>.<name>`, the workstation's system first).
+/// The platform is `nixpkgs.hostPlatform`, else `nixpkgs.system`, else the toplevel's
+/// `system`; a NixOS hostPlatform that has no value (it throws) counts as unset.
 const APPLY: &str = r#"ci:
 let
   wanted = @WANTED@;
   wantedTags = @TAGS@;
-  inventoryMachines = ci.inventory.machines or { };
-  all = builtins.attrNames ci.machines;
+  workstationSystem = @SYSTEM@;
+  inventory = ci.inventory or (ci.inventoryClass.inventory or { });
+  inventoryMachines = inventory.machines or { };
+  raw = ci.machines or { };
+  # clan-core: machines.<system>.<name>, no `config` one level down.
+  systemsShaped = raw != { } && builtins.all (v: builtins.isAttrs v && !(v ? config) && !(v ? _type)) (builtins.attrValues raw);
+  systems = builtins.attrNames raw;
+  orderedSystems = (if builtins.elem workstationSystem systems then [ workstationSystem ] else [ ]) ++ builtins.filter (s: s != workstationSystem) systems;
+  machines =
+    if systemsShaped then
+      builtins.foldl' (acc: sys: raw.${sys} // acc) { } (builtins.filter (s: builtins.isAttrs raw.${s}) orderedSystems)
+    else raw;
+  all = builtins.attrNames machines;
   tagsOf = n: (inventoryMachines.${n} or { }).tags or [ ];
-  tagged = builtins.filter (n: builtins.any (t: builtins.elem t wantedTags) (tagsOf n)) all;
+  hasAllTags = n: builtins.all (t: builtins.elem t (tagsOf n)) wantedTags;
   names =
-    if wanted == [ ] && wantedTags == [ ] then all
-    else builtins.filter (n: builtins.elem n wanted || builtins.elem n tagged) all;
+    if wanted == [ ] then builtins.filter hasAllTags all
+    else builtins.filter (n: builtins.elem n wanted && hasAllTags n) all;
+  orNull = t: if t.success then t.value else null;
   facts = name:
     let
       inv = inventoryMachines.${name} or { };
-      config = ci.machines.${name}.config;
+      config = machines.${name}.config;
       net = config.clan.core.networking or { };
-      platform = config.nixpkgs.hostPlatform or null;
+      hostPlatform = orNull (builtins.tryEval (config.nixpkgs.hostPlatform or null));
+      legacySystem = orNull (builtins.tryEval (config.nixpkgs.system or null));
       toplevel = config.system.build.toplevel;
+      platform =
+        if hostPlatform != null then (if builtins.isString hostPlatform then hostPlatform else hostPlatform.system or null)
+        else if legacySystem != null then legacySystem
+        else toplevel.system or null;
     in {
       inventoryTargetHost = inv.deploy.targetHost or null;
       inventoryBuildHost = inv.deploy.buildHost or null;
@@ -90,7 +120,9 @@ let
       configBuildHost = net.buildHost or null;
       inventoryForwardAgent = inv.deploy.forwardAgent or null;
       configForwardAgent = net.forwardAgent or null;
-      system = if platform == null then null else if builtins.isString platform then platform else platform.system or null;
+      requireExplicitUpdate = (inv.requireExplicitUpdate or false) || (config.clan.core.deployment.requireExplicitUpdate or false);
+      system = platform;
+      warnings = builtins.filter builtins.isString (orNull (builtins.tryEval (config.warnings or [ ])));
       # Not `outPath`: JSON output would turn the whole set into that string.
       toplevelDrv = toplevel.drvPath;
       toplevelOut = toplevel.outPath;
@@ -121,30 +153,74 @@ fn nix_list(items: &[String]) -> String {
     )
 }
 
+/// Options for every Nix call of a run: `--option NAME VALUE` (checked: plain words) and
+/// `--show-trace` for the evaluation.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct NixOptions {
+    /// `--option NAME VALUE` pairs, in order.
+    pub options: Vec<(String, String)>,
+    /// Show Nix's evaluation trace on errors.
+    pub show_trace: bool,
+}
+
+impl NixOptions {
+    /// The flags for one Nix command: `--option NAME VALUE` for each.
+    pub fn flags(&self) -> Vec<String> {
+        self.options
+            .iter()
+            .flat_map(|(n, v)| ["--option".to_string(), n.clone(), v.clone()])
+            .collect()
+    }
+}
+
+/// The workstation's Nix system, as Nix names it (`x86_64-linux`).
+pub fn workstation_system() -> String {
+    let os = match std::env::consts::OS {
+        "macos" => "darwin",
+        other => other,
+    };
+    format!("{}-{os}", std::env::consts::ARCH)
+}
+
 /// The `nix eval` argv for `flake`, the requested machines and tags (both empty: all).
-pub fn eval_command(flake: &str, wanted: &[String], tags: &[String]) -> Vec<String> {
-    vec![
+pub fn eval_command(
+    flake: &str,
+    wanted: &[String],
+    tags: &[String],
+    nix: &NixOptions,
+) -> Vec<String> {
+    let mut argv: Vec<String> = vec![
         "nix".into(),
         "--extra-experimental-features".into(),
         "nix-command flakes".into(),
         "eval".into(),
         "--json".into(),
+    ];
+    if nix.show_trace {
+        argv.push("--show-trace".into());
+    }
+    argv.extend(nix.flags());
+    argv.extend([
         format!("{flake}#clanInternals"),
         "--apply".into(),
         APPLY
             .replace("@WANTED@", &nix_list(wanted))
-            .replace("@TAGS@", &nix_list(tags)),
-    ]
+            .replace("@TAGS@", &nix_list(tags))
+            .replace("@SYSTEM@", &nix_string(&workstation_system())),
+    ]);
+    argv
 }
 
-/// Evaluates `flake` for the `wanted` machines and those with one of `tags`, in one
-/// `nix eval` process.
+/// Evaluates `flake` for the `wanted` machines and those with all of `tags`, in one
+/// `nix eval` process. Nix's warnings are shown; an evaluation error is a configuration
+/// error (exit 2), with the hint about `clanInternals` only when that is what is missing.
 pub fn evaluate(
     flake_ref: &FlakeRef,
     wanted: &[String],
     tags: &[String],
+    nix: &NixOptions,
 ) -> Result<Evaluation, Error> {
-    let argv = eval_command(&flake_ref.reference, wanted, tags);
+    let argv = eval_command(&flake_ref.reference, wanted, tags, nix);
     let flake = flake_ref.shown.as_str();
     let mut command = Command::new(&argv[0]);
     command.args(&argv[1..]);
@@ -155,19 +231,43 @@ pub fn evaluate(
         Error::new(format!("cannot run nix to evaluate {flake}: {e}"))
             .hint(Hint::text("install Nix (2.8 or newer) on this workstation"))
     })?;
+    let stderr = String::from_utf8_lossy(&output.stderr);
     if !output.status.success() {
-        let stderr = String::from_utf8_lossy(&output.stderr);
-        return Err(Error::new(format!("evaluating the flake {flake} failed"))
-            .detail(stderr.trim_end().to_string())
-            .hint(Hint::text(
-                "the flake must expose clanInternals (use this repo's lib.clan; see the README)",
-            )));
+        return Err(evaluation_error(flake, &stderr, nix.show_trace));
+    }
+    for line in stderr.lines().filter(|l| l.contains("warning:")) {
+        let line = crate::progress::strip_control(line);
+        if !line.contains("creating lock file") && !line.contains("updating lock file") {
+            eprintln!("{}", line.trim());
+        }
     }
     serde_json::from_slice(&output.stdout).map_err(|e| {
-        Error::new(format!(
+        Error::usage(format!(
             "the flake {flake} evaluated to something unexpected: {e}"
         ))
     })
+}
+
+/// An evaluation failure as the user sees it: exit 2, Nix's own lines, a hint that fits.
+pub fn evaluation_error(flake: &str, stderr: &str, show_trace: bool) -> Error {
+    let stderr = crate::progress::strip_control(stderr.trim_end());
+    let mut error =
+        Error::usage(format!("evaluating the flake {flake} failed")).detail(stderr.clone());
+    if stderr.contains("does not provide attribute") && stderr.contains("clanInternals") {
+        error = error.hint(Hint::text(
+            "the flake must expose clanInternals: `inherit (clan.config) nixosConfigurations clanInternals;` with this repo's lib.clan, or clan-core's (see the README)",
+        ));
+    } else if stderr.contains("unsupported") && stderr.contains("Nix") && stderr.contains("version")
+    {
+        error = error.hint(Hint::text(
+            "nixpkgs 25.11 and later need Nix 2.18 or newer to evaluate: upgrade Nix on this workstation",
+        ));
+    } else if !show_trace {
+        error = error.hint(Hint::text(
+            "run again with --show-trace for Nix's evaluation trace",
+        ));
+    }
+    error
 }
 
 #[cfg(test)]
@@ -177,7 +277,12 @@ mod tests {
     #[test]
     fn names_cannot_escape_the_nix_string() {
         assert_eq!(nix_string("a\"${b}\n"), r#""a\"\${b}\n""#);
-        let argv = eval_command("/f", &["x".into(), "y$(z)".into()], &["web".into()]);
+        let argv = eval_command(
+            "/f",
+            &["x".into(), "y$(z)".into()],
+            &["web".into()],
+            &NixOptions::default(),
+        );
         assert_eq!(argv[5], "/f#clanInternals");
         assert!(argv[7].contains(r#"wanted = [ "x" "y\$(z)" ];"#));
         assert!(argv[7].contains(r#"wantedTags = [ "web" ];"#));

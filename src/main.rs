@@ -4,6 +4,12 @@ use clan::cli::{Cli, MachinesCommand, TopCommand};
 use clan::commands::machines::{rollback, setup_build_host, show, update};
 
 fn main() {
+    // A closed standard output (`clan machines show | head -1`) ends the process quietly,
+    // as for any command-line tool, instead of a panic in println!.
+    // SAFETY: restoring the default disposition of one signal before any thread starts.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
     let cli = Cli::parse();
     let result = match &cli.command {
         TopCommand::Machines(MachinesCommand::Update(args)) => {

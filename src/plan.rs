@@ -342,11 +342,14 @@ pub struct DeployPlan {
     pub machines: Vec<MachinePlan>,
 }
 
-/// `nix` with the experimental features the old-style commands need, enabled per call so
-/// that hosts need no nix.conf change.
-fn nix(args: &[&str]) -> Invocation {
-    let mut all = vec!["--extra-experimental-features", "nix-command"];
-    all.extend_from_slice(args);
+/// `nix SUBCOMMAND` with the experimental features the old-style commands need, enabled per
+/// call so that hosts need no nix.conf change, and the run's `--option` flags.
+fn nix(args: &[&str], ctx: &PlanContext) -> Invocation {
+    let mut all: Vec<String> = vec!["--extra-experimental-features".into(), "nix-command".into()];
+    let (subcommand, rest) = args.split_first().expect("a nix subcommand");
+    all.push(subcommand.to_string());
+    all.extend(ctx.nix_flags.iter().cloned());
+    all.extend(rest.iter().map(|a| a.to_string()));
     Invocation::new("nix", all)
 }
 
@@ -374,6 +377,8 @@ pub struct PlanContext {
     pub workstation: String,
     /// Seconds a deploy waits for another deploy's lock on the same target.
     pub lock_timeout: u32,
+    /// `--option NAME VALUE` flags for every Nix copy and build.
+    pub nix_flags: Vec<String>,
 }
 
 impl PlanContext {
@@ -546,7 +551,7 @@ fn group_steps(
         steps.push(Step {
             kind: StepKind::CopyDerivations,
             runner: Runner::Workstation(
-                nix(&args).with_env("NIX_SSHOPTS", host.nix_sshopts(Side::Workstation)),
+                nix(&args, ctx).with_env("NIX_SSHOPTS", host.nix_sshopts(Side::Workstation)),
             ),
             when: When::Always,
         });
@@ -558,6 +563,7 @@ fn group_steps(
     ));
     let root = format!("{dir}/system");
     let mut realise = vec!["--realise"];
+    realise.extend(ctx.nix_flags.iter().map(String::as_str));
     realise.extend(drvs.iter().copied());
     // internal-json: the executor shows "N/M built" and turns the rest back into lines.
     realise.extend([
@@ -618,7 +624,7 @@ fn machine_steps(
             steps.push(Step {
                 kind: StepKind::CopyFromWorkstation,
                 runner: Runner::Workstation(
-                    nix(&args).with_env("NIX_SSHOPTS", target.nix_sshopts(Side::Workstation)),
+                    nix(&args, ctx).with_env("NIX_SSHOPTS", target.nix_sshopts(Side::Workstation)),
                 ),
                 when: When::TargetLacksSystem,
             });
@@ -630,7 +636,7 @@ fn machine_steps(
             steps.push(Step {
                 kind: StepKind::RelayCopy,
                 runner: Runner::Workstation(
-                    nix(&args).with_env("NIX_SSHOPTS", relay_sshopts(host, target)),
+                    nix(&args, ctx).with_env("NIX_SSHOPTS", relay_sshopts(host, target)),
                 ),
                 when: When::TargetLacksSystem,
             });
@@ -644,7 +650,7 @@ fn machine_steps(
                     role: *role,
                     host: host.clone(),
                     command: RemoteCommand::UntilHangup(
-                        nix(&args).with_env("NIX_SSHOPTS", target.nix_sshopts(Side::Nested)),
+                        nix(&args, ctx).with_env("NIX_SSHOPTS", target.nix_sshopts(Side::Nested)),
                     ),
                 },
                 when: When::TargetLacksSystem,
@@ -1022,6 +1028,7 @@ mod tests {
             sudo_password: BTreeSet::new(),
             workstation: "alice@ws".into(),
             lock_timeout: 300,
+            nix_flags: Vec::new(),
         }
     }
 

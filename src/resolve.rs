@@ -420,6 +420,8 @@ mod tests {
             inventory_forward_agent: None,
             config_forward_agent: None,
             system: Some("x86_64-linux".into()),
+            require_explicit_update: false,
+            warnings: Vec::new(),
             drv_path: "/nix/store/00000000000000000000000000000000-a.drv".into(),
             out_path: "/nix/store/00000000000000000000000000000000-a".into(),
         }

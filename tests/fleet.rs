@@ -201,21 +201,29 @@ fn fleet_selection_by_tags_and_names() {
     let report: serde_json::Value = serde_json::from_str(&run.stdout).unwrap();
     assert_eq!(report["machines"].as_array().unwrap().len(), 1);
 
-    // Names and tags combine.
+    // Names and tags combine as clan-core does: the names, filtered by the tags.
     let run = clan(
         &lab,
         &flake,
-        &["machines", "update", "t3", "--tags", "db", "--dry-run"],
+        &[
+            "machines",
+            "update",
+            "t2",
+            "t3",
+            "--tags",
+            "db",
+            "--dry-run",
+        ],
     );
     assert_eq!(run.code, 0);
-    assert!(run.stdout.contains("t3: deploy to"));
     assert!(run.stdout.contains("t2: deploy to"));
+    assert!(!run.stdout.contains("t3: deploy to"));
     assert!(!run.stdout.contains("t1: deploy to"));
 
     let bad_tag = clan(&lab, &flake, &["machines", "update", "--tags", "nope"]);
     assert_eq!(bad_tag.code, 2);
     assert!(bad_tag.stderr.contains(
-        "the tag \"nope\" (from --tags) matches no machine; tags in the flake: db, edge, web"
+        "no machine has all the tags nope (from --tags); tags in the flake: db, edge, web"
     ));
     let bad_name = clan(&lab, &flake, &["machines", "update", "t1", "t9"]);
     assert_eq!(bad_name.code, 2);

@@ -281,6 +281,20 @@ fn with_time_limit<'a>(argv: &[&'a str]) -> Vec<&'a str> {
     full
 }
 
+/// nixpkgs' real `lib` (a flake with `lib`: the module system, no packages): the
+/// `CLAN_NIXPKGS_LIB` directory, else `../shared/nixpkgs-lib` next to this repository.
+pub fn nixpkgs_lib() -> PathBuf {
+    if let Some(dir) = std::env::var_os("CLAN_NIXPKGS_LIB") {
+        return PathBuf::from(dir);
+    }
+    let beside = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/nixpkgs-lib");
+    let found = [beside, PathBuf::from("/work/shared/nixpkgs-lib")]
+        .into_iter()
+        .find(|d| d.join("flake.nix").exists())
+        .expect("nixpkgs' lib not found: set CLAN_NIXPKGS_LIB to a checkout of github:nix-community/nixpkgs.lib");
+    found.canonicalize().expect("nixpkgs lib path")
+}
+
 /// Where `scripts/fetch-current-nix` unpacks the current Nix.
 pub fn current_nix_root() -> PathBuf {
     std::env::var_os("CLAN_LAB_CURRENT_NIX")
@@ -825,23 +839,38 @@ impl Lab {
 
     /// [`Lab::write_flake`] into the directory `rel` of the lab (any name: spaces, `#`…).
     pub fn write_flake_in(&self, rel: &str, clan_args: &str, seconds: u32) -> PathBuf {
-        let lib = self.dir.join("clan-lib");
-        if !lib.exists() {
-            let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
-            fs::create_dir_all(&lib).expect("lib dir");
-            fs::copy(repo.join("flake.nix"), lib.join("flake.nix")).expect("copy flake.nix");
-            run(Command::new("cp").arg("-r").arg(repo.join("nix")).arg(&lib));
-        }
+        let lib = self.clan_lib();
         let flake = self.dir.join(rel);
         let _ = fs::remove_file(flake.join("flake.lock"));
         write(
             &flake.join("flake.nix"),
             &FIXTURE_FLAKE
                 .replace("@LIB@", &lib.display().to_string())
+                .replace("@NIXPKGS@", &nixpkgs_lib().display().to_string())
                 .replace("@CLAN_ARGS@", clan_args)
                 .replace("@SHARED_SECONDS@", &seconds.to_string()),
         );
         flake
+    }
+
+    /// This repository's Nix library, copied into the lab with its `nixpkgs` input pointed
+    /// at [`nixpkgs_lib`] (nothing else of nixpkgs is reachable here).
+    pub fn clan_lib(&self) -> PathBuf {
+        let lib = self.dir.join("clan-lib");
+        if !lib.exists() {
+            let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+            fs::create_dir_all(&lib).expect("lib dir");
+            let flake = fs::read_to_string(repo.join("flake.nix")).expect("flake.nix");
+            write(
+                &lib.join("flake.nix"),
+                &flake.replace(
+                    "github:NixOS/nixpkgs/nixos-unstable",
+                    &format!("path:{}", nixpkgs_lib().display()),
+                ),
+            );
+            run(Command::new("cp").arg("-r").arg(repo.join("nix")).arg(&lib));
+        }
+        lib
     }
 
     /// Writes `text` to `rel` inside the flake directory (call after [`Lab::write_flake`]).
@@ -1024,8 +1053,10 @@ impl Drop for Lab {
 /// The fixture flake: a clan built with this repo's library and `minimalSystem`, whose
 /// systems are plain derivations with a `switch-to-configuration` that records its calls.
 const FIXTURE_FLAKE: &str = r#"{
+  inputs.nixpkgs.url = "path:@NIXPKGS@";
   inputs.clan-core.url = "path:@LIB@";
-  outputs = { self, clan-core }:
+  inputs.clan-core.inputs.nixpkgs.follows = "nixpkgs";
+  outputs = { self, clan-core, nixpkgs }:
     let
       # A dependency every system with `shared = true` has; each build of it is counted in
       # /root/shared-builds.log on the host that builds it.
@@ -1099,6 +1130,9 @@ const FIXTURE_FLAKE: &str = r#"{
       } // (@CLAN_ARGS@));
     in {
       inherit (clan.config) nixosConfigurations clanInternals;
+      # For machine files (machines/<name>/configuration.nix): `{ self, ... }: { imports =
+      # [ (self.fixture.system { }) ]; }`.
+      fixture = { inherit system; };
     };
 }
 "#;

@@ -9,7 +9,7 @@ use std::path::Path;
 
 use crate::boundary::{MachineName, Origin, StoreDir, Tag};
 use crate::error::{Error, Hint};
-use crate::eval::{FlakeRef, MachineFacts, evaluate};
+use crate::eval::{FlakeRef, MachineFacts, NixOptions, evaluate};
 use crate::resolve::{
     Overrides, ResolvedMachine, Source, SshConfigLookup, check_machine_name, parse_address,
     resolve_machine,
@@ -29,8 +29,9 @@ pub fn load_machines(
     flake: &Path,
     names: &[String],
     overrides: &Overrides,
+    nix: &NixOptions,
 ) -> Result<Vec<LoadedMachine>, Error> {
-    load_selection(flake, names, &[], overrides)
+    load_selection(flake, names, &[], overrides, nix)
 }
 
 /// Like [`load_machines`], selecting the named machines plus those with one of `tags`.
@@ -39,6 +40,20 @@ pub fn load_selection(
     names: &[String],
     tags: &[String],
     overrides: &Overrides,
+    nix: &NixOptions,
+) -> Result<Vec<LoadedMachine>, Error> {
+    load_selection_skipping(flake, names, tags, overrides, nix, &mut None)
+}
+
+/// [`load_selection`]; with `skipped` given and no names, the default selection of
+/// [`default_selection`], the machines left out pushed to `skipped`.
+pub fn load_selection_skipping(
+    flake: &Path,
+    names: &[String],
+    tags: &[String],
+    overrides: &Overrides,
+    nix: &NixOptions,
+    skipped: &mut Option<Vec<(String, &'static str)>>,
 ) -> Result<Vec<LoadedMachine>, Error> {
     for name in names {
         check_machine_name(name)?;
@@ -55,7 +70,7 @@ pub fn load_selection(
     }
     let flake = flake_ref(flake)?;
     eprintln!("Evaluating {} on this workstation…", flake.shown);
-    let evaluation = evaluate(&flake, names, tags)?;
+    let mut evaluation = evaluate(&flake, names, tags, nix)?;
     let flake = &flake.shown;
     check_names(&evaluation)?;
     if let Some(unknown) = names.iter().find(|m| !evaluation.machines.contains(m)) {
@@ -71,17 +86,14 @@ pub fn load_selection(
             "machines come from inventory.machines and machines in clan.nix",
         )));
     }
-    if let Some(tag) = tags.iter().find(|t| {
-        !evaluation
-            .tags
-            .values()
-            .any(|machine_tags| machine_tags.contains(t))
-    }) {
+    if !tags.is_empty() && evaluation.selected.is_empty() {
         let mut known: Vec<&String> = evaluation.tags.values().flatten().collect();
         known.sort();
         known.dedup();
         return Err(Error::usage(format!(
-            "the tag {tag:?} (from --tags) matches no machine; tags in the flake: {}",
+            "no {} has all the tags {} (from --tags); tags in the flake: {}",
+            if names.is_empty() { "machine" } else { "named machine" },
+            tags.join(", "),
             if known.is_empty() {
                 "none".to_string()
             } else {
@@ -92,12 +104,66 @@ pub fn load_selection(
                     .join(", ")
             }
         ))
-        .hint(Hint::text("tags come from inventory.machines.<name>.tags")));
+        .hint(Hint::text(
+            "--tags selects the machines that have every tag given (as clan-core does); tags come from inventory.machines.<name>.tags",
+        )));
+    }
+    if overrides.target_host.is_some() && evaluation.selected.len() > 1 {
+        return Err(Error::usage(format!(
+            "--target-host names one address, but {} machines are selected ({}): name one machine",
+            evaluation.selected.len(),
+            evaluation
+                .selected
+                .keys()
+                .cloned()
+                .collect::<Vec<_>>()
+                .join(", ")
+        )));
+    }
+    if names.is_empty()
+        && let Some(skipped) = skipped
+    {
+        *skipped = default_selection(&mut evaluation, overrides);
+    }
+    for (name, facts) in &evaluation.selected {
+        for warning in &facts.warnings {
+            eprintln!(
+                "{name}: warning: {}",
+                crate::boundary::terminal_safe(warning)
+            );
+        }
     }
     let users = SshConfigLookup;
     let machines = resolve_evaluation(evaluation, overrides, &users)?;
     check_outputs(&machines)?;
     Ok(machines)
+}
+
+/// `clan machines update` without machine names, as clan-core does it: every selected
+/// machine that has a targetHost somewhere and does not require an explicit update. The
+/// others are returned as (name, why), to be listed as skipped.
+pub fn default_selection(
+    evaluation: &mut crate::eval::Evaluation,
+    overrides: &Overrides,
+) -> Vec<(String, &'static str)> {
+    let mut skipped = Vec::new();
+    evaluation.selected.retain(|name, facts| {
+        let why = if facts.require_explicit_update {
+            Some("requireExplicitUpdate is set: name it to update it")
+        } else if overrides.target_host.is_none()
+            && facts.inventory_target_host.is_none()
+            && facts.config_target_host.is_none()
+        {
+            Some("no targetHost is set")
+        } else {
+            None
+        };
+        if let Some(why) = why {
+            skipped.push((name.clone(), why));
+        }
+        why.is_none()
+    });
+    skipped
 }
 
 /// Every value of an evaluation through the boundary ([`crate::boundary`]): each machine
@@ -385,6 +451,7 @@ mod tests {
                 sudo_password: BTreeSet::new(),
                 workstation: "alice@ws".into(),
                 lock_timeout: 300,
+                nix_flags: Vec::new(),
             };
             let plan = plan_deploy(loaded.into_iter().map(|l| l.machine).collect(), &ctx);
             let mut steps: Vec<&crate::plan::Step> = Vec::new();

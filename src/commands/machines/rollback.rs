@@ -13,6 +13,7 @@ pub fn run(args: &RollbackArgs) -> Result<i32, Error> {
         &args.hosts.flake,
         std::slice::from_ref(&args.machine),
         &args.hosts.overrides(None),
+        &args.hosts.nix_options()?,
     )?;
     let machine = &loaded
         .first()

@@ -31,6 +31,7 @@ pub fn run(args: &SetupBuildHostArgs) -> Result<i32, Error> {
         &args.hosts.flake,
         std::slice::from_ref(&args.machine),
         &overrides,
+        &args.hosts.nix_options()?,
     )?;
     let machine = &loaded
         .first()

@@ -17,7 +17,12 @@ use crate::resolve::{
 /// Runs the command; returns the exit code.
 pub fn run(args: &ShowArgs) -> Result<i32, Error> {
     let overrides = args.hosts.overrides(Some(&args.agent));
-    let loaded = load_machines(&args.hosts.flake, &args.machines, &overrides)?;
+    let loaded = load_machines(
+        &args.hosts.flake,
+        &args.machines,
+        &overrides,
+        &args.hosts.nix_options()?,
+    )?;
     if args.json {
         let all: serde_json::Map<String, Value> = loaded
             .iter()

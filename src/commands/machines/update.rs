@@ -4,7 +4,7 @@ use std::collections::BTreeSet;
 use std::io::{IsTerminal, Read};
 
 use crate::cli::{LogFormat, UpdateArgs};
-use crate::commands::machines::load_selection;
+use crate::commands::machines::load_selection_skipping;
 use crate::connection::Connections;
 use crate::error::{Error, ExitKind, Hint};
 use crate::execute::{Logs, RunOptions, exit_code, run_plan};
@@ -44,11 +44,26 @@ fn print_json(value: &serde_json::Value) {
 
 fn deploy(args: &UpdateArgs) -> Result<i32, Error> {
     let overrides = args.hosts.overrides(Some(&args.agent));
-    let machines: Vec<ResolvedMachine> =
-        load_selection(&args.hosts.flake, &args.machines, &args.tags, &overrides)?
-            .into_iter()
-            .map(|loaded| loaded.machine)
-            .collect();
+    let mut skipped = Some(Vec::new());
+    let machines: Vec<ResolvedMachine> = load_selection_skipping(
+        &args.hosts.flake,
+        &args.machines,
+        &args.tags,
+        &overrides,
+        &args.hosts.nix_options()?,
+        &mut skipped,
+    )?
+    .into_iter()
+    .map(|loaded| loaded.machine)
+    .collect();
+    for (name, why) in skipped.unwrap_or_default() {
+        eprintln!("{name}: skipped ({why})");
+    }
+    if machines.is_empty() {
+        return Err(Error::usage(
+            "no machine to update: none is selected, or every one was skipped (see above)",
+        ));
+    }
     if args.copy_via_workstation {
         check_relay(&machines)?;
     }
@@ -74,6 +89,7 @@ fn deploy(args: &UpdateArgs) -> Result<i32, Error> {
         sudo_password: BTreeSet::new(),
         workstation: workstation_identity(),
         lock_timeout: args.lock_timeout,
+        nix_flags: args.hosts.nix_options()?.flags(),
     };
     if !args.dry_run {
         let targets: Vec<(String, SshHost)> = machines

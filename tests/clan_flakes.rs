@@ -1,0 +1,283 @@
+//! Real clan flakes, on nixpkgs' real module system (`../shared/nixpkgs-lib`): the layouts
+//! and habits of clan-core users (machines/ directories, clan.nix as a module, mkDefault,
+//! `self`, inventory.json, hardware-configuration.nix, clan-core's output shape), what is
+//! refused rather than ignored, clan-core's selection semantics, and evaluation errors.
+
+mod common;
+use common::*;
+
+use std::path::Path;
+
+fn write(path: &Path, text: &str) {
+    std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+    std::fs::write(path, text).unwrap();
+}
+
+// A machine that exists only as machines/mail1/ (configuration.nix using `self` and the
+// legacy `nixpkgs.system`, hardware-configuration.nix setting its build host), a clan.nix
+// written as a module with `lib.mkDefault`, and a machine defined only in inventory.json:
+// all evaluate through the real module system and deploy.
+#[test]
+fn clan_core_layout_deploys() {
+    let lab = Lab::builder_and_target();
+    let f = lab.write_flake(r#"{ imports = [ ./clan.nix ]; }"#);
+    write(
+        &f.join("clan.nix"),
+        &format!(
+            r#"{{ lib, config, self, ... }}: {{
+                 meta.name = "lab";
+                 inventory.machines.mail1.deploy.targetHost = lib.mkDefault "root@{t}";
+                 inventory.machines.mail1.tags = [ "mail" ];
+                 machines.web9 = {{ ... }}: {{ imports = [ (self.fixture.system {{ variant = "web9"; }}) ]; }};
+               }}"#,
+            t = lab.ip("target")
+        ),
+    );
+    write(
+        &f.join("machines/mail1/configuration.nix"),
+        r#"{ self, lib, ... }: {
+             imports = [ (self.fixture.system { hostPlatform = null; }) ];
+             nixpkgs.system = "x86_64-linux";
+           }"#,
+    );
+    write(
+        &f.join("machines/mail1/hardware-configuration.nix"),
+        &format!(
+            r#"{{ lib, ... }}: {{
+                 clan.core.networking.buildHost = "root@{b}";
+                 boot.loader.grub.device = "nodev";
+               }}"#,
+            b = lab.ip("builder")
+        ),
+    );
+    write(
+        &f.join("inventory.json"),
+        &format!(
+            r#"{{ "machines": {{ "web9": {{ "deploy": {{ "targetHost": "root@{t}" }}, "tags": [ "web" ] }} }} }}"#,
+            t = lab.ip("target")
+        ),
+    );
+    // The mkDefault'ed address and the inventory.json one are both read; mail1 builds on the
+    // builder named in its hardware configuration.
+    let show = clan(&lab, &f, &["machines", "show", "--json"]);
+    assert_eq!(show.code, 0);
+    let shown: serde_json::Value = serde_json::from_str(&show.stdout).unwrap();
+    assert_eq!(
+        shown["mail1"]["buildHost"]["value"],
+        format!("root@{}", lab.ip("builder"))
+    );
+    lab.trust("builder", "target");
+    let out = toplevel(&lab, &f, "mail1");
+    let run = clan(&lab, &f, &["machines", "update", "mail1"]);
+    assert_eq!(run.code, 0);
+    assert!(
+        lab.host("builder").has_path(&out),
+        "not built on the builder"
+    );
+    assert_eq!(
+        lab.host("target").system_profile().as_deref(),
+        Some(out.as_str())
+    );
+    let web9 = clan(&lab, &f, &["machines", "update", "web9", "--dry-run"]);
+    assert_eq!(web9.code, 0);
+    assert!(web9.stdout.contains(&format!(
+        "web9: deploy to root@{} (inventory.machines.web9.deploy.targetHost)",
+        lab.ip("target")
+    )));
+}
+
+// What clan-core supports and this tool does not is refused, naming the key: never
+// silently ignored (an sshd instance with root's keys, ignored, locks the user out).
+#[test]
+fn unsupported_clan_core_features_are_refused() {
+    let lab = Lab::start(&[HostSpec::new("target")]);
+    for (setting, key) in [
+        (
+            r#"inventory.instances.sshd = { roles.server.tags.all = { }; };"#,
+            "inventory.instances",
+        ),
+        (r#"pkgsForSystem = system: null;"#, "pkgsForSystem"),
+        (r#"inventory.services.x = { };"#, "inventory.services"),
+    ] {
+        let f = lab.write_flake(&format!(
+            r#"{{ {setting} inventory.machines.m.deploy.targetHost = "root@{}"; machines.m = system {{ }}; }}"#,
+            lab.ip("target")
+        ));
+        let run = clan(&lab, &f, &["machines", "update", "m"]);
+        assert_eq!(run.code, 2, "{setting}");
+        assert!(
+            run.stderr.contains(&format!(
+                "`{key}` is set, but this clan tool does not support it"
+            )),
+            "{setting}: {}",
+            run.stderr
+        );
+        assert!(!run.stderr.contains("must expose clanInternals"));
+        assert_eq!(lab.host("target").system_profile(), None);
+    }
+}
+
+// A flake whose outputs have clan-core's shape (clanInternals.machines.<system>.<name>)
+// deploys unchanged.
+#[test]
+fn clan_core_output_shape_deploys() {
+    let lab = Lab::start(&[HostSpec::new("target")]);
+    let f = lab.write_flake(&format!(
+        r#"{{ inventory.machines.jon.deploy.targetHost = "root@{}"; machines.jon = system {{ }}; }}"#,
+        lab.ip("target")
+    ));
+    // Reshape the outputs as clan-core does.
+    let text = std::fs::read_to_string(f.join("flake.nix")).unwrap();
+    let text = text.replace(
+        "inherit (clan.config) nixosConfigurations clanInternals;",
+        r#"inherit (clan.config) nixosConfigurations;
+      clanInternals = {
+        inventoryClass.inventory = clan.config.clanInternals.inventory;
+        machines = {
+          aarch64-darwin = { };
+          aarch64-linux = clan.config.nixosConfigurations;
+          x86_64-linux = clan.config.nixosConfigurations;
+        };
+      };"#,
+    );
+    std::fs::write(f.join("flake.nix"), text).unwrap();
+    let out = toplevel(&lab, &f, "jon");
+    let run = clan(&lab, &f, &["machines", "update", "jon"]);
+    assert_eq!(run.code, 0);
+    assert_eq!(
+        lab.host("target").system_profile().as_deref(),
+        Some(out.as_str())
+    );
+}
+
+// clan-core's selection: --tags selects the machines having every tag (with names: those
+// names, filtered); without names, every machine with a targetHost that does not require an
+// explicit update, the others listed as skipped; --target-host with one machine only.
+#[test]
+fn tags_and_default_selection() {
+    let lab = Lab::start(&[HostSpec::new("target")]);
+    let t = lab.ip("target");
+    let f = lab.write_flake(&format!(
+        r#"{{
+          inventory.machines = {{
+            a = {{ deploy.targetHost = "root@{t}"; tags = [ "web" "db" ]; }};
+            b = {{ deploy.targetHost = "root@{t}"; tags = [ "web" ]; }};
+            c = {{ tags = [ "web" ]; }};
+            d = {{ deploy.targetHost = "root@{t}"; requireExplicitUpdate = true; }};
+          }};
+          machines = {{ a = system {{ }}; b = system {{ }}; c = system {{ }}; d = system {{ }}; }};
+        }}"#
+    ));
+    let planned = |args: &[&str]| -> Vec<String> {
+        let mut all = vec!["machines", "update", "--dry-run"];
+        all.extend_from_slice(args);
+        let run = clan(&lab, &f, &all);
+        assert_eq!(run.code, 0, "{args:?}");
+        ["a", "b", "c", "d"]
+            .iter()
+            .filter(|m| run.stdout.contains(&format!("\n{m}: deploy to ")))
+            .map(|m| m.to_string())
+            .collect()
+    };
+    assert_eq!(planned(&["--tags", "web", "db"]), ["a"]);
+    assert_eq!(planned(&["a", "b", "--tags", "db"]), ["a"]);
+    assert_eq!(planned(&["d"]), ["d"]);
+    let all = clan(&lab, &f, &["machines", "update", "--dry-run"]);
+    assert_eq!(all.code, 0);
+    assert!(all.stderr.contains("c: skipped (no targetHost is set)"));
+    assert!(
+        all.stderr
+            .contains("d: skipped (requireExplicitUpdate is set: name it to update it)")
+    );
+    assert_eq!(planned(&[]), ["a", "b"]);
+    let none = clan(&lab, &f, &["machines", "update", "--tags", "db", "nope"]);
+    assert_eq!(none.code, 2);
+    assert!(none.stderr.contains("no machine has all the tags db, nope"));
+    let two = clan(
+        &lab,
+        &f,
+        &[
+            "machines",
+            "update",
+            "a",
+            "b",
+            "--target-host",
+            &format!("root@{t}"),
+        ],
+    );
+    assert_eq!(two.code, 2);
+    assert!(
+        two.stderr
+            .contains("--target-host names one address, but 2 machines")
+    );
+}
+
+// Evaluation errors are configuration errors (exit 2); the clanInternals hint only when
+// that is what is missing; --show-trace is offered and passed; --option reaches Nix; the
+// configuration's warnings are shown; a closed output pipe ends quietly.
+#[test]
+fn evaluation_errors_warnings_and_options() {
+    let lab = Lab::start(&[HostSpec::new("target")]);
+    let t = lab.ip("target");
+    let broken = lab.write_flake(&format!(
+        r#"{{ inventory.machines.m.deploy.targetHost = "root@{t}"; machines.m = {{ ... }}: {{ imports = [ (system {{ }}) ]; networking.hostName = throw "the fixture's configuration is broken"; }}; }}"#
+    ));
+    let run = clan(&lab, &broken, &["machines", "update", "m"]);
+    assert_eq!(run.code, 2);
+    assert!(run.stderr.contains("the fixture's configuration is broken"));
+    assert!(!run.stderr.contains("must expose clanInternals"));
+    assert!(run.stderr.contains("--show-trace"));
+    let traced = clan(&lab, &broken, &["machines", "update", "m", "--show-trace"]);
+    assert_eq!(traced.code, 2);
+    assert!(traced.stderr.contains("while evaluating"), "no trace");
+
+    let f = lab.write_flake(&format!(
+        r#"{{ inventory.machines.m.deploy.targetHost = "root@{t}"; machines.m = {{ ... }}: {{ imports = [ (system {{ }}) ]; warnings = [ "this fixture warns" ]; }}; }}"#
+    ));
+    let run = clan(
+        &lab,
+        &f,
+        &[
+            "machines",
+            "update",
+            "m",
+            "--dry-run",
+            "--option",
+            "max-jobs",
+            "3",
+        ],
+    );
+    assert_eq!(run.code, 0);
+    assert!(run.stderr.contains("m: warning: this fixture warns"));
+    assert!(
+        run.stdout
+            .contains("nix-store --realise --option max-jobs 3 ")
+    );
+
+    // `clan machines show | true`: the closed pipe ends it quietly, no panic.
+    let clan_bin = env!("CARGO_BIN_EXE_clan");
+    let out = lab.run_on_workstation(
+        &f,
+        &[
+            "sh",
+            "-c",
+            &format!("{clan_bin} machines show m | true; echo done"),
+        ],
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!stderr.contains("panicked"), "{stderr}");
+
+    // A flake without clanInternals gets the hint.
+    let text = std::fs::read_to_string(f.join("flake.nix")).unwrap();
+    std::fs::write(
+        f.join("flake.nix"),
+        text.replace(
+            "inherit (clan.config) nixosConfigurations clanInternals;",
+            "inherit (clan.config) nixosConfigurations;",
+        ),
+    )
+    .unwrap();
+    let run = clan(&lab, &f, &["machines", "update", "m"]);
+    assert_eq!(run.code, 2);
+    assert!(run.stderr.contains("the flake must expose clanInternals"));
+}
