@@ -81,6 +81,11 @@ pub struct HostArgs {
     /// Show Nix's evaluation trace when evaluating the flake fails.
     #[arg(long)]
     pub show_trace: bool,
+
+    /// Machines evaluated at once, each in its own `nix eval` (default: one per core, fewer
+    /// when memory is short: about 1.5 GiB each).
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..))]
+    pub eval_jobs: Option<u16>,
 }
 
 /// How this workstation's ssh connections check host keys.
@@ -268,6 +273,9 @@ impl HostArgs {
         Ok(crate::eval::NixOptions {
             options,
             show_trace: self.show_trace,
+            eval_jobs: self
+                .eval_jobs
+                .map_or_else(crate::eval::default_eval_jobs, usize::from),
         })
     }
 

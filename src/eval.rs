@@ -66,6 +66,12 @@ pub struct Evaluation {
     /// `builtins.storeDir`.
     #[serde(default, rename = "storeDir")]
     pub store_dir: Option<String>,
+    /// The selection, by name (also when facts were not asked for).
+    #[serde(default, rename = "selectedNames")]
+    pub selected_names: Vec<String>,
+    /// Selected machines whose own evaluation failed, with why: the others go on.
+    #[serde(skip)]
+    pub failed: BTreeMap<String, Error>,
 }
 
 /// The `--apply` function. `@WANTED@` and `@TAGS@` become Nix lists of the requested names
@@ -131,7 +137,8 @@ in {
   storeDir = builtins.storeDir;
   machines = all;
   tags = builtins.listToAttrs (map (n: { name = n; value = tagsOf n; }) all);
-  selected = builtins.listToAttrs (map (n: { name = n; value = facts n; }) names);
+  selectedNames = names;
+  selected = if @FACTS@ then builtins.listToAttrs (map (n: { name = n; value = facts n; }) names) else { };
 }"#;
 
 /// A Nix string literal for `s`: JSON escaping plus `$` escaped, so `${` never interpolates.
@@ -161,6 +168,8 @@ pub struct NixOptions {
     pub options: Vec<(String, String)>,
     /// Show Nix's evaluation trace on errors.
     pub show_trace: bool,
+    /// Machines evaluated at once.
+    pub eval_jobs: usize,
 }
 
 impl NixOptions {
@@ -189,6 +198,18 @@ pub fn eval_command(
     tags: &[String],
     nix: &NixOptions,
 ) -> Vec<String> {
+    eval_command_with(flake, wanted, tags, nix, true)
+}
+
+/// [`eval_command`]; without `facts`, only names, tags and the selection (no machine's
+/// configuration is evaluated: cheap).
+fn eval_command_with(
+    flake: &str,
+    wanted: &[String],
+    tags: &[String],
+    nix: &NixOptions,
+    facts: bool,
+) -> Vec<String> {
     let mut argv: Vec<String> = vec![
         "nix".into(),
         "--extra-experimental-features".into(),
@@ -206,21 +227,87 @@ pub fn eval_command(
         APPLY
             .replace("@WANTED@", &nix_list(wanted))
             .replace("@TAGS@", &nix_list(tags))
-            .replace("@SYSTEM@", &nix_string(&workstation_system())),
+            .replace("@SYSTEM@", &nix_string(&workstation_system()))
+            .replace("@FACTS@", if facts { "true" } else { "false" }),
     ]);
     argv
 }
 
-/// Evaluates `flake` for the `wanted` machines and those with all of `tags`, in one
-/// `nix eval` process. Nix's warnings are shown; an evaluation error is a configuration
-/// error (exit 2), with the hint about `clanInternals` only when that is what is missing.
+/// How many machine evaluations run at once by default: one per core, and no more than
+/// available memory allows at about 1.5 GiB per NixOS evaluation (MemAvailable).
+pub fn default_eval_jobs() -> usize {
+    let cores = std::thread::available_parallelism().map_or(1, usize::from);
+    let available_kib = std::fs::read_to_string("/proc/meminfo").ok().and_then(|m| {
+        m.lines()
+            .find_map(|l| l.strip_prefix("MemAvailable:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+    });
+    let by_memory = available_kib.map_or(cores, |kib| (kib / (1536 * 1024)) as usize);
+    cores.min(by_memory).max(1)
+}
+
+/// Evaluates `flake` for the selection (the `wanted` machines, filtered by `tags`; all
+/// machines when both are empty). One machine named: one `nix eval`. Otherwise a cheap
+/// index evaluation (names, tags, selection), then each selected machine in its own
+/// `nix eval`, at most `jobs` at once: memory stays that of one machine per process, and a
+/// machine whose evaluation fails fails alone ([`Evaluation::failed`]).
 pub fn evaluate(
     flake_ref: &FlakeRef,
     wanted: &[String],
     tags: &[String],
     nix: &NixOptions,
 ) -> Result<Evaluation, Error> {
-    let argv = eval_command(&flake_ref.reference, wanted, tags, nix);
+    let jobs = nix.eval_jobs;
+    if wanted.len() == 1 && tags.is_empty() {
+        return evaluate_once(flake_ref, wanted, tags, nix, true);
+    }
+    let mut index = evaluate_once(flake_ref, wanted, tags, nix, false)?;
+    let queue = std::sync::Mutex::new(index.selected_names.clone());
+    let results = std::sync::Mutex::new(Vec::new());
+    std::thread::scope(|scope| {
+        for _ in 0..jobs.max(1).min(index.selected_names.len().max(1)) {
+            scope.spawn(|| {
+                loop {
+                    let Some(name) = queue.lock().expect("queue").pop() else {
+                        return;
+                    };
+                    let one = evaluate_once(flake_ref, std::slice::from_ref(&name), &[], nix, true);
+                    results.lock().expect("results").push((name, one));
+                }
+            });
+        }
+    });
+    for (name, result) in results.into_inner().expect("results") {
+        match result.map(|mut e| e.selected.remove(&name)) {
+            Ok(Some(facts)) => {
+                index.selected.insert(name, facts);
+            }
+            Ok(None) => {
+                index.failed.insert(
+                    name.clone(),
+                    Error::usage(format!("evaluating machine {name} gave no facts")),
+                );
+            }
+            Err(error) => {
+                let error = Error {
+                    message: format!("{name}: {}", error.message),
+                    ..error
+                };
+                index.failed.insert(name, error);
+            }
+        }
+    }
+    Ok(index)
+}
+
+fn evaluate_once(
+    flake_ref: &FlakeRef,
+    wanted: &[String],
+    tags: &[String],
+    nix: &NixOptions,
+    facts: bool,
+) -> Result<Evaluation, Error> {
+    let argv = eval_command_with(&flake_ref.reference, wanted, tags, nix, facts);
     let flake = flake_ref.shown.as_str();
     let mut command = Command::new(&argv[0]);
     command.args(&argv[1..]);

@@ -281,3 +281,54 @@ fn evaluation_errors_warnings_and_options() {
     assert_eq!(run.code, 2);
     assert!(run.stderr.contains("the flake must expose clanInternals"));
 }
+
+// Each machine is evaluated in its own `nix eval`: one machine's evaluation error fails
+// that machine only; the others deploy; the summary shows the error; the exit code is not 0.
+#[test]
+fn an_evaluation_error_fails_only_its_machine() {
+    let lab = Lab::start(&[
+        HostSpec::new("t1"),
+        HostSpec::new("t2"),
+        HostSpec::new("t3"),
+    ]);
+    let f = lab.write_flake(&format!(
+        r#"{{
+          inventory.machines = {{
+            m1.deploy.targetHost = "root@{}";
+            m2.deploy.targetHost = "root@{}";
+            m3.deploy.targetHost = "root@{}";
+          }};
+          machines = {{
+            m1 = system {{ }};
+            m2 = system {{ }};
+            m3 = {{ ... }}: {{ imports = [ (system {{ }}) ]; networking.hostName = throw "m3 is broken on purpose"; }};
+          }};
+        }}"#,
+        lab.ip("t1"),
+        lab.ip("t2"),
+        lab.ip("t3")
+    ));
+    let run = clan(
+        &lab,
+        &f,
+        &["machines", "update", "--eval-jobs", "2", "--json"],
+    );
+    assert_ne!(run.code, 0);
+    assert!(run.stderr.contains("m3: evaluation failed"));
+    assert!(run.stderr.contains("m3 is broken on purpose"));
+    let report: serde_json::Value = serde_json::from_str(&run.stdout).unwrap();
+    let result = |m: &str| {
+        report["machines"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|r| r["name"] == m)
+            .map(|r| r["result"].as_str().unwrap().to_string())
+    };
+    assert_eq!(result("m1").as_deref(), Some("deployed"));
+    assert_eq!(result("m2").as_deref(), Some("deployed"));
+    assert_eq!(result("m3").as_deref(), Some("failed"));
+    assert!(lab.host("t1").system_profile().is_some());
+    assert!(lab.host("t2").system_profile().is_some());
+    assert_eq!(lab.host("t3").system_profile(), None);
+}

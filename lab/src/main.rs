@@ -16,12 +16,17 @@ use clan_lab::{HostSpec, Lab};
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().collect();
     let usage = || {
-        eprintln!("usage: clan-lab demo CLAN_BINARY | clan-lab bench CLAN_BINARY [N...]");
+        eprintln!(
+            "usage: clan-lab demo CLAN_BINARY | clan-lab bench CLAN_BINARY [N...] | clan-lab bench-eval CLAN_BINARY MACHINE_NIX [N...]"
+        );
         ExitCode::from(2)
     };
     let (Some(command), Some(clan)) = (args.get(1), args.get(2)) else {
         return usage();
     };
+    if command == "measure" {
+        return measure(&args[2..]);
+    }
     let clan = Path::new(clan)
         .canonicalize()
         .expect("the clan binary exists")
@@ -29,6 +34,21 @@ fn main() -> ExitCode {
         .to_string();
     match command.as_str() {
         "demo" => demo(&clan),
+        "bench-eval" => {
+            let Some(machine) = args.get(3) else {
+                return usage();
+            };
+            let sizes: Vec<usize> = if args.len() > 4 {
+                args[4..]
+                    .iter()
+                    .map(|n| n.parse().expect("N is a number"))
+                    .collect()
+            } else {
+                vec![1, 4, 16]
+            };
+            bench_eval(&clan, machine, &sizes)
+        }
+        "measure" => measure(&args[2..]),
         "bench" => {
             let sizes: Vec<usize> = if args.len() > 3 {
                 args[3..]
@@ -293,4 +313,131 @@ ssh root@{t} "nix-env -p /nix/var/nix/profiles/system --set $out && $out/bin/swi
         ));
     }
     script
+}
+
+/// `clan-lab measure ARGV…`: runs ARGV, then prints `wall SECONDS maxrss KIB` on stderr:
+/// the wall time and the peak resident memory of the largest process it ran (getrusage of
+/// the waited-for descendants).
+fn measure(argv: &[String]) -> ExitCode {
+    let started = Instant::now();
+    let status = std::process::Command::new(&argv[0])
+        .args(&argv[1..])
+        .stdout(std::process::Stdio::null())
+        .status()
+        .expect("run");
+    let wall = started.elapsed().as_secs_f64();
+    // SAFETY: getrusage fills the struct it is given.
+    let rss = unsafe {
+        let mut usage: libc::rusage = std::mem::zeroed();
+        libc::getrusage(libc::RUSAGE_CHILDREN, &mut usage);
+        usage.ru_maxrss
+    };
+    eprintln!(
+        "wall {wall:.2} maxrss {rss} status {}",
+        status.code().unwrap_or(-1)
+    );
+    if status.success() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    }
+}
+
+/// Runs `argv` on the lab's workstation under `clan-lab measure`; (seconds, peak KiB).
+fn measured(lab: &Lab, cwd: &Path, argv: &[&str]) -> (f64, u64) {
+    let me = std::env::current_exe().expect("own path");
+    let me = me.to_str().expect("utf-8 path");
+    let mut all = vec![me, "measure"];
+    all.extend_from_slice(argv);
+    let out = lab.run_on_workstation(cwd, &all);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let line = stderr
+        .lines()
+        .rev()
+        .find(|l| l.starts_with("wall "))
+        .unwrap_or_else(|| panic!("no measurement: {stderr}"));
+    assert!(out.status.success(), "{argv:?} failed: {stderr}");
+    let words: Vec<&str> = line.split_whitespace().collect();
+    (
+        words[1].parse().expect("seconds"),
+        words[3].parse().expect("KiB"),
+    )
+}
+
+fn bench_eval(clan: &str, machine_nix: &str, sizes: &[usize]) -> ExitCode {
+    let jobs = std::thread::available_parallelism().map_or(1, usize::from);
+    let mut rows = Vec::new();
+    for &n in sizes {
+        let lab = Lab::start(&[]);
+        let names: Vec<String> = (1..=n).map(|i| format!("m{i}")).collect();
+        let nix_file = lab.dir.join("synthetic-machine.nix");
+        std::fs::copy(machine_nix, &nix_file).expect("copy the synthetic machine");
+        let inventory: String = names
+            .iter()
+            .map(|m| format!(r#"{m}.deploy.targetHost = "root@127.0.0.1";"#))
+            .collect();
+        let machines: String = names
+            .iter()
+            .map(|m| format!(r#"{m} = import ./synthetic-machine.nix {{ name = "{m}"; }};"#))
+            .collect();
+        let flake = lab.write_flake(&format!(
+            "{{ inventory.machines = {{ {inventory} }}; machines = {{ {machines} }}; }}"
+        ));
+        std::fs::copy(&nix_file, flake.join("synthetic-machine.nix")).expect("copy");
+        // Warm up: lock the flake and copy its inputs once, outside the measurements.
+        let _ = lab.run_on_workstation(
+            &flake,
+            &[
+                "nix",
+                "flake",
+                "lock",
+                "--extra-experimental-features",
+                "nix-command flakes",
+            ],
+        );
+        eprintln!("N = {n}: one nix eval for all machines…");
+        let reference = format!("{}#clanInternals", flake.display());
+        let (one_wall, one_rss) = measured(
+            &lab,
+            &flake,
+            &[
+                "nix",
+                "--extra-experimental-features",
+                "nix-command flakes",
+                "eval",
+                "--json",
+                &reference,
+                "--apply",
+                "ci: builtins.mapAttrs (n: m: m.config.system.build.toplevel.drvPath) ci.machines",
+            ],
+        );
+        eprintln!("N = {n}: this tool (--eval-jobs {jobs})…");
+        let jobs_text = jobs.to_string();
+        let (tool_wall, tool_rss) = measured(
+            &lab,
+            &flake,
+            &[
+                clan,
+                "machines",
+                "update",
+                "--dry-run",
+                "--eval-jobs",
+                &jobs_text,
+            ],
+        );
+        rows.push((n, one_wall, one_rss, tool_wall, tool_rss));
+    }
+    println!(
+        "| N | one nix eval (s) | its peak RSS (MiB) | clan, {jobs} at once (s) | ratio | largest Nix process (MiB) |"
+    );
+    println!("|---|---|---|---|---|---|");
+    for (n, one_wall, one_rss, tool_wall, tool_rss) in rows {
+        println!(
+            "| {n} | {one_wall:.1} | {} | {tool_wall:.1} | {:.2} | {} |",
+            one_rss / 1024,
+            tool_wall / one_wall,
+            tool_rss / 1024
+        );
+    }
+    ExitCode::SUCCESS
 }

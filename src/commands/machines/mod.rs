@@ -42,7 +42,7 @@ pub fn load_selection(
     overrides: &Overrides,
     nix: &NixOptions,
 ) -> Result<Vec<LoadedMachine>, Error> {
-    load_selection_skipping(flake, names, tags, overrides, nix, &mut None)
+    load_selection_skipping(flake, names, tags, overrides, nix, &mut None, &mut None)
 }
 
 /// [`load_selection`]; with `skipped` given and no names, the default selection of
@@ -54,6 +54,7 @@ pub fn load_selection_skipping(
     overrides: &Overrides,
     nix: &NixOptions,
     skipped: &mut Option<Vec<(String, &'static str)>>,
+    failed: &mut Option<Vec<(MachineName, Error)>>,
 ) -> Result<Vec<LoadedMachine>, Error> {
     for name in names {
         check_machine_name(name)?;
@@ -73,6 +74,24 @@ pub fn load_selection_skipping(
     let mut evaluation = evaluate(&flake, names, tags, nix)?;
     let flake = &flake.shown;
     check_names(&evaluation)?;
+    // Machines whose own evaluation failed: the caller reports them and goes on with the
+    // others, or (without `failed`) the first one stops the run.
+    let evaluation_failures = std::mem::take(&mut evaluation.failed);
+    if !evaluation_failures.is_empty() {
+        match failed {
+            Some(failed) => {
+                for (name, error) in evaluation_failures {
+                    let name = MachineName::parse(&name, &Origin::Flake("machines".into()))
+                        .map_err(|e| Error::usage(e.to_string()))?;
+                    failed.push((name, error));
+                }
+            }
+            None => {
+                let (_, error) = evaluation_failures.into_iter().next().expect("not empty");
+                return Err(error);
+            }
+        }
+    }
     if let Some(unknown) = names.iter().find(|m| !evaluation.machines.contains(m)) {
         return Err(Error::usage(format!(
             "unknown machine {unknown:?} (from the command line): the flake {flake} defines {}",

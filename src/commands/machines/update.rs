@@ -45,6 +45,7 @@ fn print_json(value: &serde_json::Value) {
 fn deploy(args: &UpdateArgs) -> Result<i32, Error> {
     let overrides = args.hosts.overrides(Some(&args.agent));
     let mut skipped = Some(Vec::new());
+    let mut failed = Some(Vec::new());
     let machines: Vec<ResolvedMachine> = load_selection_skipping(
         &args.hosts.flake,
         &args.machines,
@@ -52,6 +53,7 @@ fn deploy(args: &UpdateArgs) -> Result<i32, Error> {
         &overrides,
         &args.hosts.nix_options()?,
         &mut skipped,
+        &mut failed,
     )?
     .into_iter()
     .map(|loaded| loaded.machine)
@@ -59,7 +61,14 @@ fn deploy(args: &UpdateArgs) -> Result<i32, Error> {
     for (name, why) in skipped.unwrap_or_default() {
         eprintln!("{name}: skipped ({why})");
     }
+    let failed = failed.unwrap_or_default();
+    for (name, error) in &failed {
+        eprintln!("{name}: evaluation failed: {}", error.message);
+    }
     if machines.is_empty() {
+        if let Some((_, error)) = failed.into_iter().next() {
+            return Err(error);
+        }
         return Err(Error::usage(
             "no machine to update: none is selected, or every one was skipped (see above)",
         ));
@@ -109,7 +118,11 @@ fn deploy(args: &UpdateArgs) -> Result<i32, Error> {
     if args.dry_run {
         print!("{plan}");
         eprintln!("Dry run: nothing was copied, built or activated.");
-        return Ok(0);
+        return Ok(if failed.is_empty() {
+            0
+        } else {
+            ExitKind::DeployFailed as i32
+        });
     }
 
     if ctx.host_key_check == crate::ssh::HostKeyCheck::None {
@@ -154,7 +167,21 @@ fn deploy(args: &UpdateArgs) -> Result<i32, Error> {
         jobs: usize::from(args.jobs),
         fail_fast: args.fail_fast,
     };
-    let reports = run_plan(&plan, &connections, &logs, &progress, options);
+    let mut reports = run_plan(&plan, &connections, &logs, &progress, options);
+    // Machines whose evaluation failed are reported with the others.
+    reports.extend(
+        failed
+            .into_iter()
+            .map(|(name, error)| crate::execute::MachineReport {
+                name: name.to_string(),
+                build_host: "-".into(),
+                target: "-".into(),
+                outcome: crate::execute::Outcome::Failed(error),
+                stages: Default::default(),
+                changes: None,
+                log: None,
+            }),
+    );
     progress.close();
     let code = exit_code(&reports);
     for r in &reports {
