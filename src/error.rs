@@ -80,6 +80,14 @@ impl Error {
     }
 }
 
+/// The error of a run stopped by Ctrl-C `when` (before any deploy step): exit 130.
+pub fn interrupted(when: &str) -> Error {
+    Error::new(format!(
+        "interrupted {when}: nothing was copied, built or activated"
+    ))
+    .exit(ExitKind::Interrupted)
+}
+
 impl fmt::Display for Error {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "error: {}", self.message)?;

@@ -314,7 +314,10 @@ fn evaluate_once(
     if let Some(dir) = &flake_ref.dir {
         command.current_dir(dir);
     }
-    let output = command.output().map_err(|e| {
+    let output = crate::process::run(&mut command, None).map_err(|e| {
+        if e.kind() == std::io::ErrorKind::Interrupted {
+            return crate::error::interrupted("while evaluating the flake");
+        }
         Error::new(format!("cannot run nix to evaluate {flake}: {e}"))
             .hint(Hint::text("install Nix (2.8 or newer) on this workstation"))
     })?;

@@ -17,6 +17,7 @@ pub mod interrupt;
 pub mod nixlog;
 pub mod plan;
 pub mod preflight;
+pub mod process;
 pub mod progress;
 pub mod report;
 pub mod resolve;

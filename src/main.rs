@@ -11,11 +11,10 @@ fn main() {
         libc::signal(libc::SIGPIPE, libc::SIG_DFL);
     }
     let cli = Cli::parse();
+    // Ctrl-C: children run in process groups of their own, so clan decides what stops.
+    clan::interrupt::install();
     let result = match &cli.command {
-        TopCommand::Machines(MachinesCommand::Update(args)) => {
-            clan::interrupt::install();
-            update::run(args)
-        }
+        TopCommand::Machines(MachinesCommand::Update(args)) => update::run(args),
         TopCommand::Machines(MachinesCommand::Show(args)) => show::run(args),
         TopCommand::Machines(MachinesCommand::SetupBuildHost(args)) => setup_build_host::run(args),
         TopCommand::Machines(MachinesCommand::Rollback(args)) => rollback::run(args),

@@ -6,7 +6,7 @@
 //! can be set. Every failure is reported with its hop and its fix, before any build starts.
 
 use std::collections::BTreeMap;
-use std::process::{Command, Stdio};
+use std::process::Command;
 
 use crate::connection::Connections;
 use crate::diagnostics::{Hop, SshFailure, ssh_error, ssh_failure};
@@ -198,12 +198,7 @@ fn probe(
         }
     };
     let output = session
-        .run(|| {
-            Command::new(&argv[0])
-                .args(&argv[1..])
-                .stdin(Stdio::null())
-                .output()
-        })
+        .run(|| crate::process::run(Command::new(&argv[0]).args(&argv[1..]), None))
         .map_err(|e| format!("cannot run {}: {e}", argv[0]))?;
     let parsed = parse_probes(&String::from_utf8_lossy(&output.stdout));
     if parsed.is_empty() {

@@ -449,10 +449,7 @@ pub fn run_remote(
     command: &RemoteCommand,
 ) -> std::io::Result<std::process::Output> {
     let argv = host.ssh_argv(Side::WorkstationBatch, command);
-    std::process::Command::new(&argv[0])
-        .args(&argv[1..])
-        .stdin(std::process::Stdio::null())
-        .output()
+    crate::process::run(std::process::Command::new(&argv[0]).args(&argv[1..]), None)
 }
 
 /// Like [`run_remote`], writing `input` to the command's standard input first (a sudo
@@ -462,18 +459,11 @@ pub fn run_remote_with_input(
     command: &RemoteCommand,
     input: &str,
 ) -> std::io::Result<std::process::Output> {
-    use std::io::Write;
     let argv = host.ssh_argv(Side::WorkstationBatch, command);
-    let mut child = std::process::Command::new(&argv[0])
-        .args(&argv[1..])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()?;
-    if let Some(mut stdin) = child.stdin.take() {
-        stdin.write_all(input.as_bytes())?;
-    }
-    child.wait_with_output()
+    crate::process::run(
+        std::process::Command::new(&argv[0]).args(&argv[1..]),
+        Some(input),
+    )
 }
 
 /// The output of a [`RemoteCommand::Probes`] run: each probe's exit status and output.

@@ -332,3 +332,70 @@ fn an_evaluation_error_fails_only_its_machine() {
     assert!(lab.host("t2").system_profile().is_some());
     assert_eq!(lab.host("t3").system_profile(), None);
 }
+
+// Ctrl-C while the flake is evaluated: the evaluation stops (no `nix eval` left running),
+// the run exits 130 and says nothing happened.
+#[test]
+fn ctrl_c_during_evaluation_exits_130() {
+    let lab = Lab::start(&[HostSpec::new("target")]);
+    let f = lab.write_flake(&format!(
+        r#"{{ inventory.machines.slow.deploy.targetHost = "root@{}";
+             machines.slow = {{ ... }}: {{
+               imports = [ (system {{ }}) ];
+               networking.hostName =
+                 let f = n: if n == 0 then 0 else 1 + f (n - 1);
+                 in builtins.seq (builtins.foldl' (a: i: a + (f 1000)) 0 (builtins.genList (x: x) 200000)) "slow";
+             }}; }}"#,
+        lab.ip("target")
+    ));
+    let child = lab.spawn_on_workstation(
+        &f,
+        &[
+            env!("CARGO_BIN_EXE_clan"),
+            "machines",
+            "update",
+            "slow",
+            "--json",
+        ],
+    );
+    // This lab's evaluations only: their command line names its flake.
+    let marker = format!("{}#clanInternals", f.display());
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let evaluating = || {
+        let out = std::process::Command::new("pgrep")
+            .args(["-f", &marker])
+            .output()
+            .unwrap();
+        !out.stdout.is_empty()
+    };
+    while !evaluating() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no evaluation started"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    let started = std::time::Instant::now();
+    let status = std::process::Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    eprintln!("{stderr}");
+    assert_eq!(out.status.code(), Some(130), "{marker}");
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(8),
+        "it did not stop promptly"
+    );
+    assert!(stderr.contains(
+        "interrupted while evaluating the flake: nothing was copied, built or activated"
+    ));
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["exitCode"], 130);
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    assert!(!evaluating(), "nix eval left running");
+    assert_eq!(lab.host("target").system_profile(), None);
+}

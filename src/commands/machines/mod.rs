@@ -72,6 +72,9 @@ pub fn load_selection_skipping(
     let flake = flake_ref(flake)?;
     eprintln!("Evaluating {} on this workstation…", flake.shown);
     let mut evaluation = evaluate(&flake, names, tags, nix)?;
+    if crate::interrupt::requested() {
+        return Err(crate::error::interrupted("while evaluating the flake"));
+    }
     let flake = &flake.shown;
     check_names(&evaluation)?;
     // Machines whose own evaluation failed: the caller reports them and goes on with the
@@ -238,10 +241,16 @@ fn check_names(evaluation: &crate::eval::Evaluation) -> Result<(), Error> {
 fn check_outputs(machines: &[LoadedMachine]) -> Result<(), Error> {
     for loaded in machines {
         let m = &loaded.machine;
-        let out = std::process::Command::new("nix-store")
-            .args(["-q", "--outputs", m.drv_path.as_str()])
-            .output()
-            .map_err(|e| Error::new(format!("cannot run nix-store: {e}")))?;
+        let out = crate::process::run(
+            std::process::Command::new("nix-store").args(["-q", "--outputs", m.drv_path.as_str()]),
+            None,
+        )
+        .map_err(|e| match e.kind() {
+            std::io::ErrorKind::Interrupted => {
+                crate::error::interrupted("while evaluating the flake")
+            }
+            _ => Error::new(format!("cannot run nix-store: {e}")),
+        })?;
         let outputs = String::from_utf8_lossy(&out.stdout);
         if !out.status.success() || !outputs.lines().any(|l| l.trim() == m.out_path.as_str()) {
             return Err(Error::usage(format!(

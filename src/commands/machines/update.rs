@@ -114,6 +114,9 @@ fn deploy(args: &UpdateArgs) -> Result<i32, Error> {
             crate::execute::set_sudo_password(password);
         }
     }
+    if crate::interrupt::requested() {
+        return Err(crate::error::interrupted("before the deploy began"));
+    }
     let plan = plan_deploy(machines, &ctx);
     if args.dry_run {
         print!("{plan}");
@@ -138,6 +141,9 @@ fn deploy(args: &UpdateArgs) -> Result<i32, Error> {
     if !args.no_preflight {
         eprintln!("Preflight: checking every hop…");
         let problems = preflight::run(&plan, &ctx, &connections);
+        if crate::interrupt::requested() {
+            return Err(crate::error::interrupted("during the preflight"));
+        }
         if !problems.is_empty() {
             for problem in &problems {
                 eprintln!("\n{problem}");

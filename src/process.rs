@@ -1,0 +1,116 @@
+//! Child processes that Ctrl-C can stop: each runs in a process group of its own (so the
+//! terminal's SIGINT reaches clan only, which decides), is polled together with the
+//! interrupt flag, and is stopped with its whole group when Ctrl-C was pressed. Used for
+//! the work before the deploy proper (evaluation, preflight probes, sudo checks); the
+//! deploy's own steps stop as `execute` decides (builds and copies, not activations).
+
+use std::io::{Read, Write};
+use std::os::unix::process::CommandExt;
+use std::process::{Command, Output, Stdio};
+use std::thread;
+use std::time::{Duration, Instant};
+
+/// The error of a process that Ctrl-C stopped.
+pub fn interrupted() -> std::io::Error {
+    std::io::Error::new(std::io::ErrorKind::Interrupted, "interrupted by Ctrl-C")
+}
+
+/// Runs `command` to its end, with `input` on its standard input (else none), and returns
+/// its output; stops it (SIGTERM to its group, SIGKILL after 5 s) and returns
+/// [`interrupted`] if Ctrl-C is pressed meanwhile.
+pub fn run(command: &mut Command, input: Option<&str>) -> std::io::Result<Output> {
+    if crate::interrupt::requested() {
+        return Err(interrupted());
+    }
+    let mut child = command
+        .stdin(if input.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .process_group(0)
+        .spawn()?;
+    if let (Some(input), Some(mut stdin)) = (input, child.stdin.take()) {
+        stdin.write_all(input.as_bytes())?;
+    }
+    let read = |stream: Option<Box<dyn Read + Send>>| {
+        thread::spawn(move || {
+            let mut bytes = Vec::new();
+            if let Some(mut stream) = stream {
+                let _ = stream.read_to_end(&mut bytes);
+            }
+            bytes
+        })
+    };
+    let stdout = read(
+        child
+            .stdout
+            .take()
+            .map(|s| Box::new(s) as Box<dyn Read + Send>),
+    );
+    let stderr = read(
+        child
+            .stderr
+            .take()
+            .map(|s| Box::new(s) as Box<dyn Read + Send>),
+    );
+    let mut stopping: Option<Instant> = None;
+    let status = loop {
+        if let Some(status) = child.try_wait()? {
+            break status;
+        }
+        if crate::interrupt::requested() {
+            match stopping {
+                None => {
+                    signal_group(child.id(), libc::SIGTERM);
+                    stopping = Some(Instant::now());
+                }
+                Some(since) if since.elapsed() > Duration::from_secs(5) => {
+                    signal_group(child.id(), libc::SIGKILL);
+                }
+                Some(_) => {}
+            }
+        }
+        thread::sleep(Duration::from_millis(20));
+    };
+    let output = Output {
+        status,
+        stdout: stdout.join().unwrap_or_default(),
+        stderr: stderr.join().unwrap_or_default(),
+    };
+    if stopping.is_some() {
+        return Err(interrupted());
+    }
+    Ok(output)
+}
+
+/// Sends `signal` to the process group that `leader` leads.
+fn signal_group(leader: u32, signal: libc::c_int) {
+    if let Ok(pgid) = libc::pid_t::try_from(leader)
+        && pgid > 1
+    {
+        // SAFETY: kill(2) has no memory effects; a negative pid names one process group.
+        unsafe {
+            libc::kill(-pgid, signal);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn output_and_input_pass_through() {
+        let out = run(
+            Command::new("sh").args(["-c", "read l; echo \"got $l\"; echo err >&2"]),
+            Some("x\n"),
+        )
+        .unwrap();
+        assert_eq!(String::from_utf8_lossy(&out.stdout), "got x\n");
+        assert_eq!(String::from_utf8_lossy(&out.stderr), "err\n");
+        assert!(out.status.success());
+    }
+}
