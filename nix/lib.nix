@@ -157,6 +157,11 @@ let
                 type = types.nullOr types.bool;
                 default = null;
               };
+              healthCheck = mkOption {
+                type = types.nullOr types.str;
+                default = null;
+                description = "A shell command run on the target (as the deploy user) after a confirmed activation; non-zero: unhealthy.";
+              };
             };
           };
         };

@@ -207,6 +207,26 @@ pub struct UpdateArgs {
     #[arg(long, value_name = "SECONDS", default_value_t = 300)]
     pub lock_timeout: u32,
 
+    /// Roll out in batches of N machines (or N% of them), one batch after the other.
+    #[arg(long, value_name = "N|N%")]
+    pub batch_size: Option<BatchSize>,
+
+    /// Deploy these machines first, alone; if one fails, nothing else is started.
+    #[arg(long, value_name = "MACHINE")]
+    pub canary: Vec<String>,
+
+    /// Stop starting batches once more than N machines failed (default 0).
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    pub max_failures: usize,
+
+    /// Seconds a machine's health check (deploy.healthCheck) may take.
+    #[arg(long, value_name = "SECONDS", default_value_t = 60)]
+    pub health_check_timeout: u32,
+
+    /// When a machine's health check fails, go back to its previous generation.
+    #[arg(long)]
+    pub rollback_on_unhealthy: bool,
+
     /// Progress display: live lines on a terminal (auto), or one plain line per event.
     #[arg(long, value_enum, value_name = "FORMAT", default_value_t = LogFormat::Auto)]
     pub log_format: LogFormat,
@@ -285,5 +305,62 @@ impl HostArgs {
             target_host: self.target_host.clone(),
             forward_agent: agent.and_then(AgentArgs::forward_agent_override),
         }
+    }
+}
+
+/// `--batch-size`: a number of machines, or a percentage of the selection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BatchSize {
+    /// This many machines per batch.
+    Machines(usize),
+    /// This percentage of the machines per batch (at least one).
+    Percent(u8),
+}
+
+impl std::str::FromStr for BatchSize {
+    type Err = String;
+    fn from_str(s: &str) -> Result<BatchSize, String> {
+        let bad =
+            || format!("{s:?} is not a batch size: N (machines) or N% (of the selection), N > 0");
+        if let Some(p) = s.strip_suffix('%') {
+            let p: u8 = p.parse().map_err(|_| bad())?;
+            if p == 0 || p > 100 {
+                return Err(bad());
+            }
+            Ok(BatchSize::Percent(p))
+        } else {
+            let n: usize = s.parse().map_err(|_| bad())?;
+            if n == 0 {
+                return Err(bad());
+            }
+            Ok(BatchSize::Machines(n))
+        }
+    }
+}
+
+impl BatchSize {
+    /// Machines per batch for a rollout of `total`.
+    pub fn of(self, total: usize) -> usize {
+        match self {
+            BatchSize::Machines(n) => n,
+            BatchSize::Percent(p) => (total * usize::from(p)).div_ceil(100).max(1),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::BatchSize;
+
+    #[test]
+    fn batch_sizes() {
+        assert_eq!("2".parse(), Ok(BatchSize::Machines(2)));
+        assert_eq!("25%".parse(), Ok(BatchSize::Percent(25)));
+        for bad in ["0", "0%", "101%", "-1", "x", "%"] {
+            assert!(bad.parse::<BatchSize>().is_err(), "{bad}");
+        }
+        assert_eq!(BatchSize::Percent(25).of(10), 3);
+        assert_eq!(BatchSize::Percent(1).of(3), 1);
+        assert_eq!(BatchSize::Machines(4).of(2), 4);
     }
 }

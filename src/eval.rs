@@ -28,6 +28,9 @@ pub struct MachineFacts {
     pub config_forward_agent: Option<bool>,
     /// The target's system (`nixpkgs.hostPlatform`, `nixpkgs.system` or the toplevel's).
     pub system: Option<String>,
+    /// `inventory.machines.<m>.deploy.healthCheck`: run on the target after activation.
+    #[serde(default)]
+    pub health_check: Option<String>,
     /// `inventory.machines.<m>.requireExplicitUpdate` or
     /// `clan.core.deployment.requireExplicitUpdate`: left out unless named.
     #[serde(default)]
@@ -125,6 +128,7 @@ let
       configTargetHost = net.targetHost or null;
       configBuildHost = net.buildHost or null;
       inventoryForwardAgent = inv.deploy.forwardAgent or null;
+      healthCheck = inv.deploy.healthCheck or null;
       configForwardAgent = net.forwardAgent or null;
       requireExplicitUpdate = (inv.requireExplicitUpdate or false) || (config.clan.core.deployment.requireExplicitUpdate or false);
       system = platform;

@@ -41,6 +41,8 @@ pub enum Outcome {
     Failed(Error),
     /// Not attempted: `--fail-fast` stopped the run first.
     Skipped,
+    /// Not started: a rolling deploy stopped before its batch (why).
+    NotStarted(String),
 }
 
 /// What happened to one machine, for the summary and `--json`.
@@ -121,10 +123,10 @@ impl Logs {
         let path = self.dir.as_ref().map(|d| d.join(format!("{name}.log")));
         let file = path.as_ref().and_then(|p| {
             use std::os::unix::fs::OpenOptionsExt;
+            // Appended to: a rolling deploy's batches share the run's log directory.
             std::fs::OpenOptions::new()
-                .write(true)
+                .append(true)
                 .create(true)
-                .truncate(true)
                 .mode(0o600)
                 .open(p)
                 .ok()
@@ -180,6 +182,7 @@ pub fn run_plan(
                 Outcome::DryActivated => progress.finish(i, true, "dry-activated"),
                 Outcome::Failed(e) => progress.finish(i, false, &format!("failed: {}", e.message)),
                 Outcome::Skipped => progress.finish(i, false, "skipped (--fail-fast)"),
+                Outcome::NotStarted(why) => progress.finish(i, false, why),
             }
             results.lock().expect("results lock")[i] = Some((outcome, stages, changes));
             if failed && options.fail_fast {
@@ -534,6 +537,12 @@ fn run_machine(
         if code != Some(0) && stage != Stage::Activate && crate::interrupt::requested() {
             return Outcome::Failed(interrupted(name, "while copying to the target"));
         }
+        if code != Some(0) && step.kind == StepKind::HealthCheck {
+            return Outcome::Failed(with_log(
+                unhealthy(plan, name, code, &output, sink, progress, connections),
+                sink,
+            ));
+        }
         if code != Some(0) {
             let mut error = diagnose(&plan.machine, step, &output, code);
             if step.kind == StepKind::Switch
@@ -662,6 +671,48 @@ fn hold_lock(
                 return Err((code, output));
             }
         }
+    }
+}
+
+/// A failed health check: the machine runs its new system, confirmed, but is unhealthy.
+/// With `--rollback-on-unhealthy` it goes back to the generation the run found.
+fn unhealthy(
+    plan: &MachinePlan,
+    name: &str,
+    code: Option<i32>,
+    output: &str,
+    sink: &LogSink,
+    progress: &Progress,
+    connections: &Connections,
+) -> Error {
+    let why = match code {
+        Some(124) => "it did not finish in time".to_string(),
+        Some(c) => format!("it exited {c}"),
+        None => "it could not be run".to_string(),
+    };
+    let error = Error::new(format!(
+        "{name}: the health check failed on its target ({why}): the machine is unhealthy"
+    ))
+    .detail(output.to_string())
+    .exit(ExitKind::PartiallyApplied);
+    let Some(revert) = &plan.revert else {
+        return error.hint(Hint::text(format!(
+            "it runs the new system; go back with clan machines rollback {name}, or deploy with --rollback-on-unhealthy"
+        )));
+    };
+    let (code, out) = run_step(revert, name, Some(sink), progress, connections);
+    let profile = out
+        .lines()
+        .find_map(|l| l.strip_prefix("clan: profile "))
+        .map(str::to_string);
+    match (code, profile) {
+        (Some(0), Some(profile)) => error.hint(Hint::text(format!(
+            "rolled back (--rollback-on-unhealthy): the system profile points to generation {profile} again; the unhealthy generation was deleted"
+        ))),
+        _ => error.hint(Hint::text(format!(
+            "rolling back failed too ({}): check the target, e.g. clan machines rollback {name}",
+            out.trim()
+        ))),
     }
 }
 
@@ -936,7 +987,7 @@ pub fn exit_code(reports: &[MachineReport]) -> i32 {
             Outcome::Deployed | Outcome::DryActivated => 0,
             Outcome::Failed(e) if e.exit == ExitKind::Interrupted => 130,
             Outcome::Failed(e) if e.exit == ExitKind::PartiallyApplied => 3,
-            Outcome::Failed(_) | Outcome::Skipped => 1,
+            Outcome::Failed(_) | Outcome::Skipped | Outcome::NotStarted(_) => 1,
         })
         .max()
         .unwrap_or(0)

@@ -75,6 +75,11 @@ pub enum StepKind {
     Confirm,
     /// Undo a failed switch: back to the recorded generation, the failed one deleted.
     Undo,
+    /// Run the machine's health check on the target after a confirmed activation.
+    HealthCheck,
+    /// After a failed health check (`--rollback-on-unhealthy`): back to the generation the
+    /// run found, the unhealthy one deleted.
+    Revert,
 }
 
 /// When a step of a machine runs, depending on what the target has of its system
@@ -128,7 +133,9 @@ impl StepKind {
             | StepKind::Prepare
             | StepKind::Switch
             | StepKind::Confirm
-            | StepKind::Undo => Stage::Activate,
+            | StepKind::Undo
+            | StepKind::HealthCheck
+            | StepKind::Revert => Stage::Activate,
             StepKind::RemoveRootDir => Stage::Cleanup,
         }
     }
@@ -149,6 +156,8 @@ impl StepKind {
             StepKind::Switch => "switch-to-configuration",
             StepKind::Confirm => "confirm over a fresh ssh connection",
             StepKind::Undo => "go back to the previous generation",
+            StepKind::HealthCheck => "health check",
+            StepKind::Revert => "unhealthy: go back to the previous generation",
             StepKind::MakeRootDir
             | StepKind::RemoveRootDir
             | StepKind::CheckBuilt
@@ -166,7 +175,12 @@ impl StepKind {
     pub fn changes_target_system(self) -> bool {
         matches!(
             self,
-            StepKind::Prepare | StepKind::Switch | StepKind::Confirm | StepKind::Undo
+            StepKind::Prepare
+                | StepKind::Switch
+                | StepKind::Confirm
+                | StepKind::Undo
+                | StepKind::HealthCheck
+                | StepKind::Revert
         )
     }
 }
@@ -256,6 +270,8 @@ pub struct MachinePlan {
     pub present_check: Step,
     /// What undoes a failed switch (not for `dry-activate`).
     pub undo: Option<Step>,
+    /// What goes back after a failed health check (`--rollback-on-unhealthy`).
+    pub revert: Option<Step>,
     /// How the target is activated.
     pub action: Action,
     /// How long the workstation tries to confirm over a fresh connection.
@@ -379,6 +395,10 @@ pub struct PlanContext {
     pub lock_timeout: u32,
     /// `--option NAME VALUE` flags for every Nix copy and build.
     pub nix_flags: Vec<String>,
+    /// Seconds a machine's health check may take.
+    pub health_check_timeout: u32,
+    /// Go back to the previous generation when the health check fails.
+    pub rollback_on_unhealthy: bool,
 }
 
 impl PlanContext {
@@ -481,6 +501,25 @@ pub fn plan_deploy(machines: Vec<ResolvedMachine>, ctx: &PlanContext) -> DeployP
             when: When::Always,
         };
         let undo = undo_failed_switch(&target, ctx);
+        let revert = (ctx.rollback_on_unhealthy
+            && machine.health_check.is_some()
+            && ctx.activation.action.sets_profile())
+        .then(|| Step {
+            kind: StepKind::Revert,
+            runner: Runner::Remote {
+                role: Role::Target,
+                host: target.clone(),
+                command: ctx.privileged(
+                    &target,
+                    RemoteCommand::Script {
+                        script: ACTIVATE,
+                        args: vec!["revert".into(), ctx.run_id.clone()],
+                        sudo: None,
+                    },
+                ),
+            },
+            when: When::Always,
+        });
         let confirm_within = std::time::Duration::from_secs(u64::from(
             ctx.activation
                 .rollback_timeout
@@ -493,6 +532,7 @@ pub fn plan_deploy(machines: Vec<ResolvedMachine>, ctx: &PlanContext) -> DeployP
             group,
             present_check,
             undo,
+            revert,
             action: ctx.activation.action,
             confirm_within,
             steps,
@@ -658,6 +698,23 @@ fn machine_steps(
         }
     }
     steps.extend(activation_steps(target, out, ctx));
+    if let Some(check) = &machine.health_check
+        && ctx.activation.action != Action::DryActivate
+    {
+        let timeout = ctx.health_check_timeout.to_string();
+        steps.push(Step {
+            kind: StepKind::HealthCheck,
+            runner: Runner::Remote {
+                role: Role::Target,
+                host: target.clone(),
+                command: RemoteCommand::Run(Invocation::new(
+                    "timeout",
+                    [timeout.as_str(), "sh", "-c", check.as_str()],
+                )),
+            },
+            when: When::Always,
+        });
+    }
     steps
 }
 
@@ -997,6 +1054,7 @@ mod tests {
                 source: Source::Default,
             },
             system: None,
+            health_check: None,
             drv_path: StorePath::parse_drv(
                 &format!("/nix/store/00000000000000000000000000000000-d-{name}.drv"),
                 &StoreDir::default(),
@@ -1029,6 +1087,8 @@ mod tests {
             workstation: "alice@ws".into(),
             lock_timeout: 300,
             nix_flags: Vec::new(),
+            health_check_timeout: 60,
+            rollback_on_unhealthy: false,
         }
     }
 

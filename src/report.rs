@@ -16,6 +16,7 @@ fn result_word(outcome: &Outcome) -> &'static str {
         Outcome::Failed(e) if e.exit == crate::error::ExitKind::Interrupted => "interrupted",
         Outcome::Failed(_) => "failed",
         Outcome::Skipped => "skipped",
+        Outcome::NotStarted(_) => "not started",
     }
 }
 
@@ -92,6 +93,7 @@ pub fn json(run_id: &str, reports: &[MachineReport], exit_code: i32) -> Value {
                 "result": result_word(&r.outcome),
                 "error": match &r.outcome {
                     Outcome::Failed(e) => Some(e.message.clone()),
+                    Outcome::NotStarted(why) => Some(why.clone()),
                     _ => None,
                 },
                 "seconds": {

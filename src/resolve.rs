@@ -93,6 +93,8 @@ pub struct ResolvedMachine {
     pub forward_agent: Resolved<bool>,
     /// The target's system, if the configuration names one.
     pub system: Option<NixSystem>,
+    /// `deploy.healthCheck`: a shell command run on the target after activation.
+    pub health_check: Option<String>,
     /// Toplevel derivation.
     pub drv_path: StorePath,
     /// Toplevel output path.
@@ -295,6 +297,19 @@ pub fn resolve_machine(
         &attr("config.system.build.toplevel.outPath"),
     )
     .map_err(refused)?;
+    let health_check = match &facts.health_check {
+        Some(check)
+            if check.len() > 4096
+                || check
+                    .chars()
+                    .any(|c| c.is_control() && c != '\n' && c != '\t') =>
+        {
+            return Err(Error::usage(format!(
+                "invalid health check {check:?} (from the flake, inventory.machines.{name}.deploy.healthCheck): a shell command of at most 4096 characters, without control characters"
+            )));
+        }
+        other => other.clone(),
+    };
     let name = name.as_str();
     let target = first_set(target_candidates(name, facts, overrides))?
         .ok_or_else(|| {
@@ -345,6 +360,7 @@ pub fn resolve_machine(
         build,
         forward_agent,
         system,
+        health_check,
         drv_path,
         out_path,
     })
@@ -422,6 +438,7 @@ mod tests {
             system: Some("x86_64-linux".into()),
             require_explicit_update: false,
             warnings: Vec::new(),
+            health_check: None,
             drv_path: "/nix/store/00000000000000000000000000000000-a.drv".into(),
             out_path: "/nix/store/00000000000000000000000000000000-a".into(),
         }

@@ -29,6 +29,9 @@
 #   undo RUN
 #       After a failed switch: stands the watchdog down and goes back to the recorded
 #       generation, deleting the failed one. Prints "clan: profile N PATH".
+#   revert RUN
+#       After a health check failed: back to the generation prepare recorded, the current
+#       (unhealthy) one deleted. Prints "clan: profile N PATH".
 #   rollback RUN SECONDS
 #       `clan machines rollback`: under the lock (waiting at most SECONDS), back to the
 #       newest generation older than the current one.
@@ -177,7 +180,7 @@ lock)
 	say acquired
 	# Held while the session lasts; cat does not keep the lock.
 	cat >/dev/null 9>&-
-	rm -f "$D/holder"
+	rm -f "$D/holder" "$D/previous-$run"
 	;;
 prepare)
 	[ $# -eq 3 ] || exit 2
@@ -191,6 +194,7 @@ prepare)
 	mkdir "$R" || exit 1
 	echo "$action" >"$R/action"
 	echo "$prev" >"$R/prev-gen"
+	echo "$prev" >"$D/previous-$run"
 	echo "$timeout" >"$R/timeout"
 	say "previous ${prev:-none} $(readlink -f "$P" 2>/dev/null || echo none)"
 	# The watchdog first: a connection lost from here on is covered.
@@ -307,6 +311,16 @@ undo)
 		;;
 	*) back_to "$prev" "$new" "$action" ;;
 	esac
+	;;
+revert)
+	# After a confirmed activation that failed its health check: back to the generation
+	# this run found, the unhealthy one deleted. Under the run's lock.
+	trap '' HUP PIPE
+	[ -s "$D/previous-$run" ] || {
+		echo "no previous generation recorded for run $run" >&2
+		exit 3
+	}
+	back_to "$(cat "$D/previous-$run")" "$(gen_of "$P")" switch
 	;;
 rollback)
 	[ $# -eq 1 ] || exit 2

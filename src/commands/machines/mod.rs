@@ -480,6 +480,8 @@ mod tests {
                 workstation: "alice@ws".into(),
                 lock_timeout: 300,
                 nix_flags: Vec::new(),
+                health_check_timeout: 60,
+                rollback_on_unhealthy: true,
             };
             let plan = plan_deploy(loaded.into_iter().map(|l| l.machine).collect(), &ctx);
             let mut steps: Vec<&crate::plan::Step> = Vec::new();

@@ -76,6 +76,7 @@ fn deploy(args: &UpdateArgs) -> Result<i32, Error> {
     if args.copy_via_workstation {
         check_relay(&machines)?;
     }
+    let (batches, canaries) = rollout_batches(&machines, &args.canary, args.batch_size)?;
 
     let run_id = run_id();
     let connections = if args.dry_run {
@@ -99,6 +100,8 @@ fn deploy(args: &UpdateArgs) -> Result<i32, Error> {
         workstation: workstation_identity(),
         lock_timeout: args.lock_timeout,
         nix_flags: args.hosts.nix_options()?.flags(),
+        health_check_timeout: args.health_check_timeout,
+        rollback_on_unhealthy: args.rollback_on_unhealthy,
     };
     if !args.dry_run {
         let targets: Vec<(String, SshHost)> = machines
@@ -120,6 +123,22 @@ fn deploy(args: &UpdateArgs) -> Result<i32, Error> {
     let plan = plan_deploy(machines, &ctx);
     if args.dry_run {
         print!("{plan}");
+        if batches.len() > 1 {
+            println!("\nRollout, one batch after the other:");
+            for (w, wave) in batches.iter().enumerate() {
+                let names: Vec<&str> = wave.iter().map(|m| m.name.as_str()).collect();
+                println!(
+                    "  batch {}{}: {}",
+                    w + 1,
+                    if w == 0 && canaries > 0 {
+                        " (canary)"
+                    } else {
+                        ""
+                    },
+                    names.join(", ")
+                );
+            }
+        }
         eprintln!("Dry run: nothing was copied, built or activated.");
         return Ok(if failed.is_empty() {
             0
@@ -161,19 +180,86 @@ fn deploy(args: &UpdateArgs) -> Result<i32, Error> {
         eprintln!("Preflight: all hops ok.");
     }
     let logs = Logs::create(&plan.run_id);
-    let names: Vec<String> = plan
-        .machines
-        .iter()
-        .map(|m| m.machine.name.to_string())
-        .collect();
     let live =
         !args.verbose && args.log_format == LogFormat::Auto && std::io::stderr().is_terminal();
-    let progress = Progress::new(&names, live, args.verbose);
     let options = RunOptions {
         jobs: usize::from(args.jobs),
         fail_fast: args.fail_fast,
     };
-    let mut reports = run_plan(&plan, &connections, &logs, &progress, options);
+    // One batch, or a rolling deploy: canaries, then batches; each batch is planned and run
+    // on its own, and a failed canary or too many failures stop the batches after it.
+    let mut reports = Vec::new();
+    let waves = &batches;
+    for (w, wave) in waves.iter().enumerate() {
+        let wave_plan = if waves.len() == 1 {
+            plan.clone()
+        } else {
+            plan_deploy(wave.clone(), &ctx)
+        };
+        if waves.len() > 1 {
+            let names: Vec<&str> = wave.iter().map(|m| m.name.as_str()).collect();
+            eprintln!(
+                "Batch {} of {}{}: {}",
+                w + 1,
+                waves.len(),
+                if w == 0 && canaries > 0 {
+                    " (canary)"
+                } else {
+                    ""
+                },
+                names.join(", ")
+            );
+        }
+        let names: Vec<String> = wave_plan
+            .machines
+            .iter()
+            .map(|m| m.machine.name.to_string())
+            .collect();
+        let progress = Progress::new(&names, live, args.verbose);
+        reports.extend(run_plan(
+            &wave_plan,
+            &connections,
+            &logs,
+            &progress,
+            options,
+        ));
+        progress.close();
+        let failures = reports
+            .iter()
+            .filter(|r| matches!(r.outcome, crate::execute::Outcome::Failed(_)))
+            .count();
+        let canary_failed = w == 0 && canaries > 0 && failures > 0;
+        if w + 1 < waves.len()
+            && (canary_failed || failures > args.max_failures || crate::interrupt::requested())
+        {
+            let why = if canary_failed {
+                "the canary failed".to_string()
+            } else if crate::interrupt::requested() {
+                "interrupted".to_string()
+            } else {
+                format!(
+                    "{failures} machine(s) failed, more than --max-failures {}",
+                    args.max_failures
+                )
+            };
+            eprintln!("Rollout stopped after batch {}: {why}.", w + 1);
+            for m in waves[w + 1..].iter().flatten() {
+                reports.push(crate::execute::MachineReport {
+                    name: m.name.to_string(),
+                    build_host: "-".into(),
+                    target: m.target.value.to_string(),
+                    outcome: crate::execute::Outcome::NotStarted(format!(
+                        "the rollout stopped after batch {}: {why}",
+                        w + 1
+                    )),
+                    stages: Default::default(),
+                    changes: None,
+                    log: None,
+                });
+            }
+            break;
+        }
+    }
     // Machines whose evaluation failed are reported with the others.
     reports.extend(
         failed
@@ -188,7 +274,6 @@ fn deploy(args: &UpdateArgs) -> Result<i32, Error> {
                 log: None,
             }),
     );
-    progress.close();
     let code = exit_code(&reports);
     for r in &reports {
         if let Some(changes) = &r.changes {
@@ -294,4 +379,38 @@ pub fn host_key_none_warning(plan: &crate::plan::DeployPlan) -> String {
         "warning: --host-key-check none: host keys are not checked for {} (nor on the build host's copies to targets): anyone on the network path can impersonate these hosts",
         hosts.into_iter().collect::<Vec<_>>().join(", ")
     )
+}
+
+/// The batches of a deploy: everything at once; or the canaries alone first, then the others
+/// in batches of `--batch-size`. Returns the batches and how many canaries lead.
+pub fn rollout_batches(
+    machines: &[ResolvedMachine],
+    canary: &[String],
+    batch_size: Option<crate::cli::BatchSize>,
+) -> Result<(Vec<Vec<ResolvedMachine>>, usize), Error> {
+    for name in canary {
+        if !machines.iter().any(|m| m.name.as_str() == name) {
+            return Err(Error::usage(format!(
+                "the canary {name:?} (from --canary) is not one of the machines being deployed"
+            )));
+        }
+    }
+    let (first, rest): (Vec<ResolvedMachine>, Vec<ResolvedMachine>) = machines
+        .iter()
+        .cloned()
+        .partition(|m| canary.iter().any(|c| c == m.name.as_str()));
+    let mut batches = Vec::new();
+    let canaries = first.len();
+    if !first.is_empty() {
+        batches.push(first);
+    }
+    match batch_size {
+        Some(size) => {
+            let size = size.of(machines.len());
+            batches.extend(rest.chunks(size).map(<[ResolvedMachine]>::to_vec));
+        }
+        None if !rest.is_empty() => batches.push(rest),
+        None => {}
+    }
+    Ok((batches, canaries))
 }

@@ -1,0 +1,154 @@
+//! Rolling deploys: canaries first, bounded batches, a health check per machine that stops
+//! the rollout and (with --rollback-on-unhealthy) sends an unhealthy machine back to its
+//! exact previous generation.
+
+mod common;
+use common::*;
+
+fn fleet(lab: &Lab, names: &[&str], variant: &str, checks: bool) -> std::path::PathBuf {
+    let inventory: String = names
+        .iter()
+        .map(|m| {
+            let check = if !checks {
+                String::new()
+            } else if *m == "m3" {
+                r#"deploy.healthCheck = "echo m3 is not serving; exit 1";"#.to_string()
+            } else {
+                r#"deploy.healthCheck = "test -e /nix/var/nix/profiles/system";"#.to_string()
+            };
+            format!(
+                r#"{m} = {{ deploy.targetHost = "root@{}"; {check} }};"#,
+                lab.ip(m)
+            )
+        })
+        .collect();
+    let machines: String = names
+        .iter()
+        .map(|m| format!(r#"{m} = system {{ variant = "{variant}"; }};"#))
+        .collect();
+    lab.write_flake(&format!(
+        "{{ inventory.machines = {{ {inventory} }}; machines = {{ {machines} }}; }}"
+    ))
+}
+
+#[test]
+fn canary_then_batches_stop_at_an_unhealthy_machine() {
+    let names = ["m1", "m2", "m3", "m4", "m5"];
+    let specs: Vec<HostSpec> = names.iter().map(|m| HostSpec::new(m)).collect();
+    let lab = Lab::start(&specs);
+    // Everyone on v1 first.
+    let v1 = fleet(&lab, &names, "v1", false);
+    let v1_out: Vec<String> = names.iter().map(|m| toplevel(&lab, &v1, m)).collect();
+    assert_eq!(clan(&lab, &v1, &["machines", "update"]).code, 0);
+
+    let v2 = fleet(&lab, &names, "v2", true);
+    let v2_out: Vec<String> = names.iter().map(|m| toplevel(&lab, &v2, m)).collect();
+    let dry = clan(
+        &lab,
+        &v2,
+        &[
+            "machines",
+            "update",
+            "--batch-size",
+            "2",
+            "--canary",
+            "m1",
+            "--dry-run",
+        ],
+    );
+    assert_eq!(dry.code, 0);
+    assert!(dry.stdout.contains("batch 1 (canary): m1"));
+    assert!(dry.stdout.contains("batch 2: m2, m3"));
+    assert!(dry.stdout.contains("batch 3: m4, m5"));
+
+    let run = clan(
+        &lab,
+        &v2,
+        &[
+            "machines",
+            "update",
+            "--batch-size",
+            "2",
+            "--canary",
+            "m1",
+            "--rollback-on-unhealthy",
+            "--json",
+        ],
+    );
+    assert_eq!(
+        run.code, 3,
+        "an unhealthy machine was changed, then rolled back"
+    );
+    assert!(run.stderr.contains("Batch 1 of 3 (canary): m1"));
+    assert!(run.stderr.contains("Rollout stopped after batch 2"));
+    assert!(
+        run.stderr
+            .contains("m3: the health check failed on its target (it exited 1)")
+    );
+    assert!(run.stderr.contains("m3 is not serving"));
+    assert!(run.stderr.contains("rolled back (--rollback-on-unhealthy)"));
+    let report: serde_json::Value = serde_json::from_str(&run.stdout).unwrap();
+    let result = |m: &str| {
+        report["machines"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|r| r["name"] == m)
+            .map(|r| r["result"].as_str().unwrap().to_string())
+            .unwrap()
+    };
+    assert_eq!(result("m1"), "deployed");
+    assert_eq!(result("m2"), "deployed");
+    assert_eq!(result("m3"), "failed");
+    assert_eq!(result("m4"), "not started");
+    assert_eq!(result("m5"), "not started");
+    let profile = |m: &str| lab.host(m).system_profile().unwrap();
+    assert_eq!(profile("m1"), v2_out[0]);
+    assert_eq!(profile("m2"), v2_out[1]);
+    // m3 is back on its exact previous generation; m4 and m5 were never touched.
+    assert_eq!(profile("m3"), v1_out[2]);
+    assert_eq!(
+        lab.host("m3").switch_log().last().unwrap(),
+        &format!("{} switch", v1_out[2])
+    );
+    assert_eq!(profile("m4"), v1_out[3]);
+    assert_eq!(profile("m5"), v1_out[4]);
+    assert_eq!(lab.host("m4").switch_log().len(), 1);
+}
+
+#[test]
+fn a_failed_canary_starts_nothing_else() {
+    let names = ["m1", "m2"];
+    let specs: Vec<HostSpec> = names.iter().map(|m| HostSpec::new(m)).collect();
+    let lab = Lab::start(&specs);
+    let f = lab.write_flake(&format!(
+        r#"{{ inventory.machines = {{ m1.deploy.targetHost = "root@{}"; m2.deploy.targetHost = "root@{}"; }};
+             machines = {{ m1 = system {{ variant = "fail"; }}; m2 = system {{ }}; }}; }}"#,
+        lab.ip("m1"),
+        lab.ip("m2")
+    ));
+    let run = clan(
+        &lab,
+        &f,
+        &[
+            "machines",
+            "update",
+            "--canary",
+            "m1",
+            "--max-failures",
+            "5",
+        ],
+    );
+    assert_eq!(run.code, 1);
+    assert!(
+        run.stderr
+            .contains("Rollout stopped after batch 1: the canary failed.")
+    );
+    assert_eq!(lab.host("m2").system_profile(), None);
+    let bad = clan(&lab, &f, &["machines", "update", "--canary", "m9"]);
+    assert_eq!(bad.code, 2);
+    assert!(
+        bad.stderr
+            .contains("the canary \"m9\" (from --canary) is not one of the machines")
+    );
+}
