@@ -47,6 +47,11 @@ let
           description = "Forward the workstation's SSH agent to the build host; the inventory's deploy.forwardAgent wins over it.";
         };
       };
+      options.clan.core.networking.builders = lib.mkOption {
+        type = lib.types.nullOr lib.types.str;
+        default = null;
+        description = "Nix remote builders the build host hands derivations to (Nix's `builders` syntax); the inventory's deploy.builders and --builders win over it.";
+      };
       options.clan.core.deployment.requireExplicitUpdate = lib.mkOption {
         type = lib.types.bool;
         default = false;
@@ -156,6 +161,11 @@ let
               forwardAgent = mkOption {
                 type = types.nullOr types.bool;
                 default = null;
+              };
+              builders = mkOption {
+                type = types.nullOr types.str;
+                default = null;
+                description = "Nix remote builders behind the build host, in Nix's `builders` syntax.";
               };
               healthCheck = mkOption {
                 type = types.nullOr types.str;

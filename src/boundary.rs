@@ -287,6 +287,102 @@ impl fmt::Display for NixSystem {
     }
 }
 
+/// Nix remote builders in Nix's `builders` syntax, checked: specifications separated by `;`
+/// or newlines, each `ssh://[user@]host[:port]` (or `ssh-ng://`) followed by at most seven
+/// fields (systems, ssh key, max jobs, speed factor, features, mandatory features, base64
+/// host key), each of plain characters or `-`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Builders(Vec<BuilderSpec>);
+
+/// One remote builder.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BuilderSpec {
+    /// `ssh` or `ssh-ng`.
+    pub scheme: String,
+    /// Where the build host reaches it (no `?` options: Nix would not pass them).
+    pub address: crate::host::HostAddress,
+    /// The fields after the URI, as given (checked).
+    pub fields: Vec<String>,
+}
+
+impl Builders {
+    /// Checks `value` (from `origin`).
+    pub fn parse(value: &str, origin: &Origin) -> Result<Builders, Refused> {
+        let bad = |rule: &'static str| refuse("builders", value, origin, rule);
+        let mut specs = Vec::new();
+        for spec in value
+            .split([';', '\n'])
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+        {
+            let mut words = spec.split_whitespace();
+            let uri = words
+                .next()
+                .ok_or_else(|| bad("a builder starts with its ssh:// URI"))?;
+            let (scheme, rest) = uri
+                .split_once("://")
+                .filter(|(s, _)| *s == "ssh" || *s == "ssh-ng")
+                .ok_or_else(|| bad("a builder starts with ssh://[user@]host or ssh-ng://"))?;
+            if rest.contains('?') {
+                return Err(bad(
+                    "builder URIs take no ?options: set them in the build host's ~/.ssh/config",
+                ));
+            }
+            let address: crate::host::HostAddress = rest
+                .parse()
+                .map_err(|_| bad("the builder's address is [user@]host[:port]"))?;
+            let fields: Vec<String> = words.map(str::to_string).collect();
+            if fields.len() > 7 {
+                return Err(bad("a builder has at most 7 fields after its URI"));
+            }
+            let plain = |f: &str, extra: &str| {
+                f == "-"
+                    || (!f.starts_with('-')
+                        && f.chars()
+                            .all(|c| c.is_ascii_alphanumeric() || extra.contains(c)))
+            };
+            let ok = fields.iter().enumerate().all(|(i, f)| match i {
+                0 | 4 | 5 => plain(f, "_,-"),
+                1 => f == "-" || (f.starts_with('/') && plain(&f[1..], "/._-")),
+                2 | 3 => f == "-" || f.chars().all(|c| c.is_ascii_digit()),
+                _ => plain(f, "+/="),
+            });
+            if !ok {
+                return Err(bad(
+                    "builder fields: systems, an absolute key path, numbers, features, a base64 host key, or -",
+                ));
+            }
+            specs.push(BuilderSpec {
+                scheme: scheme.to_string(),
+                address,
+                fields,
+            });
+        }
+        if specs.is_empty() {
+            return Err(bad("no builder is given"));
+        }
+        Ok(Builders(specs))
+    }
+
+    /// The builders.
+    pub fn specs(&self) -> &[BuilderSpec] {
+        &self.0
+    }
+
+    /// Nix's `builders` value.
+    pub fn to_nix(&self) -> String {
+        self.0
+            .iter()
+            .map(|b| {
+                let mut words = vec![format!("{}://{}", b.scheme, b.address)];
+                words.extend(b.fields.iter().cloned());
+                words.join(" ")
+            })
+            .collect::<Vec<_>>()
+            .join(" ; ")
+    }
+}
+
 /// `text` made safe for one terminal line: control characters (ESC, CR, newline…) shown
 /// as escapes, so a value can never move the cursor or rewrite what is on screen.
 pub fn terminal_safe(text: &str) -> String {
@@ -387,6 +483,33 @@ mod tests {
             "a--b",
         ] {
             assert!(NixSystem::parse(bad, &flake()).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn builders() {
+        let o = flake();
+        let b = Builders::parse(
+            "ssh://root@b1 x86_64-linux /root/.ssh/id 2 1 big-parallel - ; ssh-ng://b2:2222",
+            &o,
+        )
+        .unwrap();
+        assert_eq!(b.specs().len(), 2);
+        assert_eq!(
+            b.to_nix(),
+            "ssh://root@b1 x86_64-linux /root/.ssh/id 2 1 big-parallel - ; ssh-ng://b2:2222"
+        );
+        for bad in [
+            "",
+            "http://b1",
+            "ssh://-oProxyCommand=x",
+            "ssh://b1?ProxyCommand=x",
+            "ssh://b1 x86_64-linux relative/key",
+            "ssh://b1 x86_64-linux /k two",
+            "ssh://b1 $(x)",
+            "ssh://b1 a b c d e f g h",
+        ] {
+            assert!(Builders::parse(bad, &o).is_err(), "{bad}");
         }
     }
 

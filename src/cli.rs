@@ -74,6 +74,11 @@ pub struct HostArgs {
     #[arg(long, value_name = "HOST")]
     pub target_host: Option<String>,
 
+    /// Nix remote builders behind the build host for this deploy (Nix's `builders` syntax,
+    /// e.g. 'ssh://root@b1 x86_64-linux ; ssh://root@b2').
+    #[arg(long, value_name = "SPEC")]
+    pub builders: Option<String>,
+
     /// Pass `--option NAME VALUE` to every Nix call (evaluation, copies, builds).
     #[arg(long = "option", num_args = 2, value_names = ["NAME", "VALUE"], action = clap::ArgAction::Append)]
     pub nix_option: Vec<String>,
@@ -304,6 +309,7 @@ impl HostArgs {
             build_host: self.build_host.clone(),
             target_host: self.target_host.clone(),
             forward_agent: agent.and_then(AgentArgs::forward_agent_override),
+            builders: self.builders.clone(),
         }
     }
 }

@@ -28,6 +28,12 @@ pub struct MachineFacts {
     pub config_forward_agent: Option<bool>,
     /// The target's system (`nixpkgs.hostPlatform`, `nixpkgs.system` or the toplevel's).
     pub system: Option<String>,
+    /// `inventory.machines.<m>.deploy.builders`
+    #[serde(default)]
+    pub inventory_builders: Option<String>,
+    /// `clan.core.networking.builders`
+    #[serde(default)]
+    pub config_builders: Option<String>,
     /// `inventory.machines.<m>.deploy.healthCheck`: run on the target after activation.
     #[serde(default)]
     pub health_check: Option<String>,
@@ -129,6 +135,8 @@ let
       configBuildHost = net.buildHost or null;
       inventoryForwardAgent = inv.deploy.forwardAgent or null;
       healthCheck = inv.deploy.healthCheck or null;
+      inventoryBuilders = inv.deploy.builders or null;
+      configBuilders = net.builders or null;
       configForwardAgent = net.forwardAgent or null;
       requireExplicitUpdate = (inv.requireExplicitUpdate or false) || (config.clan.core.deployment.requireExplicitUpdate or false);
       system = platform;

@@ -463,6 +463,11 @@ pub fn plan_deploy(machines: Vec<ResolvedMachine>, ctx: &PlanContext) -> DeployP
                 },
             ),
         };
+        // Machines with other remote builders cannot share a realise.
+        let key = match &machine.builders {
+            Some(b) => format!("{key} with builders {}", b.value.to_nix()),
+            None => key,
+        };
         let group = match group_keys.iter().position(|k| *k == key) {
             Some(g) => g,
             None => {
@@ -602,8 +607,15 @@ fn group_steps(
         Invocation::new("mkdir", ["-m", "0700", &dir]),
     ));
     let root = format!("{dir}/system");
+    let builders = members
+        .first()
+        .and_then(|m| m.builders.as_ref())
+        .map(|b| b.value.to_nix());
     let mut realise = vec!["--realise"];
     realise.extend(ctx.nix_flags.iter().map(String::as_str));
+    if let Some(builders) = &builders {
+        realise.extend(["--option", "builders", builders.as_str()]);
+    }
     realise.extend(drvs.iter().copied());
     // internal-json: the executor shows "N/M built" and turns the rest back into lines.
     realise.extend([
@@ -613,7 +625,18 @@ fn group_steps(
         "--log-format",
         "internal-json",
     ]);
-    let realise = Invocation::new("nix-store", realise);
+    let mut realise = Invocation::new("nix-store", realise);
+    if builders.is_some() {
+        // Nix's connections to its builders (the third hop) follow the host key policy.
+        let policy: Vec<String> = ctx
+            .host_key_check
+            .ssh_options()
+            .into_iter()
+            .flat_map(|(k, v)| ["-o".to_string(), format!("{k}={v}")])
+            .chain(["-o".to_string(), "BatchMode=yes".to_string()])
+            .collect();
+        realise = realise.with_env("NIX_SSHOPTS", policy.join(" "));
+    }
     steps.push(Step {
         kind: StepKind::Realise,
         runner: match builder {
@@ -1054,6 +1077,7 @@ mod tests {
                 source: Source::Default,
             },
             system: None,
+            builders: None,
             health_check: None,
             drv_path: StorePath::parse_drv(
                 &format!("/nix/store/00000000000000000000000000000000-d-{name}.drv"),

@@ -44,6 +44,10 @@ fn nested_probe_name(target: &SshHost) -> String {
     format!("hop-{}", connection_key(&target.address))
 }
 
+fn builder_probe_name(builder: &crate::boundary::BuilderSpec) -> String {
+    format!("nixbuilder-{}", connection_key(&builder.address))
+}
+
 /// The probes one host runs: what it needs to be a build host or a target, and, run apart
 /// so they overlap, its second hops.
 #[derive(Default)]
@@ -98,6 +102,39 @@ impl Probes {
         );
     }
 
+    /// The build host logs in to each Nix builder as Nix's build hook will (the third hop):
+    /// the builder's key file if the spec names one, the host key policy, no prompts; and
+    /// runs `nix-store --version` there.
+    fn as_third_hop_to(
+        &mut self,
+        builder: &crate::boundary::BuilderSpec,
+        policy: crate::ssh::HostKeyCheck,
+    ) {
+        let mut argv = vec!["-T".to_string(), "-x".into()];
+        if let Some(port) = builder.address.port {
+            argv.extend(["-p".into(), port.to_string()]);
+        }
+        if let Some(key) = builder.fields.get(1).filter(|k| *k != "-") {
+            argv.extend(["-i".into(), key.clone()]);
+        }
+        for (k, v) in policy.ssh_options() {
+            argv.extend(["-o".into(), format!("{k}={v}")]);
+        }
+        argv.extend([
+            "-o".into(),
+            "BatchMode=yes".into(),
+            "-o".into(),
+            "ConnectTimeout=15".into(),
+            "--".into(),
+            builder.address.destination(),
+            "nix-store --version".into(),
+        ]);
+        let name = builder_probe_name(builder);
+        if !self.1.iter().any(|(n, _)| *n == name) {
+            self.1.push((name, Invocation::new("ssh", argv)));
+        }
+    }
+
     /// The build host logs in to the target exactly as the copy will: same options, same
     /// host key policy, no prompts.
     fn as_second_hop_to(&mut self, target: &SshHost) {
@@ -122,9 +159,17 @@ pub fn run(plan: &DeployPlan, ctx: &PlanContext, connections: &Connections) -> V
         let target = ctx.ssh_host(&machine.target.value, false);
         let root = target.address.user.as_deref().is_none_or(|u| u == "root");
         probes_of(&mut hosts, ProbeHost::Remote(target.clone())).as_target(root);
-        match &machine.build.value {
-            BuildLocation::Target => probes_of(&mut hosts, ProbeHost::Remote(target)).as_builder(),
-            BuildLocation::Local => probes_of(&mut hosts, ProbeHost::Local).as_builder(),
+        let build_probes = match &machine.build.value {
+            BuildLocation::Target => {
+                let probes = probes_of(&mut hosts, ProbeHost::Remote(target));
+                probes.as_builder();
+                probes
+            }
+            BuildLocation::Local => {
+                let probes = probes_of(&mut hosts, ProbeHost::Local);
+                probes.as_builder();
+                probes
+            }
             BuildLocation::Remote(address) => {
                 let builder = probes_of(
                     &mut hosts,
@@ -134,6 +179,12 @@ pub fn run(plan: &DeployPlan, ctx: &PlanContext, connections: &Connections) -> V
                 if !ctx.copy_via_workstation {
                     builder.as_second_hop_to(&target);
                 }
+                builder
+            }
+        };
+        if let Some(builders) = &machine.builders {
+            for spec in builders.value.specs() {
+                build_probes.as_third_hop_to(spec, ctx.host_key_check);
             }
         }
     }
@@ -272,6 +323,26 @@ fn check_machine(
             } else if let Some(error) = system_error(machine, &builder_label, probes) {
                 errors.push(error);
             }
+            for spec in machine.builders.iter().flat_map(|b| b.value.specs()) {
+                let hop = builder_probe_name(spec);
+                if failed(probes, &hop) {
+                    errors.push(third_hop_error(
+                        name,
+                        &builder_label,
+                        spec,
+                        &output(probes, &hop),
+                    ));
+                }
+                let systems = spec.fields.first().filter(|s| *s != "-");
+                if let (Some(systems), Some(wanted)) = (systems, &machine.system)
+                    && !systems.split(',').any(|s| s == wanted.as_str())
+                {
+                    errors.push(Error::new(format!(
+                        "preflight: {name}: the Nix builder {} builds for {systems}, but the target is {wanted}",
+                        spec.address
+                    )).hint(Hint::text("name a builder of the target's system, or add it to that builder's systems field")));
+                }
+            }
             if let BuildLocation::Remote(_) = &machine.build.value
                 && !ctx.copy_via_workstation
             {
@@ -378,4 +449,44 @@ fn system_error(
             "or build on this workstation: clan machines update {name} --build-host localhost"
         ))),
     )
+}
+
+/// The third hop failed: the build host cannot use a Nix builder as Nix's build hook would.
+fn third_hop_error(
+    name: &str,
+    build_host: &str,
+    builder: &crate::boundary::BuilderSpec,
+    raw: &str,
+) -> Error {
+    let b = builder.address.to_string();
+    let host = builder.address.host_for_url();
+    let base = |m: String| Error::new(format!("preflight: {m}")).detail(raw.trim_end());
+    match ssh_failure(raw) {
+        Some(SshFailure::HostKey) => base(format!(
+            "{name}: host key verification failed on the third hop (build host {build_host} → Nix builder {b}): the build host has no known_hosts entry for the builder"
+        ))
+        .hint(Hint::text(format!(
+            "record it on the build host after checking it: ssh {build_host} 'ssh-keyscan {host} >> ~/.ssh/known_hosts', or re-run with --host-key-check accept-new"
+        ))),
+        Some(SshFailure::ChangedHostKey) => base(format!(
+            "{name}: the Nix builder {b} presented a different host key to the build host {build_host} than the one it knows: someone may be impersonating it"
+        ))
+        .hint(Hint::text(format!(
+            "check the builder's real key; only if it is the real one: ssh {build_host} 'ssh-keygen -R {host}'"
+        ))),
+        Some(SshFailure::PermissionDenied) => base(format!(
+            "{name}: permission denied on the third hop (build host {build_host} → Nix builder {b}): the build host has no key that the builder accepts"
+        ))
+        .hint(Hint::text(format!(
+            "authorize the build host's key for {} on {host}, or name a key in the builder's third field",
+            builder.address.user.as_deref().unwrap_or("root")
+        ))),
+        _ if raw.contains("nix-store") && raw.contains("not found") => base(format!(
+            "{name}: the Nix builder {b} has no nix-store on its PATH"
+        )),
+        _ => base(format!(
+            "{name}: the build host {build_host} cannot reach the Nix builder {b}"
+        ))
+        .hint(Hint::text("the build host opens its own ssh connection to each builder: check the address and that it is reachable from there")),
+    }
 }

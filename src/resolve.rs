@@ -12,7 +12,7 @@
 use std::fmt;
 use std::process::Command;
 
-use crate::boundary::{MachineName, NixSystem, Origin, Refused, StoreDir, StorePath};
+use crate::boundary::{Builders, MachineName, NixSystem, Origin, Refused, StoreDir, StorePath};
 use crate::error::{Error, Hint};
 use crate::eval::MachineFacts;
 use crate::host::HostAddress;
@@ -93,6 +93,8 @@ pub struct ResolvedMachine {
     pub forward_agent: Resolved<bool>,
     /// The target's system, if the configuration names one.
     pub system: Option<NixSystem>,
+    /// Nix remote builders behind the build host, and where they come from.
+    pub builders: Option<Resolved<Builders>>,
     /// `deploy.healthCheck`: a shell command run on the target after activation.
     pub health_check: Option<String>,
     /// Toplevel derivation.
@@ -110,6 +112,8 @@ pub struct Overrides {
     pub target_host: Option<String>,
     /// `--forward-agent` / `--no-forward-agent`
     pub forward_agent: Option<bool>,
+    /// `--builders`
+    pub builders: Option<String>,
 }
 
 /// Looks up the user an ssh config sets for an address that names none.
@@ -310,6 +314,26 @@ pub fn resolve_machine(
         }
         other => other.clone(),
     };
+    let builders = [
+        (Source::Flag("--builders"), overrides.builders.clone()),
+        (
+            inventory(name, "builders"),
+            facts.inventory_builders.clone(),
+        ),
+        (config(name, "builders"), facts.config_builders.clone()),
+    ]
+    .into_iter()
+    .find_map(|(source, value)| value.map(|v| (source, v)))
+    .map(|(source, value)| {
+        let origin = match &source {
+            Source::Flag(_) => Origin::CommandLine("--builders"),
+            other => Origin::Flake(other.to_string()),
+        };
+        Builders::parse(&value, &origin)
+            .map(|value| Resolved { value, source })
+            .map_err(refused)
+    })
+    .transpose()?;
     let name = name.as_str();
     let target = first_set(target_candidates(name, facts, overrides))?
         .ok_or_else(|| {
@@ -360,6 +384,7 @@ pub fn resolve_machine(
         build,
         forward_agent,
         system,
+        builders,
         health_check,
         drv_path,
         out_path,
@@ -439,6 +464,8 @@ mod tests {
             require_explicit_update: false,
             warnings: Vec::new(),
             health_check: None,
+            inventory_builders: None,
+            config_builders: None,
             drv_path: "/nix/store/00000000000000000000000000000000-a.drv".into(),
             out_path: "/nix/store/00000000000000000000000000000000-a".into(),
         }

@@ -593,11 +593,15 @@ impl Lab {
             fs::set_permissions(host.root().join(script), fs::Permissions::from_mode(0o755))
                 .expect("chmod");
         }
+        // The container's host name resolves locally: sudo looks it up on every call, and a
+        // lookup that goes to DNS (unreachable here) costs seconds each time.
+        let machine = format!("clan-lab-{}", host.ip.replace('.', "-"));
+        append(&etc.join("hosts"), &format!("\n127.0.1.1 {machine}\n"));
         let bind = |from: &Path, to: &str| format!("--bind={}:{to}", from.display());
         let child = Command::new("systemd-nspawn")
             .args(["--quiet", "--register=no", "--keep-unit", "--bind-ro=/usr"])
             .arg(format!("--directory={}", rootfs.display()))
-            .arg(format!("--machine=clan-lab-{}", host.ip.replace('.', "-")))
+            .arg(format!("--machine={machine}"))
             .arg(bind(&host.nix(), "/nix"))
             .arg(bind(&host.root(), "/root"))
             .arg(bind(&host.dir.join("etc-nix"), "/etc/nix"))
