@@ -208,6 +208,7 @@ pub struct Lab {
     pub dir: PathBuf,
     hosts: BTreeMap<String, Host>,
     keep: bool,
+    servers: Vec<(std::sync::Arc<std::sync::atomic::AtomicBool>, SocketAddr)>,
 }
 
 static LABS: AtomicU32 = AtomicU32::new(0);
@@ -262,6 +263,56 @@ unsafe extern "C" {
 
 fn libc_pid(pid: u32) -> Result<i32, std::num::TryFromIntError> {
     i32::try_from(pid)
+}
+
+/// The `/24` prefix of an address (`127.1.2.3` → `127.1.2`).
+fn subnet_of(ip: &str) -> String {
+    ip.rsplit_once('.').map_or(ip, |(prefix, _)| prefix).to_string()
+}
+
+/// Answers one HTTP GET with the file it names under `root` (no `..`), else 404.
+fn serve_one(mut stream: TcpStream, root: &Path) {
+    use std::io::{BufRead, BufReader};
+    let mut reader = BufReader::new(match stream.try_clone() {
+        Ok(s) => s,
+        Err(_) => return,
+    });
+    let mut request = String::new();
+    if reader.read_line(&mut request).is_err() {
+        return;
+    }
+    loop {
+        let mut header = String::new();
+        match reader.read_line(&mut header) {
+            Ok(0) | Err(_) => break,
+            Ok(_) if header.trim().is_empty() => break,
+            Ok(_) => {}
+        }
+    }
+    let path = request.split_whitespace().nth(1).unwrap_or("/");
+    let path = path.split('?').next().unwrap_or("/").trim_start_matches('/');
+    let head = request.starts_with("HEAD ");
+    let file = (!path.split('/').any(|c| c == ".."))
+        .then(|| root.join(path))
+        .and_then(|p| fs::read(p).ok());
+    let _ = match file {
+        Some(bytes) => {
+            let _ = write!(
+                stream,
+                "HTTP/1.0 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                bytes.len()
+            );
+            if head {
+                Ok(())
+            } else {
+                stream.write_all(&bytes)
+            }
+        }
+        None => write!(
+            stream,
+            "HTTP/1.0 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+        ),
+    };
 }
 
 /// The lab's sshd configuration for a host at `ip` with the host key at `key`.
@@ -360,6 +411,7 @@ impl Lab {
             dir: base.clone(),
             hosts: BTreeMap::new(),
             keep,
+            servers: Vec::new(),
         };
         // A spec named WORKSTATION configures the workstation; it gets no sshd.
         let workstation = hosts
@@ -824,6 +876,37 @@ impl Lab {
         );
     }
 
+    /// Appends `line` to host `name`'s nix.conf (e.g. `trusted-public-keys = …`).
+    pub fn append_nix_conf(&self, name: &str, line: &str) {
+        append(
+            &self.host(name).dir.join("etc-nix/nix.conf"),
+            &format!("{line}\n"),
+        );
+    }
+
+    /// Serves the files under `dir` (as the machine sees it) over HTTP on a loopback address
+    /// of this lab, for a binary cache; returns the URL. Stops with the lab.
+    pub fn serve_http(&mut self, dir: &Path) -> String {
+        let listener = std::net::TcpListener::bind(format!("{}.250:0", subnet_of(&self.ip(WORKSTATION).to_string())))
+            .expect("bind the lab's HTTP server");
+        let addr = listener.local_addr().expect("address");
+        let root = dir.to_path_buf();
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let stopped = std::sync::Arc::clone(&stop);
+        std::thread::spawn(move || {
+            for stream in listener.incoming() {
+                if stopped.load(Ordering::SeqCst) {
+                    return;
+                }
+                let Ok(stream) = stream else { continue };
+                let root = root.clone();
+                std::thread::spawn(move || serve_one(stream, &root));
+            }
+        });
+        self.servers.push((stop, addr));
+        format!("http://{addr}")
+    }
+
     /// Empties `who`'s known_hosts.
     pub fn forget_known_hosts(&self, who: &str) {
         write(&self.host(who).root().join(".ssh/known_hosts"), "");
@@ -1005,6 +1088,10 @@ impl Lab {
 
 impl Drop for Lab {
     fn drop(&mut self) {
+        for (stop, addr) in &self.servers {
+            stop.store(true, Ordering::SeqCst);
+            let _ = TcpStream::connect_timeout(addr, Duration::from_millis(200));
+        }
         // Containers shut down in parallel: SIGTERM asks systemd-nspawn for a clean
         // shutdown, SIGKILL follows after a few seconds.
         let containers: Vec<Child> = self
