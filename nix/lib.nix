@@ -167,6 +167,28 @@ let
                 default = null;
                 description = "Nix remote builders behind the build host, in Nix's `builders` syntax.";
               };
+              copyMode = mkOption {
+                type = types.nullOr (types.enum [ "ssh" "cache" ]);
+                default = null;
+                description = "How the closure reaches the target: ssh (the build host copies it) or cache (the target substitutes it from deploy.cache).";
+              };
+              cache = {
+                upload = mkOption {
+                  type = types.nullOr types.str;
+                  default = null;
+                  description = "Nix store URL the build host copies signed closures to (e.g. file:///srv/cache).";
+                };
+                url = mkOption {
+                  type = types.nullOr types.str;
+                  default = null;
+                  description = "Substituter URL the target fetches them from (e.g. https://cache.example.com).";
+                };
+                publicKey = mkOption {
+                  type = types.nullOr types.str;
+                  default = null;
+                  description = "The cache's public signing key (name:base64), which the target must trust.";
+                };
+              };
               healthCheck = mkOption {
                 type = types.nullOr types.str;
                 default = null;

@@ -383,6 +383,101 @@ impl Builders {
     }
 }
 
+/// How the closure reaches a target.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum CopyMode {
+    /// The build host copies it to each target over ssh (the second hop).
+    #[default]
+    Ssh,
+    /// The build host signs it and copies it to a binary cache; each target substitutes
+    /// it from there.
+    Cache,
+}
+
+impl CopyMode {
+    /// Checks a value from the flake.
+    pub fn parse(value: &str, origin: &Origin) -> Result<CopyMode, Refused> {
+        match value {
+            "ssh" => Ok(CopyMode::Ssh),
+            "cache" => Ok(CopyMode::Cache),
+            _ => Err(refuse("copy mode", value, origin, "it is ssh or cache")),
+        }
+    }
+}
+
+/// A binary cache for `--copy-mode cache`: where the build host copies to (a Nix store URL),
+/// where targets substitute from, and the public key they must trust.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CacheSettings {
+    /// `file:///…`, `http(s)://…` or `s3://…`: the build host's `nix copy --to`.
+    pub upload: String,
+    /// `file:///…` or `http(s)://…`: the targets' substituter.
+    pub url: String,
+    /// `name:base64`: what targets must have in `trusted-public-keys`.
+    pub public_key: String,
+}
+
+impl CacheSettings {
+    /// Checks the three values (from `origin`).
+    pub fn parse(
+        upload: &str,
+        url: &str,
+        public_key: &str,
+        origin: &Origin,
+    ) -> Result<CacheSettings, Refused> {
+        let url_ok = |u: &str, schemes: &[&str]| {
+            schemes.iter().any(|s| {
+                u.strip_prefix(s).is_some_and(|rest| {
+                    !rest.is_empty()
+                        && rest
+                            .chars()
+                            .all(|c| c.is_ascii_alphanumeric() || "/.-_:".contains(c))
+                        && !rest.split('/').any(|c| c == "..")
+                })
+            })
+        };
+        if !url_ok(upload, &["file:///", "http://", "https://", "s3://"]) {
+            return Err(refuse(
+                "cache upload URL",
+                upload,
+                origin,
+                "a Nix store URL: file:///path, http(s)://host/path or s3://bucket, plain characters",
+            ));
+        }
+        if !url_ok(url, &["file:///", "http://", "https://"]) {
+            return Err(refuse(
+                "cache URL",
+                url,
+                origin,
+                "a substituter URL: file:///path or http(s)://host[:port]/path, plain characters",
+            ));
+        }
+        let key_ok = public_key.split_once(':').is_some_and(|(name, key)| {
+            !name.is_empty()
+                && name
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "._-".contains(c))
+                && key.len() >= 40
+                && key
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "+/=".contains(c))
+        });
+        if !key_ok {
+            return Err(refuse(
+                "cache public key",
+                public_key,
+                origin,
+                "a Nix signing public key, name:base64 (clan machines setup-cache prints it)",
+            ));
+        }
+        Ok(CacheSettings {
+            upload: upload.to_string(),
+            url: url.to_string(),
+            public_key: public_key.to_string(),
+        })
+    }
+}
+
 /// `text` made safe for one terminal line: control characters (ESC, CR, newline…) shown
 /// as escapes, so a value can never move the cursor or rewrite what is on screen.
 pub fn terminal_safe(text: &str) -> String {

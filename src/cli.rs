@@ -35,8 +35,36 @@ pub enum MachinesCommand {
     /// Set up the second hop: a key on the build host, authorized on the target, and the
     /// target's verified host key in the build host's known_hosts.
     SetupBuildHost(SetupBuildHostArgs),
+    /// Make the build host's binary-cache signing key (for --copy-mode cache), once, and
+    /// print its public key.
+    SetupCache(SetupCacheArgs),
     /// Switch a machine back to its previous system generation.
     Rollback(RollbackArgs),
+}
+
+/// Arguments of `clan machines setup-cache`.
+#[derive(Debug, Args)]
+pub struct SetupCacheArgs {
+    /// The machine whose build host signs its closures.
+    #[arg(value_name = "MACHINE")]
+    pub machine: String,
+
+    /// The key's name, as targets will see it in trusted-public-keys.
+    #[arg(long, value_name = "NAME", default_value = "clan-cache-1")]
+    pub key_name: String,
+
+    /// Open this cache store once from the build host (creates a file:// cache), else the
+    /// machine's deploy.cache.upload, if any.
+    #[arg(long, value_name = "STORE_URL")]
+    pub upload: Option<String>,
+
+    /// Flake and host overrides, as for update.
+    #[command(flatten)]
+    pub hosts: HostArgs,
+
+    /// Host key policy for the connection to the build host.
+    #[command(flatten)]
+    pub connect: ConnectArgs,
 }
 
 /// Arguments of `clan machines rollback`.
@@ -78,6 +106,23 @@ pub struct HostArgs {
     /// e.g. 'ssh://root@b1 x86_64-linux ; ssh://root@b2').
     #[arg(long, value_name = "SPEC")]
     pub builders: Option<String>,
+
+    /// How the closure reaches the targets: the build host copies it over ssh, or signs it
+    /// into a binary cache the targets substitute from (default: the inventory's, else ssh).
+    #[arg(long, value_enum, value_name = "MODE")]
+    pub copy_mode: Option<crate::boundary::CopyMode>,
+
+    /// With --copy-mode cache: the Nix store URL the build host copies to.
+    #[arg(long, value_name = "STORE_URL")]
+    pub cache_upload: Option<String>,
+
+    /// With --copy-mode cache: the substituter URL the targets fetch from.
+    #[arg(long, value_name = "URL")]
+    pub cache_url: Option<String>,
+
+    /// With --copy-mode cache: the cache's public key (name:base64) the targets must trust.
+    #[arg(long, value_name = "KEY")]
+    pub cache_key: Option<String>,
 
     /// Pass `--option NAME VALUE` to every Nix call (evaluation, copies, builds).
     #[arg(long = "option", num_args = 2, value_names = ["NAME", "VALUE"], action = clap::ArgAction::Append)]
@@ -310,6 +355,12 @@ impl HostArgs {
             target_host: self.target_host.clone(),
             forward_agent: agent.and_then(AgentArgs::forward_agent_override),
             builders: self.builders.clone(),
+            copy_mode: self.copy_mode,
+            cache: [
+                self.cache_upload.clone(),
+                self.cache_url.clone(),
+                self.cache_key.clone(),
+            ],
         }
     }
 }

@@ -212,6 +212,19 @@ pub fn diagnose(machine: &ResolvedMachine, step: &Step, output: &str, code: Opti
         StepKind::Switch => base(format!(
             "{name}: switch-to-configuration failed on {target}"
         )),
+        StepKind::CacheUpload => base(format!(
+            "{name}: signing the closure and copying it to the binary cache failed on {role_host}"
+        ))
+        .hint(Hint::text(format!(
+            "if the build host has no signing key: clan machines setup-cache {name}; nothing was activated"
+        ))),
+        StepKind::CacheSubstitute => base(format!(
+            "{name}: the target {target} could not substitute {} from the binary cache",
+            machine.out_path
+        ))
+        .hint(Hint::text(
+            "the target must reach the cache and trust its key (nix.settings.trusted-public-keys); nothing was activated",
+        )),
         StepKind::Prepare => base(format!(
             "{name}: preparing the activation on {target} failed (recording the current generation, arming the watchdog, setting the system profile)"
         ))

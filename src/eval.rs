@@ -9,7 +9,7 @@ use serde::Deserialize;
 use crate::error::{Error, Hint};
 
 /// Everything the deploy needs to know about one machine, as written in the flake.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct MachineFacts {
     /// `inventory.machines.<m>.deploy.targetHost`
@@ -28,6 +28,18 @@ pub struct MachineFacts {
     pub config_forward_agent: Option<bool>,
     /// The target's system (`nixpkgs.hostPlatform`, `nixpkgs.system` or the toplevel's).
     pub system: Option<String>,
+    /// `inventory.machines.<m>.deploy.copyMode`
+    #[serde(default)]
+    pub inventory_copy_mode: Option<String>,
+    /// `inventory.machines.<m>.deploy.cache.upload`
+    #[serde(default)]
+    pub inventory_cache_upload: Option<String>,
+    /// `inventory.machines.<m>.deploy.cache.url`
+    #[serde(default)]
+    pub inventory_cache_url: Option<String>,
+    /// `inventory.machines.<m>.deploy.cache.publicKey`
+    #[serde(default)]
+    pub inventory_cache_key: Option<String>,
     /// `inventory.machines.<m>.deploy.builders`
     #[serde(default)]
     pub inventory_builders: Option<String>,
@@ -136,6 +148,10 @@ let
       inventoryForwardAgent = inv.deploy.forwardAgent or null;
       healthCheck = inv.deploy.healthCheck or null;
       inventoryBuilders = inv.deploy.builders or null;
+      inventoryCopyMode = inv.deploy.copyMode or null;
+      inventoryCacheUpload = inv.deploy.cache.upload or null;
+      inventoryCacheUrl = inv.deploy.cache.url or null;
+      inventoryCacheKey = inv.deploy.cache.publicKey or null;
       configBuilders = net.builders or null;
       configForwardAgent = net.forwardAgent or null;
       requireExplicitUpdate = (inv.requireExplicitUpdate or false) || (config.clan.core.deployment.requireExplicitUpdate or false);

@@ -1,7 +1,7 @@
 use clap::Parser;
 
 use clan::cli::{Cli, MachinesCommand, TopCommand};
-use clan::commands::machines::{rollback, setup_build_host, show, update};
+use clan::commands::machines::{rollback, setup_build_host, setup_cache, show, update};
 
 fn main() {
     // A closed standard output (`clan machines show | head -1`) ends the process quietly,
@@ -17,6 +17,7 @@ fn main() {
         TopCommand::Machines(MachinesCommand::Update(args)) => update::run(args),
         TopCommand::Machines(MachinesCommand::Show(args)) => show::run(args),
         TopCommand::Machines(MachinesCommand::SetupBuildHost(args)) => setup_build_host::run(args),
+        TopCommand::Machines(MachinesCommand::SetupCache(args)) => setup_cache::run(args),
         TopCommand::Machines(MachinesCommand::Rollback(args)) => rollback::run(args),
     };
     let code = match result {

@@ -54,6 +54,10 @@ pub enum StepKind {
     CopyFromWorkstation,
     /// `nix copy --from builder --to target` on the workstation (`--copy-via-workstation`).
     RelayCopy,
+    /// Sign the closure and copy it to the binary cache (`--copy-mode cache`).
+    CacheUpload,
+    /// The target substitutes the closure from the binary cache.
+    CacheSubstitute,
     /// Check that the toplevel is a NixOS system.
     VerifySystem,
     /// Take the target's deploy lock, held until the machine is done.
@@ -126,6 +130,8 @@ impl StepKind {
             StepKind::NestedCopy
             | StepKind::CopyFromWorkstation
             | StepKind::RelayCopy
+            | StepKind::CacheUpload
+            | StepKind::CacheSubstitute
             | StepKind::CheckPresent => Stage::CopyToTarget,
             StepKind::VerifySystem
             | StepKind::Diff
@@ -149,6 +155,8 @@ impl StepKind {
             StepKind::NestedCopy => "copy the closure, build host → target",
             StepKind::CopyFromWorkstation => "copy the closure, workstation → target",
             StepKind::RelayCopy => "copy the closure, build host → workstation → target",
+            StepKind::CacheUpload => "sign the closure and copy it to the binary cache",
+            StepKind::CacheSubstitute => "substitute the closure from the binary cache",
             StepKind::VerifySystem => "check that it is a NixOS system",
             StepKind::Diff => "compute what changes",
             StepKind::LockTarget => "take the target's deploy lock",
@@ -677,10 +685,60 @@ fn machine_steps(
     let copy_args = || copy_args(ctx.use_substitutes);
     let url = target.store_url();
     let mut steps = Vec::new();
+    let cache = machine
+        .cache
+        .as_ref()
+        .filter(|_| machine.copy_mode.value == crate::boundary::CopyMode::Cache);
     match builder {
         Builder::Remote {
             role: Role::Target, ..
         } => {}
+        _ if cache.is_some() => {
+            let cache = cache.expect("checked");
+            let upload = Invocation::new(
+                "sh",
+                [
+                    "-c",
+                    CACHE_UPLOAD,
+                    "clan-cache-upload",
+                    out,
+                    cache.upload.as_str(),
+                ],
+            );
+            steps.push(match builder {
+                Builder::Remote { role, host } => Step {
+                    kind: StepKind::CacheUpload,
+                    runner: Runner::Remote {
+                        role: *role,
+                        host: host.clone(),
+                        command: RemoteCommand::UntilHangup(upload),
+                    },
+                    when: When::TargetLacksSystem,
+                },
+                Builder::Local => Step {
+                    kind: StepKind::CacheUpload,
+                    runner: Runner::Workstation(upload),
+                    when: When::TargetLacksSystem,
+                },
+            });
+            // The target's own trusted-public-keys decide whether it accepts the paths.
+            let mut realise = vec!["--realise".to_string(), out.to_string()];
+            realise.extend(ctx.nix_flags.iter().cloned());
+            realise.extend([
+                "--option".into(),
+                "extra-substituters".into(),
+                cache.url.clone(),
+            ]);
+            steps.push(Step {
+                kind: StepKind::CacheSubstitute,
+                runner: Runner::Remote {
+                    role: Role::Target,
+                    host: target.clone(),
+                    command: RemoteCommand::UntilHangup(Invocation::new("nix-store", realise)),
+                },
+                when: When::TargetLacksSystem,
+            });
+        }
         Builder::Local => {
             let mut args = copy_args();
             args.extend(["--to", &url, out]);
@@ -821,6 +879,10 @@ impl Default for Activation {
         }
     }
 }
+
+/// Signs a closure and copies it to a binary cache (`src/scripts/cache-upload.sh`).
+/// Arguments: system, upload store URL.
+const CACHE_UPLOAD: &str = include_str!("scripts/cache-upload.sh");
 
 /// The change summary (`src/scripts/diff.sh`). Arguments: profile, new system.
 const DIFF: &str = include_str!("scripts/diff.sh");
@@ -1077,6 +1139,11 @@ mod tests {
                 source: Source::Default,
             },
             system: None,
+            copy_mode: Resolved {
+                value: crate::boundary::CopyMode::Ssh,
+                source: Source::Default,
+            },
+            cache: None,
             builders: None,
             health_check: None,
             drv_path: StorePath::parse_drv(

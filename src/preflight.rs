@@ -20,6 +20,7 @@ const NIX: &str = "nix";
 const SYSTEM: &str = "system";
 const CONFIG: &str = "config";
 const PROFILE: &str = "profile";
+const CACHE_PING: &str = "cache-";
 
 /// Where a probe runs.
 #[derive(Debug, Clone)]
@@ -78,6 +79,36 @@ impl Probes {
                     "--extra-experimental-features",
                     "nix-command",
                     "show-config",
+                ],
+            ),
+        );
+    }
+
+    /// A target that substitutes from `cache`: its Nix settings (trusted-public-keys) and
+    /// whether it reaches the cache.
+    fn as_cache_client(&mut self, cache: &crate::boundary::CacheSettings) {
+        self.add(
+            CONFIG,
+            Invocation::new(
+                "nix",
+                [
+                    "--extra-experimental-features",
+                    "nix-command",
+                    "show-config",
+                ],
+            ),
+        );
+        self.add(
+            &format!("{CACHE_PING}{}", cache.url),
+            Invocation::new(
+                "nix",
+                [
+                    "--extra-experimental-features",
+                    "nix-command",
+                    "store",
+                    "ping",
+                    "--store",
+                    cache.url.as_str(),
                 ],
             ),
         );
@@ -158,7 +189,11 @@ pub fn run(plan: &DeployPlan, ctx: &PlanContext, connections: &Connections) -> V
         let machine = &m.machine;
         let target = ctx.ssh_host(&machine.target.value, false);
         let root = target.address.user.as_deref().is_none_or(|u| u == "root");
-        probes_of(&mut hosts, ProbeHost::Remote(target.clone())).as_target(root);
+        let target_probes = probes_of(&mut hosts, ProbeHost::Remote(target.clone()));
+        target_probes.as_target(root);
+        if let Some(cache) = &machine.cache {
+            target_probes.as_cache_client(cache);
+        }
         let build_probes = match &machine.build.value {
             BuildLocation::Target => {
                 let probes = probes_of(&mut hosts, ProbeHost::Remote(target));
@@ -176,7 +211,7 @@ pub fn run(plan: &DeployPlan, ctx: &PlanContext, connections: &Connections) -> V
                     ProbeHost::Remote(ctx.ssh_host(address, machine.forward_agent.value)),
                 );
                 builder.as_builder();
-                if !ctx.copy_via_workstation {
+                if !ctx.copy_via_workstation && machine.cache.is_none() {
                     builder.as_second_hop_to(&target);
                 }
                 builder
@@ -285,6 +320,38 @@ fn check_machine(
                     .hint(Hint::text("the target must run Nix (NixOS does)")),
                 );
             }
+            if let Some(cache) = &machine.cache {
+                let ping = format!("{CACHE_PING}{}", cache.url);
+                if failed(probes, &ping) {
+                    errors.push(
+                        Error::new(format!(
+                            "preflight: {name}: the target {target_label} cannot reach the binary cache {}",
+                            cache.url
+                        ))
+                        .detail(output(probes, &ping))
+                        .hint(Hint::text(
+                            "the target substitutes from the cache itself: check the URL from the target's side (deploy.cache.url), or deploy with --copy-mode ssh",
+                        )),
+                    );
+                }
+                let trusted = output(probes, CONFIG)
+                    .lines()
+                    .filter_map(|l| l.split_once('='))
+                    .filter(|(k, _)| k.trim() == "trusted-public-keys")
+                    .any(|(_, v)| v.split_whitespace().any(|k| k == cache.public_key));
+                if !trusted {
+                    errors.push(
+                        Error::new(format!(
+                            "preflight: {name}: the target {target_label} does not trust the binary cache's key {}",
+                            cache.public_key
+                        ))
+                        .hint(Hint::text(format!(
+                            "in the machine's NixOS configuration: nix.settings.trusted-public-keys = [ \"{}\" ]; (and nix.settings.substituters = [ \"{}\" ]; to use it for everything); deploy that with --copy-mode ssh once",
+                            cache.public_key, cache.url
+                        ))),
+                    );
+                }
+            }
             if failed(probes, PROFILE) {
                 errors.push(
                     Error::new(format!(
@@ -345,6 +412,7 @@ fn check_machine(
             }
             if let BuildLocation::Remote(_) = &machine.build.value
                 && !ctx.copy_via_workstation
+                && machine.cache.is_none()
             {
                 let hop = nested_probe_name(&target);
                 if failed(probes, &hop) {

@@ -12,7 +12,9 @@
 use std::fmt;
 use std::process::Command;
 
-use crate::boundary::{Builders, MachineName, NixSystem, Origin, Refused, StoreDir, StorePath};
+use crate::boundary::{
+    Builders, CacheSettings, CopyMode, MachineName, NixSystem, Origin, Refused, StoreDir, StorePath,
+};
 use crate::error::{Error, Hint};
 use crate::eval::MachineFacts;
 use crate::host::HostAddress;
@@ -95,6 +97,10 @@ pub struct ResolvedMachine {
     pub system: Option<NixSystem>,
     /// Nix remote builders behind the build host, and where they come from.
     pub builders: Option<Resolved<Builders>>,
+    /// How the closure reaches the target, and why.
+    pub copy_mode: Resolved<CopyMode>,
+    /// The binary cache of `--copy-mode cache`.
+    pub cache: Option<CacheSettings>,
     /// `deploy.healthCheck`: a shell command run on the target after activation.
     pub health_check: Option<String>,
     /// Toplevel derivation.
@@ -114,6 +120,10 @@ pub struct Overrides {
     pub forward_agent: Option<bool>,
     /// `--builders`
     pub builders: Option<String>,
+    /// `--copy-mode`
+    pub copy_mode: Option<CopyMode>,
+    /// `--cache-upload`, `--cache-url`, `--cache-key`
+    pub cache: [Option<String>; 3],
 }
 
 /// Looks up the user an ssh config sets for an address that names none.
@@ -334,6 +344,57 @@ pub fn resolve_machine(
             .map_err(refused)
     })
     .transpose()?;
+    let copy_mode = match (&overrides.copy_mode, &facts.inventory_copy_mode) {
+        (Some(mode), _) => Resolved {
+            value: *mode,
+            source: Source::Flag("--copy-mode"),
+        },
+        (None, Some(mode)) => {
+            let source = inventory(name, "copyMode");
+            Resolved {
+                value: CopyMode::parse(mode, &Origin::Flake(source.to_string()))
+                    .map_err(refused)?,
+                source,
+            }
+        }
+        (None, None) => Resolved {
+            value: CopyMode::Ssh,
+            source: Source::Default,
+        },
+    };
+    let cache = if copy_mode.value == CopyMode::Cache {
+        let [upload, url, key] = &overrides.cache;
+        let pick =
+            |flag: &Option<String>, inv: &Option<String>| flag.clone().or_else(|| inv.clone());
+        match (
+            pick(upload, &facts.inventory_cache_upload),
+            pick(url, &facts.inventory_cache_url),
+            pick(key, &facts.inventory_cache_key),
+        ) {
+            (Some(upload), Some(url), Some(key)) => Some(
+                CacheSettings::parse(
+                    &upload,
+                    &url,
+                    &key,
+                    &Origin::Flake(format!(
+                        "inventory.machines.{name}.deploy.cache or --cache-*"
+                    )),
+                )
+                .map_err(refused)?,
+            ),
+            _ => {
+                return Err(Error::usage(format!(
+                    "{name}: --copy-mode cache ({}) needs a cache: its upload store, URL and public key",
+                    copy_mode.source
+                ))
+                .hint(Hint::text(format!(
+                    "set inventory.machines.{name}.deploy.cache.{{upload,url,publicKey}}, or pass --cache-upload, --cache-url and --cache-key; clan machines setup-cache {name} makes the key"
+                ))));
+            }
+        }
+    } else {
+        None
+    };
     let name = name.as_str();
     let target = first_set(target_candidates(name, facts, overrides))?
         .ok_or_else(|| {
@@ -385,6 +446,8 @@ pub fn resolve_machine(
         forward_agent,
         system,
         builders,
+        copy_mode,
+        cache,
         health_check,
         drv_path,
         out_path,
@@ -463,11 +526,9 @@ mod tests {
             system: Some("x86_64-linux".into()),
             require_explicit_update: false,
             warnings: Vec::new(),
-            health_check: None,
-            inventory_builders: None,
-            config_builders: None,
             drv_path: "/nix/store/00000000000000000000000000000000-a.drv".into(),
             out_path: "/nix/store/00000000000000000000000000000000-a".into(),
+            ..Default::default()
         }
     }
 

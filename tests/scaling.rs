@@ -135,3 +135,124 @@ fn a_builder_the_build_host_cannot_verify_stops_the_preflight() {
     assert_eq!(bad.code, 2);
     assert!(bad.stderr.contains("invalid builders"));
 }
+
+/// A build host, two targets, a binary cache the build host fills at /root/cache (its own
+/// file:// store), served over HTTP to the targets; the signing key made by setup-cache.
+fn cache_lab() -> (Lab, String, String) {
+    let mut lab = Lab::start(&[
+        HostSpec::new("builder"),
+        HostSpec::new("t1"),
+        HostSpec::new("t2"),
+    ]);
+    let plain = lab.write_flake(&format!(
+        r#"{{ inventory.machines.t1 = {{ deploy.targetHost = "root@{}"; deploy.buildHost = "root@{}"; }}; machines.t1 = system {{ }}; }}"#,
+        lab.ip("t1"),
+        lab.ip("builder")
+    ));
+    let setup = clan(
+        &lab,
+        &plain,
+        &[
+            "machines",
+            "setup-cache",
+            "t1",
+            "--key-name",
+            "lab-cache",
+            "--upload",
+            "file:///root/cache",
+        ],
+    );
+    assert_eq!(setup.code, 0);
+    let key = setup.stdout.trim().to_string();
+    assert!(key.starts_with("lab-cache:"), "{key}");
+    let url = lab.serve_http(&lab.host("builder").root().join("cache"));
+    (lab, url, key)
+}
+
+fn cache_flake(lab: &Lab, url: &str, key: &str) -> std::path::PathBuf {
+    let machines = ["t1", "t2"];
+    let inventory: String = machines
+        .iter()
+        .map(|m| {
+            format!(
+                r#"{m}.deploy = {{ targetHost = "root@{}"; buildHost = "root@{}"; copyMode = "cache";
+                   cache = {{ upload = "file:///root/cache"; url = "{url}"; publicKey = "{key}"; }}; }};"#,
+                lab.ip(m),
+                lab.ip("builder")
+            )
+        })
+        .collect();
+    lab.write_flake(&format!(
+        r#"{{ inventory.machines = {{ {inventory} }}; machines = {{ t1 = system {{ }}; t2 = system {{ }}; }}; }}"#
+    ))
+}
+
+// Cache mode: the build host signs the closures into its cache; each target substitutes
+// from it over HTTP and checks the signature with its own trusted key. The build host never
+// logs in to the targets.
+#[test]
+fn cache_mode_targets_substitute_signed_closures() {
+    let (lab, url, key) = cache_lab();
+    for t in ["t1", "t2"] {
+        lab.append_nix_conf(t, &format!("trusted-public-keys = {key}"));
+    }
+    let f = cache_flake(&lab, &url, &key);
+    let outs: Vec<String> = ["t1", "t2"].iter().map(|m| toplevel(&lab, &f, m)).collect();
+    let run = clan(&lab, &f, &["machines", "update", "-v"]);
+    assert_eq!(run.code, 0);
+    assert!(run.stderr.contains("clan-cache-upload"));
+    for (t, out) in ["t1", "t2"].iter().zip(&outs) {
+        assert_eq!(lab.host(t).system_profile().as_deref(), Some(out.as_str()));
+        let sigs = lab.exec(t, &["nix-store", "-q", "--hash", out]);
+        assert!(sigs.status.success());
+        let info = lab.exec(
+            t,
+            &[
+                "nix",
+                "--extra-experimental-features",
+                "nix-command",
+                "path-info",
+                "--sigs",
+                out,
+            ],
+        );
+        assert!(
+            String::from_utf8_lossy(&info.stdout).contains("lab-cache:"),
+            "{t}: not signed by the cache key: {}",
+            String::from_utf8_lossy(&info.stdout)
+        );
+        assert!(
+            !lab.host(t)
+                .sshd_log()
+                .contains(&format!("from {}", lab.ip("builder"))),
+            "the build host logged in to {t}"
+        );
+    }
+}
+
+// A target that does not trust the key, or cannot reach the cache: the preflight says so,
+// with the NixOS option to set; nothing is built or activated.
+#[test]
+fn cache_mode_preflight_checks_trust_and_reach() {
+    let (lab, url, key) = cache_lab();
+    lab.append_nix_conf("t1", &format!("trusted-public-keys = {key}"));
+    let f = cache_flake(&lab, &url, &key);
+    let run = clan(&lab, &f, &["machines", "update"]);
+    assert_eq!(run.code, 1);
+    assert!(run.stderr.contains(&format!(
+        "t2: the target root@{} does not trust the binary cache's key {key}",
+        lab.ip("t2")
+    )));
+    assert!(run.stderr.contains(&format!(
+        "nix.settings.trusted-public-keys = [ \"{key}\" ];"
+    )));
+    assert_eq!(lab.host("t1").system_profile(), None);
+    assert_eq!(lab.host("t2").system_profile(), None);
+
+    let unreachable = url.rsplit_once(':').map(|(h, _)| format!("{h}:9")).unwrap();
+    let f = cache_flake(&lab, &unreachable, &key);
+    let run = clan(&lab, &f, &["machines", "update", "t1"]);
+    assert_eq!(run.code, 1);
+    assert!(run.stderr.contains("cannot reach the binary cache"));
+    assert_eq!(lab.host("t1").system_profile(), None);
+}

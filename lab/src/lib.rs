@@ -267,7 +267,9 @@ fn libc_pid(pid: u32) -> Result<i32, std::num::TryFromIntError> {
 
 /// The `/24` prefix of an address (`127.1.2.3` → `127.1.2`).
 fn subnet_of(ip: &str) -> String {
-    ip.rsplit_once('.').map_or(ip, |(prefix, _)| prefix).to_string()
+    ip.rsplit_once('.')
+        .map_or(ip, |(prefix, _)| prefix)
+        .to_string()
 }
 
 /// Answers one HTTP GET with the file it names under `root` (no `..`), else 404.
@@ -290,7 +292,11 @@ fn serve_one(mut stream: TcpStream, root: &Path) {
         }
     }
     let path = request.split_whitespace().nth(1).unwrap_or("/");
-    let path = path.split('?').next().unwrap_or("/").trim_start_matches('/');
+    let path = path
+        .split('?')
+        .next()
+        .unwrap_or("/")
+        .trim_start_matches('/');
     let head = request.starts_with("HEAD ");
     let file = (!path.split('/').any(|c| c == ".."))
         .then(|| root.join(path))
@@ -887,8 +893,11 @@ impl Lab {
     /// Serves the files under `dir` (as the machine sees it) over HTTP on a loopback address
     /// of this lab, for a binary cache; returns the URL. Stops with the lab.
     pub fn serve_http(&mut self, dir: &Path) -> String {
-        let listener = std::net::TcpListener::bind(format!("{}.250:0", subnet_of(&self.ip(WORKSTATION).to_string())))
-            .expect("bind the lab's HTTP server");
+        let listener = std::net::TcpListener::bind(format!(
+            "{}.250:0",
+            subnet_of(self.ip(WORKSTATION))
+        ))
+        .expect("bind the lab's HTTP server");
         let addr = listener.local_addr().expect("address");
         let root = dir.to_path_buf();
         let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));

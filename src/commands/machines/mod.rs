@@ -2,6 +2,7 @@
 
 pub mod rollback;
 pub mod setup_build_host;
+pub mod setup_cache;
 pub mod show;
 pub mod update;
 
