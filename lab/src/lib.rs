@@ -893,11 +893,9 @@ impl Lab {
     /// Serves the files under `dir` (as the machine sees it) over HTTP on a loopback address
     /// of this lab, for a binary cache; returns the URL. Stops with the lab.
     pub fn serve_http(&mut self, dir: &Path) -> String {
-        let listener = std::net::TcpListener::bind(format!(
-            "{}.250:0",
-            subnet_of(self.ip(WORKSTATION))
-        ))
-        .expect("bind the lab's HTTP server");
+        let listener =
+            std::net::TcpListener::bind(format!("{}.250:0", subnet_of(self.ip(WORKSTATION))))
+                .expect("bind the lab's HTTP server");
         let addr = listener.local_addr().expect("address");
         let root = dir.to_path_buf();
         let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));

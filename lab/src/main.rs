@@ -49,6 +49,7 @@ fn main() -> ExitCode {
             bench_eval(&clan, machine, &sizes)
         }
         "measure" => measure(&args[2..]),
+        "bench-scale" => bench_scale(&clan),
         "bench" => {
             let sizes: Vec<usize> = if args.len() > 3 {
                 args[3..]
@@ -439,5 +440,202 @@ fn bench_eval(clan: &str, machine_nix: &str, sizes: &[usize]) -> ExitCode {
             tool_rss / 1024
         );
     }
+    ExitCode::SUCCESS
+}
+
+/// Closure size (NAR bytes) of `path` in host `name`'s store.
+fn closure_bytes(lab: &Lab, name: &str, path: &str) -> u64 {
+    let out = lab.exec(
+        name,
+        &[
+            "nix",
+            "--extra-experimental-features",
+            "nix-command",
+            "path-info",
+            "-S",
+            path,
+        ],
+    );
+    String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .nth(1)
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0)
+}
+
+fn dir_bytes(dir: &Path) -> u64 {
+    std::fs::read_dir(dir)
+        .map(|d| {
+            d.flatten()
+                .map(|e| {
+                    let m = e.metadata().expect("metadata");
+                    if m.is_dir() {
+                        dir_bytes(&e.path())
+                    } else {
+                        m.len()
+                    }
+                })
+                .sum()
+        })
+        .unwrap_or(0)
+}
+
+/// `clan-lab bench-scale CLAN`: (a) 16 targets through one build host, ssh copies vs a
+/// binary cache: wall time and bytes the build host sends (ssh: each target's closure;
+/// cache: what it uploads once); (b) 6 machines with a 2 s build each, the build host alone
+/// vs with two Nix builders.
+fn bench_scale(clan: &str) -> ExitCode {
+    const N: usize = 16;
+    let names: Vec<String> = (1..=N).map(|i| format!("m{i}")).collect();
+    let run = |lab: &Lab, flake: &Path, extra: &[&str]| -> f64 {
+        let mut argv = vec![clan, "machines", "update", "--log-format", "plain"];
+        argv.extend_from_slice(extra);
+        let started = Instant::now();
+        let out = lab.run_on_workstation(flake, &argv);
+        assert!(
+            out.status.success(),
+            "deploy failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        started.elapsed().as_secs_f64()
+    };
+    let fleet = |lab: &Lab, cache: Option<(&str, &str)>| {
+        let inventory: String = names
+            .iter()
+            .map(|m| {
+                let cache = cache
+                    .map(|(url, key)| {
+                        format!(
+                            r#"copyMode = "cache"; cache = {{ upload = "file:///root/cache"; url = "{url}"; publicKey = "{key}"; }};"#
+                        )
+                    })
+                    .unwrap_or_default();
+                format!(
+                    r#"{m}.deploy = {{ targetHost = "root@{}"; buildHost = "root@{}"; {cache} }};"#,
+                    lab.ip(m),
+                    lab.ip("builder")
+                )
+            })
+            .collect();
+        let machines: String = names
+            .iter()
+            .map(|m| {
+                format!(
+                    "{m} = system {{ shared = true; packages = [ \"tool-1.0\" \"lib-2.3\" ]; }};"
+                )
+            })
+            .collect();
+        lab.write_flake(&format!(
+            "{{ inventory.machines = {{ {inventory} }}; machines = {{ {machines} }}; }}"
+        ))
+    };
+    let mut specs = vec![HostSpec::new("builder").max_jobs(4)];
+    specs.extend(names.iter().map(|m| HostSpec::new(m)));
+
+    eprintln!("(a) ssh mode, {N} targets…");
+    let lab = Lab::start(&specs);
+    for m in &names {
+        lab.trust("builder", m);
+    }
+    let flake = fleet(&lab, None);
+    let ssh_wall = run(&lab, &flake, &[]);
+    let ssh_bytes: u64 = names
+        .iter()
+        .map(|m| {
+            let out = lab.host(m).system_profile().expect("deployed");
+            closure_bytes(&lab, m, &out)
+        })
+        .sum();
+    drop(lab);
+
+    eprintln!("(a) cache mode, {N} targets…");
+    let mut lab = Lab::start(&specs);
+    let plain = fleet(&lab, None);
+    let setup = lab.run_on_workstation(
+        &plain,
+        &[
+            clan,
+            "machines",
+            "setup-cache",
+            "m1",
+            "--upload",
+            "file:///root/cache",
+        ],
+    );
+    let key = String::from_utf8_lossy(&setup.stdout).trim().to_string();
+    let url = lab.serve_http(&lab.host("builder").root().join("cache"));
+    for m in &names {
+        lab.append_nix_conf(m, &format!("trusted-public-keys = {key}"));
+    }
+    let flake = fleet(&lab, Some((&url, &key)));
+    let cache_wall = run(&lab, &flake, &[]);
+    let cache_bytes = dir_bytes(&lab.host("builder").root().join("cache"));
+    drop(lab);
+
+    eprintln!("(b) 6 machines with a 2 s build each: the build host alone, then with 2 builders…");
+    let six: Vec<String> = (1..=6).map(|i| format!("m{i}")).collect();
+    let mut specs = vec![
+        HostSpec::new("builder"),
+        HostSpec::new("b1"),
+        HostSpec::new("b2"),
+    ];
+    specs.extend(six.iter().map(|m| HostSpec::new(m)));
+    let builds = |lab: &Lab, builders: Option<&str>| {
+        let inventory: String = six
+            .iter()
+            .map(|m| {
+                let b = builders
+                    .map(|b| format!(r#"builders = "{b}";"#))
+                    .unwrap_or_default();
+                format!(
+                    r#"{m}.deploy = {{ targetHost = "root@{}"; buildHost = "root@{}"; {b} }};"#,
+                    lab.ip(m),
+                    lab.ip("builder")
+                )
+            })
+            .collect();
+        let machines: String = six
+            .iter()
+            .map(|m| format!("{m} = system {{ buildSeconds = 2; }};"))
+            .collect();
+        lab.write_flake(&format!(
+            "{{ inventory.machines = {{ {inventory} }}; machines = {{ {machines} }}; }}"
+        ))
+    };
+    let lab = Lab::start(&specs);
+    for m in six.iter().map(String::as_str).chain(["b1", "b2"]) {
+        lab.trust("builder", m);
+    }
+    let flake = builds(&lab, None);
+    let alone = run(&lab, &flake, &[]);
+    drop(lab);
+    let lab = Lab::start(&specs);
+    for m in six.iter().map(String::as_str).chain(["b1", "b2"]) {
+        lab.trust("builder", m);
+    }
+    let spec = format!(
+        "ssh://root@{} x86_64-linux ; ssh://root@{} x86_64-linux",
+        lab.ip("b1"),
+        lab.ip("b2")
+    );
+    let flake = builds(&lab, Some(&spec));
+    let with_builders = run(&lab, &flake, &[]);
+    drop(lab);
+
+    println!("| {N} targets | wall (s) | bytes sent by the build host |");
+    println!("|---|---|---|");
+    println!(
+        "| ssh copies | {ssh_wall:.1} | {} KiB (each target's closure) |",
+        ssh_bytes / 1024
+    );
+    println!(
+        "| binary cache | {cache_wall:.1} | {} KiB (uploaded once) |",
+        cache_bytes / 1024
+    );
+    println!();
+    println!("| 6 machines, 2 s build each | wall (s) |");
+    println!("|---|---|");
+    println!("| build host alone (max-jobs 1) | {alone:.1} |");
+    println!("| build host + 2 Nix builders | {with_builders:.1} |");
     ExitCode::SUCCESS
 }
