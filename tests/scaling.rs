@@ -227,7 +227,46 @@ fn cache_mode_targets_substitute_signed_closures() {
                 .contains(&format!("from {}", lab.ip("builder"))),
             "the build host logged in to {t}"
         );
+        // Nor did the targets fetch from the build host over ssh (no nix-store --serve).
+        assert!(
+            !lab.host("builder")
+                .sshd_log()
+                .contains(&format!("from {}", lab.ip(t))),
+            "{t} logged in to the build host"
+        );
     }
+}
+
+// A file:// cache shared by path (hosts share /tmp here, as machines may share a mount):
+// the build host writes it, the targets read it.
+#[test]
+fn cache_mode_with_a_cache_shared_by_path() {
+    let (lab, _, key) = cache_lab();
+    let shared = lab.dir.join("shared-cache");
+    let url = format!("file://{}", shared.display());
+    let f = lab.write_flake(&format!(
+        r#"{{ inventory.machines.t1.deploy = {{ targetHost = "root@{}"; buildHost = "root@{}"; copyMode = "cache";
+             cache = {{ upload = "{url}"; url = "{url}"; publicKey = "{key}"; }}; }};
+           machines.t1 = system {{ variant = "by-path"; }}; }}"#,
+        lab.ip("t1"),
+        lab.ip("builder")
+    ));
+    lab.append_nix_conf("t1", &format!("trusted-public-keys = {key}"));
+    // The cache must exist before the preflight reaches it: setup-cache opens it.
+    let setup = clan(
+        &lab,
+        &f,
+        &["machines", "setup-cache", "t1", "--key-name", "lab-cache"],
+    );
+    assert_eq!(setup.code, 0);
+    let out = toplevel(&lab, &f, "t1");
+    let run = clan(&lab, &f, &["machines", "update", "t1"]);
+    assert_eq!(run.code, 0);
+    assert_eq!(
+        lab.host("t1").system_profile().as_deref(),
+        Some(out.as_str())
+    );
+    assert!(shared.join("nix-cache-info").exists());
 }
 
 // A target that does not trust the key, or cannot reach the cache: the preflight says so,
