@@ -328,6 +328,53 @@ pub fn evaluate(
     Ok(index)
 }
 
+/// A machine's own evaluation, as it finishes: its name and facts, or why it failed.
+pub type Evaluated = (String, Result<MachineFacts, Error>);
+
+/// Like [`evaluate`] for several machines, streaming: the index evaluation first (returned),
+/// then each selected machine's own evaluation, `nix.eval_jobs` at once, sent as it
+/// finishes, so that a machine can go on to its build before the others are evaluated.
+pub fn evaluate_stream(
+    flake_ref: &FlakeRef,
+    wanted: &[String],
+    tags: &[String],
+    nix: &NixOptions,
+) -> Result<(Evaluation, std::sync::mpsc::Receiver<Evaluated>), Error> {
+    let index = evaluate_once(flake_ref, wanted, tags, nix, false)?;
+    let (tx, rx) = std::sync::mpsc::channel();
+    let queue = std::sync::Arc::new(std::sync::Mutex::new(index.selected_names.clone()));
+    for _ in 0..nix.eval_jobs.max(1).min(index.selected_names.len().max(1)) {
+        let (tx, queue, flake_ref, nix) = (
+            tx.clone(),
+            std::sync::Arc::clone(&queue),
+            flake_ref.clone(),
+            nix.clone(),
+        );
+        std::thread::spawn(move || {
+            loop {
+                let Some(name) = queue.lock().expect("queue").pop() else {
+                    return;
+                };
+                let result =
+                    evaluate_once(&flake_ref, std::slice::from_ref(&name), &[], &nix, true)
+                        .and_then(|mut e| {
+                            e.selected.remove(&name).ok_or_else(|| {
+                                Error::usage(format!("evaluating machine {name} gave no facts"))
+                            })
+                        })
+                        .map_err(|error| Error {
+                            message: format!("{name}: {}", error.message),
+                            ..error
+                        });
+                if tx.send((name, result)).is_err() {
+                    return;
+                }
+            }
+        });
+    }
+    Ok((index, rx))
+}
+
 fn evaluate_once(
     flake_ref: &FlakeRef,
     wanted: &[String],

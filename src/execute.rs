@@ -304,6 +304,11 @@ pub fn run_plan(
 /// the standard input of the commands that ask sudo to read it.
 static SUDO_PASSWORD: std::sync::OnceLock<String> = std::sync::OnceLock::new();
 
+/// Whether the run's sudo password was read already.
+pub fn has_sudo_password() -> bool {
+    SUDO_PASSWORD.get().is_some()
+}
+
 /// Sets the sudo password for this run.
 pub fn set_sudo_password(password: String) {
     let _ = SUDO_PASSWORD.set(password);
@@ -820,6 +825,14 @@ fn run_step(
     session_of(step, connections).run(|| run_step_now(step, label, sink, progress, None))
 }
 
+/// Seconds since the Unix epoch, to the millisecond: when a step started, in the logs.
+fn timestamp() -> String {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    format!("@{:.3}", now.as_secs_f64())
+}
+
 /// Called with (builds done, builds expected) as a realise reports them.
 type OnBuilds<'a> = &'a (dyn Fn(u64, u64) + Sync);
 
@@ -843,7 +856,11 @@ fn run_step_now(
         progress.event(&format!("[{label}] {what} ({})", step.host_label()));
     }
     if let Some(sink) = sink {
-        sink.write(&format!("{header}\n$ {}\n", step.local_argv().join(" ")));
+        sink.write(&format!(
+            "{} {header}\n$ {}\n",
+            timestamp(),
+            step.local_argv().join(" ")
+        ));
     }
     let argv = step.local_argv();
     // Remote commands that stop when their input ends get an input we hold open.

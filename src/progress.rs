@@ -96,6 +96,23 @@ impl Progress {
         }
     }
 
+    /// The same display for the machines `subset` of `all` (the names this display was made
+    /// with), in that order: a part of a run planned on its own shares the lines.
+    pub fn subset(&self, all: &[String], subset: &[String]) -> Progress {
+        let index = |name: &String| all.iter().position(|n| n == name).expect("a known machine");
+        match self {
+            Progress::Plain { verbose, .. } => Progress::Plain {
+                names: subset.to_vec(),
+                verbose: *verbose,
+            },
+            Progress::Live { multi, bars } => Progress::Live {
+                multi: multi.clone(),
+                bars: subset.iter().map(|n| bars[index(n)].clone()).collect(),
+            },
+            Progress::Silent => Progress::Silent,
+        }
+    }
+
     /// Whether commands and their output are shown (`-v`).
     pub fn verbose(&self) -> bool {
         matches!(self, Progress::Plain { verbose: true, .. })

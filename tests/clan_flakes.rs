@@ -399,3 +399,76 @@ fn ctrl_c_during_evaluation_exits_130() {
     assert!(!evaluating(), "nix eval left running");
     assert_eq!(lab.host("target").system_profile(), None);
 }
+
+// Streaming: each machine goes on to its build as soon as it is evaluated. With one machine
+// slow to evaluate, the fast one's build starts first (the run's log timestamps say so).
+#[test]
+fn a_fast_machine_builds_while_a_slow_one_is_evaluated() {
+    let lab = Lab::start(&[HostSpec::new("t1"), HostSpec::new("t2")]);
+    let f = lab.write_flake(&format!(
+        r#"{{
+          inventory.machines = {{
+            fast.deploy.targetHost = "root@{}";
+            slow.deploy.targetHost = "root@{}";
+          }};
+          machines = {{
+            fast = system {{ }};
+            slow = {{ ... }}: {{
+              imports = [ (system {{ }}) ];
+              networking.hostName =
+                let f = n: if n == 0 then 0 else 1 + f (n - 1);
+                in builtins.seq (builtins.foldl' (a: i: a + (f 1000)) 0 (builtins.genList (x: x) 40000)) "slow";
+            }};
+          }};
+        }}"#,
+        lab.ip("t1"),
+        lab.ip("t2")
+    ));
+    let run = clan(
+        &lab,
+        &f,
+        &["machines", "update", "--eval-jobs", "2", "--json"],
+    );
+    assert_eq!(run.code, 0);
+    let report: serde_json::Value = serde_json::from_str(&run.stdout).unwrap();
+    let log = report["machines"][0]["log"].as_str().unwrap();
+    let dir = lab.host("workstation").root().join(
+        std::path::Path::new(log)
+            .parent()
+            .unwrap()
+            .strip_prefix("/root")
+            .unwrap(),
+    );
+    // When each machine's realise started, from the build logs' step headers.
+    let started = |drv_name: &str| -> f64 {
+        std::fs::read_dir(&dir)
+            .unwrap()
+            .flatten()
+            .flat_map(|e| {
+                std::fs::read_to_string(e.path())
+                    .unwrap_or_default()
+                    .lines()
+                    .map(str::to_string)
+                    .collect::<Vec<_>>()
+            })
+            .filter(|l| {
+                l.starts_with('@') && l.contains("nix-store --realise") && l.contains(drv_name)
+            })
+            .filter_map(|l| {
+                l[1..]
+                    .split_whitespace()
+                    .next()
+                    .and_then(|t| t.parse().ok())
+            })
+            .next()
+            .unwrap_or_else(|| panic!("no realise of {drv_name} in the logs"))
+    };
+    let fast = started("nixos-system-fast.drv");
+    let slow = started("nixos-system-slow.drv");
+    assert!(
+        fast + 1.0 < slow,
+        "the fast machine's build did not start first: fast {fast}, slow {slow}"
+    );
+    assert!(lab.host("t1").system_profile().is_some());
+    assert!(lab.host("t2").system_profile().is_some());
+}

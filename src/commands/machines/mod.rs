@@ -96,6 +96,148 @@ pub fn load_selection_skipping(
             }
         }
     }
+    check_index(&evaluation, names, tags, overrides, flake)?;
+    if names.is_empty()
+        && let Some(skipped) = skipped
+    {
+        *skipped = default_selection(&mut evaluation, overrides);
+    }
+    for (name, facts) in &evaluation.selected {
+        for warning in &facts.warnings {
+            eprintln!(
+                "{name}: warning: {}",
+                crate::boundary::terminal_safe(warning)
+            );
+        }
+    }
+    let users = SshConfigLookup;
+    let machines = resolve_evaluation(evaluation, overrides, &users)?;
+    check_outputs(&machines)?;
+    Ok(machines)
+}
+
+/// A selection evaluated machine by machine, as each evaluation finishes.
+pub struct Streamed {
+    /// The index: names, tags, the selection, the store directory.
+    pub index: crate::eval::Evaluation,
+    /// Each selected machine's own evaluation.
+    pub evaluated: std::sync::mpsc::Receiver<crate::eval::Evaluated>,
+    /// Whether machines without a targetHost, or requiring an explicit update, are skipped.
+    default_selection: bool,
+}
+
+/// One machine of a [`Streamed`] selection: deployed, skipped (why), or failed.
+pub enum StreamedMachine {
+    /// Goes on to its build.
+    Ready(Box<ResolvedMachine>),
+    /// Left out of the default selection.
+    Skipped(MachineName, &'static str),
+    /// Its evaluation, or a check of what it says, failed.
+    Failed(MachineName, Error),
+}
+
+impl Streamed {
+    /// How many machines will arrive.
+    pub fn expected(&self) -> usize {
+        self.index.selected_names.len()
+    }
+
+    /// Checks and resolves one evaluated machine, as [`load_selection`] does for all.
+    pub fn resolve(
+        &self,
+        (name, facts): crate::eval::Evaluated,
+        overrides: &Overrides,
+    ) -> StreamedMachine {
+        let checked = match MachineName::parse(&name, &Origin::Flake("machines".into())) {
+            Ok(n) => n,
+            Err(e) => {
+                let fallback =
+                    MachineName::parse("invalid", &Origin::CommandLine("-")).expect("a valid name");
+                return StreamedMachine::Failed(fallback, Error::usage(e.to_string()));
+            }
+        };
+        let facts = match facts {
+            Ok(facts) => facts,
+            Err(error) => return StreamedMachine::Failed(checked, error),
+        };
+        let mut one = crate::eval::Evaluation {
+            machines: self.index.machines.clone(),
+            tags: self.index.tags.clone(),
+            selected: [(name.clone(), facts)].into_iter().collect(),
+            store_dir: self.index.store_dir.clone(),
+            selected_names: vec![name.clone()],
+            failed: Default::default(),
+        };
+        if self.default_selection
+            && let Some((_, why)) = default_selection(&mut one, overrides).into_iter().next()
+        {
+            return StreamedMachine::Skipped(checked, why);
+        }
+        for warning in one.selected.values().flat_map(|f| &f.warnings) {
+            eprintln!(
+                "{name}: warning: {}",
+                crate::boundary::terminal_safe(warning)
+            );
+        }
+        let resolved = resolve_evaluation(one, overrides, &SshConfigLookup).and_then(|m| {
+            check_outputs(&m)?;
+            Ok(m)
+        });
+        match resolved {
+            Ok(mut machines) => match machines.pop() {
+                Some(loaded) => StreamedMachine::Ready(Box::new(loaded.machine)),
+                None => StreamedMachine::Failed(checked, Error::new("no machine was resolved")),
+            },
+            Err(error) => StreamedMachine::Failed(checked, error),
+        }
+    }
+}
+
+/// Like [`load_selection`], but streaming: the index is evaluated and checked now; each
+/// selected machine's own evaluation arrives later through [`Streamed::evaluated`].
+pub fn stream_selection(
+    flake: &Path,
+    names: &[String],
+    tags: &[String],
+    overrides: &Overrides,
+    nix: &NixOptions,
+) -> Result<Streamed, Error> {
+    for name in names {
+        check_machine_name(name)?;
+    }
+    for tag in tags {
+        Tag::parse(tag, &Origin::CommandLine("--tags")).map_err(|e| Error::usage(e.to_string()))?;
+    }
+    if let Some(value) = &overrides.build_host {
+        parse_address(value, &Source::Flag("--build-host"))?;
+    }
+    if let Some(value) = &overrides.target_host {
+        parse_address(value, &Source::Flag("--target-host"))?;
+    }
+    let flake = flake_ref(flake)?;
+    eprintln!("Evaluating {} on this workstation…", flake.shown);
+    let (index, evaluated) = crate::eval::evaluate_stream(&flake, names, tags, nix)?;
+    if crate::interrupt::requested() {
+        return Err(crate::error::interrupted("while evaluating the flake"));
+    }
+    check_names(&index)?;
+    check_index(&index, names, tags, overrides, &flake.shown)?;
+    Ok(Streamed {
+        index,
+        evaluated,
+        default_selection: names.is_empty(),
+    })
+}
+
+/// What the index evaluation allows to check: unknown names, tags no machine has, and
+/// `--target-host` with several machines.
+fn check_index(
+    evaluation: &crate::eval::Evaluation,
+    names: &[String],
+    tags: &[String],
+    overrides: &Overrides,
+    flake: &str,
+) -> Result<(), Error> {
     if let Some(unknown) = names.iter().find(|m| !evaluation.machines.contains(m)) {
         return Err(Error::usage(format!(
             "unknown machine {unknown:?} (from the command line): the flake {flake} defines {}",
@@ -109,7 +251,7 @@ pub fn load_selection_skipping(
             "machines come from inventory.machines and machines in clan.nix",
         )));
     }
-    if !tags.is_empty() && evaluation.selected.is_empty() {
+    if !tags.is_empty() && evaluation.selected_names.is_empty() {
         let mut known: Vec<&String> = evaluation.tags.values().flatten().collect();
         known.sort();
         known.dedup();
@@ -131,35 +273,14 @@ pub fn load_selection_skipping(
             "--tags selects the machines that have every tag given (as clan-core does); tags come from inventory.machines.<name>.tags",
         )));
     }
-    if overrides.target_host.is_some() && evaluation.selected.len() > 1 {
+    if overrides.target_host.is_some() && evaluation.selected_names.len() > 1 {
         return Err(Error::usage(format!(
             "--target-host names one address, but {} machines are selected ({}): name one machine",
-            evaluation.selected.len(),
-            evaluation
-                .selected
-                .keys()
-                .cloned()
-                .collect::<Vec<_>>()
-                .join(", ")
+            evaluation.selected_names.len(),
+            evaluation.selected_names.join(", ")
         )));
     }
-    if names.is_empty()
-        && let Some(skipped) = skipped
-    {
-        *skipped = default_selection(&mut evaluation, overrides);
-    }
-    for (name, facts) in &evaluation.selected {
-        for warning in &facts.warnings {
-            eprintln!(
-                "{name}: warning: {}",
-                crate::boundary::terminal_safe(warning)
-            );
-        }
-    }
-    let users = SshConfigLookup;
-    let machines = resolve_evaluation(evaluation, overrides, &users)?;
-    check_outputs(&machines)?;
-    Ok(machines)
+    Ok(())
 }
 
 /// `clan machines update` without machine names, as clan-core does it: every selected

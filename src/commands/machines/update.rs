@@ -43,6 +43,10 @@ fn print_json(value: &serde_json::Value) {
 }
 
 fn deploy(args: &UpdateArgs) -> Result<i32, Error> {
+    let several = !(args.machines.len() == 1 && args.tags.is_empty());
+    if several && !args.dry_run && args.canary.is_empty() && args.batch_size.is_none() {
+        return deploy_streaming(args);
+    }
     let overrides = args.hosts.overrides(Some(&args.agent));
     let mut skipped = Some(Vec::new());
     let mut failed = Some(Vec::new());
@@ -413,4 +417,289 @@ pub fn rollout_batches(
         None => {}
     }
     Ok((batches, canaries))
+}
+
+/// How long machines that finished evaluating wait for others before their build starts:
+/// those that finish close together build in one batch.
+const STREAM_WINDOW: std::time::Duration = std::time::Duration::from_millis(500);
+
+/// A deploy of several machines that streams: each machine is evaluated on its own, and
+/// machines go on to their preflight, build, copy and activation as soon as they (and any
+/// that finish within [`STREAM_WINDOW`] of them) are evaluated, while the others are still
+/// being evaluated. Each such batch is planned, checked and run on its own, concurrently.
+fn deploy_streaming(args: &UpdateArgs) -> Result<i32, Error> {
+    use crate::commands::machines::{StreamedMachine, stream_selection};
+    use crate::execute::{MachineReport, Outcome};
+    let overrides = args.hosts.overrides(Some(&args.agent));
+    let nix = args.hosts.nix_options()?;
+    let streamed = stream_selection(
+        &args.hosts.flake,
+        &args.machines,
+        &args.tags,
+        &overrides,
+        &nix,
+    )?;
+    let run_id = run_id();
+    let connections = Connections::new(&run_id);
+    let base = PlanContext {
+        run_id: run_id.clone(),
+        host_key_check: args.connect.host_key_check,
+        control_dir: connections.dir(),
+        own_control_path: BTreeSet::new(),
+        copy_via_workstation: args.copy_via_workstation,
+        use_substitutes: args.use_substitutes,
+        activation: Activation {
+            action: args.action,
+            diff: !args.no_diff,
+            rollback_timeout: (!args.no_rollback).then_some(args.rollback_timeout),
+        },
+        sudo_password: BTreeSet::new(),
+        workstation: workstation_identity(),
+        lock_timeout: args.lock_timeout,
+        nix_flags: nix.flags(),
+        health_check_timeout: args.health_check_timeout,
+        rollback_on_unhealthy: args.rollback_on_unhealthy,
+    };
+    let logs = Logs::create(&run_id);
+    let live =
+        !args.verbose && args.log_format == LogFormat::Auto && std::io::stderr().is_terminal();
+    let names = streamed.index.selected_names.clone();
+    let progress = Progress::new(&names, live, args.verbose);
+    let options = RunOptions {
+        jobs: usize::from(args.jobs),
+        fail_fast: args.fail_fast,
+    };
+    let sudo_lock = std::sync::Mutex::new(());
+    let expected = streamed.expected();
+    let mut early: Vec<MachineReport> = Vec::new();
+    let not_deployed = |name: &str, target: String, outcome: Outcome| MachineReport {
+        name: name.to_string(),
+        build_host: "-".into(),
+        target,
+        outcome,
+        stages: Default::default(),
+        changes: None,
+        log: None,
+    };
+    let mut skipped_any = false;
+    let mut reports: Vec<MachineReport> = std::thread::scope(|scope| {
+        let mut handles = Vec::new();
+        let mut pending: Vec<ResolvedMachine> = Vec::new();
+        let mut received = 0;
+        let mut wave: u8 = 0;
+        while received < expected {
+            let wait = if pending.is_empty() {
+                std::time::Duration::from_secs(24 * 3600)
+            } else {
+                STREAM_WINDOW
+            };
+            let mut window_closed = false;
+            match streamed.evaluated.recv_timeout(wait) {
+                Ok(evaluated) => {
+                    received += 1;
+                    match streamed.resolve(evaluated, &overrides) {
+                        StreamedMachine::Ready(m) => pending.push(*m),
+                        StreamedMachine::Skipped(name, why) => {
+                            skipped_any = true;
+                            eprintln!("{name}: skipped ({why})");
+                            if let Some(i) = names.iter().position(|n| n == name.as_str()) {
+                                progress.finish(i, false, &format!("skipped ({why})"));
+                            }
+                        }
+                        StreamedMachine::Failed(name, error) => {
+                            eprintln!("{name}: evaluation failed: {}", error.message);
+                            if let Some(i) = names.iter().position(|n| n == name.as_str()) {
+                                progress.finish(i, false, "evaluation failed");
+                            }
+                            early.push(not_deployed(&name, "-".into(), Outcome::Failed(error)));
+                        }
+                    }
+                }
+                Err(std::sync::mpsc::RecvTimeoutError::Timeout) => window_closed = true,
+                Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => received = expected,
+            }
+            if crate::interrupt::requested() {
+                break;
+            }
+            if !pending.is_empty() && (window_closed || received >= expected) {
+                let machines = std::mem::take(&mut pending);
+                let (base, connections, logs, progress, names, sudo_lock) =
+                    (&base, &connections, &logs, &progress, &names, &sudo_lock);
+                let this = wave;
+                wave = wave.wrapping_add(1);
+                handles.push(scope.spawn(move || {
+                    run_wave(
+                        args,
+                        base,
+                        this,
+                        machines,
+                        connections,
+                        logs,
+                        progress,
+                        names,
+                        sudo_lock,
+                        options,
+                    )
+                }));
+            }
+        }
+        handles
+            .into_iter()
+            .flat_map(|h| h.join().expect("wave thread"))
+            .collect()
+    });
+    progress.close();
+    reports.extend(early);
+    if crate::interrupt::requested() && reports.is_empty() {
+        return Err(crate::error::interrupted("while evaluating the flake"));
+    }
+    if reports.is_empty() {
+        return Err(Error::usage(if skipped_any {
+            "no machine to update: every one was skipped (see above)"
+        } else {
+            "no machine to update: none is selected"
+        }));
+    }
+    // In the order of the selection.
+    reports.sort_by_key(|r| {
+        names
+            .iter()
+            .position(|n| *n == r.name)
+            .unwrap_or(usize::MAX)
+    });
+    let code = exit_code(&reports);
+    for r in &reports {
+        if let Some(changes) = &r.changes {
+            eprintln!("\nChanges on {}:\n{}", r.name, changes.trim_end());
+        }
+    }
+    eprintln!("\n{}", report::summary(&reports));
+    if code != 0
+        && let Some(dir) = logs.dir()
+    {
+        eprintln!("Logs of every machine and build: {}", dir.display());
+    }
+    if args.json {
+        print_json(&report::json(&run_id, &reports, code));
+    }
+    Ok(code)
+}
+
+/// One streamed batch: its own run id (the wave's number in the last two hex digits), sudo,
+/// plan, preflight (a machine with a problem fails alone) and run.
+#[allow(clippy::too_many_arguments)]
+fn run_wave(
+    args: &UpdateArgs,
+    base: &PlanContext,
+    wave: u8,
+    machines: Vec<ResolvedMachine>,
+    connections: &Connections,
+    logs: &Logs,
+    progress: &Progress,
+    all_names: &[String],
+    sudo_lock: &std::sync::Mutex<()>,
+    options: RunOptions,
+) -> Vec<crate::execute::MachineReport> {
+    use crate::execute::{MachineReport, Outcome};
+    let failed_all = |machines: &[ResolvedMachine], error: &Error| -> Vec<MachineReport> {
+        machines
+            .iter()
+            .map(|m| MachineReport {
+                name: m.name.to_string(),
+                build_host: "-".into(),
+                target: m.target.value.to_string(),
+                outcome: Outcome::Failed(error.clone()),
+                stages: Default::default(),
+                changes: None,
+                log: None,
+            })
+            .collect()
+    };
+    let mut ctx = base.clone();
+    ctx.run_id = format!("{}{wave:02x}", &base.run_id[..base.run_id.len() - 2]);
+    ctx.own_control_path = own_control_paths(&machines);
+    if args.copy_via_workstation
+        && let Err(error) = check_relay(&machines)
+    {
+        return failed_all(&machines, &error);
+    }
+    {
+        // One prompt at a time; the password is asked once for the run.
+        let _sudo = sudo_lock.lock().unwrap_or_else(|e| e.into_inner());
+        let targets: Vec<(String, SshHost)> = machines
+            .iter()
+            .map(|m| (m.name.to_string(), ctx.ssh_host(&m.target.value, false)))
+            .collect();
+        let result = sudo::needs_password(&targets, connections).and_then(|needs| {
+            if !needs.is_empty() && !crate::execute::has_sudo_password() {
+                let password = sudo::read_password(&needs)?;
+                if !args.no_preflight {
+                    sudo::check_password(&targets, &needs, &password, connections)?;
+                }
+                crate::execute::set_sudo_password(password);
+            }
+            Ok(needs)
+        });
+        match result {
+            Ok(needs) => ctx.sudo_password = needs,
+            Err(error) => return failed_all(&machines, &error),
+        }
+    }
+    let mut plan = plan_deploy(machines, &ctx);
+    if ctx.host_key_check == crate::ssh::HostKeyCheck::None {
+        eprintln!("{}", host_key_none_warning(&plan));
+    }
+    for machine in &plan.machines {
+        eprintln!("{}", describe_target(&machine.machine));
+        eprintln!("{}", describe_build(&machine.machine));
+        if let Some(warning) = describe_forward_agent(&machine.machine) {
+            eprintln!("{warning}");
+        }
+    }
+    let mut reports = Vec::new();
+    if !args.no_preflight {
+        let problems = preflight::run(&plan, &ctx, connections);
+        if !problems.is_empty() {
+            for problem in &problems {
+                eprintln!("\n{problem}");
+            }
+            // A problem names its machine ("preflight: NAME: …"); one that names none stops
+            // the whole batch.
+            let of = |name: &str| {
+                problems
+                    .iter()
+                    .find(|p| p.message.starts_with(&format!("preflight: {name}: ")))
+            };
+            let all_named = problems.iter().all(|p| {
+                plan.machines.iter().any(|m| {
+                    p.message
+                        .starts_with(&format!("preflight: {}: ", m.machine.name))
+                })
+            });
+            let (bad, good): (Vec<ResolvedMachine>, Vec<ResolvedMachine>) = plan
+                .machines
+                .iter()
+                .map(|m| m.machine.clone())
+                .partition(|m| !all_named || of(&m.name).is_some());
+            for m in &bad {
+                let error = of(&m.name).cloned().unwrap_or_else(|| problems[0].clone());
+                if let Some(i) = all_names.iter().position(|n| n == m.name.as_str()) {
+                    progress.finish(i, false, "preflight failed");
+                }
+                reports.extend(failed_all(std::slice::from_ref(m), &error));
+            }
+            if good.is_empty() {
+                return reports;
+            }
+            plan = plan_deploy(good, &ctx);
+        }
+    }
+    let names: Vec<String> = plan
+        .machines
+        .iter()
+        .map(|m| m.machine.name.to_string())
+        .collect();
+    let progress = progress.subset(all_names, &names);
+    reports.extend(run_plan(&plan, connections, logs, &progress, options));
+    reports
 }
