@@ -213,27 +213,27 @@ fn confirmed_system_stays_and_nothing_remains(kind: HostKind) {
     deploy(&lab, "");
     let f = flake(&lab, r#"variant = "v2";"#);
     let v2 = toplevel(&lab, &f, "m");
-    let run = update(&lab, &f, &["--rollback-timeout", "5"]);
+    let run = update(&lab, &f, &["--rollback-timeout", "10"]);
     assert_eq!(run.code, 0);
     assert_nothing_left(&lab);
-    std::thread::sleep(Duration::from_secs(7));
+    std::thread::sleep(Duration::from_secs(12));
     assert_system(&lab, Some(&v2), Some(&v2));
     assert_eq!(switches(&lab).last().unwrap(), &format!("{v2} switch"));
 }
 
-// The countdown starts when the switch has ended: a switch of 8 s with a 5 s timeout is
+// The countdown starts when the switch has ended: a switch of 10 s with a 7 s timeout is
 // never rolled back, then or later.
 fn switch_longer_than_the_timeout_is_never_rolled_back(kind: HostKind) {
     let lab = target_lab(kind);
     deploy(&lab, "");
-    let f = flake(&lab, r#"variant = "slow"; switchSeconds = 8;"#);
+    let f = flake(&lab, r#"variant = "slow"; switchSeconds = 10;"#);
     let slow = toplevel(&lab, &f, "m");
-    let run = update(&lab, &f, &["--rollback-timeout", "5", "--json"]);
+    let run = update(&lab, &f, &["--rollback-timeout", "7", "--json"]);
     assert_eq!(run.code, 0);
     let report: serde_json::Value = serde_json::from_str(&run.stdout).unwrap();
     assert_eq!(report["machines"][0]["result"], "deployed");
     assert_system(&lab, Some(&slow), Some(&slow));
-    std::thread::sleep(Duration::from_secs(10));
+    std::thread::sleep(Duration::from_secs(12));
     assert_system(&lab, Some(&slow), Some(&slow));
     assert_eq!(
         switches(&lab)[switches(&lab).len() - 2..],
@@ -286,7 +286,7 @@ fn stale_watchdog_of_a_killed_run_never_acts(kind: HostKind) {
 
     let f2 = flake(&lab, r#"variant = "v3";"#);
     let v3 = toplevel(&lab, &f2, "m");
-    let run = update(&lab, &f2, &["--rollback-timeout", "5"]);
+    let run = update(&lab, &f2, &["--rollback-timeout", "10"]);
     assert_eq!(run.code, 0);
     assert_system(&lab, Some(&v3), Some(&v3));
     std::thread::sleep(Duration::from_secs(10));
@@ -355,7 +355,7 @@ fn two_runs_of_one_machine_take_turns(kind: HostKind) {
         "--log-format",
         "plain",
         "--rollback-timeout",
-        "5",
+        "10",
     ];
     let f1 = flake(&lab, r#"variant = "v2"; switchSeconds = 3;"#);
     let first = lab.spawn_on_workstation(&f1, &args);
