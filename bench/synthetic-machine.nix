@@ -29,6 +29,8 @@ in
     builder = "/bin/sh";
     PATH = "/usr/bin:/bin";
     configHash = builtins.hashString "sha256" (builtins.toJSON config.synthetic);
-    args = [ "-c" "mkdir -p $out/bin; echo $configHash > $out/hash" ];
+    # A system the target accepts: nixos-version and a switch-to-configuration that does
+    # nothing.
+    args = [ "-c" "mkdir -p $out/bin; echo $configHash > $out/hash; echo synthetic > $out/nixos-version; printf '#!/bin/sh\\nexit 0\\n' > $out/bin/switch-to-configuration; chmod +x $out/bin/switch-to-configuration" ];
   };
 }

@@ -420,8 +420,12 @@ pub fn rollout_batches(
 }
 
 /// How long machines that finished evaluating wait for others before their build starts:
-/// those that finish close together build in one batch.
+/// those that finish close together build in one batch, but no machine waits longer than
+/// [`STREAM_MAX_WAIT`] after its own evaluation.
 const STREAM_WINDOW: std::time::Duration = std::time::Duration::from_millis(500);
+
+/// The longest a machine waits, once evaluated, for others to join its batch.
+const STREAM_MAX_WAIT: std::time::Duration = std::time::Duration::from_millis(1000);
 
 /// A deploy of several machines that streams: each machine is evaluated on its own, and
 /// machines go on to their preflight, build, copy and activation as soon as they (and any
@@ -487,18 +491,21 @@ fn deploy_streaming(args: &UpdateArgs) -> Result<i32, Error> {
         let mut pending: Vec<ResolvedMachine> = Vec::new();
         let mut received = 0;
         let mut wave: u8 = 0;
+        let mut first_pending: Option<std::time::Instant> = None;
         while received < expected {
-            let wait = if pending.is_empty() {
-                std::time::Duration::from_secs(24 * 3600)
-            } else {
-                STREAM_WINDOW
+            let wait = match first_pending {
+                None => std::time::Duration::from_secs(24 * 3600),
+                Some(since) => STREAM_WINDOW.min(STREAM_MAX_WAIT.saturating_sub(since.elapsed())),
             };
             let mut window_closed = false;
             match streamed.evaluated.recv_timeout(wait) {
                 Ok(evaluated) => {
                     received += 1;
                     match streamed.resolve(evaluated, &overrides) {
-                        StreamedMachine::Ready(m) => pending.push(*m),
+                        StreamedMachine::Ready(m) => {
+                            first_pending.get_or_insert_with(std::time::Instant::now);
+                            pending.push(*m);
+                        }
                         StreamedMachine::Skipped(name, why) => {
                             skipped_any = true;
                             eprintln!("{name}: skipped ({why})");
@@ -521,7 +528,9 @@ fn deploy_streaming(args: &UpdateArgs) -> Result<i32, Error> {
             if crate::interrupt::requested() {
                 break;
             }
-            if !pending.is_empty() && (window_closed || received >= expected) {
+            let waited_enough = first_pending.is_some_and(|t| t.elapsed() >= STREAM_MAX_WAIT);
+            if !pending.is_empty() && (window_closed || waited_enough || received >= expected) {
+                first_pending = None;
                 let machines = std::mem::take(&mut pending);
                 let (base, connections, logs, progress, names, sudo_lock) =
                     (&base, &connections, &logs, &progress, &names, &sudo_lock);
