@@ -173,6 +173,8 @@ struct Figures {
     ws_to_target_max: usize,
     builder_to_target_max: usize,
     baseline_ws_to_builder: usize,
+    parallel: f64,
+    parallel_noop: f64,
 }
 
 fn bench(clan: &str, sizes: &[usize]) -> ExitCode {
@@ -257,6 +259,36 @@ fn bench(clan: &str, sizes: &[usize]) -> ExitCode {
             .get(lab.ip("workstation"))
             .copied()
             .unwrap_or(0);
+        drop(lab);
+
+        eprintln!("N = {n}: a parallel user loop (8 at a time)…");
+        let (lab, flake, names) = bench_lab(n);
+        let script = parallel_script(&lab, &flake, &names);
+        // Untimed: the store's database and the flake's lock file made once, as a user's
+        // machine has them; eight Nix processes creating them at once corrupt them (a lab
+        // artifact: without a nix-daemon, each process opens the store itself).
+        let _ = lab.run_on_workstation(
+            &flake,
+            &[
+                "nix",
+                "--extra-experimental-features",
+                "nix-command flakes",
+                "flake",
+                "lock",
+            ],
+        );
+        let started = Instant::now();
+        let out = lab.run_on_workstation(&flake, &["bash", "-ec", &script]);
+        let parallel = started.elapsed().as_secs_f64();
+        assert!(
+            out.status.success(),
+            "parallel loop failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let started = Instant::now();
+        let out = lab.run_on_workstation(&flake, &["bash", "-ec", &script]);
+        let parallel_noop = started.elapsed().as_secs_f64();
+        assert!(out.status.success(), "parallel loop re-run failed");
         all.push(Figures {
             n,
             tool,
@@ -267,20 +299,24 @@ fn bench(clan: &str, sizes: &[usize]) -> ExitCode {
             ws_to_target_max,
             builder_to_target_max,
             baseline_ws_to_builder,
+            parallel,
+            parallel_noop,
         });
     }
     println!(
-        "\n| N | clan (s) | sequential baseline (s) | clan / baseline | no-op re-deploy (s) | ssh logins ws→builder (baseline) | max ws→target | max builder→target | clan peak RSS (MiB) |"
+        "\n| N | clan (s) | sequential baseline (s) | parallel loop, 8 at once (s) | clan / parallel loop | no-op: clan / loop (s) | ssh logins ws→builder (baseline) | max ws→target | max builder→target | clan peak RSS (MiB) |"
     );
-    println!("|---|---|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|---|---|");
     for f in &all {
         println!(
-            "| {} | {:.1} | {:.1} | {:.2} | {:.1} | {} ({}) | {} | {} | {:.1} |",
+            "| {} | {:.1} | {:.1} | {:.1} | {:.2} | {:.1} / {:.1} | {} ({}) | {} | {} | {:.1} |",
             f.n,
             f.tool,
             f.baseline,
-            f.tool / f.baseline,
+            f.parallel,
+            f.tool / f.parallel,
             f.noop,
+            f.parallel_noop,
             f.ws_to_builder,
             f.baseline_ws_to_builder,
             f.ws_to_target_max,
@@ -292,6 +328,21 @@ fn bench(clan: &str, sizes: &[usize]) -> ExitCode {
         "\nEach system: a shared part ({SHARED_SECONDS} s to build) and its own part ({OWN_SECONDS} s); one build host with max-jobs = 4."
     );
     ExitCode::SUCCESS
+}
+
+/// The same per-machine commands as [`baseline_script`], run 8 machines at a time (a user's
+/// `xargs -P 8` loop): one script per machine, Nix's locks sharing what they build.
+fn parallel_script(lab: &Lab, flake: &Path, names: &[String]) -> String {
+    let dir = lab.dir.join("loop");
+    std::fs::create_dir_all(&dir).expect("loop dir");
+    for m in names {
+        let one = baseline_script(lab, flake, std::slice::from_ref(m));
+        std::fs::write(dir.join(format!("{m}.sh")), one).expect("loop script");
+    }
+    format!(
+        "ls {dir}/*.sh | xargs -P 8 -n 1 bash -e",
+        dir = dir.display()
+    )
 }
 
 /// What a user would script without this tool: for each machine, one after the other,
