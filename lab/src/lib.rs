@@ -339,13 +339,15 @@ fn with_time_limit<'a>(argv: &[&'a str]) -> Vec<&'a str> {
 }
 
 /// nixpkgs' real `lib` (a flake with `lib`: the module system, no packages): the
-/// `CLAN_NIXPKGS_LIB` directory, else `../shared/nixpkgs-lib` next to this repository.
+/// `CLAN_NIXPKGS_LIB` directory, else `../shared/nixpkgs-lib` next to this repository, else
+/// the copy vendored in `lab/nixpkgs-lib` (unchanged; see its PROVENANCE.md).
 pub fn nixpkgs_lib() -> PathBuf {
     if let Some(dir) = std::env::var_os("CLAN_NIXPKGS_LIB") {
         return PathBuf::from(dir);
     }
     let beside = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/nixpkgs-lib");
-    let found = [beside, PathBuf::from("/work/shared/nixpkgs-lib")]
+    let vendored = Path::new(env!("CARGO_MANIFEST_DIR")).join("nixpkgs-lib");
+    let found = [beside, PathBuf::from("/work/shared/nixpkgs-lib"), vendored]
         .into_iter()
         .find(|d| d.join("flake.nix").exists())
         .expect("nixpkgs' lib not found: set CLAN_NIXPKGS_LIB to a checkout of github:nix-community/nixpkgs.lib");
