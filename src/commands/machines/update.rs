@@ -474,6 +474,8 @@ fn deploy_streaming(args: &UpdateArgs) -> Result<i32, Error> {
         fail_fast: args.fail_fast,
     };
     let sudo_lock = std::sync::Mutex::new(());
+    // --fail-fast across batches: once a machine failed, later batches do not start.
+    let failed_seen = std::sync::atomic::AtomicBool::new(false);
     let expected = streamed.expected();
     let mut early: Vec<MachineReport> = Vec::new();
     let not_deployed = |name: &str, target: String, outcome: Outcome| MachineReport {
@@ -532,12 +534,26 @@ fn deploy_streaming(args: &UpdateArgs) -> Result<i32, Error> {
             if !pending.is_empty() && (window_closed || waited_enough || received >= expected) {
                 first_pending = None;
                 let machines = std::mem::take(&mut pending);
+                if args.fail_fast && failed_seen.load(std::sync::atomic::Ordering::SeqCst) {
+                    for m in &machines {
+                        if let Some(i) = names.iter().position(|n| n == m.name.as_str()) {
+                            progress.finish(i, false, "skipped (--fail-fast)");
+                        }
+                        early.push(not_deployed(
+                            &m.name,
+                            m.target.value.to_string(),
+                            Outcome::Skipped,
+                        ));
+                    }
+                    continue;
+                }
+                let failed_seen = &failed_seen;
                 let (base, connections, logs, progress, names, sudo_lock) =
                     (&base, &connections, &logs, &progress, &names, &sudo_lock);
                 let this = wave;
                 wave = wave.wrapping_add(1);
                 handles.push(scope.spawn(move || {
-                    run_wave(
+                    let reports = run_wave(
                         args,
                         base,
                         this,
@@ -548,7 +564,14 @@ fn deploy_streaming(args: &UpdateArgs) -> Result<i32, Error> {
                         names,
                         sudo_lock,
                         options,
-                    )
+                    );
+                    if reports
+                        .iter()
+                        .any(|r| matches!(r.outcome, Outcome::Failed(_)))
+                    {
+                        failed_seen.store(true, std::sync::atomic::Ordering::SeqCst);
+                    }
+                    reports
                 }));
             }
         }
