@@ -57,20 +57,7 @@ pub fn load_selection_skipping(
     skipped: &mut Option<Vec<(String, &'static str)>>,
     failed: &mut Option<Vec<(MachineName, Error)>>,
 ) -> Result<Vec<LoadedMachine>, Error> {
-    for name in names {
-        check_machine_name(name)?;
-    }
-    for tag in tags {
-        Tag::parse(tag, &Origin::CommandLine("--tags")).map_err(|e| Error::usage(e.to_string()))?;
-    }
-    // Check the flags' addresses before the (slow) evaluation.
-    if let Some(value) = &overrides.build_host {
-        parse_address(value, &Source::Flag("--build-host"))?;
-    }
-    if let Some(value) = &overrides.target_host {
-        parse_address(value, &Source::Flag("--target-host"))?;
-    }
-    let flake = flake_ref(flake)?;
+    let flake = check_command_line(flake, names, tags, overrides)?;
     eprintln!("Evaluating {} on this workstation…", flake.shown);
     let mut evaluation = evaluate(&flake, names, tags, nix)?;
     if crate::interrupt::requested() {
@@ -202,19 +189,7 @@ pub fn stream_selection(
     overrides: &Overrides,
     nix: &NixOptions,
 ) -> Result<Streamed, Error> {
-    for name in names {
-        check_machine_name(name)?;
-    }
-    for tag in tags {
-        Tag::parse(tag, &Origin::CommandLine("--tags")).map_err(|e| Error::usage(e.to_string()))?;
-    }
-    if let Some(value) = &overrides.build_host {
-        parse_address(value, &Source::Flag("--build-host"))?;
-    }
-    if let Some(value) = &overrides.target_host {
-        parse_address(value, &Source::Flag("--target-host"))?;
-    }
-    let flake = flake_ref(flake)?;
+    let flake = check_command_line(flake, names, tags, overrides)?;
     eprintln!("Evaluating {} on this workstation…", flake.shown);
     let (index, evaluated) = crate::eval::evaluate_stream(&flake, names, tags, nix)?;
     if crate::interrupt::requested() {
@@ -227,6 +202,29 @@ pub fn stream_selection(
         evaluated,
         default_selection: names.is_empty(),
     })
+}
+
+/// The command line's names, tags, addresses and flake, checked before the (slow)
+/// evaluation.
+fn check_command_line(
+    flake: &Path,
+    names: &[String],
+    tags: &[String],
+    overrides: &Overrides,
+) -> Result<FlakeRef, Error> {
+    for name in names {
+        check_machine_name(name)?;
+    }
+    for tag in tags {
+        Tag::parse(tag, &Origin::CommandLine("--tags")).map_err(|e| Error::usage(e.to_string()))?;
+    }
+    if let Some(value) = &overrides.build_host {
+        parse_address(value, &Source::Flag("--build-host"))?;
+    }
+    if let Some(value) = &overrides.target_host {
+        parse_address(value, &Source::Flag("--target-host"))?;
+    }
+    flake_ref(flake)
 }
 
 /// What the index evaluation allows to check: unknown names, tags no machine has, and

@@ -88,25 +88,8 @@ fn deploy(args: &UpdateArgs) -> Result<i32, Error> {
     } else {
         Connections::new(&run_id)
     };
-    let mut ctx = PlanContext {
-        run_id: run_id.clone(),
-        host_key_check: args.connect.host_key_check,
-        control_dir: connections.dir(),
-        own_control_path: own_control_paths(&machines),
-        copy_via_workstation: args.copy_via_workstation,
-        use_substitutes: args.use_substitutes,
-        activation: Activation {
-            action: args.action,
-            diff: !args.no_diff,
-            rollback_timeout: (!args.no_rollback).then_some(args.rollback_timeout),
-        },
-        sudo_password: BTreeSet::new(),
-        workstation: workstation_identity(),
-        lock_timeout: args.lock_timeout,
-        nix_flags: args.hosts.nix_options()?.flags(),
-        health_check_timeout: args.health_check_timeout,
-        rollback_on_unhealthy: args.rollback_on_unhealthy,
-    };
+    let mut ctx = plan_context(args, &run_id, &connections)?;
+    ctx.own_control_path = own_control_paths(&machines);
     if !args.dry_run {
         let targets: Vec<(String, SshHost)> = machines
             .iter()
@@ -331,6 +314,34 @@ fn check_relay(machines: &[ResolvedMachine]) -> Result<(), Error> {
     Ok(())
 }
 
+/// The run's planning context from the flags (connections per host and sudo are filled in
+/// later, per machine set).
+fn plan_context(
+    args: &UpdateArgs,
+    run_id: &str,
+    connections: &Connections,
+) -> Result<PlanContext, Error> {
+    Ok(PlanContext {
+        run_id: run_id.to_string(),
+        host_key_check: args.connect.host_key_check,
+        control_dir: connections.dir(),
+        own_control_path: BTreeSet::new(),
+        copy_via_workstation: args.copy_via_workstation,
+        use_substitutes: args.use_substitutes,
+        activation: Activation {
+            action: args.action,
+            diff: !args.no_diff,
+            rollback_timeout: (!args.no_rollback).then_some(args.rollback_timeout),
+        },
+        sudo_password: BTreeSet::new(),
+        workstation: workstation_identity(),
+        lock_timeout: args.lock_timeout,
+        nix_flags: args.hosts.nix_options()?.flags(),
+        health_check_timeout: args.health_check_timeout,
+        rollback_on_unhealthy: args.rollback_on_unhealthy,
+    })
+}
+
 /// 16 hex digits from the kernel's random source: names temporary roots and units.
 pub fn run_id() -> String {
     let mut bytes = [0u8; 8];
@@ -445,25 +456,7 @@ fn deploy_streaming(args: &UpdateArgs) -> Result<i32, Error> {
     )?;
     let run_id = run_id();
     let connections = Connections::new(&run_id);
-    let base = PlanContext {
-        run_id: run_id.clone(),
-        host_key_check: args.connect.host_key_check,
-        control_dir: connections.dir(),
-        own_control_path: BTreeSet::new(),
-        copy_via_workstation: args.copy_via_workstation,
-        use_substitutes: args.use_substitutes,
-        activation: Activation {
-            action: args.action,
-            diff: !args.no_diff,
-            rollback_timeout: (!args.no_rollback).then_some(args.rollback_timeout),
-        },
-        sudo_password: BTreeSet::new(),
-        workstation: workstation_identity(),
-        lock_timeout: args.lock_timeout,
-        nix_flags: nix.flags(),
-        health_check_timeout: args.health_check_timeout,
-        rollback_on_unhealthy: args.rollback_on_unhealthy,
-    };
+    let base = plan_context(args, &run_id, &connections)?;
     let logs = Logs::create(&run_id);
     let live =
         !args.verbose && args.log_format == LogFormat::Auto && std::io::stderr().is_terminal();
