@@ -288,45 +288,22 @@ let
         modules = [ interface ] ++ inventoryJson ++ imports ++ [ settings ];
       };
       config = eval.config;
-      refusals = filter (key: key.value != null) [
-        {
-          name = "inventory.instances";
-          value = config.inventory.instances;
-        }
-        {
-          name = "inventory.services";
-          value = config.inventory.services;
-        }
-        {
-          name = "inventory.modules";
-          value = config.inventory.modules;
-        }
-        {
-          name = "inventory.tags";
-          value = config.inventory.tags;
-        }
-        {
-          name = "pkgsForSystem";
-          value = config.pkgsForSystem;
-        }
-        {
-          name = "vars";
-          value = config.vars;
-        }
-        {
-          name = "modules";
-          value = config.modules;
-        }
-        {
-          name = "templates";
-          value = config.templates;
-        }
+      # What the interface declares only to refuse (see `unsupported`): any that is set.
+      refusals = filter (key: lib.attrByPath (lib.splitString "." key) null config != null) [
+        "inventory.instances"
+        "inventory.services"
+        "inventory.modules"
+        "inventory.tags"
+        "pkgsForSystem"
+        "vars"
+        "modules"
+        "templates"
       ];
       checked =
         if refusals == [ ] then
           true
         else
-          throw "clan: `${(builtins.head refusals).name}` is set, but this clan tool does not support it (it would be ignored, and what it configures would be missing on the machines): remove it, or configure the same in the machines' NixOS modules";
+          throw "clan: `${builtins.head refusals}` is set, but this clan tool does not support it (it would be ignored, and what it configures would be missing on the machines): remove it, or configure the same in the machines' NixOS modules";
       buildSystem =
         if nixosSystem != null then
           nixosSystem
@@ -372,20 +349,17 @@ let
           // config.specialArgs;
         }
       );
-      clanInternals = {
-        inventory = builtins.seq checked config.inventory;
-        machines = builtins.seq checked nixosConfigurations;
-        meta = config.meta;
+      # Every output goes through the refusals first.
+      outputs = {
+        nixosConfigurations = builtins.seq checked nixosConfigurations;
+        clanInternals = {
+          inventory = builtins.seq checked config.inventory;
+          machines = builtins.seq checked nixosConfigurations;
+          meta = config.meta;
+        };
       };
     in
-    {
-      config = {
-        inherit clanInternals;
-        nixosConfigurations = builtins.seq checked nixosConfigurations;
-      };
-      inherit clanInternals;
-      nixosConfigurations = builtins.seq checked nixosConfigurations;
-    };
+    outputs // { config = outputs; };
 in
 {
   inherit clan clanCoreModule minimalSystem;

@@ -64,6 +64,22 @@ pub struct MachineReport {
     pub log: Option<PathBuf>,
 }
 
+impl MachineReport {
+    /// A machine that never got to its build: evaluation, preflight or sudo failed, or a
+    /// rollout stopped first. `target` is `-` when it was never resolved.
+    pub fn not_run(name: &str, target: String, outcome: Outcome) -> MachineReport {
+        MachineReport {
+            name: name.to_string(),
+            build_host: "-".into(),
+            target,
+            outcome,
+            stages: BTreeMap::new(),
+            changes: None,
+            log: None,
+        }
+    }
+}
+
 /// Knobs of a run.
 #[derive(Debug, Clone, Copy)]
 pub struct RunOptions {
@@ -594,7 +610,8 @@ fn hold_lock(
 ) -> Result<LockGuard, (Option<i32>, String)> {
     let argv = step.local_argv();
     sink.write(&format!(
-        "[{label}] {}: {} ({})\n$ {}\n",
+        "{} [{label}] {}: {} ({})\n$ {}\n",
+        timestamp(),
         step.kind.stage(),
         step.command_line(),
         step.host_label(),
@@ -618,19 +635,7 @@ fn hold_lock(
     }
     let output = Arc::new(Mutex::new(String::new()));
     let (tx, rx) = mpsc::channel::<String>();
-    for stream in [
-        child
-            .stdout
-            .take()
-            .map(|s| Box::new(s) as Box<dyn Read + Send>),
-        child
-            .stderr
-            .take()
-            .map(|s| Box::new(s) as Box<dyn Read + Send>),
-    ]
-    .into_iter()
-    .flatten()
-    {
+    for stream in output_streams(&mut child) {
         let (tx, output) = (tx.clone(), Arc::clone(&output));
         thread::spawn(move || {
             for line in BufReader::new(stream).lines().map_while(Result::ok) {
@@ -833,6 +838,23 @@ fn timestamp() -> String {
     format!("@{:.3}", now.as_secs_f64())
 }
 
+/// A child's standard output and error, taken, to be read line by line.
+fn output_streams(child: &mut std::process::Child) -> Vec<Box<dyn Read + Send>> {
+    [
+        child
+            .stdout
+            .take()
+            .map(|s| Box::new(s) as Box<dyn Read + Send>),
+        child
+            .stderr
+            .take()
+            .map(|s| Box::new(s) as Box<dyn Read + Send>),
+    ]
+    .into_iter()
+    .flatten()
+    .collect()
+}
+
 /// Called with (builds done, builds expected) as a realise reports them.
 type OnBuilds<'a> = &'a (dyn Fn(u64, u64) + Sync);
 
@@ -893,19 +915,7 @@ fn run_step_now(
         Err(e) => return (None, format!("cannot run {}: {e}", argv[0])),
     };
     let collected = Arc::new(Mutex::new(String::new()));
-    let streams: Vec<Box<dyn Read + Send>> = [
-        child
-            .stdout
-            .take()
-            .map(|s| Box::new(s) as Box<dyn Read + Send>),
-        child
-            .stderr
-            .take()
-            .map(|s| Box::new(s) as Box<dyn Read + Send>),
-    ]
-    .into_iter()
-    .flatten()
-    .collect();
+    let streams = output_streams(&mut child);
     let mut input = child.stdin.take();
     if let (Some(password), Some(stdin)) = (password, input.as_mut()) {
         let _ = stdin.write_all(format!("{password}\n").as_bytes());

@@ -45,6 +45,19 @@ fn nested_probe_name(target: &SshHost) -> String {
     format!("hop-{}", connection_key(&target.address))
 }
 
+/// The host's Nix settings (`system`, `extra-platforms`, `trusted-public-keys`);
+/// `show-config` exists from Nix 2.8 to today's.
+fn nix_config() -> Invocation {
+    Invocation::new(
+        "nix",
+        [
+            "--extra-experimental-features",
+            "nix-command",
+            "show-config",
+        ],
+    )
+}
+
 fn builder_probe_name(builder: &crate::boundary::BuilderSpec) -> String {
     format!("nixbuilder-{}", connection_key(&builder.address))
 }
@@ -70,34 +83,14 @@ impl Probes {
                 ["--eval", "--json", "-E", "builtins.currentSystem"],
             ),
         );
-        // Only to read extra-platforms; `show-config` exists from 2.8 to today's Nix.
-        self.add(
-            CONFIG,
-            Invocation::new(
-                "nix",
-                [
-                    "--extra-experimental-features",
-                    "nix-command",
-                    "show-config",
-                ],
-            ),
-        );
+        // Only to read extra-platforms.
+        self.add(CONFIG, nix_config());
     }
 
     /// A target that substitutes from `cache`: its Nix settings (trusted-public-keys) and
     /// whether it reaches the cache.
     fn as_cache_client(&mut self, cache: &crate::boundary::CacheSettings) {
-        self.add(
-            CONFIG,
-            Invocation::new(
-                "nix",
-                [
-                    "--extra-experimental-features",
-                    "nix-command",
-                    "show-config",
-                ],
-            ),
-        );
+        self.add(CONFIG, nix_config());
         self.add(
             &format!("{CACHE_PING}{}", cache.url),
             Invocation::new(

@@ -24,6 +24,21 @@ pub struct LoadedMachine {
     pub machine: ResolvedMachine,
 }
 
+/// The one machine a command names (`rollback`, `setup-build-host`, `setup-cache`),
+/// evaluated and resolved with the command's flake and host flags.
+pub fn load_machine(hosts: &crate::cli::HostArgs, machine: &str) -> Result<ResolvedMachine, Error> {
+    load_machines(
+        &hosts.flake,
+        &[machine.to_string()],
+        &hosts.overrides(None),
+        &hosts.nix_options()?,
+    )?
+    .into_iter()
+    .next()
+    .map(|loaded| loaded.machine)
+    .ok_or_else(|| Error::usage(format!("unknown machine {machine:?}")))
+}
+
 /// Checks the command line, evaluates `flake` once for `names` (all machines if empty) and
 /// resolves every machine's hosts.
 pub fn load_machines(

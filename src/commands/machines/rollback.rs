@@ -1,7 +1,7 @@
 //! `clan machines rollback`: switch a machine back to its previous system generation.
 
 use crate::cli::RollbackArgs;
-use crate::commands::machines::load_machines;
+use crate::commands::machines::load_machine;
 use crate::connection::Connections;
 use crate::error::{Error, ExitKind, Hint};
 use crate::ssh::{ACTIVATE, RemoteCommand, SshHost, run_remote, run_remote_with_input};
@@ -9,16 +9,7 @@ use crate::sudo;
 
 /// Runs the command; returns the exit code.
 pub fn run(args: &RollbackArgs) -> Result<i32, Error> {
-    let loaded = load_machines(
-        &args.hosts.flake,
-        std::slice::from_ref(&args.machine),
-        &args.hosts.overrides(None),
-        &args.hosts.nix_options()?,
-    )?;
-    let machine = &loaded
-        .first()
-        .ok_or_else(|| Error::usage(format!("unknown machine {:?}", args.machine)))?
-        .machine;
+    let machine = &load_machine(&args.hosts, &args.machine)?;
     let target = SshHost::new(machine.target.value.clone(), args.connect.host_key_check);
     eprintln!(
         "{}: rolling back to the previous generation on {}",

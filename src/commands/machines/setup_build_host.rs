@@ -15,7 +15,7 @@ use std::collections::BTreeSet;
 use std::process::Command;
 
 use crate::cli::SetupBuildHostArgs;
-use crate::commands::machines::load_machines;
+use crate::commands::machines::load_machine;
 use crate::error::{Error, Hint};
 use crate::host::HostAddress;
 use crate::resolve::BuildLocation;
@@ -26,17 +26,7 @@ const KEY_PATH: &str = r#"k=$1; case $k in "~/"*) k=$HOME/${k#"~/"};; esac"#;
 
 /// Runs the command; returns the exit code.
 pub fn run(args: &SetupBuildHostArgs) -> Result<i32, Error> {
-    let overrides = args.hosts.overrides(None);
-    let loaded = load_machines(
-        &args.hosts.flake,
-        std::slice::from_ref(&args.machine),
-        &overrides,
-        &args.hosts.nix_options()?,
-    )?;
-    let machine = &loaded
-        .first()
-        .ok_or_else(|| Error::usage(format!("unknown machine {:?}", args.machine)))?
-        .machine;
+    let machine = &load_machine(&args.hosts, &args.machine)?;
     let name = &machine.name;
     let BuildLocation::Remote(builder_address) = &machine.build.value else {
         return Err(Error::usage(format!(

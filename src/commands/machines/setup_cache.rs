@@ -3,7 +3,7 @@
 //! key printed with the settings that use it.
 
 use crate::cli::SetupCacheArgs;
-use crate::commands::machines::load_machines;
+use crate::commands::machines::load_machine;
 use crate::error::Error;
 use crate::resolve::BuildLocation;
 use crate::ssh::{Invocation, RemoteCommand, SshHost, run_remote};
@@ -24,16 +24,7 @@ pub fn run(args: &SetupCacheArgs) -> Result<i32, Error> {
             args.key_name
         )));
     }
-    let loaded = load_machines(
-        &args.hosts.flake,
-        std::slice::from_ref(&args.machine),
-        &args.hosts.overrides(None),
-        &args.hosts.nix_options()?,
-    )?;
-    let machine = &loaded
-        .first()
-        .ok_or_else(|| Error::usage(format!("unknown machine {:?}", args.machine)))?
-        .machine;
+    let machine = &load_machine(&args.hosts, &args.machine)?;
     let builder = match &machine.build.value {
         BuildLocation::Remote(address) => address.clone(),
         _ => {

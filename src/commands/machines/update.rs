@@ -7,7 +7,7 @@ use crate::cli::{LogFormat, UpdateArgs};
 use crate::commands::machines::load_selection_skipping;
 use crate::connection::Connections;
 use crate::error::{Error, ExitKind, Hint};
-use crate::execute::{Logs, RunOptions, exit_code, run_plan};
+use crate::execute::{Logs, MachineReport, Outcome, RunOptions, exit_code, run_plan};
 use crate::plan::{Activation, PlanContext, connection_key, plan_deploy};
 use crate::preflight;
 use crate::progress::Progress;
@@ -213,7 +213,7 @@ fn deploy(args: &UpdateArgs) -> Result<i32, Error> {
         progress.close();
         let failures = reports
             .iter()
-            .filter(|r| matches!(r.outcome, crate::execute::Outcome::Failed(_)))
+            .filter(|r| matches!(r.outcome, Outcome::Failed(_)))
             .count();
         let canary_failed = w == 0 && canaries > 0 && failures > 0;
         if w + 1 < waves.len()
@@ -231,18 +231,14 @@ fn deploy(args: &UpdateArgs) -> Result<i32, Error> {
             };
             eprintln!("Rollout stopped after batch {}: {why}.", w + 1);
             for m in waves[w + 1..].iter().flatten() {
-                reports.push(crate::execute::MachineReport {
-                    name: m.name.to_string(),
-                    build_host: "-".into(),
-                    target: m.target.value.to_string(),
-                    outcome: crate::execute::Outcome::NotStarted(format!(
+                reports.push(MachineReport::not_run(
+                    &m.name,
+                    m.target.value.to_string(),
+                    Outcome::NotStarted(format!(
                         "the rollout stopped after batch {}: {why}",
                         w + 1
                     )),
-                    stages: Default::default(),
-                    changes: None,
-                    log: None,
-                });
+                ));
             }
             break;
         }
@@ -251,32 +247,9 @@ fn deploy(args: &UpdateArgs) -> Result<i32, Error> {
     reports.extend(
         failed
             .into_iter()
-            .map(|(name, error)| crate::execute::MachineReport {
-                name: name.to_string(),
-                build_host: "-".into(),
-                target: "-".into(),
-                outcome: crate::execute::Outcome::Failed(error),
-                stages: Default::default(),
-                changes: None,
-                log: None,
-            }),
+            .map(|(name, error)| MachineReport::not_run(&name, "-".into(), Outcome::Failed(error))),
     );
-    let code = exit_code(&reports);
-    for r in &reports {
-        if let Some(changes) = &r.changes {
-            eprintln!("\nChanges on {}:\n{}", r.name, changes.trim_end());
-        }
-    }
-    eprintln!("\n{}", report::summary(&reports));
-    if code != 0
-        && let Some(dir) = logs.dir()
-    {
-        eprintln!("Logs of every machine and build: {}", dir.display());
-    }
-    if args.json {
-        print_json(&report::json(&plan.run_id, &reports, code));
-    }
-    Ok(code)
+    Ok(finish(args, &plan.run_id, &reports, &logs))
 }
 
 /// Hosts whose ssh config sets a ControlPath: their own sharing is kept.
@@ -312,6 +285,28 @@ fn check_relay(machines: &[ResolvedMachine]) -> Result<(), Error> {
         }
     }
     Ok(())
+}
+
+/// The end of a run for people and scripts: each machine's change summary, the summary
+/// table, where the logs are when something failed, and the `--json` report. Returns the
+/// exit code.
+fn finish(args: &UpdateArgs, run_id: &str, reports: &[MachineReport], logs: &Logs) -> i32 {
+    let code = exit_code(reports);
+    for r in reports {
+        if let Some(changes) = &r.changes {
+            eprintln!("\nChanges on {}:\n{}", r.name, changes.trim_end());
+        }
+    }
+    eprintln!("\n{}", report::summary(reports));
+    if code != 0
+        && let Some(dir) = logs.dir()
+    {
+        eprintln!("Logs of every machine and build: {}", dir.display());
+    }
+    if args.json {
+        print_json(&report::json(run_id, reports, code));
+    }
+    code
 }
 
 /// The run's planning context from the flags (connections per host and sudo are filled in
@@ -444,7 +439,6 @@ const STREAM_MAX_WAIT: std::time::Duration = std::time::Duration::from_millis(10
 /// being evaluated. Each such batch is planned, checked and run on its own, concurrently.
 fn deploy_streaming(args: &UpdateArgs) -> Result<i32, Error> {
     use crate::commands::machines::{StreamedMachine, stream_selection};
-    use crate::execute::{MachineReport, Outcome};
     let overrides = args.hosts.overrides(Some(&args.agent));
     let nix = args.hosts.nix_options()?;
     let streamed = stream_selection(
@@ -471,15 +465,6 @@ fn deploy_streaming(args: &UpdateArgs) -> Result<i32, Error> {
     let failed_seen = std::sync::atomic::AtomicBool::new(false);
     let expected = streamed.expected();
     let mut early: Vec<MachineReport> = Vec::new();
-    let not_deployed = |name: &str, target: String, outcome: Outcome| MachineReport {
-        name: name.to_string(),
-        build_host: "-".into(),
-        target,
-        outcome,
-        stages: Default::default(),
-        changes: None,
-        log: None,
-    };
     let mut skipped_any = false;
     let mut reports: Vec<MachineReport> = std::thread::scope(|scope| {
         let mut handles = Vec::new();
@@ -513,7 +498,11 @@ fn deploy_streaming(args: &UpdateArgs) -> Result<i32, Error> {
                             if let Some(i) = names.iter().position(|n| n == name.as_str()) {
                                 progress.finish(i, false, "evaluation failed");
                             }
-                            early.push(not_deployed(&name, "-".into(), Outcome::Failed(error)));
+                            early.push(MachineReport::not_run(
+                                &name,
+                                "-".into(),
+                                Outcome::Failed(error),
+                            ));
                         }
                     }
                 }
@@ -532,7 +521,7 @@ fn deploy_streaming(args: &UpdateArgs) -> Result<i32, Error> {
                         if let Some(i) = names.iter().position(|n| n == m.name.as_str()) {
                             progress.finish(i, false, "skipped (--fail-fast)");
                         }
-                        early.push(not_deployed(
+                        early.push(MachineReport::not_run(
                             &m.name,
                             m.target.value.to_string(),
                             Outcome::Skipped,
@@ -592,22 +581,7 @@ fn deploy_streaming(args: &UpdateArgs) -> Result<i32, Error> {
             .position(|n| *n == r.name)
             .unwrap_or(usize::MAX)
     });
-    let code = exit_code(&reports);
-    for r in &reports {
-        if let Some(changes) = &r.changes {
-            eprintln!("\nChanges on {}:\n{}", r.name, changes.trim_end());
-        }
-    }
-    eprintln!("\n{}", report::summary(&reports));
-    if code != 0
-        && let Some(dir) = logs.dir()
-    {
-        eprintln!("Logs of every machine and build: {}", dir.display());
-    }
-    if args.json {
-        print_json(&report::json(&run_id, &reports, code));
-    }
-    Ok(code)
+    Ok(finish(args, &run_id, &reports, &logs))
 }
 
 /// One streamed batch: its own run id (the wave's number in the last two hex digits), sudo,
@@ -624,19 +598,16 @@ fn run_wave(
     all_names: &[String],
     sudo_lock: &std::sync::Mutex<()>,
     options: RunOptions,
-) -> Vec<crate::execute::MachineReport> {
-    use crate::execute::{MachineReport, Outcome};
+) -> Vec<MachineReport> {
     let failed_all = |machines: &[ResolvedMachine], error: &Error| -> Vec<MachineReport> {
         machines
             .iter()
-            .map(|m| MachineReport {
-                name: m.name.to_string(),
-                build_host: "-".into(),
-                target: m.target.value.to_string(),
-                outcome: Outcome::Failed(error.clone()),
-                stages: Default::default(),
-                changes: None,
-                log: None,
+            .map(|m| {
+                MachineReport::not_run(
+                    &m.name,
+                    m.target.value.to_string(),
+                    Outcome::Failed(error.clone()),
+                )
             })
             .collect()
     };
