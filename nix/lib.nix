@@ -118,6 +118,14 @@ let
           default = null;
           description = "Not supported by this clan tool: setting it is an error naming `${key}`. ${extra}";
         };
+      # An optional string setting.
+      optionalStr =
+        description:
+        mkOption {
+          type = types.nullOr types.str;
+          default = null;
+          inherit description;
+        };
       machineModule =
         { name, ... }:
         {
@@ -126,14 +134,8 @@ let
               type = types.str;
               default = name;
             };
-            description = mkOption {
-              type = types.nullOr types.str;
-              default = null;
-            };
-            icon = mkOption {
-              type = types.nullOr types.str;
-              default = null;
-            };
+            description = optionalStr "What the machine is, for people.";
+            icon = optionalStr "An icon for the machine, for people.";
             tags = mkOption {
               type = types.listOf types.str;
               default = [ ];
@@ -150,50 +152,24 @@ let
               description = "Leave this machine out of `clan machines update` without machine names.";
             };
             deploy = {
-              targetHost = mkOption {
-                type = types.nullOr types.str;
-                default = null;
-              };
-              buildHost = mkOption {
-                type = types.nullOr types.str;
-                default = null;
-              };
+              targetHost = optionalStr "SSH address of the machine: [user@]host[:port][?OPTION=VALUE&…].";
+              buildHost = optionalStr "SSH address of the host that builds the machine's system; unset: the machine builds it.";
               forwardAgent = mkOption {
                 type = types.nullOr types.bool;
                 default = null;
               };
-              builders = mkOption {
-                type = types.nullOr types.str;
-                default = null;
-                description = "Nix remote builders behind the build host, in Nix's `builders` syntax.";
-              };
+              builders = optionalStr "Nix remote builders behind the build host, in Nix's `builders` syntax.";
               copyMode = mkOption {
                 type = types.nullOr (types.enum [ "ssh" "cache" ]);
                 default = null;
                 description = "How the closure reaches the target: ssh (the build host copies it) or cache (the target substitutes it from deploy.cache).";
               };
               cache = {
-                upload = mkOption {
-                  type = types.nullOr types.str;
-                  default = null;
-                  description = "Nix store URL the build host copies signed closures to (e.g. file:///srv/cache).";
-                };
-                url = mkOption {
-                  type = types.nullOr types.str;
-                  default = null;
-                  description = "Substituter URL the target fetches them from (e.g. https://cache.example.com).";
-                };
-                publicKey = mkOption {
-                  type = types.nullOr types.str;
-                  default = null;
-                  description = "The cache's public signing key (name:base64), which the target must trust.";
-                };
+                upload = optionalStr "Nix store URL the build host copies signed closures to (e.g. file:///srv/cache).";
+                url = optionalStr "Substituter URL the target fetches them from (e.g. https://cache.example.com).";
+                publicKey = optionalStr "The cache's public signing key (name:base64), which the target must trust.";
               };
-              healthCheck = mkOption {
-                type = types.nullOr types.str;
-                default = null;
-                description = "A shell command run on the target (as the deploy user) after a confirmed activation; non-zero: unhealthy.";
-              };
+              healthCheck = optionalStr "A shell command run on the target (as the deploy user) after a confirmed activation; non-zero: unhealthy.";
             };
           };
         };

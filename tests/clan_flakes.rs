@@ -317,14 +317,7 @@ fn an_evaluation_error_fails_only_its_machine() {
     assert!(run.stderr.contains("m3: evaluation failed"));
     assert!(run.stderr.contains("m3 is broken on purpose"));
     let report: serde_json::Value = serde_json::from_str(&run.stdout).unwrap();
-    let result = |m: &str| {
-        report["machines"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|r| r["name"] == m)
-            .map(|r| r["result"].as_str().unwrap().to_string())
-    };
+    let result = |m: &str| result_of(&report, m);
     assert_eq!(result("m1").as_deref(), Some("deployed"));
     assert_eq!(result("m2").as_deref(), Some("deployed"));
     assert_eq!(result("m3").as_deref(), Some("failed"));

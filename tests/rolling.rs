@@ -88,15 +88,7 @@ fn canary_then_batches_stop_at_an_unhealthy_machine() {
     assert!(run.stderr.contains("m3 is not serving"));
     assert!(run.stderr.contains("rolled back (--rollback-on-unhealthy)"));
     let report: serde_json::Value = serde_json::from_str(&run.stdout).unwrap();
-    let result = |m: &str| {
-        report["machines"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|r| r["name"] == m)
-            .map(|r| r["result"].as_str().unwrap().to_string())
-            .unwrap()
-    };
+    let result = |m: &str| result_of(&report, m).unwrap();
     assert_eq!(result("m1"), "deployed");
     assert_eq!(result("m2"), "deployed");
     assert_eq!(result("m3"), "failed");

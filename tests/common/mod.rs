@@ -101,3 +101,13 @@ pub fn toplevel(lab: &Lab, flake: &Path, machine: &str) -> String {
         &format!("nixosConfigurations.{machine}.config.system.build.toplevel.outPath"),
     )
 }
+
+/// The `result` of `machine` in a `--json` report (`deployed`, `failed`, `not started`…).
+pub fn result_of(report: &serde_json::Value, machine: &str) -> Option<String> {
+    report["machines"]
+        .as_array()?
+        .iter()
+        .find(|r| r["name"] == machine)
+        .and_then(|r| r["result"].as_str())
+        .map(str::to_string)
+}

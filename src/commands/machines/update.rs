@@ -134,16 +134,7 @@ fn deploy(args: &UpdateArgs) -> Result<i32, Error> {
         });
     }
 
-    if ctx.host_key_check == crate::ssh::HostKeyCheck::None {
-        eprintln!("{}", host_key_none_warning(&plan));
-    }
-    for machine in &plan.machines {
-        eprintln!("{}", describe_target(&machine.machine));
-        eprintln!("{}", describe_build(&machine.machine));
-        if let Some(warning) = describe_forward_agent(&machine.machine) {
-            eprintln!("{warning}");
-        }
-    }
+    announce(&plan, &ctx);
     if !args.no_preflight {
         eprintln!("Preflight: checking every hop…");
         let problems = preflight::run(&plan, &ctx, &connections);
@@ -285,6 +276,21 @@ fn check_relay(machines: &[ResolvedMachine]) -> Result<(), Error> {
         }
     }
     Ok(())
+}
+
+/// Before anything runs: where each machine goes and builds, and why; the agent and
+/// `--host-key-check none` warnings.
+fn announce(plan: &crate::plan::DeployPlan, ctx: &PlanContext) {
+    if ctx.host_key_check == crate::ssh::HostKeyCheck::None {
+        eprintln!("{}", host_key_none_warning(plan));
+    }
+    for machine in &plan.machines {
+        eprintln!("{}", describe_target(&machine.machine));
+        eprintln!("{}", describe_build(&machine.machine));
+        if let Some(warning) = describe_forward_agent(&machine.machine) {
+            eprintln!("{warning}");
+        }
+    }
 }
 
 /// The end of a run for people and scripts: each machine's change summary, the summary
@@ -642,16 +648,7 @@ fn run_wave(
         }
     }
     let mut plan = plan_deploy(machines, &ctx);
-    if ctx.host_key_check == crate::ssh::HostKeyCheck::None {
-        eprintln!("{}", host_key_none_warning(&plan));
-    }
-    for machine in &plan.machines {
-        eprintln!("{}", describe_target(&machine.machine));
-        eprintln!("{}", describe_build(&machine.machine));
-        if let Some(warning) = describe_forward_agent(&machine.machine) {
-            eprintln!("{warning}");
-        }
-    }
+    announce(&plan, &ctx);
     let mut reports = Vec::new();
     if !args.no_preflight {
         let problems = preflight::run(&plan, &ctx, connections);
