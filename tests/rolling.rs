@@ -3,6 +3,7 @@
 //! exact previous generation.
 
 mod common;
+use clan_lab::HostKind;
 use common::*;
 
 fn fleet(lab: &Lab, names: &[&str], variant: &str, checks: bool) -> std::path::PathBuf {
@@ -31,10 +32,20 @@ fn fleet(lab: &Lab, names: &[&str], variant: &str, checks: bool) -> std::path::P
     ))
 }
 
+// The rollback of an unhealthy machine is an activation: on both kinds of target.
 #[test]
-fn canary_then_batches_stop_at_an_unhealthy_machine() {
+fn canary_then_batches_stop_at_an_unhealthy_machine_namespace() {
+    canary_then_batches_stop_at_an_unhealthy_machine(HostKind::Namespace);
+}
+
+#[test]
+fn canary_then_batches_stop_at_an_unhealthy_machine_systemd() {
+    canary_then_batches_stop_at_an_unhealthy_machine(HostKind::Systemd);
+}
+
+fn canary_then_batches_stop_at_an_unhealthy_machine(kind: HostKind) {
     let names = ["m1", "m2", "m3", "m4", "m5"];
-    let specs: Vec<HostSpec> = names.iter().map(|m| HostSpec::new(m)).collect();
+    let specs: Vec<HostSpec> = names.iter().map(|m| HostSpec::new(m).kind(kind)).collect();
     let lab = Lab::start(&specs);
     // Everyone on v1 first.
     let v1 = fleet(&lab, &names, "v1", false);
