@@ -12,7 +12,7 @@
 # directories of `<directory>/machines/`, whose configuration.nix and
 # hardware-configuration.nix are imported. `inventory.json` in the directory is read.
 # What clan-core supports and this library does not (inventory instances and services,
-# pkgsForSystem, vars, clan service modules) is refused with an error naming the key.
+# pkgsForSystem, clan service modules) is refused with an error naming the key.
 #
 # `minimalSystem` stands in for nixpkgs.lib.nixosSystem where no full nixpkgs exists (tests,
 # demos): the same module system with the few options a toplevel needs.
@@ -38,6 +38,7 @@ let
         };
     in
     {
+      imports = [ ./vars.nix ];
       options.clan.core.networking = {
         targetHost = host "SSH address of this machine, `[user@]host[:port][?OPTION=VALUE&…]`; the inventory's deploy.targetHost wins over it.";
         buildHost = host "SSH address of the machine that builds this system; the inventory's deploy.buildHost and --build-host win over it. Unset: build on the target.";
@@ -221,7 +222,23 @@ let
           default = { };
         };
         pkgsForSystem = unsupported "pkgsForSystem" "Set nixpkgs options in the machines' modules.";
-        vars = unsupported "vars" "Clan vars are not supported yet.";
+        vars.settings = {
+          secretStore = mkOption {
+            type = types.enum [ "age" ];
+            default = "age";
+            description = "Where vars secrets are kept: age-encrypted files in the repository (the only store this tool has).";
+          };
+          recipients.default = mkOption {
+            type = types.listOf types.str;
+            default = [ ];
+            description = "Age public keys of the people who may decrypt every machine's key.";
+          };
+          recipients.hosts = mkOption {
+            type = types.attrsOf (types.listOf types.str);
+            default = { };
+            description = "Per machine: the age public keys that may decrypt its key, instead of the default ones.";
+          };
+        };
         modules = unsupported "modules" "Clan service modules are not supported.";
         templates = unsupported "templates" "";
       };
@@ -271,7 +288,6 @@ let
         "inventory.modules"
         "inventory.tags"
         "pkgsForSystem"
-        "vars"
         "modules"
         "templates"
       ];
@@ -310,7 +326,11 @@ let
         name:
         [
           clanCoreModule
-          { networking.hostName = lib.mkDefault name; }
+          {
+            networking.hostName = lib.mkDefault name;
+            clan.core.settings.machine.name = name;
+            clan.core.settings.directory = directory;
+          }
         ]
         ++ machineFiles name
         ++ lib.optional (config.machines ? ${name}) config.machines.${name};
@@ -332,6 +352,7 @@ let
           inventory = builtins.seq checked config.inventory;
           machines = builtins.seq checked nixosConfigurations;
           meta = config.meta;
+          vars.settings = config.vars.settings;
         };
       };
     in

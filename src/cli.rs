@@ -23,6 +23,103 @@ pub enum TopCommand {
     /// Manage the machines of a clan.
     #[command(subcommand)]
     Machines(MachinesCommand),
+    /// Generate, inspect and upload the machines' vars (secrets and public values).
+    #[command(subcommand)]
+    Vars(VarsCommand),
+}
+
+/// `clan vars …`
+#[derive(Debug, Subcommand)]
+pub enum VarsCommand {
+    /// Run the generators a machine lacks, here, and store their files (secrets encrypted).
+    Generate(VarsGenerateArgs),
+    /// List a machine's vars: public values, and secrets as ********.
+    List(VarsMachineArgs),
+    /// Print one var of a machine (a secret decrypted with your age identity).
+    Get(VarsGetArgs),
+    /// Check that a machine's vars are complete and that you can decrypt its key.
+    Check(VarsMachineArgs),
+    /// Send a machine's key and encrypted secrets straight to it (never via a build host).
+    Upload(VarsUploadArgs),
+    /// Re-encrypt machine keys to the current vars.settings.recipients (after adding or
+    /// removing a person); secrets are not touched.
+    Fix(VarsFixArgs),
+}
+
+/// Arguments of `clan vars generate`.
+#[derive(Debug, Args)]
+pub struct VarsGenerateArgs {
+    /// Machines to generate for (default: every machine of the clan).
+    #[arg(value_name = "MACHINE")]
+    pub machines: Vec<String>,
+
+    /// Only this generator (and the ones it depends on, if missing).
+    #[arg(long, short = 'g', value_name = "GENERATOR")]
+    pub generator: Option<String>,
+
+    /// Run the generators again even where their files exist (and those that depend on them).
+    #[arg(long)]
+    pub regenerate: bool,
+
+    /// The flake, as for update.
+    #[command(flatten)]
+    pub hosts: HostArgs,
+}
+
+/// Arguments naming one machine.
+#[derive(Debug, Args)]
+pub struct VarsMachineArgs {
+    /// The machine.
+    #[arg(value_name = "MACHINE")]
+    pub machine: String,
+
+    /// The flake, as for update.
+    #[command(flatten)]
+    pub hosts: HostArgs,
+}
+
+/// Arguments of `clan vars get`.
+#[derive(Debug, Args)]
+pub struct VarsGetArgs {
+    /// The machine.
+    #[arg(value_name = "MACHINE")]
+    pub machine: String,
+
+    /// The var: GENERATOR/FILE.
+    #[arg(value_name = "GENERATOR/FILE")]
+    pub var: String,
+
+    /// The flake, as for update.
+    #[command(flatten)]
+    pub hosts: HostArgs,
+}
+
+/// Arguments of `clan vars upload`.
+#[derive(Debug, Args)]
+pub struct VarsUploadArgs {
+    /// The machine.
+    #[arg(value_name = "MACHINE")]
+    pub machine: String,
+
+    /// Flake and target overrides, as for update.
+    #[command(flatten)]
+    pub hosts: HostArgs,
+
+    /// Host key policy for the connection to the target.
+    #[command(flatten)]
+    pub connect: ConnectArgs,
+}
+
+/// Arguments of `clan vars fix`.
+#[derive(Debug, Args)]
+pub struct VarsFixArgs {
+    /// Machines whose keys to re-encrypt (default: every machine with a key).
+    #[arg(value_name = "MACHINE")]
+    pub machines: Vec<String>,
+
+    /// The flake, as for update.
+    #[command(flatten)]
+    pub hosts: HostArgs,
 }
 
 /// `clan machines …`
@@ -245,6 +342,10 @@ pub struct UpdateArgs {
     #[arg(long)]
     pub no_diff: bool,
 
+    /// Do not generate missing vars or upload secrets (the targets keep the secrets they have).
+    #[arg(long)]
+    pub no_secrets: bool,
+
     /// Do not arm the target's watchdog that rolls back when it is unreachable after activation.
     #[arg(long)]
     pub no_rollback: bool,
@@ -346,6 +447,7 @@ impl HostArgs {
             eval_jobs: self
                 .eval_jobs
                 .map_or_else(crate::eval::default_eval_jobs, usize::from),
+            vars: None,
         })
     }
 
@@ -361,6 +463,7 @@ impl HostArgs {
                 self.cache_url.clone(),
                 self.cache_key.clone(),
             ],
+            vars_repo: None,
         }
     }
 }

@@ -56,6 +56,9 @@ pub struct MachineFacts {
     /// The configuration's `warnings` (NixOS shows them at build time; so does clan).
     #[serde(default)]
     pub warnings: Vec<String>,
+    /// `clan.core.vars`, when the machine declares generators.
+    #[serde(default)]
+    pub vars: Option<crate::vars::MachineVars>,
     /// `system.build.toplevel.drvPath`
     #[serde(rename = "toplevelDrv")]
     pub drv_path: String,
@@ -90,6 +93,9 @@ pub struct Evaluation {
     /// The selection, by name (also when facts were not asked for).
     #[serde(default, rename = "selectedNames")]
     pub selected_names: Vec<String>,
+    /// The clan's `vars.settings`.
+    #[serde(default, rename = "varsSettings")]
+    pub vars_settings: Option<crate::vars::VarsSettings>,
     /// Selected machines whose own evaluation failed, with why: the others go on.
     #[serde(skip)]
     pub failed: BTreeMap<String, Error>,
@@ -155,17 +161,34 @@ let
       configBuilders = net.builders or null;
       configForwardAgent = net.forwardAgent or null;
       requireExplicitUpdate = (inv.requireExplicitUpdate or false) || (config.clan.core.deployment.requireExplicitUpdate or false);
-      system = platform;
+      system = if @TOPLEVEL@ == "yes" then platform else tryOr null platform;
       warnings = builtins.filter builtins.isString (orNull (builtins.tryEval (config.warnings or [ ])));
-      # Not `outPath`: JSON output would turn the whole set into that string.
-      toplevelDrv = toplevel.drvPath;
-      toplevelOut = toplevel.outPath;
+      vars =
+        let v = config.clan.core.vars or null; in
+        if v == null || (v.generators or { }) == { } then null else {
+          secretLocation = v.age.secretLocation or "/etc/secret-vars";
+          generators = builtins.mapAttrs (_: g: {
+            share = g.share or false;
+            dependencies = g.dependencies or [ ];
+            script = if builtins.isPath (g.script or "") then builtins.readFile g.script else g.script or "";
+            runtimeInputs = map (p: { drv = p.drvPath or null; out = "${p}"; }) (g.runtimeInputs or [ ]);
+            prompts = builtins.mapAttrs (_: p: { inherit (p) description type persist; }) (g.prompts or { });
+            files = builtins.mapAttrs (_: f: { inherit (f) secret deploy owner group mode neededFor; }) (g.files or { });
+          }) v.generators;
+        };
+      # Not `outPath`: JSON output would turn the whole set into that string. A `throw`
+      # (an ungenerated var's value, say) leaves both empty: the caller generates the
+      # missing vars, or evaluates again without this to show the error.
+      toplevelDrv = if @TOPLEVEL@ == "no" then "" else if @TOPLEVEL@ == "try" then tryOr "" toplevel.drvPath else toplevel.drvPath;
+      toplevelOut = if @TOPLEVEL@ == "no" then "" else if @TOPLEVEL@ == "try" then tryOr "" toplevel.outPath else toplevel.outPath;
     };
+  tryOr = d: v: let t = builtins.tryEval v; in if t.success then t.value else d;
 in {
   storeDir = builtins.storeDir;
   machines = all;
   tags = builtins.listToAttrs (map (n: { name = n; value = tagsOf n; }) all);
   selectedNames = names;
+  varsSettings = (ci.vars or { }).settings or null;
   selected = if @FACTS@ then builtins.listToAttrs (map (n: { name = n; value = facts n; }) names) else { };
 }"#;
 
@@ -198,6 +221,45 @@ pub struct NixOptions {
     pub show_trace: bool,
     /// Machines evaluated at once.
     pub eval_jobs: usize,
+    /// Generates a machine's missing vars between its evaluations (`clan machines update`).
+    pub vars: Option<VarsHook>,
+}
+
+/// Called with a machine's name, facts and the clan's vars settings after its evaluation:
+/// generates what it lacks. Machines are evaluated again when their system needed them.
+#[derive(Clone)]
+pub struct VarsHook(pub std::sync::Arc<VarsFn>);
+
+/// What a [`VarsHook`] calls.
+pub type VarsFn = dyn Fn(&str, &MachineFacts, Option<&crate::vars::VarsSettings>) -> Result<(), Error>
+    + Send
+    + Sync;
+
+impl std::fmt::Debug for VarsHook {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("VarsHook")
+    }
+}
+
+impl PartialEq for VarsHook {
+    fn eq(&self, other: &VarsHook) -> bool {
+        std::sync::Arc::ptr_eq(&self.0, &other.0)
+    }
+}
+
+impl Eq for VarsHook {}
+
+/// How much of the selected machines one `nix eval` evaluates.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Depth {
+    /// Names, tags and the selection only.
+    Index,
+    /// Facts without the toplevel (vars commands).
+    Declarations,
+    /// Facts; a toplevel that throws is left empty.
+    TryToplevel,
+    /// Facts; a toplevel that throws fails the evaluation, with Nix's message.
+    Toplevel,
 }
 
 impl NixOptions {
@@ -226,17 +288,17 @@ pub fn eval_command(
     tags: &[String],
     nix: &NixOptions,
 ) -> Vec<String> {
-    eval_command_with(flake, wanted, tags, nix, true)
+    eval_command_with(flake, wanted, tags, nix, Depth::Toplevel)
 }
 
-/// [`eval_command`]; without `facts`, only names, tags and the selection (no machine's
-/// configuration is evaluated: cheap).
+/// [`eval_command`] to `depth`; [`Depth::Index`] evaluates no machine's configuration
+/// (cheap).
 fn eval_command_with(
     flake: &str,
     wanted: &[String],
     tags: &[String],
     nix: &NixOptions,
-    facts: bool,
+    depth: Depth,
 ) -> Vec<String> {
     let mut argv: Vec<String> = vec![
         "nix".into(),
@@ -256,7 +318,22 @@ fn eval_command_with(
             .replace("@WANTED@", &nix_list(wanted))
             .replace("@TAGS@", &nix_list(tags))
             .replace("@SYSTEM@", &nix_string(&workstation_system()))
-            .replace("@FACTS@", if facts { "true" } else { "false" }),
+            .replace(
+                "@FACTS@",
+                if depth == Depth::Index {
+                    "false"
+                } else {
+                    "true"
+                },
+            )
+            .replace(
+                "@TOPLEVEL@",
+                match depth {
+                    Depth::TryToplevel => "\"try\"",
+                    Depth::Declarations => "\"no\"",
+                    Depth::Index | Depth::Toplevel => "\"yes\"",
+                },
+            ),
     ]);
     argv
 }
@@ -287,9 +364,24 @@ pub fn evaluate(
 ) -> Result<Evaluation, Error> {
     let jobs = nix.eval_jobs;
     if wanted.len() == 1 && tags.is_empty() {
-        return evaluate_once(flake_ref, wanted, tags, nix, true);
+        let Some(hook) = &nix.vars else {
+            return evaluate_once(flake_ref, wanted, tags, nix, Depth::Toplevel);
+        };
+        let name = &wanted[0];
+        let mut first = evaluate_once(flake_ref, wanted, tags, nix, Depth::TryToplevel)?;
+        let Some(facts) = first.selected.get(name) else {
+            return Ok(first);
+        };
+        (hook.0)(name, facts, first.vars_settings.as_ref()).map_err(|error| Error {
+            message: format!("{name}: {}", error.message),
+            ..error
+        })?;
+        if facts.drv_path.is_empty() {
+            first = evaluate_once(flake_ref, wanted, tags, nix, Depth::Toplevel)?;
+        }
+        return Ok(first);
     }
-    let mut index = evaluate_once(flake_ref, wanted, tags, nix, false)?;
+    let mut index = evaluate_once(flake_ref, wanted, tags, nix, Depth::Index)?;
     let queue = std::sync::Mutex::new(index.selected_names.clone());
     let results = std::sync::Mutex::new(Vec::new());
     std::thread::scope(|scope| {
@@ -299,33 +391,33 @@ pub fn evaluate(
                     let Some(name) = queue.lock().expect("queue").pop() else {
                         return;
                     };
-                    let one = evaluate_once(flake_ref, std::slice::from_ref(&name), &[], nix, true);
+                    let one = evaluate_machine(flake_ref, &name, nix);
                     results.lock().expect("results").push((name, one));
                 }
             });
         }
     });
     for (name, result) in results.into_inner().expect("results") {
-        match result.map(|mut e| e.selected.remove(&name)) {
-            Ok(Some(facts)) => {
+        match result {
+            Ok(facts) => {
                 index.selected.insert(name, facts);
             }
-            Ok(None) => {
-                index.failed.insert(
-                    name.clone(),
-                    Error::usage(format!("evaluating machine {name} gave no facts")),
-                );
-            }
             Err(error) => {
-                let error = Error {
-                    message: format!("{name}: {}", error.message),
-                    ..error
-                };
                 index.failed.insert(name, error);
             }
         }
     }
     Ok(index)
+}
+
+/// What the selected machines declare (their vars, hosts…), without their systems: one
+/// `nix eval` for the vars commands.
+pub fn evaluate_declarations(
+    flake_ref: &FlakeRef,
+    wanted: &[String],
+    nix: &NixOptions,
+) -> Result<Evaluation, Error> {
+    evaluate_once(flake_ref, wanted, &[], nix, Depth::Declarations)
 }
 
 /// A machine's own evaluation, as it finishes: its name and facts, or why it failed.
@@ -340,7 +432,7 @@ pub fn evaluate_stream(
     tags: &[String],
     nix: &NixOptions,
 ) -> Result<(Evaluation, std::sync::mpsc::Receiver<Evaluated>), Error> {
-    let index = evaluate_once(flake_ref, wanted, tags, nix, false)?;
+    let index = evaluate_once(flake_ref, wanted, tags, nix, Depth::Index)?;
     let (tx, rx) = std::sync::mpsc::channel();
     let queue = std::sync::Arc::new(std::sync::Mutex::new(index.selected_names.clone()));
     for _ in 0..nix.eval_jobs.max(1).min(index.selected_names.len().max(1)) {
@@ -355,17 +447,7 @@ pub fn evaluate_stream(
                 let Some(name) = queue.lock().expect("queue").pop() else {
                     return;
                 };
-                let result =
-                    evaluate_once(&flake_ref, std::slice::from_ref(&name), &[], &nix, true)
-                        .and_then(|mut e| {
-                            e.selected.remove(&name).ok_or_else(|| {
-                                Error::usage(format!("evaluating machine {name} gave no facts"))
-                            })
-                        })
-                        .map_err(|error| Error {
-                            message: format!("{name}: {}", error.message),
-                            ..error
-                        });
+                let result = evaluate_machine(&flake_ref, &name, &nix);
                 if tx.send((name, result)).is_err() {
                     return;
                 }
@@ -375,14 +457,55 @@ pub fn evaluate_stream(
     Ok((index, rx))
 }
 
+/// One machine's facts. With a vars hook: evaluated with its toplevel allowed to throw, its
+/// missing vars generated, and evaluated again when its toplevel needed them (or to show
+/// why it threw).
+fn evaluate_machine(
+    flake_ref: &FlakeRef,
+    name: &str,
+    nix: &NixOptions,
+) -> Result<MachineFacts, Error> {
+    let once = |depth| {
+        evaluate_once(
+            flake_ref,
+            std::slice::from_ref(&name.to_string()),
+            &[],
+            nix,
+            depth,
+        )
+        .and_then(|mut e| {
+            let settings = e.vars_settings.take();
+            e.selected
+                .remove(name)
+                .map(|facts| (facts, settings))
+                .ok_or_else(|| Error::usage(format!("evaluating machine {name} gave no facts")))
+        })
+    };
+    let result = match &nix.vars {
+        None => once(Depth::Toplevel).map(|(facts, _)| facts),
+        Some(hook) => once(Depth::TryToplevel).and_then(|(facts, settings)| {
+            (hook.0)(name, &facts, settings.as_ref())?;
+            if facts.drv_path.is_empty() {
+                once(Depth::Toplevel).map(|(facts, _)| facts)
+            } else {
+                Ok(facts)
+            }
+        }),
+    };
+    result.map_err(|error| Error {
+        message: format!("{name}: {}", error.message),
+        ..error
+    })
+}
+
 fn evaluate_once(
     flake_ref: &FlakeRef,
     wanted: &[String],
     tags: &[String],
     nix: &NixOptions,
-    facts: bool,
+    depth: Depth,
 ) -> Result<Evaluation, Error> {
-    let argv = eval_command_with(&flake_ref.reference, wanted, tags, nix, facts);
+    let argv = eval_command_with(&flake_ref.reference, wanted, tags, nix, depth);
     let flake = flake_ref.shown.as_str();
     let mut command = Command::new(&argv[0]);
     command.args(&argv[1..]);

@@ -404,8 +404,16 @@ fn run_group(
     };
     let (code, output, pending) = thread::scope(|scope| {
         let handle = scope.spawn(|| {
-            session_of(realise, connections)
-                .run(|| run_step_now(realise, &label, Some(sink), progress, Some(&on_builds)))
+            session_of(realise, connections).run(|| {
+                run_step_now(
+                    realise,
+                    &label,
+                    Some(sink),
+                    progress,
+                    Some(&on_builds),
+                    None,
+                )
+            })
         });
         let mut pending: Vec<usize> = group.members.clone();
         let mut next_poll = Instant::now() + poll;
@@ -537,6 +545,14 @@ fn run_machine(
         }
         if step.kind == StepKind::Prepare {
             dry = false;
+        }
+        if step.kind == StepKind::UploadSecrets {
+            let result = upload_secrets(plan, step, sink, progress, connections);
+            *stages.entry(stage).or_default() += started.elapsed();
+            if let Err(error) = result {
+                return Outcome::Failed(with_log(error, sink));
+            }
+            continue;
         }
         let (code, output) = match step.kind {
             StepKind::Confirm => confirm(step, plan.confirm_within, name, sink, progress),
@@ -783,9 +799,9 @@ fn confirm(
     loop {
         attempts += 1;
         let (code, output) = if attempts == 1 {
-            run_step_now(step, name, Some(sink), progress, None)
+            run_step_now(step, name, Some(sink), progress, None, None)
         } else {
-            run_step_now(step, name, Some(sink), &Progress::silent(), None)
+            run_step_now(step, name, Some(sink), &Progress::silent(), None, None)
         };
         if matches!(code, Some(0 | 4 | 5)) || Instant::now() + Duration::from_secs(2) >= deadline {
             if attempts > 1 {
@@ -827,7 +843,38 @@ fn run_step(
     progress: &Progress,
     connections: &Connections,
 ) -> (Option<i32>, String) {
-    session_of(step, connections).run(|| run_step_now(step, label, sink, progress, None))
+    session_of(step, connections).run(|| run_step_now(step, label, sink, progress, None, None))
+}
+
+/// Uploads the machine's secrets: the bundle is made here, in memory, and written to the
+/// standard input of the target's upload script (never logged: the log has the command and
+/// what the target said).
+fn upload_secrets(
+    plan: &MachinePlan,
+    step: &Step,
+    sink: &LogSink,
+    progress: &Progress,
+    connections: &Connections,
+) -> Result<(), Error> {
+    let name = plan.machine.name.as_str();
+    let upload = plan
+        .machine
+        .secrets
+        .as_ref()
+        .expect("an upload step comes with its upload");
+    let user = crate::vars::upload::user_identity()?;
+    let bundle = upload.bundle(user)?;
+    let (code, output) = session_of(step, connections)
+        .run(|| run_step_now(step, name, Some(sink), progress, None, Some(&bundle)));
+    if code == Some(0) {
+        return Ok(());
+    }
+    Err(crate::vars::upload::upload_error(
+        name,
+        &step.host_label(),
+        code,
+        &output,
+    ))
 }
 
 /// Seconds since the Unix epoch, to the millisecond: when a step started, in the logs.
@@ -864,6 +911,7 @@ fn run_step_now(
     sink: Option<&LogSink>,
     progress: &Progress,
     on_builds: Option<OnBuilds<'_>>,
+    data: Option<&[u8]>,
 ) -> (Option<i32>, String) {
     let header = format!(
         "[{label}] {}: {} ({})",
@@ -901,7 +949,7 @@ fn run_step_now(
     let child = Command::new(&argv[0])
         .args(&argv[1..])
         .envs(step.local_env().iter().map(|(k, v)| (k, v)))
-        .stdin(if hangup || password.is_some() {
+        .stdin(if hangup || password.is_some() || data.is_some() {
             Stdio::piped()
         } else {
             Stdio::null()
@@ -919,11 +967,20 @@ fn run_step_now(
     let mut input = child.stdin.take();
     if let (Some(password), Some(stdin)) = (password, input.as_mut()) {
         let _ = stdin.write_all(format!("{password}\n").as_bytes());
-        if !hangup {
+        if !hangup && data.is_none() {
             input = None; // sudo has its line; the command gets end-of-file
         }
     }
     let code = thread::scope(|scope| {
+        // Data for the command, from a thread of its own (the output is read meanwhile);
+        // then end-of-file.
+        if let Some(data) = data
+            && let Some(stdin) = input.take()
+        {
+            scope.spawn(move || {
+                let _ = crate::process::feed(stdin, data);
+            });
+        }
         for stream in streams {
             let collected = Arc::clone(&collected);
             scope.spawn(move || {

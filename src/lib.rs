@@ -23,3 +23,4 @@ pub mod report;
 pub mod resolve;
 pub mod ssh;
 pub mod sudo;
+pub mod vars;

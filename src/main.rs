@@ -1,6 +1,6 @@
 use clap::Parser;
 
-use clan::cli::{Cli, MachinesCommand, TopCommand};
+use clan::cli::{Cli, MachinesCommand, TopCommand, VarsCommand};
 use clan::commands::machines::{rollback, setup_build_host, setup_cache, show, update};
 
 fn main() {
@@ -19,6 +19,12 @@ fn main() {
         TopCommand::Machines(MachinesCommand::SetupBuildHost(args)) => setup_build_host::run(args),
         TopCommand::Machines(MachinesCommand::SetupCache(args)) => setup_cache::run(args),
         TopCommand::Machines(MachinesCommand::Rollback(args)) => rollback::run(args),
+        TopCommand::Vars(VarsCommand::Generate(args)) => clan::commands::vars::generate(args),
+        TopCommand::Vars(VarsCommand::List(args)) => clan::commands::vars::list(args),
+        TopCommand::Vars(VarsCommand::Get(args)) => clan::commands::vars::get(args),
+        TopCommand::Vars(VarsCommand::Check(args)) => clan::commands::vars::check(args),
+        TopCommand::Vars(VarsCommand::Upload(args)) => clan::commands::vars::upload(args),
+        TopCommand::Vars(VarsCommand::Fix(args)) => clan::commands::vars::fix(args),
     };
     let code = match result {
         Ok(code) => code,

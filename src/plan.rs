@@ -62,6 +62,8 @@ pub enum StepKind {
     VerifySystem,
     /// Take the target's deploy lock, held until the machine is done.
     LockTarget,
+    /// Send the machine's key and encrypted secrets from the workstation to the target.
+    UploadSecrets,
     /// Under the lock: stand down what earlier runs left, record the current generation,
     /// arm the watchdog, set the profile.
     Prepare,
@@ -136,6 +138,7 @@ impl StepKind {
             StepKind::VerifySystem
             | StepKind::Diff
             | StepKind::LockTarget
+            | StepKind::UploadSecrets
             | StepKind::Prepare
             | StepKind::Switch
             | StepKind::Confirm
@@ -160,6 +163,7 @@ impl StepKind {
             StepKind::VerifySystem => "check that it is a NixOS system",
             StepKind::Diff => "compute what changes",
             StepKind::LockTarget => "take the target's deploy lock",
+            StepKind::UploadSecrets => "upload the secrets, workstation → target",
             StepKind::Prepare => "record the current generation, arm the watchdog, set the profile",
             StepKind::Switch => "switch-to-configuration",
             StepKind::Confirm => "confirm over a fresh ssh connection",
@@ -778,7 +782,7 @@ fn machine_steps(
             });
         }
     }
-    steps.extend(activation_steps(target, out, ctx));
+    steps.extend(activation_steps(target, out, machine.secrets.as_ref(), ctx));
     if let Some(check) = &machine.health_check
         && ctx.activation.action != Action::DryActivate
     {
@@ -918,7 +922,12 @@ impl TargetState {
 /// arm the watchdog, set the profile), switch, confirm: the target's side is one script,
 /// [`crate::ssh::ACTIVATE`]. The switch (and the watchdog) run as transient systemd units
 /// where the target has systemd, so a dropped ssh connection cannot kill them half-way.
-fn activation_steps(target: &SshHost, out: &str, ctx: &PlanContext) -> Vec<Step> {
+fn activation_steps(
+    target: &SshHost,
+    out: &str,
+    secrets: Option<&crate::vars::upload::SecretsUpload>,
+    ctx: &PlanContext,
+) -> Vec<Step> {
     let activation = ctx.activation;
     let action = activation.action;
     let run_id = ctx.run_id.as_str();
@@ -978,6 +987,22 @@ fn activation_steps(target: &SshHost, out: &str, ctx: &PlanContext) -> Vec<Step>
             activate(&["lock", run_id, &ctx.workstation, &lock_timeout]),
             When::Always,
         ));
+        // Secrets go from this workstation straight to the target, under its lock, before
+        // anything changes there: never through the build host.
+        if let Some(upload) = secrets {
+            steps.push(on_target(
+                StepKind::UploadSecrets,
+                ctx.privileged(
+                    target,
+                    RemoteCommand::Script {
+                        script: crate::vars::upload::VARS_UPLOAD,
+                        args: upload.args(),
+                        sudo: None,
+                    },
+                ),
+                When::Always,
+            ));
+        }
         let timeout = watchdog.unwrap_or(0).to_string();
         steps.push(on_target(
             StepKind::Prepare,
@@ -1146,6 +1171,7 @@ mod tests {
             cache: None,
             builders: None,
             health_check: None,
+            secrets: None,
             drv_path: StorePath::parse_drv(
                 &format!("/nix/store/00000000000000000000000000000000-d-{name}.drv"),
                 &StoreDir::default(),

@@ -18,7 +18,7 @@ pub fn interrupted() -> std::io::Error {
 /// Runs `command` to its end, with `input` on its standard input (else none), and returns
 /// its output; stops it (SIGTERM to its group, SIGKILL after 5 s) and returns
 /// [`interrupted`] if Ctrl-C is pressed meanwhile.
-pub fn run(command: &mut Command, input: Option<&str>) -> std::io::Result<Output> {
+pub fn run(command: &mut Command, input: Option<&[u8]>) -> std::io::Result<Output> {
     if crate::interrupt::requested() {
         return Err(interrupted());
     }
@@ -32,9 +32,17 @@ pub fn run(command: &mut Command, input: Option<&str>) -> std::io::Result<Output
         .stderr(Stdio::piped())
         .process_group(0)
         .spawn()?;
-    if let (Some(input), Some(mut stdin)) = (input, child.stdin.take()) {
-        stdin.write_all(input.as_bytes())?;
-    }
+    // Written from a thread of its own: a large input and a chatty child cannot block each
+    // other. Dropping the pipe afterwards ends the child's input.
+    let writer = match (input, child.stdin.take()) {
+        (Some(input), Some(stdin)) => {
+            let input = zeroize::Zeroizing::new(input.to_vec());
+            Some(thread::spawn(move || {
+                let _ = feed(stdin, &input);
+            }))
+        }
+        _ => None,
+    };
     let read = |stream: Option<Box<dyn Read + Send>>| {
         thread::spawn(move || {
             let mut bytes = Vec::new();
@@ -75,6 +83,9 @@ pub fn run(command: &mut Command, input: Option<&str>) -> std::io::Result<Output
         }
         thread::sleep(Duration::from_millis(20));
     };
+    if let Some(writer) = writer {
+        let _ = writer.join();
+    }
     let output = Output {
         status,
         stdout: stdout.join().unwrap_or_default(),
@@ -84,6 +95,20 @@ pub fn run(command: &mut Command, input: Option<&str>) -> std::io::Result<Output
         return Err(interrupted());
     }
     Ok(output)
+}
+
+/// Writes `data` to a child's input from a thread of its own, with SIGPIPE blocked in that
+/// thread: a child that dies early makes the write fail (EPIPE) instead of killing clan
+/// (whose SIGPIPE is the default, for `clan … | head`).
+pub fn feed(mut input: std::process::ChildStdin, data: &[u8]) -> std::io::Result<()> {
+    // SAFETY: changes this thread's signal mask only; the set is initialised before use.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGPIPE);
+        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+    }
+    input.write_all(data)
 }
 
 /// Sends `signal` to the process group that `leader` leads.
@@ -106,7 +131,7 @@ mod tests {
     fn output_and_input_pass_through() {
         let out = run(
             Command::new("sh").args(["-c", "read l; echo \"got $l\"; echo err >&2"]),
-            Some("x\n"),
+            Some(b"x\n"),
         )
         .unwrap();
         assert_eq!(String::from_utf8_lossy(&out.stdout), "got x\n");

@@ -103,6 +103,9 @@ pub struct ResolvedMachine {
     pub cache: Option<CacheSettings>,
     /// `deploy.healthCheck`: a shell command run on the target after activation.
     pub health_check: Option<String>,
+    /// Its vars to upload straight to the target before activation (none: it has no
+    /// secrets, or `--no-secrets`).
+    pub secrets: Option<crate::vars::upload::SecretsUpload>,
     /// Toplevel derivation.
     pub drv_path: StorePath,
     /// Toplevel output path.
@@ -124,6 +127,8 @@ pub struct Overrides {
     pub copy_mode: Option<CopyMode>,
     /// `--cache-upload`, `--cache-url`, `--cache-key`
     pub cache: [Option<String>; 3],
+    /// The clan's directory, whose vars are uploaded (`None`: no upload).
+    pub vars_repo: Option<std::path::PathBuf>,
 }
 
 /// Looks up the user an ssh config sets for an address that names none.
@@ -324,6 +329,17 @@ pub fn resolve_machine(
         }
         other => other.clone(),
     };
+    let secrets = match (&overrides.vars_repo, &facts.vars) {
+        (Some(root), Some(vars)) => {
+            vars.check(name)?;
+            crate::vars::upload::SecretsUpload::of(
+                &crate::vars::Repo { root: root.clone() },
+                name,
+                vars,
+            )
+        }
+        _ => None,
+    };
     let builders = [
         (Source::Flag("--builders"), overrides.builders.clone()),
         (
@@ -449,6 +465,7 @@ pub fn resolve_machine(
         copy_mode,
         cache,
         health_check,
+        secrets,
         drv_path,
         out_path,
     })

@@ -457,7 +457,7 @@ pub fn run_remote(
 pub fn run_remote_with_input(
     host: &SshHost,
     command: &RemoteCommand,
-    input: &str,
+    input: &[u8],
 ) -> std::io::Result<std::process::Output> {
     let argv = host.ssh_argv(Side::WorkstationBatch, command);
     crate::process::run(

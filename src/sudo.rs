@@ -97,7 +97,7 @@ pub fn check_password(
         let probe = RemoteCommand::Run(Invocation::new("true", [] as [&str; 0]).sudo(true));
         let out = connections
             .session(target)
-            .run(|| run_remote_with_input(target, &probe, &format!("{password}\n")))
+            .run(|| run_remote_with_input(target, &probe, format!("{password}\n").as_bytes()))
             .map_err(|e| Error::new(format!("cannot run ssh: {e}")))?;
         if !out.status.success() {
             let stderr = String::from_utf8_lossy(&out.stderr);

@@ -1215,14 +1215,29 @@ const FIXTURE_FLAKE: &str = r#"{
               switch-fails) echo 'echo "activating the fixture failed on purpose" >&2; exit 1' ;;
               *) echo 'if [ -x /root/lab-sshd-start ]; then /root/lab-sshd-start; fi' ;;
             esac
+            # Vars: decrypt the machine's secrets on switch and test, as NixOS activation does.
+            if [ -n "''${varsActivation:-}" ]; then
+              echo "if [ \"\$1\" = switch ] || [ \"\$1\" = test ]; then sh $out/bin/clan-vars-activate || exit 1; fi"
+            fi
           } > $out/bin/switch-to-configuration
           chmod +x $out/bin/switch-to-configuration
+          if [ -n "''${varsActivation:-}" ]; then printf '%s\n' "$varsActivation" > $out/bin/clan-vars-activate; fi
         '' ];
-      } // (if args.shared or false then { sharedPart = shared; } else { }));
+      } // (if args.shared or false then { sharedPart = shared; } else { })
+        # Only systems with vars carry their decryption, so other systems keep their paths.
+        // (if (args.varsActivation or "") != "" then { inherit (args) varsActivation; } else { })
+        // (if args ? publicVar then { inherit (args) publicVar; } else { }));
       system = args: { config, ... }: {
         nixpkgs.hostPlatform = args.hostPlatform or "x86_64-linux";
         clan.core.networking = args.networking or { };
-        system.build.toplevel = toplevel config.networking.hostName args;
+        # `vars`: clan.core.vars.generators; `publicVarOf = [ gen file ]` puts that public
+        # value into the system.
+        clan.core.vars.generators = args.vars or { };
+        system.build.toplevel = toplevel config.networking.hostName (args // {
+          varsActivation = config.clan.core.vars.activationScript;
+        } // (if args ? publicVarOf then {
+          publicVar = config.clan.core.vars.generators.${builtins.elemAt args.publicVarOf 0}.files.${builtins.elemAt args.publicVarOf 1}.value;
+        } else { }));
       };
       clan = clan-core.lib.clan ({
         inherit self;

@@ -3,6 +3,7 @@
 # Each attribute is true when the behaviour holds; `refused` lists what must not evaluate.
 { nixpkgs }:
 let
+  lib = nixpkgs.lib;
   clanLib = import ../lib.nix { defaultNixpkgs = nixpkgs; };
   base = {
     self = null;
@@ -22,6 +23,31 @@ let
     ];
   };
   fails = v: !(builtins.tryEval (builtins.deepSeq v v)).success;
+  varsClan = clan {
+    vars.settings.recipients.default = [ "age1example" ];
+    machines.web1 = {
+      clan.core.vars.generators.greeting = {
+        files.hello.secret = false;
+        script = "echo hi > $out/hello";
+      };
+      clan.core.vars.generators.db = {
+        prompts.password = { type = "hidden"; persist = true; };
+        files.hash = { owner = "nobody"; group = "nogroup"; mode = "0440"; };
+        files.rootpw.neededFor = "users";
+        files.part.neededFor = "partitioning";
+        dependencies = [ "greeting" ];
+      };
+      clan.core.vars.generators.missing.files.pub.secret = false;
+      system.build.toplevel = { name = "t"; };
+    };
+    machines.bad = {
+      clan.core.vars.generators.g.files.f = { neededFor = "users"; owner = "alice"; };
+    };
+  };
+  web1vars = varsClan.nixosConfigurations.web1.config.clan.core.vars;
+  script = web1vars.activationScript;
+  has = needle: lib.hasInfix needle script;
+
 in
 {
   mkDefaultLosesToAPlainValue =
@@ -39,4 +65,20 @@ in
   unknownInventoryKeyRefused =
     fails (clan { inventory.machines.x.deploy.tagetHost = "typo"; }).clanInternals.inventory;
   darwinRefused = fails (clan { inventory.machines.x.machineClass = "darwin"; }).clanInternals.inventory;
+  varsSettingsExposed = varsClan.clanInternals.vars.settings.recipients.default == [ "age1example" ];
+  publicValueReadFromTheRepository = web1vars.generators.greeting.files.hello.value == "hi there";
+  publicPathInTheStore = lib.hasPrefix builtins.storeDir web1vars.generators.greeting.files.hello.path;
+  secretPathsByPhase =
+    web1vars.generators.db.files.hash.path == "/run/secrets/db/hash"
+    && web1vars.generators.db.files.rootpw.path == "/run/secrets-for-users/db/rootpw"
+    && web1vars.generators.db.files.password.secret;
+  missingPublicValueFails = fails web1vars.generators.missing.files.pub.value;
+  secretValueFails = fails web1vars.generators.db.files.hash.value;
+  activationDecryptsEachDeployedSecret =
+    has "clan_vars_file /run/secrets db hash per-machine/web1/db/hash.age nobody nogroup 0440\n"
+    && has "clan_vars_file /run/secrets-for-users db rootpw per-machine/web1/db/rootpw.age root root 0400\n"
+    && has "clan_vars_file /run/secrets db password "
+    && !(has " part ") && !(has " hello ");
+  usersSecretsMustBeRootOwned = fails varsClan.nixosConfigurations.bad.config.clan.core.vars.activationScript;
+  noVarsNoScript = ok.nixosConfigurations.web1.config.clan.core.vars.activationScript == "";
 }

@@ -1,3 +1,4 @@
 //! One module per subcommand: `clan machines update` lives in `machines/update.rs`.
 
 pub mod machines;
+pub mod vars;

@@ -168,6 +168,7 @@ impl Streamed {
             selected: [(name.clone(), facts)].into_iter().collect(),
             store_dir: self.index.store_dir.clone(),
             selected_names: vec![name.clone()],
+            vars_settings: self.index.vars_settings.clone(),
             failed: Default::default(),
         };
         if self.default_selection

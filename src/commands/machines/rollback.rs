@@ -36,7 +36,11 @@ pub fn run(args: &RollbackArgs) -> Result<i32, Error> {
             run_remote(&target, &rollback.sudo(false))
         } else {
             let password = sudo::read_password(&needs)?;
-            run_remote_with_input(&target, &rollback.sudo(true), &format!("{password}\n"))
+            run_remote_with_input(
+                &target,
+                &rollback.sudo(true),
+                format!("{password}\n").as_bytes(),
+            )
         }
     }
     .map_err(|e| Error::new(format!("cannot run ssh: {e}")))?;

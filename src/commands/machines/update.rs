@@ -35,6 +35,55 @@ pub fn run(args: &UpdateArgs) -> Result<i32, Error> {
     result
 }
 
+/// The command line's overrides; the clan's directory for vars unless `--no-secrets`.
+fn update_overrides(args: &UpdateArgs) -> Result<crate::resolve::Overrides, Error> {
+    let mut overrides = args.hosts.overrides(Some(&args.agent));
+    if !args.no_secrets {
+        overrides.vars_repo = Some(vars_root(&args.hosts.flake)?);
+    }
+    Ok(overrides)
+}
+
+/// The clan's directory (where `vars/` and `secrets/` are).
+fn vars_root(flake: &std::path::Path) -> Result<std::path::PathBuf, Error> {
+    std::fs::canonicalize(flake).map_err(|e| {
+        Error::usage(format!(
+            "cannot open the flake directory {} (from --flake): {e}",
+            flake.display()
+        ))
+    })
+}
+
+/// Nix options; unless `--no-secrets` or `--dry-run`, each machine's missing vars are
+/// generated as it is evaluated (as clan-core does before an update), one machine at a
+/// time (prompts), and the user's identity is checked against its key.
+fn update_nix_options(args: &UpdateArgs) -> Result<crate::eval::NixOptions, Error> {
+    let mut nix = args.hosts.nix_options()?;
+    if args.no_secrets || args.dry_run {
+        return Ok(nix);
+    }
+    let repo = crate::vars::Repo {
+        root: vars_root(&args.hosts.flake)?,
+    };
+    let one_at_a_time = std::sync::Mutex::new(());
+    nix.vars = Some(crate::eval::VarsHook(std::sync::Arc::new(
+        move |name, facts, settings| {
+            let Some(vars) = &facts.vars else {
+                return Ok(());
+            };
+            let _turn = one_at_a_time.lock().unwrap_or_else(|e| e.into_inner());
+            let settings = settings.cloned().unwrap_or_default();
+            crate::vars::generate::Generation::new(&repo, &settings).machine(name, vars)?;
+            if !vars.uploaded_files(name).is_empty() {
+                // The upload will need the machine's key: found out now, before any build.
+                repo.machine_private_key(name, crate::vars::upload::user_identity()?)?;
+            }
+            Ok(())
+        },
+    )));
+    Ok(nix)
+}
+
 fn print_json(value: &serde_json::Value) {
     println!(
         "{}",
@@ -47,7 +96,7 @@ fn deploy(args: &UpdateArgs) -> Result<i32, Error> {
     if several && !args.dry_run && args.canary.is_empty() && args.batch_size.is_none() {
         return deploy_streaming(args);
     }
-    let overrides = args.hosts.overrides(Some(&args.agent));
+    let overrides = update_overrides(args)?;
     let mut skipped = Some(Vec::new());
     let mut failed = Some(Vec::new());
     let machines: Vec<ResolvedMachine> = load_selection_skipping(
@@ -55,7 +104,7 @@ fn deploy(args: &UpdateArgs) -> Result<i32, Error> {
         &args.machines,
         &args.tags,
         &overrides,
-        &args.hosts.nix_options()?,
+        &update_nix_options(args)?,
         &mut skipped,
         &mut failed,
     )?
@@ -445,8 +494,8 @@ const STREAM_MAX_WAIT: std::time::Duration = std::time::Duration::from_millis(10
 /// being evaluated. Each such batch is planned, checked and run on its own, concurrently.
 fn deploy_streaming(args: &UpdateArgs) -> Result<i32, Error> {
     use crate::commands::machines::{StreamedMachine, stream_selection};
-    let overrides = args.hosts.overrides(Some(&args.agent));
-    let nix = args.hosts.nix_options()?;
+    let overrides = update_overrides(args)?;
+    let nix = update_nix_options(args)?;
     let streamed = stream_selection(
         &args.hosts.flake,
         &args.machines,

@@ -1,0 +1,321 @@
+# Clan vars, the age backend: what a machine declares (`clan.core.vars.generators`), where
+# its files are at run time, and the activation that decrypts the secrets on the target.
+#
+# The workstation (`clan vars generate`) runs the generators and stores public files in the
+# repository at vars/per-machine/<machine>/<generator>/<file>/value (vars/shared/… for
+# shared generators) and secret files encrypted to the machine's age key at
+# secrets/clan-vars/per-machine/<machine>/<generator>/<file>.age (…/shared/…).
+# `clan vars upload` (and `clan machines update`) sends the machine's private key and its
+# encrypted secrets straight to the target, into `clan.core.vars.age.secretLocation`.
+# Activation decrypts them: neededFor "users" into /run/secrets-for-users (before users are
+# created), "services" into /run/secrets (after), "activation" into
+# <secretLocation>/activation; "partitioning" files are for installers and never uploaded.
+{
+  lib,
+  config,
+  options,
+  ...
+}:
+let
+  inherit (lib) mkOption types;
+  cfg = config.clan.core.vars;
+  machine = config.clan.core.settings.machine.name;
+  directory = config.clan.core.settings.directory;
+  loc = cfg.age.secretLocation;
+
+  runDirs = {
+    users = "/run/secrets-for-users";
+    services = "/run/secrets";
+    activation = "${loc}/activation";
+    partitioning = "/run/partitioning-secrets";
+  };
+
+  # Where a generator's files live in the repository, relative to its root.
+  scope = gen: if gen.share then "shared" else "per-machine/${machine}";
+
+  fileModule =
+    gen:
+    { name, config, ... }:
+    let
+      file = config;
+      valueFile = "${toString directory}/vars/${scope gen}/${gen.name}/${name}/value";
+      notGenerated = "clan vars: ${gen.name}/${name} of machine ${machine} is not generated yet: run `clan vars generate ${machine}`";
+    in
+    {
+      options = {
+        name = mkOption {
+          type = types.str;
+          default = name;
+          readOnly = true;
+        };
+        secret = mkOption {
+          type = types.bool;
+          default = true;
+          description = "Encrypted in the repository and only decrypted on the target (true), or a public value in the repository and the store (false).";
+        };
+        deploy = mkOption {
+          type = types.bool;
+          default = true;
+          description = "Upload this secret to the machine.";
+        };
+        owner = mkOption {
+          type = types.str;
+          default = "root";
+        };
+        group = mkOption {
+          type = types.str;
+          default = "root";
+        };
+        mode = mkOption {
+          type = types.strMatching "0?[0-7]{3}";
+          default = "0400";
+        };
+        neededFor = mkOption {
+          type = types.enum [
+            "partitioning"
+            "activation"
+            "users"
+            "services"
+          ];
+          default = "services";
+          description = "When the secret must exist on the target: users are created after activation-time and users secrets, services after all.";
+        };
+        path = mkOption {
+          type = types.str;
+          readOnly = true;
+          description = "Where the file is on the machine at run time.";
+          default =
+            if file.secret then
+              "${runDirs.${file.neededFor}}/${gen.name}/${name}"
+            else
+              builtins.toFile name file.value;
+        };
+        value = mkOption {
+          type = types.str;
+          readOnly = true;
+          description = "The content of a public file, at evaluation.";
+          default =
+            if file.secret then
+              throw "clan vars: ${gen.name}/${name} is secret: it has no value at evaluation (use its `path`)"
+            else if directory != null && builtins.pathExists valueFile then
+              builtins.readFile valueFile
+            else
+              throw notGenerated;
+        };
+      };
+    };
+
+  promptModule =
+    { name, ... }:
+    {
+      options = {
+        name = mkOption {
+          type = types.str;
+          default = name;
+          readOnly = true;
+        };
+        description = mkOption {
+          type = types.str;
+          default = name;
+        };
+        type = mkOption {
+          type = types.enum [
+            "hidden"
+            "line"
+            "multiline"
+          ];
+          default = "line";
+        };
+        persist = mkOption {
+          type = types.bool;
+          default = false;
+          description = "Store the answer as a (secret) file of the same name.";
+        };
+      };
+    };
+
+  generatorModule =
+    { name, config, ... }:
+    {
+      options = {
+        name = mkOption {
+          type = types.str;
+          default = name;
+          readOnly = true;
+        };
+        share = mkOption {
+          type = types.bool;
+          default = false;
+          description = "One value for every machine that declares this generator with share = true.";
+        };
+        dependencies = mkOption {
+          type = types.listOf types.str;
+          default = [ ];
+          description = "Generators whose files this one reads in $in/<generator>/<file>.";
+        };
+        runtimeInputs = mkOption {
+          type = types.listOf types.package;
+          default = [ ];
+          description = "Packages on the script's PATH (their bin/), built on the workstation.";
+        };
+        script = mkOption {
+          type = types.either types.str types.path;
+          default = "";
+          description = "Shell script that writes each file to $out/<file>; answers are in $prompts/<prompt>.";
+        };
+        prompts = mkOption {
+          type = types.attrsOf (types.submodule promptModule);
+          default = { };
+        };
+        files = mkOption {
+          type = types.attrsOf (types.submodule (fileModule config));
+          default = { };
+        };
+      };
+      # A persisted prompt is a file of the same name.
+      config.files = lib.mapAttrs (_: _: { }) (lib.filterAttrs (_: p: p.persist) config.prompts);
+    };
+
+  # The files activation decrypts, per phase.
+  deployed =
+    phase:
+    lib.concatMap (
+      gen:
+      map (file: { inherit gen file; }) (
+        lib.filter (f: f.secret && f.deploy && f.neededFor == phase) (lib.attrValues gen.files)
+      )
+    ) (lib.attrValues cfg.generators);
+
+  q = lib.escapeShellArg;
+
+  phaseScript =
+    phase:
+    let
+      files = deployed phase;
+      dir = runDirs.${phase};
+    in
+    lib.optionalString (files != [ ]) (
+      ''
+        clan_vars_begin ${q dir}
+      ''
+      + lib.concatMapStrings (
+        { gen, file }:
+        let
+          owner = if phase == "users" then "root" else file.owner;
+          group = if phase == "users" then "root" else file.group;
+        in
+        ''
+          clan_vars_file ${q dir} ${q gen.name} ${q file.name} ${q "${scope gen}/${gen.name}/${file.name}.age"} ${q owner} ${q group} ${q file.mode}
+        ''
+      ) files
+      + ''
+        clan_vars_commit ${q dir}
+      ''
+    );
+
+  header = ''
+    set -eu
+    loc=${q loc}
+    age=${q cfg.age.command}
+    key="$loc/key.txt"
+    if [ ! -r "$key" ]; then
+      echo "clan vars: this machine's key is not at $key: run 'clan vars upload ${machine}' (or deploy without --no-secrets)" >&2
+      exit 1
+    fi
+    clan_vars_begin() { rm -rf "$1.new"; mkdir -p "$1.new"; chmod 0751 "$1.new"; }
+    clan_vars_file() {
+      mkdir -p "$1.new/$2"; chmod 0751 "$1.new/$2"
+      if ! (umask 077; "$age" -d -i "$key" -o "$1.new/$2/$3" "$loc/$4"); then
+        echo "clan vars: cannot decrypt $loc/$4 with this machine's key: run 'clan vars upload ${machine}'" >&2
+        exit 1
+      fi
+      if ! chown "$5:$6" "$1.new/$2/$3"; then
+        echo "clan vars: cannot give $2/$3 to $5:$6 (does that user and group exist?)" >&2
+        exit 1
+      fi
+      chmod "$7" "$1.new/$2/$3"
+    }
+    clan_vars_commit() {
+      rm -rf "$1.old"
+      if [ -e "$1" ]; then mv "$1" "$1.old"; fi
+      mv "$1.new" "$1"
+      rm -rf "$1.old"
+    }
+  '';
+
+  script = phases: lib.optionalString (lib.any (p: deployed p != [ ]) phases) (
+    header + lib.concatMapStrings phaseScript phases
+  );
+
+  usersFilesNotRoot = lib.filter (x: x.file.owner != "root" || x.file.group != "root") (
+    deployed "users"
+  );
+in
+{
+  options.clan.core.settings = {
+    machine.name = mkOption {
+      type = types.str;
+      description = "The machine's name in the clan (set by lib.clan).";
+    };
+    directory = mkOption {
+      type = types.nullOr types.raw;
+      default = null;
+      description = "The clan's directory (set by lib.clan): vars are read from it.";
+    };
+  };
+
+  options.clan.core.vars = {
+    generators = mkOption {
+      type = types.attrsOf (types.submodule generatorModule);
+      default = { };
+      description = "What `clan vars generate` makes for this machine.";
+    };
+    age.secretLocation = mkOption {
+      type = types.str;
+      default = "/etc/secret-vars";
+      description = "Where uploads put the machine's key and encrypted secrets on the target (root-only).";
+    };
+    age.command = mkOption {
+      type = types.str;
+      default =
+        if config._module.args ? pkgs then "${config._module.args.pkgs.age}/bin/age" else "age";
+      defaultText = "\${pkgs.age}/bin/age, or `age` from PATH without nixpkgs";
+      description = "The age program that decrypts on the target.";
+    };
+    activationScript = mkOption {
+      type = types.str;
+      readOnly = true;
+      description = "The whole decryption (users, activation, services phases), for systems without system.activationScripts; NixOS runs the phases as activation scripts.";
+      default =
+        if usersFilesNotRoot != [ ] then
+          throw "clan vars: ${(builtins.head usersFilesNotRoot).gen.name}/${(builtins.head usersFilesNotRoot).file.name} is neededFor = \"users\": it is decrypted before users exist, so its owner and group must be root"
+        else
+          script [
+            "users"
+            "activation"
+            "services"
+          ];
+    };
+  };
+
+  config = lib.optionalAttrs (options ? system.activationScripts) {
+    system.activationScripts = lib.mkIf (cfg.activationScript != "") {
+      clan-vars-for-users = {
+        deps = [ "specialfs" ];
+        text = script [
+          "users"
+          "activation"
+        ];
+      };
+      users.deps = [ "clan-vars-for-users" ];
+      clan-vars = {
+        deps = [
+          "users"
+          "groups"
+          "specialfs"
+        ];
+        text = script [ "services" ];
+      };
+    };
+  };
+}

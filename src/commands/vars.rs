@@ -1,0 +1,304 @@
+//! `clan vars …`: generate, list, get, check, upload and fix a clan's vars (age backend).
+
+use std::collections::BTreeMap;
+use std::io::Write;
+
+use crate::cli::{
+    HostArgs, VarsFixArgs, VarsGenerateArgs, VarsGetArgs, VarsMachineArgs, VarsUploadArgs,
+};
+use crate::error::{Error, Hint};
+use crate::vars::generate::Generation;
+use crate::vars::upload::{SecretsUpload, VARS_UPLOAD, upload_error, user_identity};
+use crate::vars::{MachineVars, Repo, VarsSettings};
+
+/// The clan's vars as the flake declares them: the repository, the settings, and each
+/// selected machine's declarations (`None`: it declares no generator).
+struct Declared {
+    repo: Repo,
+    settings: VarsSettings,
+    machines: BTreeMap<String, Option<MachineVars>>,
+}
+
+/// Evaluates what `names` (all machines if empty) declare, without their systems.
+fn declared(hosts: &HostArgs, names: &[String]) -> Result<Declared, Error> {
+    for name in names {
+        crate::resolve::check_machine_name(name)?;
+    }
+    let flake = crate::commands::machines::flake_ref(&hosts.flake)?;
+    let root = std::fs::canonicalize(&hosts.flake).map_err(|e| {
+        Error::usage(format!(
+            "cannot open the flake directory {} (from --flake): {e}",
+            hosts.flake.display()
+        ))
+    })?;
+    eprintln!("Evaluating {} on this workstation…", flake.shown);
+    let evaluation = crate::eval::evaluate_declarations(&flake, names, &hosts.nix_options()?)?;
+    if let Some(unknown) = names.iter().find(|n| !evaluation.machines.contains(n)) {
+        return Err(Error::usage(format!(
+            "unknown machine {unknown:?} (from the command line): the flake {} defines {}",
+            flake.shown,
+            evaluation.machines.join(", ")
+        )));
+    }
+    let mut machines = BTreeMap::new();
+    for (name, facts) in evaluation.selected {
+        if let Some(vars) = &facts.vars {
+            vars.check(&name)?;
+        }
+        machines.insert(name, facts.vars);
+    }
+    Ok(Declared {
+        repo: Repo { root },
+        settings: evaluation.vars_settings.unwrap_or_default(),
+        machines,
+    })
+}
+
+/// The one machine's declarations; one without generators is an error.
+fn one(declared: &Declared, machine: &str) -> Result<MachineVars, Error> {
+    declared
+        .machines
+        .get(machine)
+        .cloned()
+        .flatten()
+        .ok_or_else(|| {
+            Error::usage(format!(
+                "machine {machine} declares no vars (clan.core.vars.generators is empty)"
+            ))
+        })
+}
+
+/// `clan vars generate`.
+pub fn generate(args: &VarsGenerateArgs) -> Result<i32, Error> {
+    let declared = declared(&args.hosts, &args.machines)?;
+    let mut generation = Generation::new(&declared.repo, &declared.settings);
+    generation.regenerate = args.regenerate;
+    generation.only = args.generator.clone();
+    for (machine, vars) in &declared.machines {
+        let Some(vars) = vars else {
+            if !args.machines.is_empty() {
+                eprintln!("{machine}: declares no vars");
+            }
+            continue;
+        };
+        let ran = generation.machine(machine, vars)?;
+        if ran.is_empty() {
+            eprintln!("{machine}: every var is generated");
+        } else {
+            eprintln!("{machine}: generated {}", ran.join(", "));
+        }
+    }
+    Ok(0)
+}
+
+/// `clan vars list`.
+pub fn list(args: &VarsMachineArgs) -> Result<i32, Error> {
+    let declared = declared(&args.hosts, std::slice::from_ref(&args.machine))?;
+    let vars = one(&declared, &args.machine)?;
+    let mut out = std::io::stdout().lock();
+    for (g, decl) in &vars.generators {
+        for (f, file) in &decl.files {
+            let shown = if file.secret {
+                if declared
+                    .repo
+                    .secret_path(&args.machine, g, decl, f)
+                    .is_file()
+                {
+                    "********".to_string()
+                } else {
+                    "(not generated)".to_string()
+                }
+            } else {
+                match std::fs::read(declared.repo.value_path(&args.machine, g, decl, f)) {
+                    Ok(value) => {
+                        let text = String::from_utf8_lossy(&value);
+                        let line = text.lines().next().unwrap_or("");
+                        let mut shown = crate::boundary::terminal_safe(line);
+                        if text.lines().count() > 1 {
+                            shown.push_str(" …");
+                        }
+                        shown
+                    }
+                    Err(_) => "(not generated)".to_string(),
+                }
+            };
+            let _ = writeln!(out, "{g}/{f} {shown}");
+        }
+    }
+    Ok(0)
+}
+
+/// `clan vars get`.
+pub fn get(args: &VarsGetArgs) -> Result<i32, Error> {
+    let Some((g, f)) = args.var.split_once('/') else {
+        return Err(Error::usage(format!(
+            "{:?} (from the command line) is not GENERATOR/FILE",
+            args.var
+        )));
+    };
+    let declared = declared(&args.hosts, std::slice::from_ref(&args.machine))?;
+    let vars = one(&declared, &args.machine)?;
+    let Some(decl) = vars.generators.get(g).filter(|d| d.files.contains_key(f)) else {
+        return Err(
+            Error::usage(format!("machine {} has no var {g}/{f}", args.machine)).hint(Hint::text(
+                format!("`clan vars list {}` lists them", args.machine),
+            )),
+        );
+    };
+    let generation = Generation::new(&declared.repo, &declared.settings);
+    if !declared.repo.generated(&args.machine, g, decl) {
+        return Err(Error::usage(format!(
+            "{g}/{f} of machine {} is not generated yet",
+            args.machine
+        ))
+        .hint(Hint::text(format!(
+            "run `clan vars generate {}`",
+            args.machine
+        ))));
+    }
+    let content = generation.read_file(&args.machine, g, decl, f)?;
+    let mut out = std::io::stdout().lock();
+    let _ = out.write_all(&content);
+    Ok(0)
+}
+
+/// `clan vars check`: every problem, one line each; exit 1 if there is any.
+pub fn check(args: &VarsMachineArgs) -> Result<i32, Error> {
+    let machine = &args.machine;
+    let declared = declared(&args.hosts, std::slice::from_ref(machine))?;
+    let vars = one(&declared, machine)?;
+    let mut problems = Vec::new();
+    if let Err(e) = crate::vars::parse_recipients(&declared.settings, machine) {
+        problems.push(e.message);
+    }
+    let user = match crate::vars::UserIdentity::find() {
+        Ok(user) => Some(user),
+        Err(e) => {
+            problems.push(e.message);
+            None
+        }
+    };
+    if let Some(user) = &user
+        && let Err(e) = declared.repo.machine_identity(machine, user)
+    {
+        problems.push(e.message);
+    }
+    let generation = Generation::new(&declared.repo, &declared.settings);
+    for (g, decl) in &vars.generators {
+        for (f, file) in &decl.files {
+            let generated = if file.secret {
+                declared.repo.secret_path(machine, g, decl, f).is_file()
+            } else {
+                declared.repo.value_path(machine, g, decl, f).is_file()
+            };
+            if !generated {
+                problems.push(format!("{g}/{f} is not generated"));
+            } else if file.secret
+                && decl.share
+                && user.is_some()
+                && generation.read_file(machine, g, decl, f).is_err()
+            {
+                problems.push(format!(
+                    "{g}/{f} is shared, but not encrypted to machine {machine}'s key"
+                ));
+            }
+        }
+    }
+    if problems.is_empty() {
+        eprintln!("{machine}: vars complete, and your identity opens the machine's key");
+        return Ok(0);
+    }
+    eprintln!("{machine}: {} problem(s):", problems.len());
+    for problem in &problems {
+        eprintln!("  - {problem}");
+    }
+    eprintln!(
+        "hint: `clan vars generate {machine}` makes what is missing; see the README's Secrets section for recipients and identities"
+    );
+    Ok(1)
+}
+
+/// `clan vars fix`.
+pub fn fix(args: &VarsFixArgs) -> Result<i32, Error> {
+    let declared = declared(&args.hosts, &args.machines)?;
+    let user = crate::vars::UserIdentity::find()?;
+    let fixed =
+        crate::vars::generate::fix_keys(&declared.repo, &declared.settings, &user, &args.machines)?;
+    for machine in &fixed {
+        let (keys, from) = declared.settings.recipients_of(machine);
+        eprintln!(
+            "{machine}: key re-encrypted to {} recipient(s) of {from}",
+            keys.len()
+        );
+    }
+    Ok(0)
+}
+
+/// `clan vars upload`: generates what is missing, then sends the key and the encrypted
+/// secrets to the machine's target over its own connection.
+pub fn upload(args: &VarsUploadArgs) -> Result<i32, Error> {
+    let machine = &args.machine;
+    let declared = declared(&args.hosts, std::slice::from_ref(machine))?;
+    let vars = one(&declared, machine)?;
+    Generation::new(&declared.repo, &declared.settings).machine(machine, &vars)?;
+    let Some(upload) = SecretsUpload::of(&declared.repo, machine, &vars) else {
+        eprintln!("{machine}: no secret to upload");
+        return Ok(0);
+    };
+    let resolved = crate::commands::machines::load_machine(&args.hosts, machine)?;
+    let target =
+        crate::ssh::SshHost::new(resolved.target.value.clone(), args.connect.host_key_check);
+    let bundle = upload.bundle(user_identity()?)?;
+    let command = crate::ssh::RemoteCommand::Script {
+        script: VARS_UPLOAD,
+        args: upload.args(),
+        sudo: None,
+    };
+    eprintln!(
+        "{machine}: uploading {} files to {}:{} (straight to the target)",
+        upload.count(),
+        target.address,
+        upload.location
+    );
+    let root = target.address.user.as_deref().is_none_or(|u| u == "root");
+    let out = if root {
+        crate::ssh::run_remote_with_input(&target, &command, &bundle)
+    } else {
+        let targets = [(machine.to_string(), target.clone())];
+        let needs =
+            crate::sudo::needs_password(&targets, &crate::connection::Connections::disabled())?;
+        if needs.is_empty() {
+            crate::ssh::run_remote_with_input(&target, &command.sudo(false), &bundle)
+        } else {
+            let password = crate::sudo::read_password(&needs)?;
+            let mut input = zeroize::Zeroizing::new(format!("{password}\n").into_bytes());
+            input.extend_from_slice(&bundle);
+            crate::ssh::run_remote_with_input(&target, &command.sudo(true), &input)
+        }
+    }
+    .map_err(|e| {
+        if e.kind() == std::io::ErrorKind::Interrupted {
+            crate::error::interrupted("during the upload (the target keeps its previous secrets)")
+        } else {
+            Error::new(format!("cannot run ssh: {e}"))
+        }
+    })?;
+    if !out.status.success() {
+        let output = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        return Err(upload_error(
+            machine,
+            &format!("target {}", target.address),
+            out.status.code(),
+            &output,
+        ));
+    }
+    eprintln!(
+        "{machine}: secrets in place on {}; they are decrypted at the next activation",
+        target.address
+    );
+    Ok(0)
+}

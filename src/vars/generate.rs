@@ -1,0 +1,558 @@
+//! `clan vars generate`: runs a machine's missing generators on the workstation, in
+//! dependency order, each in a private temporary directory that is removed afterwards
+//! (also on failure and Ctrl-C); stores public files as values and secret files encrypted.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::io::{BufRead, Write};
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::OnceLock;
+
+use zeroize::Zeroizing;
+
+use super::{
+    GeneratorDecl, MachineVars, Repo, Secret, UserIdentity, VarsSettings, decrypt_with, encrypt,
+    write_atomically,
+};
+use crate::error::{Error, Hint};
+
+/// What a generation needs besides the machine: the repository, the clan's settings, and
+/// the user's identity (looked for only when something must be decrypted).
+pub struct Generation<'a> {
+    /// The clan's directory.
+    pub repo: &'a Repo,
+    /// `vars.settings`.
+    pub settings: &'a VarsSettings,
+    /// Regenerate even what exists.
+    pub regenerate: bool,
+    /// Only this generator (and what it needs).
+    pub only: Option<String>,
+    user: OnceLock<UserIdentity>,
+}
+
+impl<'a> Generation<'a> {
+    /// A generation in `repo` with `settings`.
+    pub fn new(repo: &'a Repo, settings: &'a VarsSettings) -> Generation<'a> {
+        Generation {
+            repo,
+            settings,
+            regenerate: false,
+            only: None,
+            user: OnceLock::new(),
+        }
+    }
+
+    /// The user's identity, found once.
+    pub fn user(&self) -> Result<&UserIdentity, Error> {
+        if let Some(user) = self.user.get() {
+            return Ok(user);
+        }
+        let found = UserIdentity::find()?;
+        Ok(self.user.get_or_init(|| found))
+    }
+
+    /// Generates what `machine` lacks (everything selected with `regenerate`); returns the
+    /// generators that ran. Shared generators made by another machine are shared with this
+    /// one (their secrets encrypted to its key too).
+    pub fn machine(&self, machine: &str, vars: &MachineVars) -> Result<Vec<String>, Error> {
+        vars.check(machine)?;
+        if let Some(only) = &self.only
+            && !vars.generators.contains_key(only)
+        {
+            return Err(Error::usage(format!(
+                "machine {machine} has no vars generator {only:?} (from --generator); it has: {}",
+                vars.generators
+                    .keys()
+                    .cloned()
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )));
+        }
+        let order = super::dependency_order(&vars.generators)?;
+        let mut run: BTreeSet<String> = BTreeSet::new();
+        for g in &order {
+            let decl = &vars.generators[g];
+            let selected = self.only.as_ref().is_none_or(|o| o == g);
+            let missing = !self.repo.generated(machine, g, decl);
+            let dep_runs = decl.dependencies.iter().any(|d| run.contains(d));
+            if (selected && (self.regenerate || missing))
+                || dep_runs
+                || (missing && self.needed_by_selection(g, vars))
+            {
+                run.insert(g.clone());
+            }
+        }
+        let mut written = Vec::new();
+        if !run.is_empty() {
+            self.repo.ensure_machine_key(machine, self.settings)?;
+        }
+        for g in order.iter().filter(|g| run.contains(*g)) {
+            eprintln!("{machine}: generating {g}…");
+            let files = self.run_generator(machine, g, vars)?;
+            written.extend(self.store(machine, g, &vars.generators[g], &files)?);
+        }
+        // Shared generators that exist but were made for other machines.
+        for (g, decl) in vars
+            .generators
+            .iter()
+            .filter(|(g, decl)| decl.share && !run.contains(*g))
+        {
+            if self.repo.generated(machine, g, decl) {
+                written.extend(self.share_with(machine, g, decl)?);
+            }
+        }
+        git_add(&self.repo.root, &written);
+        Ok(run.into_iter().collect())
+    }
+
+    /// Whether generator `g` is a (transitive) dependency of the `--generator` selection.
+    fn needed_by_selection(&self, g: &str, vars: &MachineVars) -> bool {
+        let Some(only) = &self.only else {
+            return true;
+        };
+        let mut stack = vec![only.as_str()];
+        let mut seen = BTreeSet::new();
+        while let Some(n) = stack.pop() {
+            if !seen.insert(n) {
+                continue;
+            }
+            if let Some(decl) = vars.generators.get(n) {
+                if decl.dependencies.iter().any(|d| d == g) {
+                    return true;
+                }
+                stack.extend(decl.dependencies.iter().map(String::as_str));
+            }
+        }
+        false
+    }
+
+    /// The machine's private key, decrypted (for its secret inputs and shared files).
+    fn machine_identity(&self, machine: &str) -> Result<age::x25519::Identity, Error> {
+        self.repo.machine_identity(machine, self.user()?)
+    }
+
+    /// A generated file's content: a value, or a secret decrypted with the machine's key.
+    pub fn read_file(
+        &self,
+        machine: &str,
+        g: &str,
+        decl: &GeneratorDecl,
+        f: &str,
+    ) -> Result<Secret, Error> {
+        let file = &decl.files[f];
+        if !file.secret {
+            let path = self.repo.value_path(machine, g, decl, f);
+            return std::fs::read(&path)
+                .map(Zeroizing::new)
+                .map_err(|e| Error::new(format!("cannot read {}: {e}", path.display())));
+        }
+        let path = self.repo.secret_path(machine, g, decl, f);
+        let encrypted = std::fs::read(&path)
+            .map_err(|e| Error::new(format!("cannot read {}: {e}", path.display())))?;
+        let identity = self.machine_identity(machine)?;
+        decrypt_with(std::slice::from_ref(&identity), &encrypted).map_err(|e| {
+            Error::usage(format!(
+                "cannot decrypt {} with machine {machine}'s key: {e}",
+                path.display()
+            ))
+            .hint(Hint::text(format!(
+                "regenerate it: `clan vars generate {machine} --generator {g} --regenerate`"
+            )))
+        })
+    }
+
+    /// Runs generator `g` of `machine` in a private directory; returns its files.
+    fn run_generator(
+        &self,
+        machine: &str,
+        g: &str,
+        vars: &MachineVars,
+    ) -> Result<BTreeMap<String, Secret>, Error> {
+        let decl = &vars.generators[g];
+        let dir = private_dir()?;
+        let (out, prompts, input) = (
+            dir.path().join("out"),
+            dir.path().join("prompts"),
+            dir.path().join("in"),
+        );
+        for d in [&out, &prompts, &input] {
+            std::fs::create_dir(d)
+                .map_err(|e| Error::new(format!("cannot create {}: {e}", d.display())))?;
+        }
+        // Answers first: nothing runs before every question is answered.
+        for (p, prompt) in &decl.prompts {
+            let answer = ask(machine, g, p, prompt)?;
+            write_private(&prompts.join(p), &answer)?;
+        }
+        for dep in &decl.dependencies {
+            let dep_decl = &vars.generators[dep];
+            std::fs::create_dir(input.join(dep))
+                .map_err(|e| Error::new(format!("cannot create $in/{dep}: {e}")))?;
+            for f in dep_decl.files.keys() {
+                let content = self.read_file(machine, dep, dep_decl, f)?;
+                write_private(&input.join(dep).join(f), &content)?;
+            }
+        }
+        let path = runtime_path(machine, g, decl)?;
+        let script = dir.path().join("script.sh");
+        std::fs::write(&script, &decl.script)
+            .map_err(|e| Error::new(format!("cannot write the script: {e}")))?;
+        let mut command = Command::new("bash");
+        command
+            .args(["-eu", "-o", "pipefail"])
+            .arg(&script)
+            .current_dir(dir.path())
+            .env("out", &out)
+            .env("prompts", &prompts)
+            .env("in", &input)
+            .env("PATH", path);
+        let output = crate::process::run(&mut command, None).map_err(|e| {
+            if e.kind() == std::io::ErrorKind::Interrupted {
+                crate::error::interrupted(&format!(
+                    "while generator {g} of {machine} ran (nothing of it was stored)"
+                ))
+            } else {
+                Error::new(format!(
+                    "cannot run bash for generator {g} of {machine}: {e}"
+                ))
+            }
+        })?;
+        if !output.status.success() {
+            return Err(Error::new(format!(
+                "generator {g} of machine {machine} failed ({}); nothing of it was stored",
+                output
+                    .status
+                    .code()
+                    .map_or("killed".into(), |c| format!("exit {c}"))
+            ))
+            .detail(String::from_utf8_lossy(&output.stderr).to_string())
+            .hint(Hint::text(format!(
+                "fix clan.core.vars.generators.{g}.script, then run `clan vars generate {machine}`"
+            ))));
+        }
+        // Persisted answers the script did not write become their files.
+        for (p, prompt) in &decl.prompts {
+            if prompt.persist && !out.join(p).exists() {
+                let answer = Zeroizing::new(std::fs::read(prompts.join(p)).unwrap_or_default());
+                write_private(&out.join(p), &answer)?;
+            }
+        }
+        let produced: BTreeSet<String> = std::fs::read_dir(&out)
+            .map_err(|e| Error::new(format!("cannot read $out: {e}")))?
+            .flatten()
+            .filter_map(|e| e.file_name().to_str().map(str::to_string))
+            .collect();
+        let declared: BTreeSet<String> = decl.files.keys().cloned().collect();
+        let missing: Vec<&String> = declared.difference(&produced).collect();
+        let extra: Vec<&String> = produced.difference(&declared).collect();
+        if !missing.is_empty() || !extra.is_empty() {
+            let mut what = Vec::new();
+            if !missing.is_empty() {
+                what.push(format!(
+                    "it did not write {}",
+                    missing
+                        .iter()
+                        .map(|s| format!("$out/{s}"))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ));
+            }
+            if !extra.is_empty() {
+                what.push(format!(
+                    "it wrote undeclared {}",
+                    extra
+                        .iter()
+                        .map(|s| format!("$out/{s}"))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ));
+            }
+            return Err(Error::usage(format!(
+                "generator {g} of machine {machine}: {}; nothing of it was stored",
+                what.join("; ")
+            ))
+            .hint(Hint::text(format!(
+                "the script must write exactly clan.core.vars.generators.{g}.files: {}",
+                declared.iter().cloned().collect::<Vec<_>>().join(", ")
+            ))));
+        }
+        let mut files = BTreeMap::new();
+        for f in declared {
+            let content = Zeroizing::new(
+                std::fs::read(out.join(&f))
+                    .map_err(|e| Error::new(format!("cannot read $out/{f}: {e}")))?,
+            );
+            files.insert(f, content);
+        }
+        Ok(files)
+    }
+
+    /// Stores a generator's files: values as they are, secrets encrypted to the machine's
+    /// key (shared ones to every machine that shares them). Returns the paths written.
+    fn store(
+        &self,
+        machine: &str,
+        g: &str,
+        decl: &GeneratorDecl,
+        files: &BTreeMap<String, Secret>,
+    ) -> Result<Vec<PathBuf>, Error> {
+        let mut recipients = vec![self.repo.ensure_machine_key(machine, self.settings)?];
+        if decl.share {
+            for other in self.sharers(machine, g, decl)? {
+                if let Some(r) = self.repo.machine_recipient(&other)? {
+                    recipients.push(r);
+                }
+            }
+        }
+        let mut written = Vec::new();
+        for (f, content) in files {
+            let (path, bytes) = if decl.files[f].secret {
+                (
+                    self.repo.secret_path(machine, g, decl, f),
+                    encrypt(&recipients, content)?,
+                )
+            } else {
+                (self.repo.value_path(machine, g, decl, f), content.to_vec())
+            };
+            write_atomically(&path, &bytes)?;
+            written.push(path);
+        }
+        Ok(written)
+    }
+
+    /// The other machines whose keys decrypt shared generator `g`'s existing secrets.
+    fn sharers(&self, machine: &str, g: &str, decl: &GeneratorDecl) -> Result<Vec<String>, Error> {
+        let Some((f, _)) = decl.files.iter().find(|(_, file)| file.secret) else {
+            return Ok(Vec::new());
+        };
+        let Ok(encrypted) = std::fs::read(self.repo.secret_path(machine, g, decl, f)) else {
+            return Ok(Vec::new());
+        };
+        let mut found = Vec::new();
+        for other in self.repo.machines_with_keys() {
+            if other == machine {
+                continue;
+            }
+            if let Ok(identity) = self.repo.machine_identity(&other, self.user()?)
+                && decrypt_with(std::slice::from_ref(&identity), &encrypted).is_ok()
+            {
+                found.push(other);
+            }
+        }
+        Ok(found)
+    }
+
+    /// Makes shared generator `g`'s secrets decryptable by `machine` too, if they are not.
+    fn share_with(
+        &self,
+        machine: &str,
+        g: &str,
+        decl: &GeneratorDecl,
+    ) -> Result<Vec<PathBuf>, Error> {
+        let Some((probe, _)) = decl.files.iter().find(|(_, file)| file.secret) else {
+            return Ok(Vec::new());
+        };
+        let probe_path = self.repo.secret_path(machine, g, decl, probe);
+        let encrypted = std::fs::read(&probe_path)
+            .map_err(|e| Error::new(format!("cannot read {}: {e}", probe_path.display())))?;
+        self.repo.ensure_machine_key(machine, self.settings)?;
+        let own = self.machine_identity(machine)?;
+        if decrypt_with(std::slice::from_ref(&own), &encrypted).is_ok() {
+            return Ok(Vec::new());
+        }
+        let sharers = self.sharers(machine, g, decl)?;
+        let Some(reader) = sharers.first() else {
+            return Err(Error::usage(format!(
+                "shared generator {g}: no machine key you can decrypt opens {}",
+                probe_path.display()
+            ))
+            .hint(Hint::text(format!(
+                "regenerate it: `clan vars generate {machine} --generator {g} --regenerate`"
+            ))));
+        };
+        eprintln!("{machine}: sharing {g} (made for {})…", sharers.join(", "));
+        let mut files = BTreeMap::new();
+        for (f, file) in &decl.files {
+            if file.secret {
+                files.insert(f.clone(), self.read_file(reader, g, decl, f)?);
+            }
+        }
+        let mut recipients = vec![self.repo.ensure_machine_key(machine, self.settings)?];
+        for other in &sharers {
+            if let Some(r) = self.repo.machine_recipient(other)? {
+                recipients.push(r);
+            }
+        }
+        let mut written = Vec::new();
+        for (f, content) in &files {
+            let path = self.repo.secret_path(machine, g, decl, f);
+            write_atomically(&path, &encrypt(&recipients, content)?)?;
+            written.push(path);
+        }
+        Ok(written)
+    }
+}
+
+/// Re-encrypts every machine key of the repository (or of `machines`) to its current
+/// recipients; secrets are left as they are. Returns the machines whose key was rewritten.
+pub fn fix_keys(
+    repo: &Repo,
+    settings: &VarsSettings,
+    user: &UserIdentity,
+    machines: &[String],
+) -> Result<Vec<String>, Error> {
+    let all = repo.machines_with_keys();
+    let names: Vec<&String> = if machines.is_empty() {
+        all.iter().collect()
+    } else {
+        machines.iter().collect()
+    };
+    let mut fixed = Vec::new();
+    for m in names {
+        let recipients = super::parse_recipients(settings, m)?;
+        let private = repo.machine_private_key(m, user)?;
+        write_atomically(&repo.machine_key(m), &encrypt(&recipients, &private)?)?;
+        fixed.push(m.clone());
+        git_add(&repo.root, &[repo.machine_key(m)]);
+    }
+    Ok(fixed)
+}
+
+/// A private (0700) temporary directory, in memory (/dev/shm) where there is one; removed
+/// when dropped.
+fn private_dir() -> Result<tempfile::TempDir, Error> {
+    let shm = Path::new("/dev/shm");
+    let base = if shm.is_dir()
+        && std::fs::metadata(shm).is_ok_and(|m| m.permissions().mode() & 0o002 != 0)
+    {
+        shm.to_path_buf()
+    } else {
+        std::env::temp_dir()
+    };
+    let dir = tempfile::Builder::new()
+        .prefix("clan-vars-")
+        .tempdir_in(&base)
+        .map_err(|e| {
+            Error::new(format!(
+                "cannot create a private directory in {}: {e}",
+                base.display()
+            ))
+        })?;
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o700))
+        .map_err(|e| Error::new(format!("cannot make {} private: {e}", dir.path().display())))?;
+    Ok(dir)
+}
+
+/// Writes `bytes` to `path`, readable by this user only.
+fn write_private(path: &Path, bytes: &[u8]) -> Result<(), Error> {
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .and_then(|mut f| f.write_all(bytes))
+        .map_err(|e| Error::new(format!("cannot write {}: {e}", path.display())))
+}
+
+/// PATH for a generator: its runtimeInputs' bin/ (built here first), then this one's.
+fn runtime_path(machine: &str, g: &str, decl: &GeneratorDecl) -> Result<String, Error> {
+    let drvs: Vec<&str> = decl
+        .runtime_inputs
+        .iter()
+        .filter(|i| !Path::new(&i.out).exists())
+        .filter_map(|i| i.drv.as_deref())
+        .collect();
+    if !drvs.is_empty() {
+        let output =
+            crate::process::run(Command::new("nix-store").arg("--realise").args(&drvs), None)
+                .map_err(|e| Error::new(format!("cannot run nix-store: {e}")))?;
+        if !output.status.success() {
+            return Err(Error::new(format!(
+                "building the runtimeInputs of generator {g} of {machine} failed"
+            ))
+            .detail(String::from_utf8_lossy(&output.stderr).to_string()));
+        }
+    }
+    let mut parts: Vec<String> = decl
+        .runtime_inputs
+        .iter()
+        .map(|i| format!("{}/bin", i.out))
+        .collect();
+    parts.push(std::env::var("PATH").unwrap_or_else(|_| "/usr/bin:/bin".into()));
+    Ok(parts.join(":"))
+}
+
+/// Asks prompt `p` on the terminal (hidden input for `hidden`); no terminal is an error.
+fn ask(machine: &str, g: &str, p: &str, prompt: &super::PromptDecl) -> Result<Secret, Error> {
+    let no_terminal = |e: std::io::Error| {
+        Error::usage(format!(
+            "generator {g} of machine {machine} asks {:?} (prompt {p}), and there is no terminal to ask on ({e})",
+            crate::boundary::terminal_safe(&prompt.description)
+        ))
+        .hint(Hint::text(format!(
+            "run `clan vars generate {machine}` in a terminal first; then deploys need no answers"
+        )))
+    };
+    let tty = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/tty")
+        .map_err(no_terminal)?;
+    let label = format!(
+        "{machine}/{g}: {}",
+        crate::boundary::terminal_safe(&prompt.description)
+    );
+    let answer = match prompt.kind.as_str() {
+        "hidden" => Zeroizing::new(
+            rpassword::prompt_password(format!("{label} (hidden): "))
+                .map_err(no_terminal)?
+                .into_bytes(),
+        ),
+        "multiline" => {
+            let mut writer = &tty;
+            let _ = writeln!(writer, "{label} (end with Ctrl-D on an empty line):");
+            let mut text = Zeroizing::new(String::new());
+            let mut reader = std::io::BufReader::new(&tty);
+            loop {
+                let mut line = String::new();
+                match reader.read_line(&mut line) {
+                    Ok(0) => break,
+                    Ok(_) => text.push_str(&line),
+                    Err(e) => return Err(no_terminal(e)),
+                }
+            }
+            Zeroizing::new(text.as_bytes().to_vec())
+        }
+        _ => {
+            let mut writer = &tty;
+            let _ = write!(writer, "{label}: ");
+            let mut line = Zeroizing::new(String::new());
+            std::io::BufReader::new(&tty)
+                .read_line(&mut line)
+                .map_err(no_terminal)?;
+            Zeroizing::new(line.trim_end_matches(['\n', '\r']).as_bytes().to_vec())
+        }
+    };
+    if crate::interrupt::requested() {
+        return Err(crate::error::interrupted("while asking for vars"));
+    }
+    Ok(answer)
+}
+
+/// `git add` of what was written, when the clan is a git work tree (flakes only see tracked
+/// files); quiet otherwise.
+fn git_add(root: &Path, paths: &[PathBuf]) {
+    if paths.is_empty() || !root.join(".git").exists() {
+        return;
+    }
+    let _ = Command::new("git")
+        .arg("-C")
+        .arg(root)
+        .args(["add", "--intent-to-add", "--"])
+        .args(paths)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status();
+}

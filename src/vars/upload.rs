@@ -1,0 +1,185 @@
+//! Uploading a machine's vars: its private key (decrypted here, in memory) and its
+//! encrypted secrets, as one tar on the standard input of one ssh session **to the target**,
+//! never to or through the build host. The target swaps them in atomically
+//! (`src/scripts/vars-upload.sh`).
+
+use std::sync::OnceLock;
+
+use zeroize::Zeroizing;
+
+use super::{MachineVars, Repo, Secret, UserIdentity};
+use crate::error::{Error, Hint};
+use crate::ssh::Script;
+
+/// The target's side of an upload (`src/scripts/vars-upload.sh`). Arguments: location,
+/// number of files.
+pub const VARS_UPLOAD: Script = Script {
+    name: "clan-vars-upload",
+    text: include_str!("../scripts/vars-upload.sh"),
+};
+
+/// What is uploaded to a machine, without any content: what a plan shows.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SecretsUpload {
+    /// The machine.
+    pub machine: String,
+    /// The clan's directory.
+    pub repo: Repo,
+    /// `clan.core.vars.age.secretLocation` on the target.
+    pub location: String,
+    /// The files, relative to the location (`per-machine/<m>/<decl>/<file>.age`, …);
+    /// `key.txt` comes on top.
+    pub files: Vec<String>,
+}
+
+impl SecretsUpload {
+    /// What `machine` uploads, if it has secrets to upload.
+    pub fn of(repo: &Repo, machine: &str, vars: &MachineVars) -> Option<SecretsUpload> {
+        let files: Vec<String> = vars
+            .uploaded_files(machine)
+            .into_iter()
+            .map(|(_, _, rel)| rel)
+            .collect();
+        (!files.is_empty()).then(|| SecretsUpload {
+            machine: machine.to_string(),
+            repo: repo.clone(),
+            location: vars.secret_location.clone(),
+            files,
+        })
+    }
+
+    /// Files sent, the key included.
+    pub fn count(&self) -> usize {
+        self.files.len() + 1
+    }
+
+    /// The script's arguments.
+    pub fn args(&self) -> Vec<String> {
+        vec![self.location.clone(), self.count().to_string()]
+    }
+
+    /// The tar the target receives, in memory: the machine's key, decrypted with the user's
+    /// identity, and the encrypted secrets as they are in the repository.
+    pub fn bundle(&self, user: &UserIdentity) -> Result<Secret, Error> {
+        let key = self.repo.machine_private_key(&self.machine, user)?;
+        let mut encrypted = Vec::new();
+        for rel in &self.files {
+            let path = self.repo.root.join("secrets/clan-vars").join(rel);
+            let bytes = std::fs::read(&path).map_err(|e| {
+                Error::usage(format!(
+                    "machine {}'s secret {} is missing ({e})",
+                    self.machine,
+                    path.display()
+                ))
+                .hint(Hint::text(format!(
+                    "run `clan vars generate {}`",
+                    self.machine
+                )))
+            })?;
+            encrypted.push((rel, bytes));
+        }
+        // Room for everything up front: the buffer that holds the key is never reallocated,
+        // so no copy of it is left behind unwiped.
+        let capacity =
+            10240 + 2048 + key.len() + encrypted.iter().map(|(_, b)| 2048 + b.len()).sum::<usize>();
+        let mut buffer = Zeroizing::new(Vec::with_capacity(capacity));
+        let mut tar = tar::Builder::new(&mut *buffer);
+        let mut add = |path: &str, bytes: &[u8]| -> Result<(), Error> {
+            let mut header = tar::Header::new_gnu();
+            header.set_size(bytes.len() as u64);
+            header.set_mode(0o400);
+            header.set_uid(0);
+            header.set_gid(0);
+            header.set_mtime(0);
+            header.set_entry_type(tar::EntryType::Regular);
+            tar.append_data(&mut header, path, bytes)
+                .map_err(|e| Error::new(format!("cannot pack {path}: {e}")))
+        };
+        add("key.txt", &key)?;
+        for (rel, bytes) in &encrypted {
+            add(rel, bytes)?;
+        }
+        tar.finish()
+            .map_err(|e| Error::new(format!("cannot pack the secrets: {e}")))?;
+        drop(tar);
+        Ok(buffer)
+    }
+}
+
+/// The user's identity, looked for once per run.
+pub fn user_identity() -> Result<&'static UserIdentity, Error> {
+    static FOUND: OnceLock<Result<UserIdentity, Error>> = OnceLock::new();
+    FOUND
+        .get_or_init(UserIdentity::find)
+        .as_ref()
+        .map_err(Clone::clone)
+}
+
+/// What the target said when the upload failed, as an error.
+pub fn upload_error(machine: &str, target: &str, code: Option<i32>, output: &str) -> Error {
+    let why = if code == Some(255) {
+        "the ssh connection broke"
+    } else {
+        "the target refused it"
+    };
+    Error::new(format!(
+        "uploading the secrets of {machine} to {target} failed ({why}); the target keeps its previous secrets, nothing was activated"
+    ))
+    .detail(output.trim_end().to_string())
+    .hint(Hint::text(format!(
+        "run `clan vars upload {machine}` or the deploy again once {target} is reachable"
+    )))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_bundle_holds_the_key_and_the_encrypted_files_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let repo = Repo {
+            root: dir.path().to_path_buf(),
+        };
+        let user_id = age::x25519::Identity::generate();
+        let user = UserIdentity::parse(
+            "test".into(),
+            age::secrecy::ExposeSecret::expose_secret(&user_id.to_string()),
+        )
+        .unwrap();
+        let settings = super::super::VarsSettings {
+            recipients: super::super::Recipients {
+                default: vec![user_id.to_public().to_string()],
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        repo.ensure_machine_key("m", &settings).unwrap();
+        let rel = "per-machine/m/g/f.age";
+        super::super::write_atomically(&repo.root.join("secrets/clan-vars").join(rel), b"CT")
+            .unwrap();
+        let upload = SecretsUpload {
+            machine: "m".into(),
+            repo: repo.clone(),
+            location: "/etc/secret-vars".into(),
+            files: vec![rel.into()],
+        };
+        assert_eq!(upload.args(), ["/etc/secret-vars", "2"]);
+        let bundle = upload.bundle(&user).unwrap();
+        let mut archive = tar::Archive::new(&bundle[..]);
+        let mut names = Vec::new();
+        for entry in archive.entries().unwrap() {
+            let entry = entry.unwrap();
+            assert_eq!(entry.header().mode().unwrap(), 0o400);
+            names.push(entry.path().unwrap().display().to_string());
+        }
+        assert_eq!(names, ["key.txt", rel]);
+        let machine = repo.machine_identity("m", &user).unwrap();
+        assert_eq!(
+            machine.to_public().to_string(),
+            std::fs::read_to_string(repo.machine_pub("m"))
+                .unwrap()
+                .trim()
+        );
+    }
+}

@@ -1,0 +1,524 @@
+//! Vars (secrets) with the age backend: generated on the workstation, uploaded straight to
+//! the target, decrypted there at activation; never on the build host.
+
+mod common;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use age::secrecy::ExposeSecret;
+use clan_lab::{HostKind, WORKSTATION};
+use common::*;
+
+/// A new age identity: (private key line, public key).
+fn identity() -> (String, String) {
+    let id = age::x25519::Identity::generate();
+    (
+        id.to_string().expose_secret().to_string(),
+        id.to_public().to_string(),
+    )
+}
+
+/// Puts `private` where clan-core looks first on the workstation without AGE_* variables.
+fn install_identity(lab: &Lab, private: &str) -> PathBuf {
+    let path = lab
+        .host(WORKSTATION)
+        .root()
+        .join(".config/sops/age/keys.txt");
+    std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+    std::fs::write(&path, format!("# test identity\n{private}\n")).unwrap();
+    path
+}
+
+/// Runs `clan ARGS` on a pseudo-terminal (util-linux `script`), typing `input`.
+fn clan_on_terminal(lab: &Lab, flake: &Path, args: &[&str], input: &str) -> Run {
+    let command = std::iter::once(env!("CARGO_BIN_EXE_clan").to_string())
+        .chain(args.iter().map(|a| a.to_string()))
+        .collect::<Vec<_>>()
+        .join(" ");
+    let out =
+        lab.run_on_workstation_with_input(flake, &["script", "-qec", &command, "/dev/null"], input);
+    let run = Run {
+        code: out.status.code().unwrap_or(-1),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    };
+    eprintln!(
+        "$ clan {command} (on a terminal)\n--- exit {} ---\n{}{}",
+        run.code, run.stdout, run.stderr
+    );
+    run
+}
+
+/// Runs a shell line on host `name` (in its namespace) and returns its stdout, trimmed.
+fn sh(lab: &Lab, name: &str, line: &str) -> String {
+    let out = lab.exec(name, &["sh", "-c", line]);
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+/// Files under `dir` that contain any of `needles`.
+fn files_containing(dir: &Path, needles: &[&str]) -> Vec<String> {
+    let mut cmd = Command::new("grep");
+    cmd.args(["-rlsF", "--no-messages"]);
+    for n in needles {
+        cmd.arg("-e").arg(n);
+    }
+    let out = cmd.arg(dir).output().expect("grep");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(str::to_string)
+        .collect()
+}
+
+const GENERATORS: &str = r#"{
+  base = {
+    files.password = { };
+    files.greeting.secret = false;
+    script = "head -c 24 /dev/urandom | base64 > $out/password; echo hello-public > $out/greeting";
+  };
+  db = {
+    dependencies = [ "base" ];
+    prompts.token = { type = "hidden"; persist = true; description = "API token"; };
+    files.hash = { owner = "nobody"; group = "nogroup"; mode = "0440"; };
+    files.rootpw.neededFor = "users";
+    script = "sha256sum < $in/base/password | cut -d' ' -f1 > $out/hash; cat $prompts/token > $out/rootpw";
+  };
+}"#;
+
+#[test]
+fn secrets_reach_the_target_and_never_the_build_host() {
+    let lab = Lab::start(&[
+        HostSpec::new("builder"),
+        HostSpec::new("target").kind(HostKind::Systemd),
+    ]);
+    lab.trust("builder", "target");
+    let (private, public) = identity();
+    install_identity(&lab, &private);
+    let flake = lab.write_flake(&format!(
+        r#"{{
+          vars.settings.recipients.default = [ "{public}" ];
+          inventory.machines.m.deploy = {{ targetHost = "root@{t}"; buildHost = "root@{b}"; }};
+          machines.m = system {{ vars = {GENERATORS}; publicVarOf = [ "base" "greeting" ]; }};
+        }}"#,
+        t = lab.ip("target"),
+        b = lab.ip("builder"),
+    ));
+
+    // Without a terminal the hidden prompt cannot be asked: a clear error, nothing stored.
+    let no_tty = clan(&lab, &flake, &["vars", "generate", "m"]);
+    assert_eq!(no_tty.code, 2, "{}", no_tty.stderr);
+    assert!(no_tty.stderr.contains("API token") && no_tty.stderr.contains("no terminal"));
+
+    let token = "tok-5ecret-9f8e7d";
+    let generated = clan_on_terminal(
+        &lab,
+        &flake,
+        &["vars", "generate", "m"],
+        &format!("{token}\n"),
+    );
+    assert_eq!(generated.code, 0, "{}", generated.all());
+    let list = clan(&lab, &flake, &["vars", "list", "m"]);
+    assert!(
+        list.stdout.contains("base/greeting hello-public"),
+        "{}",
+        list.stdout
+    );
+    assert!(list.stdout.contains("db/hash ********"));
+    let check = clan(&lab, &flake, &["vars", "check", "m"]);
+    assert_eq!(check.code, 0, "{}", check.stderr);
+    let password = clan(&lab, &flake, &["vars", "get", "m", "base/password"]).stdout;
+    let hash = clan(&lab, &flake, &["vars", "get", "m", "db/hash"]).stdout;
+    assert_eq!(password.trim().len(), 32);
+    assert_eq!(hash.trim().len(), 64);
+    // The repository holds ciphertext only.
+    let repo_hits = files_containing(&flake, &[password.trim(), hash.trim(), token]);
+    assert!(
+        repo_hits.is_empty(),
+        "plaintext in the repository: {repo_hits:?}"
+    );
+
+    let dry = clan(&lab, &flake, &["machines", "update", "m", "--dry-run"]);
+    assert!(
+        dry.stdout.contains(&format!(
+            "[target root@{}] clan-vars-upload /etc/secret-vars 5",
+            lab.ip("target")
+        )),
+        "{}",
+        dry.stdout
+    );
+    let run = clan(&lab, &flake, &["machines", "update", "m"]);
+    assert_eq!(run.code, 0, "{}", run.all());
+    let out = toplevel(&lab, &flake, "m");
+    assert_eq!(lab.current_system("target").as_deref(), Some(out.as_str()));
+
+    // Decrypted on the target, with their owners and modes.
+    assert_eq!(sh(&lab, "target", "cat /run/secrets/db/hash"), hash.trim());
+    assert_eq!(
+        sh(&lab, "target", "stat -c '%U:%G %a' /run/secrets/db/hash"),
+        "nobody:nogroup 440"
+    );
+    assert_eq!(
+        sh(&lab, "target", "cat /run/secrets-for-users/db/rootpw"),
+        token
+    );
+    assert_eq!(sh(&lab, "target", "cat /run/secrets/db/token"), token);
+    assert_eq!(
+        sh(
+            &lab,
+            "target",
+            "stat -c '%U:%G %a' /run/secrets-for-users/db/rootpw"
+        ),
+        "root:root 400"
+    );
+    assert_eq!(
+        sh(&lab, "target", "cat /run/secrets/base/password"),
+        password.trim()
+    );
+    // What was uploaded: root-only, 0700 directories and 0400 files.
+    assert_eq!(
+        sh(
+            &lab,
+            "target",
+            "stat -L -c '%U %a' /etc/secret-vars /etc/secret-vars/key.txt"
+        ),
+        "root 700\nroot 400"
+    );
+    assert_eq!(
+        sh(
+            &lab,
+            "target",
+            "find -L /etc/secret-vars -type f ! -perm 0400 | wc -l"
+        ),
+        "0"
+    );
+    // The public value is in the system, and readable at evaluation.
+    let public_value = eval_raw(
+        &lab,
+        &flake,
+        "nixosConfigurations.m.config.clan.core.vars.generators.base.files.greeting.value",
+    );
+    assert_eq!(public_value, "hello-public\n");
+
+    // No byte of a secret, nor the machine's key, anywhere but the target's secret places:
+    // not on the build host (its store, its root), not in the workstation's logs or /tmp,
+    // not in any host's store.
+    let machine_key = sh(&lab, "target", "cat /etc/secret-vars/key.txt");
+    assert!(machine_key.starts_with("AGE-SECRET-KEY-1"));
+    let needles = [password.trim(), hash.trim(), token, machine_key.as_str()];
+    let target = lab.host("target");
+    let allowed = target.dir.join("rootfs/etc/secret-vars.d");
+    let hits: Vec<String> = files_containing(&lab.dir, &needles)
+        .into_iter()
+        .filter(|p| !p.starts_with(&allowed.display().to_string()))
+        .collect();
+    assert!(hits.is_empty(), "secret bytes found at {hits:?}");
+    let tmp_hits: Vec<String> = files_containing(Path::new("/tmp"), &needles)
+        .into_iter()
+        .filter(|p| !p.starts_with(&lab.dir.display().to_string()))
+        .collect();
+    assert!(tmp_hits.is_empty(), "secret bytes in /tmp: {tmp_hits:?}");
+    let shm_hits = files_containing(Path::new("/dev/shm"), &needles);
+    assert!(shm_hits.is_empty(), "generator leftovers: {shm_hits:?}");
+
+    // A deploy with --no-secrets uploads nothing; the target keeps what it has.
+    let before = sh(&lab, "target", "readlink /etc/secret-vars");
+    let again = clan(&lab, &flake, &["machines", "update", "m", "--no-secrets"]);
+    assert_eq!(again.code, 0, "{}", again.all());
+    assert_eq!(sh(&lab, "target", "readlink /etc/secret-vars"), before);
+}
+
+#[test]
+fn shared_vars_and_key_rotation_touch_only_machine_keys() {
+    let lab = Lab::start(&[]);
+    let (old_private, old_public) = identity();
+    let (new_private, new_public) = identity();
+    let key_file = install_identity(&lab, &old_private);
+    let shared = r#"{ wifi = { share = true; files.psk = { }; script = "head -c 16 /dev/urandom | od -An -tx1 | tr -d ' \n' > $out/psk"; }; }"#;
+    let clan_args = |recipient: &str| {
+        format!(
+            r#"{{
+              vars.settings.recipients.default = [ "{recipient}" ];
+              machines.m1 = system {{ vars = {shared}; }};
+              machines.m2 = system {{ vars = {shared}; }};
+            }}"#
+        )
+    };
+    let flake = lab.write_flake(&clan_args(&old_public));
+    assert_eq!(clan(&lab, &flake, &["vars", "generate", "m1"]).code, 0);
+    let second = clan(&lab, &flake, &["vars", "generate", "m2"]);
+    assert_eq!(second.code, 0, "{}", second.stderr);
+    assert!(second.stderr.contains("sharing wifi"), "{}", second.stderr);
+    let psk1 = clan(&lab, &flake, &["vars", "get", "m1", "wifi/psk"]).stdout;
+    let psk2 = clan(&lab, &flake, &["vars", "get", "m2", "wifi/psk"]).stdout;
+    assert_eq!(psk1.len(), 32);
+    assert_eq!(psk1, psk2, "one value for both machines");
+    assert_eq!(clan(&lab, &flake, &["vars", "check", "m2"]).code, 0);
+
+    // Rotation: the recipients change to the new key; `vars fix` (run by someone who can
+    // still decrypt) re-encrypts the machine keys only.
+    let secret = flake.join("secrets/clan-vars/shared/wifi/psk.age");
+    let secret_before = std::fs::read(&secret).unwrap();
+    let key_before = std::fs::read(flake.join("secrets/age-keys/machines/m1/key.age")).unwrap();
+    let flake = lab.write_flake(&clan_args(&new_public));
+    let fix = clan(&lab, &flake, &["vars", "fix"]);
+    assert_eq!(fix.code, 0, "{}", fix.stderr);
+    assert!(
+        fix.stderr.contains("m1: key re-encrypted") && fix.stderr.contains("m2: key re-encrypted")
+    );
+    assert_eq!(
+        std::fs::read(&secret).unwrap(),
+        secret_before,
+        "secrets untouched"
+    );
+    assert_ne!(
+        std::fs::read(flake.join("secrets/age-keys/machines/m1/key.age")).unwrap(),
+        key_before
+    );
+    // The old identity no longer opens the machine keys; the new one does.
+    let denied = clan(&lab, &flake, &["vars", "get", "m1", "wifi/psk"]);
+    assert_eq!(denied.code, 2, "{}", denied.stderr);
+    assert!(
+        denied.stderr.contains("cannot decrypt")
+            && denied.stderr.contains("vars.settings.recipients")
+    );
+    std::fs::write(&key_file, format!("{new_private}\n")).unwrap();
+    assert_eq!(
+        clan(&lab, &flake, &["vars", "get", "m2", "wifi/psk"]).stdout,
+        psk1
+    );
+}
+
+#[test]
+fn an_interrupted_upload_keeps_the_previous_secrets() {
+    let lab = Lab::start(&[HostSpec::new("target")]);
+    let (private, public) = identity();
+    install_identity(&lab, &private);
+    // A secret big enough that the upload is still running when the test stops it, in a
+    // location of this host's own (/root is per host).
+    let flake = lab.write_flake(&format!(
+        r#"{{
+          vars.settings.recipients.default = [ "{public}" ];
+          inventory.machines.m.deploy.targetHost = "root@{t}";
+          machines.m = {{ imports = [ (system {{ vars = {{
+            blob = {{ files.data = {{ }}; script = "head -c 16000000 /dev/urandom > $out/data"; }};
+          }}; }}) ]; clan.core.vars.age.secretLocation = "/root/secret-vars-interrupt"; }};
+        }}"#,
+        t = lab.ip("target"),
+    ));
+    let first = clan(&lab, &flake, &["machines", "update", "m"]);
+    assert_eq!(first.code, 0, "{}", first.all());
+    let uploaded = lab.host("target").root().join("secret-vars-interrupt");
+    let previous_link = std::fs::read_link(&uploaded).unwrap();
+    let previous = std::fs::read(uploaded.join("per-machine/m/blob/data.age")).unwrap();
+    let switches = lab.host("target").switch_log().len();
+
+    assert_eq!(
+        clan(&lab, &flake, &["vars", "generate", "m", "--regenerate"]).code,
+        0
+    );
+    let child = lab.spawn_on_workstation(
+        &flake,
+        &[env!("CARGO_BIN_EXE_clan"), "machines", "update", "m"],
+    );
+    // Freeze the target's tar mid-upload, cut its ssh session, let it see the end.
+    let pattern = "tar -x -f - -C /root/secret-vars-interrupt.d/new";
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    let tar_pid = loop {
+        let out = Command::new("pgrep")
+            .args(["-f", pattern])
+            .output()
+            .unwrap();
+        if let Some(pid) = String::from_utf8_lossy(&out.stdout).lines().next() {
+            break pid.to_string();
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the upload never started"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    };
+    Command::new("kill")
+        .args(["-STOP", &tar_pid])
+        .status()
+        .unwrap();
+    let mut pid = tar_pid.clone();
+    let session = loop {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+        let after = &stat[stat.rfind(')').unwrap() + 2..];
+        let ppid = after.split_whitespace().nth(1).unwrap().to_string();
+        let comm = std::fs::read_to_string(format!("/proc/{ppid}/comm")).unwrap();
+        if comm.trim() == "sshd" {
+            break ppid;
+        }
+        pid = ppid;
+    };
+    Command::new("kill")
+        .args(["-KILL", &session])
+        .status()
+        .unwrap();
+    Command::new("kill")
+        .args(["-CONT", &tar_pid])
+        .status()
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    eprintln!("{stderr}");
+    assert_ne!(out.status.code(), Some(0));
+    assert!(
+        stderr.contains("uploading the secrets of m")
+            && stderr.contains("keeps its previous secrets"),
+        "{stderr}"
+    );
+    assert_eq!(std::fs::read_link(&uploaded).unwrap(), previous_link);
+    assert_eq!(
+        std::fs::read(uploaded.join("per-machine/m/blob/data.age")).unwrap(),
+        previous
+    );
+    assert_eq!(
+        lab.host("target").switch_log().len(),
+        switches,
+        "nothing activated"
+    );
+}
+
+#[test]
+fn each_vars_mistake_is_one_clear_error_and_nothing_is_uploaded() {
+    let lab = Lab::start(&[HostSpec::new("target")]);
+    let (private, public) = identity();
+    let t = lab.ip("target").to_string();
+    let flake_with = |recipients: &str, script: &str| {
+        lab.write_flake(&format!(
+            r#"{{
+              vars.settings.recipients.default = [ {recipients} ];
+              inventory.machines.m.deploy.targetHost = "root@{t}";
+              machines.m = {{ imports = [ (system {{ vars = {{
+                app = {{ files.key = {{ }}; files.cert.secret = false; script = "{script}"; }};
+              }}; }}) ]; clan.core.vars.age.secretLocation = "/root/secret-vars-mistakes"; }};
+            }}"#
+        ))
+    };
+    let good = "echo k > $out/key; echo c > $out/cert";
+    let cases: [(&str, &str, bool, &str); 4] = [
+        ("", good, true, "vars.settings.recipients.default is empty"),
+        (
+            "\"PUB\"",
+            "echo k > $out/key; exit 3",
+            true,
+            "generator app of machine m failed (exit 3)",
+        ),
+        (
+            "\"PUB\"",
+            "echo k > $out/key",
+            true,
+            "it did not write $out/cert",
+        ),
+        ("\"PUB\"", good, false, "no age identity"),
+    ];
+    for (recipients, script, with_identity, expected) in cases {
+        let key_file = lab
+            .host(WORKSTATION)
+            .root()
+            .join(".config/sops/age/keys.txt");
+        let _ = std::fs::remove_file(&key_file);
+        if with_identity {
+            install_identity(&lab, &private);
+        }
+        let _ = std::fs::remove_dir_all(lab.dir.join("flake/secrets"));
+        let _ = std::fs::remove_dir_all(lab.dir.join("flake/vars"));
+        let flake = flake_with(&recipients.replace("PUB", &public), script);
+        let run = clan(&lab, &flake, &["machines", "update", "m"]);
+        assert_ne!(run.code, 0, "{expected}");
+        assert!(
+            run.stderr.contains(expected),
+            "expected {expected:?} in:\n{}",
+            run.stderr
+        );
+        assert_eq!(
+            run.stderr.matches("error:").count(),
+            1,
+            "one error for {expected:?}:\n{}",
+            run.stderr
+        );
+        assert!(
+            !lab.host("target")
+                .root()
+                .join("secret-vars-mistakes")
+                .exists()
+        );
+        assert_target_untouched(&lab);
+    }
+}
+
+#[test]
+fn a_repository_in_clan_cores_age_layout_is_read() {
+    let lab = Lab::start(&[]);
+    let (private, public) = identity();
+    install_identity(&lab, &private);
+    let flake = lab.write_flake(&format!(
+        r#"{{
+          vars.settings.recipients.default = [ "{public}" ];
+          machines.web = system {{ vars = {{
+            openssh = {{ files.ssh-key = {{ }}; files."ssh-key.pub".secret = false; }};
+          }}; }};
+        }}"#
+    ));
+    // Written as clan-core documents the age layout, with the age tool, not this one.
+    let (machine_private, machine_public) = identity();
+    let write = |rel: &str, bytes: &[u8]| {
+        let path = flake.join(rel);
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(path, bytes).unwrap();
+    };
+    let age_encrypt = |recipient: &str, plaintext: &str| -> Vec<u8> {
+        let mut child = Command::new("age")
+            .args(["-e", "-r", recipient])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("age");
+        use std::io::Write;
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(plaintext.as_bytes())
+            .unwrap();
+        let out = child.wait_with_output().unwrap();
+        assert!(out.status.success());
+        out.stdout
+    };
+    write(
+        "secrets/age-keys/machines/web/pub",
+        format!("{machine_public}\n").as_bytes(),
+    );
+    write(
+        "secrets/age-keys/machines/web/key.age",
+        &age_encrypt(&public, &format!("{machine_private}\n")),
+    );
+    write(
+        "secrets/clan-vars/per-machine/web/openssh/ssh-key.age",
+        &age_encrypt(
+            &machine_public,
+            "-----BEGIN OPENSSH PRIVATE KEY-----\nxyz\n",
+        ),
+    );
+    write(
+        "vars/per-machine/web/openssh/ssh-key.pub/value",
+        b"ssh-ed25519 AAAAC3Nza web\n",
+    );
+    let list = clan(&lab, &flake, &["vars", "list", "web"]);
+    assert_eq!(list.code, 0, "{}", list.stderr);
+    assert_eq!(
+        list.stdout,
+        "openssh/ssh-key ********\nopenssh/ssh-key.pub ssh-ed25519 AAAAC3Nza web\n"
+    );
+    let get = clan(&lab, &flake, &["vars", "get", "web", "openssh/ssh-key"]);
+    assert_eq!(get.stdout, "-----BEGIN OPENSSH PRIVATE KEY-----\nxyz\n");
+    assert_eq!(clan(&lab, &flake, &["vars", "check", "web"]).code, 0);
+    // Nothing to generate: the repository is complete.
+    let generated = clan(&lab, &flake, &["vars", "generate", "web"]);
+    assert!(
+        generated.stderr.contains("web: every var is generated"),
+        "{}",
+        generated.stderr
+    );
+}
