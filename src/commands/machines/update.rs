@@ -46,6 +46,8 @@ fn update_overrides(args: &UpdateArgs) -> Result<crate::resolve::Overrides, Erro
 
 /// The clan's directory (where `vars/` and `secrets/` are).
 fn vars_root(flake: &std::path::Path) -> Result<std::path::PathBuf, Error> {
+    // The flake's own checks (and messages) first.
+    crate::commands::machines::flake_ref(flake)?;
     std::fs::canonicalize(flake).map_err(|e| {
         Error::usage(format!(
             "cannot open the flake directory {} (from --flake): {e}",
