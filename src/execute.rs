@@ -390,10 +390,14 @@ fn run_group(
     // The realise runs while the builder is asked, now and then, what is built so far.
     // A new line only when another build finished (plain output would repeat it otherwise).
     let last_done = Mutex::new(None);
+    // A build that finished may be a member's system: the builder is asked at once (and
+    // once more shortly after, should its output not be registered yet).
+    let finished = std::sync::atomic::AtomicBool::new(false);
     let on_builds = |done: u64, expected: u64| {
         let mut last = last_done.lock().expect("progress lock");
         if expected > 0 && *last != Some(done) {
             *last = Some(done);
+            finished.store(true, std::sync::atomic::Ordering::SeqCst);
             for &i in &group.members {
                 progress.stage(
                     i,
@@ -417,12 +421,20 @@ fn run_group(
         });
         let mut pending: Vec<usize> = group.members.clone();
         let mut next_poll = Instant::now() + poll;
+        let mut polls = 0;
         while !handle.is_finished() {
-            if Instant::now() >= next_poll && !pending.is_empty() {
+            let event = finished.swap(false, std::sync::atomic::Ordering::SeqCst);
+            if (event || Instant::now() >= next_poll) && !pending.is_empty() {
+                let before = pending.len();
                 pending = report_valid(plan, group, pending, started, connections, built);
-                next_poll = Instant::now() + poll;
+                next_poll = if event && pending.len() == before && group_polls_cheaply(group) {
+                    Instant::now() + Duration::from_millis(50)
+                } else {
+                    Instant::now() + poll
+                };
             }
-            thread::sleep(Duration::from_millis(50));
+            thread::sleep(crate::process::poll_interval(polls));
+            polls += 1;
         }
         let (code, output) = handle.join().expect("realise thread");
         (code, output, pending)
@@ -1021,6 +1033,7 @@ fn wait_or_stop(
     stoppable: bool,
 ) -> Option<i32> {
     let mut stopping_since: Option<Instant> = None;
+    let mut polls = 0;
     loop {
         match child.try_wait() {
             Ok(Some(status)) => return status.code(),
@@ -1041,7 +1054,8 @@ fn wait_or_stop(
                 Some(_) => {}
             }
         }
-        thread::sleep(Duration::from_millis(50));
+        thread::sleep(crate::process::poll_interval(polls));
+        polls += 1;
     }
 }
 

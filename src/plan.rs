@@ -442,6 +442,7 @@ impl PlanContext {
             control_path,
             forward_agent,
             fresh: false,
+            hop_control: None,
         }
     }
 }
@@ -498,7 +499,19 @@ pub fn plan_deploy(machines: Vec<ResolvedMachine>, ctx: &PlanContext) -> DeployP
             }
         };
         groups[group].members.push(index);
-        let steps = machine_steps(&machine, &groups[group].builder, &target, ctx);
+        // The build host's copy to the target shares the connection its preflight opened.
+        let mut second_hop = target.clone();
+        if matches!(
+            groups[group].builder,
+            Builder::Remote {
+                role: Role::BuildHost,
+                ..
+            }
+        ) && !ctx.copy_via_workstation
+        {
+            second_hop.hop_control = Some(format!("{}/%C", hop_dir(&ctx.run_id, group)));
+        }
+        let steps = machine_steps(&machine, &groups[group].builder, &second_hop, ctx);
         let present_check = Step {
             kind: StepKind::CheckPresent,
             runner: Runner::Remote {
@@ -574,6 +587,19 @@ pub fn plan_deploy(machines: Vec<ResolvedMachine>, ctx: &PlanContext) -> DeployP
 fn root_dir(ctx: &PlanContext, g: usize) -> String {
     format!("/tmp/clan-{}-build{g}", ctx.run_id)
 }
+
+/// The private directory of group `g`'s build host for its shared connections to the
+/// targets (the second hop).
+pub fn hop_dir(run_id: &str, g: usize) -> String {
+    format!("/tmp/clan-{run_id}-hop{g}")
+}
+
+/// Makes the second hop's private directory, then runs the rest (`src/scripts/hop-dir.sh`).
+pub const HOP_DIR: &str = include_str!("scripts/hop-dir.sh");
+
+/// Ends the second hop's shared connections, removes their directory and the GC roots
+/// (`src/scripts/hop-cleanup.sh`).
+const HOP_CLEANUP: &str = include_str!("scripts/hop-cleanup.sh");
 
 fn run_on(builder: &Builder, kind: StepKind, inv: Invocation) -> Step {
     Step {
@@ -661,11 +687,30 @@ fn group_steps(
         },
         when: When::Always,
     });
-    let cleanup = run_on(
-        builder,
-        StepKind::RemoveRootDir,
-        Invocation::new("rm", ["-rf", "--", &dir]),
-    );
+    let cleanup = match builder {
+        Builder::Remote {
+            role: Role::BuildHost,
+            ..
+        } if !ctx.copy_via_workstation => run_on(
+            builder,
+            StepKind::RemoveRootDir,
+            Invocation::new(
+                "sh",
+                [
+                    "-c",
+                    HOP_CLEANUP,
+                    "clan-hop-cleanup",
+                    &hop_dir(&ctx.run_id, g),
+                    &dir,
+                ],
+            ),
+        ),
+        _ => run_on(
+            builder,
+            StepKind::RemoveRootDir,
+            Invocation::new("rm", ["-rf", "--", &dir]),
+        ),
+    };
     (steps, cleanup)
 }
 
@@ -769,14 +814,30 @@ fn machine_steps(
         Builder::Remote { role, host } => {
             let mut args = copy_args();
             args.extend(["--to", &url, out]);
+            let copy = nix(&args, ctx).with_env("NIX_SSHOPTS", target.nix_sshopts(Side::Nested));
+            // With a shared connection, its private directory is made (and checked) first.
+            let copy = match &target.hop_control {
+                Some(path) => {
+                    let dir = path.trim_end_matches("/%C");
+                    let mut argv = vec![
+                        "-c".to_string(),
+                        HOP_DIR.to_string(),
+                        "clan-hop-dir".to_string(),
+                        dir.to_string(),
+                    ];
+                    argv.extend(copy.argv);
+                    let mut wrapped = Invocation::new("sh", argv);
+                    wrapped.env = copy.env;
+                    wrapped
+                }
+                None => copy,
+            };
             steps.push(Step {
                 kind: StepKind::NestedCopy,
                 runner: Runner::Remote {
                     role: *role,
                     host: host.clone(),
-                    command: RemoteCommand::UntilHangup(
-                        nix(&args, ctx).with_env("NIX_SSHOPTS", target.nix_sshopts(Side::Nested)),
-                    ),
+                    command: RemoteCommand::UntilHangup(copy),
                 },
                 when: When::TargetLacksSystem,
             });
@@ -1270,10 +1331,19 @@ mod tests {
         // Builds and copies on remote hosts stop when the connection's input ends (Ctrl-C).
         let copy = plan.machines[0].steps[0].local_argv().pop().unwrap();
         assert!(copy.starts_with("sh -c "), "{copy}");
+        // Through the build host's shared connection to the target, in its private directory.
+        assert!(copy.contains(
+            " sh env 'NIX_SSHOPTS=-o IdentityFile=/k -o StrictHostKeyChecking=accept-new -o BatchMode=yes \
+             -o ControlMaster=auto -o ControlPath=/tmp/clan-r1-hop0/%C -o ControlPersist=60' sh -c "
+        ), "{copy}");
         assert!(copy.ends_with(
-            " sh env 'NIX_SSHOPTS=-o IdentityFile=/k -o StrictHostKeyChecking=accept-new -o BatchMode=yes' \
+            "' clan-hop-dir /tmp/clan-r1-hop0 \
              nix --extra-experimental-features nix-command copy --to ssh://root@t /nix/store/00000000000000000000000000000000-o-m"
         ));
+        assert_eq!(
+            plan.groups[0].cleanup.command_line(),
+            "clan-hop-cleanup /tmp/clan-r1-hop0 /tmp/clan-r1-build0"
+        );
         let realise = plan.groups[0].steps[2].local_argv().pop().unwrap();
         assert!(realise.starts_with("sh -c "), "{realise}");
         // People see the command, not the wrapper that stops it on hang-up.

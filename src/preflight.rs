@@ -161,15 +161,24 @@ impl Probes {
 
     /// The build host logs in to the target exactly as the copy will: same options, same
     /// host key policy, no prompts.
-    fn as_second_hop_to(&mut self, target: &SshHost) {
-        let mut argv = vec!["-T".to_string(), "-x".into()];
+    /// With a shared connection (`hop_control`), its private directory `dir` is made first.
+    fn as_second_hop_to(&mut self, target: &SshHost, dir: &str) {
+        let mut argv = vec![
+            "-c".to_string(),
+            crate::plan::HOP_DIR.to_string(),
+            "clan-hop-dir".into(),
+            dir.into(),
+            "ssh".into(),
+            "-T".into(),
+            "-x".into(),
+        ];
         argv.extend(target.option_flags(Side::Nested));
         argv.extend(["-o".into(), "ConnectTimeout=15".into(), "--".into()]);
         argv.push(target.address.destination());
         argv.push("true".into());
         let name = nested_probe_name(target);
         if !self.1.iter().any(|(n, _)| *n == name) {
-            self.1.push((name, Invocation::new("ssh", argv)));
+            self.1.push((name, Invocation::new("sh", argv)));
         }
     }
 }
@@ -205,7 +214,11 @@ pub fn run(plan: &DeployPlan, ctx: &PlanContext, connections: &Connections) -> V
                 );
                 builder.as_builder();
                 if !ctx.copy_via_workstation && machine.cache.is_none() {
-                    builder.as_second_hop_to(&target);
+                    // The login opens the build host's shared connection the copy will use.
+                    let mut hop = target.clone();
+                    let dir = crate::plan::hop_dir(&ctx.run_id, m.group);
+                    hop.hop_control = Some(format!("{dir}/%C"));
+                    builder.as_second_hop_to(&hop, &dir);
                 }
                 builder
             }

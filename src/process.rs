@@ -65,6 +65,7 @@ pub fn run(command: &mut Command, input: Option<&[u8]>) -> std::io::Result<Outpu
             .map(|s| Box::new(s) as Box<dyn Read + Send>),
     );
     let mut stopping: Option<Instant> = None;
+    let mut polls = 0;
     let status = loop {
         if let Some(status) = child.try_wait()? {
             break status;
@@ -81,7 +82,8 @@ pub fn run(command: &mut Command, input: Option<&[u8]>) -> std::io::Result<Outpu
                 Some(_) => {}
             }
         }
-        thread::sleep(Duration::from_millis(20));
+        thread::sleep(poll_interval(polls));
+        polls += 1;
     };
     if let Some(writer) = writer {
         let _ = writer.join();
@@ -95,6 +97,17 @@ pub fn run(command: &mut Command, input: Option<&[u8]>) -> std::io::Result<Outpu
         return Err(interrupted());
     }
     Ok(output)
+}
+
+/// How long to sleep before the `n`th check of a running child: short at first (most
+/// remote steps end within milliseconds, and each step's end is on the critical path), then
+/// longer, so a long build is checked 50 times a second at most.
+pub fn poll_interval(n: u32) -> Duration {
+    match n {
+        0..=49 => Duration::from_millis(1),
+        50..=99 => Duration::from_millis(5),
+        _ => Duration::from_millis(20),
+    }
 }
 
 /// Writes `data` to a child's input from a thread of its own, with SIGPIPE blocked in that

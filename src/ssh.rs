@@ -120,7 +120,12 @@ impl Invocation {
             [sh, c, text, name, args @ ..]
                 if sh == "sh" && c == "-c" && text.starts_with("# clan:") =>
             {
-                let mut words = vec![name.clone()];
+                let mut words: Vec<String> = Vec::new();
+                if !self.env.is_empty() {
+                    words.push("env".into());
+                    words.extend(self.env.iter().map(|(k, v)| quote(&format!("{k}={v}"))));
+                }
+                words.push(name.clone());
                 words.extend(args.iter().map(|a| quote(a)));
                 words.join(" ")
             }
@@ -320,6 +325,10 @@ pub struct SshHost {
     /// A fresh connection, never a shared one (`ControlPath=none`, `ConnectTimeout=5`): to
     /// prove that new logins work.
     pub fresh: bool,
+    /// The build host's shared connection to this host (second hop), a `ControlPath` in a
+    /// private directory on the build host: the preflight's login opens it and the copy
+    /// uses it, so the build host logs in once.
+    pub hop_control: Option<String>,
 }
 
 /// Which ssh client connects.
@@ -343,6 +352,7 @@ impl SshHost {
             control_path: None,
             forward_agent: false,
             fresh: false,
+            hop_control: None,
         }
     }
 
@@ -369,6 +379,13 @@ impl SshHost {
             || (side == Side::WorkstationBatch && self.host_key_check != HostKeyCheck::Ask);
         if batch {
             options.push(("BatchMode".into(), "yes".into()));
+        }
+        if side == Side::Nested
+            && let Some(path) = &self.hop_control
+        {
+            options.push(("ControlMaster".into(), "auto".into()));
+            options.push(("ControlPath".into(), path.clone()));
+            options.push(("ControlPersist".into(), "60".into()));
         }
         if side != Side::Nested {
             if let Some(path) = &self.control_path {

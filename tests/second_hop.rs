@@ -333,9 +333,10 @@ fn copy_via_workstation_when_the_build_host_cannot_reach_the_target() {
     );
 }
 
-// SSH connection reuse: one login per host from the workstation, at most two from the build
-// host to the target (preflight and copy). The target sees one more login from the
-// workstation: the confirmation after activation, which must be a fresh connection.
+// SSH connection reuse: one login per host from the workstation, one from the build host to
+// the target (the preflight opens the build host's shared connection, the copy uses it).
+// The target sees one more login from the workstation: the confirmation after activation,
+// which must be a fresh connection.
 #[test]
 fn ssh_logins_per_host_for_one_deploy() {
     let lab = Lab::builder_and_target();
@@ -368,8 +369,32 @@ fn ssh_logins_per_host_for_one_deploy() {
         Some(3),
         "without the watchdog, one login"
     );
-    assert!(count(&target_logins, lab.ip("builder")) <= 2);
-    assert!(count(&target_logins, lab.ip("builder")) >= 1);
+    assert_eq!(
+        count(&target_logins, lab.ip("builder")),
+        1,
+        "the build host's preflight login and its copy share one connection"
+    );
+    // The build host's shared connection ended with the run, its directory removed.
+    let hop = run
+        .stderr
+        .split("clan-hop-dir ")
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .expect("the copy used the build host's shared connection");
+    assert!(
+        hop.starts_with("/tmp/clan-") && hop.ends_with("-hop0"),
+        "{hop}"
+    );
+    assert!(!std::path::Path::new(hop).exists(), "{hop} left behind");
+    let masters = std::process::Command::new("pgrep")
+        .args(["-f", hop])
+        .output()
+        .unwrap();
+    assert!(
+        masters.stdout.is_empty(),
+        "a shared connection outlived the run: {}",
+        String::from_utf8_lossy(&masters.stdout)
+    );
     // The private control directory of the shared connections is gone.
     let dir = run
         .stderr
