@@ -318,6 +318,11 @@ pub struct UpdateArgs {
     #[arg(long, value_name = "TAG", num_args = 1..)]
     pub tags: Vec<String>,
 
+    /// Builds each build host runs at once (passed as the realise's --max-jobs; default: the
+    /// host's own max-jobs setting).
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..))]
+    pub build_jobs: Option<u16>,
+
     /// How many machines copy to their targets and activate at once.
     #[arg(long, value_name = "N", default_value_t = 8, value_parser = clap::value_parser!(u16).range(1..))]
     pub jobs: u16,
@@ -341,6 +346,11 @@ pub struct UpdateArgs {
     /// Do not print what the new system changes against the current one before activating.
     #[arg(long)]
     pub no_diff: bool,
+
+    /// Switch again on targets that run this very system already (by default they are up
+    /// to date: nothing is built, copied or activated there).
+    #[arg(long)]
+    pub reactivate: bool,
 
     /// Do not generate missing vars or upload secrets (the targets keep the secrets they have).
     #[arg(long)]

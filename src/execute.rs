@@ -7,7 +7,7 @@
 //! machine stops; the others go on unless `fail_fast`. Nothing is activated for a machine
 //! whose build or copy failed. Every command's full output goes to the run's log directory.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fs::File;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::path::{Path, PathBuf};
@@ -37,6 +37,9 @@ pub enum Outcome {
     Deployed,
     /// `--action dry-activate` showed what switching would do; nothing changed.
     DryActivated,
+    /// The target runs this very system already (and its profile points to it): nothing
+    /// was built, copied or activated.
+    UpToDate,
     /// It failed; the error says where and what to do.
     Failed(Error),
     /// Not attempted: `--fail-fast` stopped the run first.
@@ -78,6 +81,45 @@ impl MachineReport {
             log: None,
         }
     }
+}
+
+/// The machines of `plan` that have nothing to do: their target runs the very system and
+/// (for `switch`) its profile points to it, and they upload no secrets. One round trip
+/// each, over the target's shared connection, all at once; a target that cannot be asked
+/// is not up to date (the deploy then finds out why).
+pub fn up_to_date(plan: &DeployPlan, connections: &Connections) -> BTreeSet<usize> {
+    let candidates: Vec<usize> = plan
+        .machines
+        .iter()
+        .enumerate()
+        .filter(|(_, m)| {
+            m.machine.secrets.is_none() && matches!(m.action, Action::Switch | Action::Test)
+        })
+        .map(|(i, _)| i)
+        .collect();
+    thread::scope(|scope| {
+        let handles: Vec<_> = candidates
+            .iter()
+            .map(|&i| {
+                scope.spawn(move || {
+                    let m = &plan.machines[i];
+                    if let Runner::Remote { host, .. } = &m.present_check.runner {
+                        let _ = connections.open(host);
+                    }
+                    let Ok(out) = quiet(&m.present_check, connections) else {
+                        return None;
+                    };
+                    let running = out.status.code() == Some(0);
+                    let profile = String::from_utf8_lossy(&out.stdout).contains("profile-current");
+                    (running && (profile || m.action == Action::Test)).then_some(i)
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .filter_map(|h| h.join().ok().flatten())
+            .collect()
+    })
 }
 
 /// Knobs of a run.
@@ -196,6 +238,7 @@ pub fn run_plan(
             match &outcome {
                 Outcome::Deployed => progress.finish(i, true, "deployed"),
                 Outcome::DryActivated => progress.finish(i, true, "dry-activated"),
+                Outcome::UpToDate => progress.finish(i, true, "up to date"),
                 Outcome::Failed(e) => progress.finish(i, false, &format!("failed: {}", e.message)),
                 Outcome::Skipped => progress.finish(i, false, "skipped (--fail-fast)"),
                 Outcome::NotStarted(why) => progress.finish(i, false, why),
@@ -1081,8 +1124,12 @@ pub fn exit_code(reports: &[MachineReport]) -> i32 {
         .iter()
         .map(|r| match &r.outcome {
             // Ctrl-C during an activation that then finished: still an interrupted run.
-            Outcome::Deployed | Outcome::DryActivated if crate::interrupt::requested() => 130,
-            Outcome::Deployed | Outcome::DryActivated => 0,
+            Outcome::Deployed | Outcome::DryActivated | Outcome::UpToDate
+                if crate::interrupt::requested() =>
+            {
+                130
+            }
+            Outcome::Deployed | Outcome::DryActivated | Outcome::UpToDate => 0,
             Outcome::Failed(e) if e.exit == ExitKind::Interrupted => 130,
             Outcome::Failed(e) if e.exit == ExitKind::PartiallyApplied => 3,
             Outcome::Failed(_) | Outcome::Skipped | Outcome::NotStarted(_) => 1,

@@ -411,6 +411,9 @@ pub struct PlanContext {
     pub health_check_timeout: u32,
     /// Go back to the previous generation when the health check fails.
     pub rollback_on_unhealthy: bool,
+    /// `--build-jobs`: builds each build host runs at once (its realise's `--max-jobs`);
+    /// `None`: the host's own `max-jobs`.
+    pub build_jobs: Option<u16>,
 }
 
 impl PlanContext {
@@ -651,6 +654,10 @@ fn group_steps(
         .map(|b| b.value.to_nix());
     let mut realise = vec!["--realise"];
     realise.extend(ctx.nix_flags.iter().map(String::as_str));
+    let build_jobs = ctx.build_jobs.map(|n| n.to_string());
+    if let Some(n) = &build_jobs {
+        realise.extend(["--max-jobs", n.as_str()]);
+    }
     if let Some(builders) = &builders {
         realise.extend(["--option", "builders", builders.as_str()]);
     }
@@ -1267,6 +1274,7 @@ mod tests {
             nix_flags: Vec::new(),
             health_check_timeout: 60,
             rollback_on_unhealthy: false,
+            build_jobs: None,
         }
     }
 

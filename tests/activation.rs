@@ -151,7 +151,14 @@ fn actions_switch_boot_test_dry_activate(kind: HostKind) {
     assert_system(&lab, Some(&v2), Some(&v2));
     assert_eq!(switches(&lab).last().unwrap(), &format!("{v2} boot"));
 
-    let run = update(&lab, &f, &[]);
+    // It runs v2 and its profile points to v2: a switch has nothing to do…
+    let run = update(&lab, &f, &["--json"]);
+    assert_eq!(run.code, 0);
+    let report: serde_json::Value = serde_json::from_str(&run.stdout).unwrap();
+    assert_eq!(report["machines"][0]["result"], "up to date");
+    assert_eq!(switches(&lab).last().unwrap(), &format!("{v2} boot"));
+    // …unless asked to switch again.
+    let run = update(&lab, &f, &["--reactivate"]);
     assert_eq!(run.code, 0);
     assert_eq!(switches(&lab).last().unwrap(), &format!("{v2} switch"));
     assert_nothing_left(&lab);

@@ -95,6 +95,20 @@ fn fleet_deploys_every_machine_grouped_by_build_host() {
                 .any(|l| l.starts_with(name) && l.contains("deployed"))
         );
     }
+
+    // A no-op re-deploy with one machine changed: the two unchanged ones are up to date
+    // (nothing built, copied or switched there); only t1 is deployed.
+    let flake = fleet_flake(&lab, r#"variant = "v2";"#);
+    let t1_v2 = toplevel(&lab, &flake, "t1");
+    let again = clan(&lab, &flake, &["machines", "update", "--json"]);
+    assert_eq!(again.code, 0, "{}", again.stderr);
+    let report: serde_json::Value = serde_json::from_str(&again.stdout).unwrap();
+    assert_eq!(result_of(&report, "t1").as_deref(), Some("deployed"));
+    assert_eq!(result_of(&report, "t2").as_deref(), Some("up to date"));
+    assert_eq!(result_of(&report, "t3").as_deref(), Some("up to date"));
+    assert_eq!(profile(&lab, "t1").as_deref(), Some(t1_v2.as_str()));
+    assert_eq!(lab.host("t2").switch_log().len(), 1, "t2 switched again");
+    assert_eq!(lab.host("t3").switch_log().len(), 1, "t3 switched again");
 }
 
 #[test]

@@ -94,15 +94,37 @@ fn what_happens_during_a_deploy_build_host_from_inventory() {
     let leftovers: Vec<_> = [root].into_iter().filter(|r| r.exists()).collect();
     assert!(leftovers.is_empty(), "GC root left behind: {leftovers:?}");
 
-    // Re-deploying the unchanged system succeeds and copies nothing new.
+    // Re-deploying the unchanged system: up to date, one round trip to the target, nothing
+    // built, copied or switched.
     let builder_before = lab.host("builder").store_entries();
     let target_before = lab.host("target").store_entries();
-    let again = clan(&lab, &flake, &["machines", "update", "m", "-v"]);
+    let logins_before = lab.host("builder").logins_by_source();
+    let again = clan(&lab, &flake, &["machines", "update", "m", "--json"]);
     assert_eq!(again.code, 0);
+    let report: serde_json::Value = serde_json::from_str(&again.stdout).unwrap();
+    assert_eq!(result_of(&report, "m").as_deref(), Some("up to date"));
     assert!(
-        again.stderr.contains("already on the target: no copy")
-            || again.stderr.contains("already running this system")
+        again.stderr.contains(&format!(
+            "m: up to date: root@{} runs this system already (--reactivate switches to it again)",
+            lab.ip("target")
+        )),
+        "{}",
+        again.stderr
     );
+    assert_eq!(lab.host("target").switch_log().len(), 1, "switched again");
+    assert_eq!(
+        lab.host("builder").logins_by_source(),
+        logins_before,
+        "the build host was contacted"
+    );
+
+    // --reactivate switches again, and still copies and builds nothing new.
+    let again = clan(
+        &lab,
+        &flake,
+        &["machines", "update", "m", "-v", "--reactivate"],
+    );
+    assert_eq!(again.code, 0);
     assert!(!again.stderr.contains("copying path"), "copied again");
     assert!(
         again
@@ -213,7 +235,15 @@ fn resolution_order_highest_source_wins() {
     let run = clan(
         &lab,
         &flake,
-        &["machines", "update", "m", "--build-host", &cli_builder],
+        // The target runs this system already: --reactivate, or it would be up to date.
+        &[
+            "machines",
+            "update",
+            "m",
+            "--build-host",
+            &cli_builder,
+            "--reactivate",
+        ],
     );
     assert_eq!(run.code, 0);
     assert!(
@@ -636,6 +666,7 @@ fn current_nix_on_workstation_and_build_host() {
             "--build-host",
             &arm,
             "--no-preflight",
+            "--reactivate",
         ],
     );
     assert_eq!(mismatch.code, 1);

@@ -292,7 +292,8 @@ fn cache_mode_preflight_checks_trust_and_reach() {
     let before = lab.host("t1").switch_log().len();
     let unreachable = url.rsplit_once(':').map(|(h, _)| format!("{h}:9")).unwrap();
     let f = cache_flake(&lab, &unreachable, &key);
-    let run = clan(&lab, &f, &["machines", "update", "t1"]);
+    // t1 runs this system already: --reactivate, so that it is deployed (and checked) again.
+    let run = clan(&lab, &f, &["machines", "update", "t1", "--reactivate"]);
     assert_eq!(run.code, 1);
     assert!(run.stderr.contains("cannot reach the binary cache"));
     assert_eq!(

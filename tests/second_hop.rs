@@ -281,11 +281,17 @@ fn agent_forwarding_from_the_inventory() {
             .contains("(inventory.machines.m.deploy.forwardAgent): root there can use your keys")
     );
     assert_activated(&lab, &out);
-    // --no-forward-agent wins over the inventory.
+    // --no-forward-agent wins over the inventory (--reactivate: the target runs the system).
     let off = clan_with_agent(
         &lab,
         &flake,
-        &["machines", "update", "m", "--no-forward-agent"],
+        &[
+            "machines",
+            "update",
+            "m",
+            "--no-forward-agent",
+            "--reactivate",
+        ],
     );
     assert_eq!(off.code, 1);
     assert!(off.stderr.contains("permission denied on the second hop"));

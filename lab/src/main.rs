@@ -175,13 +175,80 @@ struct Figures {
     baseline_ws_to_builder: usize,
     parallel: f64,
     parallel_noop: f64,
+    build_jobs: f64,
+}
+
+/// Where the time of one machine's deploy goes, from the run's log (each step's start is
+/// stamped `@EPOCH`) and the evaluation timed apart.
+fn breakdown(lab: &Lab, started: f64, ended: f64, evaluate: f64) -> Vec<(&'static str, f64)> {
+    let logs = lab
+        .host("workstation")
+        .root()
+        .join(".local/state/clan/logs");
+    let mut steps: Vec<(f64, String)> = Vec::new();
+    for run in std::fs::read_dir(&logs).expect("logs").flatten() {
+        for file in std::fs::read_dir(run.path()).expect("run logs").flatten() {
+            let text = std::fs::read_to_string(file.path()).unwrap_or_default();
+            for line in text.lines() {
+                if let Some((stamp, rest)) = line.strip_prefix('@').and_then(|l| l.split_once(' '))
+                    && let Ok(t) = stamp.parse::<f64>()
+                {
+                    steps.push((t, rest.to_string()));
+                }
+            }
+        }
+    }
+    steps.sort_by(|a, b| a.0.total_cmp(&b.0));
+    let at = |what: &str| {
+        steps
+            .iter()
+            .find(|(_, s)| s.contains(what))
+            .map(|(t, _)| *t)
+            .unwrap_or(f64::NAN)
+    };
+    let first = steps.first().map_or(f64::NAN, |(t, _)| *t);
+    let copy_drv = at("copy derivations:");
+    let mkdir = at("build: mkdir");
+    let copy = at("copy to target:");
+    let activate = at("activate: test -e");
+    let confirm = at("activate: clan-activate confirm");
+    vec![
+        ("evaluate (a --dry-run, timed apart)", evaluate),
+        (
+            "preflight, until the first step",
+            first - started - evaluate,
+        ),
+        ("copy the derivations to the build host", mkdir - copy_drv),
+        ("build (GC-root directory, realise)", copy - mkdir),
+        ("copy build host → target", activate - copy),
+        (
+            "activate (verify, summary, lock, profile, switch)",
+            confirm - activate,
+        ),
+        ("confirm over a fresh login, clean up", ended - confirm),
+        ("total", ended - started),
+    ]
+}
+
+fn epoch() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_secs_f64()
 }
 
 fn bench(clan: &str, sizes: &[usize]) -> ExitCode {
     let mut all = Vec::new();
+    let mut stages = Vec::new();
     for &n in sizes {
         eprintln!("N = {n}: this tool…");
         let (lab, flake, names) = bench_lab(n);
+        // The evaluation alone (a dry run), once warm, for the breakdown.
+        let _ = lab.run_on_workstation(&flake, &[clan, "machines", "update", "--dry-run"]);
+        let dry = Instant::now();
+        let _ = lab.run_on_workstation(&flake, &[clan, "machines", "update", "--dry-run"]);
+        let evaluate = dry.elapsed().as_secs_f64();
+        let epoch_started = epoch();
         let started = Instant::now();
         let out = lab.run_on_workstation(
             &flake,
@@ -200,6 +267,9 @@ fn bench(clan: &str, sizes: &[usize]) -> ExitCode {
             "deploy failed: {}",
             String::from_utf8_lossy(&out.stderr)
         );
+        if n == 1 {
+            stages = breakdown(&lab, epoch_started, epoch_started + tool, evaluate);
+        }
         let report: String = String::from_utf8_lossy(&out.stdout).into_owned();
         let peak_kib = report
             .split("\"peakRssKiB\":")
@@ -289,6 +359,25 @@ fn bench(clan: &str, sizes: &[usize]) -> ExitCode {
         let out = lab.run_on_workstation(&flake, &["bash", "-ec", &script]);
         let parallel_noop = started.elapsed().as_secs_f64();
         assert!(out.status.success(), "parallel loop re-run failed");
+        drop(lab);
+
+        eprintln!("N = {n}: this tool with --build-jobs 8…");
+        let (lab, flake, _) = bench_lab(n);
+        let started = Instant::now();
+        let out = lab.run_on_workstation(
+            &flake,
+            &[
+                clan,
+                "machines",
+                "update",
+                "--build-jobs",
+                "8",
+                "--log-format",
+                "plain",
+            ],
+        );
+        let build_jobs = started.elapsed().as_secs_f64();
+        assert!(out.status.success(), "deploy with --build-jobs failed");
         all.push(Figures {
             n,
             tool,
@@ -301,20 +390,23 @@ fn bench(clan: &str, sizes: &[usize]) -> ExitCode {
             baseline_ws_to_builder,
             parallel,
             parallel_noop,
+            build_jobs,
         });
     }
     println!(
-        "\n| N | clan (s) | sequential baseline (s) | parallel loop, 8 at once (s) | clan / parallel loop | no-op: clan / loop (s) | ssh logins ws→builder (baseline) | max ws→target | max builder→target | clan peak RSS (MiB) |"
+        "\n| N | clan (s) | sequential baseline (s) | parallel loop, 8 at once (s) | clan / parallel loop | clan --build-jobs 8 (s) | no-op: clan / loop (s) | ssh logins ws→builder (baseline) | max ws→target | max builder→target | clan peak RSS (MiB) |"
     );
-    println!("|---|---|---|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|");
     for f in &all {
         println!(
-            "| {} | {:.1} | {:.1} | {:.1} | {:.2} | {:.1} / {:.1} | {} ({}) | {} | {} | {:.1} |",
+            "| {} | {:.1} | {:.1} | {:.1} | {:.2} | {:.1} ({:.2}) | {:.1} / {:.1} | {} ({}) | {} | {} | {:.1} |",
             f.n,
             f.tool,
             f.baseline,
             f.parallel,
             f.tool / f.parallel,
+            f.build_jobs,
+            f.build_jobs / f.parallel,
             f.noop,
             f.parallel_noop,
             f.ws_to_builder,
@@ -327,6 +419,14 @@ fn bench(clan: &str, sizes: &[usize]) -> ExitCode {
     println!(
         "\nEach system: a shared part ({SHARED_SECONDS} s to build) and its own part ({OWN_SECONDS} s); one build host with max-jobs = 4."
     );
+    if !stages.is_empty() {
+        println!("\nN = 1, where the time goes (clan, from its run log):\n");
+        println!("| stage | seconds |");
+        println!("|---|---|");
+        for (stage, seconds) in &stages {
+            println!("| {stage} | {seconds:.2} |");
+        }
+    }
     ExitCode::SUCCESS
 }
 

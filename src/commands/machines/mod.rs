@@ -618,6 +618,7 @@ mod tests {
                 nix_flags: Vec::new(),
                 health_check_timeout: 60,
                 rollback_on_unhealthy: true,
+                build_jobs: None,
             };
             let plan = plan_deploy(loaded.into_iter().map(|l| l.machine).collect(), &ctx);
             let mut steps: Vec<&crate::plan::Step> = Vec::new();

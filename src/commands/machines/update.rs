@@ -131,7 +131,7 @@ fn deploy(args: &UpdateArgs) -> Result<i32, Error> {
     if args.copy_via_workstation {
         check_relay(&machines)?;
     }
-    let (batches, canaries) = rollout_batches(&machines, &args.canary, args.batch_size)?;
+    let (mut batches, canaries) = rollout_batches(&machines, &args.canary, args.batch_size)?;
 
     let run_id = run_id();
     let connections = if args.dry_run {
@@ -158,7 +158,7 @@ fn deploy(args: &UpdateArgs) -> Result<i32, Error> {
     if crate::interrupt::requested() {
         return Err(crate::error::interrupted("before the deploy began"));
     }
-    let plan = plan_deploy(machines, &ctx);
+    let mut plan = plan_deploy(machines, &ctx);
     if args.dry_run {
         print!("{plan}");
         if batches.len() > 1 {
@@ -185,6 +185,27 @@ fn deploy(args: &UpdateArgs) -> Result<i32, Error> {
         });
     }
 
+    // Machines whose target runs this very system have nothing to do (rolling deploys and
+    // --reactivate switch again).
+    let mut up_to_date = Vec::new();
+    if !args.reactivate && batches.len() == 1 {
+        let (done, rest) = split_up_to_date(&plan, &connections);
+        for report in &done {
+            eprintln!(
+                "{}: up to date: {} runs this system already (--reactivate switches to it again)",
+                report.name, report.target
+            );
+        }
+        if !done.is_empty() {
+            if rest.is_empty() {
+                let logs = Logs::create(&plan.run_id);
+                return Ok(finish(args, &plan.run_id, &done, &logs));
+            }
+            batches = vec![rest.clone()];
+            plan = plan_deploy(rest, &ctx);
+        }
+        up_to_date = done;
+    }
     announce(&plan, &ctx);
     if !args.no_preflight {
         eprintln!("Preflight: checking every hop…");
@@ -285,6 +306,7 @@ fn deploy(args: &UpdateArgs) -> Result<i32, Error> {
             break;
         }
     }
+    reports.extend(up_to_date);
     // Machines whose evaluation failed are reported with the others.
     reports.extend(
         failed
@@ -292,6 +314,29 @@ fn deploy(args: &UpdateArgs) -> Result<i32, Error> {
             .map(|(name, error)| MachineReport::not_run(&name, "-".into(), Outcome::Failed(error))),
     );
     Ok(finish(args, &plan.run_id, &reports, &logs))
+}
+
+/// Splits off the machines with nothing to do ([`crate::execute::up_to_date`]): their
+/// reports, and the machines left to deploy.
+fn split_up_to_date(
+    plan: &crate::plan::DeployPlan,
+    connections: &Connections,
+) -> (Vec<MachineReport>, Vec<ResolvedMachine>) {
+    let done = crate::execute::up_to_date(plan, connections);
+    let mut reports = Vec::new();
+    let mut rest = Vec::new();
+    for (i, m) in plan.machines.iter().enumerate() {
+        if done.contains(&i) {
+            reports.push(MachineReport::not_run(
+                &m.machine.name,
+                m.machine.target.value.to_string(),
+                Outcome::UpToDate,
+            ));
+        } else {
+            rest.push(m.machine.clone());
+        }
+    }
+    (reports, rest)
 }
 
 /// Hosts whose ssh config sets a ControlPath: their own sharing is kept.
@@ -391,6 +436,7 @@ fn plan_context(
         nix_flags: args.hosts.nix_options()?.flags(),
         health_check_timeout: args.health_check_timeout,
         rollback_on_unhealthy: args.rollback_on_unhealthy,
+        build_jobs: args.build_jobs,
     })
 }
 
@@ -699,8 +745,23 @@ fn run_wave(
         }
     }
     let mut plan = plan_deploy(machines, &ctx);
-    announce(&plan, &ctx);
     let mut reports = Vec::new();
+    if !args.reactivate {
+        let (done, rest) = split_up_to_date(&plan, connections);
+        for report in done {
+            if let Some(i) = all_names.iter().position(|n| *n == report.name) {
+                progress.finish(i, true, "up to date: it runs this system already");
+            }
+            reports.push(report);
+        }
+        if rest.is_empty() {
+            return reports;
+        }
+        if rest.len() < plan.machines.len() {
+            plan = plan_deploy(rest, &ctx);
+        }
+    }
+    announce(&plan, &ctx);
     if !args.no_preflight {
         let problems = preflight::run(&plan, &ctx, connections);
         if !problems.is_empty() {
