@@ -15,6 +15,9 @@ use crate::plan::{DeployPlan, PlanContext, connection_key};
 use crate::resolve::{BuildLocation, ResolvedMachine};
 use crate::ssh::{Invocation, RemoteCommand, Side, SshHost, parse_probes};
 
+/// Whether the system profile can be set (`src/scripts/profile-writable.sh`).
+const PROFILE_WRITABLE: &str = include_str!("scripts/profile-writable.sh");
+
 /// Probe names.
 const NIX: &str = "nix";
 const SYSTEM: &str = "system";
@@ -116,13 +119,7 @@ impl Probes {
         // The first existing directory on the way to the profiles must be writable.
         self.add(
             PROFILE,
-            Invocation::new(
-                "sh",
-                [
-                    "-c",
-                    "for d in /nix/var/nix/profiles /nix/var/nix /nix/var /nix; do if [ -e \"$d\" ]; then test -w \"$d\"; exit; fi; done; exit 1",
-                ],
-            ),
+            Invocation::new("sh", ["-c", PROFILE_WRITABLE, "clan-profile-writable"]),
         );
     }
 

@@ -21,8 +21,15 @@ use crate::host::HostAddress;
 use crate::resolve::BuildLocation;
 use crate::ssh::{Invocation, RemoteCommand, SshHost, parse_probes, run_remote};
 
-/// Sh snippet that turns a leading `~/` of `$1` into `$HOME/`, into `$k`.
-const KEY_PATH: &str = r#"k=$1; case $k in "~/"*) k=$HOME/${k#"~/"};; esac"#;
+/// The hosts' side of the command (`src/scripts/setup-build-host.sh`).
+const SETUP_BUILD_HOST: &str = include_str!("../../scripts/setup-build-host.sh");
+
+/// `clan-setup-build-host COMMAND ARGS…` as one invocation.
+fn script(command: &str, args: &[&str]) -> Invocation {
+    let mut argv = vec!["-c", SETUP_BUILD_HOST, "clan-setup-build-host", command];
+    argv.extend_from_slice(args);
+    Invocation::new("sh", argv)
+}
 
 /// Runs the command; returns the exit code.
 pub fn run(args: &SetupBuildHostArgs) -> Result<i32, Error> {
@@ -51,20 +58,7 @@ pub fn run(args: &SetupBuildHostArgs) -> Result<i32, Error> {
     let looked = run_remote(
         &builder,
         &RemoteCommand::Probes(vec![
-            (
-                "key".into(),
-                Invocation::new(
-                    "sh",
-                    [
-                        "-c",
-                        &format!(
-                            r#"{KEY_PATH}; if [ -f "$k.pub" ]; then cat "$k.pub"; elif [ -f "$k" ]; then ssh-keygen -y -f "$k"; else exit 3; fi"#
-                        ),
-                        "sh",
-                        &key_file,
-                    ],
-                ),
-            ),
+            ("key".into(), script("key-show", &[&key_file])),
             (
                 "known".into(),
                 Invocation::new("ssh-keygen", ["-F", &known_name]),
@@ -162,17 +156,9 @@ pub fn run(args: &SetupBuildHostArgs) -> Result<i32, Error> {
         None => {
             changes.push((
                 format!("build host {builder_address}: create the key {key_file}"),
-                RemoteCommand::Run(Invocation::new(
-                    "sh",
-                    [
-                        "-c",
-                        &format!(
-                            r#"{KEY_PATH}; test -e "$k" && exit 0; mkdir -p -m 700 "$(dirname "$k")" && ssh-keygen -q -t ed25519 -N "" -C "$2" -f "$k""#
-                        ),
-                        "sh",
-                        &key_file,
-                        &format!("clan-build-host-for-{name}"),
-                    ],
+                RemoteCommand::Run(script(
+                    "key-create",
+                    &[&key_file, &format!("clan-build-host-for-{name}")],
                 )),
                 &builder,
             ));
@@ -180,13 +166,7 @@ pub fn run(args: &SetupBuildHostArgs) -> Result<i32, Error> {
         }
     };
     if !builder_knows_target {
-        let mut argv = vec![
-            "-c".to_string(),
-            r#"umask 077; mkdir -p "$HOME/.ssh" && printf '%s\n' "$@" >> "$HOME/.ssh/known_hosts""#
-                .to_string(),
-            "sh".to_string(),
-        ];
-        argv.extend(matching.iter().cloned());
+        let lines: Vec<&str> = matching.iter().map(String::as_str).collect();
         changes.push((
             format!(
                 "build host {builder_address}: add the target's verified host key to ~/.ssh/known_hosts ({})",
@@ -196,7 +176,7 @@ pub fn run(args: &SetupBuildHostArgs) -> Result<i32, Error> {
                     .collect::<Vec<_>>()
                     .join(", ")
             ),
-            RemoteCommand::Run(Invocation::new("sh", argv)),
+            RemoteCommand::Run(script("known-add", &lines)),
             &builder,
         ));
     }
@@ -224,15 +204,7 @@ pub fn run(args: &SetupBuildHostArgs) -> Result<i32, Error> {
     let public_key = if public_key.is_empty() && !args.dry_run {
         let out = run_remote(
             &builder,
-            &RemoteCommand::Run(Invocation::new(
-                "sh",
-                [
-                    "-c",
-                    &format!(r#"{KEY_PATH}; cat "$k.pub""#),
-                    "sh",
-                    &key_file,
-                ],
-            )),
+            &RemoteCommand::Run(script("key-show", &[&key_file])),
         )
         .map_err(|e| Error::new(format!("cannot run ssh: {e}")))?;
         parse_public_key(String::from_utf8_lossy(&out.stdout).trim()).ok_or_else(|| {
@@ -258,13 +230,10 @@ pub fn run(args: &SetupBuildHostArgs) -> Result<i32, Error> {
             .nth(1)
             .unwrap_or_default()
             .to_string();
-        let authorize = RemoteCommand::Run(Invocation::new(
-            "sh",
-            [
-                "-c",
-                // Only reads unless the key is absent and this is not a dry run.
-                r#"if grep -qsF -- "$2" "$HOME/.ssh/authorized_keys"; then echo present; elif [ "$3" = dry ]; then echo absent; else umask 077; mkdir -p "$HOME/.ssh" && printf '%s\n' "$1" >> "$HOME/.ssh/authorized_keys" && echo added; fi"#,
-                "sh",
+        // Only reads unless the key is absent and this is not a dry run.
+        let authorize = RemoteCommand::Run(script(
+            "authorize",
+            &[
                 &public_key,
                 &blob,
                 if args.dry_run { "dry" } else { "apply" },
