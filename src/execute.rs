@@ -438,7 +438,8 @@ fn run_group(
     let finished = std::sync::atomic::AtomicBool::new(false);
     let on_builds = |done: u64, expected: u64| {
         let mut last = last_done.lock().expect("progress lock");
-        if expected > 0 && *last != Some(done) {
+        // From the first finished build on: "0/N built" says nothing the stage line does not.
+        if expected > 0 && done > 0 && *last != Some(done) {
             *last = Some(done);
             finished.store(true, std::sync::atomic::Ordering::SeqCst);
             for &i in &group.members {

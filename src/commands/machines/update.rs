@@ -399,7 +399,7 @@ fn finish(args: &UpdateArgs, run_id: &str, reports: &[MachineReport], logs: &Log
             eprintln!("\nChanges on {}:\n{}", r.name, changes.trim_end());
         }
     }
-    eprintln!("\n{}", report::summary(reports));
+    eprint!("\n{}", report::summary(reports));
     if code != 0
         && let Some(dir) = logs.dir()
     {
