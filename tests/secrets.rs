@@ -522,3 +522,62 @@ fn a_repository_in_clan_cores_age_layout_is_read() {
         generated.stderr
     );
 }
+
+#[test]
+fn ctrl_c_during_a_generator_stores_nothing_and_removes_its_directory() {
+    let lab = Lab::start(&[]);
+    let (private, public) = identity();
+    install_identity(&lab, &private);
+    let marker = lab.dir.join("generator-dir");
+    let flake = lab.write_flake(&format!(
+        r#"{{
+          vars.settings.recipients.default = [ "{public}" ];
+          machines.m = system {{ vars = {{
+            slow = {{ files.key = {{ }}; script = "echo s3cr3t-in-progress > $out/key; pwd > {marker}; sleep 30"; }};
+          }}; }};
+        }}"#,
+        marker = marker.display()
+    ));
+    let child = lab.spawn_on_workstation(
+        &flake,
+        &[env!("CARGO_BIN_EXE_clan"), "vars", "generate", "m"],
+    );
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while !marker.exists() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the generator never ran"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let dir = std::fs::read_to_string(&marker).unwrap().trim().to_string();
+    assert!(std::path::Path::new(&dir).is_dir(), "{dir}");
+    // Ctrl-C reaches clan (the terminal's SIGINT; clan's children have groups of their own).
+    let flake_arg = flake.display().to_string();
+    let pids = Command::new("pgrep")
+        .args([
+            "-f",
+            &format!("{} vars generate m", env!("CARGO_BIN_EXE_clan")),
+        ])
+        .output()
+        .unwrap();
+    let mut signalled = false;
+    for pid in String::from_utf8_lossy(&pids.stdout).lines() {
+        let cwd = std::fs::read_link(format!("/proc/{pid}/cwd")).unwrap_or_default();
+        if cwd.display().to_string() == flake_arg {
+            Command::new("kill").args(["-INT", pid]).status().unwrap();
+            signalled = true;
+        }
+    }
+    assert!(signalled, "clan's process was not found");
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    eprintln!("{stderr}");
+    assert_eq!(out.status.code(), Some(130), "{stderr}");
+    assert!(stderr.contains("interrupted while generator slow of m ran"));
+    assert!(!std::path::Path::new(&dir).exists(), "{dir} left behind");
+    assert!(
+        !flake.join("secrets/clan-vars").exists(),
+        "something was stored"
+    );
+}
