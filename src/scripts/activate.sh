@@ -126,7 +126,11 @@ back_to() {
 
 # Stops the watchdog of run $1 (record $2), whatever runs it.
 stop_watchdog() {
-	if has_systemd; then systemctl stop "clan-watchdog-$1.service" 2>/dev/null; fi
+	# Without waiting for the stop to finish: the watchdog acts only while its record
+	# exists, checked under the act lock, and callers remove the record under that lock.
+	# (A blocking stop can wait for the unit's stop timeout where systemd misses the end
+	# of the unit's processes, as on cgroup v1.)
+	if has_systemd; then systemctl stop --no-block "clan-watchdog-$1.service" 2>/dev/null; fi
 	if [ -s "$2/watchdog-pid" ]; then
 		w=$(cat "$2/watchdog-pid")
 		kill -TERM "-$w" 2>/dev/null || kill -TERM "$w" 2>/dev/null
