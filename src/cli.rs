@@ -108,6 +108,10 @@ pub struct VarsUploadArgs {
     /// Host key policy for the connection to the target.
     #[command(flatten)]
     pub connect: ConnectArgs,
+
+    /// Seconds to wait for a deploy of the same target to release its lock.
+    #[arg(long, value_name = "SECONDS", default_value_t = 300)]
+    pub lock_timeout: u32,
 }
 
 /// Arguments of `clan vars fix`.

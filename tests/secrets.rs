@@ -581,3 +581,45 @@ fn ctrl_c_during_a_generator_stores_nothing_and_removes_its_directory() {
         "something was stored"
     );
 }
+
+#[test]
+fn vars_upload_alone_then_a_deploy_without_secrets_decrypts_them() {
+    let lab = Lab::start(&[HostSpec::new("target")]);
+    let (private, public) = identity();
+    install_identity(&lab, &private);
+    let flake = lab.write_flake(&format!(
+        r#"{{
+          vars.settings.recipients.default = [ "{public}" ];
+          inventory.machines.m.deploy.targetHost = "root@{t}";
+          machines.m = {{ imports = [ (system {{ vars = {{
+            api = {{ files.token = {{ }}; script = "echo tok-upload-alone > $out/token"; }};
+          }}; }}) ]; clan.core.vars.age.secretLocation = "/root/secret-vars-alone"; }};
+        }}"#,
+        t = lab.ip("target"),
+    ));
+    // Generates what is missing, then uploads under the target's deploy lock.
+    let upload = clan(&lab, &flake, &["vars", "upload", "m"]);
+    assert_eq!(upload.code, 0, "{}", upload.stderr);
+    assert!(upload.stderr.contains("m: generating api"));
+    assert!(
+        upload.stderr.contains("uploading 2 files"),
+        "{}",
+        upload.stderr
+    );
+    let location = lab.host("target").root().join("secret-vars-alone");
+    assert!(location.join("key.txt").is_file());
+    assert!(location.join("per-machine/m/api/token.age").is_file());
+    assert_eq!(
+        sh(&lab, "target", "ls /run/clan/holder 2>/dev/null | wc -l"),
+        "0",
+        "the lock was not released"
+    );
+    // The deploy itself uploads nothing, and the activation decrypts what is there.
+    let run = clan(&lab, &flake, &["machines", "update", "m", "--no-secrets"]);
+    assert_eq!(run.code, 0, "{}", run.all());
+    assert!(!run.stderr.contains("upload the secrets"));
+    assert_eq!(
+        sh(&lab, "target", "cat /run/secrets/api/token"),
+        "tok-upload-alone"
+    );
+}
