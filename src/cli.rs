@@ -94,26 +94,6 @@ pub struct VarsGetArgs {
     pub hosts: HostArgs,
 }
 
-/// Arguments of `clan vars upload`.
-#[derive(Debug, Args)]
-pub struct VarsUploadArgs {
-    /// The machine.
-    #[arg(value_name = "MACHINE")]
-    pub machine: String,
-
-    /// Flake and target overrides, as for update.
-    #[command(flatten)]
-    pub hosts: HostArgs,
-
-    /// Host key policy for the connection to the target.
-    #[command(flatten)]
-    pub connect: ConnectArgs,
-
-    /// Seconds to wait for a deploy of the same target to release its lock.
-    #[arg(long, value_name = "SECONDS", default_value_t = 300)]
-    pub lock_timeout: u32,
-}
-
 /// Arguments of `clan vars fix`.
 #[derive(Debug, Args)]
 pub struct VarsFixArgs {
@@ -169,9 +149,16 @@ pub struct SetupCacheArgs {
 }
 
 /// Arguments of `clan machines rollback`.
+pub type RollbackArgs = OnTargetArgs;
+
+/// Arguments of `clan vars upload`.
+pub type VarsUploadArgs = OnTargetArgs;
+
+/// Arguments of a command that acts on one machine's target under its deploy lock
+/// (`clan machines rollback`, `clan vars upload`).
 #[derive(Debug, Args)]
-pub struct RollbackArgs {
-    /// The machine to roll back.
+pub struct OnTargetArgs {
+    /// The machine.
     #[arg(value_name = "MACHINE")]
     pub machine: String,
 

@@ -29,6 +29,20 @@ fn install_identity(lab: &Lab, private: &str) -> PathBuf {
     path
 }
 
+/// A clan with one machine `m` on the lab's `target`, with `generators` and its secrets
+/// uploaded to `location` (under the target's own /root: the location is per host).
+fn one_target_flake(lab: &Lab, public: &str, generators: &str, location: &str) -> PathBuf {
+    lab.write_flake(&format!(
+        r#"{{
+          vars.settings.recipients.default = [ "{public}" ];
+          inventory.machines.m.deploy.targetHost = "root@{t}";
+          machines.m = {{ imports = [ (system {{ vars = {generators}; }}) ];
+            clan.core.vars.age.secretLocation = "{location}"; }};
+        }}"#,
+        t = lab.ip("target"),
+    ))
+}
+
 /// Runs `clan ARGS` on a pseudo-terminal (util-linux `script`), typing `input`.
 fn clan_on_terminal(lab: &Lab, flake: &Path, args: &[&str], input: &str) -> Run {
     let command = std::iter::once(env!("CARGO_BIN_EXE_clan").to_string())
@@ -292,18 +306,13 @@ fn an_interrupted_upload_keeps_the_previous_secrets() {
     let lab = Lab::start(&[HostSpec::new("target")]);
     let (private, public) = identity();
     install_identity(&lab, &private);
-    // A secret big enough that the upload is still running when the test stops it, in a
-    // location of this host's own (/root is per host).
-    let flake = lab.write_flake(&format!(
-        r#"{{
-          vars.settings.recipients.default = [ "{public}" ];
-          inventory.machines.m.deploy.targetHost = "root@{t}";
-          machines.m = {{ imports = [ (system {{ vars = {{
-            blob = {{ files.data = {{ }}; script = "head -c 16000000 /dev/urandom > $out/data"; }};
-          }}; }}) ]; clan.core.vars.age.secretLocation = "/root/secret-vars-interrupt"; }};
-        }}"#,
-        t = lab.ip("target"),
-    ));
+    // A secret big enough that the upload is still running when the test stops it.
+    let flake = one_target_flake(
+        &lab,
+        &public,
+        r#"{ blob = { files.data = { }; script = "head -c 16000000 /dev/urandom > $out/data"; }; }"#,
+        "/root/secret-vars-interrupt",
+    );
     let first = clan(&lab, &flake, &["machines", "update", "m"]);
     assert_eq!(first.code, 0, "{}", first.all());
     let uploaded = lab.host("target").root().join("secret-vars-interrupt");
@@ -587,16 +596,12 @@ fn vars_upload_alone_then_a_deploy_without_secrets_decrypts_them() {
     let lab = Lab::start(&[HostSpec::new("target")]);
     let (private, public) = identity();
     install_identity(&lab, &private);
-    let flake = lab.write_flake(&format!(
-        r#"{{
-          vars.settings.recipients.default = [ "{public}" ];
-          inventory.machines.m.deploy.targetHost = "root@{t}";
-          machines.m = {{ imports = [ (system {{ vars = {{
-            api = {{ files.token = {{ }}; script = "echo tok-upload-alone > $out/token"; }};
-          }}; }}) ]; clan.core.vars.age.secretLocation = "/root/secret-vars-alone"; }};
-        }}"#,
-        t = lab.ip("target"),
-    ));
+    let flake = one_target_flake(
+        &lab,
+        &public,
+        r#"{ api = { files.token = { }; script = "echo tok-upload-alone > $out/token"; }; }"#,
+        "/root/secret-vars-alone",
+    );
     // Generates what is missing, then uploads under the target's deploy lock.
     let upload = clan(&lab, &flake, &["vars", "upload", "m"]);
     assert_eq!(upload.code, 0, "{}", upload.stderr);
