@@ -552,7 +552,9 @@ fn ctrl_c_during_a_generator_stores_nothing_and_removes_its_directory() {
         &[env!("CARGO_BIN_EXE_clan"), "vars", "generate", "m"],
     );
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
-    while !marker.exists() {
+    // The generator has written its directory's path (the whole line) once the file ends
+    // with a newline.
+    while !std::fs::read_to_string(&marker).is_ok_and(|m| m.ends_with('\n')) {
         assert!(
             std::time::Instant::now() < deadline,
             "the generator never ran"
