@@ -222,24 +222,33 @@ let
       echo "clan vars: this machine's key is not at $key: run 'clan vars upload ${machine}' (or deploy without --no-secrets)" >&2
       exit 1
     fi
-    clan_vars_begin() { rm -rf "$1.new"; mkdir -p "$1.new"; chmod 0751 "$1.new"; }
+    # Each phase's directory DIR is a link to DIR.d/v.N, swapped with one rename: readers
+    # see the old files or the new ones, never none.
+    clan_vars_begin() {
+      mkdir -p "$1.d"; chmod 0751 "$1.d"
+      rm -rf "$1.d/new"; mkdir "$1.d/new"; chmod 0751 "$1.d/new"
+    }
     clan_vars_file() {
-      mkdir -p "$1.new/$2"; chmod 0751 "$1.new/$2"
-      if ! (umask 077; "$age" -d -i "$key" -o "$1.new/$2/$3" "$loc/$4"); then
+      mkdir -p "$1.d/new/$2"; chmod 0751 "$1.d/new/$2"
+      if ! (umask 077; "$age" -d -i "$key" -o "$1.d/new/$2/$3" "$loc/$4"); then
         echo "clan vars: cannot decrypt $loc/$4 with this machine's key: run 'clan vars upload ${machine}'" >&2
         exit 1
       fi
-      if ! chown "$5:$6" "$1.new/$2/$3"; then
+      if ! chown "$5:$6" "$1.d/new/$2/$3"; then
         echo "clan vars: cannot give $2/$3 to $5:$6 (does that user and group exist?)" >&2
         exit 1
       fi
-      chmod "$7" "$1.new/$2/$3"
+      chmod "$7" "$1.d/new/$2/$3"
     }
     clan_vars_commit() {
-      rm -rf "$1.old"
-      if [ -e "$1" ]; then mv "$1" "$1.old"; fi
-      mv "$1.new" "$1"
-      rm -rf "$1.old"
+      v="v.$(date +%s).$$"
+      mv "$1.d/new" "$1.d/$v"
+      if [ -d "$1" ] && [ ! -L "$1" ]; then rm -rf "$1"; fi
+      ln -s "''${1##*/}.d/$v" "$1.link.$$"
+      mv -T "$1.link.$$" "$1"
+      for old in "$1.d"/*; do
+        if [ "$old" != "$1.d/$v" ]; then rm -rf "$old"; fi
+      done
     }
   '';
 

@@ -187,6 +187,12 @@ fn secrets_reach_the_target_and_never_the_build_host() {
         sh(&lab, "target", "cat /run/secrets/base/password"),
         password.trim()
     );
+    // Each phase's directory is a link swapped in one rename, the old version removed.
+    assert!(
+        sh(&lab, "target", "readlink /run/secrets").starts_with("secrets.d/v."),
+        "/run/secrets is not a link to its current version"
+    );
+    assert_eq!(sh(&lab, "target", "ls /run/secrets.d | wc -l"), "1");
     // What was uploaded: root-only, 0700 directories and 0400 files.
     assert_eq!(
         sh(
