@@ -750,7 +750,11 @@ fn run_wave(
         let (done, rest) = split_up_to_date(&plan, connections);
         for report in done {
             if let Some(i) = all_names.iter().position(|n| *n == report.name) {
-                progress.finish(i, true, "up to date: it runs this system already");
+                progress.finish(
+                    i,
+                    true,
+                    "up to date: it runs this system already (--reactivate switches again)",
+                );
             }
             reports.push(report);
         }
