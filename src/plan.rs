@@ -1202,6 +1202,14 @@ impl fmt::Display for DeployPlan {
                         undo.command_line()
                     )?;
                 }
+                if let Some(revert) = &plan.revert {
+                    writeln!(
+                        f,
+                        "  if the health check fails (--rollback-on-unhealthy):\n    [{}] {}",
+                        revert.host_label(),
+                        revert.command_line()
+                    )?;
+                }
             }
             writeln!(f, "After all of them:")?;
             print_steps(f, std::slice::from_ref(&group.cleanup))?;

@@ -65,9 +65,15 @@ fn canary_then_batches_stop_at_an_unhealthy_machine(kind: HostKind) {
             "--canary",
             "m1",
             "--dry-run",
+            "--rollback-on-unhealthy",
         ],
     );
     assert_eq!(dry.code, 0);
+    // What an unhealthy machine would do is part of the printed plan.
+    assert!(dry.stdout.contains(&format!(
+        "  if the health check fails (--rollback-on-unhealthy):\n    [target root@{}] clan-activate revert ",
+        lab.ip("m3")
+    )));
     assert!(dry.stdout.contains("batch 1 (canary): m1"));
     assert!(dry.stdout.contains("batch 2: m2, m3"));
     assert!(dry.stdout.contains("batch 3: m4, m5"));
