@@ -1194,6 +1194,13 @@ impl fmt::Display for DeployPlan {
                     check.command_line()
                 )?;
                 print_steps(f, &plan.steps)?;
+                if plan.steps.iter().any(|s| s.kind == StepKind::Confirm) {
+                    writeln!(
+                        f,
+                        "  (the confirmation is retried over fresh connections for up to {} s, before the target's watchdog would roll back)",
+                        plan.confirm_within.as_secs()
+                    )?;
+                }
                 if let Some(undo) = &plan.undo {
                     writeln!(
                         f,
