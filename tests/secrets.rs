@@ -636,3 +636,35 @@ fn vars_upload_alone_then_a_deploy_without_secrets_decrypts_them() {
         "tok-upload-alone"
     );
 }
+
+#[test]
+fn runtime_inputs_are_built_here_and_on_the_generators_path() {
+    let lab = Lab::start(&[]);
+    let (private, public) = identity();
+    install_identity(&lab, &private);
+    // A package built on the workstation when the generator needs it: bin/tool prints a word.
+    let flake = lab.write_flake(&format!(
+        r#"{{
+          vars.settings.recipients.default = [ "{public}" ];
+          machines.m = system {{ vars = {{
+            made = {{
+              files.word.secret = false;
+              runtimeInputs = [ (derivation {{
+                name = "vars-tool";
+                system = "x86_64-linux";
+                builder = "/bin/sh";
+                PATH = "/usr/bin:/bin";
+                args = [ "-c" "mkdir -p $out/bin; echo 'echo from-the-tool' > $out/bin/tool; chmod +x $out/bin/tool" ];
+              }}) ];
+              script = "tool > $out/word";
+            }};
+          }}; }};
+        }}"#
+    ));
+    let generated = clan(&lab, &flake, &["vars", "generate", "m"]);
+    assert_eq!(generated.code, 0, "{}", generated.stderr);
+    assert_eq!(
+        clan(&lab, &flake, &["vars", "get", "m", "made/word"]).stdout,
+        "from-the-tool\n"
+    );
+}
