@@ -547,3 +547,41 @@ fn non_root_target_with_passwordless_sudo(kind: HostKind) {
     assert_eq!(switches(&lab), vec![format!("{out} switch")]);
     assert_nothing_left(&lab);
 }
+
+// A systemd host's container never outlives its lab: an orphaned container keeps its systemd
+// (and the inotify instances every later container needs) running.
+#[test]
+fn containers_never_outlive_their_lab() {
+    let lab = Lab::start(&[HostSpec::new("target").kind(HostKind::Systemd)]);
+    let init = lab.init_pid("target").expect("the container's init");
+    // A unit that ignores SIGTERM holds up the container's shutdown past the lab's patience.
+    let hang = std::process::Command::new("nsenter")
+        .args(["-t", &init.to_string(), "-m", "-p", "--"])
+        .args([
+            "systemd-run",
+            "--unit=lab-test-hang",
+            "-p",
+            "TimeoutStopSec=300",
+        ])
+        .args(["/bin/sh", "-c", "trap '' TERM; sleep 1000"])
+        .output()
+        .unwrap();
+    assert!(
+        hang.status.success(),
+        "{}",
+        String::from_utf8_lossy(&hang.stderr)
+    );
+    // Running (not a zombie waiting to be reaped), and still the container's systemd.
+    let alive = |pid: u32| {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+        let state = stat.rsplit(") ").next().and_then(|r| r.chars().next());
+        stat.contains("(systemd)") && state.is_some_and(|s| s != 'Z' && s != 'X')
+    };
+    assert!(alive(init));
+    drop(lab);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while alive(init) && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    assert!(!alive(init), "the container's systemd outlived the lab");
+}

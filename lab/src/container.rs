@@ -90,6 +90,39 @@ impl Lab {
         // lookup that goes to DNS (unreachable here) costs seconds each time.
         let machine = format!("clan-lab-{}", host.ip.replace('.', "-"));
         append(&etc.join("hosts"), &format!("\n127.0.1.1 {machine}\n"));
+        // A boot that does not bring sshd up in time is retried once (rarely, a container
+        // here never starts it); the second time, the container's journal explains.
+        for attempt in 1..=2 {
+            match self.boot_container(name, &machine, &rootfs, &sshd_dir) {
+                Ok(()) => return,
+                Err(why) if attempt == 1 => {
+                    eprintln!("lab: {why}; booting {name} again");
+                    let init = self.init_pid(name);
+                    if let Some(mut child) =
+                        self.hosts.get_mut(name).and_then(|h| h.container.take())
+                    {
+                        let _ = child.kill();
+                        let _ = child.wait();
+                    }
+                    if let Some(init) = init {
+                        kill_container_init(init);
+                    }
+                }
+                Err(why) => panic!("{why}"),
+            }
+        }
+    }
+
+    /// Starts the container of host `name` and waits (30 s at most) until its sshd answers;
+    /// on failure, why, with the end of the container's journal.
+    fn boot_container(
+        &mut self,
+        name: &str,
+        machine: &str,
+        rootfs: &Path,
+        sshd_dir: &Path,
+    ) -> Result<(), String> {
+        let host = self.hosts.get_mut(name).expect("host exists");
         let bind = |from: &Path, to: &str| format!("--bind={}:{to}", from.display());
         let child = Command::new("systemd-nspawn")
             .args(["--quiet", "--register=no", "--keep-unit", "--bind-ro=/usr"])
@@ -99,7 +132,7 @@ impl Lab {
             .arg(bind(&host.root(), "/root"))
             .arg(bind(&host.dir.join("etc-nix"), "/etc/nix"))
             .arg(bind(&host.dir.join("home"), "/home"))
-            .arg(bind(&sshd_dir, "/lab-sshd"))
+            .arg(bind(sshd_dir, "/lab-sshd"))
             .arg("--boot")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -108,27 +141,41 @@ impl Lab {
             .expect("systemd-nspawn (apt-get install systemd-container)");
         host.container = Some(child);
         let addr: SocketAddr = format!("{}:22", host.ip).parse().expect("socket address");
-        let deadline = Instant::now() + Duration::from_secs(60);
+        let deadline = Instant::now() + Duration::from_secs(30);
         while TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_err() {
+            let host = self.hosts.get_mut(name).expect("host exists");
             if let Some(status) = host
                 .container
                 .as_mut()
                 .and_then(|c| c.try_wait().ok().flatten())
             {
-                panic!("the systemd container of {name} exited: {status}");
+                return Err(format!("the systemd container of {name} exited: {status}"));
             }
-            assert!(
-                Instant::now() < deadline,
-                "sshd of the systemd host {name} did not start: {}",
-                host.sshd_log()
-            );
+            if Instant::now() >= deadline {
+                let journal = self
+                    .init_pid(name)
+                    .map(|pid| {
+                        let out = Command::new("nsenter")
+                            .args(["-t", &pid.to_string(), "-m", "-p", "--"])
+                            .args(["journalctl", "--no-pager", "-n", "40"])
+                            .output();
+                        out.map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+                            .unwrap_or_default()
+                    })
+                    .unwrap_or_default();
+                return Err(format!(
+                    "sshd of the systemd host {name} did not start in 30 s: {}\n{journal}",
+                    self.host(name).sshd_log()
+                ));
+            }
             std::thread::sleep(Duration::from_millis(50));
         }
+        Ok(())
     }
 
     /// The PID (as the machine sees it) of a systemd host's init: the child of its
     /// `systemd-nspawn`.
-    pub(crate) fn init_pid(&self, name: &str) -> Option<u32> {
+    pub fn init_pid(&self, name: &str) -> Option<u32> {
         let nspawn = self.host(name).container.as_ref()?.id();
         let children = fs::read_to_string(format!("/proc/{nspawn}/task/{nspawn}/children")).ok()?;
         children.split_whitespace().find_map(|pid| {

@@ -91,6 +91,17 @@ unsafe extern "C" {
     fn kill(pid: i32, sig: i32) -> i32;
 }
 
+/// SIGKILL to a container's init (and so to its whole PID namespace), if that process is
+/// still a systemd.
+pub(crate) fn kill_container_init(init: u32) {
+    let is_systemd =
+        fs::read_to_string(format!("/proc/{init}/comm")).is_ok_and(|comm| comm.trim() == "systemd");
+    if is_systemd && let Ok(pid) = libc_pid(init) {
+        // SAFETY: kill(2) with a positive pid signals one process.
+        unsafe { kill(pid, 9) };
+    }
+}
+
 fn libc_pid(pid: u32) -> Result<i32, std::num::TryFromIntError> {
     i32::try_from(pid)
 }
@@ -585,7 +596,14 @@ impl Drop for Lab {
             let _ = TcpStream::connect_timeout(addr, Duration::from_millis(200));
         }
         // Containers shut down in parallel: SIGTERM asks systemd-nspawn for a clean
-        // shutdown, SIGKILL follows after a few seconds.
+        // shutdown, SIGKILL follows after a few seconds, to nspawn and to the container's
+        // init (killing nspawn alone leaves the container running, orphaned: its systemd
+        // then holds inotify instances that later containers need).
+        let inits: Vec<u32> = self
+            .hosts
+            .keys()
+            .filter_map(|name| self.init_pid(name))
+            .collect();
         let containers: Vec<Child> = self
             .hosts
             .values_mut()
@@ -604,6 +622,9 @@ impl Drop for Lab {
             }
             let _ = child.kill();
             let _ = child.wait();
+        }
+        for init in inits {
+            kill_container_init(init);
         }
         for host in self.hosts.values_mut() {
             for mut child in [host.sshd.take(), host.daemon.take()].into_iter().flatten() {
