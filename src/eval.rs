@@ -364,22 +364,7 @@ pub fn evaluate(
 ) -> Result<Evaluation, Error> {
     let jobs = nix.eval_jobs;
     if wanted.len() == 1 && tags.is_empty() {
-        let Some(hook) = &nix.vars else {
-            return evaluate_once(flake_ref, wanted, tags, nix, Depth::Toplevel);
-        };
-        let name = &wanted[0];
-        let mut first = evaluate_once(flake_ref, wanted, tags, nix, Depth::TryToplevel)?;
-        let Some(facts) = first.selected.get(name) else {
-            return Ok(first);
-        };
-        (hook.0)(name, facts, first.vars_settings.as_ref()).map_err(|error| Error {
-            message: format!("{name}: {}", error.message),
-            ..error
-        })?;
-        if facts.drv_path.is_empty() {
-            first = evaluate_once(flake_ref, wanted, tags, nix, Depth::Toplevel)?;
-        }
-        return Ok(first);
+        return evaluate_one(flake_ref, wanted, tags, nix, true);
     }
     let mut index = evaluate_once(flake_ref, wanted, tags, nix, Depth::Index)?;
     let queue = std::sync::Mutex::new(index.selected_names.clone());
@@ -457,45 +442,57 @@ pub fn evaluate_stream(
     Ok((index, rx))
 }
 
-/// One machine's facts. With a vars hook: evaluated with its toplevel allowed to throw, its
-/// missing vars generated, and evaluated again when its toplevel needed them (or to show
-/// why it threw).
+/// The evaluation of the one machine `wanted` names. With a vars hook: its toplevel
+/// allowed to throw, its missing vars generated, and evaluated again when its toplevel
+/// needed them (or to show why it threw). `name_hook_errors`: the hook's errors start with
+/// the machine's name.
+fn evaluate_one(
+    flake_ref: &FlakeRef,
+    wanted: &[String],
+    tags: &[String],
+    nix: &NixOptions,
+    name_hook_errors: bool,
+) -> Result<Evaluation, Error> {
+    let Some(hook) = &nix.vars else {
+        return evaluate_once(flake_ref, wanted, tags, nix, Depth::Toplevel);
+    };
+    let name = &wanted[0];
+    let first = evaluate_once(flake_ref, wanted, tags, nix, Depth::TryToplevel)?;
+    let Some(facts) = first.selected.get(name) else {
+        return Ok(first);
+    };
+    (hook.0)(name, facts, first.vars_settings.as_ref()).map_err(|error| {
+        if name_hook_errors {
+            Error {
+                message: format!("{name}: {}", error.message),
+                ..error
+            }
+        } else {
+            error
+        }
+    })?;
+    if facts.drv_path.is_empty() {
+        return evaluate_once(flake_ref, wanted, tags, nix, Depth::Toplevel);
+    }
+    Ok(first)
+}
+
+/// One machine's facts ([`evaluate_one`]), its errors starting with its name.
 fn evaluate_machine(
     flake_ref: &FlakeRef,
     name: &str,
     nix: &NixOptions,
 ) -> Result<MachineFacts, Error> {
-    let once = |depth| {
-        evaluate_once(
-            flake_ref,
-            std::slice::from_ref(&name.to_string()),
-            &[],
-            nix,
-            depth,
-        )
+    evaluate_one(flake_ref, &[name.to_string()], &[], nix, false)
         .and_then(|mut e| {
-            let settings = e.vars_settings.take();
             e.selected
                 .remove(name)
-                .map(|facts| (facts, settings))
                 .ok_or_else(|| Error::usage(format!("evaluating machine {name} gave no facts")))
         })
-    };
-    let result = match &nix.vars {
-        None => once(Depth::Toplevel).map(|(facts, _)| facts),
-        Some(hook) => once(Depth::TryToplevel).and_then(|(facts, settings)| {
-            (hook.0)(name, &facts, settings.as_ref())?;
-            if facts.drv_path.is_empty() {
-                once(Depth::Toplevel).map(|(facts, _)| facts)
-            } else {
-                Ok(facts)
-            }
-        }),
-    };
-    result.map_err(|error| Error {
-        message: format!("{name}: {}", error.message),
-        ..error
-    })
+        .map_err(|error| Error {
+            message: format!("{name}: {}", error.message),
+            ..error
+        })
 }
 
 fn evaluate_once(

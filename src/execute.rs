@@ -655,7 +655,7 @@ fn run_machine(
 
 /// The target's deploy lock: `clan-activate lock` holds it until its standard input ends,
 /// which is when this value is dropped, or when this process dies (the ssh session ends).
-struct LockGuard {
+pub(crate) struct LockGuard {
     child: std::process::Child,
     input: Option<std::process::ChildStdin>,
 }
@@ -672,27 +672,24 @@ impl Drop for LockGuard {
     }
 }
 
-/// Takes the target's deploy lock: waits (saying who holds it) until the target says
-/// `clan: acquired`; returns the exit code and output if it never does.
-fn hold_lock(
-    step: &Step,
-    label: &str,
-    sink: &LogSink,
-    progress: &Progress,
+/// What a lock command says while it is being taken.
+pub(crate) enum LockEvent<'a> {
+    /// A line of its output.
+    Line(&'a str),
+    /// Someone else holds the lock (as `describe_holder` words it); it waits.
+    Waiting(String),
+    /// It ended without the lock, with this exit code.
+    Ended(Option<i32>),
+}
+
+/// Runs the lock command `argv` (a sudo `password` first on its input, if any) and waits
+/// until it says `clan: acquired`; returns the exit code and output if it never does (130
+/// after Ctrl-C). Used by the deploy and by `clan vars upload`.
+pub(crate) fn take_lock(
+    argv: &[String],
+    password: Option<&str>,
+    mut on: impl FnMut(LockEvent<'_>),
 ) -> Result<LockGuard, (Option<i32>, String)> {
-    let argv = step.local_argv();
-    sink.write(&format!(
-        "{} [{label}] {}: {} ({})\n$ {}\n",
-        timestamp(),
-        step.kind.stage(),
-        step.command_line(),
-        step.host_label(),
-        argv.join(" ")
-    ));
-    let password = match &step.runner {
-        Runner::Remote { command, .. } if command.reads_password() => SUDO_PASSWORD.get(),
-        _ => None,
-    };
     let mut child = Command::new(&argv[0])
         .args(&argv[1..])
         .stdin(Stdio::piped())
@@ -723,15 +720,14 @@ fn hold_lock(
     loop {
         match rx.recv_timeout(Duration::from_millis(100)) {
             Ok(line) => {
-                sink.write(&format!("{line}\n"));
+                on(LockEvent::Line(&line));
                 if line == "clan: acquired" {
                     return Ok(LockGuard { child, input });
                 }
                 if let Some(holder) = line.strip_prefix("clan: waiting ") {
-                    progress.event(&format!(
-                        "[{label}] waiting for the target's deploy lock, held by {}",
-                        crate::diagnostics::describe_holder(holder)
-                    ));
+                    on(LockEvent::Waiting(crate::diagnostics::describe_holder(
+                        holder,
+                    )));
                 }
             }
             Err(mpsc::RecvTimeoutError::Timeout) => {
@@ -746,14 +742,43 @@ fn hold_lock(
                 input.take();
                 let code = child.wait().ok().and_then(|s| s.code());
                 let output = output.lock().expect("output lock").clone();
-                sink.write(&format!(
-                    "(exit {})\n\n",
-                    code.map_or("none".into(), |c| c.to_string())
-                ));
+                on(LockEvent::Ended(code));
                 return Err((code, output));
             }
         }
     }
+}
+
+/// Takes the target's deploy lock for a deploy step, logging what the target says.
+fn hold_lock(
+    step: &Step,
+    label: &str,
+    sink: &LogSink,
+    progress: &Progress,
+) -> Result<LockGuard, (Option<i32>, String)> {
+    let argv = step.local_argv();
+    sink.write(&format!(
+        "{} [{label}] {}: {} ({})\n$ {}\n",
+        timestamp(),
+        step.kind.stage(),
+        step.command_line(),
+        step.host_label(),
+        argv.join(" ")
+    ));
+    let password = match &step.runner {
+        Runner::Remote { command, .. } if command.reads_password() => SUDO_PASSWORD.get(),
+        _ => None,
+    };
+    take_lock(&argv, password.map(String::as_str), |event| match event {
+        LockEvent::Line(line) => sink.write(&format!("{line}\n")),
+        LockEvent::Waiting(holder) => progress.event(&format!(
+            "[{label}] waiting for the target's deploy lock, held by {holder}"
+        )),
+        LockEvent::Ended(code) => sink.write(&format!(
+            "(exit {})\n\n",
+            code.map_or("none".into(), |c| c.to_string())
+        )),
+    })
 }
 
 /// A failed health check: the machine runs its new system, confirmed, but is unhealthy.

@@ -53,6 +53,61 @@ pub fn needs_password(
     Ok(needs)
 }
 
+/// How a command runs as root on one machine's target, for the commands that act on one
+/// target (`clan machines rollback`, `clan vars upload`): as is for root, else through
+/// sudo, with the password (asked once) when the user needs one.
+pub struct AsRoot {
+    root: bool,
+    password: Option<zeroize::Zeroizing<String>>,
+}
+
+impl AsRoot {
+    /// Finds out what `target` needs (`sudo -n true`), asking for the password if it must.
+    pub fn ask(machine: &str, target: &SshHost) -> Result<AsRoot, Error> {
+        if target.address.user.as_deref().is_none_or(|u| u == "root") {
+            return Ok(AsRoot {
+                root: true,
+                password: None,
+            });
+        }
+        let targets = [(machine.to_string(), target.clone())];
+        let needs = needs_password(&targets, &Connections::disabled())?;
+        let password = if needs.is_empty() {
+            None
+        } else {
+            Some(zeroize::Zeroizing::new(read_password(&needs)?))
+        };
+        Ok(AsRoot {
+            root: false,
+            password,
+        })
+    }
+
+    /// `command` as root.
+    pub fn command(&self, command: RemoteCommand) -> RemoteCommand {
+        if self.root {
+            command
+        } else {
+            command.sudo(self.password.is_some())
+        }
+    }
+
+    /// The sudo password, if one is needed (first on the command's input).
+    pub fn password(&self) -> Option<&str> {
+        self.password.as_ref().map(|p| p.as_str())
+    }
+
+    /// The command's input: the password line, if any, then `data`.
+    pub fn input(&self, data: &[u8]) -> zeroize::Zeroizing<Vec<u8>> {
+        let mut input = zeroize::Zeroizing::new(Vec::new());
+        if let Some(password) = self.password() {
+            input.extend_from_slice(format!("{password}\n").as_bytes());
+        }
+        input.extend_from_slice(data);
+        input
+    }
+}
+
 /// The sudo password, asked once: on the terminal without echo, else one line of standard
 /// input (`clan machines update … < password-file`). Never on a command line, never logged.
 pub fn read_password(targets: &BTreeSet<String>) -> Result<String, Error> {

@@ -26,12 +26,7 @@ fn declared(hosts: &HostArgs, names: &[String]) -> Result<Declared, Error> {
         crate::resolve::check_machine_name(name)?;
     }
     let flake = crate::commands::machines::flake_ref(&hosts.flake)?;
-    let root = std::fs::canonicalize(&hosts.flake).map_err(|e| {
-        Error::usage(format!(
-            "cannot open the flake directory {} (from --flake): {e}",
-            hosts.flake.display()
-        ))
-    })?;
+    let root = crate::commands::machines::clan_dir(&hosts.flake)?;
     eprintln!("Evaluating {} on this workstation…", flake.shown);
     let evaluation = crate::eval::evaluate_declarations(&flake, names, &hosts.nix_options()?)?;
     if let Some(unknown) = names.iter().find(|n| !evaluation.machines.contains(n)) {
@@ -261,35 +256,15 @@ pub fn upload(args: &VarsUploadArgs) -> Result<i32, Error> {
         target.address,
         upload.location
     );
-    let root = target.address.user.as_deref().is_none_or(|u| u == "root");
     // Root, or sudo (with the password asked once when it needs one).
-    let password = if root {
-        None
-    } else {
-        let targets = [(machine.to_string(), target.clone())];
-        let needs =
-            crate::sudo::needs_password(&targets, &crate::connection::Connections::disabled())?;
-        (!needs.is_empty())
-            .then(|| crate::sudo::read_password(&needs))
-            .transpose()?
-    };
-    let privileged = |command: RemoteCommand| {
-        if root {
-            command
-        } else {
-            command.sudo(password.is_some())
-        }
-    };
+    let as_root = crate::sudo::AsRoot::ask(machine, &target)?;
     // Under the target's deploy lock, as a deploy's upload is: never in the middle of one.
-    let _lock = TargetLock::take(&target, privileged, password.as_deref(), args.lock_timeout)?;
-    let out = match &password {
-        None => crate::ssh::run_remote_with_input(&target, &privileged(command), &bundle),
-        Some(password) => {
-            let mut input = zeroize::Zeroizing::new(format!("{password}\n").into_bytes());
-            input.extend_from_slice(&bundle);
-            crate::ssh::run_remote_with_input(&target, &privileged(command), &input)
-        }
-    }
+    let _lock = take_target_lock(&target, &as_root, args.lock_timeout)?;
+    let out = crate::ssh::run_remote_with_input(
+        &target,
+        &as_root.command(command),
+        &as_root.input(&bundle),
+    )
     .map_err(|e| {
         if e.kind() == std::io::ErrorKind::Interrupted {
             crate::error::interrupted("during the upload (the target keeps its previous secrets)")
@@ -317,94 +292,46 @@ pub fn upload(args: &VarsUploadArgs) -> Result<i32, Error> {
     Ok(0)
 }
 
-/// The target's deploy lock (`clan-activate lock`), held while this value lives: the lock's
-/// ssh session keeps its input open, and dropping the value ends it.
-struct TargetLock {
-    child: std::process::Child,
-    input: Option<std::process::ChildStdin>,
-}
-
-impl TargetLock {
-    /// Takes the lock on `target`, waiting at most `timeout` seconds for another deploy.
-    fn take(
-        target: &crate::ssh::SshHost,
-        privileged: impl Fn(RemoteCommand) -> RemoteCommand,
-        password: Option<&str>,
-        timeout: u32,
-    ) -> Result<TargetLock, Error> {
-        use std::io::BufRead;
-        use std::os::unix::process::CommandExt;
-        let command = privileged(RemoteCommand::Script {
-            script: crate::ssh::ACTIVATE,
-            args: vec![
-                "lock".into(),
-                crate::commands::machines::update::run_id(),
-                crate::commands::machines::update::workstation_identity(),
-                timeout.to_string(),
-            ],
-            sudo: None,
-        });
-        let argv = target.ssh_argv(crate::ssh::Side::WorkstationBatch, &command);
-        let mut child = std::process::Command::new(&argv[0])
-            .args(&argv[1..])
-            .stdin(std::process::Stdio::piped())
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped())
-            .process_group(0)
-            .spawn()
-            .map_err(|e| Error::new(format!("cannot run ssh: {e}")))?;
-        let mut input = child.stdin.take();
-        if let (Some(password), Some(stdin)) = (password, input.as_mut()) {
-            let _ = stdin.write_all(format!("{password}\n").as_bytes());
+/// Takes `target`'s deploy lock (`clan-activate lock`), as a deploy does; held until the
+/// returned guard is dropped.
+fn take_target_lock(
+    target: &crate::ssh::SshHost,
+    as_root: &crate::sudo::AsRoot,
+    timeout: u32,
+) -> Result<crate::execute::LockGuard, Error> {
+    use crate::execute::LockEvent;
+    let command = as_root.command(RemoteCommand::Script {
+        script: crate::ssh::ACTIVATE,
+        args: vec![
+            "lock".into(),
+            crate::commands::machines::update::run_id(),
+            crate::commands::machines::update::workstation_identity(),
+            timeout.to_string(),
+        ],
+        sudo: None,
+    });
+    let argv = target.ssh_argv(crate::ssh::Side::WorkstationBatch, &command);
+    crate::execute::take_lock(&argv, as_root.password(), |event| {
+        if let LockEvent::Waiting(holder) = event {
+            eprintln!("waiting for the target's deploy lock, held by {holder}");
         }
-        let stdout = child.stdout.take().expect("piped");
-        let mut said = String::new();
-        for line in std::io::BufReader::new(stdout)
-            .lines()
-            .map_while(Result::ok)
-        {
-            if line == "clan: acquired" {
-                return Ok(TargetLock { child, input });
-            }
-            if let Some(holder) = line.strip_prefix("clan: waiting ") {
-                eprintln!(
-                    "waiting for the target's deploy lock, held by {}",
-                    crate::diagnostics::describe_holder(holder)
-                );
-            }
-            said.push_str(&line);
-            said.push('\n');
+    })
+    .map_err(|(code, output)| {
+        if code == Some(130) {
+            return crate::error::interrupted("while waiting for the target's deploy lock");
         }
-        drop(input);
-        let status = child.wait().ok().and_then(|s| s.code());
-        let mut stderr = String::new();
-        if let Some(mut e) = child.stderr.take() {
-            let _ = std::io::Read::read_to_string(&mut e, &mut stderr);
-        }
-        Err(Error::new(format!(
+        Error::new(format!(
             "cannot take the deploy lock of {}{}; nothing was uploaded",
             target.address,
-            match status {
+            match code {
                 Some(75) => " (another deploy holds it)".to_string(),
                 Some(c) => format!(" (exit {c})"),
                 None => String::new(),
             }
         ))
-        .detail(format!("{said}{stderr}"))
+        .detail(output)
         .hint(Hint::text(
             "wait for that deploy to end, or wait longer with --lock-timeout SECONDS",
-        )))
-    }
-}
-
-impl Drop for TargetLock {
-    fn drop(&mut self) {
-        self.input.take();
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-        while matches!(self.child.try_wait(), Ok(None)) && std::time::Instant::now() < deadline {
-            std::thread::sleep(std::time::Duration::from_millis(5));
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+        ))
+    })
 }

@@ -454,6 +454,18 @@ pub fn flake_ref(path: &Path) -> Result<FlakeRef, Error> {
     })
 }
 
+/// The clan's directory (where `vars/` and `secrets/` are): the flake's, after the flake's
+/// own checks (and messages).
+pub fn clan_dir(flake: &Path) -> Result<std::path::PathBuf, Error> {
+    flake_ref(flake)?;
+    std::fs::canonicalize(flake).map_err(|e| {
+        Error::usage(format!(
+            "cannot open the flake directory {} (from --flake): {e}",
+            flake.display()
+        ))
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -2,7 +2,6 @@
 
 use crate::cli::RollbackArgs;
 use crate::commands::machines::load_machine;
-use crate::connection::Connections;
 use crate::error::{Error, ExitKind, Hint};
 use crate::ssh::{ACTIVATE, RemoteCommand, SshHost, run_remote, run_remote_with_input};
 use crate::sudo;
@@ -25,23 +24,11 @@ pub fn run(args: &RollbackArgs) -> Result<i32, Error> {
         ],
         sudo: None,
     };
-    let root = target.address.user.as_deref().is_none_or(|u| u == "root");
-    let out = if root {
-        run_remote(&target, &rollback)
-    } else {
-        // The profile and the switch need root: sudo, with the password asked once if needed.
-        let targets = [(machine.name.to_string(), target.clone())];
-        let needs = sudo::needs_password(&targets, &Connections::disabled())?;
-        if needs.is_empty() {
-            run_remote(&target, &rollback.sudo(false))
-        } else {
-            let password = sudo::read_password(&needs)?;
-            run_remote_with_input(
-                &target,
-                &rollback.sudo(true),
-                format!("{password}\n").as_bytes(),
-            )
-        }
+    // The profile and the switch need root: sudo, with the password asked once if needed.
+    let as_root = sudo::AsRoot::ask(&machine.name, &target)?;
+    let out = match as_root.password() {
+        None => run_remote(&target, &as_root.command(rollback)),
+        Some(_) => run_remote_with_input(&target, &as_root.command(rollback), &as_root.input(b"")),
     }
     .map_err(|e| Error::new(format!("cannot run ssh: {e}")))?;
     let stdout = String::from_utf8_lossy(&out.stdout);

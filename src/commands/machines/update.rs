@@ -39,21 +39,9 @@ pub fn run(args: &UpdateArgs) -> Result<i32, Error> {
 fn update_overrides(args: &UpdateArgs) -> Result<crate::resolve::Overrides, Error> {
     let mut overrides = args.hosts.overrides(Some(&args.agent));
     if !args.no_secrets {
-        overrides.vars_repo = Some(vars_root(&args.hosts.flake)?);
+        overrides.vars_repo = Some(crate::commands::machines::clan_dir(&args.hosts.flake)?);
     }
     Ok(overrides)
-}
-
-/// The clan's directory (where `vars/` and `secrets/` are).
-fn vars_root(flake: &std::path::Path) -> Result<std::path::PathBuf, Error> {
-    // The flake's own checks (and messages) first.
-    crate::commands::machines::flake_ref(flake)?;
-    std::fs::canonicalize(flake).map_err(|e| {
-        Error::usage(format!(
-            "cannot open the flake directory {} (from --flake): {e}",
-            flake.display()
-        ))
-    })
 }
 
 /// Nix options; unless `--no-secrets` or `--dry-run`, each machine's missing vars are
@@ -65,7 +53,7 @@ fn update_nix_options(args: &UpdateArgs) -> Result<crate::eval::NixOptions, Erro
         return Ok(nix);
     }
     let repo = crate::vars::Repo {
-        root: vars_root(&args.hosts.flake)?,
+        root: crate::commands::machines::clan_dir(&args.hosts.flake)?,
     };
     let one_at_a_time = std::sync::Mutex::new(());
     nix.vars = Some(crate::eval::VarsHook(std::sync::Arc::new(
