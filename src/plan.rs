@@ -1298,6 +1298,18 @@ mod tests {
     }
 
     #[test]
+    fn build_jobs_set_the_realises_max_jobs() {
+        let realise = |build_jobs| {
+            let mut ctx = ctx(HostKeyCheck::Strict);
+            ctx.build_jobs = build_jobs;
+            let plan = plan_deploy(vec![machine("m", "root@t", remote("root@b"))], &ctx);
+            plan.groups[0].steps[2].command_line()
+        };
+        assert!(realise(None).starts_with("nix-store --realise /nix/store/"));
+        assert!(realise(Some(8)).starts_with("nix-store --realise --max-jobs 8 /nix/store/"));
+    }
+
+    #[test]
     fn remote_build_host_copies_to_target_itself() {
         let plan = plan_deploy(
             vec![machine("m", "root@t?IdentityFile=/k", remote("root@b"))],

@@ -157,6 +157,21 @@ fn path_component_ok(name: &str) -> bool {
             .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
 }
 
+/// A path that can be neither an option nor more than one PATH entry: absolute, each
+/// component a plain name.
+fn store_like_path(path: &str) -> bool {
+    path.len() > 1
+        && path.len() <= 4096
+        && path.starts_with('/')
+        && path[1..].split('/').all(|c| {
+            !c.is_empty()
+                && c != "."
+                && c != ".."
+                && c.chars()
+                    .all(|ch| ch.is_ascii_alphanumeric() || matches!(ch, '.' | '_' | '+' | '-'))
+        })
+}
+
 /// A user or group name as the target's tools take it.
 fn account_ok(name: &str) -> bool {
     !name.is_empty()
@@ -198,6 +213,25 @@ impl MachineVars {
                     g,
                     "a generator name is a path component: letters, digits, . _ -",
                 ));
+            }
+            // Their paths become arguments of nix-store and entries of PATH.
+            for input in &decl.runtime_inputs {
+                for path in std::iter::once(&input.out).chain(&input.drv) {
+                    if !store_like_path(path) {
+                        return Err(refuse(
+                            format!("generators.{g}.runtimeInputs"),
+                            path,
+                            "a store path: absolute, of letters, digits and / . _ + -",
+                        ));
+                    }
+                }
+                if input.drv.as_ref().is_some_and(|d| !d.ends_with(".drv")) {
+                    return Err(refuse(
+                        format!("generators.{g}.runtimeInputs"),
+                        input.drv.as_deref().unwrap_or(""),
+                        "a derivation path ends with .drv",
+                    ));
+                }
             }
             for dep in &decl.dependencies {
                 if !self.generators.contains_key(dep) {
@@ -742,6 +776,25 @@ mod tests {
                 .insert(bad.to_string(), file.clone());
             assert!(v.check("m").is_err(), "{bad:?}");
         }
+        for (out, drv) in [
+            ("--option", None),
+            ("/nix/store/x:/tmp/evil", None),
+            ("/nix/store/abc-tool", Some("--option post-build-hook /x")),
+            ("/nix/store/abc-tool", Some("/nix/store/abc-tool")),
+        ] {
+            let mut v = vars.clone();
+            v.generators.get_mut("g").unwrap().runtime_inputs = vec![RuntimeInput {
+                out: out.into(),
+                drv: drv.map(str::to_string),
+            }];
+            assert!(v.check("m").is_err(), "{out} {drv:?}");
+        }
+        let mut v = vars.clone();
+        v.generators.get_mut("g").unwrap().runtime_inputs = vec![RuntimeInput {
+            out: "/nix/store/0123456789abcdfghijklmnpqrsvwxyz-tool-1.0".into(),
+            drv: Some("/nix/store/0123456789abcdfghijklmnpqrsvwxyz-tool-1.0.drv".into()),
+        }];
+        v.check("m").unwrap();
         for (owner, mode, loc) in [
             ("-rf", "0400", "/etc/s"),
             ("root", "999", "/etc/s"),
