@@ -186,6 +186,12 @@ impl MachineVars {
     /// Checks every name and setting that becomes a path or an argument, once: an error
     /// names the value and the option it comes from.
     pub fn check(&self, machine: &str) -> Result<(), Error> {
+        // The machine's name is a path component of its vars too.
+        crate::boundary::MachineName::parse(
+            machine,
+            &crate::boundary::Origin::Flake("machines".into()),
+        )
+        .map_err(|e| Error::usage(e.to_string()))?;
         let refuse = |attr: String, value: &str, rule: &str| {
             Error::usage(format!(
                 "invalid {value:?} (from the flake, nixosConfigurations.{machine}.config.clan.core.vars.{attr}): {rule}",
@@ -764,6 +770,10 @@ mod tests {
             generators: BTreeMap::from([("g".to_string(), decl.clone())]),
         };
         vars.check("m").unwrap();
+        assert!(
+            vars.check("../../etc").is_err(),
+            "a machine name that leaves vars/"
+        );
         for bad in ["..", "a/b", "", "x y", "$(id)"] {
             let mut v = vars.clone();
             v.generators.insert(bad.to_string(), decl.clone());
