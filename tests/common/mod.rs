@@ -56,6 +56,14 @@ fn run_clan(lab: &Lab, flake: &Path, args: &[&str], argv: &[&str]) -> Run {
         run.stdout,
         run.stderr
     );
+    // A failure's full log (on the workstation), for the test's output: what the hosts said.
+    for line in run.stderr.lines() {
+        if let Some(path) = line.strip_prefix("hint: full log: /root/") {
+            let log = lab.host("workstation").root().join(path);
+            let text = std::fs::read_to_string(&log).unwrap_or_default();
+            eprintln!("--- {} ---\n{text}", log.display());
+        }
+    }
     run
 }
 
