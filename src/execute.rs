@@ -103,10 +103,11 @@ pub fn up_to_date(plan: &DeployPlan, connections: &Connections) -> BTreeSet<usiz
             .map(|&i| {
                 scope.spawn(move || {
                     let m = &plan.machines[i];
-                    if let Runner::Remote { host, .. } = &m.present_check.runner {
+                    let check = m.present_check();
+                    if let Runner::Remote { host, .. } = &check.runner {
                         let _ = connections.open(host);
                     }
-                    let Ok(out) = quiet(&m.present_check, connections) else {
+                    let Ok(out) = quiet(check, connections) else {
                         return None;
                     };
                     let running = out.status.code() == Some(0);
@@ -534,7 +535,8 @@ fn report_valid(
     still
 }
 
-/// Copies one machine's system to its target and activates it.
+/// Copies one machine's system to its target and activates it: its steps in order, each
+/// where its [`When`] holds for what the target has of the system.
 fn run_machine(
     plan: &MachinePlan,
     i: usize,
@@ -544,33 +546,30 @@ fn run_machine(
     stages: &mut BTreeMap<Stage, Duration>,
     changes: &mut Option<String>,
 ) -> Outcome {
-    let name = &plan.machine.name;
-    // A target that has the system needs no copy (a valid path's closure is valid); one
-    // that runs it needs no watchdog or summary either.
-    let started = Instant::now();
-    let state = TargetState::from_exit(
-        quiet(&plan.present_check, connections)
-            .ok()
-            .and_then(|o| o.status.code()),
-    );
-    *stages.entry(Stage::CopyToTarget).or_default() += started.elapsed();
-    match state {
-        TargetState::Running => progress.stage(i, "already running this system: re-activating"),
-        TargetState::Present => progress.stage(i, "already on the target: no copy"),
-        TargetState::Absent => {}
-    }
+    let mut run = MachineRun {
+        plan,
+        name: plan.machine.name.as_str(),
+        i,
+        sink,
+        progress,
+        connections,
+        state: TargetState::Absent,
+        lock: None,
+        changes: None,
+        activated: false,
+    };
     let mut current = None;
-    // The target's deploy lock, held until this machine is done (dropped on return).
-    let mut _lock: Option<LockGuard> = None;
-    let mut dry = true;
-    for step in plan.steps.iter().filter(|s| s.when.holds(state)) {
+    for step in &plan.steps {
+        if !step.when.holds(run.state) {
+            continue;
+        }
         let stage = step.kind.stage();
         // Until the profile or the running system is touched, Ctrl-C stops the machine;
         // from then on, activation finishes.
         if !step.kind.changes_target_system() && crate::interrupt::requested() {
-            return Outcome::Failed(interrupted(name, "before its activation"));
+            return Outcome::Failed(interrupted(run.name, "before its activation"));
         }
-        if current != Some(stage) {
+        if current != Some(stage) && step.kind.describe().is_some() {
             current = Some(stage);
             progress.stage(
                 i,
@@ -581,76 +580,201 @@ fn run_machine(
             );
         }
         let started = Instant::now();
-        if step.kind == StepKind::LockTarget {
-            match hold_lock(step, name, sink, progress) {
-                Ok(lock) => _lock = Some(lock),
-                Err((code, output)) => {
-                    *stages.entry(stage).or_default() += started.elapsed();
-                    if crate::interrupt::requested() {
-                        return Outcome::Failed(interrupted(
-                            name,
-                            "while waiting for its target's lock",
-                        ));
-                    }
-                    let error = diagnose(&plan.machine, step, &output, code);
-                    return Outcome::Failed(with_log(error, sink));
-                }
-            }
-            *stages.entry(stage).or_default() += started.elapsed();
-            continue;
-        }
-        if step.kind == StepKind::Prepare {
-            dry = false;
-        }
-        if step.kind == StepKind::UploadSecrets {
-            let result = upload_secrets(plan, step, sink, progress, connections);
-            *stages.entry(stage).or_default() += started.elapsed();
-            if let Err(error) = result {
-                return Outcome::Failed(with_log(error, sink));
-            }
-            continue;
-        }
-        let (code, output) = match step.kind {
-            StepKind::Confirm => confirm(step, plan.confirm_within, name, sink, progress),
-            _ => run_step(step, name, Some(sink), progress, connections),
-        };
+        let result = run.step(step);
         *stages.entry(stage).or_default() += started.elapsed();
-        if step.kind == StepKind::Diff {
-            // The summary is a courtesy: a Nix without diff-closures does not stop a deploy.
-            if code == Some(0) {
-                *changes = Some(output).filter(|c| !c.trim().is_empty());
-            } else {
-                progress.event(&format!(
-                    "[{name}] warning: no change summary: {}",
-                    output.trim()
-                ));
-            }
-            continue;
-        }
-        if code != Some(0) && stage != Stage::Activate && crate::interrupt::requested() {
-            return Outcome::Failed(interrupted(name, "while copying to the target"));
-        }
-        if code != Some(0) && step.kind == StepKind::HealthCheck {
-            return Outcome::Failed(with_log(
-                unhealthy(plan, name, code, &output, sink, progress, connections),
-                sink,
-            ));
-        }
-        if code != Some(0) {
-            let mut error = diagnose(&plan.machine, step, &output, code);
-            if step.kind == StepKind::Switch
-                && let Some(undo) = &plan.undo
-            {
-                error = undo_switch(undo, plan.action, name, sink, progress, connections, error);
-            }
+        if let Err(error) = result {
+            *changes = run.changes;
             return Outcome::Failed(with_log(error, sink));
         }
     }
-    if dry {
-        Outcome::DryActivated
-    } else {
+    *changes = run.changes;
+    if run.activated {
         Outcome::Deployed
+    } else {
+        Outcome::DryActivated
     }
+}
+
+/// One machine's run through its steps: what the steps learnt so far.
+struct MachineRun<'a> {
+    plan: &'a MachinePlan,
+    name: &'a str,
+    i: usize,
+    sink: &'a LogSink,
+    progress: &'a Progress,
+    connections: &'a Connections,
+    /// What the target has of the system ([`StepKind::CheckPresent`]).
+    state: TargetState,
+    /// The target's deploy lock, held until this machine is done (dropped with the run).
+    lock: Option<LockGuard>,
+    /// What the new system changes ([`StepKind::Diff`]).
+    changes: Option<String>,
+    /// Whether anything was activated (not `dry-activate`).
+    activated: bool,
+}
+
+impl MachineRun<'_> {
+    /// Runs one step. Most steps are a command that must succeed; the operations below
+    /// are the ones that do more with what their command says. A new operation that only
+    /// runs a command needs no arm here.
+    fn step(&mut self, step: &Step) -> Result<(), Error> {
+        match step.kind {
+            StepKind::CheckPresent => {
+                self.state = TargetState::from_exit(
+                    quiet(step, self.connections)
+                        .ok()
+                        .and_then(|o| o.status.code()),
+                );
+                match self.state {
+                    TargetState::Running => self
+                        .progress
+                        .stage(self.i, "already running this system: re-activating"),
+                    TargetState::Present => self
+                        .progress
+                        .stage(self.i, "already on the target: no copy"),
+                    TargetState::Absent => {}
+                }
+                Ok(())
+            }
+            StepKind::LockTarget => {
+                let lock = hold_lock(step, self.name, self.sink, self.progress).map_err(
+                    |(code, output)| {
+                        if crate::interrupt::requested() {
+                            interrupted(self.name, "while waiting for its target's lock")
+                        } else {
+                            diagnose(&self.plan.machine, step, &output, code)
+                        }
+                    },
+                )?;
+                self.lock = Some(lock);
+                Ok(())
+            }
+            StepKind::UploadSecrets => {
+                upload_secrets(self.plan, step, self.sink, self.progress, self.connections)
+            }
+            StepKind::Diff => {
+                // The summary is a courtesy: a Nix without diff-closures does not stop a
+                // deploy.
+                let (code, output) = self.run(step);
+                if code == Some(0) {
+                    self.changes = Some(output).filter(|c| !c.trim().is_empty());
+                } else {
+                    self.progress.event(&format!(
+                        "[{}] warning: no change summary: {}",
+                        self.name,
+                        output.trim()
+                    ));
+                }
+                Ok(())
+            }
+            StepKind::HealthCheck => match self.run(step) {
+                (Some(0), _) => Ok(()),
+                (code, output) => Err(self.unhealthy(step, code, &output)),
+            },
+            _ => {
+                if step.kind == StepKind::Prepare {
+                    self.activated = true;
+                }
+                let (code, output) = self.run(step);
+                if code == Some(0) {
+                    return Ok(());
+                }
+                if step.kind.stage() != Stage::Activate && crate::interrupt::requested() {
+                    return Err(interrupted(self.name, "while copying to the target"));
+                }
+                let error = diagnose(&self.plan.machine, step, &output, code);
+                Err(match &step.on_failure {
+                    Some(undo) => self.undo(undo, error),
+                    None => error,
+                })
+            }
+        }
+    }
+
+    /// Runs a step's command, retried while it has time to (see [`Step::retry_within`]).
+    fn run(&self, step: &Step) -> (Option<i32>, String) {
+        match step.retry_within {
+            Some(within) => retry(step, within, self.name, self.sink, self.progress),
+            None => run_step(
+                step,
+                self.name,
+                Some(self.sink),
+                self.progress,
+                self.connections,
+            ),
+        }
+    }
+
+    /// After a failed switch: the target goes back to the generation it had before (see
+    /// `clan-activate undo`); the error says where the profile points now.
+    fn undo(&self, undo: &Step, error: Error) -> Error {
+        let (code, output) = self.run(undo);
+        let name = self.name;
+        match (code, went_back_to(&output)) {
+            (Some(0), Some(profile)) => {
+                let (generation, path) = profile.split_once(' ').unwrap_or((&profile, ""));
+                error.hint(Hint::text(match self.plan.action {
+                    Action::Test => format!(
+                        "the system profile was not touched (--action test): it points to generation {generation} ({path}), which the target switched back to"
+                    ),
+                    Action::Boot => format!(
+                        "the system profile points to generation {generation} again ({path}): the next boot is the previous system; the failed generation was deleted"
+                    ),
+                    _ => format!(
+                        "the system profile points to generation {generation} again ({path}) and the target switched back to it; the failed generation was deleted, so neither a rollback nor the boot menu offers it"
+                    ),
+                }))
+            }
+            (Some(3), _) => error.hint(Hint::text(
+                "there is no previous generation to go back to (a first deploy): the profile still points to the failed system",
+            )),
+            _ => error.hint(Hint::text(format!(
+                "going back to the previous generation failed too ({}): check the target, e.g. clan machines rollback {}",
+                output.trim(),
+                crate::ssh::quote(name)
+            ))),
+        }
+    }
+
+    /// A failed health check: the machine runs its new system, confirmed, but is
+    /// unhealthy. With `--rollback-on-unhealthy` its step goes back to the generation the
+    /// run found.
+    fn unhealthy(&self, step: &Step, code: Option<i32>, output: &str) -> Error {
+        let name = self.name;
+        let why = match code {
+            Some(124) => "it did not finish in time".to_string(),
+            Some(c) => format!("it exited {c}"),
+            None => "it could not be run".to_string(),
+        };
+        let error = Error::new(format!(
+            "{name}: the health check failed on its target ({why}): the machine is unhealthy"
+        ))
+        .detail(output.to_string())
+        .exit(ExitKind::PartiallyApplied);
+        let Some(revert) = &step.on_failure else {
+            return error.hint(Hint::text(format!(
+                "it runs the new system; go back with clan machines rollback {name}, or deploy with --rollback-on-unhealthy"
+            )));
+        };
+        let (code, out) = self.run(revert);
+        match (code, went_back_to(&out)) {
+            (Some(0), Some(profile)) => error.hint(Hint::text(format!(
+                "rolled back (--rollback-on-unhealthy): the system profile points to generation {profile} again; the unhealthy generation was deleted"
+            ))),
+            _ => error.hint(Hint::text(format!(
+                "rolling back failed too ({}): check the target, e.g. clan machines rollback {name}",
+                out.trim()
+            ))),
+        }
+    }
+}
+
+/// Where `clan-activate undo` or `revert` says the profile points now: `GENERATION PATH`.
+fn went_back_to(output: &str) -> Option<String> {
+    output
+        .lines()
+        .find_map(|l| l.strip_prefix("clan: profile "))
+        .map(str::to_string)
 }
 
 /// The target's deploy lock: `clan-activate lock` holds it until its standard input ends,
@@ -781,94 +905,10 @@ fn hold_lock(
     })
 }
 
-/// A failed health check: the machine runs its new system, confirmed, but is unhealthy.
-/// With `--rollback-on-unhealthy` it goes back to the generation the run found.
-fn unhealthy(
-    plan: &MachinePlan,
-    name: &str,
-    code: Option<i32>,
-    output: &str,
-    sink: &LogSink,
-    progress: &Progress,
-    connections: &Connections,
-) -> Error {
-    let why = match code {
-        Some(124) => "it did not finish in time".to_string(),
-        Some(c) => format!("it exited {c}"),
-        None => "it could not be run".to_string(),
-    };
-    let error = Error::new(format!(
-        "{name}: the health check failed on its target ({why}): the machine is unhealthy"
-    ))
-    .detail(output.to_string())
-    .exit(ExitKind::PartiallyApplied);
-    let Some(revert) = &plan.revert else {
-        return error.hint(Hint::text(format!(
-            "it runs the new system; go back with clan machines rollback {name}, or deploy with --rollback-on-unhealthy"
-        )));
-    };
-    let (code, out) = run_step(revert, name, Some(sink), progress, connections);
-    let profile = out
-        .lines()
-        .find_map(|l| l.strip_prefix("clan: profile "))
-        .map(str::to_string);
-    match (code, profile) {
-        (Some(0), Some(profile)) => error.hint(Hint::text(format!(
-            "rolled back (--rollback-on-unhealthy): the system profile points to generation {profile} again; the unhealthy generation was deleted"
-        ))),
-        _ => error.hint(Hint::text(format!(
-            "rolling back failed too ({}): check the target, e.g. clan machines rollback {name}",
-            out.trim()
-        ))),
-    }
-}
-
-/// After a failed switch: the target goes back to the generation it had before (see
-/// `clan-activate undo`); the error says where the profile points now.
-fn undo_switch(
-    undo: &Step,
-    action: Action,
-    name: &str,
-    sink: &LogSink,
-    progress: &Progress,
-    connections: &Connections,
-    error: Error,
-) -> Error {
-    let (code, output) = run_step(undo, name, Some(sink), progress, connections);
-    let profile = output
-        .lines()
-        .find_map(|l| l.strip_prefix("clan: profile "))
-        .map(str::to_string);
-    match (code, profile) {
-        (Some(0), Some(profile)) => {
-            let (generation, path) = profile.split_once(' ').unwrap_or((&profile, ""));
-            error.hint(Hint::text(match action {
-                Action::Test => format!(
-                    "the system profile was not touched (--action test): it points to generation {generation} ({path}), which the target switched back to"
-                ),
-                Action::Boot => format!(
-                    "the system profile points to generation {generation} again ({path}): the next boot is the previous system; the failed generation was deleted"
-                ),
-                _ => format!(
-                    "the system profile points to generation {generation} again ({path}) and the target switched back to it; the failed generation was deleted, so neither a rollback nor the boot menu offers it"
-                ),
-            }))
-        }
-        (Some(3), _) => error.hint(Hint::text(
-            "there is no previous generation to go back to (a first deploy): the profile still points to the failed system",
-        )),
-        _ => error.hint(Hint::text(format!(
-            "going back to the previous generation failed too ({}): check the target, e.g. clan machines rollback {}",
-            output.trim(),
-            crate::ssh::quote(name)
-        ))),
-    }
-}
-
-/// Reaches the target over fresh connections until it confirms, says it cannot (exit 4:
-/// its watchdog rolled back; 5: another deploy took over), or the watchdog's time is
-/// nearly up.
-fn confirm(
+/// Runs a step over fresh connections (the confirmation) until it succeeds, gives a
+/// definite answer (exit 4: the target's watchdog rolled back; 5: another deploy took
+/// over), or `within` is nearly up.
+fn retry(
     step: &Step,
     within: Duration,
     name: &str,

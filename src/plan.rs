@@ -231,6 +231,12 @@ pub struct Step {
     pub runner: Runner,
     /// When it runs.
     pub when: When,
+    /// What runs if it fails: the undo of a failed switch, the revert after a failed health
+    /// check. Part of the plan, so `--dry-run` shows it.
+    pub on_failure: Option<Box<Step>>,
+    /// For how long a failed attempt is retried (the confirmation over fresh connections,
+    /// until shortly before the target's watchdog would act).
+    pub retry_within: Option<std::time::Duration>,
 }
 
 impl Step {
@@ -277,19 +283,23 @@ pub struct MachinePlan {
     pub machine: ResolvedMachine,
     /// Index of its build group in [`DeployPlan::groups`].
     pub group: usize,
-    /// Asks the target whether it has the system ([`TargetState`]): no copy if it has,
-    /// no watchdog and no change summary if it already runs it.
-    pub present_check: Step,
-    /// What undoes a failed switch (not for `dry-activate`).
-    pub undo: Option<Step>,
-    /// What goes back after a failed health check (`--rollback-on-unhealthy`).
-    pub revert: Option<Step>,
     /// How the target is activated.
     pub action: Action,
-    /// How long the workstation tries to confirm over a fresh connection.
-    pub confirm_within: std::time::Duration,
-    /// Its steps once its system is built, in order.
+    /// Its steps once its system is built, in order. The first asks the target what it
+    /// has of the system ([`StepKind::CheckPresent`], giving a [`TargetState`]); the
+    /// others run when their [`When`] holds for that state. What undoes a failed step
+    /// and how long a step is retried are part of the step.
     pub steps: Vec<Step>,
+}
+
+impl MachinePlan {
+    /// The step that asks the target what it has of the system.
+    pub fn present_check(&self) -> &Step {
+        self.steps
+            .iter()
+            .find(|s| s.kind == StepKind::CheckPresent)
+            .expect("every machine plan starts with its present check")
+    }
 }
 
 /// Where a build group builds.
@@ -338,6 +348,8 @@ impl BuildGroup {
                 },
             },
             when: When::Always,
+            on_failure: None,
+            retry_within: None,
         }
     }
 
@@ -496,6 +508,8 @@ pub fn plan_deploy(machines: Vec<ResolvedMachine>, ctx: &PlanContext) -> DeployP
                         kind: StepKind::RemoveRootDir,
                         runner: Runner::Workstation(Invocation::new("true", [] as [&str; 0])),
                         when: When::Always,
+                        on_failure: None,
+                        retry_within: None,
                     },
                 });
                 groups.len() - 1
@@ -514,7 +528,6 @@ pub fn plan_deploy(machines: Vec<ResolvedMachine>, ctx: &PlanContext) -> DeployP
         {
             second_hop.hop_control = Some(format!("{}/%C", hop_dir(&ctx.run_id, group)));
         }
-        let steps = machine_steps(&machine, &groups[group].builder, &second_hop, ctx);
         let present_check = Step {
             kind: StepKind::CheckPresent,
             runner: Runner::Remote {
@@ -532,42 +545,20 @@ pub fn plan_deploy(machines: Vec<ResolvedMachine>, ctx: &PlanContext) -> DeployP
                 )),
             },
             when: When::Always,
+            on_failure: None,
+            retry_within: None,
         };
-        let undo = undo_failed_switch(&target, ctx);
-        let revert = (ctx.rollback_on_unhealthy
-            && machine.health_check.is_some()
-            && ctx.activation.action.sets_profile())
-        .then(|| Step {
-            kind: StepKind::Revert,
-            runner: Runner::Remote {
-                role: Role::Target,
-                host: target.clone(),
-                command: ctx.privileged(
-                    &target,
-                    RemoteCommand::Script {
-                        script: ACTIVATE,
-                        args: vec!["revert".into(), ctx.run_id.clone()],
-                        sudo: None,
-                    },
-                ),
-            },
-            when: When::Always,
-        });
-        let confirm_within = std::time::Duration::from_secs(u64::from(
-            ctx.activation
-                .rollback_timeout
-                .unwrap_or(0)
-                .saturating_sub(3)
-                .max(1),
+        let mut steps = vec![present_check];
+        steps.extend(machine_steps(
+            &machine,
+            &groups[group].builder,
+            &second_hop,
+            ctx,
         ));
         plans.push(MachinePlan {
             machine,
             group,
-            present_check,
-            undo,
-            revert,
             action: ctx.activation.action,
-            confirm_within,
             steps,
         });
     }
@@ -616,6 +607,8 @@ fn run_on(builder: &Builder, kind: StepKind, inv: Invocation) -> Step {
             },
         },
         when: When::Always,
+        on_failure: None,
+        retry_within: None,
     }
 }
 
@@ -640,6 +633,8 @@ fn group_steps(
                 nix(&args, ctx).with_env("NIX_SSHOPTS", host.nix_sshopts(Side::Workstation)),
             ),
             when: When::Always,
+            on_failure: None,
+            retry_within: None,
         });
     }
     steps.push(run_on(
@@ -693,6 +688,8 @@ fn group_steps(
             },
         },
         when: When::Always,
+        on_failure: None,
+        retry_within: None,
     });
     let cleanup = match builder {
         Builder::Remote {
@@ -770,11 +767,15 @@ fn machine_steps(
                         command: RemoteCommand::UntilHangup(upload),
                     },
                     when: When::TargetLacksSystem,
+                    on_failure: None,
+                    retry_within: None,
                 },
                 Builder::Local => Step {
                     kind: StepKind::CacheUpload,
                     runner: Runner::Workstation(upload),
                     when: When::TargetLacksSystem,
+                    on_failure: None,
+                    retry_within: None,
                 },
             });
             // The target's own trusted-public-keys decide whether it accepts the paths.
@@ -793,6 +794,8 @@ fn machine_steps(
                     command: RemoteCommand::UntilHangup(Invocation::new("nix-store", realise)),
                 },
                 when: When::TargetLacksSystem,
+                on_failure: None,
+                retry_within: None,
             });
         }
         Builder::Local => {
@@ -804,6 +807,8 @@ fn machine_steps(
                     nix(&args, ctx).with_env("NIX_SSHOPTS", target.nix_sshopts(Side::Workstation)),
                 ),
                 when: When::TargetLacksSystem,
+                on_failure: None,
+                retry_within: None,
             });
         }
         Builder::Remote { host, .. } if ctx.copy_via_workstation => {
@@ -816,6 +821,8 @@ fn machine_steps(
                     nix(&args, ctx).with_env("NIX_SSHOPTS", relay_sshopts(host, target)),
                 ),
                 when: When::TargetLacksSystem,
+                on_failure: None,
+                retry_within: None,
             });
         }
         Builder::Remote { role, host } => {
@@ -847,6 +854,8 @@ fn machine_steps(
                     command: RemoteCommand::UntilHangup(copy),
                 },
                 when: When::TargetLacksSystem,
+                on_failure: None,
+                retry_within: None,
             });
         }
     }
@@ -855,6 +864,29 @@ fn machine_steps(
         && ctx.activation.action != Action::DryActivate
     {
         let timeout = ctx.health_check_timeout.to_string();
+        // After a failed health check (`--rollback-on-unhealthy`): back to the generation
+        // the run found, the unhealthy one deleted.
+        let revert =
+            (ctx.rollback_on_unhealthy && ctx.activation.action.sets_profile()).then(|| {
+                Box::new(Step {
+                    kind: StepKind::Revert,
+                    runner: Runner::Remote {
+                        role: Role::Target,
+                        host: target.clone(),
+                        command: ctx.privileged(
+                            target,
+                            RemoteCommand::Script {
+                                script: ACTIVATE,
+                                args: vec!["revert".into(), ctx.run_id.clone()],
+                                sudo: None,
+                            },
+                        ),
+                    },
+                    when: When::Always,
+                    on_failure: None,
+                    retry_within: None,
+                })
+            });
         steps.push(Step {
             kind: StepKind::HealthCheck,
             runner: Runner::Remote {
@@ -866,6 +898,8 @@ fn machine_steps(
                 )),
             },
             when: When::Always,
+            on_failure: revert,
+            retry_within: None,
         });
     }
     steps
@@ -1007,6 +1041,8 @@ fn activation_steps(
             command,
         },
         when,
+        on_failure: None,
+        retry_within: None,
     };
     // Lock, profile, watchdog, switch and confirmation need root on the target.
     let activate = |args: &[&str]| {
@@ -1090,11 +1126,20 @@ fn activation_steps(
             ));
         }
     }
-    steps.push(on_target(
+    let mut switch = on_target(
         StepKind::Switch,
         activate(&["switch", run_id, action.word(), out]),
         When::Always,
-    ));
+    );
+    // A failed switch: back to the generation recorded before the profile was touched.
+    if action != Action::DryActivate {
+        switch.on_failure = Some(Box::new(on_target(
+            StepKind::Undo,
+            activate(&["undo", run_id]),
+            When::Always,
+        )));
+    }
+    steps.push(switch);
     if watchdog.is_some() {
         // A fresh connection, not the shared one: it must prove that new logins still work.
         let mut fresh = target.clone();
@@ -1116,30 +1161,13 @@ fn activation_steps(
                 host: fresh,
             },
             when: When::TargetNotRunning,
+            on_failure: None,
+            // Retried over fresh connections until shortly before the watchdog would act.
+            retry_within: watchdog
+                .map(|t| std::time::Duration::from_secs(u64::from(t.saturating_sub(3).max(1)))),
         });
     }
     steps
-}
-
-/// What undoes a failed switch: the target goes back to the generation recorded before the
-/// profile was touched (and deletes the failed one); `None` for `dry-activate`.
-pub fn undo_failed_switch(target: &SshHost, ctx: &PlanContext) -> Option<Step> {
-    (ctx.activation.action != Action::DryActivate).then(|| Step {
-        kind: StepKind::Undo,
-        runner: Runner::Remote {
-            role: Role::Target,
-            host: target.clone(),
-            command: ctx.privileged(
-                target,
-                RemoteCommand::Script {
-                    script: ACTIVATE,
-                    args: vec!["undo".into(), ctx.run_id.clone()],
-                    sudo: None,
-                },
-            ),
-        },
-        when: When::Always,
-    })
 }
 
 impl fmt::Display for DeployPlan {
@@ -1167,6 +1195,31 @@ impl fmt::Display for DeployPlan {
                     step.command_line(),
                     step.when.note()
                 )?;
+                if step.kind == StepKind::CheckPresent {
+                    writeln!(
+                        f,
+                        "      (exit 1: no copy; exit 0, already running it: no copy, watchdog or summary)"
+                    )?;
+                }
+                if let Some(within) = step.retry_within {
+                    writeln!(
+                        f,
+                        "      (retried over fresh connections for up to {} s, before the target's watchdog would roll back)",
+                        within.as_secs()
+                    )?;
+                }
+                if let Some(undo) = &step.on_failure {
+                    let what = match step.kind {
+                        StepKind::HealthCheck => "the health check fails (--rollback-on-unhealthy)",
+                        _ => "it fails",
+                    };
+                    writeln!(
+                        f,
+                        "      if {what}:\n        [{}] {}",
+                        undo.host_label(),
+                        undo.command_line()
+                    )?;
+                }
             }
             Ok(())
         };
@@ -1186,37 +1239,7 @@ impl fmt::Display for DeployPlan {
             for &i in &group.members {
                 let plan = &self.machines[i];
                 writeln!(f, "Then {}, once its system is built:", plan.machine.name)?;
-                let check = &plan.present_check;
-                writeln!(
-                    f,
-                    "    [{}] {}   (exit 1: no copy; exit 0, already running it: no copy, watchdog or summary)",
-                    check.host_label(),
-                    check.command_line()
-                )?;
                 print_steps(f, &plan.steps)?;
-                if plan.steps.iter().any(|s| s.kind == StepKind::Confirm) {
-                    writeln!(
-                        f,
-                        "  (the confirmation is retried over fresh connections for up to {} s, before the target's watchdog would roll back)",
-                        plan.confirm_within.as_secs()
-                    )?;
-                }
-                if let Some(undo) = &plan.undo {
-                    writeln!(
-                        f,
-                        "  if the switch fails:\n    [{}] {}",
-                        undo.host_label(),
-                        undo.command_line()
-                    )?;
-                }
-                if let Some(revert) = &plan.revert {
-                    writeln!(
-                        f,
-                        "  if the health check fails (--rollback-on-unhealthy):\n    [{}] {}",
-                        revert.host_label(),
-                        revert.command_line()
-                    )?;
-                }
             }
             writeln!(f, "After all of them:")?;
             print_steps(f, std::slice::from_ref(&group.cleanup))?;
@@ -1326,8 +1349,9 @@ mod tests {
             ]
         );
         assert_eq!(
-            labels(&plan.machines[0].steps)[..8],
+            labels(&plan.machines[0].steps)[..9],
             vec![
+                (StepKind::CheckPresent, t.clone()),
                 (StepKind::NestedCopy, b.clone()),
                 (StepKind::VerifySystem, t.clone()),
                 (StepKind::Diff, t.clone()),
@@ -1338,7 +1362,7 @@ mod tests {
                 (StepKind::Confirm, t),
             ]
         );
-        let lines: Vec<String> = plan.machines[0].steps[3..]
+        let lines: Vec<String> = plan.machines[0].steps[4..]
             .iter()
             .map(|s| format!("{} {:?}", s.command_line(), s.when))
             .collect();
@@ -1359,12 +1383,16 @@ mod tests {
         assert!(argv.contains(&"ControlPath=none".to_string()));
         assert!(argv.last().unwrap().ends_with(" confirm r1"));
         assert_eq!(
-            plan.machines[0].undo.as_ref().unwrap().command_line(),
+            plan.machines[0].steps[plan.machines[0].steps.len() - 2]
+                .on_failure
+                .as_ref()
+                .unwrap()
+                .command_line(),
             "clan-activate undo r1"
         );
         assert_eq!(plan.groups[0].cleanup.host_label(), b);
         // Builds and copies on remote hosts stop when the connection's input ends (Ctrl-C).
-        let copy = plan.machines[0].steps[0].local_argv().pop().unwrap();
+        let copy = plan.machines[0].steps[1].local_argv().pop().unwrap();
         assert!(copy.starts_with("sh -c "), "{copy}");
         // Through the build host's shared connection to the target, in its private directory.
         assert!(copy.contains(
@@ -1405,8 +1433,15 @@ mod tests {
                 .find(|s| s.kind == StepKind::Switch)
                 .unwrap()
                 .command_line();
-            let kinds: Vec<StepKind> = plan.machines[0].steps.iter().map(|s| s.kind).collect();
-            (kinds, switch, plan.machines[0].undo.is_some())
+            let undo = plan.machines[0]
+                .steps
+                .iter()
+                .find(|s| s.kind == StepKind::Switch)
+                .unwrap()
+                .on_failure
+                .is_some();
+            let kinds: Vec<StepKind> = plan.machines[0].steps[1..].iter().map(|s| s.kind).collect();
+            (kinds, switch, undo)
         };
         use StepKind::*;
         let (k, switch, undo) = kinds(Action::Switch);
@@ -1558,7 +1593,7 @@ mod tests {
             &c,
         );
         assert_eq!(plan.groups[0].steps[0].kind, StepKind::MakeRootDir);
-        let copy = &plan.machines[0].steps[0];
+        let copy = &plan.machines[0].steps[1];
         assert_eq!(copy.kind, StepKind::CopyFromWorkstation);
         assert_eq!(copy.host_label(), "workstation");
         assert_eq!(
@@ -1580,7 +1615,7 @@ mod tests {
         c.copy_via_workstation = true;
         c.control_dir = Some("/run/c".into());
         let plan = plan_deploy(vec![machine("m", "root@t", remote("root@b"))], &c);
-        let relay = &plan.machines[0].steps[0];
+        let relay = &plan.machines[0].steps[1];
         assert_eq!(relay.kind, StepKind::RelayCopy);
         assert_eq!(relay.host_label(), "workstation");
         assert_eq!(

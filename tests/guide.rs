@@ -560,14 +560,15 @@ fn dry_run_prints_the_plan_and_changes_nothing() {
         "  copy derivations:\n    [workstation] env 'NIX_SSHOPTS=-o StrictHostKeyChecking=yes' nix --extra-experimental-features nix-command copy --derivation --to ssh://root@".to_string(),
         format!("  build:\n    [build host root@{b}] mkdir -m 0700 /tmp/clan-"),
         format!("    [build host root@{b}] nix-store --realise /nix/store/"),
-        format!("/nix/var/nix/profiles/system {out}   (exit 1: no copy; exit 0, already running it: no copy, watchdog or summary)"),
-        format!("  copy to target:\n    [build host root@{b}] env 'NIX_SSHOPTS=-o StrictHostKeyChecking=yes -o BatchMode=yes -o ControlMaster=auto -o ControlPath=/tmp/clan-"),
+        format!("/nix/var/nix/profiles/system {out}\n      (exit 1: no copy; exit 0, already running it: no copy, watchdog or summary)"),
+        format!("  copy to target:\n    [target root@{t}] clan-target-state "),
+        format!("watchdog or summary)\n    [build host root@{b}] env 'NIX_SSHOPTS=-o StrictHostKeyChecking=yes -o BatchMode=yes -o ControlMaster=auto -o ControlPath=/tmp/clan-"),
         format!("-hop0 nix --extra-experimental-features nix-command copy --to ssh://root@{t} {out}   (if the target lacks the system)"),
         format!("  activate:\n    [target root@{t}] test -e {out}/nixos-version"),
         format!("    [target root@{t}] clan-activate lock "),
         format!("    [target root@{t}] clan-activate prepare "),
         format!(" switch {out} 30   (unless the target runs the system already)"),
-        format!("  if the switch fails:\n    [target root@{t}] clan-activate undo "),
+        format!("\n      if it fails:\n        [target root@{t}] clan-activate undo "),
         format!("  clean up:\n    [build host root@{b}] clan-hop-cleanup /tmp/clan-"),
     ] {
         assert!(run.stdout.contains(&expected), "plan lacks {expected:?}");

@@ -71,7 +71,7 @@ fn canary_then_batches_stop_at_an_unhealthy_machine(kind: HostKind) {
     assert_eq!(dry.code, 0);
     // What an unhealthy machine would do is part of the printed plan.
     assert!(dry.stdout.contains(&format!(
-        "  if the health check fails (--rollback-on-unhealthy):\n    [target root@{}] clan-activate revert ",
+        "      if the health check fails (--rollback-on-unhealthy):\n        [target root@{}] clan-activate revert ",
         lab.ip("m3")
     )));
     assert!(dry.stdout.contains("batch 1 (canary): m1"));

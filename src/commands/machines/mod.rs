@@ -639,9 +639,10 @@ mod tests {
                 steps.push(&g.cleanup);
             }
             for m in &plan.machines {
-                steps.extend(&m.steps);
-                steps.push(&m.present_check);
-                steps.extend(&m.undo);
+                for step in &m.steps {
+                    steps.push(step);
+                    steps.extend(step.on_failure.as_deref());
+                }
             }
             PLANS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             for step in steps {
