@@ -1,0 +1,287 @@
+//! One machine after its build: its steps in order (copy, lock, secrets, activation,
+//! confirmation), with one arm per operation that does more than run a command.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use super::lock::{LockGuard, hold_lock};
+use super::step::{quiet, retry, run_step, run_step_now, session_of};
+use super::{LogSink, Outcome, interrupted, with_log};
+use crate::connection::Connections;
+use crate::diagnostics::diagnose;
+use crate::error::{Error, ExitKind, Hint};
+use crate::plan::{Action, MachinePlan, Stage, Step, StepKind, TargetState};
+use crate::progress::Progress;
+
+/// Copies one machine's system to its target and activates it: its steps in order, each
+/// where its [`When`] holds for what the target has of the system.
+pub(super) fn run_machine(
+    plan: &MachinePlan,
+    i: usize,
+    sink: &LogSink,
+    progress: &Progress,
+    connections: &Connections,
+    stages: &mut BTreeMap<Stage, Duration>,
+    changes: &mut Option<String>,
+) -> Outcome {
+    let mut run = MachineRun {
+        plan,
+        name: plan.machine.name.as_str(),
+        i,
+        sink,
+        progress,
+        connections,
+        state: TargetState::Absent,
+        lock: None,
+        changes: None,
+        activated: false,
+    };
+    let mut current = None;
+    for step in &plan.steps {
+        if !step.when.holds(run.state) {
+            continue;
+        }
+        let stage = step.kind.stage();
+        // Until the profile or the running system is touched, Ctrl-C stops the machine;
+        // from then on, activation finishes.
+        if !step.kind.changes_target_system() && crate::interrupt::requested() {
+            return Outcome::Failed(interrupted(run.name, "before its activation"));
+        }
+        if current != Some(stage) && step.kind.describe().is_some() {
+            current = Some(stage);
+            progress.stage(
+                i,
+                match stage {
+                    Stage::CopyToTarget => "copying to the target",
+                    _ => "activating",
+                },
+            );
+        }
+        let started = Instant::now();
+        let result = run.step(step);
+        *stages.entry(stage).or_default() += started.elapsed();
+        if let Err(error) = result {
+            *changes = run.changes;
+            return Outcome::Failed(with_log(error, sink));
+        }
+    }
+    *changes = run.changes;
+    if run.activated {
+        Outcome::Deployed
+    } else {
+        Outcome::DryActivated
+    }
+}
+
+/// One machine's run through its steps: what the steps learnt so far.
+struct MachineRun<'a> {
+    plan: &'a MachinePlan,
+    name: &'a str,
+    i: usize,
+    sink: &'a LogSink,
+    progress: &'a Progress,
+    connections: &'a Connections,
+    /// What the target has of the system ([`StepKind::CheckPresent`]).
+    state: TargetState,
+    /// The target's deploy lock, held until this machine is done (dropped with the run).
+    lock: Option<LockGuard>,
+    /// What the new system changes ([`StepKind::Diff`]).
+    changes: Option<String>,
+    /// Whether anything was activated (not `dry-activate`).
+    activated: bool,
+}
+
+impl MachineRun<'_> {
+    /// Runs one step. Most steps are a command that must succeed; the operations below
+    /// are the ones that do more with what their command says. A new operation that only
+    /// runs a command needs no arm here.
+    fn step(&mut self, step: &Step) -> Result<(), Error> {
+        match step.kind {
+            StepKind::CheckPresent => {
+                self.state = TargetState::from_exit(
+                    quiet(step, self.connections)
+                        .ok()
+                        .and_then(|o| o.status.code()),
+                );
+                match self.state {
+                    TargetState::Running => self
+                        .progress
+                        .stage(self.i, "already running this system: re-activating"),
+                    TargetState::Present => self
+                        .progress
+                        .stage(self.i, "already on the target: no copy"),
+                    TargetState::Absent => {}
+                }
+                Ok(())
+            }
+            StepKind::LockTarget => {
+                let lock = hold_lock(step, self.name, self.sink, self.progress).map_err(
+                    |(code, output)| {
+                        if crate::interrupt::requested() {
+                            interrupted(self.name, "while waiting for its target's lock")
+                        } else {
+                            diagnose(&self.plan.machine, step, &output, code)
+                        }
+                    },
+                )?;
+                self.lock = Some(lock);
+                Ok(())
+            }
+            StepKind::UploadSecrets => {
+                upload_secrets(self.plan, step, self.sink, self.progress, self.connections)
+            }
+            StepKind::Diff => {
+                // The summary is a courtesy: a Nix without diff-closures does not stop a
+                // deploy.
+                let (code, output) = self.run(step);
+                if code == Some(0) {
+                    self.changes = Some(output).filter(|c| !c.trim().is_empty());
+                } else {
+                    self.progress.event(&format!(
+                        "[{}] warning: no change summary: {}",
+                        self.name,
+                        output.trim()
+                    ));
+                }
+                Ok(())
+            }
+            StepKind::HealthCheck => match self.run(step) {
+                (Some(0), _) => Ok(()),
+                (code, output) => Err(self.unhealthy(step, code, &output)),
+            },
+            _ => {
+                if step.kind == StepKind::Prepare {
+                    self.activated = true;
+                }
+                let (code, output) = self.run(step);
+                if code == Some(0) {
+                    return Ok(());
+                }
+                if step.kind.stage() != Stage::Activate && crate::interrupt::requested() {
+                    return Err(interrupted(self.name, "while copying to the target"));
+                }
+                let error = diagnose(&self.plan.machine, step, &output, code);
+                Err(match &step.on_failure {
+                    Some(undo) => self.undo(undo, error),
+                    None => error,
+                })
+            }
+        }
+    }
+
+    /// Runs a step's command, retried while it has time to (see [`Step::retry_within`]).
+    fn run(&self, step: &Step) -> (Option<i32>, String) {
+        match step.retry_within {
+            Some(within) => retry(step, within, self.name, self.sink, self.progress),
+            None => run_step(
+                step,
+                self.name,
+                Some(self.sink),
+                self.progress,
+                self.connections,
+            ),
+        }
+    }
+
+    /// After a failed switch: the target goes back to the generation it had before (see
+    /// `clan-activate undo`); the error says where the profile points now.
+    fn undo(&self, undo: &Step, error: Error) -> Error {
+        let (code, output) = self.run(undo);
+        let name = self.name;
+        match (code, went_back_to(&output)) {
+            (Some(0), Some(profile)) => {
+                let (generation, path) = profile.split_once(' ').unwrap_or((&profile, ""));
+                error.hint(Hint::text(match self.plan.action {
+                    Action::Test => format!(
+                        "the system profile was not touched (--action test): it points to generation {generation} ({path}), which the target switched back to"
+                    ),
+                    Action::Boot => format!(
+                        "the system profile points to generation {generation} again ({path}): the next boot is the previous system; the failed generation was deleted"
+                    ),
+                    _ => format!(
+                        "the system profile points to generation {generation} again ({path}) and the target switched back to it; the failed generation was deleted, so neither a rollback nor the boot menu offers it"
+                    ),
+                }))
+            }
+            (Some(3), _) => error.hint(Hint::text(
+                "there is no previous generation to go back to (a first deploy): the profile still points to the failed system",
+            )),
+            _ => error.hint(Hint::text(format!(
+                "going back to the previous generation failed too ({}): check the target, e.g. clan machines rollback {}",
+                output.trim(),
+                crate::ssh::quote(name)
+            ))),
+        }
+    }
+
+    /// A failed health check: the machine runs its new system, confirmed, but is
+    /// unhealthy. With `--rollback-on-unhealthy` its step goes back to the generation the
+    /// run found.
+    fn unhealthy(&self, step: &Step, code: Option<i32>, output: &str) -> Error {
+        let name = self.name;
+        let why = match code {
+            Some(124) => "it did not finish in time".to_string(),
+            Some(c) => format!("it exited {c}"),
+            None => "it could not be run".to_string(),
+        };
+        let error = Error::new(format!(
+            "{name}: the health check failed on its target ({why}): the machine is unhealthy"
+        ))
+        .detail(output.to_string())
+        .exit(ExitKind::PartiallyApplied);
+        let Some(revert) = &step.on_failure else {
+            return error.hint(Hint::text(format!(
+                "it runs the new system; go back with clan machines rollback {name}, or deploy with --rollback-on-unhealthy"
+            )));
+        };
+        let (code, out) = self.run(revert);
+        match (code, went_back_to(&out)) {
+            (Some(0), Some(profile)) => error.hint(Hint::text(format!(
+                "rolled back (--rollback-on-unhealthy): the system profile points to generation {profile} again; the unhealthy generation was deleted"
+            ))),
+            _ => error.hint(Hint::text(format!(
+                "rolling back failed too ({}): check the target, e.g. clan machines rollback {name}",
+                out.trim()
+            ))),
+        }
+    }
+}
+
+/// Where `clan-activate undo` or `revert` says the profile points now: `GENERATION PATH`.
+fn went_back_to(output: &str) -> Option<String> {
+    output
+        .lines()
+        .find_map(|l| l.strip_prefix("clan: profile "))
+        .map(str::to_string)
+}
+
+/// Uploads the machine's secrets: the bundle is made here, in memory, and written to the
+/// standard input of the target's upload script (never logged: the log has the command and
+/// what the target said).
+fn upload_secrets(
+    plan: &MachinePlan,
+    step: &Step,
+    sink: &LogSink,
+    progress: &Progress,
+    connections: &Connections,
+) -> Result<(), Error> {
+    let name = plan.machine.name.as_str();
+    let upload = plan
+        .machine
+        .secrets
+        .as_ref()
+        .expect("an upload step comes with its upload");
+    let user = crate::vars::upload::user_identity()?;
+    let bundle = upload.bundle(user)?;
+    let (code, output) = session_of(step, connections)
+        .run(|| run_step_now(step, name, Some(sink), progress, None, Some(&bundle)));
+    if code == Some(0) {
+        return Ok(());
+    }
+    Err(crate::vars::upload::upload_error(
+        name,
+        &step.host_label(),
+        code,
+        &output,
+    ))
+}
