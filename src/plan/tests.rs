@@ -1,0 +1,409 @@
+use super::*;
+use crate::boundary::{MachineName, Origin, StoreDir, StorePath};
+use crate::resolve::{Resolved, Source};
+
+fn machine(name: &str, target: &str, build: BuildLocation) -> ResolvedMachine {
+    ResolvedMachine {
+        name: MachineName::parse(name, &Origin::CommandLine("test")).unwrap(),
+        target: Resolved {
+            value: target.parse().unwrap(),
+            source: Source::Flag("--target-host"),
+        },
+        build: Resolved {
+            value: build,
+            source: Source::Flag("--build-host"),
+        },
+        forward_agent: Resolved {
+            value: false,
+            source: Source::Default,
+        },
+        system: None,
+        copy_mode: Resolved {
+            value: crate::boundary::CopyMode::Ssh,
+            source: Source::Default,
+        },
+        cache: None,
+        builders: None,
+        health_check: None,
+        secrets: None,
+        drv_path: StorePath::parse_drv(
+            &format!("/nix/store/00000000000000000000000000000000-d-{name}.drv"),
+            &StoreDir::default(),
+            &Origin::CommandLine("test"),
+        )
+        .unwrap(),
+        out_path: StorePath::parse(
+            &format!("/nix/store/00000000000000000000000000000000-o-{name}"),
+            &StoreDir::default(),
+            &Origin::CommandLine("test"),
+        )
+        .unwrap(),
+    }
+}
+
+fn remote(s: &str) -> BuildLocation {
+    BuildLocation::Remote(s.parse().unwrap())
+}
+
+fn ctx(check: HostKeyCheck) -> PlanContext {
+    PlanContext {
+        run_id: "r1".into(),
+        host_key_check: check,
+        control_dir: None,
+        own_control_path: BTreeSet::new(),
+        copy_via_workstation: false,
+        use_substitutes: false,
+        activation: Activation::default(),
+        sudo_password: BTreeSet::new(),
+        workstation: "alice@ws".into(),
+        lock_timeout: 300,
+        nix_flags: Vec::new(),
+        health_check_timeout: 60,
+        rollback_on_unhealthy: false,
+        build_jobs: None,
+    }
+}
+
+fn labels(steps: &[Step]) -> Vec<(StepKind, String)> {
+    steps.iter().map(|s| (s.kind, s.host_label())).collect()
+}
+
+#[test]
+fn build_jobs_set_the_realises_max_jobs() {
+    let realise = |build_jobs| {
+        let mut ctx = ctx(HostKeyCheck::Strict);
+        ctx.build_jobs = build_jobs;
+        let plan = plan_deploy(vec![machine("m", "root@t", remote("root@b"))], &ctx);
+        plan.groups[0].steps[2].command_line()
+    };
+    assert!(realise(None).starts_with("nix-store --realise /nix/store/"));
+    assert!(realise(Some(8)).starts_with("nix-store --realise --max-jobs 8 /nix/store/"));
+}
+
+#[test]
+fn remote_build_host_copies_to_target_itself() {
+    let plan = plan_deploy(
+        vec![machine("m", "root@t?IdentityFile=/k", remote("root@b"))],
+        &ctx(HostKeyCheck::AcceptNew),
+    );
+    let b = "build host root@b".to_string();
+    let t = "target root@t?IdentityFile=/k".to_string();
+    assert_eq!(
+        labels(&plan.groups[0].steps),
+        vec![
+            (StepKind::CopyDerivations, "workstation".into()),
+            (StepKind::MakeRootDir, b.clone()),
+            (StepKind::Realise, b.clone()),
+        ]
+    );
+    assert_eq!(
+        labels(&plan.machines[0].steps)[..9],
+        vec![
+            (StepKind::CheckPresent, t.clone()),
+            (StepKind::NestedCopy, b.clone()),
+            (StepKind::VerifySystem, t.clone()),
+            (StepKind::Diff, t.clone()),
+            (StepKind::LockTarget, t.clone()),
+            (StepKind::Prepare, t.clone()),
+            (StepKind::Prepare, t.clone()),
+            (StepKind::Switch, t.clone()),
+            (StepKind::Confirm, t),
+        ]
+    );
+    let lines: Vec<String> = plan.machines[0].steps[4..]
+        .iter()
+        .map(|s| format!("{} {:?}", s.command_line(), s.when))
+        .collect();
+    assert_eq!(
+        lines,
+        [
+            "clan-activate lock r1 alice@ws 300 Always",
+            "clan-activate prepare r1 switch /nix/store/00000000000000000000000000000000-o-m 30 TargetNotRunning",
+            "clan-activate prepare r1 switch /nix/store/00000000000000000000000000000000-o-m 0 TargetRunning",
+            "clan-activate switch r1 switch /nix/store/00000000000000000000000000000000-o-m Always",
+            "clan-activate confirm r1 TargetNotRunning",
+        ]
+    );
+    // Confirmation over a fresh connection, not the shared one.
+    let confirm = plan.machines[0].steps.last().unwrap();
+    assert_eq!(confirm.kind, StepKind::Confirm);
+    let argv = confirm.local_argv();
+    assert!(argv.contains(&"ControlPath=none".to_string()));
+    assert!(argv.last().unwrap().ends_with(" confirm r1"));
+    assert_eq!(
+        plan.machines[0].steps[plan.machines[0].steps.len() - 2]
+            .on_failure
+            .as_ref()
+            .unwrap()
+            .command_line(),
+        "clan-activate undo r1"
+    );
+    assert_eq!(plan.groups[0].cleanup.host_label(), b);
+    // Builds and copies on remote hosts stop when the connection's input ends (Ctrl-C).
+    let copy = plan.machines[0].steps[1].local_argv().pop().unwrap();
+    assert!(copy.starts_with("sh -c "), "{copy}");
+    // Through the build host's shared connection to the target, in its private directory.
+    assert!(copy.contains(
+        " sh env 'NIX_SSHOPTS=-o IdentityFile=/k -o StrictHostKeyChecking=accept-new -o BatchMode=yes \
+         -o ControlMaster=auto -o ControlPath=/tmp/clan-r1-hop0/%C -o ControlPersist=60' sh -c "
+    ), "{copy}");
+    assert!(copy.ends_with(
+        "' clan-hop-dir /tmp/clan-r1-hop0 \
+         nix --extra-experimental-features nix-command copy --to ssh://root@t /nix/store/00000000000000000000000000000000-o-m"
+    ));
+    assert_eq!(
+        plan.groups[0].cleanup.command_line(),
+        "clan-hop-cleanup /tmp/clan-r1-hop0 /tmp/clan-r1-build0"
+    );
+    let realise = plan.groups[0].steps[2].local_argv().pop().unwrap();
+    assert!(realise.starts_with("sh -c "), "{realise}");
+    // People see the command, not the wrapper that stops it on hang-up.
+    assert!(
+        plan.groups[0].steps[2]
+            .command_line()
+            .starts_with("nix-store --realise ")
+    );
+    assert!(realise.ends_with(
+        " sh nix-store --realise /nix/store/00000000000000000000000000000000-d-m.drv --add-root /tmp/clan-r1-build0/system --keep-going --log-format internal-json"
+    ));
+}
+
+#[test]
+fn actions_choose_profile_switch_and_watchdog() {
+    let kinds = |action: Action| {
+        let mut c = ctx(HostKeyCheck::Strict);
+        c.activation.action = action;
+        c.activation.diff = false;
+        let plan = plan_deploy(vec![machine("m", "root@t", BuildLocation::Target)], &c);
+        let switch = plan.machines[0]
+            .steps
+            .iter()
+            .find(|s| s.kind == StepKind::Switch)
+            .unwrap()
+            .command_line();
+        let undo = plan.machines[0]
+            .steps
+            .iter()
+            .find(|s| s.kind == StepKind::Switch)
+            .unwrap()
+            .on_failure
+            .is_some();
+        let kinds: Vec<StepKind> = plan.machines[0].steps[1..].iter().map(|s| s.kind).collect();
+        (kinds, switch, undo)
+    };
+    use StepKind::*;
+    let (k, switch, undo) = kinds(Action::Switch);
+    assert_eq!(
+        k,
+        [VerifySystem, LockTarget, Prepare, Prepare, Switch, Confirm]
+    );
+    assert_eq!(
+        switch,
+        "clan-activate switch r1 switch /nix/store/00000000000000000000000000000000-o-m"
+    );
+    assert!(undo);
+    let (k, switch, undo) = kinds(Action::Boot);
+    assert_eq!(k, [VerifySystem, LockTarget, Prepare, Switch]);
+    assert_eq!(
+        switch,
+        "clan-activate switch r1 boot /nix/store/00000000000000000000000000000000-o-m"
+    );
+    assert!(undo);
+    let (k, switch, _) = kinds(Action::Test);
+    assert_eq!(
+        k,
+        [VerifySystem, LockTarget, Prepare, Prepare, Switch, Confirm]
+    );
+    assert_eq!(
+        switch,
+        "clan-activate switch r1 test /nix/store/00000000000000000000000000000000-o-m"
+    );
+    // dry-activate changes nothing: no lock, no profile, nothing to undo.
+    let (k, switch, undo) = kinds(Action::DryActivate);
+    assert_eq!(k, [VerifySystem, Switch]);
+    assert_eq!(
+        switch,
+        "clan-activate switch r1 dry-activate /nix/store/00000000000000000000000000000000-o-m"
+    );
+    assert!(!undo);
+}
+
+#[test]
+fn non_root_targets_activate_through_sudo() {
+    let mut c = ctx(HostKeyCheck::Strict);
+    let steps = |c: &PlanContext| {
+        plan_deploy(vec![machine("m", "deploy@t", BuildLocation::Target)], c).machines[0]
+            .steps
+            .clone()
+    };
+    for step in steps(&c) {
+        let privileged = matches!(
+            step.kind,
+            StepKind::LockTarget | StepKind::Prepare | StepKind::Switch | StepKind::Confirm
+        );
+        let argv = step.local_argv();
+        let remote = argv.last().unwrap();
+        assert_eq!(
+            remote.starts_with("sudo --non-interactive -- sh -c "),
+            privileged,
+            "{:?}: {remote}",
+            step.kind
+        );
+        assert_eq!(
+            step.command_line().starts_with("sudo clan-activate "),
+            privileged
+        );
+    }
+    c.sudo_password.insert("deploy@t:22".into());
+    let with_password = steps(&c);
+    let switch = with_password
+        .iter()
+        .find(|s| s.kind == StepKind::Switch)
+        .unwrap();
+    let Runner::Remote { command, .. } = &switch.runner else {
+        panic!()
+    };
+    assert!(command.reads_password());
+    // The password goes to sudo through the wrapper, never on the command line.
+    assert!(command.to_shell().starts_with("sh -c '# clan: runs `sudo"));
+    assert!(
+        command
+            .to_shell()
+            .contains("IFS= read -r CLAN_SUDO_PASSWORD")
+    );
+    // root needs no sudo.
+    let root = plan_deploy(vec![machine("m", "root@t", BuildLocation::Target)], &c);
+    assert!(
+        root.machines[0]
+            .steps
+            .iter()
+            .all(|s| !s.local_argv().last().unwrap().contains("sudo"))
+    );
+}
+
+#[test]
+fn machines_sharing_a_build_host_build_together() {
+    let plan = plan_deploy(
+        vec![
+            machine("a", "root@ta", remote("root@b")),
+            machine("self", "root@ts", BuildLocation::Target),
+            machine("c", "root@tc", remote("root@b")),
+        ],
+        &ctx(HostKeyCheck::Strict),
+    );
+    assert_eq!(plan.groups.len(), 2);
+    assert_eq!(plan.groups[0].members, vec![0, 2]);
+    assert_eq!(plan.groups[1].members, vec![1]);
+    assert_eq!(
+        plan.groups[0].steps[0].command_line(),
+        "env 'NIX_SSHOPTS=-o StrictHostKeyChecking=yes' nix --extra-experimental-features nix-command \
+         copy --derivation --to ssh://root@b /nix/store/00000000000000000000000000000000-d-a.drv /nix/store/00000000000000000000000000000000-d-c.drv"
+    );
+    assert!(
+        plan.groups[0].steps[2].command_line().starts_with(
+            "nix-store --realise /nix/store/00000000000000000000000000000000-d-a.drv /nix/store/00000000000000000000000000000000-d-c.drv --add-root"
+        )
+    );
+    assert_eq!(
+        plan.groups[0]
+            .validity_step(&["/nix/store/00000000000000000000000000000000-o-a"])
+            .command_line(),
+        "nix-store --check-validity --print-invalid /nix/store/00000000000000000000000000000000-o-a"
+    );
+}
+
+#[test]
+fn default_builds_on_target_without_second_hop() {
+    let plan = plan_deploy(
+        vec![machine("m", "root@t", BuildLocation::Target)],
+        &ctx(HostKeyCheck::Strict),
+    );
+    assert_eq!(plan.groups[0].label(), "target root@t");
+    assert!(plan.machines[0].steps.iter().all(|s| !matches!(
+        s.kind,
+        StepKind::NestedCopy | StepKind::CopyFromWorkstation | StepKind::RelayCopy
+    )));
+    let all: Vec<String> = plan.groups[0]
+        .steps
+        .iter()
+        .chain(&plan.machines[0].steps)
+        .map(Step::host_label)
+        .collect();
+    assert!(all.iter().all(|h| !h.starts_with("build host")));
+}
+
+#[test]
+fn local_build_copies_from_the_workstation() {
+    let mut c = ctx(HostKeyCheck::Strict);
+    c.use_substitutes = true;
+    let plan = plan_deploy(
+        vec![machine("m", "root@t?IdentityFile=/k", BuildLocation::Local)],
+        &c,
+    );
+    assert_eq!(plan.groups[0].steps[0].kind, StepKind::MakeRootDir);
+    let copy = &plan.machines[0].steps[1];
+    assert_eq!(copy.kind, StepKind::CopyFromWorkstation);
+    assert_eq!(copy.host_label(), "workstation");
+    assert_eq!(
+        copy.local_env(),
+        [(
+            "NIX_SSHOPTS".to_string(),
+            "-o IdentityFile=/k -o StrictHostKeyChecking=yes".to_string()
+        )]
+    );
+    assert!(
+        copy.command_line()
+            .contains("copy --substitute-on-destination --to ssh://root@t")
+    );
+}
+
+#[test]
+fn relay_copies_through_the_workstation_over_shared_connections() {
+    let mut c = ctx(HostKeyCheck::Strict);
+    c.copy_via_workstation = true;
+    c.control_dir = Some("/run/c".into());
+    let plan = plan_deploy(vec![machine("m", "root@t", remote("root@b"))], &c);
+    let relay = &plan.machines[0].steps[1];
+    assert_eq!(relay.kind, StepKind::RelayCopy);
+    assert_eq!(relay.host_label(), "workstation");
+    assert_eq!(
+        relay.command_line(),
+        "env 'NIX_SSHOPTS=-o BatchMode=yes -o ControlMaster=no -o ControlPath=/run/c/%C' \
+         nix --extra-experimental-features nix-command copy --from ssh://root@b --to ssh://root@t /nix/store/00000000000000000000000000000000-o-m"
+    );
+}
+
+#[test]
+fn own_control_path_is_left_alone() {
+    let mut c = ctx(HostKeyCheck::Strict);
+    c.control_dir = Some("/run/c".into());
+    c.own_control_path.insert("root@b:22".into());
+    assert_eq!(
+        c.ssh_host(&"root@b".parse().unwrap(), false).control_path,
+        None
+    );
+    assert_eq!(
+        c.ssh_host(&"root@t".parse().unwrap(), false)
+            .control_path
+            .as_deref(),
+        Some("/run/c/%C")
+    );
+}
+
+/// The `--dry-run` plan of a machine through a build host, as people read it: every
+/// step, its host, its condition, and the undo. Run ids and hashes are fixed here.
+#[test]
+fn dry_run_plan_snapshot() {
+    let plan = plan_deploy(
+        vec![
+            machine(
+                "web1",
+                "root@web1.example.com",
+                remote("root@builder.example.com"),
+            ),
+            machine("db1", "deploy@db1.example.com:2222", BuildLocation::Target),
+        ],
+        &ctx(HostKeyCheck::AcceptNew),
+    );
+    insta::assert_snapshot!(plan.to_string());
+}
