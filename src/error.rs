@@ -3,18 +3,35 @@
 
 use std::fmt;
 
-/// How a failed run ends, as the process exit code. Documented in the README.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// How a run ends. Its number, the process exit code, is given in one place,
+/// [`ExitKind::code`], and documented in the README. Ordered by severity: a run of several
+/// machines ends with the most severe.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub enum ExitKind {
+    /// Everything asked for was done (or, for a check, nothing is wrong).
+    Success,
     /// The deploy failed before any target's system profile was touched.
-    DeployFailed = 1,
+    DeployFailed,
     /// Bad input or configuration, found before anything ran on any host.
-    Usage = 2,
+    Usage,
     /// A target's profile or running system was being changed when it failed: it may be
     /// half-updated.
-    PartiallyApplied = 3,
+    PartiallyApplied,
     /// Stopped by Ctrl-C.
-    Interrupted = 130,
+    Interrupted,
+}
+
+impl ExitKind {
+    /// The process exit code.
+    pub fn code(self) -> i32 {
+        match self {
+            ExitKind::Success => 0,
+            ExitKind::DeployFailed => 1,
+            ExitKind::Usage => 2,
+            ExitKind::PartiallyApplied => 3,
+            ExitKind::Interrupted => 130,
+        }
+    }
 }
 
 /// A suggested next step.

@@ -11,7 +11,7 @@ pub fn install() {
     let _ = ctrlc::set_handler(|| {
         if REQUESTED.swap(true, Ordering::SeqCst) {
             eprintln!("\nInterrupted again: quitting now; temporary GC roots may be left behind.");
-            std::process::exit(130);
+            std::process::exit(crate::error::ExitKind::Interrupted.code());
         }
         eprintln!(
             "\nInterrupted: stopping builds and copies, letting running activations finish, cleaning up (Ctrl-C again to quit at once)…"

@@ -26,12 +26,13 @@ fn main() {
         TopCommand::Vars(VarsCommand::Upload(args)) => clan::commands::vars::upload(args),
         TopCommand::Vars(VarsCommand::Fix(args)) => clan::commands::vars::fix(args),
     };
-    let code = match result {
-        Ok(code) => code,
+    // The one place where how a run ended becomes a number.
+    let exit = match result {
+        Ok(exit) => exit,
         Err(error) => {
             eprintln!("{error}");
-            error.exit as i32
+            error.exit
         }
     };
-    std::process::exit(code);
+    std::process::exit(exit.code());
 }

@@ -2,6 +2,7 @@
 
 use serde_json::{Value, json};
 
+use crate::error::ExitKind;
 use crate::execute::{MachineReport, Outcome};
 use crate::plan::Stage;
 
@@ -83,7 +84,7 @@ pub fn summary(reports: &[MachineReport]) -> String {
 }
 
 /// The JSON report: per machine, where it built, where it went, how it ended, stage times.
-pub fn json(run_id: &str, reports: &[MachineReport], exit_code: i32) -> Value {
+pub fn json(run_id: &str, reports: &[MachineReport], exit: ExitKind) -> Value {
     let machines: Vec<Value> = reports
         .iter()
         .map(|r| {
@@ -108,7 +109,7 @@ pub fn json(run_id: &str, reports: &[MachineReport], exit_code: i32) -> Value {
         .collect();
     json!({
         "run": run_id,
-        "exitCode": exit_code,
+        "exitCode": exit.code(),
         "machines": machines,
         "peakRssKiB": peak_rss_kib(),
     })
@@ -129,16 +130,16 @@ pub fn error_json(error: &crate::error::Error) -> Value {
         "message": error.message,
         "detail": error.detail,
         "hints": error.hints.iter().map(|h| h.0.clone()).collect::<Vec<_>>(),
-        "exitCode": error.exit as i32,
+        "exitCode": error.exit.code(),
     })
 }
 
 /// The `--json` report of a run that ended before any machine was deployed (bad input, an
 /// evaluation error, a preflight problem): its exit code and every error, no machines.
-pub fn failure_json(run_id: Option<&str>, errors: &[crate::error::Error], exit_code: i32) -> Value {
+pub fn failure_json(run_id: Option<&str>, errors: &[crate::error::Error], exit: ExitKind) -> Value {
     json!({
         "run": run_id,
-        "exitCode": exit_code,
+        "exitCode": exit.code(),
         "errors": errors.iter().map(error_json).collect::<Vec<_>>(),
         "machines": [],
         "peakRssKiB": peak_rss_kib(),

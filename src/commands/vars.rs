@@ -6,7 +6,7 @@ use std::io::Write;
 use crate::cli::{
     HostArgs, VarsFixArgs, VarsGenerateArgs, VarsGetArgs, VarsMachineArgs, VarsUploadArgs,
 };
-use crate::error::{Error, Hint};
+use crate::error::{Error, ExitKind, Hint};
 use crate::ssh::RemoteCommand;
 use crate::vars::generate::Generation;
 use crate::vars::upload::{SecretsUpload, VARS_UPLOAD, upload_error, user_identity};
@@ -65,7 +65,7 @@ fn one(declared: &Declared, machine: &str) -> Result<MachineVars, Error> {
 }
 
 /// `clan vars generate`.
-pub fn generate(args: &VarsGenerateArgs) -> Result<i32, Error> {
+pub fn generate(args: &VarsGenerateArgs) -> Result<ExitKind, Error> {
     let declared = declared(&args.hosts, &args.machines)?;
     let mut generation = Generation::new(&declared.repo, &declared.settings);
     generation.regenerate = args.regenerate;
@@ -84,11 +84,11 @@ pub fn generate(args: &VarsGenerateArgs) -> Result<i32, Error> {
             eprintln!("{machine}: generated {}", ran.join(", "));
         }
     }
-    Ok(0)
+    Ok(ExitKind::Success)
 }
 
 /// `clan vars list`.
-pub fn list(args: &VarsMachineArgs) -> Result<i32, Error> {
+pub fn list(args: &VarsMachineArgs) -> Result<ExitKind, Error> {
     let declared = declared(&args.hosts, std::slice::from_ref(&args.machine))?;
     let vars = one(&declared, &args.machine)?;
     let mut out = std::io::stdout().lock();
@@ -121,11 +121,11 @@ pub fn list(args: &VarsMachineArgs) -> Result<i32, Error> {
             let _ = writeln!(out, "{g}/{f} {shown}");
         }
     }
-    Ok(0)
+    Ok(ExitKind::Success)
 }
 
 /// `clan vars get`.
-pub fn get(args: &VarsGetArgs) -> Result<i32, Error> {
+pub fn get(args: &VarsGetArgs) -> Result<ExitKind, Error> {
     let Some((g, f)) = args.var.split_once('/') else {
         return Err(Error::usage(format!(
             "{:?} (from the command line) is not GENERATOR/FILE",
@@ -155,11 +155,11 @@ pub fn get(args: &VarsGetArgs) -> Result<i32, Error> {
     let content = generation.read_file(&args.machine, g, decl, f)?;
     let mut out = std::io::stdout().lock();
     let _ = out.write_all(&content);
-    Ok(0)
+    Ok(ExitKind::Success)
 }
 
 /// `clan vars check`: every problem, one line each; exit 1 if there is any.
-pub fn check(args: &VarsMachineArgs) -> Result<i32, Error> {
+pub fn check(args: &VarsMachineArgs) -> Result<ExitKind, Error> {
     let machine = &args.machine;
     let declared = declared(&args.hosts, std::slice::from_ref(machine))?;
     let vars = one(&declared, machine)?;
@@ -202,7 +202,7 @@ pub fn check(args: &VarsMachineArgs) -> Result<i32, Error> {
     }
     if problems.is_empty() {
         eprintln!("{machine}: vars complete, and your identity opens the machine's key");
-        return Ok(0);
+        return Ok(ExitKind::Success);
     }
     eprintln!("{machine}: {} problem(s):", problems.len());
     for problem in &problems {
@@ -211,11 +211,11 @@ pub fn check(args: &VarsMachineArgs) -> Result<i32, Error> {
     eprintln!(
         "hint: `clan vars generate {machine}` makes what is missing; see the README's Secrets section for recipients and identities"
     );
-    Ok(1)
+    Ok(ExitKind::DeployFailed)
 }
 
 /// `clan vars fix`.
-pub fn fix(args: &VarsFixArgs) -> Result<i32, Error> {
+pub fn fix(args: &VarsFixArgs) -> Result<ExitKind, Error> {
     let declared = declared(&args.hosts, &args.machines)?;
     let user = crate::vars::UserIdentity::find()?;
     let fixed =
@@ -227,19 +227,19 @@ pub fn fix(args: &VarsFixArgs) -> Result<i32, Error> {
             keys.len()
         );
     }
-    Ok(0)
+    Ok(ExitKind::Success)
 }
 
 /// `clan vars upload`: generates what is missing, then sends the key and the encrypted
 /// secrets to the machine's target over its own connection.
-pub fn upload(args: &VarsUploadArgs) -> Result<i32, Error> {
+pub fn upload(args: &VarsUploadArgs) -> Result<ExitKind, Error> {
     let machine = &args.machine;
     let declared = declared(&args.hosts, std::slice::from_ref(machine))?;
     let vars = one(&declared, machine)?;
     Generation::new(&declared.repo, &declared.settings).machine(machine, &vars)?;
     let Some(upload) = SecretsUpload::of(&declared.repo, machine, &vars) else {
         eprintln!("{machine}: no secret to upload");
-        return Ok(0);
+        return Ok(ExitKind::Success);
     };
     let resolved = crate::commands::machines::load_machine(&args.hosts, machine)?;
     let target =
@@ -289,7 +289,7 @@ pub fn upload(args: &VarsUploadArgs) -> Result<i32, Error> {
         "{machine}: secrets in place on {}; they are decrypted at the next activation",
         target.address
     );
-    Ok(0)
+    Ok(ExitKind::Success)
 }
 
 /// Takes `target`'s deploy lock (`clan-activate lock`), as a deploy does; held until the

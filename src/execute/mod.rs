@@ -404,7 +404,7 @@ type OnBuilds<'a> = &'a (dyn Fn(u64, u64) + Sync);
 
 /// The exit code for a set of reports: 3 if a target may be half-updated, 1 if anything
 /// else failed or was skipped, 0 if every machine was deployed.
-pub fn exit_code(reports: &[MachineReport]) -> i32 {
+pub fn exit_code(reports: &[MachineReport]) -> ExitKind {
     reports
         .iter()
         .map(|r| match &r.outcome {
@@ -412,13 +412,19 @@ pub fn exit_code(reports: &[MachineReport]) -> i32 {
             Outcome::Deployed | Outcome::DryActivated | Outcome::UpToDate
                 if crate::interrupt::requested() =>
             {
-                130
+                ExitKind::Interrupted
             }
-            Outcome::Deployed | Outcome::DryActivated | Outcome::UpToDate => 0,
-            Outcome::Failed(e) if e.exit == ExitKind::Interrupted => 130,
-            Outcome::Failed(e) if e.exit == ExitKind::PartiallyApplied => 3,
-            Outcome::Failed(_) | Outcome::Skipped | Outcome::NotStarted(_) => 1,
+            Outcome::Deployed | Outcome::DryActivated | Outcome::UpToDate => ExitKind::Success,
+            // One machine's bad input fails that machine: the run failed (1), not a usage
+            // error of the whole command line.
+            Outcome::Failed(e)
+                if matches!(e.exit, ExitKind::Interrupted | ExitKind::PartiallyApplied) =>
+            {
+                e.exit
+            }
+            Outcome::Failed(_) => ExitKind::DeployFailed,
+            Outcome::Skipped | Outcome::NotStarted(_) => ExitKind::DeployFailed,
         })
         .max()
-        .unwrap_or(0)
+        .unwrap_or(ExitKind::Success)
 }

@@ -7,7 +7,7 @@ use crate::ssh::{ACTIVATE, RemoteCommand, SshHost, run_remote, run_remote_with_i
 use crate::sudo;
 
 /// Runs the command; returns the exit code.
-pub fn run(args: &RollbackArgs) -> Result<i32, Error> {
+pub fn run(args: &RollbackArgs) -> Result<ExitKind, Error> {
     let machine = &load_machine(&args.hosts, &args.machine)?;
     let target = SshHost::new(machine.target.value.clone(), args.connect.host_key_check);
     eprintln!(
@@ -47,7 +47,7 @@ pub fn run(args: &RollbackArgs) -> Result<i32, Error> {
                 machine.name,
                 profile.as_deref().unwrap_or("?")
             );
-            Ok(0)
+            Ok(ExitKind::Success)
         }
         Some(75) => Err(Error::new(format!(
             "{}: {} is being deployed by {}; nothing was changed",

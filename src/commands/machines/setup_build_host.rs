@@ -16,7 +16,7 @@ use std::process::Command;
 
 use crate::cli::SetupBuildHostArgs;
 use crate::commands::machines::load_machine;
-use crate::error::{Error, Hint};
+use crate::error::{Error, ExitKind, Hint};
 use crate::host::HostAddress;
 use crate::resolve::BuildLocation;
 use crate::ssh::{Invocation, RemoteCommand, SshHost, parse_probes, run_remote};
@@ -32,7 +32,7 @@ fn script(command: &str, args: &[&str]) -> Invocation {
 }
 
 /// Runs the command; returns the exit code.
-pub fn run(args: &SetupBuildHostArgs) -> Result<i32, Error> {
+pub fn run(args: &SetupBuildHostArgs) -> Result<ExitKind, Error> {
     let machine = &load_machine(&args.hosts, &args.machine)?;
     let name = &machine.name;
     let BuildLocation::Remote(builder_address) = &machine.build.value else {
@@ -272,7 +272,7 @@ pub fn run(args: &SetupBuildHostArgs) -> Result<i32, Error> {
             println!("  {what}");
         }
     }
-    Ok(0)
+    Ok(ExitKind::Success)
 }
 
 /// The name the build host's ssh looks the target up by in known_hosts.

@@ -4,7 +4,7 @@
 
 use crate::cli::SetupCacheArgs;
 use crate::commands::machines::load_machine;
-use crate::error::Error;
+use crate::error::{Error, ExitKind};
 use crate::resolve::BuildLocation;
 use crate::ssh::{Invocation, RemoteCommand, SshHost, run_remote};
 
@@ -12,7 +12,7 @@ use crate::ssh::{Invocation, RemoteCommand, SshHost, run_remote};
 const SETUP_CACHE: &str = include_str!("../../scripts/setup-cache.sh");
 
 /// Runs the command; returns the exit code.
-pub fn run(args: &SetupCacheArgs) -> Result<i32, Error> {
+pub fn run(args: &SetupCacheArgs) -> Result<ExitKind, Error> {
     let name_ok = !args.key_name.is_empty()
         && args
             .key_name
@@ -84,5 +84,5 @@ pub fn run(args: &SetupCacheArgs) -> Result<i32, Error> {
          and the inventory uses it: inventory.machines.<name>.deploy = {{ copyMode = \"cache\"; \
          cache.upload = \"file:///…\"; cache.url = \"http(s)://…\"; cache.publicKey = \"{key}\"; }};"
     );
-    Ok(0)
+    Ok(ExitKind::Success)
 }

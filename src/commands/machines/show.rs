@@ -8,14 +8,14 @@ use serde_json::{Value, json};
 
 use crate::cli::ShowArgs;
 use crate::commands::machines::{LoadedMachine, load_machines};
-use crate::error::Error;
+use crate::error::{Error, ExitKind};
 use crate::resolve::{
     BuildLocation, Candidates, Overrides, Source, build_candidates, forward_agent_candidates,
     target_candidates,
 };
 
 /// Runs the command; returns the exit code.
-pub fn run(args: &ShowArgs) -> Result<i32, Error> {
+pub fn run(args: &ShowArgs) -> Result<ExitKind, Error> {
     let overrides = args.hosts.overrides(Some(&args.agent));
     let loaded = load_machines(
         &args.hosts.flake,
@@ -37,7 +37,7 @@ pub fn run(args: &ShowArgs) -> Result<i32, Error> {
             print!("{}", to_text(l, &overrides));
         }
     }
-    Ok(0)
+    Ok(ExitKind::Success)
 }
 
 /// What each setting resolved to, as (name, value, source, candidates).

@@ -21,7 +21,7 @@ use crate::sudo;
 
 /// Runs the command; returns the process exit code. With `--json`, a report is printed on
 /// every exit path: a deploy's, or the errors that ended the run before it.
-pub fn run(args: &UpdateArgs) -> Result<i32, Error> {
+pub fn run(args: &UpdateArgs) -> Result<ExitKind, Error> {
     let result = deploy(args);
     if args.json
         && let Err(error) = &result
@@ -29,7 +29,7 @@ pub fn run(args: &UpdateArgs) -> Result<i32, Error> {
         print_json(&report::failure_json(
             None,
             std::slice::from_ref(error),
-            error.exit as i32,
+            error.exit,
         ));
     }
     result
@@ -81,7 +81,7 @@ fn print_json(value: &serde_json::Value) {
     );
 }
 
-fn deploy(args: &UpdateArgs) -> Result<i32, Error> {
+fn deploy(args: &UpdateArgs) -> Result<ExitKind, Error> {
     let several = !(args.machines.len() == 1 && args.tags.is_empty());
     if several && !args.dry_run && args.canary.is_empty() && args.batch_size.is_none() {
         return deploy_streaming(args);
@@ -167,9 +167,9 @@ fn deploy(args: &UpdateArgs) -> Result<i32, Error> {
         }
         eprintln!("Dry run: nothing was copied, built or activated.");
         return Ok(if failed.is_empty() {
-            0
+            ExitKind::Success
         } else {
-            ExitKind::DeployFailed as i32
+            ExitKind::DeployFailed
         });
     }
 
@@ -209,7 +209,7 @@ fn deploy(args: &UpdateArgs) -> Result<i32, Error> {
                 "\nPreflight found {} problem(s); nothing was copied, built or activated.",
                 problems.len()
             );
-            let code = ExitKind::DeployFailed as i32;
+            let code = ExitKind::DeployFailed;
             if args.json {
                 print_json(&report::failure_json(Some(&plan.run_id), &problems, code));
             }
@@ -380,7 +380,7 @@ fn announce(plan: &crate::plan::DeployPlan, ctx: &PlanContext) {
 /// The end of a run for people and scripts: each machine's change summary, the summary
 /// table, where the logs are when something failed, and the `--json` report. Returns the
 /// exit code.
-fn finish(args: &UpdateArgs, run_id: &str, reports: &[MachineReport], logs: &Logs) -> i32 {
+fn finish(args: &UpdateArgs, run_id: &str, reports: &[MachineReport], logs: &Logs) -> ExitKind {
     let code = exit_code(reports);
     for r in reports {
         if let Some(changes) = &r.changes {
@@ -388,7 +388,7 @@ fn finish(args: &UpdateArgs, run_id: &str, reports: &[MachineReport], logs: &Log
         }
     }
     eprint!("\n{}", report::summary(reports));
-    if code != 0
+    if code != ExitKind::Success
         && let Some(dir) = logs.dir()
     {
         eprintln!("Logs of every machine and build: {}", dir.display());
@@ -528,7 +528,7 @@ const STREAM_MAX_WAIT: std::time::Duration = std::time::Duration::from_millis(10
 /// machines go on to their preflight, build, copy and activation as soon as they (and any
 /// that finish within [`STREAM_WINDOW`] of them) are evaluated, while the others are still
 /// being evaluated. Each such batch is planned, checked and run on its own, concurrently.
-fn deploy_streaming(args: &UpdateArgs) -> Result<i32, Error> {
+fn deploy_streaming(args: &UpdateArgs) -> Result<ExitKind, Error> {
     use crate::commands::machines::{StreamedMachine, stream_selection};
     let overrides = update_overrides(args)?;
     let nix = update_nix_options(args)?;
