@@ -81,6 +81,28 @@ fn what_happens_during_a_deploy_build_host_from_inventory() {
         "the closure passed through the workstation"
     );
     assert_activated(&lab, &out);
+    // Quiet for people: one short line per step, no commands or wrappers (they are in the
+    // run's log, and with -v).
+    let lines = run.stderr.lines().count();
+    assert!(
+        lines < 25 && run.stderr.len() < 2048,
+        "{lines} lines, {} bytes:\n{}",
+        run.stderr.len(),
+        run.stderr
+    );
+    for wrapper in [
+        "sh -c",
+        "clan-until-hangup",
+        "ControlPath",
+        "NIX_SSHOPTS",
+        "(exit",
+    ] {
+        assert!(
+            !run.stderr.contains(wrapper),
+            "{wrapper:?} in:\n{}",
+            run.stderr
+        );
+    }
     // The second hop really is the builder's: the target's sshd saw the builder's address.
     assert!(
         lab.host("target")
