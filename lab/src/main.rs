@@ -230,6 +230,51 @@ fn breakdown(lab: &Lab, started: f64, ended: f64, evaluate: f64) -> Vec<(&'stati
     ]
 }
 
+/// When each kind of step started during a run, from its log: for each kind (stage and
+/// command word), how many ran, the first and the last start, in seconds from `started`.
+fn timeline(lab: &Lab, started: f64) -> Vec<(String, usize, f64, f64)> {
+    let logs = lab
+        .host("workstation")
+        .root()
+        .join(".local/state/clan/logs");
+    let mut kinds: BTreeMap<String, (usize, f64, f64)> = BTreeMap::new();
+    for run in std::fs::read_dir(&logs).expect("logs").flatten() {
+        for file in std::fs::read_dir(run.path()).expect("run logs").flatten() {
+            let text = std::fs::read_to_string(file.path()).unwrap_or_default();
+            for line in text.lines() {
+                let Some((stamp, rest)) = line.strip_prefix('@').and_then(|l| l.split_once(' '))
+                else {
+                    continue;
+                };
+                let Ok(t) = stamp.parse::<f64>() else {
+                    continue;
+                };
+                // "[m1] copy to target: env … nix … copy …" → "copy to target: nix copy"
+                let rest = rest.split_once("] ").map_or(rest, |(_, r)| r);
+                let Some((stage, command)) = rest.split_once(": ") else {
+                    continue;
+                };
+                let words: Vec<&str> = command
+                    .split_whitespace()
+                    .filter(|w| !w.contains('=') && *w != "env" && !w.starts_with('-'))
+                    .take(2)
+                    .collect();
+                let key = format!("{stage}: {}", words.join(" "));
+                let e = kinds.entry(key).or_insert((0, f64::MAX, 0.0));
+                e.0 += 1;
+                e.1 = e.1.min(t - started);
+                e.2 = e.2.max(t - started);
+            }
+        }
+    }
+    let mut rows: Vec<_> = kinds
+        .into_iter()
+        .map(|(k, (n, first, last))| (k, n, first, last))
+        .collect();
+    rows.sort_by(|a, b| a.2.total_cmp(&b.2));
+    rows
+}
+
 fn epoch() -> f64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -240,6 +285,8 @@ fn epoch() -> f64 {
 fn bench(clan: &str, sizes: &[usize]) -> ExitCode {
     let mut all = Vec::new();
     let mut stages = Vec::new();
+    let mut steps = Vec::new();
+    let mut steps_of = (0, 0.0);
     for &n in sizes {
         eprintln!("N = {n}: this tool…");
         let (lab, flake, names) = bench_lab(n);
@@ -269,6 +316,10 @@ fn bench(clan: &str, sizes: &[usize]) -> ExitCode {
         );
         if n == 1 {
             stages = breakdown(&lab, epoch_started, epoch_started + tool, evaluate);
+        }
+        if Some(&n) == sizes.iter().max() && n > 1 {
+            steps = timeline(&lab, epoch_started);
+            steps_of = (n, tool);
         }
         let report: String = String::from_utf8_lossy(&out.stdout).into_owned();
         let peak_kib = report
@@ -425,6 +476,17 @@ fn bench(clan: &str, sizes: &[usize]) -> ExitCode {
         println!("|---|---|");
         for (stage, seconds) in &stages {
             println!("| {stage} | {seconds:.2} |");
+        }
+    }
+    if !steps.is_empty() {
+        println!(
+            "\nN = {}, when each kind of step started (clan, from its run log; the run took {:.1} s):\n",
+            steps_of.0, steps_of.1
+        );
+        println!("| step | count | first (s) | last (s) |");
+        println!("|---|---|---|---|");
+        for (step, count, first, last) in &steps {
+            println!("| {step} | {count} | {first:.2} | {last:.2} |");
         }
     }
     ExitCode::SUCCESS
