@@ -14,16 +14,19 @@ use crate::plan::{Action, MachinePlan, Stage, Step, StepKind, TargetState};
 use crate::progress::Progress;
 
 /// Copies one machine's system to its target and activates it: its steps in order, each
-/// where its [`When`] holds for what the target has of the system.
+/// where its [`When`] holds for what the target has of the system. `known`: what the
+/// target has, when the run asked already (the present check is then not asked again).
+///
+/// [`When`]: crate::plan::When
 pub(super) fn run_machine(
     plan: &MachinePlan,
     i: usize,
+    known: Option<TargetState>,
     sink: &LogSink,
     progress: &Progress,
     connections: &Connections,
     stages: &mut BTreeMap<Stage, Duration>,
-    changes: &mut Option<String>,
-) -> Outcome {
+) -> (Outcome, Option<String>) {
     let mut run = MachineRun {
         plan,
         name: plan.machine.name.as_str(),
@@ -31,7 +34,8 @@ pub(super) fn run_machine(
         sink,
         progress,
         connections,
-        state: TargetState::Absent,
+        state: known.unwrap_or(TargetState::Absent),
+        known: known.is_some(),
         lock: None,
         changes: None,
         activated: false,
@@ -45,7 +49,8 @@ pub(super) fn run_machine(
         // Until the profile or the running system is touched, Ctrl-C stops the machine;
         // from then on, activation finishes.
         if !step.kind.changes_target_system() && crate::interrupt::requested() {
-            return Outcome::Failed(interrupted(run.name, "before its activation"));
+            let error = interrupted(run.name, "before its activation");
+            return (Outcome::Failed(error), run.changes);
         }
         if current != Some(stage) && step.kind.describe().is_some() {
             current = Some(stage);
@@ -61,16 +66,15 @@ pub(super) fn run_machine(
         let result = run.step(step);
         *stages.entry(stage).or_default() += started.elapsed();
         if let Err(error) = result {
-            *changes = run.changes;
-            return Outcome::Failed(with_log(error, sink));
+            return (Outcome::Failed(with_log(error, sink)), run.changes);
         }
     }
-    *changes = run.changes;
-    if run.activated {
+    let outcome = if run.activated {
         Outcome::Deployed
     } else {
         Outcome::DryActivated
-    }
+    };
+    (outcome, run.changes)
 }
 
 /// One machine's run through its steps: what the steps learnt so far.
@@ -83,6 +87,8 @@ struct MachineRun<'a> {
     connections: &'a Connections,
     /// What the target has of the system ([`StepKind::CheckPresent`]).
     state: TargetState,
+    /// Whether `state` was known before the machine's run (its check is then skipped).
+    known: bool,
     /// The target's deploy lock, held until this machine is done (dropped with the run).
     lock: Option<LockGuard>,
     /// What the new system changes ([`StepKind::Diff`]).
@@ -97,6 +103,7 @@ impl MachineRun<'_> {
     /// runs a command needs no arm here.
     fn step(&mut self, step: &Step) -> Result<(), Error> {
         match step.kind {
+            StepKind::CheckPresent if self.known => Ok(()),
             StepKind::CheckPresent => {
                 self.state = TargetState::from_exit(
                     quiet(step, self.connections)

@@ -26,7 +26,7 @@ use std::time::Duration;
 use crate::connection::{Connections, Semaphore};
 use crate::error::{Error, ExitKind, Hint};
 
-use crate::plan::{Action, Builder, DeployPlan, Runner, Stage};
+use crate::plan::{Action, Builder, DeployPlan, Runner, Stage, TargetState};
 use crate::progress::Progress;
 
 mod group;
@@ -93,11 +93,20 @@ impl MachineReport {
     }
 }
 
+/// What the up-to-date check found ([`up_to_date`]), by machine index.
+#[derive(Debug, Default)]
+pub struct TargetsChecked {
+    /// Machines with nothing to do.
+    pub up_to_date: BTreeSet<usize>,
+    /// Machines whose target lacks the system: the deploy need not ask again.
+    pub lacking: BTreeSet<usize>,
+}
+
 /// The machines of `plan` that have nothing to do: their target runs the very system and
 /// (for `switch`) its profile points to it, and they upload no secrets. One round trip
 /// each, over the target's shared connection, all at once; a target that cannot be asked
 /// is not up to date (the deploy then finds out why).
-pub fn up_to_date(plan: &DeployPlan, connections: &Connections) -> BTreeSet<usize> {
+pub fn up_to_date(plan: &DeployPlan, connections: &Connections) -> TargetsChecked {
     let candidates: Vec<usize> = plan
         .machines
         .iter()
@@ -107,7 +116,7 @@ pub fn up_to_date(plan: &DeployPlan, connections: &Connections) -> BTreeSet<usiz
         })
         .map(|(i, _)| i)
         .collect();
-    thread::scope(|scope| {
+    let states: Vec<(usize, Option<(TargetState, bool)>)> = thread::scope(|scope| {
         let handles: Vec<_> = candidates
             .iter()
             .map(|&i| {
@@ -117,20 +126,35 @@ pub fn up_to_date(plan: &DeployPlan, connections: &Connections) -> BTreeSet<usiz
                     if let Runner::Remote { host, .. } = &check.runner {
                         let _ = connections.open(host);
                     }
-                    let Ok(out) = quiet(check, connections) else {
-                        return None;
-                    };
-                    let running = out.status.code() == Some(0);
+                    let out = quiet(check, connections).ok()?;
+                    let state = TargetState::from_exit(out.status.code());
                     let profile = String::from_utf8_lossy(&out.stdout).contains("profile-current");
-                    (running && (profile || m.action == Action::Test)).then_some(i)
+                    // Only an answer of the script counts (exit 0, 1 or 2), not ssh's 255.
+                    matches!(out.status.code(), Some(0..=2)).then_some((state, profile))
                 })
             })
             .collect();
-        handles
-            .into_iter()
-            .filter_map(|h| h.join().ok().flatten())
+        candidates
+            .iter()
+            .zip(handles)
+            .map(|(&i, h)| (i, h.join().ok().flatten()))
             .collect()
-    })
+    });
+    let mut checked = TargetsChecked::default();
+    for (i, state) in states {
+        match state {
+            Some((TargetState::Running, profile))
+                if profile || plan.machines[i].action == Action::Test =>
+            {
+                checked.up_to_date.insert(i);
+            }
+            Some((TargetState::Absent, _)) => {
+                checked.lacking.insert(i);
+            }
+            _ => {}
+        }
+    }
+    checked
 }
 
 /// Knobs of a run.
@@ -227,12 +251,15 @@ type Ended = (Outcome, BTreeMap<Stage, Duration>, Option<String>);
 type Built = (usize, Result<Duration, Error>);
 
 /// Runs the plan; returns one report per machine, in the plan's order.
+/// `lacking`: machines whose target the up-to-date check found without the system; their
+/// present check is not asked again.
 pub fn run_plan(
     plan: &DeployPlan,
     connections: &Connections,
     logs: &Logs,
     progress: &Progress,
     options: RunOptions,
+    lacking: &BTreeSet<String>,
 ) -> Vec<MachineReport> {
     let stop = AtomicBool::new(false);
     let jobs = Semaphore::new(options.jobs);
@@ -309,15 +336,17 @@ pub fn run_plan(
                                 interrupted(&plan.machines[i].machine.name, "after its build");
                             return record(i, Outcome::Failed(error), stages, None);
                         }
-                        let mut changes = None;
-                        let outcome = run_machine(
+                        let known = lacking
+                            .contains(plan.machines[i].machine.name.as_str())
+                            .then_some(TargetState::Absent);
+                        let (outcome, changes) = run_machine(
                             &plan.machines[i],
                             i,
+                            known,
                             &sinks[i],
                             progress,
                             connections,
                             &mut stages,
-                            &mut changes,
                         );
                         record(i, outcome, stages, changes);
                     });

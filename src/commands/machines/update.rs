@@ -176,8 +176,10 @@ fn deploy(args: &UpdateArgs) -> Result<ExitKind, Error> {
     // Machines whose target runs this very system have nothing to do (rolling deploys and
     // --reactivate switch again).
     let mut up_to_date = Vec::new();
+    let mut lacking = BTreeSet::new();
     if !args.reactivate && batches.len() == 1 {
-        let (done, rest) = split_up_to_date(&plan, &connections);
+        let (done, rest, without) = split_up_to_date(&plan, &connections);
+        lacking = without;
         for report in &done {
             eprintln!(
                 "{}: up to date: {} runs this system already (--reactivate switches to it again)",
@@ -260,6 +262,7 @@ fn deploy(args: &UpdateArgs) -> Result<ExitKind, Error> {
             &logs,
             &progress,
             options,
+            &lacking,
         ));
         progress.close();
         let failures = reports
@@ -309,12 +312,17 @@ fn deploy(args: &UpdateArgs) -> Result<ExitKind, Error> {
 fn split_up_to_date(
     plan: &crate::plan::DeployPlan,
     connections: &Connections,
-) -> (Vec<MachineReport>, Vec<ResolvedMachine>) {
-    let done = crate::execute::up_to_date(plan, connections);
+) -> (Vec<MachineReport>, Vec<ResolvedMachine>, BTreeSet<String>) {
+    let checked = crate::execute::up_to_date(plan, connections);
     let mut reports = Vec::new();
     let mut rest = Vec::new();
+    let lacking = checked
+        .lacking
+        .iter()
+        .map(|&i| plan.machines[i].machine.name.to_string())
+        .collect();
     for (i, m) in plan.machines.iter().enumerate() {
-        if done.contains(&i) {
+        if checked.up_to_date.contains(&i) {
             reports.push(MachineReport::not_run(
                 &m.machine.name,
                 m.machine.target.value.to_string(),
@@ -324,7 +332,7 @@ fn split_up_to_date(
             rest.push(m.machine.clone());
         }
     }
-    (reports, rest)
+    (reports, rest, lacking)
 }
 
 /// Hosts whose ssh config sets a ControlPath: their own sharing is kept.
@@ -734,8 +742,10 @@ fn run_wave(
     }
     let mut plan = plan_deploy(machines, &ctx);
     let mut reports = Vec::new();
+    let mut lacking = BTreeSet::new();
     if !args.reactivate {
-        let (done, rest) = split_up_to_date(&plan, connections);
+        let (done, rest, without) = split_up_to_date(&plan, connections);
+        lacking = without;
         for report in done {
             if let Some(i) = all_names.iter().position(|n| *n == report.name) {
                 progress.finish(
@@ -797,6 +807,13 @@ fn run_wave(
         .map(|m| m.machine.name.to_string())
         .collect();
     let progress = progress.subset(all_names, &names);
-    reports.extend(run_plan(&plan, connections, logs, &progress, options));
+    reports.extend(run_plan(
+        &plan,
+        connections,
+        logs,
+        &progress,
+        options,
+        &lacking,
+    ));
     reports
 }
