@@ -1,3 +1,6 @@
+//! The `clan` binary: parses the command line, runs the subcommand, and turns how it
+//! ended into the process exit code (the only place that does).
+
 use clap::Parser;
 
 use clan::cli::{Cli, MachinesCommand, TopCommand, VarsCommand};
