@@ -12,8 +12,10 @@ use std::sync::{Arc, Condvar, Mutex, OnceLock};
 use crate::plan::connection_key;
 use crate::ssh::SshHost;
 
-/// A host and how opening its shared connection went (once, whoever asks first).
-type Opened = (SshHost, Arc<OnceLock<Result<(), String>>>);
+/// A host and how opening its shared connection went (once, whoever asks first); on
+/// success, the file where the master writes its messages (`ssh -E`), to read what it said
+/// when it ended.
+type Opened = (SshHost, Arc<OnceLock<Result<PathBuf, String>>>);
 
 /// The workstation's shared connections of one run.
 #[derive(Debug)]
@@ -58,10 +60,23 @@ impl Connections {
     /// Opens the shared connection to `host` once; later calls return the first result.
     /// On failure, ssh's own message: the caller decides whether it matters.
     pub fn open(&self, host: &SshHost) -> Result<(), String> {
-        let Some(argv) = host.master_argv() else {
+        let Some(mut argv) = host.master_argv() else {
             return Ok(());
         };
         let key = connection_key(&host.address);
+        // Its messages, also once it runs in the background (where ssh sends its standard
+        // error to /dev/null), go to a file of its own in the private directory.
+        let log = match &self.dir {
+            Some(dir) => {
+                let name: String = key
+                    .chars()
+                    .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
+                    .collect();
+                dir.join(format!("{name}.log"))
+            }
+            None => return Ok(()),
+        };
+        argv.splice(1..1, ["-E".to_string(), log.display().to_string()]);
         // The lock only finds the host's slot: other hosts connect at the same time.
         let slot = Arc::clone(
             &self
@@ -72,7 +87,21 @@ impl Connections {
                 .or_insert_with(|| (host.clone(), Arc::new(OnceLock::new())))
                 .1,
         );
-        slot.get_or_init(|| start_master(&argv)).clone()
+        slot.get_or_init(|| start_master(&argv, &log).map(|()| log.clone()))
+            .clone()
+            .map(|_| ())
+    }
+
+    /// What the shared connection to `host` said on its standard error (why it ended,
+    /// such as "Timeout, server … not responding."), if it was opened.
+    pub fn master_said(&self, host: &SshHost) -> Option<String> {
+        let log = {
+            let opened = self.opened.lock().expect("connections lock");
+            let (_, slot) = opened.get(&connection_key(&host.address))?;
+            slot.get()?.as_ref().ok()?.clone()
+        };
+        let said = fs::read_to_string(log).ok()?;
+        Some(said).filter(|s| !s.trim().is_empty())
     }
 
     /// The session slot for a command on `host`: limited when it goes over a shared
@@ -98,7 +127,7 @@ impl Connections {
     pub fn close_all(&self) {
         let opened = std::mem::take(&mut *self.opened.lock().expect("connections lock"));
         for (host, result) in opened.values() {
-            if matches!(result.get(), Some(Ok(())))
+            if matches!(result.get(), Some(Ok(_)))
                 && let Some(argv) = host.exit_master_argv()
             {
                 let _ = Command::new(&argv[0])
@@ -175,26 +204,17 @@ impl Session {
 /// (10 by default) on one connection.
 const SESSIONS_PER_CONNECTION: usize = 8;
 
-/// Runs ssh in master mode. Its stderr goes to a file: the backgrounded master keeps it
-/// open, so a pipe would never reach end-of-file.
-fn start_master(argv: &[String]) -> Result<(), String> {
-    let log = tempfile::tempfile().map_err(|e| format!("cannot create a temporary file: {e}"))?;
-    let mut reader = log
-        .try_clone()
-        .map_err(|e| format!("cannot reopen a temporary file: {e}"))?;
+/// Runs ssh in master mode, its messages going to `log` (`-E`); on failure, what it said.
+fn start_master(argv: &[String], log: &std::path::Path) -> Result<(), String> {
     let status = Command::new(&argv[0])
         .args(&argv[1..])
         .stdin(Stdio::null())
         .stdout(Stdio::null())
-        .stderr(Stdio::from(log))
+        .stderr(Stdio::null())
         .status()
         .map_err(|e| format!("cannot run ssh: {e}"))?;
     if status.success() {
         return Ok(());
     }
-    use std::io::{Read, Seek};
-    let mut message = String::new();
-    let _ = reader.rewind();
-    let _ = reader.read_to_string(&mut message);
-    Err(message)
+    Err(fs::read_to_string(log).unwrap_or_default())
 }

@@ -21,6 +21,8 @@ pub enum SshFailure {
     PermissionDenied,
     /// Refused, timed out, unresolvable or unroutable.
     Unreachable,
+    /// Connected, then no answer to ssh's keep-alives: the host or the network went away.
+    StoppedAnswering,
 }
 
 /// Finds the ssh failure in a command's output, if there is one.
@@ -31,6 +33,8 @@ pub fn ssh_failure(output: &str) -> Option<SshFailure> {
         Some(SshFailure::HostKey)
     } else if output.contains("Permission denied (") {
         Some(SshFailure::PermissionDenied)
+    } else if output.contains(" not responding.") {
+        Some(SshFailure::StoppedAnswering)
     } else if [
         "Connection refused",
         "Connection timed out",
@@ -143,6 +147,43 @@ pub fn diagnose(machine: &ResolvedMachine, step: &Step, output: &str, code: Opti
         }
         _ => None,
     };
+    if let (Some(hop), Some(SshFailure::StoppedAnswering)) = (&hop, ssh_failure(output)) {
+        let who = match (hop, &step.runner) {
+            (Hop::BuilderToTarget, _) => {
+                format!("the target {target}, copying from the build host {builder},")
+            }
+            (
+                _,
+                Runner::Remote {
+                    role: Role::BuildHost,
+                    host,
+                    ..
+                },
+            ) => format!("the build host {}", host.address),
+            (
+                _,
+                Runner::Remote {
+                    role: Role::Target,
+                    host,
+                    ..
+                },
+            ) => format!("the target {}", host.address),
+            (Hop::WorkstationTo(host), _) => host.clone(),
+        };
+        let error = base(format!(
+            "{name}: {who} stopped answering during the {} stage: no reply to ssh's keep-alives, so the host or the network went away",
+            step.kind.stage()
+        ));
+        return if step.kind.changes_target_system() {
+            error.hint(Hint::text(format!(
+                "the activation may have gone on there: unless this deploy confirmed it, the target's watchdog goes back to the previous generation; once it answers, check it (clan machines show {name}) and re-deploy"
+            )))
+        } else {
+            error.hint(Hint::text(
+                "nothing was activated on the target; once the host answers again, re-deploy",
+            ))
+        };
+    }
     if let (Some(hop), Some(failure)) = (hop, ssh_failure(output)) {
         return ssh_error(
             name,
@@ -313,6 +354,12 @@ pub fn ssh_error(
             "{name}: cannot reach {host} from this workstation"
         ))
         .hint(Hint::text("check the address, the port and that sshd runs there")),
+        (Hop::WorkstationTo(host), SshFailure::StoppedAnswering) => base(format!(
+            "{name}: {host} stopped answering: no reply to ssh's keep-alives"
+        )),
+        (Hop::BuilderToTarget, SshFailure::StoppedAnswering) => base(format!(
+            "{name}: the target {target} stopped answering the build host {builder}: no reply to ssh's keep-alives"
+        )),
     }
 }
 
@@ -372,6 +419,10 @@ mod tests {
         assert_eq!(
             ssh_failure("ssh: connect to host t port 22: Connection refused"),
             Some(SshFailure::Unreachable)
+        );
+        assert_eq!(
+            ssh_failure("Timeout, server 127.0.0.3 not responding.\n"),
+            Some(SshFailure::StoppedAnswering)
         );
         assert_eq!(ssh_failure("error: build failed"), None);
         assert_eq!(host_only("root@t.example:22?IdentityFile=/k"), "t.example");

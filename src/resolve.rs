@@ -143,8 +143,8 @@ pub trait UserLookup {
 pub struct SshConfigLookup;
 
 impl SshConfigLookup {
-    /// One setting (lower-case keyword) of `ssh -G` for `addr`.
-    fn ssh_g(args: &[&str], addr: &HostAddress, keyword: &str) -> Option<String> {
+    /// Every setting `ssh -G` gives for `addr` (lower-case keyword, value).
+    fn ssh_g_all(args: &[&str], addr: &HostAddress) -> Option<Vec<(String, String)>> {
         let mut cmd = Command::new("ssh");
         cmd.arg("-G").args(args);
         if let Some(user) = &addr.user {
@@ -157,20 +157,45 @@ impl SshConfigLookup {
             cmd.arg("-o").arg(format!("{name}={value}"));
         }
         let output = cmd.arg("--").arg(&addr.host).output().ok()?;
-        let prefix = format!("{keyword} ");
-        String::from_utf8_lossy(&output.stdout)
-            .lines()
-            .find_map(|l| l.strip_prefix(&prefix).map(str::to_string))
+        Some(
+            String::from_utf8_lossy(&output.stdout)
+                .lines()
+                .filter_map(|l| l.split_once(' '))
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+        )
+    }
+
+    /// One setting (lower-case keyword) of `ssh -G` for `addr`.
+    fn ssh_g(args: &[&str], addr: &HostAddress, keyword: &str) -> Option<String> {
+        Self::ssh_g_all(args, addr)?
+            .into_iter()
+            .find_map(|(k, v)| (k == keyword).then_some(v))
     }
 
     fn ssh_g_user(args: &[&str], addr: &HostAddress) -> Option<String> {
         Self::ssh_g(args, addr, "user")
     }
 
-    /// Whether the user's ssh config sets a ControlPath for `addr`.
-    pub fn has_own_control_path(addr: &HostAddress) -> bool {
-        Self::ssh_g(&[], addr, "controlpath").is_some_and(|p| p != "none")
+    /// What the user's ssh config (or the address's own options) already decides for
+    /// `addr`, asked once: a ControlPath of its own, keep-alives of its own.
+    pub fn own_settings(addr: &HostAddress) -> OwnSshSettings {
+        let all = Self::ssh_g_all(&[], addr).unwrap_or_default();
+        let get = |key: &str| all.iter().find(|(k, _)| k == key).map(|(_, v)| v.as_str());
+        OwnSshSettings {
+            control_path: get("controlpath").is_some_and(|p| p != "none"),
+            keepalive: get("serveraliveinterval").is_some_and(|v| v != "0"),
+        }
     }
+}
+
+/// Settings a host's ssh configuration makes itself, which clan then leaves alone.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct OwnSshSettings {
+    /// It sets a `ControlPath`: its own connection sharing is kept.
+    pub control_path: bool,
+    /// It sets `ServerAliveInterval`: clan adds no keep-alives of its own.
+    pub keepalive: bool,
 }
 
 impl UserLookup for SshConfigLookup {

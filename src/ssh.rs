@@ -329,6 +329,23 @@ pub struct SshHost {
     /// private directory on the build host: the preflight's login opens it and the copy
     /// uses it, so the build host logs in once.
     pub hop_control: Option<String>,
+    /// Ask the host for a sign of life every [`KEEPALIVE_INTERVAL`] seconds and give up
+    /// after [`KEEPALIVE_COUNT`] unanswered ones, so a host or network that goes away ends
+    /// the command within a minute instead of hanging the deploy. Off where the user's ssh
+    /// config sets its own; an address's own `ServerAliveInterval` wins anyway.
+    pub keepalive: bool,
+}
+
+/// Seconds between keep-alives (`ServerAliveInterval`).
+pub const KEEPALIVE_INTERVAL: u32 = 15;
+/// Unanswered keep-alives before ssh gives up (`ServerAliveCountMax`).
+pub const KEEPALIVE_COUNT: u32 = 4;
+
+fn keepalive_options() -> [(String, String); 2] {
+    [
+        ("ServerAliveInterval".into(), KEEPALIVE_INTERVAL.to_string()),
+        ("ServerAliveCountMax".into(), KEEPALIVE_COUNT.to_string()),
+    ]
 }
 
 /// Which ssh client connects.
@@ -353,6 +370,7 @@ impl SshHost {
             forward_agent: false,
             fresh: false,
             hop_control: None,
+            keepalive: true,
         }
     }
 
@@ -374,6 +392,12 @@ impl SshHost {
         if self.fresh {
             options.push(("ControlPath".into(), "none".into()));
             options.push(("ConnectTimeout".into(), "5".into()));
+        }
+        // On connections of their own: a shared connection's master has them (see
+        // `master_argv`). The second hop too: the build host's copy to a target that went
+        // away.
+        if (self.keepalive && self.control_path.is_none()) || side == Side::Nested {
+            options.extend(keepalive_options());
         }
         let batch = side == Side::Nested
             || (side == Side::WorkstationBatch && self.host_key_check != HostKeyCheck::Ask);
@@ -431,6 +455,11 @@ impl SshHost {
         }
         argv.extend(flags);
         argv.extend(["-o".into(), "ControlPersist=60".into()]);
+        if self.keepalive {
+            for (name, value) in keepalive_options() {
+                argv.extend(["-o".into(), format!("{name}={value}")]);
+            }
+        }
         argv.push("--".into());
         argv.push(self.address.destination());
         Some(argv)
@@ -516,8 +545,41 @@ pub fn parse_probes(stdout: &str) -> std::collections::BTreeMap<String, (i32, St
 mod tests {
     use super::*;
 
+    /// A host without keep-alives (tested on their own below).
     fn host(s: &str, check: HostKeyCheck) -> SshHost {
-        SshHost::new(s.parse().unwrap(), check)
+        let mut h = SshHost::new(s.parse().unwrap(), check);
+        h.keepalive = false;
+        h
+    }
+
+    #[test]
+    fn keepalives_on_own_connections_the_master_and_the_second_hop() {
+        let mut h = SshHost::new("root@t".parse().unwrap(), HostKeyCheck::Strict);
+        let ka = "-o ServerAliveInterval=15 -o ServerAliveCountMax=4";
+        // A connection of its own.
+        assert_eq!(
+            h.nix_sshopts(Side::Workstation),
+            format!("-o StrictHostKeyChecking=yes {ka}")
+        );
+        // Shared: the master has them, its sessions need none.
+        h.control_path = Some("/tmp/c/%C".into());
+        assert!(!h.nix_sshopts(Side::Workstation).contains("ServerAlive"));
+        assert!(h.master_argv().unwrap().join(" ").contains(ka));
+        // The build host's copy to the target always has them.
+        assert!(h.nix_sshopts(Side::Nested).contains(ka));
+        // The user's ssh config sets its own: none of clan's on the workstation's side.
+        h.keepalive = false;
+        assert!(!h.master_argv().unwrap().join(" ").contains("ServerAlive"));
+        h.control_path = None;
+        assert!(!h.nix_sshopts(Side::Workstation).contains("ServerAlive"));
+        // An address's own value comes first, and ssh keeps the first it sees.
+        let mut h = SshHost::new(
+            "root@t?ServerAliveInterval=2".parse().unwrap(),
+            HostKeyCheck::Strict,
+        );
+        h.keepalive = true;
+        let opts = h.nix_sshopts(Side::Workstation);
+        assert!(opts.find("ServerAliveInterval=2") < opts.find("ServerAliveInterval=15"));
     }
 
     #[test]
@@ -581,7 +643,7 @@ mod tests {
         let h = host("root@t?IdentityFile=/root/.ssh/other", HostKeyCheck::None);
         assert_eq!(
             h.nix_sshopts(Side::Nested),
-            "-o IdentityFile=/root/.ssh/other -o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null -o BatchMode=yes"
+            "-o IdentityFile=/root/.ssh/other -o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null -o ServerAliveInterval=15 -o ServerAliveCountMax=4 -o BatchMode=yes"
         );
         assert_eq!(h.store_url(), "ssh://root@t");
     }
@@ -597,7 +659,7 @@ mod tests {
         );
         assert_eq!(
             h.nix_sshopts(Side::Nested),
-            "-o StrictHostKeyChecking=yes -o BatchMode=yes"
+            "-o StrictHostKeyChecking=yes -o ServerAliveInterval=15 -o ServerAliveCountMax=4 -o BatchMode=yes"
         );
         let master = h.master_argv().unwrap();
         assert!(master.contains(&"ControlMaster=yes".to_string()));

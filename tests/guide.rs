@@ -579,12 +579,12 @@ fn dry_run_prints_the_plan_and_changes_nothing() {
     let b = lab.ip("builder");
     let t = lab.ip("target");
     for expected in [
-        "  copy derivations:\n    [workstation] env 'NIX_SSHOPTS=-o StrictHostKeyChecking=yes' nix --extra-experimental-features nix-command copy --derivation --to ssh://root@".to_string(),
+        "  copy derivations:\n    [workstation] env 'NIX_SSHOPTS=-o StrictHostKeyChecking=yes -o ServerAliveInterval=15 -o ServerAliveCountMax=4' nix --extra-experimental-features nix-command copy --derivation --to ssh://root@".to_string(),
         format!("  build:\n    [build host root@{b}] mkdir -m 0700 /tmp/clan-"),
         format!("    [build host root@{b}] nix-store --realise /nix/store/"),
         format!("/nix/var/nix/profiles/system {out}\n      (exit 1: no copy; exit 0, already running it: no copy, watchdog or summary)"),
         format!("  copy to target:\n    [target root@{t}] clan-target-state "),
-        format!("watchdog or summary)\n    [build host root@{b}] env 'NIX_SSHOPTS=-o StrictHostKeyChecking=yes -o BatchMode=yes -o ControlMaster=auto -o ControlPath=/tmp/clan-"),
+        format!("watchdog or summary)\n    [build host root@{b}] env 'NIX_SSHOPTS=-o StrictHostKeyChecking=yes -o ServerAliveInterval=15 -o ServerAliveCountMax=4 -o BatchMode=yes -o ControlMaster=auto -o ControlPath=/tmp/clan-"),
         format!("-hop0 nix --extra-experimental-features nix-command copy --to ssh://root@{t} {out}   (if the target lacks the system)"),
         format!("  activate:\n    [target root@{t}] test -e {out}/nixos-version"),
         format!("    [target root@{t}] clan-activate lock "),

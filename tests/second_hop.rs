@@ -474,3 +474,88 @@ fn users_own_control_path_is_respected() {
         ],
     );
 }
+
+/// The processes of `host`'s sshd that serve the connection running `pattern` (the
+/// session process above it), found by walking up from the command.
+fn session_serving(pattern: &str) -> String {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    let pid = loop {
+        let out = std::process::Command::new("pgrep")
+            .args(["-f", pattern])
+            .output()
+            .unwrap();
+        if let Some(pid) = String::from_utf8_lossy(&out.stdout).lines().next() {
+            break pid.to_string();
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{pattern} never started"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    };
+    let mut pid = pid;
+    loop {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+        let after = &stat[stat.rfind(')').unwrap() + 2..];
+        let ppid = after.split_whitespace().nth(1).unwrap().to_string();
+        let comm = std::fs::read_to_string(format!("/proc/{ppid}/comm")).unwrap();
+        if comm.trim() == "sshd" {
+            return ppid;
+        }
+        pid = ppid;
+    }
+}
+
+/// Resumes a stopped process when dropped, so the lab can stop it.
+struct Resume(String);
+
+impl Drop for Resume {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("kill")
+            .args(["-CONT", &self.0])
+            .status();
+    }
+}
+
+// A build host that stops answering in the middle of a build (its sshd frozen: the TCP
+// connection stays up, nothing answers) ends the deploy with an error that says so, within
+// the keep-alive time, instead of hanging for as long as the build would have run. The
+// address's own ServerAliveInterval (1 s here; clan's default is 15 s × 4) is used.
+#[test]
+fn a_build_host_that_stops_answering_ends_the_deploy() {
+    let lab = Lab::builder_and_target();
+    let flake = lab.write_flake(&format!(
+        r#"{{ inventory.machines.m = {{ deploy.targetHost = "root@{}"; deploy.buildHost = "root@{}?ServerAliveInterval=1&ServerAliveCountMax=3"; }}; machines.m = system {{ buildSeconds = 120; }}; }}"#,
+        lab.ip("target"),
+        lab.ip("builder")
+    ));
+    let started = std::time::Instant::now();
+    let child = lab.spawn_on_workstation(
+        &flake,
+        &[env!("CARGO_BIN_EXE_clan"), "machines", "update", "m"],
+    );
+    let session = session_serving("^nix-store --realise /nix/store/.*--add-root /tmp/clan-");
+    std::process::Command::new("kill")
+        .args(["-STOP", &session])
+        .status()
+        .unwrap();
+    let _resume = Resume(session);
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    eprintln!("{stderr}");
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(60),
+        "waited for the build instead of giving up on the host"
+    );
+    assert!(
+        stderr.contains(&format!(
+            "error: m: the build host root@{}?ServerAliveInterval=1&ServerAliveCountMax=3 \
+             stopped answering during the build stage: no reply to ssh's keep-alives",
+            lab.ip("builder")
+        )),
+        "{stderr}"
+    );
+    assert!(stderr.contains("hint: nothing was activated on the target"));
+    assert_target_untouched(&lab);
+}

@@ -5,7 +5,7 @@ use std::sync::{Mutex, mpsc};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use super::step::{quiet, run_step, run_step_now, session_of};
+use super::step::{quiet, run_step, run_step_now, session_of, with_master_said};
 use super::{Built, LogSink, interrupted};
 use crate::connection::Connections;
 use crate::diagnostics::diagnose;
@@ -105,6 +105,7 @@ pub(super) fn run_group(
             polls += 1;
         }
         let (code, output) = handle.join().expect("realise thread");
+        let output = with_master_said(realise, connections, code, output, Some(sink));
         (code, output, pending)
     });
     let pending = report_valid(plan, group, pending, started, connections, built);

@@ -76,7 +76,41 @@ pub(super) fn run_step(
     progress: &Progress,
     connections: &Connections,
 ) -> (Option<i32>, String) {
-    session_of(step, connections).run(|| run_step_now(step, label, sink, progress, None, None))
+    let (code, output) =
+        session_of(step, connections).run(|| run_step_now(step, label, sink, progress, None, None));
+    (
+        code,
+        with_master_said(step, connections, code, output, sink),
+    )
+}
+
+/// A step whose ssh failed (exit 255) on a shared connection: what the connection's master
+/// said is added to its output (and the log), as it says why the connection ended.
+pub(super) fn with_master_said(
+    step: &Step,
+    connections: &Connections,
+    code: Option<i32>,
+    mut output: String,
+    sink: Option<&LogSink>,
+) -> String {
+    if code != Some(255) {
+        return output;
+    }
+    let Runner::Remote { host, .. } = &step.runner else {
+        return output;
+    };
+    if let Some(said) = connections.master_said(host) {
+        let said = format!(
+            "(the shared ssh connection to {}: {})\n",
+            host.address,
+            said.trim()
+        );
+        if let Some(sink) = sink {
+            sink.write(&said);
+        }
+        output.push_str(&said);
+    }
+    output
 }
 
 /// Seconds since the Unix epoch, to the millisecond: when a step started, in the logs.

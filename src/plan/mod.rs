@@ -418,6 +418,8 @@ pub struct PlanContext {
     pub control_dir: Option<String>,
     /// Hosts (`user@host:port`) whose ssh config sets a ControlPath of its own, kept as is.
     pub own_control_path: BTreeSet<String>,
+    /// Hosts (`user@host:port`) whose ssh config sets keep-alives: clan adds none.
+    pub own_keepalive: BTreeSet<String>,
     /// Copy the closure build host → workstation → target instead of the direct second hop.
     pub copy_via_workstation: bool,
     /// Let targets fetch paths from their own substituters (`nix copy -s`).
@@ -472,6 +474,7 @@ impl PlanContext {
             forward_agent,
             fresh: false,
             hop_control: None,
+            keepalive: !self.own_keepalive.contains(&connection_key(address)),
         }
     }
 }

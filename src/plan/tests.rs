@@ -51,6 +51,7 @@ fn ctx(check: HostKeyCheck) -> PlanContext {
         host_key_check: check,
         control_dir: None,
         own_control_path: BTreeSet::new(),
+        own_keepalive: BTreeSet::new(),
         copy_via_workstation: false,
         use_substitutes: false,
         activation: Activation::default(),
@@ -143,10 +144,14 @@ fn remote_build_host_copies_to_target_itself() {
     let copy = plan.machines[0].steps[1].local_argv().pop().unwrap();
     assert!(copy.starts_with("sh -c "), "{copy}");
     // Through the build host's shared connection to the target, in its private directory.
-    assert!(copy.contains(
-        " sh env 'NIX_SSHOPTS=-o IdentityFile=/k -o StrictHostKeyChecking=accept-new -o BatchMode=yes \
+    assert!(
+        copy.contains(
+            " sh env 'NIX_SSHOPTS=-o IdentityFile=/k -o StrictHostKeyChecking=accept-new \
+         -o ServerAliveInterval=15 -o ServerAliveCountMax=4 -o BatchMode=yes \
          -o ControlMaster=auto -o ControlPath=/tmp/clan-r1-hop0/%C -o ControlPersist=60' sh -c "
-    ), "{copy}");
+        ),
+        "{copy}"
+    );
     assert!(copy.ends_with(
         "' clan-hop-dir /tmp/clan-r1-hop0 \
          nix --extra-experimental-features nix-command copy --to ssh://root@t /nix/store/00000000000000000000000000000000-o-m"
@@ -296,8 +301,8 @@ fn machines_sharing_a_build_host_build_together() {
     assert_eq!(plan.groups[1].members, vec![1]);
     assert_eq!(
         plan.groups[0].steps[0].command_line(),
-        "env 'NIX_SSHOPTS=-o StrictHostKeyChecking=yes' nix --extra-experimental-features nix-command \
-         copy --derivation --to ssh://root@b /nix/store/00000000000000000000000000000000-d-a.drv /nix/store/00000000000000000000000000000000-d-c.drv"
+        "env 'NIX_SSHOPTS=-o StrictHostKeyChecking=yes -o ServerAliveInterval=15 -o ServerAliveCountMax=4' \
+         nix --extra-experimental-features nix-command copy --derivation --to ssh://root@b /nix/store/00000000000000000000000000000000-d-a.drv /nix/store/00000000000000000000000000000000-d-c.drv"
     );
     assert!(
         plan.groups[0].steps[2].command_line().starts_with(
@@ -348,7 +353,7 @@ fn local_build_copies_from_the_workstation() {
         copy.local_env(),
         [(
             "NIX_SSHOPTS".to_string(),
-            "-o IdentityFile=/k -o StrictHostKeyChecking=yes".to_string()
+            "-o IdentityFile=/k -o StrictHostKeyChecking=yes -o ServerAliveInterval=15 -o ServerAliveCountMax=4".to_string()
         )]
     );
     assert!(

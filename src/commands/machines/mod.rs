@@ -621,6 +621,7 @@ mod tests {
                 host_key_check: HostKeyCheck::Strict,
                 control_dir: Some("/tmp/clan-ssh-x".into()),
                 own_control_path: BTreeSet::new(),
+                own_keepalive: BTreeSet::new(),
                 copy_via_workstation: false,
                 use_substitutes: false,
                 activation: Activation::default(),

@@ -128,7 +128,7 @@ fn deploy(args: &UpdateArgs) -> Result<ExitKind, Error> {
         Connections::new(&run_id)
     };
     let mut ctx = plan_context(args, &run_id, &connections)?;
-    ctx.own_control_path = own_control_paths(&machines);
+    (ctx.own_control_path, ctx.own_keepalive) = own_ssh_settings(&machines);
     if !args.dry_run {
         let targets: Vec<(String, SshHost)> = machines
             .iter()
@@ -335,8 +335,9 @@ fn split_up_to_date(
     (reports, rest, lacking)
 }
 
-/// Hosts whose ssh config sets a ControlPath: their own sharing is kept.
-fn own_control_paths(machines: &[ResolvedMachine]) -> BTreeSet<String> {
+/// Hosts whose ssh config sets a ControlPath (their own sharing is kept) and hosts whose
+/// ssh config sets keep-alives (clan adds none): `ssh -G` once per host, all at once.
+fn own_ssh_settings(machines: &[ResolvedMachine]) -> (BTreeSet<String>, BTreeSet<String>) {
     // Each connection once: a build host shared by a fleet is asked about once.
     let mut addresses = std::collections::BTreeMap::new();
     for m in machines {
@@ -345,11 +346,21 @@ fn own_control_paths(machines: &[ResolvedMachine]) -> BTreeSet<String> {
             addresses.insert(connection_key(addr), addr);
         }
     }
-    addresses
-        .into_iter()
-        .filter(|(_, a)| SshConfigLookup::has_own_control_path(a))
-        .map(|(key, _)| key)
-        .collect()
+    let settings: Vec<(String, crate::resolve::OwnSshSettings)> = std::thread::scope(|scope| {
+        let handles: Vec<_> = addresses
+            .into_iter()
+            .map(|(key, addr)| scope.spawn(move || (key, SshConfigLookup::own_settings(addr))))
+            .collect();
+        handles.into_iter().filter_map(|h| h.join().ok()).collect()
+    });
+    let pick = |f: fn(&crate::resolve::OwnSshSettings) -> bool| {
+        settings
+            .iter()
+            .filter(|(_, s)| f(s))
+            .map(|(k, _)| k.clone())
+            .collect()
+    };
+    (pick(|s| s.control_path), pick(|s| s.keepalive))
 }
 
 /// The relay shares one `NIX_SSHOPTS` between both ends, so they must agree on the port.
@@ -419,6 +430,7 @@ fn plan_context(
         host_key_check: args.connect.host_key_check,
         control_dir: connections.dir(),
         own_control_path: BTreeSet::new(),
+        own_keepalive: BTreeSet::new(),
         copy_via_workstation: args.copy_via_workstation,
         use_substitutes: args.use_substitutes,
         activation: Activation {
@@ -712,7 +724,7 @@ fn run_wave(
     };
     let mut ctx = base.clone();
     ctx.run_id = format!("{}{wave:02x}", &base.run_id[..base.run_id.len() - 2]);
-    ctx.own_control_path = own_control_paths(&machines);
+    (ctx.own_control_path, ctx.own_keepalive) = own_ssh_settings(&machines);
     if args.copy_via_workstation
         && let Err(error) = check_relay(&machines)
     {
