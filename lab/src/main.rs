@@ -256,7 +256,13 @@ fn timeline(lab: &Lab, started: f64) -> Vec<(String, usize, f64, f64)> {
                 };
                 let words: Vec<&str> = command
                     .split_whitespace()
-                    .filter(|w| !w.contains('=') && *w != "env" && !w.starts_with('-'))
+                    .filter(|w| {
+                        !w.contains('=')
+                            && *w != "env"
+                            && !w.starts_with('-')
+                            && !w.contains("/nix/store/")
+                            && !w.starts_with("/tmp/")
+                    })
                     .take(2)
                     .collect();
                 let key = format!("{stage}: {}", words.join(" "));
