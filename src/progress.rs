@@ -2,7 +2,7 @@
 //! its stage and elapsed time (indicatif). Elsewhere, or with `--log-format plain`: one
 //! plain line per event, with Nix's own output prefixed and stripped of terminal codes.
 
-use std::sync::LazyLock;
+use std::sync::{LazyLock, Mutex};
 use std::time::Duration;
 
 use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
@@ -26,6 +26,34 @@ pub enum Progress {
     },
     /// Nothing shown (retries whose first attempt was shown; everything is in the log).
     Silent,
+}
+
+/// The live lines on the terminal now, if any: what [`with_terminal`] takes off the screen.
+static LIVE: Mutex<Option<MultiProgress>> = Mutex::new(None);
+
+/// Runs `f`, which talks to the user on the terminal (a generator's prompt, its messages),
+/// with the live lines off the screen: they are cleared and not drawn until `f` returns,
+/// while the machines' stages go on being recorded. Nothing waits for the user but `f`.
+pub fn with_terminal<R>(f: impl FnOnce() -> R) -> R {
+    let live = LIVE.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    let Some(multi) = live else {
+        return f();
+    };
+    let _ = multi.clear();
+    multi.set_draw_target(ProgressDrawTarget::hidden());
+    let result = f();
+    multi.set_draw_target(ProgressDrawTarget::stderr());
+    result
+}
+
+/// Prints `text` (one or more lines) to standard error, above the live lines if they are on
+/// the screen, so neither garbles the other.
+pub fn line(text: &str) {
+    let live = LIVE.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    match live {
+        Some(multi) => multi.suspend(|| eprintln!("{text}")),
+        None => eprintln!("{text}"),
+    }
 }
 
 /// Terminal control sequences (colours, cursor movement).
@@ -72,6 +100,7 @@ impl Progress {
                 bar
             })
             .collect();
+        *LIVE.lock().unwrap_or_else(|e| e.into_inner()) = Some(multi.clone());
         Progress::Live { multi, bars }
     }
 
@@ -146,6 +175,7 @@ impl Progress {
                 }
             }
             let _ = multi.clear();
+            *LIVE.lock().unwrap_or_else(|e| e.into_inner()) = None;
         }
     }
 }

@@ -668,3 +668,33 @@ fn runtime_inputs_are_built_here_and_on_the_generators_path() {
         "from-the-tool\n"
     );
 }
+
+// A fleet deployed on a terminal, where one machine's generator asks a hidden question: the
+// live lines are on the screen while machines are evaluated, the prompt goes between them
+// (they are cleared while it waits), it is answered, and both machines deploy.
+#[test]
+fn a_prompt_during_a_fleet_deploy_on_a_terminal() {
+    let lab = Lab::start(&[HostSpec::new("t1"), HostSpec::new("t2")]);
+    let (private, public) = identity();
+    install_identity(&lab, &private);
+    let flake = lab.write_flake(&format!(
+        r#"{{
+          vars.settings.recipients.default = [ "{public}" ];
+          inventory.machines.m1.deploy.targetHost = "root@{t1}";
+          inventory.machines.m2.deploy.targetHost = "root@{t2}";
+          machines.m1 = system {{ }};
+          machines.m2 = {{ imports = [ (system {{ vars = {{
+            api = {{ prompts.token = {{ type = "hidden"; persist = true; description = "API token of m2"; }}; script = "true"; }};
+          }}; }}) ];
+            clan.core.vars.age.secretLocation = "/root/secret-vars-fleet"; }};
+        }}"#,
+        t1 = lab.ip("t1"),
+        t2 = lab.ip("t2"),
+    ));
+    let token = "tok-fleet-on-a-tty";
+    let run = clan_on_terminal(&lab, &flake, &["machines", "update"], &format!("{token}\n"));
+    assert_eq!(run.code, 0, "{}", run.all());
+    assert!(run.stdout.contains("API token of m2"), "{}", run.stdout);
+    assert!(lab.host("t1").system_profile().is_some());
+    assert_eq!(sh(&lab, "t2", "cat /run/secrets/api/token"), token);
+}

@@ -63,7 +63,19 @@ fn update_nix_options(args: &UpdateArgs) -> Result<crate::eval::NixOptions, Erro
             };
             let _turn = one_at_a_time.lock().unwrap_or_else(|e| e.into_inner());
             let settings = settings.cloned().unwrap_or_default();
-            crate::vars::generate::Generation::new(&repo, &settings).machine(name, vars)?;
+            let generate =
+                || crate::vars::generate::Generation::new(&repo, &settings).machine(name, vars);
+            let missing = vars
+                .generators
+                .iter()
+                .any(|(g, decl)| !repo.generated(name, g, decl));
+            if missing {
+                // In a fleet, the live lines are on the screen by now: prompts and messages
+                // go between them.
+                crate::progress::with_terminal(generate)?;
+            } else {
+                generate()?;
+            }
             if !vars.uploaded_files(name).is_empty() {
                 // The upload will need the machine's key: found out now, before any build.
                 repo.machine_private_key(name, crate::vars::upload::user_identity()?)?;
@@ -102,11 +114,11 @@ fn deploy(args: &UpdateArgs) -> Result<ExitKind, Error> {
     .map(|loaded| loaded.machine)
     .collect();
     for (name, why) in skipped.unwrap_or_default() {
-        eprintln!("{name}: skipped ({why})");
+        crate::progress::line(&format!("{name}: skipped ({why})"));
     }
     let failed = failed.unwrap_or_default();
     for (name, error) in &failed {
-        eprintln!("{name}: evaluation failed: {}", error.message);
+        crate::progress::line(&format!("{name}: evaluation failed: {}", error.message));
     }
     if machines.is_empty() {
         if let Some((_, error)) = failed.into_iter().next() {
@@ -385,13 +397,13 @@ fn check_relay(machines: &[ResolvedMachine]) -> Result<(), Error> {
 /// `--host-key-check none` warnings.
 fn announce(plan: &crate::plan::DeployPlan, ctx: &PlanContext) {
     if ctx.host_key_check == crate::ssh::HostKeyCheck::None {
-        eprintln!("{}", host_key_none_warning(plan));
+        crate::progress::line(&host_key_none_warning(plan));
     }
     for machine in &plan.machines {
-        eprintln!("{}", describe_target(&machine.machine));
-        eprintln!("{}", describe_build(&machine.machine));
+        crate::progress::line(&describe_target(&machine.machine));
+        crate::progress::line(&describe_build(&machine.machine));
         if let Some(warning) = describe_forward_agent(&machine.machine) {
-            eprintln!("{warning}");
+            crate::progress::line(&warning);
         }
     }
 }
@@ -599,13 +611,16 @@ fn deploy_streaming(args: &UpdateArgs) -> Result<ExitKind, Error> {
                         }
                         StreamedMachine::Skipped(name, why) => {
                             skipped_any = true;
-                            eprintln!("{name}: skipped ({why})");
+                            crate::progress::line(&format!("{name}: skipped ({why})"));
                             if let Some(i) = names.iter().position(|n| n == name.as_str()) {
                                 progress.finish(i, false, &format!("skipped ({why})"));
                             }
                         }
                         StreamedMachine::Failed(name, error) => {
-                            eprintln!("{name}: evaluation failed: {}", error.message);
+                            crate::progress::line(&format!(
+                                "{name}: evaluation failed: {}",
+                                error.message
+                            ));
                             if let Some(i) = names.iter().position(|n| n == name.as_str()) {
                                 progress.finish(i, false, "evaluation failed");
                             }
@@ -780,7 +795,7 @@ fn run_wave(
         let problems = preflight::run(&plan, &ctx, connections);
         if !problems.is_empty() {
             for problem in &problems {
-                eprintln!("\n{problem}");
+                crate::progress::line(&format!("\n{problem}"));
             }
             // A problem names its machine ("preflight: NAME: …"); one that names none stops
             // the whole batch.
