@@ -475,37 +475,6 @@ fn users_own_control_path_is_respected() {
     );
 }
 
-/// The processes of `host`'s sshd that serve the connection running `pattern` (the
-/// session process above it), found by walking up from the command.
-fn session_serving(pattern: &str) -> String {
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
-    let pid = loop {
-        let out = std::process::Command::new("pgrep")
-            .args(["-f", pattern])
-            .output()
-            .unwrap();
-        if let Some(pid) = String::from_utf8_lossy(&out.stdout).lines().next() {
-            break pid.to_string();
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "{pattern} never started"
-        );
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    };
-    let mut pid = pid;
-    loop {
-        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
-        let after = &stat[stat.rfind(')').unwrap() + 2..];
-        let ppid = after.split_whitespace().nth(1).unwrap().to_string();
-        let comm = std::fs::read_to_string(format!("/proc/{ppid}/comm")).unwrap();
-        if comm.trim() == "sshd" {
-            return ppid;
-        }
-        pid = ppid;
-    }
-}
-
 /// Resumes a stopped process when dropped, so the lab can stop it.
 struct Resume(String);
 
@@ -534,7 +503,8 @@ fn a_build_host_that_stops_answering_ends_the_deploy() {
         &flake,
         &[env!("CARGO_BIN_EXE_clan"), "machines", "update", "m"],
     );
-    let session = session_serving("^nix-store --realise /nix/store/.*--add-root /tmp/clan-");
+    let build = wait_for_process("^nix-store --realise /nix/store/.*--add-root /tmp/clan-");
+    let session = sshd_session_of(&build);
     std::process::Command::new("kill")
         .args(["-STOP", &session])
         .status()

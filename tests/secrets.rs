@@ -336,36 +336,12 @@ fn an_interrupted_upload_keeps_the_previous_secrets() {
     );
     // Freeze the target's tar mid-upload, cut its ssh session, let it see the end.
     let pattern = "tar -x -f - -C /root/secret-vars-interrupt.d/new";
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
-    let tar_pid = loop {
-        let out = Command::new("pgrep")
-            .args(["-f", pattern])
-            .output()
-            .unwrap();
-        if let Some(pid) = String::from_utf8_lossy(&out.stdout).lines().next() {
-            break pid.to_string();
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the upload never started"
-        );
-        std::thread::sleep(std::time::Duration::from_millis(5));
-    };
+    let tar_pid = wait_for_process(pattern);
     Command::new("kill")
         .args(["-STOP", &tar_pid])
         .status()
         .unwrap();
-    let mut pid = tar_pid.clone();
-    let session = loop {
-        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
-        let after = &stat[stat.rfind(')').unwrap() + 2..];
-        let ppid = after.split_whitespace().nth(1).unwrap().to_string();
-        let comm = std::fs::read_to_string(format!("/proc/{ppid}/comm")).unwrap();
-        if comm.trim() == "sshd" {
-            break ppid;
-        }
-        pid = ppid;
-    };
+    let session = sshd_session_of(&tar_pid);
     Command::new("kill")
         .args(["-KILL", &session])
         .status()

@@ -479,6 +479,30 @@ impl PlanContext {
     }
 }
 
+#[cfg(test)]
+impl PlanContext {
+    /// A context for unit tests: run `run_id`, host key policy `check`, nothing shared.
+    pub(crate) fn example(run_id: &str, check: HostKeyCheck) -> PlanContext {
+        PlanContext {
+            run_id: run_id.into(),
+            host_key_check: check,
+            control_dir: None,
+            own_control_path: BTreeSet::new(),
+            own_keepalive: BTreeSet::new(),
+            copy_via_workstation: false,
+            use_substitutes: false,
+            activation: Activation::default(),
+            sudo_password: BTreeSet::new(),
+            workstation: "alice@ws".into(),
+            lock_timeout: 300,
+            nix_flags: Vec::new(),
+            health_check_timeout: 60,
+            rollback_on_unhealthy: false,
+            build_jobs: None,
+        }
+    }
+}
+
 /// `user@host:port`, what identifies one ssh connection.
 pub fn connection_key(address: &HostAddress) -> String {
     format!("{}:{}", address.destination(), address.port.unwrap_or(22))

@@ -46,23 +46,7 @@ fn remote(s: &str) -> BuildLocation {
 }
 
 fn ctx(check: HostKeyCheck) -> PlanContext {
-    PlanContext {
-        run_id: "r1".into(),
-        host_key_check: check,
-        control_dir: None,
-        own_control_path: BTreeSet::new(),
-        own_keepalive: BTreeSet::new(),
-        copy_via_workstation: false,
-        use_substitutes: false,
-        activation: Activation::default(),
-        sudo_password: BTreeSet::new(),
-        workstation: "alice@ws".into(),
-        lock_timeout: 300,
-        nix_flags: Vec::new(),
-        health_check_timeout: 60,
-        rollback_on_unhealthy: false,
-        build_jobs: None,
-    }
+    PlanContext::example("r1", check)
 }
 
 fn labels(steps: &[Step]) -> Vec<(StepKind, String)> {

@@ -119,3 +119,38 @@ pub fn result_of(report: &serde_json::Value, machine: &str) -> Option<String> {
         .and_then(|r| r["result"].as_str())
         .map(str::to_string)
 }
+
+/// The pid of the first process whose command line matches `pattern` (`pgrep -f`), waiting
+/// up to 60 s for one to appear.
+pub fn wait_for_process(pattern: &str) -> String {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        let out = std::process::Command::new("pgrep")
+            .args(["-f", pattern])
+            .output()
+            .expect("pgrep");
+        if let Some(pid) = String::from_utf8_lossy(&out.stdout).lines().next() {
+            return pid.to_string();
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{pattern} never started"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+}
+
+/// The sshd session process that `pid` runs under (its nearest `sshd` ancestor).
+pub fn sshd_session_of(pid: &str) -> String {
+    let mut pid = pid.to_string();
+    loop {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("stat");
+        let after = &stat[stat.rfind(')').expect("comm") + 2..];
+        let ppid = after.split_whitespace().nth(1).expect("ppid").to_string();
+        let comm = std::fs::read_to_string(format!("/proc/{ppid}/comm")).expect("comm");
+        if comm.trim() == "sshd" {
+            return ppid;
+        }
+        pid = ppid;
+    }
+}

@@ -471,10 +471,9 @@ mod tests {
     use super::*;
     use crate::eval::Evaluation;
     use crate::host::HostAddress;
-    use crate::plan::{Activation, PlanContext, Runner, plan_deploy};
+    use crate::plan::{PlanContext, Runner, plan_deploy};
     use crate::ssh::{HostKeyCheck, Invocation, RemoteCommand};
     use proptest::prelude::*;
-    use std::collections::BTreeSet;
 
     struct Users;
     impl crate::resolve::UserLookup for Users {
@@ -617,21 +616,9 @@ mod tests {
                 return Ok(());
             };
             let ctx = PlanContext {
-                run_id: "0123456789abcdef".into(),
-                host_key_check: HostKeyCheck::Strict,
                 control_dir: Some("/tmp/clan-ssh-x".into()),
-                own_control_path: BTreeSet::new(),
-                own_keepalive: BTreeSet::new(),
-                copy_via_workstation: false,
-                use_substitutes: false,
-                activation: Activation::default(),
-                sudo_password: BTreeSet::new(),
-                workstation: "alice@ws".into(),
-                lock_timeout: 300,
-                nix_flags: Vec::new(),
-                health_check_timeout: 60,
                 rollback_on_unhealthy: true,
-                build_jobs: None,
+                ..PlanContext::example("0123456789abcdef", HostKeyCheck::Strict)
             };
             let plan = plan_deploy(loaded.into_iter().map(|l| l.machine).collect(), &ctx);
             let mut steps: Vec<&crate::plan::Step> = Vec::new();
