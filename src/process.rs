@@ -15,6 +15,18 @@ pub fn interrupted() -> std::io::Error {
     std::io::Error::new(std::io::ErrorKind::Interrupted, "interrupted by Ctrl-C")
 }
 
+/// Starts `command` the one way clan starts children: in a process group of its own (the
+/// terminal's Ctrl-C reaches clan only, which decides what stops), its output piped, its
+/// standard input piped when it gets `input`, else none.
+pub fn spawn(command: &mut Command, input: bool) -> std::io::Result<std::process::Child> {
+    command
+        .stdin(if input { Stdio::piped() } else { Stdio::null() })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .process_group(0)
+        .spawn()
+}
+
 /// Runs `command` to its end, with `input` on its standard input (else none), and returns
 /// its output; stops it (SIGTERM to its group, SIGKILL after 5 s) and returns
 /// [`interrupted`] if Ctrl-C is pressed meanwhile.
@@ -22,16 +34,7 @@ pub fn run(command: &mut Command, input: Option<&[u8]>) -> std::io::Result<Outpu
     if crate::interrupt::requested() {
         return Err(interrupted());
     }
-    let mut child = command
-        .stdin(if input.is_some() {
-            Stdio::piped()
-        } else {
-            Stdio::null()
-        })
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .process_group(0)
-        .spawn()?;
+    let mut child = spawn(command, input.is_some())?;
     // Written from a thread of its own: a large input and a chatty child cannot block each
     // other. Dropping the pipe afterwards ends the child's input.
     let writer = match (input, child.stdin.take()) {

@@ -1,8 +1,7 @@
 //! The target's deploy lock, held by a process whose life is the deploy's ssh session.
 
 use std::io::{BufRead, BufReader, Write};
-use std::os::unix::process::CommandExt;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::sync::{Arc, Mutex, mpsc};
 use std::thread;
 use std::time::{Duration, Instant};
@@ -49,13 +48,7 @@ pub(crate) fn take_lock(
     password: Option<&str>,
     mut on: impl FnMut(LockEvent<'_>),
 ) -> Result<LockGuard, (Option<i32>, String)> {
-    let mut child = Command::new(&argv[0])
-        .args(&argv[1..])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .process_group(0)
-        .spawn()
+    let mut child = crate::process::spawn(Command::new(&argv[0]).args(&argv[1..]), true)
         .map_err(|e| (None, format!("cannot run {}: {e}", argv[0])))?;
     let mut input = child.stdin.take();
     if let (Some(password), Some(stdin)) = (password, input.as_mut()) {

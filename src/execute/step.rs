@@ -2,7 +2,6 @@
 //! log and turned into progress, stopped on Ctrl-C where the step allows it.
 
 use std::io::{BufRead, BufReader, Read, Write};
-use std::os::unix::process::CommandExt;
 use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::thread;
@@ -178,19 +177,12 @@ pub(super) fn run_step_now(
         Runner::Remote { command, .. } if command.reads_password() => SUDO_PASSWORD.get(),
         _ => None,
     };
-    // A process group of its own: the terminal's Ctrl-C reaches clan only, which decides.
-    let child = Command::new(&argv[0])
-        .args(&argv[1..])
-        .envs(step.local_env().iter().map(|(k, v)| (k, v)))
-        .stdin(if hangup || password.is_some() || data.is_some() {
-            Stdio::piped()
-        } else {
-            Stdio::null()
-        })
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .process_group(0)
-        .spawn();
+    let child = crate::process::spawn(
+        Command::new(&argv[0])
+            .args(&argv[1..])
+            .envs(step.local_env().iter().map(|(k, v)| (k, v))),
+        hangup || password.is_some() || data.is_some(),
+    );
     let mut child = match child {
         Ok(child) => child,
         Err(e) => return (None, format!("cannot run {}: {e}", argv[0])),
