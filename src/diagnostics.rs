@@ -127,6 +127,15 @@ pub fn diagnose(machine: &ResolvedMachine, step: &Step, output: &str, code: Opti
             "wait for that deploy to end and run this one again, or wait longer with --lock-timeout SECONDS",
         ));
     }
+    if matches!(step.kind, StepKind::Prepare | StepKind::Switch) && code == Some(76) {
+        return base(format!(
+            "{name}: this deploy no longer holds the deploy lock of {target}: the target heard nothing from this workstation for {} s and let it go",
+            crate::execute::LOCK_STALE.as_secs()
+        ))
+        .hint(Hint::text(
+            "another deploy may have taken the target since; check it (clan machines show, or on the target), then re-deploy",
+        ));
+    }
     if step.kind == StepKind::Confirm {
         return base(format!(
             "{name}: cannot log in to the target {target} over a fresh ssh connection after activating the new system: it rolls back to the previous generation by itself when its watchdog's time is up"

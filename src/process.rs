@@ -113,18 +113,35 @@ pub fn poll_interval(n: u32) -> Duration {
     }
 }
 
-/// Writes `data` to a child's input from a thread of its own, with SIGPIPE blocked in that
-/// thread: a child that dies early makes the write fail (EPIPE) instead of killing clan
-/// (whose SIGPIPE is the default, for `clan … | head`).
+/// Writes `data` to a child's input from a thread of its own (see [`write_to_child`]).
 pub fn feed(mut input: std::process::ChildStdin, data: &[u8]) -> std::io::Result<()> {
-    // SAFETY: changes this thread's signal mask only; the set is initialised before use.
+    write_to_child(&mut input, data)
+}
+
+/// Writes `data` to a child's input with SIGPIPE blocked meanwhile: a child that is gone
+/// makes the write fail (EPIPE) instead of killing clan, whose SIGPIPE is the default (for
+/// `clan … | head`). The SIGPIPE such a write raises for this thread is taken before the
+/// mask is restored, so it is never delivered later.
+pub fn write_to_child(input: &mut std::process::ChildStdin, data: &[u8]) -> std::io::Result<()> {
+    // SAFETY: changes and restores this thread's signal mask only, and takes a pending
+    // SIGPIPE of this thread; the sets are initialised before use.
     unsafe {
-        let mut set: libc::sigset_t = std::mem::zeroed();
-        libc::sigemptyset(&mut set);
-        libc::sigaddset(&mut set, libc::SIGPIPE);
-        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+        let mut pipe: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut pipe);
+        libc::sigaddset(&mut pipe, libc::SIGPIPE);
+        let mut before: libc::sigset_t = std::mem::zeroed();
+        libc::pthread_sigmask(libc::SIG_BLOCK, &pipe, &mut before);
+        let result = input.write_all(data).and_then(|()| input.flush());
+        if matches!(&result, Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe) {
+            let now = libc::timespec {
+                tv_sec: 0,
+                tv_nsec: 0,
+            };
+            libc::sigtimedwait(&pipe, std::ptr::null_mut(), &now);
+        }
+        libc::pthread_sigmask(libc::SIG_SETMASK, &before, std::ptr::null_mut());
+        result
     }
-    input.write_all(data)
 }
 
 /// Sends `signal` to the process group that `leader` leads.

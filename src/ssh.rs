@@ -582,6 +582,76 @@ mod tests {
         assert!(opts.find("ServerAliveInterval=2") < opts.find("ServerAliveInterval=15"));
     }
 
+    /// A shell function of `src/scripts/activate.sh`, by name, as text.
+    fn activate_function(name: &str) -> String {
+        let start = ACTIVATE
+            .text
+            .find(&format!("\n{name}() {{\n"))
+            .expect("the function");
+        let end = start + ACTIVATE.text[start..].find("\n}\n").expect("its end") + 3;
+        ACTIVATE.text[start..end].to_string()
+    }
+
+    // A transient unit that could not start its command (systemd's EXIT_CGROUP, 219, seen
+    // in the lab's containers) is tried again under a fresh name; the command's own failure
+    // is not; systemd's codes three times in a row end it.
+    #[test]
+    fn activate_tries_a_unit_again_only_when_its_command_never_ran() {
+        let dir = tempfile::tempdir().unwrap();
+        // A systemd-run that answers the exit statuses listed in `statuses`, one per call,
+        // and records each call's unit.
+        let fake = dir.path().join("systemd-run");
+        std::fs::write(
+            &fake,
+            "#!/bin/sh\nfor a; do case $a in --unit=*) echo \"${a#--unit=}\" >>\"$CALLS\";; esac; done\n\
+             s=$(head -n 1 \"$STATUSES\"); sed -i 1d \"$STATUSES\"; exit \"$s\"\n",
+        )
+        .unwrap();
+        std::fs::set_permissions(&fake, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+            .unwrap();
+        let run = |statuses: &str| {
+            let calls = dir.path().join("calls");
+            let list = dir.path().join("statuses");
+            let _ = std::fs::remove_file(&calls);
+            std::fs::write(&list, statuses).unwrap();
+            let script = format!(
+                "{}\nin_unit clan-switch-r1 true",
+                activate_function("in_unit")
+            );
+            let out = std::process::Command::new("sh")
+                .args(["-c", &script])
+                .env("PATH", format!("{}:/usr/bin:/bin", dir.path().display()))
+                .env("CALLS", &calls)
+                .env("STATUSES", &list)
+                .output()
+                .unwrap();
+            let units = std::fs::read_to_string(&calls).unwrap_or_default();
+            (
+                out.status.code(),
+                units.lines().map(str::to_string).collect::<Vec<_>>(),
+            )
+        };
+        assert_eq!(
+            run("219\n0\n"),
+            (
+                Some(0),
+                vec!["clan-switch-r1".into(), "clan-switch-r1-try2".into()]
+            )
+        );
+        assert_eq!(run("1\n0\n"), (Some(1), vec!["clan-switch-r1".into()]));
+        assert_eq!(
+            run("219\n203\n219\n0\n"),
+            (
+                Some(219),
+                vec![
+                    "clan-switch-r1".into(),
+                    "clan-switch-r1-try2".into(),
+                    "clan-switch-r1-try3".into()
+                ]
+            )
+        );
+    }
+
     #[test]
     fn quoting_survives_a_real_shell() {
         let hostile = [

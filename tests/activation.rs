@@ -585,3 +585,83 @@ fn containers_never_outlive_their_lab() {
     }
     assert!(!alive(init), "the container's systemd outlived the lab");
 }
+
+// A workstation that goes silent while it holds a target's lock (its network cut, its lid
+// closed: the connection stays open, nothing more comes) does not block every other deploy
+// of that machine for the hours TCP would wait: with no heartbeat for 60 s the target lets
+// the lock go, a second deploy takes it and deploys, and the first, when it wakes up, finds
+// that it was taken over and says so instead of going on.
+#[test]
+fn a_silent_workstation_lets_go_of_the_target_lock() {
+    let lab = target_lab(HostKind::Namespace);
+    deploy(&lab, "");
+    let clan_bin = env!("CARGO_BIN_EXE_clan");
+    let f1 = flake(&lab, r#"variant = "v2"; switchSeconds = 3;"#);
+    let first = lab.spawn_on_workstation(
+        &f1,
+        &[
+            clan_bin,
+            "machines",
+            "update",
+            "m",
+            "--rollback-timeout",
+            "200",
+        ],
+    );
+    let started = lab.host("target").root().join("switch-started");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !started.exists() {
+        assert!(Instant::now() < deadline, "the first switch never started");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // clan itself stops (its heartbeat with it); its ssh connection stays open.
+    let pid = first.id().to_string();
+    std::process::Command::new("kill")
+        .args(["-STOP", &pid])
+        .status()
+        .unwrap();
+    let resume = scopeguard(pid.clone());
+
+    let dir2 = lab.dir.join("flake2");
+    let f2 = flake(&lab, r#"variant = "v3";"#);
+    let v3 = toplevel(&lab, &f2, "m");
+    std::fs::create_dir_all(&dir2).unwrap();
+    std::fs::copy(f2.join("flake.nix"), dir2.join("flake.nix")).unwrap();
+    let waited = Instant::now();
+    let second = update(&lab, &dir2, &["--lock-timeout", "150"]);
+    assert_eq!(second.code, 0, "{}", second.all());
+    assert!(
+        second
+            .stderr
+            .contains("waiting for the target's deploy lock, held by run ")
+    );
+    assert!(
+        waited.elapsed() < Duration::from_secs(100),
+        "waited {:?} for a silent workstation's lock",
+        waited.elapsed()
+    );
+    assert_system(&lab, Some(&v3), Some(&v3));
+
+    drop(resume);
+    let first = first.wait_with_output().unwrap();
+    let e1 = String::from_utf8_lossy(&first.stderr);
+    eprintln!("--- first ---\n{e1}");
+    assert_eq!(first.status.code(), Some(3), "{:?} {e1}", first.status);
+    assert!(e1.contains("another deploy took it over"), "{e1}");
+    // The second deploy's system stays.
+    assert_system(&lab, Some(&v3), Some(&v3));
+    assert_nothing_left(&lab);
+}
+
+/// Resumes (SIGCONT) process `pid` when dropped, also when the test fails.
+fn scopeguard(pid: String) -> impl Drop {
+    struct Resume(String);
+    impl Drop for Resume {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("kill")
+                .args(["-CONT", &self.0])
+                .status();
+        }
+    }
+    Resume(pid)
+}

@@ -307,6 +307,7 @@ fn take_target_lock(
             crate::commands::machines::update::run_id(),
             crate::commands::machines::update::workstation_identity(),
             timeout.to_string(),
+            crate::execute::LOCK_STALE.as_secs().to_string(),
         ],
         sudo: None,
     });

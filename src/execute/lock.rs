@@ -1,6 +1,6 @@
 //! The target's deploy lock, held by a process whose life is the deploy's ssh session.
 
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufRead, BufReader};
 use std::process::Command;
 use std::sync::{Arc, Mutex, mpsc};
 use std::thread;
@@ -11,16 +11,49 @@ use super::{LogSink, SUDO_PASSWORD};
 use crate::plan::{Runner, Step};
 use crate::progress::Progress;
 
+/// How often the workstation tells a target's lock that it is still there.
+pub const LOCK_HEARTBEAT: Duration = Duration::from_secs(15);
+
+/// How long a target's lock waits for a sign of the workstation before it lets go: four
+/// heartbeats, as long as ssh's keep-alives wait (see [`crate::ssh::KEEPALIVE_COUNT`]).
+pub const LOCK_STALE: Duration = Duration::from_secs(60);
+
 /// The target's deploy lock: `clan-activate lock` holds it until its standard input ends,
 /// which is when this value is dropped, or when this process dies (the ssh session ends).
+/// Meanwhile a thread sends it a byte every [`LOCK_HEARTBEAT`].
 pub(crate) struct LockGuard {
     child: std::process::Child,
-    input: Option<std::process::ChildStdin>,
+    input: Arc<Mutex<Option<std::process::ChildStdin>>>,
+}
+
+impl LockGuard {
+    fn new(child: std::process::Child, input: Option<std::process::ChildStdin>) -> LockGuard {
+        let input = Arc::new(Mutex::new(input));
+        let beating = Arc::clone(&input);
+        thread::spawn(move || {
+            let mut last = Instant::now();
+            loop {
+                thread::sleep(Duration::from_millis(200));
+                let mut input = beating.lock().unwrap_or_else(|e| e.into_inner());
+                let Some(stdin) = input.as_mut() else {
+                    return;
+                };
+                if last.elapsed() >= LOCK_HEARTBEAT {
+                    last = Instant::now();
+                    // The lock's session may be gone (the target let go of it): EPIPE.
+                    if crate::process::write_to_child(stdin, b".").is_err() {
+                        return;
+                    }
+                }
+            }
+        });
+        LockGuard { child, input }
+    }
 }
 
 impl Drop for LockGuard {
     fn drop(&mut self) {
-        self.input.take();
+        self.input.lock().unwrap_or_else(|e| e.into_inner()).take();
         let deadline = Instant::now() + Duration::from_secs(10);
         while matches!(self.child.try_wait(), Ok(None)) && Instant::now() < deadline {
             thread::sleep(Duration::from_millis(20));
@@ -52,7 +85,7 @@ pub(crate) fn take_lock(
         .map_err(|e| (None, format!("cannot run {}: {e}", argv[0])))?;
     let mut input = child.stdin.take();
     if let (Some(password), Some(stdin)) = (password, input.as_mut()) {
-        let _ = stdin.write_all(format!("{password}\n").as_bytes());
+        let _ = crate::process::write_to_child(stdin, format!("{password}\n").as_bytes());
     }
     let output = Arc::new(Mutex::new(String::new()));
     let (tx, rx) = mpsc::channel::<String>();
@@ -74,7 +107,7 @@ pub(crate) fn take_lock(
             Ok(line) => {
                 on(LockEvent::Line(&line));
                 if line == "clan: acquired" {
-                    return Ok(LockGuard { child, input });
+                    return Ok(LockGuard::new(child, input));
                 }
                 if let Some(holder) = line.strip_prefix("clan: waiting ") {
                     on(LockEvent::Waiting(crate::diagnostics::describe_holder(

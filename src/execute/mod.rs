@@ -38,6 +38,7 @@ use group::run_group;
 use machine::run_machine;
 use step::{quiet, run_step};
 
+pub use lock::{LOCK_HEARTBEAT, LOCK_STALE};
 pub(crate) use lock::{LockEvent, LockGuard, take_lock};
 
 /// How one machine's deploy ended.

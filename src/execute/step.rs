@@ -1,7 +1,7 @@
 //! Running one step: its process in a group of its own, its output streamed to the run's
 //! log and turned into progress, stopped on Ctrl-C where the step allows it.
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{BufRead, BufReader, Read};
 use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::thread;
@@ -191,7 +191,7 @@ pub(super) fn run_step_now(
     let streams = output_streams(&mut child);
     let mut input = child.stdin.take();
     if let (Some(password), Some(stdin)) = (password, input.as_mut()) {
-        let _ = stdin.write_all(format!("{password}\n").as_bytes());
+        let _ = crate::process::write_to_child(stdin, format!("{password}\n").as_bytes());
         if !hangup && data.is_none() {
             input = None; // sudo has its line; the command gets end-of-file
         }

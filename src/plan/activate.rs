@@ -95,12 +95,20 @@ impl Target<'_> {
         )
     }
 
-    /// The target's deploy lock, held until the machine is done.
+    /// The target's deploy lock, held until the machine is done, or until the workstation
+    /// has been silent for [`crate::execute::LOCK_STALE`] seconds.
     pub fn lock(&self) -> Step {
         let timeout = self.ctx.lock_timeout.to_string();
+        let stale = crate::execute::LOCK_STALE.as_secs().to_string();
         self.activate(
             StepKind::LockTarget,
-            &["lock", &self.ctx.run_id, &self.ctx.workstation, &timeout],
+            &[
+                "lock",
+                &self.ctx.run_id,
+                &self.ctx.workstation,
+                &timeout,
+                &stale,
+            ],
             When::Always,
         )
     }

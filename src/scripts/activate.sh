@@ -7,10 +7,14 @@
 #   lock (the deploy lock), holder (who holds it), act (held while a watchdog acts or is
 #   stood down), activation-RUN/ (one activation: action, generations, watchdog, switch).
 #
-#   lock RUN WHO SECONDS
+#   lock RUN WHO SECONDS [STALE]
 #       Take the target's deploy lock, waiting at most SECONDS (printing "clan: waiting
 #       HOLDER" once), print "clan: acquired" and hold it until standard input ends: the
-#       deploy's ssh session, so a killed workstation releases it. Exit 75: still held.
+#       deploy's ssh session, so a killed workstation releases it. With STALE, the
+#       workstation also sends a byte every few seconds, and STALE seconds without one
+#       release the lock: a workstation that is gone without closing its connection (its
+#       network cut, its lid closed) does not hold the target for the hours TCP would wait.
+#       Exit 75: still held.
 #   prepare RUN ACTION TOPLEVEL TIMEOUT
 #       Under the lock: stand down what earlier runs left pending (their switch is waited
 #       for, their watchdog stopped), record the current generation ("clan: previous N
@@ -37,7 +41,8 @@
 #       newest generation older than the current one.
 #
 # Exit codes: 0 done; 1 failed; 2 bad arguments; 3 no generation to go back to; 4, 5 as
-# for confirm; 75 lock held by another deploy.
+# for confirm; 75 lock held by another deploy; 76 (prepare, switch) this run no longer
+# holds the lock: it was let go after STALE seconds without a sign of the workstation.
 # Lines starting with "clan: " are for the workstation; the rest is for the run's log.
 
 set -u
@@ -91,13 +96,32 @@ gen_before() {
 	echo "$best"
 }
 
+# COMMAND... in a transient unit named UNIT, its output piped back, waiting for its end.
+# Exit statuses 200-243 are systemd's own (EXIT_CGROUP, EXIT_EXEC, ...): the unit could not
+# start its command, which never ran, so it is tried again (under a fresh name, the failed
+# unit may not be collected yet), three times at most.
+in_unit() {
+	unit=$1
+	shift
+	try=1
+	while :; do
+		systemd-run -E LOCALE_ARCHIVE -E NIXOS_INSTALL_BOOTLOADER -E PATH --collect \
+			--no-ask-password --pipe --quiet --service-type=exec --unit="$unit" \
+			--wait "$@" </dev/null
+		s=$?
+		if [ $s -lt 200 ] || [ $s -gt 243 ] || [ $try -ge 3 ]; then return $s; fi
+		echo "the unit $unit could not start its command (systemd's exit status $s): trying again" >&2
+		try=$((try + 1))
+		unit=${unit%-try*}-try$try
+		sleep 1
+	done
+}
+
 # SYSTEM's switch-to-configuration ACTION; in a transient unit (named after UNIT) where
 # systemd runs, its output piped back.
 run_switch() {
 	if has_systemd; then
-		systemd-run -E LOCALE_ARCHIVE -E NIXOS_INSTALL_BOOTLOADER -E PATH --collect \
-			--no-ask-password --pipe --quiet --service-type=exec --unit="clan-switch-$3" \
-			--wait "$1/bin/switch-to-configuration" "$2" </dev/null
+		in_unit "clan-switch-$3" "$1/bin/switch-to-configuration" "$2"
 	else
 		"$1/bin/switch-to-configuration" "$2" </dev/null
 	fi
@@ -151,6 +175,16 @@ take_lock() {
 	fi
 }
 
+# Stops unless this run still holds the deploy lock (the holder line names it): a lock let
+# go after the workstation's silence may have been taken by another deploy since.
+own_lock() {
+	h=
+	[ -r "$D/holder" ] && read -r h _ <"$D/holder"
+	[ "$h" = "$run" ] && return 0
+	say lock-lost
+	exit 76
+}
+
 # Holds the act lock (fd 8) until the calling command exits.
 act_lock() {
 	exec 8>>"$D/act"
@@ -178,16 +212,22 @@ take_over() {
 
 case $cmd in
 lock)
-	[ $# -eq 2 ] || exit 2
+	[ $# -eq 2 ] || [ $# -eq 3 ] || exit 2
 	take_lock "$2"
 	printf '%s %s %s\n' "$run" "$1" "$(date -u +%Y-%m-%dT%H:%M:%SZ)" >"$D/holder"
 	say acquired
-	# Held while the session lasts; cat does not keep the lock.
-	cat >/dev/null 9>&-
+	# Held while the session lasts (and, with STALE, while bytes keep coming); what reads
+	# the input does not keep the lock.
+	if [ $# -eq 3 ]; then
+		while beat=$(timeout "$3" head -c 1 9>&-) && [ -n "$beat" ]; do :; done
+	else
+		cat >/dev/null 9>&-
+	fi
 	rm -f "$D/holder" "$D/previous-$run"
 	;;
 prepare)
 	[ $# -eq 3 ] || exit 2
+	own_lock
 	action=$1
 	top=$2
 	timeout=$3
@@ -223,10 +263,10 @@ prepare)
 	;;
 switch)
 	[ $# -eq 2 ] || exit 2
+	# dry-activate changes nothing and takes no lock.
+	[ "$1" = dry-activate ] || own_lock
 	if has_systemd; then
-		systemd-run -E LOCALE_ARCHIVE -E NIXOS_INSTALL_BOOTLOADER -E PATH --collect \
-			--no-ask-password --pipe --quiet --service-type=exec --unit="clan-switch-$run" \
-			--wait sh "$SELF" switch-now "$run" "$@" </dev/null
+		in_unit "clan-switch-$run" sh "$SELF" switch-now "$run" "$@"
 	else
 		sh "$SELF" switch-now "$run" "$@" </dev/null
 	fi
