@@ -102,7 +102,7 @@ fn remote_build_host_copies_to_target_itself() {
     assert_eq!(
         lines,
         [
-            "clan-activate lock r1 alice@ws 300 Always",
+            "clan-activate lock r1 alice@ws 300 60 Always",
             "clan-activate prepare r1 switch /nix/store/00000000000000000000000000000000-o-m 30 TargetNotRunning",
             "clan-activate prepare r1 switch /nix/store/00000000000000000000000000000000-o-m 0 TargetRunning",
             "clan-activate switch r1 switch /nix/store/00000000000000000000000000000000-o-m Always",
