@@ -615,12 +615,7 @@ fn a_silent_workstation_lets_go_of_the_target_lock() {
         std::thread::sleep(Duration::from_millis(20));
     }
     // clan itself stops (its heartbeat with it); its ssh connection stays open.
-    let pid = first.id().to_string();
-    std::process::Command::new("kill")
-        .args(["-STOP", &pid])
-        .status()
-        .unwrap();
-    let resume = scopeguard(pid.clone());
+    let stopped = Stopped::stop(&first.id().to_string());
 
     let dir2 = lab.dir.join("flake2");
     let f2 = flake(&lab, r#"variant = "v3";"#);
@@ -642,7 +637,7 @@ fn a_silent_workstation_lets_go_of_the_target_lock() {
     );
     assert_system(&lab, Some(&v3), Some(&v3));
 
-    drop(resume);
+    drop(stopped);
     let first = first.wait_with_output().unwrap();
     let e1 = String::from_utf8_lossy(&first.stderr);
     eprintln!("--- first ---\n{e1}");
@@ -651,17 +646,4 @@ fn a_silent_workstation_lets_go_of_the_target_lock() {
     // The second deploy's system stays.
     assert_system(&lab, Some(&v3), Some(&v3));
     assert_nothing_left(&lab);
-}
-
-/// Resumes (SIGCONT) process `pid` when dropped, also when the test fails.
-fn scopeguard(pid: String) -> impl Drop {
-    struct Resume(String);
-    impl Drop for Resume {
-        fn drop(&mut self) {
-            let _ = std::process::Command::new("kill")
-                .args(["-CONT", &self.0])
-                .status();
-        }
-    }
-    Resume(pid)
 }

@@ -475,17 +475,6 @@ fn users_own_control_path_is_respected() {
     );
 }
 
-/// Resumes a stopped process when dropped, so the lab can stop it.
-struct Resume(String);
-
-impl Drop for Resume {
-    fn drop(&mut self) {
-        let _ = std::process::Command::new("kill")
-            .args(["-CONT", &self.0])
-            .status();
-    }
-}
-
 // A build host that stops answering in the middle of a build (its sshd frozen: the TCP
 // connection stays up, nothing answers) ends the deploy with an error that says so, within
 // the keep-alive time, instead of hanging for as long as the build would have run. The
@@ -505,11 +494,7 @@ fn a_build_host_that_stops_answering_ends_the_deploy() {
     );
     let build = wait_for_process("^nix-store --realise /nix/store/.*--add-root /tmp/clan-");
     let session = sshd_session_of(&build);
-    std::process::Command::new("kill")
-        .args(["-STOP", &session])
-        .status()
-        .unwrap();
-    let _resume = Resume(session);
+    let _stopped = Stopped::stop(&session);
     let out = child.wait_with_output().unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     eprintln!("{stderr}");

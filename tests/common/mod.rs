@@ -154,3 +154,26 @@ pub fn sshd_session_of(pid: &str) -> String {
         pid = ppid;
     }
 }
+
+/// A process stopped with SIGSTOP; resumed (SIGCONT) when dropped, also when the test fails,
+/// so the lab can stop it.
+pub struct Stopped(String);
+
+impl Stopped {
+    /// Stops process `pid`.
+    pub fn stop(pid: &str) -> Stopped {
+        std::process::Command::new("kill")
+            .args(["-STOP", pid])
+            .status()
+            .expect("kill -STOP");
+        Stopped(pid.to_string())
+    }
+}
+
+impl Drop for Stopped {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("kill")
+            .args(["-CONT", &self.0])
+            .status();
+    }
+}
