@@ -728,6 +728,47 @@ fn host_address_without_user_takes_ssh_config_user_else_root() {
     );
 }
 
+// Keep-alives are clan's default on every connection, unless the user's ssh config sets its
+// own for that host: then it is theirs, and clan adds none.
+#[test]
+fn keepalives_unless_the_ssh_config_sets_them() {
+    let lab = Lab::builder_and_target();
+    let deploy = built_on(&lab, "builder");
+    let flake = one_machine(&lab, &deploy, "");
+    let b = lab.ip("builder").to_string();
+    let copy_line = |run: &Run| {
+        run.stdout
+            .lines()
+            .find(|l| l.contains("copy --derivation"))
+            .unwrap_or_default()
+            .to_string()
+    };
+    let ours = clan(&lab, &flake, &["machines", "update", "m", "--dry-run"]);
+    assert_eq!(ours.code, 0);
+    assert!(
+        copy_line(&ours).contains("-o ServerAliveInterval=15 -o ServerAliveCountMax=4"),
+        "{}",
+        ours.stdout
+    );
+    lab.prepend_ssh_config(
+        "workstation",
+        &format!("Host {b}\n  ServerAliveInterval 7\n"),
+    );
+    let theirs = clan(&lab, &flake, &["machines", "update", "m", "--dry-run"]);
+    assert_eq!(theirs.code, 0);
+    assert!(
+        !copy_line(&theirs).contains("ServerAlive"),
+        "{}",
+        theirs.stdout
+    );
+    // The build host's own copy to the target keeps them: that config is not on it.
+    assert!(
+        theirs
+            .stdout
+            .contains("-o ServerAliveInterval=15 -o ServerAliveCountMax=4 -o BatchMode=yes")
+    );
+}
+
 // clan-core picks up machines/<name>/configuration.nix; so does this library.
 #[test]
 fn machine_directory_configuration_is_picked_up() {

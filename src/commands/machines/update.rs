@@ -358,13 +358,20 @@ fn own_ssh_settings(machines: &[ResolvedMachine]) -> (BTreeSet<String>, BTreeSet
             addresses.insert(connection_key(addr), addr);
         }
     }
-    let settings: Vec<(String, crate::resolve::OwnSshSettings)> = std::thread::scope(|scope| {
-        let handles: Vec<_> = addresses
-            .into_iter()
-            .map(|(key, addr)| scope.spawn(move || (key, SshConfigLookup::own_settings(addr))))
-            .collect();
-        handles.into_iter().filter_map(|h| h.join().ok()).collect()
-    });
+    // Sixteen at a time: a large fleet does not start hundreds of ssh processes at once.
+    let addresses: Vec<(String, &crate::host::HostAddress)> = addresses.into_iter().collect();
+    let mut settings: Vec<(String, crate::resolve::OwnSshSettings)> = Vec::new();
+    for chunk in addresses.chunks(16) {
+        std::thread::scope(|scope| {
+            let handles: Vec<_> = chunk
+                .iter()
+                .map(|(key, addr)| {
+                    scope.spawn(move || (key.clone(), SshConfigLookup::own_settings(addr)))
+                })
+                .collect();
+            settings.extend(handles.into_iter().filter_map(|h| h.join().ok()));
+        });
+    }
     let pick = |f: fn(&crate::resolve::OwnSshSettings) -> bool| {
         settings
             .iter()
