@@ -48,11 +48,19 @@ static LABS: AtomicU32 = AtomicU32::new(0);
 /// an account.
 static ETC: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
-/// A `/24` of loopback addresses of its own for each lab of each process.
+/// A `/24` of loopback addresses of its own for each lab of each process. One where an
+/// sshd already answers (a lab left behind by a run that was killed) is skipped: its host
+/// keys would clash with this lab's.
 fn subnet() -> String {
-    let n = LABS.fetch_add(1, Ordering::SeqCst);
     let pid = std::process::id();
-    format!("127.{}.{}", 100 + pid % 150, n % 250)
+    loop {
+        let n = LABS.fetch_add(1, Ordering::SeqCst);
+        let subnet = format!("127.{}.{}", 100 + (pid + n / 250) % 150, n % 250);
+        let first_host: SocketAddr = format!("{subnet}.3:22").parse().expect("an address");
+        if std::net::TcpStream::connect_timeout(&first_host, Duration::from_millis(200)).is_err() {
+            return subnet;
+        }
+    }
 }
 
 const NIX_CONF: &str = "experimental-features = nix-command flakes
@@ -651,5 +659,23 @@ impl Drop for Lab {
         } else {
             eprintln!("lab kept at {}", self.dir.display());
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    // A subnet where something answers on the first host's ssh port (a lab a killed run left
+    // behind) is not handed out again.
+    #[test]
+    fn a_subnet_in_use_is_skipped() {
+        let pid = std::process::id();
+        let n = LABS.load(Ordering::SeqCst);
+        let next = format!("127.{}.{}", 100 + (pid + n / 250) % 150, n % 250);
+        let _taken = std::net::TcpListener::bind(format!("{next}.3:22")).expect("bind");
+        let got = subnet();
+        assert_ne!(got, next);
+        assert!(got.starts_with("127."));
     }
 }
