@@ -178,9 +178,9 @@ struct Figures {
     build_jobs: f64,
 }
 
-/// Where the time of one machine's deploy goes, from the run's log (each step's start is
-/// stamped `@EPOCH`) and the evaluation timed apart.
-fn breakdown(lab: &Lab, started: f64, ended: f64, evaluate: f64) -> Vec<(&'static str, f64)> {
+/// Every step the runs' logs on the workstation record (each start is stamped `@EPOCH`), as
+/// (when it started, the rest of its line), in order.
+fn logged_steps(lab: &Lab) -> Vec<(f64, String)> {
     let logs = lab
         .host("workstation")
         .root()
@@ -199,6 +199,13 @@ fn breakdown(lab: &Lab, started: f64, ended: f64, evaluate: f64) -> Vec<(&'stati
         }
     }
     steps.sort_by(|a, b| a.0.total_cmp(&b.0));
+    steps
+}
+
+/// Where the time of one machine's deploy goes, from the run's log (each step's start is
+/// stamped `@EPOCH`) and the evaluation timed apart.
+fn breakdown(lab: &Lab, started: f64, ended: f64, evaluate: f64) -> Vec<(&'static str, f64)> {
+    let steps = logged_steps(lab);
     let at = |what: &str| {
         steps
             .iter()
@@ -233,45 +240,29 @@ fn breakdown(lab: &Lab, started: f64, ended: f64, evaluate: f64) -> Vec<(&'stati
 /// When each kind of step started during a run, from its log: for each kind (stage and
 /// command word), how many ran, the first and the last start, in seconds from `started`.
 fn timeline(lab: &Lab, started: f64) -> Vec<(String, usize, f64, f64)> {
-    let logs = lab
-        .host("workstation")
-        .root()
-        .join(".local/state/clan/logs");
     let mut kinds: BTreeMap<String, (usize, f64, f64)> = BTreeMap::new();
-    for run in std::fs::read_dir(&logs).expect("logs").flatten() {
-        for file in std::fs::read_dir(run.path()).expect("run logs").flatten() {
-            let text = std::fs::read_to_string(file.path()).unwrap_or_default();
-            for line in text.lines() {
-                let Some((stamp, rest)) = line.strip_prefix('@').and_then(|l| l.split_once(' '))
-                else {
-                    continue;
-                };
-                let Ok(t) = stamp.parse::<f64>() else {
-                    continue;
-                };
-                // "[m1] copy to target: env … nix … copy …" → "copy to target: nix copy"
-                let rest = rest.split_once("] ").map_or(rest, |(_, r)| r);
-                let Some((stage, command)) = rest.split_once(": ") else {
-                    continue;
-                };
-                let words: Vec<&str> = command
-                    .split_whitespace()
-                    .filter(|w| {
-                        !w.contains('=')
-                            && *w != "env"
-                            && !w.starts_with('-')
-                            && !w.contains("/nix/store/")
-                            && !w.starts_with("/tmp/")
-                    })
-                    .take(2)
-                    .collect();
-                let key = format!("{stage}: {}", words.join(" "));
-                let e = kinds.entry(key).or_insert((0, f64::MAX, 0.0));
-                e.0 += 1;
-                e.1 = e.1.min(t - started);
-                e.2 = e.2.max(t - started);
-            }
-        }
+    for (t, line) in logged_steps(lab) {
+        // "[m1] copy to target: env … nix … copy …" → "copy to target: nix copy"
+        let rest = line.split_once("] ").map_or(line.as_str(), |(_, r)| r);
+        let Some((stage, command)) = rest.split_once(": ") else {
+            continue;
+        };
+        let words: Vec<&str> = command
+            .split_whitespace()
+            .filter(|w| {
+                !w.contains('=')
+                    && *w != "env"
+                    && !w.starts_with('-')
+                    && !w.contains("/nix/store/")
+                    && !w.starts_with("/tmp/")
+            })
+            .take(2)
+            .collect();
+        let key = format!("{stage}: {}", words.join(" "));
+        let e = kinds.entry(key).or_insert((0, f64::MAX, 0.0));
+        e.0 += 1;
+        e.1 = e.1.min(t - started);
+        e.2 = e.2.max(t - started);
     }
     let mut rows: Vec<_> = kinds
         .into_iter()
