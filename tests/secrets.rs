@@ -43,26 +43,6 @@ fn one_target_flake(lab: &Lab, public: &str, generators: &str, location: &str) -
     ))
 }
 
-/// Runs `clan ARGS` on a pseudo-terminal (util-linux `script`), typing `input`.
-fn clan_on_terminal(lab: &Lab, flake: &Path, args: &[&str], input: &str) -> Run {
-    let command = std::iter::once(env!("CARGO_BIN_EXE_clan").to_string())
-        .chain(args.iter().map(|a| a.to_string()))
-        .collect::<Vec<_>>()
-        .join(" ");
-    let out =
-        lab.run_on_workstation_with_input(flake, &["script", "-qec", &command, "/dev/null"], input);
-    let run = Run {
-        code: out.status.code().unwrap_or(-1),
-        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-    };
-    eprintln!(
-        "$ clan {command} (on a terminal)\n--- exit {} ---\n{}{}",
-        run.code, run.stdout, run.stderr
-    );
-    run
-}
-
 /// Runs a shell line on host `name` (in its namespace) and returns its stdout, trimmed.
 fn sh(lab: &Lab, name: &str, line: &str) -> String {
     let out = lab.exec(name, &["sh", "-c", line]);

@@ -25,7 +25,7 @@ impl Run {
 pub fn clan(lab: &Lab, flake: &Path, args: &[&str]) -> Run {
     let mut argv = vec![env!("CARGO_BIN_EXE_clan")];
     argv.extend_from_slice(args);
-    run_clan(lab, flake, args, &argv)
+    run_clan(lab, flake, args, &argv, None)
 }
 
 /// Runs `clan ARGS` under an ssh-agent that holds the workstation's default key.
@@ -39,11 +39,26 @@ pub fn clan_with_agent(lab: &Lab, flake: &Path, args: &[&str]) -> Run {
         env!("CARGO_BIN_EXE_clan"),
     ];
     argv.extend_from_slice(args);
-    run_clan(lab, flake, args, &argv)
+    run_clan(lab, flake, args, &argv, None)
 }
 
-fn run_clan(lab: &Lab, flake: &Path, args: &[&str], argv: &[&str]) -> Run {
-    let out = lab.run_on_workstation(flake, argv);
+/// Runs `clan ARGS` on a pseudo-terminal (util-linux `script`), typing `input`.
+pub fn clan_on_terminal(lab: &Lab, flake: &Path, args: &[&str], input: &str) -> Run {
+    let command = std::iter::once(env!("CARGO_BIN_EXE_clan"))
+        .chain(args.iter().copied())
+        .collect::<Vec<_>>()
+        .join(" ");
+    let argv = ["script", "-qec", command.as_str(), "/dev/null"];
+    run_clan(lab, flake, args, &argv, Some(input))
+}
+
+/// Runs `argv` (which runs `clan ARGS`) on the workstation, with `input` on its standard
+/// input if any; shows what it printed, and a failure's full log.
+fn run_clan(lab: &Lab, flake: &Path, args: &[&str], argv: &[&str], input: Option<&str>) -> Run {
+    let out = match input {
+        Some(input) => lab.run_on_workstation_with_input(flake, argv, input),
+        None => lab.run_on_workstation(flake, argv),
+    };
     let run = Run {
         code: out.status.code().unwrap_or(-1),
         stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
