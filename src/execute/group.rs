@@ -5,7 +5,7 @@ use std::sync::{Mutex, mpsc};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use super::step::{quiet, run_step, run_step_now, session_of, with_master_said};
+use super::step::{quiet, run_in_session, run_step};
 use super::{Built, LogSink, interrupted};
 use crate::connection::Connections;
 use crate::diagnostics::diagnose;
@@ -76,16 +76,15 @@ pub(super) fn run_group(
     };
     let (code, output, pending) = thread::scope(|scope| {
         let handle = scope.spawn(|| {
-            session_of(realise, connections).run(|| {
-                run_step_now(
-                    realise,
-                    &label,
-                    Some(sink),
-                    progress,
-                    Some(&on_builds),
-                    None,
-                )
-            })
+            run_in_session(
+                realise,
+                &label,
+                Some(sink),
+                progress,
+                connections,
+                Some(&on_builds),
+                None,
+            )
         });
         let mut pending: Vec<usize> = group.members.clone();
         let mut next_poll = Instant::now() + poll;
@@ -105,7 +104,6 @@ pub(super) fn run_group(
             polls += 1;
         }
         let (code, output) = handle.join().expect("realise thread");
-        let output = with_master_said(realise, connections, code, output, Some(sink));
         (code, output, pending)
     });
     let pending = report_valid(plan, group, pending, started, connections, built);

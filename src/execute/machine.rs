@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use super::lock::{LockGuard, hold_lock};
-use super::step::{quiet, retry, run_step, run_step_now, session_of};
+use super::step::{quiet, retry, run_in_session, run_step};
 use super::{LogSink, Outcome, interrupted, with_log};
 use crate::connection::Connections;
 use crate::diagnostics::diagnose;
@@ -280,8 +280,15 @@ fn upload_secrets(
         .expect("an upload step comes with its upload");
     let user = crate::vars::upload::user_identity()?;
     let bundle = upload.bundle(user)?;
-    let (code, output) = session_of(step, connections)
-        .run(|| run_step_now(step, name, Some(sink), progress, None, Some(&bundle)));
+    let (code, output) = run_in_session(
+        step,
+        name,
+        Some(sink),
+        progress,
+        connections,
+        None,
+        Some(&bundle),
+    );
     if code == Some(0) {
         return Ok(());
     }

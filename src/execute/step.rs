@@ -75,8 +75,23 @@ pub(super) fn run_step(
     progress: &Progress,
     connections: &Connections,
 ) -> (Option<i32>, String) {
-    let (code, output) =
-        session_of(step, connections).run(|| run_step_now(step, label, sink, progress, None, None));
+    run_in_session(step, label, sink, progress, connections, None, None)
+}
+
+/// Runs one step once its session slot on its host's shared connection is free
+/// ([`run_step_now`] with Nix's build counts to `on_builds` and `data` on its input); a
+/// step whose ssh failed there gets what the connection said ([`with_master_said`]).
+pub(super) fn run_in_session(
+    step: &Step,
+    label: &str,
+    sink: Option<&LogSink>,
+    progress: &Progress,
+    connections: &Connections,
+    on_builds: Option<OnBuilds<'_>>,
+    data: Option<&[u8]>,
+) -> (Option<i32>, String) {
+    let (code, output) = session_of(step, connections)
+        .run(|| run_step_now(step, label, sink, progress, on_builds, data));
     (
         code,
         with_master_said(step, connections, code, output, sink),
@@ -85,7 +100,7 @@ pub(super) fn run_step(
 
 /// A step whose ssh failed (exit 255) on a shared connection: what the connection's master
 /// said is added to its output (and the log), as it says why the connection ended.
-pub(super) fn with_master_said(
+fn with_master_said(
     step: &Step,
     connections: &Connections,
     code: Option<i32>,
