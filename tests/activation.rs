@@ -46,6 +46,7 @@ on_both_kinds!(
     rollback_command_goes_to_the_generation_before,
     rollback_command_with_a_sudo_password,
     non_root_target_with_passwordless_sudo,
+    a_silent_workstation_lets_go_of_the_target_lock,
 );
 
 fn target_lab(kind: HostKind) -> Lab {
@@ -591,9 +592,8 @@ fn containers_never_outlive_their_lab() {
 // of that machine for the hours TCP would wait: with no heartbeat for 60 s the target lets
 // the lock go, a second deploy takes it and deploys, and the first, when it wakes up, finds
 // that it was taken over and says so instead of going on.
-#[test]
-fn a_silent_workstation_lets_go_of_the_target_lock() {
-    let lab = target_lab(HostKind::Namespace);
+fn a_silent_workstation_lets_go_of_the_target_lock(kind: HostKind) {
+    let lab = target_lab(kind);
     deploy(&lab, "");
     let clan_bin = env!("CARGO_BIN_EXE_clan");
     let f1 = flake(&lab, r#"variant = "v2"; switchSeconds = 3;"#);
