@@ -309,8 +309,9 @@ pub struct UpdateArgs {
     #[arg(long, value_name = "TAG", num_args = 1..)]
     pub tags: Vec<String>,
 
-    /// Builds each build host runs at once (passed as the realise's --max-jobs; default: the
-    /// host's own max-jobs setting).
+    /// Builds each build host runs at once (passed as the realise's --max-jobs). Default: the
+    /// host's own max-jobs, raised to one build per machine deployed at once (at most --jobs)
+    /// when it is lower but not 0; the preflight asks the host.
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..))]
     pub build_jobs: Option<u16>,
 

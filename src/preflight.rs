@@ -180,8 +180,25 @@ impl Probes {
     }
 }
 
-/// Runs the preflight for every machine of `plan`; returns one error per problem found.
-pub fn run(plan: &DeployPlan, ctx: &PlanContext, connections: &Connections) -> Vec<Error> {
+/// What the preflight found.
+#[derive(Debug, Default)]
+pub struct Findings {
+    /// One error per problem.
+    pub problems: Vec<Error>,
+    /// Each build host's own `max-jobs`, by connection key (`localhost` for this machine).
+    pub max_jobs: BTreeMap<String, u32>,
+}
+
+/// `max-jobs` from `nix show-config`'s output.
+fn max_jobs_setting(config: &str) -> Option<u32> {
+    config
+        .lines()
+        .find_map(|l| l.strip_prefix("max-jobs = "))
+        .and_then(|v| v.trim().parse().ok())
+}
+
+/// Runs the preflight for every machine of `plan`.
+pub fn run(plan: &DeployPlan, ctx: &PlanContext, connections: &Connections) -> Findings {
     // Collect what each host must be checked for.
     let mut hosts: BTreeMap<String, (ProbeHost, Probes)> = BTreeMap::new();
     for m in &plan.machines {
@@ -255,11 +272,21 @@ pub fn run(plan: &DeployPlan, ctx: &PlanContext, connections: &Connections) -> V
         merged
     });
 
-    let mut errors = Vec::new();
+    let mut findings = Findings::default();
     for m in &plan.machines {
-        errors.extend(check_machine(&m.machine, ctx, &results));
+        findings
+            .problems
+            .extend(check_machine(&m.machine, ctx, &results));
     }
-    errors
+    for (key, result) in &results {
+        if let Ok(probes) = result
+            && let Some((0, config)) = probes.get(CONFIG)
+            && let Some(n) = max_jobs_setting(config)
+        {
+            findings.max_jobs.insert(key.clone(), n);
+        }
+    }
+    findings
 }
 
 fn probes_of(hosts: &mut BTreeMap<String, (ProbeHost, Probes)>, host: ProbeHost) -> &mut Probes {
@@ -559,5 +586,19 @@ fn third_hop_error(
             "{name}: the build host {build_host} cannot reach the Nix builder {b}"
         ))
         .hint(Hint::text("the build host opens its own ssh connection to each builder: check the address and that it is reachable from there")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::max_jobs_setting;
+
+    #[test]
+    fn max_jobs_is_read_from_show_config() {
+        let config = "keep-going = false\nmax-free = 0\nmax-jobs = 4\nmax-silent-time = 0\n";
+        assert_eq!(max_jobs_setting(config), Some(4));
+        assert_eq!(max_jobs_setting("max-jobs = 0\n"), Some(0));
+        assert_eq!(max_jobs_setting("max-free = 12\n"), None);
+        assert_eq!(max_jobs_setting("max-jobs = auto\n"), None);
     }
 }

@@ -82,6 +82,15 @@ fn fleet_deploys_every_machine_grouped_by_build_host() {
             .iter()
             .any(|l| l.contains("nixos-system-t1.drv") && l.contains("nixos-system-t2.drv"))
     );
+    // The builder's own max-jobs is Nix's default, 1: the preflight learnt it, and its batch
+    // gets a build slot for each of its two machines; t3 builds alone on itself, as it is.
+    for batch in &batches {
+        assert_eq!(
+            batch.contains("nix-store --realise --max-jobs 2 "),
+            batch.contains("nixos-system-t2.drv"),
+            "{batch}"
+        );
+    }
     // Nix's own build count reaches the progress lines.
     assert!(run.stderr.contains(&format!(
         "[t1] building on the build host root@{}: 3/3 built",

@@ -253,6 +253,7 @@ fn timeline(lab: &Lab, started: f64) -> Vec<(String, usize, f64, f64)> {
                 !w.contains('=')
                     && *w != "env"
                     && !w.starts_with('-')
+                    && !w.chars().all(|c| c.is_ascii_digit())
                     && !w.contains("/nix/store/")
                     && !w.starts_with("/tmp/")
             })
@@ -272,6 +273,90 @@ fn timeline(lab: &Lab, started: f64) -> Vec<(String, usize, f64, f64)> {
     rows
 }
 
+/// The machine's CPU time, busy and idle (all cores, in clock ticks), from `/proc/stat`.
+fn cpu_ticks() -> (u64, u64) {
+    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    let v: Vec<u64> = stat
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|x| x.parse().ok())
+        .collect();
+    if v.len() < 7 {
+        return (0, 0);
+    }
+    // user nice system idle iowait irq softirq
+    (v[0] + v[1] + v[2] + v[5] + v[6], v[3] + v[4])
+}
+
+/// Samples how busy the machine's CPUs are (every lab host shares them) every 100 ms, from
+/// [`CpuSampler::start`] until [`CpuSampler::stop`].
+struct CpuSampler {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: std::thread::JoinHandle<Vec<(f64, u64, u64)>>,
+}
+
+impl CpuSampler {
+    fn start() -> CpuSampler {
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let stopped = std::sync::Arc::clone(&stop);
+        let thread = std::thread::spawn(move || {
+            let mut samples = Vec::new();
+            loop {
+                let (busy, idle) = cpu_ticks();
+                samples.push((epoch(), busy, idle));
+                if stopped.load(std::sync::atomic::Ordering::SeqCst) {
+                    return samples;
+                }
+                std::thread::sleep(std::time::Duration::from_millis(100));
+            }
+        });
+        CpuSampler { stop, thread }
+    }
+
+    /// The samples: (epoch seconds, busy ticks, idle ticks), cumulative.
+    fn stop(self) -> Vec<(f64, u64, u64)> {
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        self.thread.join().unwrap_or_default()
+    }
+}
+
+/// The share of CPU time that was busy between `from` and `to` (epoch seconds), in percent,
+/// from the samples nearest inside that window.
+fn busy_percent(samples: &[(f64, u64, u64)], from: f64, to: f64) -> f64 {
+    let inside: Vec<_> = samples
+        .iter()
+        .filter(|(t, _, _)| *t >= from && *t <= to)
+        .collect();
+    let (Some(first), Some(last)) = (inside.first(), inside.last()) else {
+        return f64::NAN;
+    };
+    let busy = last.1.saturating_sub(first.1) as f64;
+    let idle = last.2.saturating_sub(first.2) as f64;
+    100.0 * busy / (busy + idle).max(1.0)
+}
+
+/// How busy the CPUs were before clan's build started, while only the build ran (until the
+/// first system was copied to its target), and after.
+fn busy_by_phase(lab: &Lab, samples: &[(f64, u64, u64)], started: f64, ended: f64) -> [f64; 3] {
+    let steps = logged_steps(lab);
+    let at = |what: &str| {
+        steps
+            .iter()
+            .find(|(_, s)| s.contains(what))
+            .map_or(f64::NAN, |(t, _)| *t)
+    };
+    let build = at("nix-store --realise");
+    let copy = at("copy to target:");
+    [
+        busy_percent(samples, started, build),
+        busy_percent(samples, build, copy),
+        busy_percent(samples, copy, ended),
+    ]
+}
+
 fn epoch() -> f64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -284,6 +369,10 @@ fn bench(clan: &str, sizes: &[usize]) -> ExitCode {
     let mut stages = Vec::new();
     let mut steps = Vec::new();
     let mut steps_of = (0, 0.0);
+    // CPU busy (%) during clan's largest run: before the build, during it, after; and over
+    // all of clan's run and of the loop's.
+    let mut busy = [f64::NAN; 3];
+    let mut busy_overall = (f64::NAN, f64::NAN);
     for &n in sizes {
         eprintln!("N = {n}: this tool…");
         let (lab, flake, names) = bench_lab(n);
@@ -294,6 +383,7 @@ fn bench(clan: &str, sizes: &[usize]) -> ExitCode {
         let evaluate = dry.elapsed().as_secs_f64();
         let epoch_started = epoch();
         let started = Instant::now();
+        let sampler = CpuSampler::start();
         let out = lab.run_on_workstation(
             &flake,
             &[
@@ -306,6 +396,7 @@ fn bench(clan: &str, sizes: &[usize]) -> ExitCode {
             ],
         );
         let tool = started.elapsed().as_secs_f64();
+        let samples = sampler.stop();
         assert!(
             out.status.success(),
             "deploy failed: {}",
@@ -317,6 +408,8 @@ fn bench(clan: &str, sizes: &[usize]) -> ExitCode {
         if Some(&n) == sizes.iter().max() && n > 1 {
             steps = timeline(&lab, epoch_started);
             steps_of = (n, tool);
+            busy = busy_by_phase(&lab, &samples, epoch_started, epoch_started + tool);
+            busy_overall.0 = busy_percent(&samples, epoch_started, epoch_started + tool);
         }
         let report: String = String::from_utf8_lossy(&out.stdout).into_owned();
         let peak_kib = report
@@ -395,9 +488,15 @@ fn bench(clan: &str, sizes: &[usize]) -> ExitCode {
                 "lock",
             ],
         );
+        let epoch_started = epoch();
         let started = Instant::now();
+        let sampler = CpuSampler::start();
         let out = lab.run_on_workstation(&flake, &["bash", "-ec", &script]);
         let parallel = started.elapsed().as_secs_f64();
+        let samples = sampler.stop();
+        if Some(&n) == sizes.iter().max() && n > 1 {
+            busy_overall.1 = busy_percent(&samples, epoch_started, epoch_started + parallel);
+        }
         assert!(
             out.status.success(),
             "parallel loop failed: {}",
@@ -485,6 +584,12 @@ fn bench(clan: &str, sizes: &[usize]) -> ExitCode {
         for (step, count, first, last) in &steps {
             println!("| {step} | {count} | {first:.2} | {last:.2} |");
         }
+        println!(
+            "\nN = {}, how busy the CPUs were (all lab hosts share them): clan {:.0}% over its run \
+             ({:.0}% before the build, {:.0}% while only the build ran, {:.0}% from the first copy \
+             to a target on); the parallel loop {:.0}% over its run.",
+            steps_of.0, busy_overall.0, busy[0], busy[1], busy[2], busy_overall.1
+        );
     }
     ExitCode::SUCCESS
 }

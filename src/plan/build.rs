@@ -222,7 +222,25 @@ pub(super) fn group_steps(
         .map(|b| b.value.to_nix());
     let mut realise = vec!["--realise"];
     realise.extend(ctx.nix_flags.iter().map(String::as_str));
-    let build_jobs = ctx.build_jobs.map(|n| n.to_string());
+    let host_key = match builder {
+        Builder::Local => "localhost".to_string(),
+        Builder::Remote { host, .. } => super::connection_key(&host.address),
+    };
+    // `--option max-jobs N` on the command line is the user's own choice.
+    let own_option = ctx
+        .nix_flags
+        .chunks(3)
+        .any(|o| o.len() == 3 && o[0] == "--option" && o[1] == "max-jobs");
+    let build_jobs = super::build_slots(
+        ctx.build_jobs,
+        ctx.jobs,
+        members.len(),
+        ctx.builder_max_jobs
+            .get(&host_key)
+            .copied()
+            .filter(|_| !own_option),
+    )
+    .map(|n| n.to_string());
     if let Some(n) = &build_jobs {
         realise.extend(["--max-jobs", n.as_str()]);
     }

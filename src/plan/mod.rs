@@ -15,7 +15,7 @@
 
 use std::fmt;
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 
 use crate::host::HostAddress;
 use crate::resolve::{BuildLocation, ResolvedMachine};
@@ -440,8 +440,13 @@ pub struct PlanContext {
     /// Go back to the previous generation when the health check fails.
     pub rollback_on_unhealthy: bool,
     /// `--build-jobs`: builds each build host runs at once (its realise's `--max-jobs`);
-    /// `None`: the host's own `max-jobs`.
+    /// `None`: [`build_slots`] decides.
     pub build_jobs: Option<u16>,
+    /// `--jobs`: machines copied and activated at once.
+    pub jobs: u16,
+    /// Each build host's own `max-jobs`, by connection key (`localhost` for this machine),
+    /// as the preflight learnt it; empty without a preflight.
+    pub builder_max_jobs: BTreeMap<String, u32>,
 }
 
 impl PlanContext {
@@ -499,8 +504,34 @@ impl PlanContext {
             health_check_timeout: 60,
             rollback_on_unhealthy: false,
             build_jobs: None,
+            jobs: 8,
+            builder_max_jobs: BTreeMap::new(),
         }
     }
+}
+
+/// The `--max-jobs` of a build group's realise, if any: `--build-jobs` when given; else one
+/// build slot for each of the group's machines deployed at once (at most `--jobs`) when the
+/// build host's own `max-jobs` (`host_max_jobs`, learnt in the preflight) is lower but not
+/// 0 (0: it leaves every build to its Nix builders); else none, and the host's own setting
+/// applies.
+///
+/// A machine's own derivations mostly build one after another (each needs the one before),
+/// so a host with fewer slots than machines makes machines queue for slots, as separate
+/// `nixos-rebuild` runs, each with the host's `max-jobs`, would not.
+pub fn build_slots(
+    build_jobs: Option<u16>,
+    jobs: u16,
+    members: usize,
+    host_max_jobs: Option<u32>,
+) -> Option<u32> {
+    if let Some(n) = build_jobs {
+        return Some(u32::from(n));
+    }
+    let at_once = u32::try_from(members.min(usize::from(jobs))).unwrap_or(u32::MAX);
+    host_max_jobs
+        .filter(|own| *own > 0 && *own < at_once)
+        .map(|_| at_once)
 }
 
 /// `user@host:port`, what identifies one ssh connection.

@@ -66,6 +66,49 @@ fn build_jobs_set_the_realises_max_jobs() {
 }
 
 #[test]
+fn a_build_host_gets_a_slot_for_each_machine_deployed_at_once() {
+    use crate::plan::build_slots;
+    // --build-jobs decides alone.
+    assert_eq!(build_slots(Some(3), 8, 16, Some(4)), Some(3));
+    assert_eq!(build_slots(Some(3), 8, 16, None), Some(3));
+    // The host's own max-jobs when it has a slot for every machine at once.
+    assert_eq!(build_slots(None, 8, 4, Some(4)), None);
+    assert_eq!(build_slots(None, 8, 1, Some(1)), None);
+    assert_eq!(build_slots(None, 8, 16, Some(32)), None);
+    // Raised to one per machine at once, at most --jobs.
+    assert_eq!(build_slots(None, 8, 16, Some(4)), Some(8));
+    assert_eq!(build_slots(None, 8, 6, Some(4)), Some(6));
+    assert_eq!(build_slots(None, 16, 16, Some(1)), Some(16));
+    // A host that leaves its builds to its Nix builders keeps doing so.
+    assert_eq!(build_slots(None, 8, 16, Some(0)), None);
+    // Not known (no preflight): the host's own setting.
+    assert_eq!(build_slots(None, 8, 16, None), None);
+}
+
+#[test]
+fn the_preflights_max_jobs_reaches_the_realise() {
+    let machines = || {
+        (1..=6)
+            .map(|i| machine(&format!("m{i}"), &format!("root@t{i}"), remote("root@b")))
+            .collect::<Vec<_>>()
+    };
+    let mut ctx = ctx(HostKeyCheck::Strict);
+    let realise =
+        |ctx: &PlanContext| plan_deploy(machines(), ctx).groups[0].steps[2].command_line();
+    assert!(realise(&ctx).starts_with("nix-store --realise /nix/store/"));
+    ctx.builder_max_jobs.insert("root@b:22".into(), 2);
+    assert!(realise(&ctx).starts_with("nix-store --realise --max-jobs 6 /nix/store/"));
+    ctx.jobs = 4;
+    assert!(realise(&ctx).starts_with("nix-store --realise --max-jobs 4 /nix/store/"));
+    // The user's own --option max-jobs wins.
+    ctx.nix_flags = ["--option", "max-jobs", "0"].map(String::from).to_vec();
+    assert!(realise(&ctx).starts_with("nix-store --realise --option max-jobs 0 /nix/store/"));
+    ctx.nix_flags.clear();
+    ctx.builder_max_jobs.insert("root@b:22".into(), 4);
+    assert!(realise(&ctx).starts_with("nix-store --realise /nix/store/"));
+}
+
+#[test]
 fn remote_build_host_copies_to_target_itself() {
     let plan = plan_deploy(
         vec![machine("m", "root@t?IdentityFile=/k", remote("root@b"))],

@@ -211,7 +211,8 @@ fn deploy(args: &UpdateArgs) -> Result<ExitKind, Error> {
     announce(&plan, &ctx);
     if !args.no_preflight {
         eprintln!("Preflight: checking every hop…");
-        let problems = preflight::run(&plan, &ctx, &connections);
+        let findings = preflight::run(&plan, &ctx, &connections);
+        let problems = findings.problems;
         if crate::interrupt::requested() {
             return Err(crate::error::interrupted("during the preflight"));
         }
@@ -230,6 +231,9 @@ fn deploy(args: &UpdateArgs) -> Result<ExitKind, Error> {
             return Ok(code);
         }
         eprintln!("Preflight: all hops ok.");
+        // What the build hosts said of their max-jobs sets how many builds run at once.
+        ctx.builder_max_jobs = findings.max_jobs;
+        plan = plan_deploy(plan.machines.into_iter().map(|m| m.machine).collect(), &ctx);
     }
     let logs = Logs::create(&plan.run_id);
     let live =
@@ -464,6 +468,8 @@ fn plan_context(
         health_check_timeout: args.health_check_timeout,
         rollback_on_unhealthy: args.rollback_on_unhealthy,
         build_jobs: args.build_jobs,
+        jobs: args.jobs,
+        builder_max_jobs: Default::default(),
     })
 }
 
@@ -799,7 +805,9 @@ fn run_wave(
     }
     announce(&plan, &ctx);
     if !args.no_preflight {
-        let problems = preflight::run(&plan, &ctx, connections);
+        let findings = preflight::run(&plan, &ctx, connections);
+        let problems = findings.problems;
+        ctx.builder_max_jobs = findings.max_jobs;
         if !problems.is_empty() {
             for problem in &problems {
                 crate::progress::line(&format!("\n{problem}"));
@@ -833,6 +841,9 @@ fn run_wave(
                 return reports;
             }
             plan = plan_deploy(good, &ctx);
+        } else {
+            // What the build hosts said of their max-jobs sets how many builds run at once.
+            plan = plan_deploy(plan.machines.into_iter().map(|m| m.machine).collect(), &ctx);
         }
     }
     let names: Vec<String> = plan
