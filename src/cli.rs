@@ -315,7 +315,8 @@ pub struct UpdateArgs {
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..))]
     pub build_jobs: Option<u16>,
 
-    /// How many machines copy to their targets and activate at once.
+    /// How many machines copy to their targets and activate at once (and, unless
+    /// --build-jobs is given, the fewest builds a build host runs at once for its machines).
     #[arg(long, value_name = "N", default_value_t = 8, value_parser = clap::value_parser!(u16).range(1..))]
     pub jobs: u16,
 
