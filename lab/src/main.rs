@@ -475,9 +475,11 @@ fn bench(clan: &str, sizes: &[usize]) -> ExitCode {
         eprintln!("N = {n}: a parallel user loop (8 at a time)…");
         let (lab, flake, names) = bench_lab(n);
         let script = parallel_script(&lab, &flake, &names);
-        // Untimed: the store's database and the flake's lock file made once, as a user's
-        // machine has them; eight Nix processes creating them at once corrupt them (a lab
-        // artifact: without a nix-daemon, each process opens the store itself).
+        // Untimed: the store's database and the flake's lock file made once, on the
+        // workstation and on the build host, as a user's machines have them; eight Nix
+        // processes creating them at once corrupt them or race on the store's first
+        // symlinks (a lab artifact: without a nix-daemon, each process opens the store
+        // itself).
         let _ = lab.run_on_workstation(
             &flake,
             &[
@@ -487,6 +489,11 @@ fn bench(clan: &str, sizes: &[usize]) -> ExitCode {
                 "flake",
                 "lock",
             ],
+        );
+        let builder = format!("root@{}", lab.ip("builder"));
+        let _ = lab.run_on_workstation(
+            &flake,
+            &["ssh", &builder, "nix-store --gc --print-roots >/dev/null"],
         );
         let epoch_started = epoch();
         let started = Instant::now();
