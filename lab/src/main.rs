@@ -249,6 +249,7 @@ fn timeline(lab: &Lab, started: f64) -> Vec<(String, usize, f64, f64)> {
         };
         let words: Vec<&str> = command
             .split_whitespace()
+            .take_while(|w| !w.starts_with('('))
             .filter(|w| {
                 !w.contains('=')
                     && *w != "env"
@@ -323,24 +324,34 @@ impl CpuSampler {
     }
 }
 
-/// The share of CPU time that was busy between `from` and `to` (epoch seconds), in percent,
-/// from the samples nearest inside that window.
-fn busy_percent(samples: &[(f64, u64, u64)], from: f64, to: f64) -> f64 {
+/// CPU time busy between `from` and `to` (epoch seconds), from the samples inside that
+/// window: (percent of all CPU time, core-seconds).
+fn busy_between(samples: &[(f64, u64, u64)], from: f64, to: f64) -> (f64, f64) {
     let inside: Vec<_> = samples
         .iter()
         .filter(|(t, _, _)| *t >= from && *t <= to)
         .collect();
     let (Some(first), Some(last)) = (inside.first(), inside.last()) else {
-        return f64::NAN;
+        return (f64::NAN, f64::NAN);
     };
     let busy = last.1.saturating_sub(first.1) as f64;
     let idle = last.2.saturating_sub(first.2) as f64;
-    100.0 * busy / (busy + idle).max(1.0)
+    // SAFETY: sysconf only reads a constant.
+    let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    (100.0 * busy / (busy + idle).max(1.0), busy / ticks)
 }
 
-/// How busy the CPUs were before clan's build started, while only the build ran (until the
-/// first system was copied to its target), and after.
-fn busy_by_phase(lab: &Lab, samples: &[(f64, u64, u64)], started: f64, ended: f64) -> [f64; 3] {
+/// How busy the CPUs were during clan's run: before its build started, while only the build
+/// ran (until the first system was copied to its target), and after.
+struct Phases {
+    /// Percent busy in each phase.
+    percent: [f64; 3],
+    /// Core-seconds of work before the build, and from the first copy on.
+    before: f64,
+    after: f64,
+}
+
+fn busy_by_phase(lab: &Lab, samples: &[(f64, u64, u64)], started: f64, ended: f64) -> Phases {
     let steps = logged_steps(lab);
     let at = |what: &str| {
         steps
@@ -350,11 +361,14 @@ fn busy_by_phase(lab: &Lab, samples: &[(f64, u64, u64)], started: f64, ended: f6
     };
     let build = at("nix-store --realise");
     let copy = at("copy to target:");
-    [
-        busy_percent(samples, started, build),
-        busy_percent(samples, build, copy),
-        busy_percent(samples, copy, ended),
-    ]
+    let before = busy_between(samples, started, build);
+    let during = busy_between(samples, build, copy);
+    let after = busy_between(samples, copy, ended);
+    Phases {
+        percent: [before.0, during.0, after.0],
+        before: before.1,
+        after: after.1,
+    }
 }
 
 fn epoch() -> f64 {
@@ -371,8 +385,13 @@ fn bench(clan: &str, sizes: &[usize]) -> ExitCode {
     let mut steps_of = (0, 0.0);
     // CPU busy (%) during clan's largest run: before the build, during it, after; and over
     // all of clan's run and of the loop's.
-    let mut busy = [f64::NAN; 3];
+    let mut busy = Phases {
+        percent: [f64::NAN; 3],
+        before: f64::NAN,
+        after: f64::NAN,
+    };
     let mut busy_overall = (f64::NAN, f64::NAN);
+    let mut loop_of_largest = f64::NAN;
     for &n in sizes {
         eprintln!("N = {n}: this tool…");
         let (lab, flake, names) = bench_lab(n);
@@ -409,7 +428,7 @@ fn bench(clan: &str, sizes: &[usize]) -> ExitCode {
             steps = timeline(&lab, epoch_started);
             steps_of = (n, tool);
             busy = busy_by_phase(&lab, &samples, epoch_started, epoch_started + tool);
-            busy_overall.0 = busy_percent(&samples, epoch_started, epoch_started + tool);
+            busy_overall.0 = busy_between(&samples, epoch_started, epoch_started + tool).0;
         }
         let report: String = String::from_utf8_lossy(&out.stdout).into_owned();
         let peak_kib = report
@@ -502,7 +521,8 @@ fn bench(clan: &str, sizes: &[usize]) -> ExitCode {
         let parallel = started.elapsed().as_secs_f64();
         let samples = sampler.stop();
         if Some(&n) == sizes.iter().max() && n > 1 {
-            busy_overall.1 = busy_percent(&samples, epoch_started, epoch_started + parallel);
+            busy_overall.1 = busy_between(&samples, epoch_started, epoch_started + parallel).0;
+            loop_of_largest = parallel;
         }
         assert!(
             out.status.success(),
@@ -595,7 +615,32 @@ fn bench(clan: &str, sizes: &[usize]) -> ExitCode {
             "\nN = {}, how busy the CPUs were (all lab hosts share them): clan {:.0}% over its run \
              ({:.0}% before the build, {:.0}% while only the build ran, {:.0}% from the first copy \
              to a target on); the parallel loop {:.0}% over its run.",
-            steps_of.0, busy_overall.0, busy[0], busy[1], busy[2], busy_overall.1
+            steps_of.0,
+            busy_overall.0,
+            busy.percent[0],
+            busy.percent[1],
+            busy.percent[2],
+            busy_overall.1
+        );
+        // Everything before the build (evaluation, the up-to-date check, the preflight) must
+        // end before any build starts; every system needs the shared part, then its own; and
+        // every copy and activation needs its system built. So no schedule that keeps that
+        // order ends before BEFORE/cores + shared + own + AFTER/cores.
+        let cores = std::thread::available_parallelism().map_or(1, usize::from) as f64;
+        let bound = busy.before / cores
+            + f64::from(SHARED_SECONDS)
+            + f64::from(OWN_SECONDS)
+            + busy.after / cores;
+        println!(
+            "Work before the build: {:.1} core-seconds; copies and activations: {:.1} \
+             core-seconds. On {cores} cores no schedule that keeps this order (checks before \
+             any build, each copy after its build) ends before {:.1} s; clan took {:.1} s; 0.6 × \
+             the parallel loop is {:.1} s.",
+            busy.before,
+            busy.after,
+            bound,
+            steps_of.1,
+            0.6 * loop_of_largest
         );
     }
     ExitCode::SUCCESS
