@@ -808,43 +808,40 @@ fn run_wave(
         let findings = preflight::run(&plan, &ctx, connections);
         let problems = findings.problems;
         ctx.builder_max_jobs = findings.max_jobs;
-        if !problems.is_empty() {
-            for problem in &problems {
-                crate::progress::line(&format!("\n{problem}"));
-            }
-            // A problem names its machine ("preflight: NAME: …"); one that names none stops
-            // the whole batch.
-            let of = |name: &str| {
-                problems
-                    .iter()
-                    .find(|p| p.message.starts_with(&format!("preflight: {name}: ")))
-            };
-            let all_named = problems.iter().all(|p| {
-                plan.machines.iter().any(|m| {
-                    p.message
-                        .starts_with(&format!("preflight: {}: ", m.machine.name))
-                })
-            });
-            let (bad, good): (Vec<ResolvedMachine>, Vec<ResolvedMachine>) = plan
-                .machines
-                .iter()
-                .map(|m| m.machine.clone())
-                .partition(|m| !all_named || of(&m.name).is_some());
-            for m in &bad {
-                let error = of(&m.name).cloned().unwrap_or_else(|| problems[0].clone());
-                if let Some(i) = all_names.iter().position(|n| n == m.name.as_str()) {
-                    progress.finish(i, false, "preflight failed");
-                }
-                reports.extend(failed_all(std::slice::from_ref(m), &error));
-            }
-            if good.is_empty() {
-                return reports;
-            }
-            plan = plan_deploy(good, &ctx);
-        } else {
-            // What the build hosts said of their max-jobs sets how many builds run at once.
-            plan = plan_deploy(plan.machines.into_iter().map(|m| m.machine).collect(), &ctx);
+        for problem in &problems {
+            crate::progress::line(&format!("\n{problem}"));
         }
+        // A problem names its machine ("preflight: NAME: …"); one that names none stops
+        // the whole batch.
+        let of = |name: &str| {
+            problems
+                .iter()
+                .find(|p| p.message.starts_with(&format!("preflight: {name}: ")))
+        };
+        let all_named = problems.iter().all(|p| {
+            plan.machines.iter().any(|m| {
+                p.message
+                    .starts_with(&format!("preflight: {}: ", m.machine.name))
+            })
+        });
+        let (bad, good): (Vec<ResolvedMachine>, Vec<ResolvedMachine>) = plan
+            .machines
+            .iter()
+            .map(|m| m.machine.clone())
+            .partition(|m| !all_named || of(&m.name).is_some());
+        for m in &bad {
+            let error = of(&m.name).cloned().unwrap_or_else(|| problems[0].clone());
+            if let Some(i) = all_names.iter().position(|n| n == m.name.as_str()) {
+                progress.finish(i, false, "preflight failed");
+            }
+            reports.extend(failed_all(std::slice::from_ref(m), &error));
+        }
+        if good.is_empty() {
+            return reports;
+        }
+        // Planned again: without the machines the preflight failed, and with what the build
+        // hosts said of their max-jobs (how many builds run at once).
+        plan = plan_deploy(good, &ctx);
     }
     let names: Vec<String> = plan
         .machines
