@@ -202,17 +202,19 @@ fn logged_steps(lab: &Lab) -> Vec<(f64, String)> {
     steps
 }
 
+/// When the first logged step whose line contains `what` started (NaN if none did).
+fn first_step(steps: &[(f64, String)], what: &str) -> f64 {
+    steps
+        .iter()
+        .find(|(_, s)| s.contains(what))
+        .map_or(f64::NAN, |(t, _)| *t)
+}
+
 /// Where the time of one machine's deploy goes, from the run's log (each step's start is
 /// stamped `@EPOCH`) and the evaluation timed apart.
 fn breakdown(lab: &Lab, started: f64, ended: f64, evaluate: f64) -> Vec<(&'static str, f64)> {
     let steps = logged_steps(lab);
-    let at = |what: &str| {
-        steps
-            .iter()
-            .find(|(_, s)| s.contains(what))
-            .map(|(t, _)| *t)
-            .unwrap_or(f64::NAN)
-    };
+    let at = |what: &str| first_step(&steps, what);
     let first = steps.first().map_or(f64::NAN, |(t, _)| *t);
     let copy_drv = at("copy derivations:");
     let mkdir = at("build: mkdir");
@@ -353,12 +355,7 @@ struct Phases {
 
 fn busy_by_phase(lab: &Lab, samples: &[(f64, u64, u64)], started: f64, ended: f64) -> Phases {
     let steps = logged_steps(lab);
-    let at = |what: &str| {
-        steps
-            .iter()
-            .find(|(_, s)| s.contains(what))
-            .map_or(f64::NAN, |(t, _)| *t)
-    };
+    let at = |what: &str| first_step(&steps, what);
     let build = at("nix-store --realise");
     let copy = at("copy to target:");
     let before = busy_between(samples, started, build);
