@@ -5,7 +5,8 @@
 fn lib_clan_evaluation_tests() {
     let lib = clan_lab::nixpkgs_lib();
     let repo = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
-    let out = std::process::Command::new("nix-instantiate")
+    let nix = tempfile::tempdir().unwrap();
+    let out = clan_lab::isolated_nix("nix-instantiate", nix.path())
         .args(["--eval", "--strict", "--json"])
         .arg(repo.join("nix/tests"))
         .arg("--arg")
@@ -23,11 +24,23 @@ fn lib_clan_evaluation_tests() {
         .map(|(k, _)| k)
         .collect();
     assert!(failed.is_empty(), "failed: {failed:?}");
-    assert!(results.len() >= 9);
+    // Every case the file defines was evaluated (its result set's attributes, two spaces in).
+    let text = std::fs::read_to_string(repo.join("nix/tests/default.nix")).unwrap();
+    let body = &text[text.rfind("\nin\n{").expect("the result set")..];
+    let defined: std::collections::BTreeSet<String> = body
+        .lines()
+        .filter_map(|l| l.strip_prefix("  "))
+        .filter(|l| l.starts_with(|c: char| c.is_ascii_alphabetic()))
+        .filter_map(|l| l.split_once(" =").map(|(name, _)| name.to_string()))
+        .collect();
+    let evaluated: std::collections::BTreeSet<String> = results.keys().cloned().collect();
+    assert_eq!(evaluated, defined);
+    // The parse found the cases (18 when this was written).
+    assert!(defined.len() >= 18, "{defined:?}");
 }
 
-/// The activation script the library generates for vars is valid sh (and shellcheck-clean
-/// where shellcheck is installed, as the test command installs it).
+/// The activation script the library generates for vars is valid sh and shellcheck-clean
+/// (the test command installs shellcheck; without it this test fails rather than skip).
 #[test]
 fn vars_activation_script_is_valid_sh() {
     let lib = clan_lab::nixpkgs_lib();
@@ -54,7 +67,8 @@ fn vars_activation_script_is_valid_sh() {
         lib = lib.display(),
         repo = repo.display()
     );
-    let out = std::process::Command::new("nix-instantiate")
+    let nix = tempfile::tempdir().unwrap();
+    let out = clan_lab::isolated_nix("nix-instantiate", nix.path())
         .args(["--eval", "--strict", "--json", "-E", &expr])
         .output()
         .expect("nix-instantiate");
@@ -78,15 +92,14 @@ fn vars_activation_script_is_valid_sh() {
         "{}",
         String::from_utf8_lossy(&syntax.stderr)
     );
-    if let Ok(check) = std::process::Command::new("shellcheck")
+    let check = std::process::Command::new("shellcheck")
         .args(["--shell=sh"])
         .arg(&path)
         .output()
-    {
-        assert!(
-            check.status.success(),
-            "{}",
-            String::from_utf8_lossy(&check.stdout)
-        );
-    }
+        .expect("shellcheck (scripts/setup installs it)");
+    assert!(
+        check.status.success(),
+        "{}",
+        String::from_utf8_lossy(&check.stdout)
+    );
 }

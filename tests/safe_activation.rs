@@ -16,12 +16,9 @@ fn wait_for(secs: u64, what: &str, mut cond: impl FnMut() -> bool) {
     }
 }
 
-fn processes(pattern: &str) -> String {
-    let out = std::process::Command::new("pgrep")
-        .args(["-af", pattern])
-        .output()
-        .unwrap();
-    String::from_utf8_lossy(&out.stdout).into_owned()
+/// This lab's processes matching `pattern`, one `pid command-line` per line.
+fn processes(lab: &Lab, pattern: &str) -> String {
+    lab.processes(pattern).join("\n")
 }
 
 /// A process that has nothing to do with the deploy, to prove that stopping one signals
@@ -76,10 +73,10 @@ fn ctrl_c_stops_remote_builds_and_cleans_up() {
     let clan_bin = env!("CARGO_BIN_EXE_clan");
     let child = lab.spawn_on_workstation(&f, &[clan_bin, "machines", "update", "m"]);
     wait_for(30, "the build to start", || {
-        processes("nixos-system-m-slow-build.drv").contains("nix-store --realise")
+        processes(&lab, "nixos-system-m-slow-build.drv").contains("nix-store --realise")
     });
     wait_for(10, "the builder to run", || {
-        processes("sleep 45").contains("sleep 45")
+        processes(&lab, "sleep 45").contains("sleep 45")
     });
     let mut bystander = Bystander::start();
     ctrl_c(child.id());
@@ -98,8 +95,8 @@ fn ctrl_c_stops_remote_builds_and_cleans_up() {
     );
     // Nothing left running on the build host, and its GC root is gone.
     wait_for(5, "the remote build to stop", || {
-        !processes("nixos-system-m-slow-build.drv").contains("nix-store --realise")
-            && !processes("sleep 45").contains("sleep 45")
+        !processes(&lab, "nixos-system-m-slow-build.drv").contains("nix-store --realise")
+            && !processes(&lab, "sleep 45").contains("sleep 45")
     });
     let run_id = stderr
         .split("/tmp/clan-")

@@ -494,6 +494,7 @@ fn a_build_host_that_stops_answering_ends_the_deploy() {
     );
     // This lab's build, not another test's running beside it: its system has a name of its own.
     let build = wait_for_process(
+        &lab,
         "^nix-store --realise /nix/store/[a-z0-9]*-nixos-system-m-stops-answering.drv",
     );
     let session = sshd_session_of(&build);

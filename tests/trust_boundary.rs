@@ -17,8 +17,11 @@ fn lab() -> Lab {
 /// each has its own /root).
 const CANARY: &str = "/tmp/clan-boundary-canary";
 
-/// What the hostile library writes (a path of its own: tests run in parallel).
-const LIB_CANARY: &str = "/tmp/clan-boundary-canary-library";
+/// What the hostile library writes: a path in this test's own lab (tests run in parallel,
+/// and the test makes the library write it once to show that it can).
+fn lib_canary(lab: &Lab) -> String {
+    lab.dir.join("canary-library").display().to_string()
+}
 
 fn assert_no_canary(lab: &Lab, canary: &str) {
     assert!(
@@ -154,7 +157,8 @@ fn canary_library(lab: &Lab) -> PathBuf {
     std::fs::write(
         &src,
         format!(
-            "#include <stdio.h>\n__attribute__((constructor)) static void f(void) {{ FILE *c = fopen(\"{LIB_CANARY}\", \"w\"); if (c) fclose(c); }}\nint C_GetFunctionList(void *p) {{ return 1; }}\n"
+            "#include <stdio.h>\n__attribute__((constructor)) static void f(void) {{ FILE *c = fopen(\"{}\", \"w\"); if (c) fclose(c); }}\nint C_GetFunctionList(void *p) {{ return 1; }}\n",
+            lib_canary(lab)
         ),
     )
     .unwrap();
@@ -218,7 +222,7 @@ fn host_address_options_are_an_allow_list() {
             "the source is not named: {}",
             run.stderr
         );
-        assert_no_canary(&lab, LIB_CANARY);
+        assert_no_canary(&lab, &lib_canary(&lab));
         assert_untouched(&lab);
     }
     // The library does write the canary when something loads it (`ssh-keygen -D` loads a
@@ -229,10 +233,9 @@ fn host_address_options_are_an_allow_list() {
         .output()
         .unwrap();
     assert!(
-        Path::new(LIB_CANARY).exists(),
+        Path::new(&lib_canary(&lab)).exists(),
         "the canary library never ran"
     );
-    let _ = std::fs::remove_file(LIB_CANARY);
 }
 
 // The target's key changed (someone impersonates it, or it was reinstalled): the second hop

@@ -28,6 +28,24 @@ pub fn nixpkgs_lib() -> PathBuf {
     found.canonicalize().expect("nixpkgs lib path")
 }
 
+/// A Nix evaluation command (`nix-instantiate`, `nix`) that never touches the machine's own
+/// `/nix` or home: its store is a chroot store under `dir` (`NIX_REMOTE`), its home and
+/// caches are `dir` too. For tests that evaluate without a lab host: several of them may run
+/// at once, each creating a store database of its own.
+pub fn isolated_nix(program: &str, dir: &Path) -> Command {
+    let mut command = Command::new(program);
+    command
+        .env("NIX_REMOTE", dir.join("store"))
+        .env("HOME", dir)
+        .env("XDG_CACHE_HOME", dir.join("cache"))
+        .env("XDG_CONFIG_HOME", dir.join("config"))
+        .env("XDG_DATA_HOME", dir.join("data"))
+        .env("XDG_STATE_HOME", dir.join("state"))
+        .env("NIX_CONFIG", "experimental-features = nix-command flakes")
+        .env_remove("NIX_PATH");
+    command
+}
+
 impl Lab {
     /// Writes a clan flake on the workstation and returns its directory. `clan_args` is a Nix
     /// attrset expression given to `lib.clan`; it can use `system { … }` to define a

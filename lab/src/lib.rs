@@ -25,7 +25,7 @@ mod container;
 mod fixtures;
 mod host;
 
-pub use fixtures::nixpkgs_lib;
+pub use fixtures::{isolated_nix, nixpkgs_lib};
 pub use host::{Host, HostKind, HostSpec};
 
 /// The name of the workstation in [`Lab`] calls.
@@ -532,6 +532,36 @@ impl Lab {
         let path = String::from_utf8_lossy(&out.stdout).trim().to_string();
         (out.status.success() && !path.is_empty() && self.host(name).has_path(&path))
             .then_some(path)
+    }
+
+    /// The processes of this lab (of its workstation and hosts, in their namespaces, or
+    /// started from its directory) whose command line matches `pattern` (`pgrep -f`), as
+    /// `pid command-line` lines. Other labs run beside this one: a machine-wide match would
+    /// find their processes too.
+    pub fn processes(&self, pattern: &str) -> Vec<String> {
+        let out = Command::new("pgrep")
+            .args(["-a", "-f", pattern])
+            .output()
+            .expect("pgrep");
+        // The lab directory's own name is random: any mount or path of this lab holds it.
+        let mark = self
+            .dir
+            .file_name()
+            .expect("the lab has a directory")
+            .to_string_lossy()
+            .into_owned();
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter(|line| {
+                let pid = line.split_whitespace().next().unwrap_or("");
+                line.contains(&mark)
+                    || fs::read_to_string(format!("/proc/{pid}/mountinfo"))
+                        .is_ok_and(|m| m.contains(&mark))
+                    || fs::read_link(format!("/proc/{pid}/cwd"))
+                        .is_ok_and(|cwd| cwd.to_string_lossy().contains(&mark))
+            })
+            .map(str::to_string)
+            .collect()
     }
 
     /// What of `clan` still runs on host `name`: its processes (`pgrep -a -f clan-`), and on

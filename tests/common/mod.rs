@@ -135,17 +135,13 @@ pub fn result_of(report: &serde_json::Value, machine: &str) -> Option<String> {
         .map(str::to_string)
 }
 
-/// The pid of the first process whose command line matches `pattern` (`pgrep -f`), waiting
-/// up to 60 s for one to appear.
-pub fn wait_for_process(pattern: &str) -> String {
+/// The pid of the first process of `lab` whose command line matches `pattern` (`pgrep -f`,
+/// within the lab: see [`Lab::processes`]), waiting up to 60 s for one to appear.
+pub fn wait_for_process(lab: &Lab, pattern: &str) -> String {
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
     loop {
-        let out = std::process::Command::new("pgrep")
-            .args(["-f", pattern])
-            .output()
-            .expect("pgrep");
-        if let Some(pid) = String::from_utf8_lossy(&out.stdout).lines().next() {
-            return pid.to_string();
+        if let Some(line) = lab.processes(pattern).first() {
+            return line.split_whitespace().next().expect("a pid").to_string();
         }
         assert!(
             std::time::Instant::now() < deadline,
