@@ -93,19 +93,23 @@ pub fn diagnose(machine: &ResolvedMachine, step: &Step, output: &str, code: Opti
     };
     let detail = tail(output, 15);
     let base = |message: String| Error::new(message).detail(detail.clone()).exit(exit);
-    if step.kind == StepKind::Confirm && code == Some(4) {
+    let asked_target = matches!(step.kind, StepKind::Confirm | StepKind::SwitchOutcome);
+    if asked_target && code == Some(4) {
         let rolled = output
             .lines()
             .find_map(|l| l.strip_prefix("clan: rolled-back "))
-            .unwrap_or("the previous generation");
+            .map(|l| l.strip_prefix("profile ").unwrap_or(l))
+            .and_then(|l| l.split_once(' '))
+            .map(|(generation, path)| format!("generation {generation} ({path})"))
+            .unwrap_or_else(|| "the previous generation".into());
         return base(format!(
-            "{name}: the target's watchdog rolled back before the confirmation arrived: {rolled}"
+            "{name}: the target's watchdog rolled back before the confirmation arrived: it is back on {rolled}"
         ))
         .hint(Hint::text(
-            "the confirmation came too late: raise --rollback-timeout, then re-deploy",
+            "nothing more is needed to undo this deploy (no clan machines rollback: that would go one generation further back); to deploy it again, give the confirmation more time with --rollback-timeout",
         ));
     }
-    if step.kind == StepKind::Confirm && code == Some(5) {
+    if asked_target && code == Some(5) {
         return base(format!(
             "{name}: the target no longer knows this activation: another deploy took it over before it was confirmed"
         ))

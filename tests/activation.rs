@@ -47,6 +47,9 @@ on_both_kinds!(
     rollback_command_with_a_sudo_password,
     non_root_target_with_passwordless_sudo,
     a_silent_workstation_lets_go_of_the_target_lock,
+    switch_that_kills_ssh_sessions_is_confirmed,
+    unreachable_after_the_switch_is_left_to_the_watchdog,
+    rerun_after_a_killed_switch_takes_over_and_confirms,
 );
 
 fn target_lab(kind: HostKind) -> Lab {
@@ -655,4 +658,127 @@ fn a_silent_workstation_lets_go_of_the_target_lock(kind: HostKind) {
     // The second deploy's system stays.
     assert_system(&lab, Some(&v3), Some(&v3));
     assert_nothing_left(&lab);
+}
+
+// The switch kills every ssh session (sshd restarted the hard way), and sshd is back half a
+// second later: ssh says 255, but the target, asked over a fresh connection, says the switch
+// succeeded, so it is confirmed: neither undone nor rolled back.
+fn switch_that_kills_ssh_sessions_is_confirmed(kind: HostKind) {
+    let lab = target_lab(kind);
+    let v1 = deploy(&lab, "");
+    let f = flake(&lab, r#"variant = "kills-ssh-sessions";"#);
+    let new = toplevel(&lab, &f, "m");
+    let run = update(&lab, &f, &["--rollback-timeout", "10", "--json"]);
+    assert_eq!(run.code, 0);
+    let report: serde_json::Value = serde_json::from_str(&run.stdout).unwrap();
+    assert_eq!(report["machines"][0]["result"], "deployed");
+    assert!(
+        run.stderr.contains(
+            "[m] the switch succeeded on the target (its session was lost, not the switch)"
+        ),
+        "{}",
+        run.stderr
+    );
+    assert_system(&lab, Some(&new), Some(&new));
+    assert_nothing_left(&lab);
+    assert_eq!(switches(&lab).last().unwrap(), &format!("{new} switch"));
+    assert_eq!(
+        switches(&lab)
+            .iter()
+            .filter(|s| **s == format!("{v1} switch"))
+            .count(),
+        1,
+        "switched back to the previous system"
+    );
+}
+
+// The switch kills every ssh session and sshd stays down: how the switch ended cannot be
+// learnt, so nothing is undone; the error says when the watchdog acts, and it does.
+fn unreachable_after_the_switch_is_left_to_the_watchdog(kind: HostKind) {
+    let lab = target_lab(kind);
+    let v1 = deploy(&lab, "");
+    let generations_before = lab.generations("target");
+    let f = flake(&lab, r#"variant = "kills-ssh";"#);
+    let broken = toplevel(&lab, &f, "m");
+    let run = update(&lab, &f, &["--rollback-timeout", "6"]);
+    assert_eq!(run.code, 3, "the target may be half-updated");
+    assert!(
+        run.stderr.contains(&format!(
+            "m: the ssh session to the target root@{} ended during the switch, and the target cannot be reached again: how the switch ended is unknown, so nothing was undone",
+            lab.ip("target")
+        )),
+        "{}",
+        run.stderr
+    );
+    assert!(
+        run.stderr.contains(
+            "its watchdog rolls it back to the previous generation 6 s after the switch ends (at about "
+        ),
+        "{}",
+        run.stderr
+    );
+    // Nothing went back before the watchdog: the workstation never reached the target.
+    assert!(switches(&lab).contains(&format!("{broken} switch")));
+    wait_for(30, "the watchdog's rollback", || {
+        lab.host("target").system_profile().as_deref() == Some(v1.as_str()) && sshd_answers(&lab)
+    });
+    wait_for(10, "the previous system to run", || {
+        lab.current_system("target").as_deref() == Some(v1.as_str())
+    });
+    assert_eq!(lab.generations("target"), generations_before);
+    assert_nothing_left(&lab);
+}
+
+// Run 1 is killed during its switch: its activation is pending, its watchdog armed. The same
+// command again is not "up to date" although the target runs the system: it takes the
+// pending activation over (waits for its switch, stops its watchdog) and confirms it; the
+// way back stays the generation before run 1's.
+fn rerun_after_a_killed_switch_takes_over_and_confirms(kind: HostKind) {
+    let lab = target_lab(kind);
+    let v1 = deploy(&lab, "");
+    let f = flake(&lab, r#"variant = "v2"; switchSeconds = 3;"#);
+    let v2 = toplevel(&lab, &f, "m");
+    let started = lab.host("target").root().join("switch-started");
+    let _ = std::fs::remove_file(&started);
+    let args = [
+        env!("CARGO_BIN_EXE_clan"),
+        "machines",
+        "update",
+        "m",
+        "--rollback-timeout",
+        "5",
+    ];
+    let child = lab.spawn_on_workstation(&f, &args);
+    wait_for(60, "run 1's switch", || started.exists());
+    std::thread::sleep(Duration::from_secs(1));
+    let status = std::process::Command::new("kill")
+        .args(["-KILL", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let _ = child.wait_with_output();
+
+    let run = update(&lab, &f, &["--rollback-timeout", "5", "--json"]);
+    assert_eq!(run.code, 0);
+    let report: serde_json::Value = serde_json::from_str(&run.stdout).unwrap();
+    assert_eq!(
+        report["machines"][0]["result"], "deployed",
+        "{}",
+        run.stderr
+    );
+    assert!(
+        run.stderr.contains("m: not up to date: root@"),
+        "{}",
+        run.stderr
+    );
+    assert_system(&lab, Some(&v2), Some(&v2));
+    assert_nothing_left(&lab);
+    // Nothing pending: now it is up to date.
+    let again = update(&lab, &f, &["--json"]);
+    let report: serde_json::Value = serde_json::from_str(&again.stdout).unwrap();
+    assert_eq!(report["machines"][0]["result"], "up to date");
+    // The way back is the generation run 1 found, not run 1's own.
+    let back = clan(&lab, &f, &["machines", "rollback", "m"]);
+    assert_eq!(back.code, 0);
+    assert_system(&lab, Some(&v1), Some(&v1));
 }

@@ -82,7 +82,13 @@ impl Lab {
             &host.root().join("lab-sshd-stop"),
             "#!/bin/sh\nsystemctl stop ssh.service\n",
         );
-        for script in ["lab-sshd-start", "lab-sshd-stop"] {
+        // Every ssh session ends at once (sshd's whole unit killed), as when a switch
+        // restarts sshd the hard way; sshd stays stopped (lab-sshd-start starts it).
+        write(
+            &host.root().join("lab-sshd-kill-sessions"),
+            "#!/bin/sh\nsystemctl kill -s KILL ssh.service\nsystemctl stop ssh.service\n",
+        );
+        for script in ["lab-sshd-start", "lab-sshd-stop", "lab-sshd-kill-sessions"] {
             fs::set_permissions(host.root().join(script), fs::Permissions::from_mode(0o755))
                 .expect("chmod");
         }

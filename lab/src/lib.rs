@@ -377,7 +377,17 @@ impl Lab {
         );
         let stop = host.root().join("lab-sshd-stop");
         write(&stop, &format!("#!/bin/sh\npkill -f '{listener}'\n"));
-        for script in [&start, &stop] {
+        // Every sshd process of this host (the listener and every session: they see its
+        // /nix) killed at once; sshd stays stopped (lab-sshd-start starts it).
+        let kill_sessions = host.root().join("lab-sshd-kill-sessions");
+        write(
+            &kill_sessions,
+            &format!(
+                "#!/bin/sh\nfor p in $(pgrep -x sshd); do grep -qF '{}' /proc/$p/mountinfo 2>/dev/null && kill -KILL $p; done\nexit 0\n",
+                host.nix().display(),
+            ),
+        );
+        for script in [&start, &stop, &kill_sessions] {
             fs::set_permissions(script, fs::Permissions::from_mode(0o755)).expect("chmod");
         }
         fs::set_permissions(&host_key, fs::Permissions::from_mode(0o600)).expect("chmod");

@@ -164,6 +164,11 @@ impl MachineRun<'_> {
                 if code == Some(0) {
                     return Ok(());
                 }
+                if code == Some(255)
+                    && let Some(ask) = &step.on_lost
+                {
+                    return self.after_lost_session(step, ask, &output);
+                }
                 if step.kind.stage() != Stage::Activate && crate::interrupt::requested() {
                     return Err(interrupted(self.name, "while copying to the target"));
                 }
@@ -190,11 +195,89 @@ impl MachineRun<'_> {
         }
     }
 
+    /// The ssh session was lost while `step` (the switch) ran: a restarted sshd, a broken
+    /// connection. Nothing is undone before the target, asked over fresh connections
+    /// (`ask`), says how the switch ended: a switch that succeeded goes on to its
+    /// confirmation; one that failed is undone; a target that cannot be reached is left to
+    /// its watchdog, and the error says when that acts.
+    fn after_lost_session(&self, step: &Step, ask: &Step, output: &str) -> Result<(), Error> {
+        let name = self.name;
+        let lost_at = std::time::SystemTime::now();
+        self.progress.event(&format!(
+            "[{name}] the ssh session to the target ended during the switch: asking the target how the switch ended, over a fresh connection"
+        ));
+        let (code, answer) = self.run(ask);
+        match code {
+            Some(0) => {
+                self.progress.event(&format!(
+                    "[{name}] the switch succeeded on the target (its session was lost, not the switch)"
+                ));
+                Ok(())
+            }
+            Some(1 | 6 | 7) => {
+                let said = format!(
+                    "{}
+{}",
+                    output.trim_end(),
+                    answer.trim_end()
+                );
+                let error = diagnose(&self.plan.machine, step, &said, Some(1));
+                Err(match &step.on_failure {
+                    Some(undo) => self.undo(undo, error),
+                    None => error,
+                })
+            }
+            Some(4 | 5) => Err(with_log(
+                diagnose(&self.plan.machine, ask, &answer, code),
+                self.sink,
+            )),
+            _ => Err(self.unreachable_after_switch(lost_at)),
+        }
+    }
+
+    /// The target cannot be reached after a lost session during its switch: how the switch
+    /// ended is unknown, so nothing was undone; its watchdog (if any) decides.
+    fn unreachable_after_switch(&self, lost_at: std::time::SystemTime) -> Error {
+        let name = self.name;
+        let target = &self.plan.machine.target.value;
+        let error = Error::new(format!(
+            "{name}: the ssh session to the target {target} ended during the switch, and the target cannot be reached again: how the switch ended is unknown, so nothing was undone"
+        ))
+        .exit(ExitKind::PartiallyApplied);
+        match self.plan.watchdog {
+            Some(seconds) => {
+                let at = lost_at + Duration::from_secs(u64::from(seconds));
+                error.hint(Hint::text(format!(
+                    "its watchdog rolls it back to the previous generation {seconds} s after the switch ends (at about {} UTC if it ended when the session did), unless this activation is confirmed; once the target answers, run the same command again: it takes the unconfirmed activation over and confirms it",
+                    utc_clock(at)
+                )))
+            }
+            None => error.hint(Hint::text(
+                "nothing rolls it back by itself (--no-rollback): once the target answers, run the same command again, or go back with clan machines rollback",
+            )),
+        }
+    }
+
     /// After a failed switch: the target goes back to the generation it had before (see
     /// `clan-activate undo`); the error says where the profile points now.
     fn undo(&self, undo: &Step, error: Error) -> Error {
         let (code, output) = self.run(undo);
         let name = self.name;
+        if code == Some(4) {
+            let rolled = output
+                .lines()
+                .find_map(|l| l.strip_prefix("clan: rolled-back "))
+                .and_then(|l| l.strip_prefix("profile "))
+                .unwrap_or("the previous generation");
+            return error.hint(Hint::text(format!(
+                "the target's watchdog had rolled it back already: it is back on generation {rolled}; nothing more is needed"
+            )));
+        }
+        if code == Some(5) {
+            return error.hint(Hint::text(
+                "another deploy took the target over before this one could go back: check who else deploys it",
+            ));
+        }
         match (code, went_back_to(&output)) {
             (Some(0), Some(profile)) => {
                 let (generation, path) = profile.split_once(' ').unwrap_or((&profile, ""));
@@ -252,6 +335,16 @@ impl MachineRun<'_> {
             ))),
         }
     }
+}
+
+/// The time of day of `at`, in UTC (`HH:MM:SS`).
+fn utc_clock(at: std::time::SystemTime) -> String {
+    let secs = at
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_secs()
+        % 86_400;
+    format!("{:02}:{:02}:{:02}", secs / 3600, secs / 60 % 60, secs % 60)
 }
 
 /// Where `clan-activate undo` or `revert` says the profile points now: `GENERATION PATH`.

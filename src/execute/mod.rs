@@ -101,6 +101,9 @@ pub struct TargetsChecked {
     pub up_to_date: BTreeSet<usize>,
     /// Machines whose target lacks the system: the deploy need not ask again.
     pub lacking: BTreeSet<usize>,
+    /// Machines whose target has activations that earlier runs left unconfirmed (their
+    /// run ids, or `unknown`): not up to date, whatever it runs, until a deploy confirms.
+    pub pending: BTreeMap<usize, Vec<String>>,
 }
 
 /// The machines of `plan` that have nothing to do: their target runs the very system and
@@ -117,7 +120,8 @@ pub fn up_to_date(plan: &DeployPlan, connections: &Connections) -> TargetsChecke
         })
         .map(|(i, _)| i)
         .collect();
-    let states: Vec<(usize, Option<(TargetState, bool)>)> = thread::scope(|scope| {
+    type Answer = (TargetState, bool, Vec<String>);
+    let states: Vec<(usize, Option<Answer>)> = thread::scope(|scope| {
         let handles: Vec<_> = candidates
             .iter()
             .map(|&i| {
@@ -129,9 +133,15 @@ pub fn up_to_date(plan: &DeployPlan, connections: &Connections) -> TargetsChecke
                     }
                     let out = quiet(check, connections).ok()?;
                     let state = TargetState::from_exit(out.status.code());
-                    let profile = String::from_utf8_lossy(&out.stdout).contains("profile-current");
+                    let stdout = String::from_utf8_lossy(&out.stdout);
+                    let profile = stdout.lines().any(|l| l == "profile-current");
+                    let pending = stdout
+                        .lines()
+                        .filter_map(|l| l.strip_prefix("pending "))
+                        .map(str::to_string)
+                        .collect();
                     // Only an answer of the script counts (exit 0, 1 or 2), not ssh's 255.
-                    matches!(out.status.code(), Some(0..=2)).then_some((state, profile))
+                    matches!(out.status.code(), Some(0..=2)).then_some((state, profile, pending))
                 })
             })
             .collect();
@@ -144,13 +154,16 @@ pub fn up_to_date(plan: &DeployPlan, connections: &Connections) -> TargetsChecke
     let mut checked = TargetsChecked::default();
     for (i, state) in states {
         match state {
-            Some((TargetState::Running, profile))
+            Some((TargetState::Running, profile, _))
                 if profile || plan.machines[i].action == Action::Test =>
             {
                 checked.up_to_date.insert(i);
             }
-            Some((TargetState::Absent, _)) => {
+            Some((TargetState::Absent, _, _)) => {
                 checked.lacking.insert(i);
+            }
+            Some((_, _, pending)) if !pending.is_empty() => {
+                checked.pending.insert(i, pending);
             }
             _ => {}
         }

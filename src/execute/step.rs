@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use super::{LogSink, OnBuilds, SUDO_PASSWORD};
 use crate::connection::Connections;
-use crate::plan::{Runner, Step};
+use crate::plan::{Runner, Step, StepKind};
 use crate::progress::Progress;
 use crate::ssh::RemoteCommand;
 
@@ -32,10 +32,20 @@ pub(super) fn retry(
         } else {
             run_step_now(step, name, Some(sink), &Progress::silent(), None, None)
         };
-        if matches!(code, Some(0 | 4 | 5)) || Instant::now() + Duration::from_secs(2) >= deadline {
+        // A definite answer: the confirmation's (done, rolled back, taken over), or any
+        // answer of the target to the question how the switch ended (only ssh's 255 is none).
+        let answered = match step.kind {
+            StepKind::SwitchOutcome => matches!(code, Some(c) if c != 255),
+            _ => matches!(code, Some(0 | 4 | 5)),
+        };
+        if answered || Instant::now() + Duration::from_secs(2) >= deadline {
             if attempts > 1 {
+                let what = match step.kind {
+                    StepKind::SwitchOutcome => "how the switch ended",
+                    _ => "confirmation",
+                };
                 progress.event(&format!(
-                    "[{name}] confirmation: {attempts} attempts over a fresh connection"
+                    "[{name}] {what}: {attempts} attempts over a fresh connection"
                 ));
             }
             return (code, output);

@@ -153,13 +153,23 @@ impl Target<'_> {
                 &["undo", &self.ctx.run_id],
                 When::Always,
             )));
+            switch.on_lost = Some(Box::new(self.outcome()));
         }
         switch
     }
 
-    /// Over a fresh connection, not the shared one (it must prove that new logins still
-    /// work), retried until shortly before the watchdog of `watchdog` seconds would act.
-    pub fn confirm(&self, watchdog: u32) -> Step {
+    /// `clan-activate outcome`: how the switch ended (waiting for it while it runs), over
+    /// fresh connections, retried for as long as the confirmation would be (a minute
+    /// without a watchdog).
+    fn outcome(&self) -> Step {
+        let mut step = self.fresh(StepKind::SwitchOutcome, "outcome");
+        step.retry_within = Some(retry_window(watchdog_of(self.ctx).unwrap_or(60)));
+        step
+    }
+
+    /// `clan-activate WORD RUN` over a fresh connection, not the shared one (it must prove
+    /// that new logins work, or reach a target whose shared connection was lost).
+    fn fresh(&self, kind: StepKind, word: &str) -> Step {
         let mut fresh = self.host.clone();
         fresh.control_path = None;
         fresh.fresh = true;
@@ -167,22 +177,26 @@ impl Target<'_> {
             &fresh,
             RemoteCommand::Script {
                 script: ACTIVATE,
-                args: vec!["confirm".into(), self.ctx.run_id.clone()],
+                args: vec![word.into(), self.ctx.run_id.clone()],
                 sudo: None,
             },
         );
-        let mut confirm = Step::new(
-            StepKind::Confirm,
+        Step::new(
+            kind,
             Runner::Remote {
                 role: Role::Target,
                 command,
                 host: fresh,
             },
             When::TargetNotRunning,
-        );
-        confirm.retry_within = Some(Duration::from_secs(u64::from(
-            watchdog.saturating_sub(3).max(1),
-        )));
+        )
+    }
+
+    /// Over a fresh connection, not the shared one (it must prove that new logins still
+    /// work), retried until shortly before the watchdog of `watchdog` seconds would act.
+    pub fn confirm(&self, watchdog: u32) -> Step {
+        let mut confirm = self.fresh(StepKind::Confirm, "confirm");
+        confirm.retry_within = Some(retry_window(watchdog));
         confirm
     }
 
@@ -210,6 +224,20 @@ impl Target<'_> {
     }
 }
 
+/// How long a question over fresh connections is retried when the target's watchdog waits
+/// `watchdog` seconds: until shortly before it would act.
+fn retry_window(watchdog: u32) -> Duration {
+    Duration::from_secs(u64::from(watchdog.saturating_sub(3).max(1)))
+}
+
+/// The seconds the target's watchdog waits for a confirmation, if this run arms one.
+pub(super) fn watchdog_of(ctx: &PlanContext) -> Option<u32> {
+    let activation = ctx.activation;
+    activation
+        .rollback_timeout
+        .filter(|_| activation.action.changes_running_system())
+}
+
 /// Verify, summarise the change, lock the target, upload the secrets, prepare (record the
 /// current generation, arm the watchdog, set the profile), switch, confirm, check health.
 /// The switch (and the watchdog) run as transient systemd units where the target has
@@ -221,9 +249,7 @@ pub(super) fn activation_steps(machine: &ResolvedMachine, target: &Target<'_>) -
     if activation.diff {
         steps.push(target.diff());
     }
-    let watchdog = activation
-        .rollback_timeout
-        .filter(|_| action.changes_running_system());
+    let watchdog = watchdog_of(target.ctx);
     if action != Action::DryActivate {
         steps.push(target.lock());
         if let Some(upload) = &machine.secrets {

@@ -43,6 +43,14 @@ impl fmt::Display for DeployPlan {
                         within.as_secs()
                     )?;
                 }
+                if let Some(ask) = &step.on_lost {
+                    writeln!(
+                        f,
+                        "      if its ssh session is lost (nothing is undone until the target says how it ended):\n        [{}] {}",
+                        ask.host_label(),
+                        ask.command_line()
+                    )?;
+                }
                 if let Some(undo) = &step.on_failure {
                     let what = match step.kind {
                         StepKind::HealthCheck => "the health check fails (--rollback-on-unhealthy)",

@@ -98,6 +98,9 @@ pub enum StepKind {
     Diff,
     /// Reach the target over a fresh connection; it stands its watchdog down and says so.
     Confirm,
+    /// After the ssh session was lost during the switch: ask the target, over fresh
+    /// connections, how the switch really ended (waiting for it if it still runs).
+    SwitchOutcome,
     /// Undo a failed switch: back to the recorded generation, the failed one deleted.
     Undo,
     /// Run the machine's health check on the target after a confirmed activation.
@@ -161,6 +164,7 @@ impl StepKind {
             | StepKind::Prepare
             | StepKind::Switch
             | StepKind::Confirm
+            | StepKind::SwitchOutcome
             | StepKind::Undo
             | StepKind::HealthCheck
             | StepKind::Revert => Stage::Activate,
@@ -186,6 +190,7 @@ impl StepKind {
             StepKind::Prepare => "record the current generation, arm the watchdog, set the profile",
             StepKind::Switch => "switch-to-configuration",
             StepKind::Confirm => "confirm over a fresh ssh connection",
+            StepKind::SwitchOutcome => "ask how the switch ended, over a fresh ssh connection",
             StepKind::Undo => "go back to the previous generation",
             StepKind::HealthCheck => "health check",
             StepKind::Revert => "unhealthy: go back to the previous generation",
@@ -209,6 +214,7 @@ impl StepKind {
             StepKind::Prepare
                 | StepKind::Switch
                 | StepKind::Confirm
+                | StepKind::SwitchOutcome
                 | StepKind::Undo
                 | StepKind::HealthCheck
                 | StepKind::Revert
@@ -253,6 +259,9 @@ pub struct Step {
     /// What runs if it fails: the undo of a failed switch, the revert after a failed health
     /// check. Part of the plan, so `--dry-run` shows it.
     pub on_failure: Option<Box<Step>>,
+    /// What runs if the ssh session to its host was lost while it ran (ssh's exit 255): the
+    /// question of how it really ended (the switch). Part of the plan, so `--dry-run` shows it.
+    pub on_lost: Option<Box<Step>>,
     /// For how long a failed attempt is retried (the confirmation over fresh connections,
     /// until shortly before the target's watchdog would act).
     pub retry_within: Option<std::time::Duration>,
@@ -266,6 +275,7 @@ impl Step {
             runner,
             when,
             on_failure: None,
+            on_lost: None,
             retry_within: None,
         }
     }
@@ -315,6 +325,9 @@ pub struct MachinePlan {
     pub group: usize,
     /// How the target is activated.
     pub action: Action,
+    /// How long the target's watchdog waits for the confirmation after the switch ends,
+    /// in seconds (`None`: no watchdog).
+    pub watchdog: Option<u32>,
     /// Its steps once its system is built, in order. The first asks the target what it
     /// has of the system ([`StepKind::CheckPresent`], giving a [`TargetState`]); the
     /// others run when their [`When`] holds for that state. What undoes a failed step
@@ -611,6 +624,7 @@ pub fn plan_deploy(machines: Vec<ResolvedMachine>, ctx: &PlanContext) -> DeployP
             machine,
             group,
             action: ctx.activation.action,
+            watchdog: activate::watchdog_of(ctx),
             steps,
         });
     }

@@ -30,9 +30,15 @@
 #   confirm RUN
 #       Stands the watchdog down: exit 0 "clan: confirmed"; 4, it rolled back already
 #       ("clan: rolled-back ..."); 5, no such activation (a later deploy took over).
+#   outcome RUN
+#       After the workstation lost its ssh session during the switch: waits for the switch
+#       to end, then exit 0 "clan: switched 0"; 1 "clan: switched N" (it failed); 4, 5 as
+#       for confirm; 6 "clan: switch-never-started"; 7 "clan: switch-killed" (it ended
+#       without a status). Changes nothing but the record of a run without watchdog.
 #   undo RUN
 #       After a failed switch: stands the watchdog down and goes back to the recorded
-#       generation, deleting the failed one. Prints "clan: profile N PATH".
+#       generation, deleting the failed one. Prints "clan: profile N PATH". Exit 4, 5 as
+#       for confirm: the watchdog went back already, or another deploy took over.
 #   revert RUN
 #       After a health check failed: back to the generation prepare recorded, the current
 #       (unhealthy) one deleted. Prints "clan: profile N PATH".
@@ -41,7 +47,7 @@
 #       newest generation older than the current one.
 #
 # Exit codes: 0 done; 1 failed; 2 bad arguments; 3 no generation to go back to; 4, 5 as
-# for confirm; 75 lock held by another deploy; 76 (prepare, switch) this run no longer
+# for confirm; 6, 7 as for outcome; 75 lock held by another deploy; 76 (prepare, switch) this run no longer
 # holds the lock: it was let go after STALE seconds without a sign of the workstation.
 # Lines starting with "clan: " are for the workstation; the rest is for the run's log.
 
@@ -64,7 +70,9 @@ case $run in
 	;;
 esac
 umask 077
-mkdir -p "$D" || exit 1
+# Readable by all (its records hold no secret): the up-to-date check, which runs as the
+# login user, must see an activation that is still pending.
+mkdir -p "$D" && chmod 755 "$D" || exit 1
 R="$D/activation-$run"
 
 say() { printf 'clan: %s\n' "$*"; }
@@ -192,10 +200,13 @@ act_lock() {
 }
 
 # What earlier runs left: wait for a switch of theirs that still runs, stop their watchdog,
-# forget them. Their system stays: this run reached the target, which is what their
-# watchdog waited for.
+# forget them. Their system stays for now: this run decides what the target runs, and their
+# activation was never confirmed, so the generation they recorded as the one before theirs
+# (the oldest, if several) is the last confirmed one: it becomes this run's way back
+# ($inherited).
 take_over() {
 	act_lock
+	inherited=
 	for r in "$D"/activation-*; do
 		[ -d "$r" ] || continue
 		other=${r##*/activation-}
@@ -205,6 +216,11 @@ take_over() {
 			while kill -0 "$p" 2>/dev/null && [ ! -e "$r/switch-status" ]; do sleep 0.2; done
 		fi
 		stop_watchdog "$other" "$r"
+		g=$(cat "$r/prev-gen" 2>/dev/null)
+		case $g in
+		'' | *[!0-9]*) ;;
+		*) if [ -z "$inherited" ] || [ "$g" -lt "$inherited" ]; then inherited=$g; fi ;;
+		esac
 		rm -rf "$r"
 		say "took-over $other"
 	done
@@ -233,14 +249,18 @@ prepare)
 	timeout=$3
 	trap '' HUP PIPE
 	take_over
-	prev=$(gen_of "$P")
+	prev=${inherited:-$(gen_of "$P")}
 	rm -rf "$R"
 	mkdir "$R" || exit 1
 	echo "$action" >"$R/action"
 	echo "$prev" >"$R/prev-gen"
 	echo "$prev" >"$D/previous-$run"
 	echo "$timeout" >"$R/timeout"
-	say "previous ${prev:-none} $(readlink -f "$P" 2>/dev/null || echo none)"
+	if [ -n "$prev" ]; then
+		say "previous $prev $(readlink -f "$P-$prev-link" 2>/dev/null || echo none)"
+	else
+		say "previous none none"
+	fi
 	# The watchdog first: a connection lost from here on is covered.
 	if [ "$timeout" -gt 0 ] && { [ "$action" = switch ] || [ "$action" = test ]; }; then
 		: >"$R/watchdog"
@@ -277,11 +297,43 @@ switch)
 	;;
 switch-now)
 	[ $# -eq 2 ] || exit 2
+	# A lost session does not stop the switch half-way where no unit holds it.
+	trap '' HUP PIPE
 	[ -d "$R" ] && echo $$ >"$R/switch-pid"
 	"$2/bin/switch-to-configuration" "$1"
 	s=$?
 	[ -d "$R" ] && echo $s >"$R/switch-status"
+	# How it ended, kept after the record is gone (for outcome).
+	echo $s >"$D/switched-$run"
 	exit $s
+	;;
+outcome)
+	[ $# -eq 0 ] || exit 2
+	# Asked after the workstation lost its session during the switch: wait for the switch
+	# to end, then say how it did.
+	if [ -d "$R" ] && [ -s "$R/switch-pid" ]; then
+		p=$(cat "$R/switch-pid")
+		while [ -d "$R" ] && [ ! -e "$R/switch-status" ] && kill -0 "$p" 2>/dev/null; do sleep 0.2; done
+	fi
+	if [ ! -d "$R" ] && [ -e "$D/rolled-back-$run" ]; then
+		say "rolled-back $(cat "$D/rolled-back-$run")"
+		exit 4
+	fi
+	if [ -s "$D/switched-$run" ]; then
+		s=$(cat "$D/switched-$run")
+		say "switched $s"
+		[ "$s" = 0 ] || exit 1
+		# Without a watchdog there is nothing to confirm: the activation is over.
+		if [ -d "$R" ] && [ ! -e "$R/watchdog" ]; then rm -rf "$R"; fi
+		exit 0
+	fi
+	[ -d "$R" ] || exit 5
+	if [ -s "$R/switch-pid" ]; then
+		say "switch-killed"
+		exit 7
+	fi
+	say "switch-never-started"
+	exit 6
 	;;
 watchdog)
 	trap '' HUP PIPE
@@ -324,7 +376,7 @@ confirm)
 	act_lock
 	if [ -d "$R" ]; then
 		stop_watchdog "$run" "$R"
-		rm -rf "$R"
+		rm -rf "$R" "$D/switched-$run"
 		say confirmed
 		exit 0
 	fi
@@ -338,6 +390,10 @@ undo)
 	trap '' HUP PIPE
 	act_lock
 	if [ ! -d "$R" ]; then
+		if [ -e "$D/rolled-back-$run" ]; then
+			say "rolled-back $(cat "$D/rolled-back-$run")"
+			exit 4
+		fi
 		echo "no activation of run $run is pending" >&2
 		exit 5
 	fi
@@ -345,7 +401,7 @@ undo)
 	action=$(cat "$R/action")
 	prev=$(cat "$R/prev-gen")
 	new=$(cat "$R/new-gen" 2>/dev/null)
-	rm -rf "$R"
+	rm -rf "$R" "$D/switched-$run"
 	case $action in
 	test)
 		# The profile was not touched: back to its system, if there is one.

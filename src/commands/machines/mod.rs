@@ -630,6 +630,7 @@ mod tests {
                 for step in &m.steps {
                     steps.push(step);
                     steps.extend(step.on_failure.as_deref());
+                    steps.extend(step.on_lost.as_deref());
                 }
             }
             PLANS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);

@@ -190,7 +190,8 @@ fn deploy(args: &UpdateArgs) -> Result<ExitKind, Error> {
     let mut up_to_date = Vec::new();
     let mut lacking = BTreeSet::new();
     if !args.reactivate && batches.len() == 1 {
-        let (done, rest, without) = split_up_to_date(&plan, &connections);
+        let (done, rest, without) =
+            split_up_to_date(&plan, &connections, &|line| eprintln!("{line}"));
         lacking = without;
         for report in &done {
             eprintln!(
@@ -325,11 +326,26 @@ fn deploy(args: &UpdateArgs) -> Result<ExitKind, Error> {
 
 /// Splits off the machines with nothing to do ([`crate::execute::up_to_date`]): their
 /// reports, and the machines left to deploy.
+/// A machine whose target runs the system but has an activation that an earlier run left
+/// unconfirmed is not up to date: `say` gets a line about it, and it is deployed again.
 fn split_up_to_date(
     plan: &crate::plan::DeployPlan,
     connections: &Connections,
+    say: &dyn Fn(&str),
 ) -> (Vec<MachineReport>, Vec<ResolvedMachine>, BTreeSet<String>) {
     let checked = crate::execute::up_to_date(plan, connections);
+    for (&i, runs) in &checked.pending {
+        let m = &plan.machines[i].machine;
+        let runs = if runs.iter().any(|r| r == "unknown") {
+            "whose records this user cannot read".to_string()
+        } else {
+            format!("of run {}", runs.join(", "))
+        };
+        say(&format!(
+            "{}: not up to date: {} has an activation {runs} that was never confirmed (its watchdog would roll it back): deploying takes it over and confirms",
+            m.name, m.target.value
+        ));
+    }
     let mut reports = Vec::new();
     let mut rest = Vec::new();
     let lacking = checked
@@ -784,7 +800,8 @@ fn run_wave(
     let mut reports = Vec::new();
     let mut lacking = BTreeSet::new();
     if !args.reactivate {
-        let (done, rest, without) = split_up_to_date(&plan, connections);
+        let (done, rest, without) =
+            split_up_to_date(&plan, connections, &|line| progress.event(line));
         lacking = without;
         for report in done {
             if let Some(i) = all_names.iter().position(|n| *n == report.name) {
