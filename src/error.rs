@@ -56,7 +56,13 @@ pub struct Error {
     pub hints: Vec<Hint>,
     /// The exit code this error leads to.
     pub exit: ExitKind,
+    /// A stable, machine-readable name of what went wrong (`--json`), where one is given.
+    pub code: Option<&'static str>,
 }
+
+/// [`Error::code`] of a value from the flake or the command line that the trust boundary
+/// refused: it stops the run before any activation, with exit 2, in fleets too.
+pub const REFUSED: &str = "boundary.refused";
 
 impl Error {
     /// A deploy failure (exit 1) with `message`.
@@ -66,6 +72,7 @@ impl Error {
             detail: None,
             hints: Vec::new(),
             exit: ExitKind::DeployFailed,
+            code: None,
         }
     }
 
@@ -93,6 +100,12 @@ impl Error {
     /// Sets the exit kind.
     pub fn exit(mut self, exit: ExitKind) -> Error {
         self.exit = exit;
+        self
+    }
+
+    /// Sets the stable code.
+    pub fn code(mut self, code: &'static str) -> Error {
+        self.code = Some(code);
         self
     }
 }

@@ -15,6 +15,7 @@ pub mod execute;
 pub mod host;
 pub mod interrupt;
 pub mod nixlog;
+pub mod output;
 pub mod plan;
 pub mod preflight;
 pub mod process;

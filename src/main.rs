@@ -14,6 +14,14 @@ fn main() {
         libc::signal(libc::SIGPIPE, libc::SIG_DFL);
     }
     let cli = Cli::parse();
+    // Commands that change hosts cannot be ended by a closed output (`| head -3`): they
+    // write through relays and go on as if detached (see clan::output).
+    let changes_hosts = !matches!(
+        &cli.command,
+        TopCommand::Machines(MachinesCommand::Show(_))
+            | TopCommand::Vars(VarsCommand::List(_) | VarsCommand::Get(_) | VarsCommand::Check(_))
+    );
+    let relays = changes_hosts.then(clan::output::relay);
     // Ctrl-C: children run in process groups of their own, so clan decides what stops.
     clan::interrupt::install();
     let result = match &cli.command {
@@ -37,5 +45,8 @@ fn main() {
             error.exit
         }
     };
+    if let Some(relays) = relays {
+        relays.finish();
+    }
     std::process::exit(exit.code());
 }

@@ -98,6 +98,10 @@ pub fn json(run_id: &str, reports: &[MachineReport], exit: ExitKind) -> Value {
                     Outcome::NotStarted(why) => Some(why.clone()),
                     _ => None,
                 },
+                "errorCode": match &r.outcome {
+                    Outcome::Failed(e) => e.code,
+                    _ => None,
+                },
                 "seconds": {
                     "build": seconds(r, Stage::Build),
                     "copy": seconds(r, Stage::CopyToTarget),
@@ -131,6 +135,7 @@ pub fn error_json(error: &crate::error::Error) -> Value {
         "detail": error.detail,
         "hints": error.hints.iter().map(|h| h.0.clone()).collect::<Vec<_>>(),
         "exitCode": error.exit.code(),
+        "code": error.code,
     })
 }
 

@@ -50,6 +50,7 @@ on_both_kinds!(
     switch_that_kills_ssh_sessions_is_confirmed,
     unreachable_after_the_switch_is_left_to_the_watchdog,
     rerun_after_a_killed_switch_takes_over_and_confirms,
+    a_closed_output_does_not_stop_the_deploy,
 );
 
 fn target_lab(kind: HostKind) -> Lab {
@@ -781,4 +782,54 @@ fn rerun_after_a_killed_switch_takes_over_and_confirms(kind: HostKind) {
     let back = clan(&lab, &f, &["machines", "rollback", "m"]);
     assert_eq!(back.code, 0);
     assert_system(&lab, Some(&v1), Some(&v1));
+}
+
+// `clan machines update … 2>&1 | head -3`: the reader goes away after three lines, long
+// before the switch. The deploy goes on as if detached, ends with its confirmation and exit
+// 0, and leaves nothing behind: no ssh master, no control directory.
+fn a_closed_output_does_not_stop_the_deploy(kind: HostKind) {
+    let lab = target_lab(kind);
+    deploy(&lab, "");
+    let f = flake(&lab, r#"variant = "v2"; switchSeconds = 2;"#);
+    let v2 = toplevel(&lab, &f, "m");
+    let logs = lab
+        .host("workstation")
+        .root()
+        .join(".local/state/clan/logs");
+    let runs_before: Vec<String> = std::fs::read_dir(&logs)
+        .unwrap()
+        .filter_map(Result::ok)
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    let script = format!(
+        "{} machines update m --log-format plain --rollback-timeout 10 2>&1 | head -3; echo \"clan exited ${{PIPESTATUS[0]}}\"",
+        env!("CARGO_BIN_EXE_clan")
+    );
+    let out = lab.run_on_workstation(&f, &["bash", "-c", &script]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    eprintln!("{stdout}{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(stdout.lines().count(), 4, "three lines, then clan's exit");
+    assert!(stdout.ends_with("clan exited 0\n"), "{stdout}");
+    assert_system(&lab, Some(&v2), Some(&v2));
+    assert_nothing_left(&lab);
+    let masters = lab.processes("ControlMaster=");
+    assert!(masters.is_empty(), "ssh masters left: {masters:?}");
+    // This run's private control directory is gone (named after its run id, which names its
+    // log directory).
+    let logs = lab
+        .host("workstation")
+        .root()
+        .join(".local/state/clan/logs");
+    let runs: Vec<String> = std::fs::read_dir(&logs)
+        .unwrap()
+        .filter_map(Result::ok)
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|run| !runs_before.contains(run))
+        .collect();
+    assert_eq!(runs.len(), 1, "{runs:?}");
+    let control = format!("/tmp/clan-ssh-{}", &runs[0][..12]);
+    assert!(
+        !std::path::Path::new(&control).exists(),
+        "{control} left behind"
+    );
 }

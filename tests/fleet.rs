@@ -275,3 +275,49 @@ fn non_terminal_output_is_plain_lines() {
         assert!(run.stderr.contains(event), "no event {event:?}");
     }
 }
+
+// One machine's refused value (an address option that would load code) stops the whole
+// fleet with exit 2 before any activation, as `--dry-run` does: the other machines may have
+// built, but none is activated, and the report names why.
+#[test]
+fn a_refused_value_stops_the_fleet_before_any_activation() {
+    let (lab, _) = fleet_lab();
+    let b = lab.ip("builder");
+    let flake = lab.write_flake(&format!(
+        r#"{{
+          inventory.machines = {{
+            t1 = {{ deploy.targetHost = "root@{t1}"; deploy.buildHost = "root@{b}"; }};
+            t2 = {{ deploy.targetHost = "root@{t2}"; deploy.buildHost = "root@{b}"; }};
+            t3 = {{ deploy.targetHost = "root@{t3}?PKCS11Provider=/nonexistent/p11.so"; }};
+          }};
+          machines = {{ t1 = system {{ }}; t2 = system {{ }}; t3 = system {{ }}; }};
+        }}"#,
+        t1 = lab.ip("t1"),
+        t2 = lab.ip("t2"),
+        t3 = lab.ip("t3"),
+    ));
+    let refusal = "the ssh option PKCS11Provider runs a local command";
+    let dry = clan(&lab, &flake, &["machines", "update", "--dry-run"]);
+    assert_eq!(dry.code, 2);
+    assert!(dry.stderr.contains(refusal), "{}", dry.stderr);
+    let run = clan(&lab, &flake, &["machines", "update", "--json"]);
+    assert_eq!(run.code, 2, "the real run ends as the dry run does");
+    assert!(run.stderr.contains(refusal), "{}", run.stderr);
+    for t in ["t1", "t2", "t3"] {
+        assert_eq!(profile(&lab, t), None, "{t} was activated");
+        assert!(lab.host(t).switch_log().is_empty(), "{t} switched");
+    }
+    let report: serde_json::Value = serde_json::from_str(&run.stdout).unwrap();
+    assert_eq!(report["exitCode"], 2);
+    let code_of = |m: &str| {
+        report["machines"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|r| r["name"] == m)
+            .map(|r| r["errorCode"].clone())
+    };
+    assert_eq!(code_of("t3"), Some("boundary.refused".into()));
+    assert_eq!(code_of("t1"), Some("run.stopped-by-refusal".into()));
+    assert_eq!(code_of("t2"), Some("run.stopped-by-refusal".into()));
+}

@@ -41,9 +41,24 @@ pub(super) fn run_machine(
         activated: false,
     };
     let mut current = None;
+    let mut gate_passed = false;
     for step in &plan.steps {
         if !step.when.holds(run.state) {
             continue;
+        }
+        // Nothing on the target changes before every machine's values were checked.
+        let activates = matches!(step.kind, StepKind::LockTarget | StepKind::UploadSecrets)
+            || step.kind.changes_target_system();
+        if activates && !gate_passed {
+            if let Err(refused) = super::gate::wait() {
+                let error = Error::usage(format!(
+                    "{}: not activated: a value of {refused} was refused (see above), which stops the run before any activation",
+                    run.name
+                ))
+                .code("run.stopped-by-refusal");
+                return (Outcome::Failed(error), run.changes);
+            }
+            gate_passed = true;
         }
         let stage = step.kind.stage();
         // Until the profile or the running system is touched, Ctrl-C stops the machine;

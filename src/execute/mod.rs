@@ -29,6 +29,7 @@ use crate::error::{Error, ExitKind, Hint};
 use crate::plan::{Action, Builder, DeployPlan, Runner, Stage, TargetState};
 use crate::progress::Progress;
 
+pub mod gate;
 mod group;
 mod lock;
 mod machine;
@@ -465,6 +466,8 @@ pub fn exit_code(reports: &[MachineReport]) -> ExitKind {
             {
                 e.exit
             }
+            // A value the trust boundary refused stops the whole run (see [`gate`]).
+            Outcome::Failed(e) if e.code == Some(crate::error::REFUSED) => ExitKind::Usage,
             Outcome::Failed(_) => ExitKind::DeployFailed,
             Outcome::Skipped | Outcome::NotStarted(_) => ExitKind::DeployFailed,
         })

@@ -155,7 +155,10 @@ impl Streamed {
             Err(e) => {
                 let fallback =
                     MachineName::parse("invalid", &Origin::CommandLine("-")).expect("a valid name");
-                return StreamedMachine::Failed(fallback, Error::usage(e.to_string()));
+                return StreamedMachine::Failed(
+                    fallback,
+                    Error::usage(e.to_string()).code(crate::error::REFUSED),
+                );
             }
         };
         let facts = match facts {
@@ -191,6 +194,10 @@ impl Streamed {
                 Some(loaded) => StreamedMachine::Ready(Box::new(loaded.machine)),
                 None => StreamedMachine::Failed(checked, Error::new("no machine was resolved")),
             },
+            // A value of the flake that its checks refused (not a failed evaluation).
+            Err(error) if error.exit == crate::error::ExitKind::Usage => {
+                StreamedMachine::Failed(checked, error.code(crate::error::REFUSED))
+            }
             Err(error) => StreamedMachine::Failed(checked, error),
         }
     }

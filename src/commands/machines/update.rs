@@ -616,6 +616,9 @@ fn deploy_streaming(args: &UpdateArgs) -> Result<ExitKind, Error> {
     // --fail-fast across batches: once a machine failed, later batches do not start.
     let failed_seen = std::sync::atomic::AtomicBool::new(false);
     let expected = streamed.expected();
+    // No activation before every machine's values passed the trust boundary.
+    crate::execute::gate::close();
+    let mut refused: Vec<String> = Vec::new();
     let mut early: Vec<MachineReport> = Vec::new();
     let mut skipped_any = false;
     let mut reports: Vec<MachineReport> = std::thread::scope(|scope| {
@@ -646,12 +649,25 @@ fn deploy_streaming(args: &UpdateArgs) -> Result<ExitKind, Error> {
                             }
                         }
                         StreamedMachine::Failed(name, error) => {
-                            crate::progress::line(&format!(
-                                "{name}: evaluation failed: {}",
-                                error.message
-                            ));
+                            let is_refused = error.code == Some(crate::error::REFUSED);
+                            if is_refused {
+                                refused.push(name.to_string());
+                                crate::progress::line(&format!("error: {}", error.message));
+                                // Machines still building stop before their activation.
+                                crate::execute::gate::refuse(&refused.join(", "));
+                            } else {
+                                crate::progress::line(&format!(
+                                    "{name}: evaluation failed: {}",
+                                    error.message
+                                ));
+                            }
                             if let Some(i) = names.iter().position(|n| n == name.as_str()) {
-                                progress.finish(i, false, "evaluation failed");
+                                let why = if is_refused {
+                                    "refused (see above)"
+                                } else {
+                                    "evaluation failed"
+                                };
+                                progress.finish(i, false, why);
                             }
                             early.push(MachineReport::not_run(
                                 &name,
@@ -712,11 +728,16 @@ fn deploy_streaming(args: &UpdateArgs) -> Result<ExitKind, Error> {
                 }));
             }
         }
+        // Every machine is checked: activations go ahead, unless a value was refused.
+        if refused.is_empty() {
+            crate::execute::gate::open();
+        }
         handles
             .into_iter()
             .flat_map(|h| h.join().expect("wave thread"))
             .collect()
     });
+    crate::execute::gate::open();
     progress.close();
     reports.extend(early);
     if crate::interrupt::requested() && reports.is_empty() {
