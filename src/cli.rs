@@ -149,7 +149,18 @@ pub struct SetupCacheArgs {
 }
 
 /// Arguments of `clan machines rollback`.
-pub type RollbackArgs = OnTargetArgs;
+/// Arguments of `clan machines rollback`.
+#[derive(Debug, Args)]
+pub struct RollbackArgs {
+    /// The machine, its flake, host overrides and lock timeout.
+    #[command(flatten)]
+    pub on: OnTargetArgs,
+
+    /// Go back to this generation of the system profile (default: the newest one older
+    /// than the current one).
+    #[arg(long, value_name = "GENERATION")]
+    pub to: Option<u32>,
+}
 
 /// Arguments of `clan vars upload`.
 pub type VarsUploadArgs = OnTargetArgs;

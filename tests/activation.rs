@@ -509,6 +509,11 @@ fn rollback_command_goes_to_the_generation_before(kind: HostKind) {
     let f = flake(&lab, "");
     let run = clan(&lab, &f, &["machines", "rollback", "m"]);
     assert_eq!(run.code, 0);
+    // Where it goes is shown before it goes there.
+    assert!(run.stderr.contains(&format!(
+        "m: rolling back root@{} from generation 2 to generation 1 ({v1})",
+        lab.ip("target")
+    )));
     assert!(
         run.stderr
             .contains("m: rolled back: the system profile points to generation 1")
@@ -521,6 +526,17 @@ fn rollback_command_goes_to_the_generation_before(kind: HostKind) {
     assert_eq!(nothing.code, 1);
     assert!(nothing.stderr.contains("no previous generation"));
     assert_system(&lab, Some(&v1), Some(&v1));
+    // --to names the generation: one that does not exist is refused, changing nothing.
+    let missing = clan(&lab, &f, &["machines", "rollback", "m", "--to", "7"]);
+    assert_eq!(missing.code, 2);
+    assert!(
+        missing
+            .stderr
+            .contains("there is no generation 7 (generations: 1, 2)")
+    );
+    let to = clan(&lab, &f, &["machines", "rollback", "m", "--to", "2"]);
+    assert_eq!(to.code, 0);
+    assert_system(&lab, Some(&v2), Some(&v2));
     assert_nothing_left(&lab);
 }
 

@@ -42,9 +42,13 @@
 #   revert RUN
 #       After a health check failed: back to the generation prepare recorded, the current
 #       (unhealthy) one deleted. Prints "clan: profile N PATH".
-#   rollback RUN SECONDS
-#       `clan machines rollback`: under the lock (waiting at most SECONDS), back to the
-#       newest generation older than the current one.
+#   generations RUN
+#       Lists the system profile's generations ("clan: generation N PATH") and the current
+#       one ("clan: current N"). Changes nothing.
+#   rollback RUN SECONDS GEN
+#       `clan machines rollback`: under the lock (waiting at most SECONDS), back to
+#       generation GEN (which the workstation chose and showed); exit 3 if GEN is no other
+#       generation of the profile.
 #
 # Exit codes: 0 done; 1 failed; 2 bad arguments; 3 no generation to go back to; 4, 5 as
 # for confirm; 6, 7 as for outcome; 75 lock held by another deploy; 76 (prepare, switch) this run no longer
@@ -89,19 +93,6 @@ gen_of() {
 	'' | *[!0-9]*) ;;
 	*) echo "$n" ;;
 	esac
-}
-
-# The newest generation of the profile older than $1, or nothing.
-gen_before() {
-	best=
-	for l in "$P"-*-link; do
-		[ -L "$l" ] || continue
-		n=${l##*/system-}
-		n=${n%-link}
-		case $n in '' | *[!0-9]*) continue ;; esac
-		if [ "$n" -lt "$1" ] && { [ -z "$best" ] || [ "$n" -gt "$best" ]; }; then best=$n; fi
-	done
-	echo "$best"
 }
 
 # COMMAND... in a transient unit named UNIT, its output piped back, waiting for its end.
@@ -422,8 +413,20 @@ revert)
 	}
 	back_to "$(cat "$D/previous-$run")" "$(gen_of "$P")" switch
 	;;
+generations)
+	[ $# -eq 0 ] || exit 2
+	# Read-only: every generation of the system profile, and the current one.
+	for l in "$P"-*-link; do
+		[ -L "$l" ] || continue
+		n=${l##*/system-}
+		n=${n%-link}
+		case $n in '' | *[!0-9]*) continue ;; esac
+		say "generation $n $(readlink -f "$l")"
+	done
+	say "current $(gen_of "$P")"
+	;;
 rollback)
-	[ $# -eq 1 ] || exit 2
+	[ $# -eq 2 ] || exit 2
 	trap '' HUP PIPE
 	take_lock "$1"
 	take_over
@@ -432,8 +435,15 @@ rollback)
 		echo "there is no system profile" >&2
 		exit 3
 	fi
+	# The generation the workstation showed the user (checked again under the lock).
+	to=$2
+	case $to in '' | *[!0-9]*) exit 2 ;; esac
+	if [ "$to" = "$cur" ] || [ ! -L "$P-$to-link" ]; then
+		echo "generation $to is not another generation of the system profile (current: $cur)" >&2
+		exit 3
+	fi
 	say "previous $cur $(readlink -f "$P")"
-	back_to "$(gen_before "$cur")" "" switch
+	back_to "$to" "" switch
 	;;
 *)
 	echo "clan-activate: unknown command $cmd" >&2

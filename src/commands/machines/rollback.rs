@@ -6,31 +6,117 @@ use crate::error::{Error, ExitKind, Hint};
 use crate::ssh::{ACTIVATE, RemoteCommand, SshHost, run_remote, run_remote_with_input};
 use crate::sudo;
 
+/// The system profile's generations as the target lists them (`clan-activate generations`):
+/// each with its system, and the current one.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Generations {
+    /// Generation number and system path, in the target's order.
+    pub all: Vec<(u32, String)>,
+    /// The one the profile points to.
+    pub current: Option<u32>,
+}
+
+impl Generations {
+    /// Reads the `clan: generation N PATH` and `clan: current N` lines.
+    pub fn parse(output: &str) -> Generations {
+        let mut found = Generations::default();
+        for line in output.lines() {
+            if let Some(rest) = line.strip_prefix("clan: generation ")
+                && let Some((n, path)) = rest.split_once(' ')
+                && let Ok(n) = n.parse()
+            {
+                found.all.push((n, path.to_string()));
+            } else if let Some(n) = line.strip_prefix("clan: current ") {
+                found.current = n.trim().parse().ok();
+            }
+        }
+        found.all.sort();
+        found
+    }
+
+    /// Where a rollback goes: generation `to`, or the newest one older than the current
+    /// one; an error (for people) if there is none.
+    pub fn target(&self, to: Option<u32>) -> Result<(u32, &str), String> {
+        let current = self.current.ok_or("there is no system profile")?;
+        let found = match to {
+            Some(to) if to == current => {
+                return Err(format!("generation {to} is the current one"));
+            }
+            Some(to) => self.all.iter().find(|(n, _)| *n == to),
+            None => self.all.iter().rev().find(|(n, _)| *n < current),
+        };
+        found
+            .map(|(n, p)| (*n, p.as_str()))
+            .ok_or_else(|| match to {
+                Some(to) => format!(
+                    "there is no generation {to} (generations: {})",
+                    self.all
+                        .iter()
+                        .map(|(n, _)| n.to_string())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+                None => format!(
+                    "there is no previous generation (none older than the current one, {current})"
+                ),
+            })
+    }
+}
+
 /// Runs the command; returns the exit code.
 pub fn run(args: &RollbackArgs) -> Result<ExitKind, Error> {
-    let machine = &load_machine(&args.hosts, &args.machine)?;
-    let target = SshHost::new(machine.target.value.clone(), args.connect.host_key_check);
-    eprintln!(
-        "{}: rolling back to the previous generation on {}",
-        machine.name, target.address
-    );
-    // The same way back as the watchdog's and a failed switch's, under the deploy lock.
-    let rollback = RemoteCommand::Script {
-        script: ACTIVATE,
-        args: vec![
-            "rollback".into(),
-            crate::commands::machines::update::run_id(),
-            args.lock_timeout.to_string(),
-        ],
-        sudo: None,
-    };
+    let on = &args.on;
+    let machine = &load_machine(&on.hosts, &on.machine)?;
+    let target = SshHost::new(machine.target.value.clone(), on.connect.host_key_check);
+    let run_id = crate::commands::machines::update::run_id();
     // The profile and the switch need root: sudo, with the password asked once if needed.
     let as_root = sudo::AsRoot::ask(&machine.name, &target)?;
-    let out = match as_root.password() {
-        None => run_remote(&target, &as_root.command(rollback)),
-        Some(_) => run_remote_with_input(&target, &as_root.command(rollback), &as_root.input(b"")),
+    let run = |args: Vec<String>| {
+        let command = as_root.command(RemoteCommand::Script {
+            script: ACTIVATE,
+            args,
+            sudo: None,
+        });
+        match as_root.password() {
+            None => run_remote(&target, &command),
+            Some(_) => run_remote_with_input(&target, &command, &as_root.input(b"")),
+        }
+        .map_err(|e| Error::new(format!("cannot run ssh: {e}")))
+    };
+    // First where it goes, shown before going there.
+    let listed = run(vec!["generations".into(), run_id.clone()])?;
+    let generations = Generations::parse(&String::from_utf8_lossy(&listed.stdout));
+    if !listed.status.success() {
+        return Err(Error::new(format!(
+            "{}: cannot list the system generations on {}",
+            machine.name, target.address
+        ))
+        .detail(String::from_utf8_lossy(&listed.stderr).trim_end()));
     }
-    .map_err(|e| Error::new(format!("cannot run ssh: {e}")))?;
+    let (to, system) = generations.target(args.to).map_err(|why| {
+        Error::new(format!(
+            "{}: cannot roll back on {}: {why}",
+            machine.name, target.address
+        ))
+        .exit(if args.to.is_some() {
+            ExitKind::Usage
+        } else {
+            ExitKind::DeployFailed
+        })
+    })?;
+    eprintln!(
+        "{}: rolling back {} from generation {} to generation {to} ({system})",
+        machine.name,
+        target.address,
+        generations.current.unwrap_or_default()
+    );
+    // The same way back as the watchdog's and a failed switch's, under the deploy lock.
+    let out = run(vec![
+        "rollback".into(),
+        run_id,
+        on.lock_timeout.to_string(),
+        to.to_string(),
+    ])?;
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
     for line in stdout.lines().filter(|l| !l.starts_with("clan: ")) {
@@ -78,5 +164,37 @@ pub fn run(args: &RollbackArgs) -> Result<ExitKind, Error> {
             "if the profile already moved, the next boot uses the previous generation",
         ))
         .exit(ExitKind::PartiallyApplied)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const LISTED: &str = "clan: generation 4 /nix/store/a-4\nclan: generation 6 /nix/store/a-6\nclan: generation 7 /nix/store/a-7\nclan: current 7\n";
+
+    #[test]
+    fn goes_to_the_newest_older_generation_or_the_one_asked_for() {
+        let g = Generations::parse(LISTED);
+        assert_eq!(g.current, Some(7));
+        assert_eq!(g.target(None), Ok((6, "/nix/store/a-6")));
+        assert_eq!(g.target(Some(4)), Ok((4, "/nix/store/a-4")));
+        assert_eq!(
+            g.target(Some(5)),
+            Err("there is no generation 5 (generations: 4, 6, 7)".to_string())
+        );
+        assert_eq!(
+            g.target(Some(7)),
+            Err("generation 7 is the current one".to_string())
+        );
+        let first = Generations::parse("clan: generation 1 /nix/store/a-1\nclan: current 1\n");
+        assert_eq!(
+            first.target(None),
+            Err("there is no previous generation (none older than the current one, 1)".to_string())
+        );
+        assert_eq!(
+            Generations::parse("clan: current \n").target(None),
+            Err("there is no system profile".to_string())
+        );
     }
 }
