@@ -357,11 +357,16 @@ pub fn resolve_machine(
     let secrets = match (&overrides.vars_repo, &facts.vars) {
         (Some(root), Some(vars)) => {
             vars.check(name)?;
-            crate::vars::upload::SecretsUpload::of(
-                &crate::vars::Repo { root: root.clone() },
-                name,
-                vars,
-            )
+            let repo = crate::vars::Repo { root: root.clone() };
+            // Secrets without the key they were encrypted to: stop here (also in --dry-run),
+            // before a new key could be made or anything uploaded.
+            let secrets = repo.secrets_of(name);
+            if !secrets.is_empty()
+                && !(repo.machine_pub(name).is_file() && repo.machine_key(name).is_file())
+            {
+                return Err(repo.key_missing(name, &secrets));
+            }
+            crate::vars::upload::SecretsUpload::of(&repo, name, vars)
         }
         _ => None,
     };

@@ -667,3 +667,78 @@ fn a_prompt_during_a_fleet_deploy_on_a_terminal() {
     assert!(lab.host("t1").system_profile().is_some());
     assert_eq!(sh(&lab, "t2", "cat /run/secrets/api/token"), token);
 }
+
+// A checkout that lacks the machine's key (never committed, so a clone or CI has the secrets
+// but not the key) never makes a new one: generate tracks the key in git with the secrets,
+// and without it the dry run, the deploy and `vars check` stop naming the missing files,
+// while the target keeps the key that opens its secrets.
+#[test]
+fn a_checkout_without_the_machine_key_never_makes_a_new_one() {
+    let lab = Lab::start(&[HostSpec::new("target")]);
+    let (private, public) = identity();
+    install_identity(&lab, &private);
+    let generators =
+        r#"{ api = { files.token = { }; script = "echo tok-$RANDOM > $out/token"; }; }"#;
+    let flake = one_target_flake(&lab, &public, generators, "/root/secret-vars");
+    let git = |args: &[&str]| {
+        let out = Command::new("git")
+            .arg("-C")
+            .arg(&flake)
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    git(&["init", "-q"]);
+    git(&["add", "-A"]);
+    let generated = clan(&lab, &flake, &["vars", "generate", "m"]);
+    assert_eq!(generated.code, 0, "{}", generated.stderr);
+    // Everything generate wrote is tracked, the machine's key included.
+    let tracked = git(&["ls-files"]);
+    for f in [
+        "secrets/age-keys/machines/m/pub",
+        "secrets/age-keys/machines/m/key.age",
+        "secrets/clan-vars/per-machine/m/api/token.age",
+    ] {
+        assert!(tracked.lines().any(|l| l == f), "{f} untracked:\n{tracked}");
+    }
+    let first = clan(&lab, &flake, &["machines", "update", "m"]);
+    assert_eq!(first.code, 0, "{}", first.stderr);
+    let key_on_target = sh(&lab, "target", "cat /root/secret-vars/key.txt");
+    assert!(key_on_target.starts_with("AGE-SECRET-KEY-1"));
+    let switches = lab.host("target").switch_log().len();
+
+    // The checkout without the key.
+    git(&["rm", "-q", "-r", "--cached", "secrets/age-keys"]);
+    std::fs::remove_dir_all(flake.join("secrets/age-keys/machines/m")).unwrap();
+    let missing = "machine m's key is missing";
+    let dry = clan(&lab, &flake, &["machines", "update", "m", "--dry-run"]);
+    assert_eq!(dry.code, 2, "{}", dry.stderr);
+    assert!(dry.stderr.contains(missing), "{}", dry.stderr);
+    assert!(
+        dry.stderr.contains("secrets/age-keys/machines/m/pub"),
+        "{}",
+        dry.stderr
+    );
+    let run = clan(&lab, &flake, &["machines", "update", "m"]);
+    assert_eq!(run.code, 2, "{}", run.stderr);
+    assert!(run.stderr.contains(missing), "{}", run.stderr);
+    assert!(run.stderr.contains("untracked"), "{}", run.stderr);
+    let generate = clan(&lab, &flake, &["vars", "generate", "m"]);
+    assert_eq!(generate.code, 2, "{}", generate.stderr);
+    assert!(generate.stderr.contains(missing), "{}", generate.stderr);
+    let check = clan(&lab, &flake, &["vars", "check", "m"]);
+    assert_eq!(check.code, 1, "{}", check.stderr);
+    // No new key anywhere; the target keeps the one that opens its secrets.
+    assert!(!flake.join("secrets/age-keys/machines/m/pub").exists());
+    assert_eq!(
+        sh(&lab, "target", "cat /root/secret-vars/key.txt"),
+        key_on_target
+    );
+    assert_eq!(lab.host("target").switch_log().len(), switches);
+}

@@ -174,10 +174,20 @@ pub fn check(args: &VarsMachineArgs) -> Result<ExitKind, Error> {
             None
         }
     };
-    if let Some(user) = &user
-        && let Err(e) = declared.repo.machine_identity(machine, user)
+    if let Some(user) = &user {
+        if let Err(e) = declared.repo.machine_identity(machine, user) {
+            problems.push(e.message);
+        } else if let Err(e) = declared.repo.check_upload(machine, &vars, user) {
+            problems.push(e.message);
+        }
+    }
+    if !declared.repo.machine_pub(machine).is_file()
+        && !declared.repo.secrets_of(machine).is_empty()
     {
-        problems.push(e.message);
+        problems.push(format!(
+            "machine {machine}'s key is missing ({}) while its secrets are in the repository",
+            declared.repo.machine_pub(machine).display()
+        ));
     }
     let generation = Generation::new(&declared.repo, &declared.settings);
     for (g, decl) in &vars.generators {

@@ -57,6 +57,14 @@ impl<'a> Generation<'a> {
     /// one (their secrets encrypted to its key too).
     pub fn machine(&self, machine: &str, vars: &MachineVars) -> Result<Vec<String>, Error> {
         vars.check(machine)?;
+        // Secrets without their key: nothing is generated (nor said to be complete).
+        let secrets = self.repo.secrets_of(machine);
+        if !secrets.is_empty()
+            && !(self.repo.machine_pub(machine).is_file()
+                && self.repo.machine_key(machine).is_file())
+        {
+            return Err(self.repo.key_missing(machine, &secrets));
+        }
         if let Some(only) = &self.only
             && !vars.generators.contains_key(only)
         {
@@ -101,6 +109,18 @@ impl<'a> Generation<'a> {
             if self.repo.generated(machine, g, decl) {
                 written.extend(self.share_with(machine, g, decl)?);
             }
+        }
+        // Everything generate made is tracked, the machine's key included: a checkout
+        // without it could not decrypt the secrets (and must not make a new key).
+        if !written.is_empty() {
+            written.extend(
+                [
+                    self.repo.machine_pub(machine),
+                    self.repo.machine_key(machine),
+                ]
+                .into_iter()
+                .filter(|p| p.is_file()),
+            );
         }
         git_add(&self.repo.root, &written);
         Ok(run.into_iter().collect())
@@ -542,7 +562,8 @@ fn ask(machine: &str, g: &str, p: &str, prompt: &super::PromptDecl) -> Result<Se
 }
 
 /// `git add` of what was written, when the clan is a git work tree (flakes only see tracked
-/// files); quiet otherwise.
+/// files, and a clone only gets committed ones: staged, the next commit carries them, as
+/// clan-core commits what it generates); quiet otherwise.
 fn git_add(root: &Path, paths: &[PathBuf]) {
     if paths.is_empty() || !root.join(".git").exists() {
         return;
@@ -550,7 +571,7 @@ fn git_add(root: &Path, paths: &[PathBuf]) {
     let _ = Command::new("git")
         .arg("-C")
         .arg(root)
-        .args(["add", "--intent-to-add", "--"])
+        .args(["add", "--"])
         .args(paths)
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())

@@ -455,15 +455,50 @@ impl Repo {
         }
     }
 
+    /// The files under `secrets/clan-vars/per-machine/<machine>`: secrets encrypted to that
+    /// machine's key.
+    pub fn secrets_of(&self, machine: &str) -> Vec<PathBuf> {
+        fn walk(dir: &Path, found: &mut Vec<PathBuf>) {
+            for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+                let path = entry.path();
+                if path.is_dir() {
+                    walk(&path, found);
+                } else {
+                    found.push(path);
+                }
+            }
+        }
+        let mut found = Vec::new();
+        walk(
+            &self
+                .root
+                .join("secrets/clan-vars/per-machine")
+                .join(machine),
+            &mut found,
+        );
+        found.sort();
+        found
+    }
+
     /// The machine's public key, made (with its private key encrypted to the machine's
-    /// recipients) when it has none yet.
+    /// recipients) when it has none yet. A key is a fact, never a default: when the
+    /// repository already holds secrets for the machine (encrypted to a key it must have
+    /// had), or half of a key, no new key is made: that would leave those secrets, and the
+    /// target that holds the old key, unable to decrypt.
     pub fn ensure_machine_key(
         &self,
         machine: &str,
         settings: &VarsSettings,
     ) -> Result<age::x25519::Recipient, Error> {
         if let Some(recipient) = self.machine_recipient(machine)? {
+            if !self.machine_key(machine).is_file() {
+                return Err(self.key_missing(machine, &[]));
+            }
             return Ok(recipient);
+        }
+        let secrets = self.secrets_of(machine);
+        if !secrets.is_empty() || self.machine_key(machine).exists() {
+            return Err(self.key_missing(machine, &secrets));
         }
         let recipients = parse_recipients(settings, machine)?;
         let identity = age::x25519::Identity::generate();
@@ -477,6 +512,66 @@ impl Repo {
             format!("{}\n", identity.to_public()).as_bytes(),
         )?;
         Ok(identity.to_public())
+    }
+
+    /// The error of a machine whose key is (partly) missing while its secrets are there.
+    pub fn key_missing(&self, machine: &str, secrets: &[PathBuf]) -> Error {
+        let missing: Vec<String> = [self.machine_pub(machine), self.machine_key(machine)]
+            .into_iter()
+            .filter(|p| !p.is_file())
+            .map(|p| p.display().to_string())
+            .collect();
+        let held = match secrets.len() {
+            0 => String::new(),
+            n => format!(
+                " while the repository holds {n} secret(s) encrypted to its key (e.g. {})",
+                secrets[0].display()
+            ),
+        };
+        Error::usage(format!(
+            "machine {machine}'s key is missing ({}){held}: refusing to make a new one, which would leave those secrets and the target's key unable to decrypt anything",
+            missing.join(", ")
+        ))
+        .hint(Hint::text(format!(
+            "the key is most likely untracked in another checkout: commit secrets/age-keys/machines/{machine}/ there (git add), or copy it here; to start over on purpose, delete secrets/clan-vars/per-machine/{machine}/ and generate again"
+        )))
+    }
+
+    /// Every secret uploaded to `machine` decrypts with the machine key that would be
+    /// uploaded with it: checked before anything is built, so an upload never hands the
+    /// target a key that opens none of its secrets.
+    pub fn check_upload(
+        &self,
+        machine: &str,
+        vars: &MachineVars,
+        user: &UserIdentity,
+    ) -> Result<(), Error> {
+        let files = vars.uploaded_files(machine);
+        if files.is_empty() {
+            return Ok(());
+        }
+        let identity = self.machine_identity(machine, user)?;
+        for (g, f, rel) in files {
+            let path = self.root.join("secrets/clan-vars").join(&rel);
+            let encrypted = std::fs::read(&path).map_err(|e| {
+                Error::usage(format!(
+                    "machine {machine}'s secret {g}/{f} is missing ({}: {e})",
+                    path.display()
+                ))
+                .hint(Hint::text(format!("run `clan vars generate {machine}`")))
+            })?;
+            decrypt_with(std::slice::from_ref(&identity), &encrypted).map_err(|e| {
+                Error::usage(format!(
+                    "machine {machine}'s secret {g}/{f} ({}) does not decrypt with the machine key that would be uploaded with it ({}): {e}; nothing was uploaded",
+                    path.display(),
+                    self.machine_key(machine).display()
+                ))
+                .hint(Hint::text(format!(
+                    "the key was replaced, or the secret was encrypted to another key: restore the machine's key from where the secrets were made, or regenerate with `clan vars generate {machine} --generator {g} --regenerate`"
+                )))
+            })?;
+        }
+        Ok(())
     }
 
     /// The machine's private key, decrypted with the user's identity.
@@ -498,6 +593,10 @@ impl Repo {
     /// The machine's private key as text (`AGE-SECRET-KEY-1…`), decrypted.
     pub fn machine_private_key(&self, machine: &str, user: &UserIdentity) -> Result<Secret, Error> {
         let path = self.machine_key(machine);
+        let secrets = self.secrets_of(machine);
+        if !path.is_file() && !secrets.is_empty() {
+            return Err(self.key_missing(machine, &secrets));
+        }
         let encrypted = std::fs::read(&path).map_err(|e| {
             Error::usage(format!(
                 "machine {machine} has no key in the repository ({}: {e})",

@@ -77,8 +77,9 @@ fn update_nix_options(args: &UpdateArgs) -> Result<crate::eval::NixOptions, Erro
                 generate()?;
             }
             if !vars.uploaded_files(name).is_empty() {
-                // The upload will need the machine's key: found out now, before any build.
-                repo.machine_private_key(name, crate::vars::upload::user_identity()?)?;
+                // The upload's key opens every secret it goes with: found out now, before
+                // any build.
+                repo.check_upload(name, vars, crate::vars::upload::user_identity()?)?;
             }
             Ok(())
         },
