@@ -742,3 +742,103 @@ fn a_checkout_without_the_machine_key_never_makes_a_new_one() {
     );
     assert_eq!(lab.host("target").switch_log().len(), switches);
 }
+
+// The upload only ever replaces what clan put there: a secretLocation that is a directory
+// with someone's data is refused on the target and left as it was; one that names a
+// directory of the system is refused before anything runs.
+#[test]
+fn the_upload_never_replaces_a_directory_it_did_not_make() {
+    let lab = Lab::start(&[HostSpec::new("target")]);
+    let (private, public) = identity();
+    install_identity(&lab, &private);
+    let generators = r#"{ api = { files.token = { }; script = "echo tok > $out/token"; }; }"#;
+    let data = lab.host("target").root().join("important/db.sqlite");
+    std::fs::create_dir_all(data.parent().unwrap()).unwrap();
+    std::fs::write(&data, "the user's data").unwrap();
+    let flake = one_target_flake(&lab, &public, generators, "/root/important");
+    let run = clan(&lab, &flake, &["machines", "update", "m"]);
+    assert_eq!(run.code, 1, "{}", run.stderr);
+    assert!(
+        run.stderr.contains(
+            "clan: refused /root/important: it is a directory with files that clan did not put there"
+        ),
+        "{}",
+        run.stderr
+    );
+    assert_eq!(std::fs::read_to_string(&data).unwrap(), "the user's data");
+    assert!(!lab.host("target").root().join("important.d").exists());
+    assert!(lab.host("target").switch_log().is_empty());
+
+    let system = one_target_flake(&lab, &public, generators, "/etc");
+    let run = clan(&lab, &system, &["machines", "update", "m"]);
+    assert_eq!(run.code, 2, "{}", run.stderr);
+    assert!(
+        run.stderr.contains("a directory of the system"),
+        "{}",
+        run.stderr
+    );
+    assert!(lab.host("target").switch_log().is_empty());
+}
+
+// Nothing in /run/clan is trusted: a script planted at the path of clan's own is replaced,
+// never run; a /run/clan that is a symlink, belongs to another user or is writable by others
+// stops the deploy before anything runs there.
+#[test]
+fn planted_scripts_in_run_clan_never_run() {
+    let lab = Lab::start(&[HostSpec::new("target").kind(HostKind::Systemd)]);
+    let deploy = |variant: &str| {
+        let f = lab.write_flake(&format!(
+            r#"{{ inventory.machines.m.deploy.targetHost = "root@{}"; machines.m = system {{ variant = "{variant}"; }}; }}"#,
+            lab.ip("target")
+        ));
+        (
+            clan(&lab, &f, &["machines", "update", "m"]),
+            toplevel(&lab, &f, "m"),
+        )
+    };
+    let (first, v1) = deploy("v1");
+    assert_eq!(first.code, 0, "{}", first.stderr);
+    // Every installed script replaced by one that leaves a mark (still root's, mode 0600).
+    sh(
+        &lab,
+        "target",
+        "for f in /run/clan/*.sh; do printf '#!/bin/sh\\ntouch /root/planted-ran\\n' > \"$f\"; done",
+    );
+    let (second, v2) = deploy("v2");
+    assert_eq!(second.code, 0, "{}", second.stderr);
+    assert!(!lab.host("target").root().join("planted-ran").exists());
+    assert_eq!(
+        lab.host("target").system_profile().as_deref(),
+        Some(v2.as_str())
+    );
+    assert_ne!(v1, v2);
+    for (plant, why) in [
+        (
+            "mv /run/clan /run/clan-real && ln -s /run/clan-real /run/clan",
+            "it is a symbolic link",
+        ),
+        ("chown 65534 /run/clan", "it belongs to user 65534, not 0"),
+        ("chmod 0777 /run/clan", "others may write to it (mode 777)"),
+    ] {
+        sh(&lab, "target", plant);
+        let (run, _) = deploy("v3");
+        assert_ne!(run.code, 0, "{plant}");
+        assert!(
+            run.stderr
+                .contains(&format!("clan: unsafe /run/clan: {why}")),
+            "{plant}: {}",
+            run.stderr
+        );
+        assert_eq!(
+            lab.host("target").system_profile().as_deref(),
+            Some(v2.as_str()),
+            "{plant}"
+        );
+        sh(
+            &lab,
+            "target",
+            "if [ -L /run/clan ]; then rm /run/clan && mv /run/clan-real /run/clan; fi; chown 0:0 /run/clan; chmod 0755 /run/clan",
+        );
+    }
+    assert!(!lab.host("target").root().join("planted-ran").exists());
+}

@@ -3,15 +3,51 @@
 # checked (FILES files, key.txt among them), made root-only (0700 directories, 0400 files)
 # and swapped in with one rename of the LOCATION symlink: a failed or interrupted upload
 # leaves the previous secrets in place. Arguments: LOCATION FILES
+#
+# It only ever replaces what clan put there: LOCATION.d is clan's own (marked by a file
+# .clan-vars in it), LOCATION a symlink into it. A LOCATION that is a directory with files, a
+# file, or a symlink elsewhere, and a LOCATION.d that is not clan's, are refused (exit 3,
+# "clan: refused ..."), changing nothing; an empty directory at LOCATION is replaced.
 set -eu
 umask 077
 loc=$1
 count=$2
 store="$loc.d"
+refuse() {
+	echo "clan: refused $loc: $1; nothing was changed (move it away, or choose another clan.core.vars.age.secretLocation)" >&2
+	exit 3
+}
+# The store: clan's own, or made now (and marked); one an earlier clan made holds only its
+# versions (v.*), staging directories (new.*) and a set-aside directory (previous.*).
+if [ -L "$store" ] || { [ -e "$store" ] && [ ! -d "$store" ]; }; then
+	refuse "$store is not a directory of clan's"
+fi
+if [ -d "$store" ] && [ ! -e "$store/.clan-vars" ]; then
+	for e in "$store"/* "$store"/.[!.]*; do
+		[ -e "$e" ] || [ -L "$e" ] || continue
+		case ${e##*/} in v.* | new.* | previous.*) ;; *) refuse "$store holds files clan did not put there" ;; esac
+	done
+fi
+case $(readlink "$loc" 2>/dev/null || true) in
+"" | "${store##*/}"/v.*) ;;
+*) refuse "it is a symbolic link that clan did not make" ;;
+esac
+if [ -e "$loc" ] && [ ! -L "$loc" ]; then
+	if [ ! -d "$loc" ]; then refuse "it is a file"; fi
+	if [ -n "$(ls -A "$loc")" ]; then refuse "it is a directory with files that clan did not put there"; fi
+fi
 mkdir -p "$store"
 chmod 0700 "$store"
+: >"$store/.clan-vars"
+# What an upload cut off (killed, its session gone) left behind, before this one.
+for old in "$store"/new.*; do
+	[ -e "$old" ] || continue
+	rm -rf "$old"
+	echo "clan: removed ${old##*/}, the staging copy of an upload that was cut off" >&2
+done
 new=$(mktemp -d "$store/new.XXXXXX")
 trap 'rm -rf "$new"' EXIT
+trap 'exit 1' HUP INT TERM PIPE
 if ! tar -x -f - -C "$new" --no-same-owner; then
 	echo "clan: the upload to $loc ended before it was whole: the previous secrets stay in place" >&2
 	exit 1
@@ -27,10 +63,8 @@ chown -R 0:0 "$new"
 version="$store/v.${new##*/new.}"
 mv "$new" "$version"
 trap - EXIT
-# A plain directory from elsewhere is set aside once (the only moment without secrets).
-if [ -d "$loc" ] && [ ! -L "$loc" ]; then
-	mv "$loc" "$store/previous.$$"
-fi
+# An empty directory at LOCATION (made by hand, or by an earlier activation) gives way.
+if [ -d "$loc" ] && [ ! -L "$loc" ]; then rmdir "$loc"; fi
 # Relative: LOCATION.d/v.* beside it, whatever the path it is seen through.
 ln -s "${store##*/}/${version##*/}" "$loc.new.$$"
 mv -T "$loc.new.$$" "$loc"

@@ -146,6 +146,58 @@ impl FileDecl {
     }
 }
 
+/// Why `location` may not hold uploaded secrets, if it may not: the upload replaces the
+/// directory it names, so it must be one of its own, never a directory of the system or a
+/// user's (the target's side also refuses any directory that clan did not make).
+fn protected_location(location: &str) -> Option<&'static str> {
+    const SYSTEM: &[&str] = &[
+        "/bin",
+        "/boot",
+        "/dev",
+        "/etc",
+        "/etc/ssh",
+        "/home",
+        "/lib",
+        "/lib64",
+        "/media",
+        "/mnt",
+        "/nix",
+        "/nix/store",
+        "/nix/var",
+        "/opt",
+        "/proc",
+        "/root",
+        "/root/.ssh",
+        "/run",
+        "/sbin",
+        "/srv",
+        "/sys",
+        "/tmp",
+        "/usr",
+        "/var",
+        "/var/lib",
+        "/var/log",
+    ];
+    let trimmed = location.trim_end_matches('/');
+    let mut parts = trimmed.split('/').skip(1);
+    if SYSTEM.contains(&trimmed) {
+        return Some(
+            "a directory of the system, which the upload would replace: use a directory of its own, such as /etc/secret-vars",
+        );
+    }
+    if matches!(parts.next(), Some("nix" | "proc" | "sys" | "dev")) {
+        return Some(
+            "inside /nix, /proc, /sys or /dev: use a directory of its own, such as /etc/secret-vars",
+        );
+    }
+    if trimmed.starts_with("/home/") && trimmed.matches('/').count() == 2 {
+        return Some(
+            "a user's home directory, which the upload would replace: use a directory of its own, such as /etc/secret-vars",
+        );
+    }
+    None
+}
+
 /// A name used as one path component: letters, digits, `.`, `_`, `-`, not `.` or `..`.
 fn path_component_ok(name: &str) -> bool {
     !name.is_empty()
@@ -211,6 +263,9 @@ impl MachineVars {
                 loc,
                 "an absolute directory path other than /, of letters, digits and / . _ - + @",
             ));
+        }
+        if let Some(why) = protected_location(loc) {
+            return Err(refuse("age.secretLocation".into(), loc, why));
         }
         for (g, decl) in &self.generators {
             if !path_component_ok(g) {
@@ -855,6 +910,32 @@ mod tests {
         assert!(UserIdentity::parse("f".into(), "AGE-PLUGIN-YUBIKEY-1XYZ").is_err());
         let e = UserIdentity::parse("f".into(), "garbage").err().unwrap();
         assert!(!e.message.contains("garbage"), "{}", e.message);
+    }
+
+    #[test]
+    fn protected_secret_locations_are_refused() {
+        for bad in [
+            "/etc",
+            "/etc/",
+            "/var/lib",
+            "/home",
+            "/root/.ssh",
+            "/home/alice",
+            "/nix/store/x",
+            "/proc/1",
+            "/srv",
+        ] {
+            assert!(protected_location(bad).is_some(), "{bad}");
+        }
+        for good in [
+            "/etc/secret-vars",
+            "/var/lib/clan-vars",
+            "/root/secret-vars",
+            "/srv/important",
+            "/home/alice/secrets",
+        ] {
+            assert_eq!(protected_location(good), None, "{good}");
+        }
     }
 
     #[test]
