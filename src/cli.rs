@@ -58,8 +58,12 @@ pub struct VarsGenerateArgs {
     pub generator: Option<String>,
 
     /// Run the generators again even where their files exist (and those that depend on them).
-    #[arg(long)]
+    #[arg(long, short = 'r')]
     pub regenerate: bool,
+
+    /// Run generators without the sandbox: they see your environment, home and network.
+    #[arg(long)]
+    pub no_sandbox: bool,
 
     /// The flake, as for update.
     #[command(flatten)]
@@ -359,6 +363,10 @@ pub struct UpdateArgs {
     /// Do not generate missing vars or upload secrets (the targets keep the secrets they have).
     #[arg(long)]
     pub no_secrets: bool,
+
+    /// Run vars generators without the sandbox: they see your environment, home and network.
+    #[arg(long)]
+    pub no_sandbox: bool,
 
     /// Do not arm the target's watchdog that rolls back when it is unreachable after activation.
     #[arg(long)]

@@ -512,31 +512,47 @@ fn ctrl_c_during_a_generator_stores_nothing_and_removes_its_directory() {
     let lab = Lab::start(&[]);
     let (private, public) = identity();
     install_identity(&lab, &private);
-    let marker = lab.dir.join("generator-dir");
+    // A mark of this test's own in what the generator writes: its private directory (in
+    // /dev/shm, seen from outside its sandbox) is the one whose $out/key holds it.
+    let mark = format!("s3cr3t-in-progress-{}", std::process::id());
+    // A sleep of this test's own, to look for afterwards.
+    let sleep = format!("sleep 30.{}", std::process::id());
     let flake = lab.write_flake(&format!(
         r#"{{
           vars.settings.recipients.default = [ "{public}" ];
           machines.m = system {{ vars = {{
-            slow = {{ files.key = {{ }}; script = "echo s3cr3t-in-progress > $out/key; pwd > {marker}; sleep 30"; }};
+            slow = {{ files.key = {{ }}; script = "echo {mark} > $out/key; {sleep}"; }};
           }}; }};
-        }}"#,
-        marker = marker.display()
+        }}"#
     ));
     let child = lab.spawn_on_workstation(
         &flake,
         &[env!("CARGO_BIN_EXE_clan"), "vars", "generate", "m"],
     );
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
-    // The generator has written its directory's path (the whole line) once the file ends
-    // with a newline.
-    while !std::fs::read_to_string(&marker).is_ok_and(|m| m.ends_with('\n')) {
+    let find = || {
+        std::fs::read_dir("/dev/shm")
+            .ok()?
+            .filter_map(Result::ok)
+            .map(|e| e.path())
+            .filter(|p| {
+                p.file_name()
+                    .is_some_and(|n| n.to_string_lossy().starts_with("clan-vars-"))
+            })
+            .find(|p| {
+                std::fs::read_to_string(p.join("out/key")).is_ok_and(|k| k == format!("{mark}\n"))
+            })
+    };
+    let dir = loop {
+        if let Some(dir) = find() {
+            break dir.display().to_string();
+        }
         assert!(
             std::time::Instant::now() < deadline,
             "the generator never ran"
         );
         std::thread::sleep(std::time::Duration::from_millis(20));
-    }
-    let dir = std::fs::read_to_string(&marker).unwrap().trim().to_string();
+    };
     assert!(std::path::Path::new(&dir).is_dir(), "{dir}");
     // Ctrl-C reaches clan (the terminal's SIGINT; clan's children have groups of their own).
     let flake_arg = flake.display().to_string();
@@ -566,6 +582,18 @@ fn ctrl_c_during_a_generator_stores_nothing_and_removes_its_directory() {
         !flake.join("secrets/clan-vars").exists(),
         "something was stored"
     );
+    // Nothing of the generator outlives it, in its sandbox either.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while !Command::new("pgrep")
+        .args(["-f", &sleep])
+        .output()
+        .unwrap()
+        .stdout
+        .is_empty()
+    {
+        assert!(std::time::Instant::now() < deadline, "{sleep} left running");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
 }
 
 #[test]
@@ -841,4 +869,48 @@ fn planted_scripts_in_run_clan_never_run() {
         );
     }
     assert!(!lab.host("target").root().join("planted-ran").exists());
+}
+
+// Generators run in a sandbox: one from any module tries to read the user's AGE_KEY, ssh key
+// and age identity file, to reach the network and to write outside $out, and sees none of
+// it. With --no-sandbox (warned about) the same generator sees all of it: the test can fail.
+#[test]
+fn generators_see_nothing_of_the_user() {
+    let lab = Lab::start(&[HostSpec::new("target")]);
+    let (private, public) = identity();
+    let identity_file = install_identity(&lab, &private);
+    let escape = lab.host(WORKSTATION).root().join("escaped");
+    let probe = format!(
+        r#"{{ probe = {{ files.seen.secret = false; script = "r=; if [ -n \"\${{AGE_KEY:-}}\" ]; then r=\"$r env\"; fi; if cat /root/.ssh/id_ed25519 >/dev/null 2>&1; then r=\"$r ssh\"; fi; if cat {id} >/dev/null 2>&1; then r=\"$r identity\"; fi; if (exec 3<>/dev/tcp/{t}/22) 2>/dev/null; then r=\"$r network\"; fi; if touch /root/escaped 2>/dev/null; then r=\"$r write\"; fi; echo \"seen:$r\" > $out/seen"; }}; }}"#,
+        id = "/root/.config/sops/age/keys.txt",
+        t = lab.ip("target"),
+    );
+    assert!(identity_file.exists());
+    let flake = one_target_flake(&lab, &public, &probe, "/root/secret-vars");
+    let generate = |extra: &[&str]| {
+        let key_arg = format!("AGE_KEY={private}");
+        let mut argv = vec![
+            "env",
+            key_arg.as_str(),
+            env!("CARGO_BIN_EXE_clan"),
+            "vars",
+            "generate",
+            "m",
+            "--regenerate",
+        ];
+        argv.extend_from_slice(extra);
+        let out = lab.run_on_workstation(&flake, &argv);
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert_eq!(out.status.code(), Some(0), "{stderr}");
+        let seen =
+            std::fs::read_to_string(flake.join("vars/per-machine/m/probe/seen/value")).unwrap();
+        (seen.trim().to_string(), stderr)
+    };
+    let (seen, _) = generate(&[]);
+    assert_eq!(seen, "seen:", "the sandboxed generator saw:{seen}");
+    assert!(!escape.exists());
+    let (seen, stderr) = generate(&["--no-sandbox"]);
+    assert_eq!(seen, "seen: env ssh identity network write");
+    assert!(stderr.contains("warning: --no-sandbox"), "{stderr}");
+    assert!(escape.exists());
 }

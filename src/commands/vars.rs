@@ -70,6 +70,12 @@ pub fn generate(args: &VarsGenerateArgs) -> Result<ExitKind, Error> {
     let mut generation = Generation::new(&declared.repo, &declared.settings);
     generation.regenerate = args.regenerate;
     generation.only = args.generator.clone();
+    generation.sandbox = !args.no_sandbox;
+    if args.no_sandbox {
+        eprintln!(
+            "warning: --no-sandbox: generators run with your environment, home directory and network"
+        );
+    }
     for (machine, vars) in &declared.machines {
         let Some(vars) = vars else {
             if !args.machines.is_empty() {

@@ -28,6 +28,8 @@ pub struct Generation<'a> {
     pub regenerate: bool,
     /// Only this generator (and what it needs).
     pub only: Option<String>,
+    /// Run generators in the sandbox ([`sandboxed`]); off only with `--no-sandbox`.
+    pub sandbox: bool,
     user: OnceLock<UserIdentity>,
 }
 
@@ -39,6 +41,7 @@ impl<'a> Generation<'a> {
             settings,
             regenerate: false,
             only: None,
+            sandbox: true,
             user: OnceLock::new(),
         }
     }
@@ -215,15 +218,20 @@ impl<'a> Generation<'a> {
         let script = dir.path().join("script.sh");
         std::fs::write(&script, &decl.script)
             .map_err(|e| Error::new(format!("cannot write the script: {e}")))?;
-        let mut command = Command::new("bash");
-        command
-            .args(["-eu", "-o", "pipefail"])
-            .arg(&script)
-            .current_dir(dir.path())
-            .env("out", &out)
-            .env("prompts", &prompts)
-            .env("in", &input)
-            .env("PATH", path);
+        let mut command = if self.sandbox {
+            sandboxed(dir.path(), &path)?
+        } else {
+            let mut command = Command::new("bash");
+            command
+                .args(["-eu", "-o", "pipefail"])
+                .arg(&script)
+                .current_dir(dir.path())
+                .env("out", &out)
+                .env("prompts", &prompts)
+                .env("in", &input)
+                .env("PATH", path);
+            command
+        };
         let output = crate::process::run(&mut command, None).map_err(|e| {
             if e.kind() == std::io::ErrorKind::Interrupted {
                 crate::error::interrupted(&format!(
@@ -459,6 +467,75 @@ fn private_dir() -> Result<tempfile::TempDir, Error> {
     std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o700))
         .map_err(|e| Error::new(format!("cannot make {} private: {e}", dir.path().display())))?;
     Ok(dir)
+}
+
+/// Where a generator's private directory is inside the sandbox.
+const SANDBOX_DIR: &str = "/build";
+
+/// The generator of private directory `dir` (holding `script.sh`, `out/`, `prompts/`, `in/`)
+/// under bubblewrap, as clan-core runs generators: a new, empty root with the system's
+/// programs and the Nix store read-only, no network (every namespace unshared), a clean
+/// environment (`out`, `prompts`, `in`, `PATH`, and `HOME`/`TMPDIR` on a private tmpfs),
+/// its answers and inputs read-only, and `$out` the only place it can write that outlives
+/// it. Never the user's home, identity, agent socket or environment.
+fn sandboxed(dir: &Path, path: &str) -> Result<Command, Error> {
+    static BWRAP: OnceLock<bool> = OnceLock::new();
+    let found = *BWRAP.get_or_init(|| {
+        Command::new("bwrap")
+            .arg("--version")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+    });
+    if !found {
+        return Err(Error::usage(
+            "generators run in a sandbox, and bubblewrap (bwrap) is not installed here",
+        )
+        .hint(Hint::text(
+            "install bubblewrap (Debian, Ubuntu: apt install bubblewrap; NixOS: pkgs.bubblewrap), or pass --no-sandbox to run generators with your environment, home and network",
+        )));
+    }
+    let inside = |rel: &str| format!("{SANDBOX_DIR}/{rel}");
+    let mut command = Command::new("bwrap");
+    command
+        .args([
+            "--unshare-all",
+            "--die-with-parent",
+            "--new-session",
+            "--clearenv",
+        ])
+        .args(["--setenv", "PATH", path])
+        .args(["--setenv", "HOME", "/tmp", "--setenv", "TMPDIR", "/tmp"])
+        .args(["--setenv", "out", &inside("out")])
+        .args(["--setenv", "prompts", &inside("prompts")])
+        .args(["--setenv", "in", &inside("in")]);
+    for system in [
+        "/usr",
+        "/bin",
+        "/lib",
+        "/lib64",
+        "/nix/store",
+        "/etc/passwd",
+        "/etc/group",
+    ] {
+        command.args(["--ro-bind-try", system, system]);
+    }
+    command
+        .args(["--dev", "/dev", "--proc", "/proc", "--tmpfs", "/tmp"])
+        .arg("--bind")
+        .arg(dir)
+        .arg(SANDBOX_DIR);
+    for read_only in ["prompts", "in", "script.sh"] {
+        command
+            .arg("--ro-bind")
+            .arg(dir.join(read_only))
+            .arg(inside(read_only));
+    }
+    command
+        .args(["--chdir", SANDBOX_DIR, "bash", "-eu", "-o", "pipefail"])
+        .arg(inside("script.sh"));
+    Ok(command)
 }
 
 /// Writes `bytes` to `path`, readable by this user only.

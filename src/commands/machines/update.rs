@@ -56,6 +56,12 @@ fn update_nix_options(args: &UpdateArgs) -> Result<crate::eval::NixOptions, Erro
         root: crate::commands::machines::clan_dir(&args.hosts.flake)?,
     };
     let one_at_a_time = std::sync::Mutex::new(());
+    let sandbox = !args.no_sandbox;
+    if args.no_sandbox {
+        eprintln!(
+            "warning: --no-sandbox: vars generators run with your environment, home directory and network"
+        );
+    }
     nix.vars = Some(crate::eval::VarsHook(std::sync::Arc::new(
         move |name, facts, settings| {
             let Some(vars) = &facts.vars else {
@@ -63,8 +69,11 @@ fn update_nix_options(args: &UpdateArgs) -> Result<crate::eval::NixOptions, Erro
             };
             let _turn = one_at_a_time.lock().unwrap_or_else(|e| e.into_inner());
             let settings = settings.cloned().unwrap_or_default();
-            let generate =
-                || crate::vars::generate::Generation::new(&repo, &settings).machine(name, vars);
+            let generate = || {
+                let mut generation = crate::vars::generate::Generation::new(&repo, &settings);
+                generation.sandbox = sandbox;
+                generation.machine(name, vars)
+            };
             let missing = vars
                 .generators
                 .iter()
