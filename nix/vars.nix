@@ -217,9 +217,10 @@ let
     set -eu
     loc=${q loc}
     age=${q cfg.age.command}
+    machine=${q machine}
     key="$loc/key.txt"
     if [ ! -r "$key" ]; then
-      echo "clan vars: this machine's key is not at $key: run 'clan vars upload ${machine}' (or deploy without --no-secrets)" >&2
+      echo "clan vars: this machine's key is not at $key: run 'clan vars upload $machine' (or deploy without --no-secrets)" >&2
       exit 1
     fi
     # Each phase's directory DIR is a link to DIR.d/v.N, swapped with one rename: readers
@@ -231,7 +232,7 @@ let
     clan_vars_file() {
       mkdir -p "$1.d/new/$2"; chmod 0751 "$1.d/new/$2"
       if ! (umask 077; "$age" -d -i "$key" -o "$1.d/new/$2/$3" "$loc/$4"); then
-        echo "clan vars: cannot decrypt $loc/$4 with this machine's key: run 'clan vars upload ${machine}'" >&2
+        echo "clan vars: cannot decrypt $loc/$4 with this machine's key: run 'clan vars upload $machine'" >&2
         exit 1
       fi
       if ! chown "$5:$6" "$1.d/new/$2/$3"; then
@@ -255,6 +256,20 @@ let
   script = phases: lib.optionalString (lib.any (p: deployed p != [ ]) phases) (
     header + lib.concatMapStrings phaseScript phases
   );
+
+  # A NixOS activation snippet: every snippet runs in one shared shell, so the decryption
+  # runs in a subshell of its own (its `set -eu` and `exit` stay there) and a failure is
+  # reported the NixOS way (_localstatus) without aborting the snippets after it.
+  snippet = phases:
+    let body = script phases; in
+    lib.optionalString (body != "") ''
+      if ! (
+      ${body}
+      ); then
+        echo "clan vars: decrypting this machine's secrets failed (see above)" >&2
+        _localstatus=1
+      fi
+    '';
 
   usersFilesNotRoot = lib.filter (x: x.file.owner != "root" || x.file.group != "root") (
     deployed "users"
@@ -311,7 +326,7 @@ in
     system.activationScripts = lib.mkIf (cfg.activationScript != "") {
       clan-vars-for-users = {
         deps = [ "specialfs" ];
-        text = script [
+        text = snippet [
           "users"
           "activation"
         ];
@@ -323,7 +338,7 @@ in
           "groups"
           "specialfs"
         ];
-        text = script [ "services" ];
+        text = snippet [ "services" ];
       };
     };
   };

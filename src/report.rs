@@ -132,7 +132,11 @@ pub fn peak_rss_kib() -> Option<u64> {
 pub fn error_json(error: &crate::error::Error) -> Value {
     json!({
         "message": error.message,
-        "detail": error.detail,
+        // A generator's own output may hold what it handles: not in machine-read reports.
+        "detail": match error.code {
+            Some(crate::vars::generate::GENERATOR_FAILED) => None,
+            _ => error.detail.as_deref(),
+        },
         "hints": error.hints.iter().map(|h| h.0.clone()).collect::<Vec<_>>(),
         "exitCode": error.exit.code(),
         "code": error.code,

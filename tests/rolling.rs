@@ -103,12 +103,31 @@ fn canary_then_batches_stop_at_an_unhealthy_machine(kind: HostKind) {
             .contains("m3: the health check failed on its target (it exited 1)")
     );
     assert!(run.stderr.contains("m3 is not serving"));
-    assert!(run.stderr.contains("rolled back (--rollback-on-unhealthy)"));
+    assert!(run.stderr.contains(") (--rollback-on-unhealthy)"));
+    assert!(
+        run.stderr
+            .contains("nothing more is needed to undo this deploy")
+    );
     let report: serde_json::Value = serde_json::from_str(&run.stdout).unwrap();
     let result = |m: &str| result_of(&report, m).unwrap();
     assert_eq!(result("m1"), "deployed");
     assert_eq!(result("m2"), "deployed");
     assert_eq!(result("m3"), "failed");
+    // The report says the machine was rolled back, and where to.
+    let m3 = report["machines"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["name"] == "m3")
+        .unwrap();
+    assert_eq!(m3["errorCode"], "health.rolled-back");
+    assert!(
+        m3["error"]
+            .as_str()
+            .unwrap()
+            .contains(&format!("rolled back to generation 1 ({})", v1_out[2])),
+        "{m3}"
+    );
     assert_eq!(result("m4"), "not started");
     assert_eq!(result("m5"), "not started");
     let profile = |m: &str| lab.host(m).system_profile().unwrap();
@@ -160,4 +179,38 @@ fn a_failed_canary_starts_nothing_else() {
         bad.stderr
             .contains("the canary \"m9\" (from --canary) is not one of the machines")
     );
+}
+
+// --health-check-timeout holds for the whole check, also when it leaves a process behind
+// that keeps its output open (setsid, a daemon): the deploy does not wait for that process.
+#[test]
+fn a_health_check_that_leaves_a_process_behind_ends_at_its_timeout() {
+    let lab = Lab::start(&[HostSpec::new("m1")]);
+    let f = lab.write_flake(&format!(
+        r#"{{ inventory.machines.m1 = {{ deploy.targetHost = "root@{}"; deploy.healthCheck = "setsid sleep 25 & echo $! > /root/leftover; sleep 20"; }}; machines.m1 = system {{ }}; }}"#,
+        lab.ip("m1")
+    ));
+    let started = std::time::Instant::now();
+    let run = clan(
+        &lab,
+        &f,
+        &["machines", "update", "m1", "--health-check-timeout", "2"],
+    );
+    let took = started.elapsed();
+    assert_eq!(run.code, 3, "{}", run.stderr);
+    assert!(
+        run.stderr
+            .contains("the health check failed on its target (it did not finish in time)"),
+        "{}",
+        run.stderr
+    );
+    assert!(
+        took < std::time::Duration::from_secs(15),
+        "the deploy waited {took:?} for the check's leftover process"
+    );
+    // The test stops what it made the check leave behind.
+    let leftover = std::fs::read_to_string(lab.host("m1").root().join("leftover")).unwrap();
+    let _ = std::process::Command::new("kill")
+        .arg(leftover.trim())
+        .status();
 }

@@ -914,3 +914,24 @@ fn generators_see_nothing_of_the_user() {
     assert!(stderr.contains("warning: --no-sandbox"), "{stderr}");
     assert!(escape.exists());
 }
+
+// A failing generator's own output (a script run with `set -x` prints what it handles) is
+// shown on the terminal, never put in the --json report.
+#[test]
+fn a_failing_generators_output_stays_out_of_the_json_report() {
+    let lab = Lab::start(&[HostSpec::new("target")]);
+    let (private, public) = identity();
+    install_identity(&lab, &private);
+    let generators =
+        r#"{ api = { files.token = { }; script = "set -x; token=tok-traced-7c1e; exit 3"; }; }"#;
+    let flake = one_target_flake(&lab, &public, generators, "/root/secret-vars");
+    let run = clan(&lab, &flake, &["machines", "update", "m", "--json"]);
+    assert_ne!(run.code, 0);
+    assert!(run.stderr.contains("tok-traced-7c1e"), "{}", run.stderr);
+    assert!(!run.stdout.contains("tok-traced-7c1e"), "{}", run.stdout);
+    let report: serde_json::Value = serde_json::from_str(&run.stdout).unwrap();
+    assert_eq!(
+        report["errors"][0]["code"], "vars.generator-failed",
+        "{report}"
+    );
+}

@@ -43,7 +43,21 @@ let
     machines.bad = {
       clan.core.vars.generators.g.files.f = { neededFor = "users"; owner = "alice"; };
     };
+    # Declares NixOS's activation scripts, so the module fills them in as on NixOS.
+    machines.nixoslike = { lib, ... }: {
+      options.system.activationScripts = lib.mkOption {
+        type = lib.types.attrsOf lib.types.unspecified;
+        default = { };
+      };
+      config.clan.core.vars.generators.db = {
+        files.hash = { };
+        files.rootpw.neededFor = "users";
+      };
+    };
   };
+  snippets = varsClan.nixosConfigurations.nixoslike.config.system.activationScripts;
+  isolated = text:
+    lib.hasPrefix "if ! (\n" text && lib.hasInfix "_localstatus=1" text && lib.hasInfix "set -eu" text;
   web1vars = varsClan.nixosConfigurations.web1.config.clan.core.vars;
   script = web1vars.activationScript;
   has = needle: lib.hasInfix needle script;
@@ -80,5 +94,8 @@ in
     && has "clan_vars_file /run/secrets db password "
     && !(has " part ") && !(has " hello ");
   usersSecretsMustBeRootOwned = fails varsClan.nixosConfigurations.bad.config.clan.core.vars.activationScript;
+  activationSnippetsRunInTheirOwnSubshell =
+    isolated snippets.clan-vars.text && isolated snippets.clan-vars-for-users.text
+    && snippets.users.deps == [ "clan-vars-for-users" ];
   noVarsNoScript = ok.nixosConfigurations.web1.config.clan.core.vars.activationScript == "";
 }

@@ -335,15 +335,29 @@ impl MachineRun<'_> {
         .detail(output.to_string())
         .exit(ExitKind::PartiallyApplied);
         let Some(revert) = &step.on_failure else {
-            return error.hint(Hint::text(format!(
+            return error.code("health.unhealthy").hint(Hint::text(format!(
                 "it runs the new system; go back with clan machines rollback {name}, or deploy with --rollback-on-unhealthy"
             )));
         };
         let (code, out) = self.run(revert);
         match (code, went_back_to(&out)) {
-            (Some(0), Some(profile)) => error.hint(Hint::text(format!(
-                "rolled back (--rollback-on-unhealthy): the system profile points to generation {profile} again; the unhealthy generation was deleted"
-            ))),
+            (Some(0), Some(profile)) => {
+                let (generation, path) = profile.split_once(' ').unwrap_or((&profile, ""));
+                Error {
+                    message: format!(
+                        "{}; rolled back to generation {generation} ({path}) (--rollback-on-unhealthy)",
+                        error.message
+                    ),
+                    ..error
+                }
+                .code("health.rolled-back")
+                .hint(Hint::text(
+                    "the unhealthy generation was deleted; nothing more is needed to undo this deploy",
+                ))
+            }
+            (Some(76), _) => error.code("lock.lost").hint(Hint::text(
+                "nothing was rolled back: this deploy no longer holds the target's lock (it heard nothing from this workstation for a while), and another deploy may have taken the target over since; check the target before anything else",
+            )),
             _ => error.hint(Hint::text(format!(
                 "rolling back failed too ({}): check the target, e.g. clan machines rollback {name}",
                 out.trim()

@@ -15,6 +15,10 @@ const DIFF: &str = include_str!("../scripts/diff.sh");
 /// it; 1, it has it; 2, it lacks it. Arguments: profile, new system.
 const TARGET_STATE: &str = include_str!("../scripts/target-state.sh");
 
+/// The health check within its time limit (`src/scripts/health-check.sh`). Arguments:
+/// seconds, check.
+const HEALTH_CHECK: &str = include_str!("../scripts/health-check.sh");
+
 /// A target reached over ssh, and one system for it.
 pub(super) struct Target<'a> {
     /// How to reach it.
@@ -208,8 +212,14 @@ impl Target<'_> {
         let mut step = self.step(
             StepKind::HealthCheck,
             RemoteCommand::Run(Invocation::new(
-                "timeout",
-                [timeout.as_str(), "sh", "-c", check],
+                "sh",
+                [
+                    "-c",
+                    HEALTH_CHECK,
+                    "clan-health-check",
+                    timeout.as_str(),
+                    check,
+                ],
             )),
             When::Always,
         );

@@ -41,7 +41,8 @@
 #       for confirm: the watchdog went back already, or another deploy took over.
 #   revert RUN
 #       After a health check failed: back to the generation prepare recorded, the current
-#       (unhealthy) one deleted. Prints "clan: profile N PATH".
+#       (unhealthy) one deleted. Prints "clan: profile N PATH". Exit 76 (nothing done) when
+#       this run no longer holds the lock.
 #   generations RUN
 #       Lists the system profile's generations ("clan: generation N PATH") and the current
 #       one ("clan: current N"). Changes nothing.
@@ -51,7 +52,7 @@
 #       generation of the profile.
 #
 # Exit codes: 0 done; 1 failed; 2 bad arguments; 3 no generation to go back to; 4, 5 as
-# for confirm; 6, 7 as for outcome; 75 lock held by another deploy; 76 (prepare, switch) this run no longer
+# for confirm; 6, 7 as for outcome; 75 lock held by another deploy; 76 (prepare, switch, revert) this run no longer
 # holds the lock: it was let go after STALE seconds without a sign of the workstation.
 # Lines starting with "clan: " are for the workstation; the rest is for the run's log.
 
@@ -407,6 +408,9 @@ revert)
 	# After a confirmed activation that failed its health check: back to the generation
 	# this run found, the unhealthy one deleted. Under the run's lock.
 	trap '' HUP PIPE
+	# Only while this run holds the lock: a deploy that took the target over since owns
+	# what runs there now.
+	own_lock
 	[ -s "$D/previous-$run" ] || {
 		echo "no previous generation recorded for run $run" >&2
 		exit 3

@@ -2,7 +2,7 @@
 # The script is written to PATH (root-only, once per version: the name carries a hash of
 # the text), aside first and then renamed, so there is never half a script; then it runs
 # with ARGUMENTS. Nothing found there is trusted: its directory must be a real directory
-# owned by the user running this (root, or sudo's target) and writable by nobody else, else
+# owned by the user running this (root) and writable by nobody else, else
 # nothing runs (exit 126, "clan: unsafe ..."); an installed script is used only if it is a
 # regular file of that user, writable by nobody else, with exactly the expected text, else
 # it is replaced.

@@ -252,6 +252,7 @@ impl<'a> Generation<'a> {
                     .map_or("killed".into(), |c| format!("exit {c}"))
             ))
             .detail(String::from_utf8_lossy(&output.stderr).to_string())
+            .code(GENERATOR_FAILED)
             .hint(Hint::text(format!(
                 "fix clan.core.vars.generators.{g}.script, then run `clan vars generate {machine}`"
             ))));
@@ -468,6 +469,10 @@ fn private_dir() -> Result<tempfile::TempDir, Error> {
         .map_err(|e| Error::new(format!("cannot make {} private: {e}", dir.path().display())))?;
     Ok(dir)
 }
+
+/// [`Error::code`] of a generator that failed. Its error output is shown on the terminal
+/// only, never in `--json` (a script run with `set -x` prints what it handles).
+pub const GENERATOR_FAILED: &str = "vars.generator-failed";
 
 /// Where a generator's private directory is inside the sandbox.
 const SANDBOX_DIR: &str = "/build";
