@@ -189,7 +189,8 @@ pub fn diagnose(machine: &ResolvedMachine, step: &Step, output: &str, code: Opti
         ));
         return if step.kind.changes_target_system() {
             error.hint(Hint::text(format!(
-                "the activation may have gone on there: unless this deploy confirmed it, the target's watchdog goes back to the previous generation; once it answers, check it (clan machines show {name}) and re-deploy"
+                "the activation may have gone on there: unless this deploy confirmed it, the target's watchdog goes back to the previous generation; once it answers, check it ({}) and re-deploy",
+                crate::hint::command("machines show", name.as_str(), &[])
             )))
         } else {
             error.hint(Hint::text(
@@ -230,13 +231,14 @@ pub fn diagnose(machine: &ResolvedMachine, step: &Step, output: &str, code: Opti
     }
     if let Some((required, have)) = system_mismatch(output) {
         return base(format!(
-            "{name}: the build host {builder} is a '{have}' machine and cannot build this '{required}' system"
+            "{name}: the build host {builder} builds {have} systems and cannot build this {required} system"
         ))
         .hint(Hint::text(format!(
             "pick a build host whose system is {required} (deploy.buildHost in the inventory, or --build-host)"
         )))
         .hint(Hint::text(format!(
-            "or build on this workstation: clan machines update {name} --build-host localhost"
+            "or build on this workstation: {}",
+            crate::hint::command("machines update", name.as_str(), &["--build-host", "localhost"])
         )));
     }
     let role_host = match &step.runner {
@@ -270,7 +272,8 @@ pub fn diagnose(machine: &ResolvedMachine, step: &Step, output: &str, code: Opti
             "{name}: signing the closure and copying it to the binary cache failed on {role_host}"
         ))
         .hint(Hint::text(format!(
-            "if the build host has no signing key: clan machines setup-cache {name}; nothing was activated"
+            "if the build host has no signing key: {}; nothing was activated",
+            crate::hint::command("machines setup-cache", name.as_str(), &[])
         ))),
         StepKind::CacheSubstitute => base(format!(
             "{name}: the target {target} could not substitute {} from the binary cache",
@@ -334,7 +337,8 @@ pub fn ssh_error(
             "{name}: host key verification failed on the second hop (build host {builder} → target {target}): the build host has no known_hosts entry for the target"
         ))
         .hint(Hint::text(format!(
-            "re-run with --host-key-check accept-new: it is passed to the build host's ssh, which records the target's key on first use: clan machines update {name} --host-key-check accept-new"
+            "re-run with --host-key-check accept-new: it is passed to the build host's ssh, which records the target's key on first use: {}",
+            crate::hint::command("machines update", name, &["--host-key-check", "accept-new"])
         )))
         .hint(Hint::text(format!(
             "or seed it by hand, after checking the key: ssh {builder} 'ssh-keyscan {target_host} >> ~/.ssh/known_hosts'",

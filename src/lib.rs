@@ -12,6 +12,7 @@ pub mod diagnostics;
 pub mod error;
 pub mod eval;
 pub mod execute;
+pub mod hint;
 pub mod host;
 pub mod interrupt;
 pub mod nixlog;

@@ -22,6 +22,20 @@ fn main() {
             | TopCommand::Vars(VarsCommand::List(_) | VarsCommand::Get(_) | VarsCommand::Check(_))
     );
     let relays = changes_hosts.then(clan::output::relay);
+    // Commands in hints repeat this run's flake and host overrides.
+    let hosts = match &cli.command {
+        TopCommand::Machines(MachinesCommand::Update(a)) => &a.hosts,
+        TopCommand::Machines(MachinesCommand::Show(a)) => &a.hosts,
+        TopCommand::Machines(MachinesCommand::SetupBuildHost(a)) => &a.hosts,
+        TopCommand::Machines(MachinesCommand::SetupCache(a)) => &a.hosts,
+        TopCommand::Machines(MachinesCommand::Rollback(a)) => &a.on.hosts,
+        TopCommand::Vars(VarsCommand::Generate(a)) => &a.hosts,
+        TopCommand::Vars(VarsCommand::List(a) | VarsCommand::Check(a)) => &a.hosts,
+        TopCommand::Vars(VarsCommand::Get(a)) => &a.hosts,
+        TopCommand::Vars(VarsCommand::Upload(a)) => &a.hosts,
+        TopCommand::Vars(VarsCommand::Fix(a)) => &a.hosts,
+    };
+    clan::hint::remember(hosts);
     // Ctrl-C: children run in process groups of their own, so clan decides what stops.
     clan::interrupt::install();
     let result = match &cli.command {

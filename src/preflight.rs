@@ -230,7 +230,7 @@ pub fn run(plan: &DeployPlan, ctx: &PlanContext, connections: &Connections) -> F
                 if !ctx.copy_via_workstation && machine.cache.is_none() {
                     // The login opens the build host's shared connection the copy will use.
                     let mut hop = target.clone();
-                    let dir = crate::plan::hop_dir(&ctx.run_id, m.group);
+                    let dir = crate::plan::hop_dir(&ctx.scratch_id(), m.group);
                     hop.hop_control = Some(format!("{dir}/%C"));
                     builder.as_second_hop_to(&hop, &dir);
                 }
@@ -503,7 +503,8 @@ fn second_hop_error(
     );
     if failure == SshFailure::Unreachable && target_reachable_from_workstation {
         error = error.hint(Hint::text(format!(
-            "this workstation reaches the target: copy through it with clan machines update {name} --copy-via-workstation"
+            "this workstation reaches the target: copy through it with {}",
+            crate::hint::command("machines update", name, &["--copy-via-workstation"])
         )));
     }
     error
@@ -537,14 +538,15 @@ fn system_error(
     let name = &machine.name;
     Some(
         Error::new(format!(
-            "preflight: {name}: the build host {builder} is a '{system}' machine (extra platforms: {}) and cannot build this '{wanted}' system",
+            "preflight: {name}: the build host {builder} builds {system} systems (extra platforms: {}) and cannot build this {wanted} system",
             if extra.is_empty() { "none".to_string() } else { extra.join(", ") }
         ))
         .hint(Hint::text(format!(
             "pick a build host whose system is {wanted} (deploy.buildHost in the inventory, or --build-host)"
         )))
         .hint(Hint::text(format!(
-            "or build on this workstation: clan machines update {name} --build-host localhost"
+            "or build on this workstation: {}",
+            crate::hint::command("machines update", name.as_str(), &["--build-host", "localhost"])
         ))),
     )
 }

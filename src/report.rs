@@ -25,13 +25,7 @@ fn result_word(outcome: &Outcome) -> &'static str {
 /// The summary table, then each failure's explanation.
 pub fn summary(reports: &[MachineReport]) -> String {
     let headers = [
-        "machine",
-        "build host",
-        "target",
-        "result",
-        "build",
-        "copy",
-        "activate",
+        "machine", "built on", "target", "result", "build", "copy", "activate",
     ];
     let time = |r: &MachineReport, s| seconds(r, s).map_or("-".to_string(), |t| format!("{t:.1}s"));
     let rows: Vec<[String; 7]> = reports

@@ -432,7 +432,8 @@ pub fn resolve_machine(
                     copy_mode.source
                 ))
                 .hint(Hint::text(format!(
-                    "set inventory.machines.{name}.deploy.cache.{{upload,url,publicKey}}, or pass --cache-upload, --cache-url and --cache-key; clan machines setup-cache {name} makes the key"
+                    "set inventory.machines.{name}.deploy.cache.{{upload,url,publicKey}}, or pass --cache-upload, --cache-url and --cache-key; {} makes the key",
+                    crate::hint::command("machines setup-cache", name.as_str(), &[])
                 ))));
             }
         }

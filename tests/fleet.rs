@@ -321,3 +321,30 @@ fn a_refused_value_stops_the_fleet_before_any_activation() {
     assert_eq!(code_of("t1"), Some("run.stopped-by-refusal".into()));
     assert_eq!(code_of("t2"), Some("run.stopped-by-refusal".into()));
 }
+
+// One run id per run, everywhere: the report, the log directory and what every target
+// recorded (its watchdog's log), also when the fleet streams in several batches.
+#[test]
+fn a_fleet_has_one_run_id_in_its_report_logs_and_targets() {
+    let (lab, _) = fleet_lab();
+    let flake = fleet_flake(&lab, "");
+    let run = clan(&lab, &flake, &["machines", "update", "--json"]);
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    let report: serde_json::Value = serde_json::from_str(&run.stdout).unwrap();
+    let id = report["run"].as_str().unwrap().to_string();
+    for m in report["machines"].as_array().unwrap() {
+        let log = m["log"].as_str().unwrap();
+        assert!(
+            log.contains(&format!("/logs/{id}/")),
+            "{log} is not under run {id}"
+        );
+    }
+    for t in ["t1", "t2", "t3"] {
+        let records = lab.exec(t, &["ls", "/run/clan"]);
+        let records = String::from_utf8_lossy(&records.stdout);
+        assert!(
+            records.lines().any(|l| l == format!("watchdog-{id}.log")),
+            "{t} recorded another run id: {records}"
+        );
+    }
+}

@@ -360,12 +360,9 @@ fn architecture_mismatch_between_build_host_and_target() {
     let run = clan(&lab, &flake, &["machines", "update", "m"]);
     assert_eq!(run.code, 1);
     assert!(run.stderr.contains(&format!(
-        "preflight: m: {builder} is a 'aarch64-linux' machine (extra platforms: "
+        "preflight: m: {builder} builds aarch64-linux systems (extra platforms: "
     )));
-    assert!(
-        run.stderr
-            .contains("cannot build this 'x86_64-linux' system")
-    );
+    assert!(run.stderr.contains("cannot build this x86_64-linux system"));
     assert!(
         run.stderr
             .contains("pick a build host whose system is x86_64-linux")
@@ -381,7 +378,7 @@ fn architecture_mismatch_between_build_host_and_target() {
     let run = clan(&lab, &flake, &["machines", "update", "m", "--no-preflight"]);
     assert_eq!(run.code, 1);
     assert!(run.stderr.contains(&format!(
-        "error: m: {builder} is a 'aarch64-linux' machine and cannot build this 'x86_64-linux' system"
+        "error: m: {builder} builds aarch64-linux systems and cannot build this x86_64-linux system"
     )));
     assert!(run.stderr.contains("--build-host localhost"));
     assert!(!lab.host("builder").has_path(&out));
@@ -711,7 +708,7 @@ fn current_nix_on_workstation_and_build_host() {
     );
     assert_eq!(mismatch.code, 1);
     assert!(mismatch.stderr.contains(&format!(
-        "the build host {arm} is a 'aarch64-linux' machine and cannot build this 'x86_64-linux' system"
+        "the build host {arm} builds aarch64-linux systems and cannot build this x86_64-linux system"
     )));
 }
 

@@ -45,6 +45,16 @@ fn troubleshooting_permission_denied_during_closure_copy() {
         run.stderr
             .contains("nothing was copied, built or activated")
     );
+    // The failure names where its full output is, and it is there.
+    let log = run
+        .stderr
+        .lines()
+        .find_map(|l| l.strip_prefix("Full output: /root/"))
+        .expect("no log path printed");
+    assert!(log.ends_with("/preflight.log"), "{log}");
+    let logged =
+        std::fs::read_to_string(lab.host("workstation").root().join(log)).expect("the log");
+    assert!(logged.contains("Permission denied (publickey)"), "{logged}");
     assert_eq!(
         lab.host("builder").store_entries(),
         0,

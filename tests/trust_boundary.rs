@@ -330,6 +330,27 @@ fn logs_are_private_and_none_is_warned_about() {
         lab.ip("target"),
         lab.ip("builder")
     ));
+    let warnings_of = |run: &Run| -> Vec<String> {
+        run.stderr
+            .lines()
+            .filter(|l| l.starts_with("warning: --host-key-check none"))
+            .map(str::to_string)
+            .collect()
+    };
+    // The dry run shows the warning the real run gives.
+    let dry = clan(
+        &lab,
+        &f,
+        &[
+            "machines",
+            "update",
+            "good",
+            "--host-key-check",
+            "none",
+            "--dry-run",
+        ],
+    );
+    assert_eq!(dry.code, 0);
     let run = clan(
         &lab,
         &f,
@@ -343,12 +364,9 @@ fn logs_are_private_and_none_is_warned_about() {
         ],
     );
     assert_eq!(run.code, 0);
-    let warnings: Vec<&str> = run
-        .stderr
-        .lines()
-        .filter(|l| l.starts_with("warning: --host-key-check none"))
-        .collect();
+    let warnings = warnings_of(&run);
     assert_eq!(warnings.len(), 1, "{}", run.stderr);
+    assert_eq!(warnings_of(&dry), warnings, "{}", dry.stderr);
     assert!(warnings[0].contains(&format!("root@{}", lab.ip("builder"))));
     assert!(warnings[0].contains("root@the-target"));
     let report: serde_json::Value = serde_json::from_str(&run.stdout).unwrap();

@@ -143,7 +143,10 @@ pub fn get(args: &VarsGetArgs) -> Result<ExitKind, Error> {
     let Some(decl) = vars.generators.get(g).filter(|d| d.files.contains_key(f)) else {
         return Err(
             Error::usage(format!("machine {} has no var {g}/{f}", args.machine)).hint(Hint::text(
-                format!("`clan vars list {}` lists them", args.machine),
+                format!(
+                    "`{}` lists them",
+                    crate::hint::command("vars list", &args.machine, &[])
+                ),
             )),
         );
     };
@@ -154,8 +157,8 @@ pub fn get(args: &VarsGetArgs) -> Result<ExitKind, Error> {
             args.machine
         ))
         .hint(Hint::text(format!(
-            "run `clan vars generate {}`",
-            args.machine
+            "run `{}`",
+            crate::hint::command("vars generate", &args.machine, &[])
         ))));
     }
     let content = generation.read_file(&args.machine, g, decl, f)?;
@@ -225,7 +228,8 @@ pub fn check(args: &VarsMachineArgs) -> Result<ExitKind, Error> {
         eprintln!("  - {problem}");
     }
     eprintln!(
-        "hint: `clan vars generate {machine}` makes what is missing; see the README's Secrets section for recipients and identities"
+        "hint: `{}` makes what is missing; see the README's Secrets section for recipients and identities",
+        crate::hint::command("vars generate", machine, &[])
     );
     Ok(ExitKind::DeployFailed)
 }

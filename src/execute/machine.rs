@@ -267,9 +267,10 @@ impl MachineRun<'_> {
                     utc_clock(at)
                 )))
             }
-            None => error.hint(Hint::text(
-                "nothing rolls it back by itself (--no-rollback): once the target answers, run the same command again, or go back with clan machines rollback",
-            )),
+            None => error.hint(Hint::text(format!(
+                "nothing rolls it back by itself (--no-rollback): once the target answers, run the same command again, or go back with {}",
+                crate::hint::command("machines rollback", name, &[])
+            ))),
         }
     }
 
@@ -312,9 +313,9 @@ impl MachineRun<'_> {
                 "there is no previous generation to go back to (a first deploy): the profile still points to the failed system",
             )),
             _ => error.hint(Hint::text(format!(
-                "going back to the previous generation failed too ({}): check the target, e.g. clan machines rollback {}",
+                "going back to the previous generation failed too ({}): check the target, e.g. {}",
                 output.trim(),
-                crate::ssh::quote(name)
+                crate::hint::command("machines rollback", name, &[])
             ))),
         }
     }
@@ -336,7 +337,8 @@ impl MachineRun<'_> {
         .exit(ExitKind::PartiallyApplied);
         let Some(revert) = &step.on_failure else {
             return error.code("health.unhealthy").hint(Hint::text(format!(
-                "it runs the new system; go back with clan machines rollback {name}, or deploy with --rollback-on-unhealthy"
+                "it runs the new system; go back with {}, or deploy with --rollback-on-unhealthy",
+                crate::hint::command("machines rollback", name, &[])
             )));
         };
         let (code, out) = self.run(revert);
@@ -359,8 +361,9 @@ impl MachineRun<'_> {
                 "nothing was rolled back: this deploy no longer holds the target's lock (it heard nothing from this workstation for a while), and another deploy may have taken the target over since; check the target before anything else",
             )),
             _ => error.hint(Hint::text(format!(
-                "rolling back failed too ({}): check the target, e.g. clan machines rollback {name}",
-                out.trim()
+                "rolling back failed too ({}): check the target, e.g. {}",
+                out.trim(),
+                crate::hint::command("machines rollback", name, &[])
             ))),
         }
     }

@@ -227,6 +227,13 @@ impl Logs {
         self.dir.as_deref()
     }
 
+    /// Appends `text` to the run's log `name` (`<dir>/<name>.log`); its path, if written.
+    pub fn write(&self, name: &str, text: &str) -> Option<PathBuf> {
+        let sink = self.sink(name);
+        sink.write(text);
+        sink.path.filter(|p| p.exists())
+    }
+
     fn sink(&self, name: &str) -> LogSink {
         let path = self.dir.as_ref().map(|d| d.join(format!("{name}.log")));
         let file = path.as_ref().and_then(|p| {

@@ -10,7 +10,7 @@ use crate::ssh::{Invocation, RemoteCommand, Side, SshHost};
 
 /// The GC-root directory of group `g` on its builder.
 fn root_dir(ctx: &PlanContext, g: usize) -> String {
-    format!("/tmp/clan-{}-build{g}", ctx.run_id)
+    format!("/tmp/clan-{}-build{g}", ctx.scratch_id())
 }
 
 /// The private directory of group `g`'s build host for its shared connections to the
@@ -174,7 +174,7 @@ impl BuildBackend for OverSsh<'_> {
                     "-c",
                     HOP_CLEANUP,
                     "clan-hop-cleanup",
-                    &hop_dir(&ctx.run_id, g),
+                    &hop_dir(&ctx.scratch_id(), g),
                     &root_dir(ctx, g),
                 ],
             ),

@@ -423,8 +423,11 @@ fn nix(args: &[&str], ctx: &PlanContext) -> Invocation {
 /// What a plan needs besides the machine: the run, the host key policy, connection sharing.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PlanContext {
-    /// Unique id of this run.
+    /// Unique id of this run: the same in its messages, its log directory and on targets.
     pub run_id: String,
+    /// The batch of a streamed deploy, whose build groups' temporary directories are named
+    /// apart from other batches' (`/tmp/clan-RUN-bN-build0`); `None` for one plan.
+    pub batch: Option<u8>,
     /// Host key policy of every hop.
     pub host_key_check: HostKeyCheck,
     /// Directory of the workstation's shared ssh connections; `None` turns sharing off.
@@ -477,6 +480,15 @@ impl PlanContext {
 }
 
 impl PlanContext {
+    /// What names this plan's temporary directories on builders: the run id, with the
+    /// batch of a streamed deploy.
+    pub fn scratch_id(&self) -> String {
+        match self.batch {
+            Some(b) => format!("{}-b{b}", self.run_id),
+            None => self.run_id.clone(),
+        }
+    }
+
     /// How the workstation reaches `address`.
     pub fn ssh_host(&self, address: &HostAddress, forward_agent: bool) -> SshHost {
         let control_path = match &self.control_dir {
@@ -503,6 +515,7 @@ impl PlanContext {
     pub(crate) fn example(run_id: &str, check: HostKeyCheck) -> PlanContext {
         PlanContext {
             run_id: run_id.into(),
+            batch: None,
             host_key_check: check,
             control_dir: None,
             own_control_path: BTreeSet::new(),
@@ -609,7 +622,7 @@ pub fn plan_deploy(machines: Vec<ResolvedMachine>, ctx: &PlanContext) -> DeployP
             }
         ) && !ctx.copy_via_workstation
         {
-            second_hop.hop_control = Some(format!("{}/%C", hop_dir(&ctx.run_id, group)));
+            second_hop.hop_control = Some(format!("{}/%C", hop_dir(&ctx.scratch_id(), group)));
         }
         let builder = &groups[group].builder;
         let on_target = activate::Target {

@@ -177,7 +177,12 @@ impl<'a> Generation<'a> {
                 path.display()
             ))
             .hint(Hint::text(format!(
-                "regenerate it: `clan vars generate {machine} --generator {g} --regenerate`"
+                "regenerate it: `{}`",
+                crate::hint::command(
+                    "vars generate",
+                    machine,
+                    &["--generator", g, "--regenerate"]
+                )
             )))
         })
     }
@@ -254,7 +259,8 @@ impl<'a> Generation<'a> {
             .detail(String::from_utf8_lossy(&output.stderr).to_string())
             .code(GENERATOR_FAILED)
             .hint(Hint::text(format!(
-                "fix clan.core.vars.generators.{g}.script, then run `clan vars generate {machine}`"
+                "fix clan.core.vars.generators.{g}.script, then run `{}`",
+                crate::hint::command("vars generate", machine, &[])
             ))));
         }
         // Persisted answers the script did not write become their files.
@@ -394,7 +400,12 @@ impl<'a> Generation<'a> {
                 probe_path.display()
             ))
             .hint(Hint::text(format!(
-                "regenerate it: `clan vars generate {machine} --generator {g} --regenerate`"
+                "regenerate it: `{}`",
+                crate::hint::command(
+                    "vars generate",
+                    machine,
+                    &["--generator", g, "--regenerate"]
+                )
             ))));
         };
         eprintln!("{machine}: sharing {g} (made for {})…", sharers.join(", "));
@@ -591,7 +602,7 @@ fn ask(machine: &str, g: &str, p: &str, prompt: &super::PromptDecl) -> Result<Se
             crate::boundary::terminal_safe(&prompt.description)
         ))
         .hint(Hint::text(format!(
-            "run `clan vars generate {machine}` in a terminal first; then deploys need no answers"
+            "run `{}` in a terminal first; then deploys need no answers", crate::hint::command("vars generate", machine, &[])
         )))
     };
     let tty = std::fs::OpenOptions::new()

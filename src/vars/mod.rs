@@ -618,7 +618,10 @@ impl Repo {
                     "machine {machine}'s secret {g}/{f} is missing ({}: {e})",
                     path.display()
                 ))
-                .hint(Hint::text(format!("run `clan vars generate {machine}`")))
+                .hint(Hint::text(format!(
+                    "run `{}`",
+                    crate::hint::command("vars generate", machine, &[])
+                )))
             })?;
             decrypt_with(std::slice::from_ref(&identity), &encrypted).map_err(|e| {
                 Error::usage(format!(
@@ -627,7 +630,7 @@ impl Repo {
                     self.machine_key(machine).display()
                 ))
                 .hint(Hint::text(format!(
-                    "the key was replaced, or the secret was encrypted to another key: restore the machine's key from where the secrets were made, or regenerate with `clan vars generate {machine} --generator {g} --regenerate`"
+                    "the key was replaced, or the secret was encrypted to another key: restore the machine's key from where the secrets were made, or regenerate with `{}`", crate::hint::command("vars generate", machine, &["--generator", &g, "--regenerate"])
                 )))
             })?;
         }
@@ -663,7 +666,8 @@ impl Repo {
                 path.display()
             ))
             .hint(Hint::text(format!(
-                "run `clan vars generate {machine}`: it makes the machine's key"
+                "run `{}`: it makes the machine's key",
+                crate::hint::command("vars generate", machine, &[])
             )))
         })?;
         user.decrypt(&encrypted).map_err(|e| {

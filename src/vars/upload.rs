@@ -72,8 +72,8 @@ impl SecretsUpload {
                     path.display()
                 ))
                 .hint(Hint::text(format!(
-                    "run `clan vars generate {}`",
-                    self.machine
+                    "run `{}`",
+                    crate::hint::command("vars generate", &self.machine, &[])
                 )))
             })?;
             encrypted.push((rel, bytes));
@@ -127,7 +127,7 @@ pub fn upload_error(machine: &str, target: &str, code: Option<i32>, output: &str
     ))
     .detail(output.trim_end().to_string())
     .hint(Hint::text(format!(
-        "run `clan vars upload {machine}` or the deploy again once {target} is reachable"
+        "run `{}` or the deploy again once {target} is reachable", crate::hint::command("vars upload", machine, &[])
     )))
 }
 

@@ -170,6 +170,7 @@ fn deploy(args: &UpdateArgs) -> Result<ExitKind, Error> {
     }
     let mut plan = plan_deploy(machines, &ctx);
     if args.dry_run {
+        warn(&plan, &ctx);
         print!("{plan}");
         if batches.len() > 1 {
             println!("\nRollout, one batch after the other:");
@@ -235,6 +236,11 @@ fn deploy(args: &UpdateArgs) -> Result<ExitKind, Error> {
                 "\nPreflight found {} problem(s); nothing was copied, built or activated.",
                 problems.len()
             );
+            // Every failure names where its full output is.
+            let text: String = problems.iter().map(|p| format!("{p}\n\n")).collect();
+            if let Some(log) = Logs::create(&plan.run_id).write("preflight", &text) {
+                eprintln!("Full output: {}", log.display());
+            }
             let code = ExitKind::DeployFailed;
             if args.json {
                 print_json(&report::failure_json(Some(&plan.run_id), &problems, code));
@@ -445,6 +451,19 @@ fn announce(plan: &crate::plan::DeployPlan, ctx: &PlanContext) {
     }
 }
 
+/// The warnings [`announce`] gives, for `--dry-run`: it shows every warning the real run
+/// would.
+fn warn(plan: &crate::plan::DeployPlan, ctx: &PlanContext) {
+    if ctx.host_key_check == crate::ssh::HostKeyCheck::None {
+        crate::progress::line(&host_key_none_warning(plan));
+    }
+    for machine in &plan.machines {
+        if let Some(warning) = describe_forward_agent(&machine.machine) {
+            crate::progress::line(&warning);
+        }
+    }
+}
+
 /// The end of a run for people and scripts: each machine's change summary, the summary
 /// table, where the logs are when something failed, and the `--json` report. Returns the
 /// exit code.
@@ -476,6 +495,7 @@ fn plan_context(
 ) -> Result<PlanContext, Error> {
     Ok(PlanContext {
         run_id: run_id.to_string(),
+        batch: None,
         host_key_check: args.connect.host_key_check,
         control_dir: connections.dir(),
         own_control_path: BTreeSet::new(),
@@ -770,7 +790,7 @@ fn deploy_streaming(args: &UpdateArgs) -> Result<ExitKind, Error> {
     Ok(finish(args, &run_id, &reports, &logs))
 }
 
-/// One streamed batch: its own run id (the wave's number in the last two hex digits), sudo,
+/// One streamed batch: the run's id with its number (naming its builders' temporary directories), sudo,
 /// plan, preflight (a machine with a problem fails alone) and run.
 #[allow(clippy::too_many_arguments)]
 fn run_wave(
@@ -798,7 +818,9 @@ fn run_wave(
             .collect()
     };
     let mut ctx = base.clone();
-    ctx.run_id = format!("{}{wave:02x}", &base.run_id[..base.run_id.len() - 2]);
+    // One run id everywhere (messages, logs, targets); the batch names its builders'
+    // temporary directories apart.
+    ctx.batch = Some(wave);
     (ctx.own_control_path, ctx.own_keepalive) = own_ssh_settings(&machines);
     if args.copy_via_workstation
         && let Err(error) = check_relay(&machines)
