@@ -141,11 +141,13 @@ let
       net = config.clan.core.networking or { };
       hostPlatform = orNull (builtins.tryEval (config.nixpkgs.hostPlatform or null));
       legacySystem = orNull (builtins.tryEval (config.nixpkgs.system or null));
-      toplevel = config.system.build.toplevel;
+      # A system without one (clan-core's stub nixosSystem, a darwin machine) is still
+      # shown and planned; only building it needs it.
+      toplevel = config.system.build.toplevel or (throw "machine ${name} has no config.system.build.toplevel: it is not a NixOS system this tool can build");
       platform =
         if hostPlatform != null then (if builtins.isString hostPlatform then hostPlatform else hostPlatform.system or null)
         else if legacySystem != null then legacySystem
-        else toplevel.system or null;
+        else (config.system.build.toplevel or { }).system or null;
     in {
       inventoryTargetHost = inv.deploy.targetHost or null;
       inventoryBuildHost = inv.deploy.buildHost or null;
@@ -188,7 +190,14 @@ in {
   machines = all;
   tags = builtins.listToAttrs (map (n: { name = n; value = tagsOf n; }) all);
   selectedNames = names;
-  varsSettings = (ci.vars or { }).settings or null;
+  # Only what the CLI reads (clan-core's settings also hold functions, which JSON cannot).
+  varsSettings =
+    let s = (ci.vars or { }).settings or null; in
+    if s == null then null else {
+      secretStore = tryOr null (s.secretStore or null);
+      secretModule = tryOr null (s.secretModule or null);
+      recipients = tryOr { } (s.recipients or { });
+    };
   selected = if @FACTS@ then builtins.listToAttrs (map (n: { name = n; value = facts n; }) names) else { };
 }"#;
 

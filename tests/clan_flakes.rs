@@ -133,6 +133,8 @@ fn clan_core_output_shape_deploys() {
         r#"inherit (clan.config) nixosConfigurations;
       clanInternals = {
         inventoryClass.inventory = clan.config.clanInternals.inventory;
+        # clan-core's vars settings hold functions (its fileModule), which JSON cannot.
+        vars.settings = { secretModule = "clan_lib.vars.secret_modules.sops"; fileModule = file: { }; };
         machines = {
           aarch64-darwin = { };
           aarch64-linux = clan.config.nixosConfigurations;
