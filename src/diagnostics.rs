@@ -6,6 +6,7 @@ use std::sync::LazyLock;
 
 use regex::Regex;
 
+use crate::activate::{Exit, Word};
 use crate::error::{Error, ExitKind, Hint};
 use crate::plan::{Role, Runner, Step, StepKind};
 use crate::resolve::{BuildLocation, ResolvedMachine};
@@ -94,10 +95,10 @@ pub fn diagnose(machine: &ResolvedMachine, step: &Step, output: &str, code: Opti
     let detail = tail(output, 15);
     let base = |message: String| Error::new(message).detail(detail.clone()).exit(exit);
     let asked_target = matches!(step.kind, StepKind::Confirm | StepKind::SwitchOutcome);
-    if asked_target && code == Some(4) {
-        let rolled = output
-            .lines()
-            .find_map(|l| l.strip_prefix("clan: rolled-back "))
+    let said = Exit::from_code(code);
+    if asked_target && said == Some(Exit::RolledBack) {
+        let rolled = Word::RolledBack
+            .find(output)
             .map(|l| l.strip_prefix("profile ").unwrap_or(l))
             .and_then(|l| l.split_once(' '))
             .map(|(generation, path)| format!("generation {generation} ({path})"))
@@ -109,7 +110,7 @@ pub fn diagnose(machine: &ResolvedMachine, step: &Step, output: &str, code: Opti
             "nothing more is needed to undo this deploy (no clan machines rollback: that would go one generation further back); to deploy it again, give the confirmation more time with --rollback-timeout",
         ));
     }
-    if asked_target && code == Some(5) {
+    if asked_target && said == Some(Exit::NotPending) {
         return base(format!(
             "{name}: the target no longer knows this activation: another deploy took it over before it was confirmed"
         ))
@@ -117,10 +118,9 @@ pub fn diagnose(machine: &ResolvedMachine, step: &Step, output: &str, code: Opti
             "deploys of one machine wait for each other's lock; check who else deploys it, then re-deploy",
         ));
     }
-    if step.kind == StepKind::LockTarget && code == Some(75) {
-        let holder = output
-            .lines()
-            .find_map(|l| l.strip_prefix("clan: busy "))
+    if step.kind == StepKind::LockTarget && said == Some(Exit::LockBusy) {
+        let holder = Word::Busy
+            .find(output)
             .map(describe_holder)
             .unwrap_or_else(|| "another deploy".into());
         return base(format!(
@@ -131,7 +131,7 @@ pub fn diagnose(machine: &ResolvedMachine, step: &Step, output: &str, code: Opti
             "wait for that deploy to end and run this one again, or wait longer with --lock-timeout SECONDS",
         ));
     }
-    if matches!(step.kind, StepKind::Prepare | StepKind::Switch) && code == Some(76) {
+    if matches!(step.kind, StepKind::Prepare | StepKind::Switch) && said == Some(Exit::LockLost) {
         return base(format!(
             "{name}: this deploy no longer holds the deploy lock of {target}: the target heard nothing from this workstation for {} s and let it go",
             crate::execute::LOCK_STALE.as_secs()

@@ -4,6 +4,7 @@
 //! Data flows one way: [`cli`] → [`eval`] → [`resolve`] → [`plan`] → [`execute`] → report,
 //! with [`diagnostics`] turning failures into the guide's troubleshooting cases.
 
+pub mod activate;
 pub mod boundary;
 pub mod cli;
 pub mod commands;

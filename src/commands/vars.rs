@@ -7,7 +7,6 @@ use crate::cli::{
     HostArgs, VarsFixArgs, VarsGenerateArgs, VarsGetArgs, VarsMachineArgs, VarsUploadArgs,
 };
 use crate::error::{Error, ExitKind, Hint};
-use crate::ssh::RemoteCommand;
 use crate::vars::generate::Generation;
 use crate::vars::upload::{SecretsUpload, VARS_UPLOAD, upload_error, user_identity};
 use crate::vars::{MachineVars, Repo, VarsSettings};
@@ -320,17 +319,19 @@ fn take_target_lock(
     timeout: u32,
 ) -> Result<crate::execute::LockGuard, Error> {
     use crate::execute::LockEvent;
-    let command = as_root.command(RemoteCommand::Script {
-        script: crate::ssh::ACTIVATE,
-        args: vec![
-            "lock".into(),
-            crate::commands::machines::update::run_id(),
-            crate::commands::machines::update::workstation_identity(),
-            timeout.to_string(),
-            crate::execute::LOCK_STALE.as_secs().to_string(),
-        ],
-        sudo: None,
-    });
+    let (run, who) = (
+        crate::commands::machines::update::run_id(),
+        crate::commands::machines::update::workstation_identity(),
+    );
+    let command = as_root.command(
+        crate::activate::Command::Lock {
+            run: &run,
+            who: &who,
+            wait: timeout,
+            stale: crate::execute::LOCK_STALE.as_secs(),
+        }
+        .remote(),
+    );
     let argv = target.ssh_argv(crate::ssh::Side::WorkstationBatch, &command);
     crate::execute::take_lock(&argv, as_root.password(), |event| {
         if let LockEvent::Waiting(holder) = event {
@@ -345,7 +346,9 @@ fn take_target_lock(
             "cannot take the deploy lock of {}{}; nothing was uploaded",
             target.address,
             match code {
-                Some(75) => " (another deploy holds it)".to_string(),
+                Some(c) if c == crate::activate::Exit::LockBusy.code() => {
+                    " (another deploy holds it)".to_string()
+                }
                 Some(c) => format!(" (exit {c})"),
                 None => String::new(),
             }

@@ -1,5 +1,6 @@
 //! The target's deploy lock, held by a process whose life is the deploy's ssh session.
 
+use crate::activate::Word;
 use std::io::{BufRead, BufReader};
 use std::process::Command;
 use std::sync::{Arc, Mutex, mpsc};
@@ -14,9 +15,7 @@ use crate::progress::Progress;
 /// How often the workstation tells a target's lock that it is still there.
 pub const LOCK_HEARTBEAT: Duration = Duration::from_secs(15);
 
-/// How long a target's lock waits for a sign of the workstation before it lets go: four
-/// heartbeats, as long as ssh's keep-alives wait (see [`crate::ssh::KEEPALIVE_COUNT`]).
-pub const LOCK_STALE: Duration = Duration::from_secs(60);
+pub use crate::activate::LOCK_STALE;
 
 /// The target's deploy lock: `clan-activate lock` holds it until its standard input ends,
 /// which is when this value is dropped, or when this process dies (the ssh session ends).
@@ -106,10 +105,10 @@ pub(crate) fn take_lock(
         match rx.recv_timeout(Duration::from_millis(100)) {
             Ok(line) => {
                 on(LockEvent::Line(&line));
-                if line == "clan: acquired" {
+                if Word::Acquired.of(&line).is_some() {
                     return Ok(LockGuard::new(child, input));
                 }
-                if let Some(holder) = line.strip_prefix("clan: waiting ") {
+                if let Some(holder) = Word::Waiting.of(&line) {
                     on(LockEvent::Waiting(crate::diagnostics::describe_holder(
                         holder,
                     )));

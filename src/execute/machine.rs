@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 use super::lock::{LockGuard, hold_lock};
 use super::step::{quiet, retry, run_in_session, run_step};
 use super::{LogSink, Outcome, interrupted, with_log};
+use crate::activate::{Exit, Word};
 use crate::connection::Connections;
 use crate::diagnostics::diagnose;
 use crate::error::{Error, ExitKind, Hint};
@@ -222,14 +223,14 @@ impl MachineRun<'_> {
             "[{name}] the ssh session to the target ended during the switch: asking the target how the switch ended, over a fresh connection"
         ));
         let (code, answer) = self.run(ask);
-        match code {
-            Some(0) => {
+        match Exit::from_code(code) {
+            Some(Exit::Done) => {
                 self.progress.event(&format!(
                     "[{name}] the switch succeeded on the target (its session was lost, not the switch)"
                 ));
                 Ok(())
             }
-            Some(1 | 6 | 7) => {
+            Some(Exit::Failed | Exit::NeverStarted | Exit::Killed) => {
                 let said = format!(
                     "{}
 {}",
@@ -242,7 +243,7 @@ impl MachineRun<'_> {
                     None => error,
                 })
             }
-            Some(4 | 5) => Err(with_log(
+            Some(Exit::RolledBack | Exit::NotPending) => Err(with_log(
                 diagnose(&self.plan.machine, ask, &answer, code),
                 self.sink,
             )),
@@ -279,23 +280,23 @@ impl MachineRun<'_> {
     fn undo(&self, undo: &Step, error: Error) -> Error {
         let (code, output) = self.run(undo);
         let name = self.name;
-        if code == Some(4) {
-            let rolled = output
-                .lines()
-                .find_map(|l| l.strip_prefix("clan: rolled-back "))
+        let said = Exit::from_code(code);
+        if said == Some(Exit::RolledBack) {
+            let rolled = Word::RolledBack
+                .find(&output)
                 .and_then(|l| l.strip_prefix("profile "))
                 .unwrap_or("the previous generation");
             return error.hint(Hint::text(format!(
                 "the target's watchdog had rolled it back already: it is back on generation {rolled}; nothing more is needed"
             )));
         }
-        if code == Some(5) {
+        if said == Some(Exit::NotPending) {
             return error.hint(Hint::text(
                 "another deploy took the target over before this one could go back: check who else deploys it",
             ));
         }
-        match (code, went_back_to(&output)) {
-            (Some(0), Some(profile)) => {
+        match (said, went_back_to(&output)) {
+            (Some(Exit::Done), Some(profile)) => {
                 let (generation, path) = profile.split_once(' ').unwrap_or((&profile, ""));
                 error.hint(Hint::text(match self.plan.action {
                     Action::Test => format!(
@@ -309,7 +310,7 @@ impl MachineRun<'_> {
                     ),
                 }))
             }
-            (Some(3), _) => error.hint(Hint::text(
+            (Some(Exit::NoGeneration), _) => error.hint(Hint::text(
                 "there is no previous generation to go back to (a first deploy): the profile still points to the failed system",
             )),
             _ => error.hint(Hint::text(format!(
@@ -342,8 +343,8 @@ impl MachineRun<'_> {
             )));
         };
         let (code, out) = self.run(revert);
-        match (code, went_back_to(&out)) {
-            (Some(0), Some(profile)) => {
+        match (Exit::from_code(code), went_back_to(&out)) {
+            (Some(Exit::Done), Some(profile)) => {
                 let (generation, path) = profile.split_once(' ').unwrap_or((&profile, ""));
                 Error {
                     message: format!(
@@ -357,7 +358,7 @@ impl MachineRun<'_> {
                     "the unhealthy generation was deleted; nothing more is needed to undo this deploy",
                 ))
             }
-            (Some(76), _) => error.code("lock.lost").hint(Hint::text(
+            (Some(Exit::LockLost), _) => error.code("lock.lost").hint(Hint::text(
                 "nothing was rolled back: this deploy no longer holds the target's lock (it heard nothing from this workstation for a while), and another deploy may have taken the target over since; check the target before anything else",
             )),
             _ => error.hint(Hint::text(format!(
@@ -381,10 +382,7 @@ fn utc_clock(at: std::time::SystemTime) -> String {
 
 /// Where `clan-activate undo` or `revert` says the profile points now: `GENERATION PATH`.
 fn went_back_to(output: &str) -> Option<String> {
-    output
-        .lines()
-        .find_map(|l| l.strip_prefix("clan: profile "))
-        .map(str::to_string)
+    Word::Profile.find(output).map(str::to_string)
 }
 
 /// Uploads the machine's secrets: the bundle is made here, in memory, and written to the

@@ -34,9 +34,17 @@ pub(super) fn retry(
         };
         // A definite answer: the confirmation's (done, rolled back, taken over), or any
         // answer of the target to the question how the switch ended (only ssh's 255 is none).
+        let said = crate::activate::Exit::from_code(code);
         let answered = match step.kind {
-            StepKind::SwitchOutcome => matches!(code, Some(c) if c != 255),
-            _ => matches!(code, Some(0 | 4 | 5)),
+            StepKind::SwitchOutcome => said.is_some(),
+            _ => matches!(
+                said,
+                Some(
+                    crate::activate::Exit::Done
+                        | crate::activate::Exit::RolledBack
+                        | crate::activate::Exit::NotPending
+                )
+            ),
         };
         if answered || Instant::now() + Duration::from_secs(2) >= deadline {
             if attempts > 1 {

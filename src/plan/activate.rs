@@ -4,9 +4,11 @@
 
 use std::time::Duration;
 
+use crate::activate::Command;
+
 use super::{Action, PlanContext, Role, Runner, SYSTEM_PROFILE, Step, StepKind, When};
 use crate::resolve::ResolvedMachine;
-use crate::ssh::{ACTIVATE, Invocation, RemoteCommand, SshHost};
+use crate::ssh::{Invocation, RemoteCommand, SshHost};
 
 /// The change summary (`src/scripts/diff.sh`). Arguments: profile, new system.
 const DIFF: &str = include_str!("../scripts/diff.sh");
@@ -43,15 +45,8 @@ impl Target<'_> {
     }
 
     /// `clan-activate ARGS` as root (through sudo for other users).
-    fn activate(&self, kind: StepKind, args: &[&str], when: When) -> Step {
-        let command = self.ctx.privileged(
-            self.host,
-            RemoteCommand::Script {
-                script: ACTIVATE,
-                args: args.iter().map(|a| a.to_string()).collect(),
-                sudo: None,
-            },
-        );
+    fn activate(&self, kind: StepKind, command: Command<'_>, when: When) -> Step {
+        let command = self.ctx.privileged(self.host, command.remote());
         self.step(kind, command, when)
     }
 
@@ -100,19 +95,16 @@ impl Target<'_> {
     }
 
     /// The target's deploy lock, held until the machine is done, or until the workstation
-    /// has been silent for [`crate::execute::LOCK_STALE`] seconds.
+    /// has been silent for [`crate::activate::LOCK_STALE`] seconds.
     pub fn lock(&self) -> Step {
-        let timeout = self.ctx.lock_timeout.to_string();
-        let stale = crate::execute::LOCK_STALE.as_secs().to_string();
         self.activate(
             StepKind::LockTarget,
-            &[
-                "lock",
-                &self.ctx.run_id,
-                &self.ctx.workstation,
-                &timeout,
-                &stale,
-            ],
+            Command::Lock {
+                run: &self.ctx.run_id,
+                who: &self.ctx.workstation,
+                wait: self.ctx.lock_timeout,
+                stale: crate::activate::LOCK_STALE.as_secs(),
+            },
             When::Always,
         )
     }
@@ -135,10 +127,14 @@ impl Target<'_> {
     /// of `watchdog` seconds (0: none), set the profile.
     pub fn prepare(&self, watchdog: u32, when: When) -> Step {
         let action = self.ctx.activation.action.word();
-        let timeout = watchdog.to_string();
         self.activate(
             StepKind::Prepare,
-            &["prepare", &self.ctx.run_id, action, self.out, &timeout],
+            Command::Prepare {
+                run: &self.ctx.run_id,
+                action,
+                toplevel: self.out,
+                watchdog,
+            },
             when,
         )
     }
@@ -148,13 +144,19 @@ impl Target<'_> {
         let action = self.ctx.activation.action;
         let mut switch = self.activate(
             StepKind::Switch,
-            &["switch", &self.ctx.run_id, action.word(), self.out],
+            Command::Switch {
+                run: &self.ctx.run_id,
+                action: action.word(),
+                toplevel: self.out,
+            },
             When::Always,
         );
         if action != Action::DryActivate {
             switch.on_failure = Some(Box::new(self.activate(
                 StepKind::Undo,
-                &["undo", &self.ctx.run_id],
+                Command::Undo {
+                    run: &self.ctx.run_id,
+                },
                 When::Always,
             )));
             switch.on_lost = Some(Box::new(self.outcome()));
@@ -166,25 +168,23 @@ impl Target<'_> {
     /// fresh connections, retried for as long as the confirmation would be (a minute
     /// without a watchdog).
     fn outcome(&self) -> Step {
-        let mut step = self.fresh(StepKind::SwitchOutcome, "outcome");
+        let mut step = self.fresh(
+            StepKind::SwitchOutcome,
+            Command::Outcome {
+                run: &self.ctx.run_id,
+            },
+        );
         step.retry_within = Some(retry_window(watchdog_of(self.ctx).unwrap_or(60)));
         step
     }
 
     /// `clan-activate WORD RUN` over a fresh connection, not the shared one (it must prove
     /// that new logins work, or reach a target whose shared connection was lost).
-    fn fresh(&self, kind: StepKind, word: &str) -> Step {
+    fn fresh(&self, kind: StepKind, command: Command<'_>) -> Step {
         let mut fresh = self.host.clone();
         fresh.control_path = None;
         fresh.fresh = true;
-        let command = self.ctx.privileged(
-            &fresh,
-            RemoteCommand::Script {
-                script: ACTIVATE,
-                args: vec![word.into(), self.ctx.run_id.clone()],
-                sudo: None,
-            },
-        );
+        let command = self.ctx.privileged(&fresh, command.remote());
         Step::new(
             kind,
             Runner::Remote {
@@ -199,7 +199,12 @@ impl Target<'_> {
     /// Over a fresh connection, not the shared one (it must prove that new logins still
     /// work), retried until shortly before the watchdog of `watchdog` seconds would act.
     pub fn confirm(&self, watchdog: u32) -> Step {
-        let mut confirm = self.fresh(StepKind::Confirm, "confirm");
+        let mut confirm = self.fresh(
+            StepKind::Confirm,
+            Command::Confirm {
+                run: &self.ctx.run_id,
+            },
+        );
         confirm.retry_within = Some(retry_window(watchdog));
         confirm
     }
@@ -226,7 +231,9 @@ impl Target<'_> {
         if self.ctx.rollback_on_unhealthy && self.ctx.activation.action.sets_profile() {
             step.on_failure = Some(Box::new(self.activate(
                 StepKind::Revert,
-                &["revert", &self.ctx.run_id],
+                Command::Revert {
+                    run: &self.ctx.run_id,
+                },
                 When::Always,
             )));
         }

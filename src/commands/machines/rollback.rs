@@ -1,9 +1,10 @@
 //! `clan machines rollback`: switch a machine back to its previous system generation.
 
+use crate::activate::{Command, Exit, Word, is_protocol_line};
 use crate::cli::RollbackArgs;
 use crate::commands::machines::load_machine;
 use crate::error::{Error, ExitKind, Hint};
-use crate::ssh::{ACTIVATE, RemoteCommand, SshHost, run_remote, run_remote_with_input};
+use crate::ssh::{SshHost, run_remote, run_remote_with_input};
 use crate::sudo;
 
 /// The system profile's generations as the target lists them (`clan-activate generations`):
@@ -21,12 +22,12 @@ impl Generations {
     pub fn parse(output: &str) -> Generations {
         let mut found = Generations::default();
         for line in output.lines() {
-            if let Some(rest) = line.strip_prefix("clan: generation ")
+            if let Some(rest) = Word::Generation.of(line)
                 && let Some((n, path)) = rest.split_once(' ')
                 && let Ok(n) = n.parse()
             {
                 found.all.push((n, path.to_string()));
-            } else if let Some(n) = line.strip_prefix("clan: current ") {
+            } else if let Some(n) = Word::Current.of(line) {
                 found.current = n.trim().parse().ok();
             }
         }
@@ -71,12 +72,8 @@ pub fn run(args: &RollbackArgs) -> Result<ExitKind, Error> {
     let run_id = crate::commands::machines::update::run_id();
     // The profile and the switch need root: sudo, with the password asked once if needed.
     let as_root = sudo::AsRoot::ask(&machine.name, &target)?;
-    let run = |args: Vec<String>| {
-        let command = as_root.command(RemoteCommand::Script {
-            script: ACTIVATE,
-            args,
-            sudo: None,
-        });
+    let run = |command: Command<'_>| {
+        let command = as_root.command(command.remote());
         match as_root.password() {
             None => run_remote(&target, &command),
             Some(_) => run_remote_with_input(&target, &command, &as_root.input(b"")),
@@ -84,7 +81,7 @@ pub fn run(args: &RollbackArgs) -> Result<ExitKind, Error> {
         .map_err(|e| Error::new(format!("cannot run ssh: {e}")))
     };
     // First where it goes, shown before going there.
-    let listed = run(vec!["generations".into(), run_id.clone()])?;
+    let listed = run(Command::Generations { run: &run_id })?;
     let generations = Generations::parse(&String::from_utf8_lossy(&listed.stdout));
     if !listed.status.success() {
         return Err(Error::new(format!(
@@ -111,23 +108,19 @@ pub fn run(args: &RollbackArgs) -> Result<ExitKind, Error> {
         generations.current.unwrap_or_default()
     );
     // The same way back as the watchdog's and a failed switch's, under the deploy lock.
-    let out = run(vec![
-        "rollback".into(),
-        run_id,
-        on.lock_timeout.to_string(),
-        to.to_string(),
-    ])?;
+    let out = run(Command::Rollback {
+        run: &run_id,
+        wait: on.lock_timeout,
+        to,
+    })?;
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
-    for line in stdout.lines().filter(|l| !l.starts_with("clan: ")) {
+    for line in stdout.lines().filter(|l| !is_protocol_line(l)) {
         println!("{line}");
     }
-    let profile = stdout
-        .lines()
-        .find_map(|l| l.strip_prefix("clan: profile "))
-        .map(str::to_string);
-    match out.status.code() {
-        Some(0) => {
+    let profile = Word::Profile.find(&stdout).map(str::to_string);
+    match Exit::from_code(out.status.code()) {
+        Some(Exit::Done) => {
             eprintln!(
                 "{}: rolled back: the system profile points to generation {}",
                 machine.name,
@@ -135,29 +128,31 @@ pub fn run(args: &RollbackArgs) -> Result<ExitKind, Error> {
             );
             Ok(ExitKind::Success)
         }
-        Some(75) => Err(Error::new(format!(
+        Some(Exit::LockBusy) => Err(Error::new(format!(
             "{}: {} is being deployed by {}; nothing was changed",
             machine.name,
             target.address,
-            stdout
-                .lines()
-                .find_map(|l| l.strip_prefix("clan: busy "))
+            Word::Busy
+                .find(&stdout)
                 .map(crate::diagnostics::describe_holder)
                 .unwrap_or_else(|| "another deploy".into())
         ))
         .hint(Hint::text(
             "wait for that deploy to end, or wait longer with --lock-timeout SECONDS",
         ))),
-        Some(3) => Err(Error::new(format!(
+        Some(Exit::NoGeneration) => Err(Error::new(format!(
             "{}: there is no previous generation to roll back to on {}",
             machine.name, target.address
         ))
         .detail(stderr.trim_end())),
-        code => Err(Error::new(format!(
+        _ => Err(Error::new(format!(
             "{}: rolling back on {} failed{}",
             machine.name,
             target.address,
-            code.map(|c| format!(" (exit {c})")).unwrap_or_default()
+            out.status
+                .code()
+                .map(|c| format!(" (exit {c})"))
+                .unwrap_or_default()
         ))
         .detail(format!("{stdout}{stderr}"))
         .hint(Hint::text(
