@@ -531,7 +531,12 @@ fn evaluate_once(
     }
     for line in stderr.lines().filter(|l| l.contains("warning:")) {
         let line = crate::progress::strip_control(line);
-        if !line.contains("creating lock file") && !line.contains("updating lock file") {
+        // Nix retries a store database that another evaluation holds (no daemon): its
+        // "database is busy" notes say nothing the user can act on.
+        if !line.contains("creating lock file")
+            && !line.contains("updating lock file")
+            && !line.contains("is busy")
+        {
             eprintln!("{}", line.trim());
         }
     }
@@ -544,7 +549,8 @@ fn evaluate_once(
 
 /// An evaluation failure as the user sees it: exit 2, Nix's own lines, a hint that fits.
 pub fn evaluation_error(flake: &str, stderr: &str, show_trace: bool) -> Error {
-    let stderr = crate::progress::strip_control(stderr.trim_end());
+    // Line by line: Nix's errors keep their line breaks (its source excerpts, its traces).
+    let stderr = crate::progress::strip_control_lines(stderr.trim_end());
     let mut error =
         Error::usage(format!("evaluating the flake {flake} failed")).detail(stderr.clone());
     if stderr.contains("does not provide attribute") && stderr.contains("clanInternals") {

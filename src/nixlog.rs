@@ -48,7 +48,7 @@ impl Reader {
         match text("action") {
             // Nix colours its messages even here.
             "msg" if number("level").unwrap_or(0) <= LEVEL_INFO => {
-                Event::Text(crate::progress::strip_control(text("msg")))
+                Event::Text(crate::progress::strip_control_lines(text("msg")))
             }
             "start" => {
                 if number("type") == Some(ACT_BUILDS) {

@@ -69,7 +69,34 @@ pub fn strip_control(text: &str) -> String {
         .collect()
 }
 
+/// [`strip_control`] line by line: multi-line text (Nix's errors) keeps its line breaks.
+pub fn strip_control_lines(text: &str) -> String {
+    text.lines()
+        .map(strip_control)
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// `text` with its colours for a terminal that wants them; without any control sequence
+/// when standard error is not a terminal (a CI log, a pipe) or `NO_COLOR` is set.
+pub fn colours_if_wanted(text: &str) -> String {
+    use std::io::IsTerminal;
+    let wanted = std::io::stderr().is_terminal()
+        && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty());
+    if wanted {
+        text.to_string()
+    } else {
+        strip_control_lines(text)
+    }
+}
+
 impl Progress {
+    /// Whether lines are redrawn in place (a terminal), rather than printed one after
+    /// another.
+    pub fn is_live(&self) -> bool {
+        matches!(self, Progress::Live { .. })
+    }
+
     /// A display that shows nothing.
     pub fn silent() -> Progress {
         Progress::Silent
@@ -193,5 +220,9 @@ mod tests {
             "error: builder for '/nix/store/x' failed"
         );
         assert_eq!(strip_control("plain\ttext"), "plain\ttext");
+        assert_eq!(
+            strip_control_lines("error: \x1b[31;1mbad\x1b[0m\n       at f.nix:1:2:\n"),
+            "error: bad\n       at f.nix:1:2:"
+        );
     }
 }

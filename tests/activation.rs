@@ -192,6 +192,9 @@ fn change_summary_before_activation(kind: HostKind) {
     );
     assert!(run.stderr.contains("newtool: ∅ → 0.3"));
     assert!(run.stderr.contains("tool: 1.0 → ∅"));
+    // Not a terminal: no colour codes (Nix colours its summary).
+    assert!(!run.stderr.contains('\u{1b}'), "{}", run.stderr);
+    assert!(!run.stderr.contains("[32;1m"), "{}", run.stderr);
     // Computed on the target, from its own store: the workstation never had the closures.
     assert!(!lab.host("workstation").has_path(&v1));
     let again = update(&lab, &flake(&lab, ""), &["--no-diff"]);

@@ -232,6 +232,21 @@ fn evaluation_errors_warnings_and_options() {
     let traced = clan(&lab, &broken, &["machines", "update", "m", "--show-trace"]);
     assert_eq!(traced.code, 2);
     assert!(traced.stderr.contains("while evaluating"), "no trace");
+    // Nix's error keeps its line breaks: each line of its trace is a line of the detail.
+    let detail: Vec<&str> = traced
+        .stderr
+        .lines()
+        .filter(|l| l.starts_with("  | "))
+        .collect();
+    assert!(detail.len() > 3, "{}", traced.stderr);
+    assert!(
+        detail.iter().any(|l| l
+            .trim_start_matches("  | ")
+            .trim_start()
+            .starts_with("… while evaluating")),
+        "{}",
+        traced.stderr
+    );
 
     let f = lab.write_flake(&format!(
         r#"{{ inventory.machines.m.deploy.targetHost = "root@{t}"; machines.m = {{ ... }}: {{ imports = [ (system {{ }}) ]; warnings = [ "this fixture warns" ]; }}; }}"#

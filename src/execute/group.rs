@@ -64,13 +64,21 @@ pub(super) fn run_group(
         let mut last = last_done.lock().expect("progress lock");
         // From the first finished build on: "0/N built" says nothing the stage line does not.
         if expected > 0 && done > 0 && *last != Some(done) {
+            let quarter = |n: u64| (n * 4) / expected;
+            let before = last.map_or(0, quarter);
             *last = Some(done);
             finished.store(true, std::sync::atomic::Ordering::SeqCst);
-            for &i in &group.members {
-                progress.stage(
-                    i,
-                    &format!("building on the {label}: {done}/{expected} built"),
-                );
+            if progress.is_live() {
+                // Each member's line is redrawn in place.
+                for &i in &group.members {
+                    progress.stage(
+                        i,
+                        &format!("building on the {label}: {done}/{expected} built"),
+                    );
+                }
+            } else if quarter(done) > before || done == expected {
+                // Plain output: one line for the group, each quarter of the way.
+                progress.event(&format!("[{label}] {done}/{expected} built"));
             }
         }
     };

@@ -471,7 +471,11 @@ fn finish(args: &UpdateArgs, run_id: &str, reports: &[MachineReport], logs: &Log
     let code = exit_code(reports);
     for r in reports {
         if let Some(changes) = &r.changes {
-            eprintln!("\nChanges on {}:\n{}", r.name, changes.trim_end());
+            eprintln!(
+                "\nChanges on {}:\n{}",
+                r.name,
+                crate::progress::colours_if_wanted(changes.trim_end())
+            );
         }
     }
     eprint!("\n{}", report::summary(reports));
