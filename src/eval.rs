@@ -169,6 +169,8 @@ let
         let v = config.clan.core.vars or null; in
         if v == null || (v.generators or { }) == { } then null else {
           secretLocation = v.age.secretLocation or "/etc/secret-vars";
+          # clan-core's choice of secret store for the machine (its default: sops).
+          secretModule = tryOr null ((v.settings or { }).secretModule or null);
           generators = builtins.mapAttrs (_: g: {
             share = g.share or false;
             dependencies = g.dependencies or [ ];

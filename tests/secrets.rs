@@ -935,3 +935,39 @@ fn a_failing_generators_output_stays_out_of_the_json_report() {
         "{report}"
     );
 }
+
+// A var that exists in another store's layout (clan-core's sops store, its default) is
+// generated already: generate and the deploy refuse to make a new one beside it, naming the
+// file, and store nothing.
+#[test]
+fn a_secret_in_another_stores_layout_is_never_generated_again() {
+    let lab = Lab::start(&[HostSpec::new("target")]);
+    let (private, public) = identity();
+    install_identity(&lab, &private);
+    let generators = r#"{ api = { files.token = { }; script = "echo tok > $out/token"; }; }"#;
+    let flake = one_target_flake(&lab, &public, generators, "/root/secret-vars");
+    let sops_file = flake.join("vars/per-machine/m/api/token/secret");
+    std::fs::create_dir_all(sops_file.parent().unwrap()).unwrap();
+    std::fs::write(
+        &sops_file,
+        r#"{"data":"ENC[AES256_GCM,data:x,iv:y,tag:z,type:str]","sops":{}}"#,
+    )
+    .unwrap();
+    for args in [
+        &["vars", "generate", "m"][..],
+        &["machines", "update", "m"][..],
+    ] {
+        let run = clan(&lab, &flake, args);
+        assert_eq!(run.code, 2, "{args:?}: {}", run.stderr);
+        assert!(
+            run.stderr.contains(&format!(
+                "machine m's secret api/token exists in another store's layout ({})",
+                sops_file.display()
+            )),
+            "{args:?}: {}",
+            run.stderr
+        );
+    }
+    assert!(!flake.join("secrets").exists(), "something was generated");
+    assert!(lab.host("target").switch_log().is_empty());
+}

@@ -60,6 +60,7 @@ impl<'a> Generation<'a> {
     /// one (their secrets encrypted to its key too).
     pub fn machine(&self, machine: &str, vars: &MachineVars) -> Result<Vec<String>, Error> {
         vars.check(machine)?;
+        super::check_store(self.settings, machine, vars)?;
         // Secrets without their key: nothing is generated (nor said to be complete).
         let secrets = self.repo.secrets_of(machine);
         if !secrets.is_empty() && !self.repo.has_key(machine) {
@@ -89,6 +90,28 @@ impl<'a> Generation<'a> {
                 || (missing && self.needed_by_selection(g, vars))
             {
                 run.insert(g.clone());
+            }
+        }
+        // A var that exists in another store's layout is generated already: never make a
+        // new one beside it.
+        for g in order.iter().filter(|g| run.contains(*g)) {
+            let decl = &vars.generators[g];
+            for f in decl
+                .files
+                .iter()
+                .filter(|(_, file)| file.secret)
+                .map(|(f, _)| f)
+            {
+                if let Some(found) = self.repo.foreign_secret(machine, g, decl, f) {
+                    return Err(Error::usage(format!(
+                        "machine {machine}'s secret {g}/{f} exists in another store's layout ({}), which this tool does not read: refusing to generate a new one beside it",
+                        found.display()
+                    ))
+                    .code("vars.foreign-layout")
+                    .hint(Hint::text(
+                        "keep managing this clan's vars with clan-core's CLI (and deploy with --no-secrets), or move the secret to this tool's layout (README, Secrets)",
+                    )));
+                }
             }
         }
         let mut written = Vec::new();

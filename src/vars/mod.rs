@@ -71,6 +71,9 @@ impl VarsSettings {
 pub struct MachineVars {
     /// `clan.core.vars.age.secretLocation`.
     pub secret_location: String,
+    /// clan-core's `clan.core.vars.settings.secretModule`, where a flake sets it.
+    #[serde(default)]
+    pub secret_module: Option<String>,
     /// `clan.core.vars.generators`.
     pub generators: BTreeMap<String, GeneratorDecl>,
 }
@@ -196,6 +199,36 @@ fn protected_location(location: &str) -> Option<&'static str> {
         );
     }
     None
+}
+
+/// Refuses a machine whose secrets live in a store this tool does not keep (clan-core's
+/// sops store, its default): generating or uploading with the age store would make new
+/// secrets beside the user's and hand the target keys that open none of them.
+pub fn check_store(
+    settings: &VarsSettings,
+    machine: &str,
+    vars: &MachineVars,
+) -> Result<(), Error> {
+    let chosen = match (&settings.secret_store, &vars.secret_module) {
+        (Some(store), _) if store != "age" => {
+            Some((store.clone(), "vars.settings.secretStore".to_string()))
+        }
+        (_, Some(module)) if !module.ends_with(".age") && module != "age" => Some((
+            module.clone(),
+            format!("nixosConfigurations.{machine}.config.clan.core.vars.settings.secretModule"),
+        )),
+        _ => None,
+    };
+    match chosen {
+        None => Ok(()),
+        Some((store, from)) => Err(Error::usage(format!(
+            "machine {machine} keeps its vars in the secret store {store:?} (from {from}), which this tool does not support yet (only age): nothing was generated or uploaded"
+        ))
+        .code("vars.store-unsupported")
+        .hint(Hint::text(
+            "deploy without secrets (--no-secrets; the target keeps the ones it has) and manage vars with clan-core's CLI, or set vars.settings.secretStore = \"age\" for a clan whose secrets this tool makes",
+        ))),
+    }
 }
 
 /// A name used as one path component: letters, digits, `.`, `_`, `-`, not `.` or `..`.
@@ -508,6 +541,35 @@ impl Repo {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
             Err(e) => Err(Error::new(format!("cannot read {}: {e}", path.display()))),
         }
+    }
+
+    /// Where another store keeps file `f` of generator `g`, if a file is there: clan-core's
+    /// sops layout (`vars/<scope>/<g>/<f>/secret`) or its age layout
+    /// (`secrets/clan-vars/<scope>/<g>/<f>/<f>.age`).
+    pub fn foreign_secret(
+        &self,
+        machine: &str,
+        g: &str,
+        decl: &GeneratorDecl,
+        f: &str,
+    ) -> Option<PathBuf> {
+        let scope = scope(machine, decl);
+        [
+            self.root
+                .join("vars")
+                .join(&scope)
+                .join(g)
+                .join(f)
+                .join("secret"),
+            self.root
+                .join("secrets/clan-vars")
+                .join(&scope)
+                .join(g)
+                .join(f)
+                .join(format!("{f}.age")),
+        ]
+        .into_iter()
+        .find(|p| p.exists())
     }
 
     /// Whether both halves of the machine's key are in the repository.
@@ -917,6 +979,35 @@ mod tests {
     }
 
     #[test]
+    fn only_the_age_store_is_kept() {
+        let sops = MachineVars {
+            secret_module: Some("clan_lib.vars.secret_modules.sops".into()),
+            ..MachineVars::default()
+        };
+        let age = MachineVars {
+            secret_module: Some("clan_lib.vars.secret_modules.age".into()),
+            ..MachineVars::default()
+        };
+        let default = VarsSettings::default();
+        let refused = check_store(&default, "db", &sops).unwrap_err();
+        assert_eq!(refused.code, Some("vars.store-unsupported"));
+        assert!(
+            refused.message.contains(
+                "(from nixosConfigurations.db.config.clan.core.vars.settings.secretModule)"
+            ),
+            "{}",
+            refused.message
+        );
+        assert!(check_store(&default, "db", &age).is_ok());
+        assert!(check_store(&default, "db", &MachineVars::default()).is_ok());
+        let flake_sops = VarsSettings {
+            secret_store: Some("sops".into()),
+            ..VarsSettings::default()
+        };
+        assert!(check_store(&flake_sops, "db", &MachineVars::default()).is_err());
+    }
+
+    #[test]
     fn protected_secret_locations_are_refused() {
         for bad in [
             "/etc",
@@ -957,6 +1048,7 @@ mod tests {
         let vars = MachineVars {
             secret_location: "/etc/secret-vars".into(),
             generators: BTreeMap::from([("g".to_string(), decl.clone())]),
+            ..MachineVars::default()
         };
         vars.check("m").unwrap();
         assert!(

@@ -347,12 +347,20 @@ pub fn resolve_evaluation(
         }
         None => StoreDir::default(),
     };
+    let settings = evaluation.vars_settings.clone().unwrap_or_default();
     evaluation
         .selected
         .into_iter()
         .map(|(name, facts)| {
             let name =
                 MachineName::parse(&name, &Origin::Flake("machines".into())).map_err(refused)?;
+            // Secrets this run would generate or upload, kept in a store this tool does not
+            // keep: stop here (also in --dry-run), before anything is made beside them.
+            if overrides.vars_repo.is_some()
+                && let Some(vars) = &facts.vars
+            {
+                crate::vars::check_store(&settings, &name, vars)?;
+            }
             let machine = resolve_machine(&name, &facts, &store, overrides, users)?;
             Ok(LoadedMachine { facts, machine })
         })
