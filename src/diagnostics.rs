@@ -103,8 +103,13 @@ pub fn diagnose(machine: &ResolvedMachine, step: &Step, output: &str, code: Opti
             .and_then(|l| l.split_once(' '))
             .map(|(generation, path)| format!("generation {generation} ({path})"))
             .unwrap_or_else(|| "the previous generation".into());
+        let before = if step.kind == StepKind::SwitchOutcome {
+            "this deploy reached it again after its lost session"
+        } else {
+            "the confirmation arrived"
+        };
         return base(format!(
-            "{name}: the target's watchdog rolled back before the confirmation arrived: it is back on {rolled}"
+            "{name}: the target's watchdog rolled back before {before}: it is back on {rolled}"
         ))
         .hint(Hint::text(
             "nothing more is needed to undo this deploy (no clan machines rollback: that would go one generation further back); to deploy it again, give the confirmation more time with --rollback-timeout",

@@ -439,3 +439,58 @@ fn dry_run_plan_snapshot() {
     );
     insta::assert_snapshot!(plan.to_string());
 }
+
+// What the target's side of an activation says becomes one error, by its exit code and its
+// `clan:` lines (never by English): the wording people read after each outcome.
+#[test]
+fn target_side_diagnoses_snapshot() {
+    let plan = plan_deploy(
+        vec![machine("m", "root@t", BuildLocation::Target)],
+        &ctx(HostKeyCheck::Strict),
+    );
+    let m = &plan.machines[0];
+    let step = |kind: StepKind| -> &Step {
+        m.steps
+            .iter()
+            .chain(m.steps.iter().filter_map(|s| s.on_lost.as_deref()))
+            .find(|s| s.kind == kind)
+            .unwrap()
+    };
+    use crate::activate::Exit;
+    let cases = [
+        (
+            StepKind::Confirm,
+            Exit::RolledBack.code(),
+            "clan: rolled-back profile 6 /nix/store/00000000000000000000000000000000-o-prev\n",
+        ),
+        (StepKind::Confirm, Exit::NotPending.code(), ""),
+        (
+            StepKind::Confirm,
+            255,
+            "ssh: connect to host t port 22: Connection refused\n",
+        ),
+        (
+            StepKind::SwitchOutcome,
+            Exit::RolledBack.code(),
+            "clan: rolled-back profile 6 /nix/store/00000000000000000000000000000000-o-prev\n",
+        ),
+        (
+            StepKind::LockTarget,
+            Exit::LockBusy.code(),
+            "clan: busy a1b2 alice@laptop 2026-12-06T06:00:00Z\n",
+        ),
+        (
+            StepKind::Prepare,
+            Exit::LockLost.code(),
+            "clan: lock-lost\n",
+        ),
+    ];
+    let shown: Vec<String> = cases
+        .iter()
+        .map(|(kind, code, output)| {
+            let error = crate::diagnostics::diagnose(&m.machine, step(*kind), output, Some(*code));
+            format!("{kind:?} exit {code} → exit {}\n{error}", error.exit.code())
+        })
+        .collect();
+    insta::assert_snapshot!(shown.join("\n\n"));
+}
