@@ -132,6 +132,21 @@ fn switches(lab: &Lab) -> Vec<String> {
     lab.host("target").switch_log()
 }
 
+/// The target's watchdog goes back by itself to `previous` (its sshd answers again, it runs
+/// it), to exactly the generations it had before (the broken one deleted), and nothing is
+/// left pending.
+fn assert_the_watchdog_went_back(lab: &Lab, previous: &str, generations_before: &[(u32, String)]) {
+    wait_for(30, "the watchdog's rollback", || {
+        lab.host("target").system_profile().as_deref() == Some(previous) && sshd_answers(lab)
+    });
+    wait_for(10, "the previous system to run", || {
+        lab.current_system("target").as_deref() == Some(previous)
+    });
+    assert_eq!(switches(lab).last().unwrap(), &format!("{previous} switch"));
+    assert_eq!(lab.generations("target"), generations_before);
+    assert_nothing_left(lab);
+}
+
 /// Waits until `cond` holds, for at most `secs`.
 fn wait_for(secs: u64, what: &str, mut cond: impl FnMut() -> bool) {
     let deadline = Instant::now() + Duration::from_secs(secs);
@@ -217,16 +232,7 @@ fn lost_target_rolls_back_to_the_exact_previous_generation(kind: HostKind) {
         lab.ip("target")
     )));
     assert!(switches(&lab).contains(&format!("{broken} switch")));
-    wait_for(30, "the watchdog's rollback", || {
-        lab.host("target").system_profile().as_deref() == Some(v1.as_str()) && sshd_answers(&lab)
-    });
-    wait_for(10, "the previous system to run", || {
-        lab.current_system("target").as_deref() == Some(v1.as_str())
-    });
-    assert_eq!(switches(&lab).last().unwrap(), &format!("{v1} switch"));
-    // Exactly the previous generation, and the broken one is gone from the profile.
-    assert_eq!(lab.generations("target"), generations_before);
-    assert_nothing_left(&lab);
+    assert_the_watchdog_went_back(&lab, &v1, &generations_before);
     // And it can be deployed to again.
     assert_eq!(
         update(&lab, &flake(&lab, r#"variant = "v3";"#), &[]).code,
@@ -739,14 +745,7 @@ fn unreachable_after_the_switch_is_left_to_the_watchdog(kind: HostKind) {
     );
     // Nothing went back before the watchdog: the workstation never reached the target.
     assert!(switches(&lab).contains(&format!("{broken} switch")));
-    wait_for(30, "the watchdog's rollback", || {
-        lab.host("target").system_profile().as_deref() == Some(v1.as_str()) && sshd_answers(&lab)
-    });
-    wait_for(10, "the previous system to run", || {
-        lab.current_system("target").as_deref() == Some(v1.as_str())
-    });
-    assert_eq!(lab.generations("target"), generations_before);
-    assert_nothing_left(&lab);
+    assert_the_watchdog_went_back(&lab, &v1, &generations_before);
 }
 
 // Run 1 is killed during its switch: its activation is pending, its watchdog armed. The same

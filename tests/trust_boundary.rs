@@ -337,32 +337,24 @@ fn logs_are_private_and_none_is_warned_about() {
             .map(str::to_string)
             .collect()
     };
+    let unchecked = |last: &str| {
+        clan(
+            &lab,
+            &f,
+            &[
+                "machines",
+                "update",
+                "good",
+                "--host-key-check",
+                "none",
+                last,
+            ],
+        )
+    };
     // The dry run shows the warning the real run gives.
-    let dry = clan(
-        &lab,
-        &f,
-        &[
-            "machines",
-            "update",
-            "good",
-            "--host-key-check",
-            "none",
-            "--dry-run",
-        ],
-    );
+    let dry = unchecked("--dry-run");
     assert_eq!(dry.code, 0);
-    let run = clan(
-        &lab,
-        &f,
-        &[
-            "machines",
-            "update",
-            "good",
-            "--host-key-check",
-            "none",
-            "--json",
-        ],
-    );
+    let run = unchecked("--json");
     assert_eq!(run.code, 0);
     let warnings = warnings_of(&run);
     assert_eq!(warnings.len(), 1, "{}", run.stderr);
