@@ -21,10 +21,10 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum TopCommand {
     /// Manage the machines of a clan.
-    #[command(subcommand)]
+    #[command(subcommand, visible_alias = "m")]
     Machines(MachinesCommand),
     /// Generate, inspect and upload the machines' vars (secrets and public values).
-    #[command(subcommand)]
+    #[command(subcommand, visible_alias = "v")]
     Vars(VarsCommand),
 }
 
@@ -114,6 +114,7 @@ pub struct VarsFixArgs {
 #[derive(Debug, Subcommand)]
 pub enum MachinesCommand {
     /// Evaluate here, build on the build host, copy to the target and activate.
+    #[command(visible_alias = "u")]
     Update(UpdateArgs),
     /// Show where a machine deploys to and builds, every source consulted, and which won.
     Show(ShowArgs),
@@ -193,8 +194,9 @@ pub struct OnTargetArgs {
 /// Where the hosts come from: the flake and the command-line overrides.
 #[derive(Debug, Args)]
 pub struct HostArgs {
-    /// Path of the clan flake.
-    #[arg(long, value_name = "PATH", default_value = ".")]
+    /// Path of the clan flake (default: $CLAN_DIR, else the nearest directory from here up
+    /// that has a flake.nix, as clan-core finds it).
+    #[arg(long, value_name = "PATH", default_value_os_t = default_flake(), hide_default_value = true)]
     pub flake: PathBuf,
 
     /// Build on this host instead of the configured build host ('localhost': build on this machine).
@@ -406,7 +408,7 @@ pub struct UpdateArgs {
 
     /// Show every command and its output (plain lines), not one line per step; the run's
     /// log always has them.
-    #[arg(short, long)]
+    #[arg(short, long, visible_alias = "debug")]
     pub verbose: bool,
 }
 
@@ -528,6 +530,27 @@ impl BatchSize {
             BatchSize::Percent(p) => (total * usize::from(p)).div_ceil(100).max(1),
         }
     }
+}
+
+/// The flake when `--flake` is not given, as clan-core finds it: `$CLAN_DIR`, else the
+/// current directory or the nearest one above it that has a `flake.nix`, else `.`.
+pub fn default_flake() -> PathBuf {
+    if let Some(dir) = std::env::var_os("CLAN_DIR").filter(|d| !d.is_empty()) {
+        return PathBuf::from(dir);
+    }
+    let here = PathBuf::from(".");
+    if here.join("flake.nix").exists() {
+        return here;
+    }
+    std::env::current_dir()
+        .ok()
+        .and_then(|cwd| {
+            cwd.ancestors()
+                .skip(1)
+                .find(|d| d.join("flake.nix").is_file())
+                .map(std::path::Path::to_path_buf)
+        })
+        .unwrap_or(here)
 }
 
 #[cfg(test)]

@@ -128,7 +128,14 @@ let
       builtins.foldl' (acc: sys: raw.${sys} // acc) { } (builtins.filter (s: builtins.isAttrs raw.${s}) orderedSystems)
     else raw;
   all = builtins.attrNames machines;
-  tagsOf = n: (inventoryMachines.${n} or { }).tags or [ ];
+  # A machine's own tags, then the ones clan-core computes: `all`, and its class (`nixos`,
+  # `darwin`); clan-core's own inventory lists them already.
+  tagsOf = n:
+    let
+      inv = inventoryMachines.${n} or { };
+      own = inv.tags or [ ];
+      computed = [ "all" (inv.machineClass or "nixos") ];
+    in own ++ builtins.filter (t: !(builtins.elem t own)) computed;
   hasAllTags = n: builtins.all (t: builtins.elem t (tagsOf n)) wantedTags;
   names =
     if wanted == [ ] then builtins.filter hasAllTags all

@@ -350,7 +350,15 @@ fn parse_options(query: &str) -> Result<Vec<(String, String)>, AddressError> {
         if !name.starts_with(|c: char| c.is_ascii_alphabetic()) {
             return Err(AddressError::BadOptionName(name.to_string()));
         }
-        let name = allowed_option(name)?;
+        // The strictest host key policy never weakens the one in force (ssh takes the first
+        // value given, and an address's options come first): clan-core's own example.
+        let strict = name.eq_ignore_ascii_case("StrictHostKeyChecking")
+            && raw_value.eq_ignore_ascii_case("yes");
+        let name = if strict {
+            "StrictHostKeyChecking"
+        } else {
+            allowed_option(name)?
+        };
         let value = percent_decode_str(raw_value)
             .decode_utf8()
             .map_err(|_| AddressError::BadEncoding(name.to_string()))?
@@ -452,8 +460,16 @@ mod tests {
                 "{code}"
             );
         }
+        // The strictest policy weakens nothing: accepted, as clan-core's docs write it.
+        assert_eq!(
+            parse("root@h?StrictHostKeyChecking=yes").unwrap().options,
+            [("StrictHostKeyChecking".to_string(), "yes".to_string())]
+        );
+        assert!(parse("root@h?stricthostkeychecking=YES").is_ok());
         for policy in [
             "StrictHostKeyChecking=no",
+            "StrictHostKeyChecking=accept-new",
+            "StrictHostKeyChecking=ask",
             "UserKnownHostsFile=/dev/null",
             "stricthostkeychecking=no",
             "GlobalKnownHostsFile=/x",

@@ -184,6 +184,38 @@ fn tags_and_default_selection() {
     assert_eq!(planned(&["--tags", "web", "db"]), ["a"]);
     assert_eq!(planned(&["a", "b", "--tags", "db"]), ["a"]);
     assert_eq!(planned(&["d"]), ["d"]);
+    // The tags clan-core computes: every machine has `all` and its class.
+    assert_eq!(planned(&["--tags", "all"]), ["a", "b"]);
+    assert_eq!(planned(&["--tags", "nixos", "db"]), ["a"]);
+    assert_eq!(planned(&["d", "--tags", "all"]), ["d"]);
+    // clan-core's words: `clan m u`, `--debug`, and the flake found from a directory inside
+    // it, or from $CLAN_DIR.
+    let short = clan(&lab, &f, &["m", "u", "a", "--dry-run", "--debug"]);
+    assert_eq!(short.code, 0, "{}", short.stderr);
+    assert!(short.stdout.contains("\na: deploy to "), "{}", short.stdout);
+    let inside = f.join("machines");
+    std::fs::create_dir_all(&inside).unwrap();
+    let clan_bin = env!("CARGO_BIN_EXE_clan");
+    let from_inside =
+        lab.run_on_workstation(&inside, &[clan_bin, "machines", "show", "a", "--json"]);
+    assert!(
+        from_inside.status.success(),
+        "{}",
+        String::from_utf8_lossy(&from_inside.stderr)
+    );
+    assert!(String::from_utf8_lossy(&from_inside.stdout).contains(&format!("root@{t}")));
+    let clan_dir = format!("CLAN_DIR={}", f.display());
+    let from_env = lab.run_on_workstation(
+        &lab.dir,
+        &[
+            "env", &clan_dir, clan_bin, "machines", "show", "a", "--json",
+        ],
+    );
+    assert!(
+        from_env.status.success(),
+        "{}",
+        String::from_utf8_lossy(&from_env.stderr)
+    );
     let all = clan(&lab, &f, &["machines", "update", "--dry-run"]);
     assert_eq!(all.code, 0);
     assert!(all.stderr.contains("c: skipped (no targetHost is set)"));

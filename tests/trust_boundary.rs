@@ -223,6 +223,19 @@ fn host_address_options_are_an_allow_list() {
         assert_no_canary(&lab, &lib_canary(&lab));
         assert_untouched(&lab);
     }
+    // The strictest policy, as clan-core's own option description writes it, weakens
+    // nothing: accepted, and the deploy goes through.
+    lab.trust("builder", "target");
+    let strict = lab.write_flake(&format!(
+        r#"{{ inventory.machines.m = {{ deploy.targetHost = "root@{t}?StrictHostKeyChecking=yes"; deploy.buildHost = "root@{}"; }}; machines.m = system {{ }}; }}"#,
+        lab.ip("builder")
+    ));
+    let run = clan(&lab, &strict, &["machines", "update", "m"]);
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    assert_eq!(
+        lab.host("target").system_profile().as_deref(),
+        Some(toplevel(&lab, &strict, "m").as_str())
+    );
     // The library does write the canary when something loads it (`ssh-keygen -D` loads a
     // PKCS#11 provider as ssh would): the checks above can fail.
     let _ = Command::new("ssh-keygen")
