@@ -152,6 +152,11 @@ let
               default = false;
               description = "Leave this machine out of `clan machines update` without machine names.";
             };
+            installedAt = mkOption {
+              type = types.nullOr (types.either types.int types.str);
+              default = null;
+              description = "When the machine was installed (clan-core's `clan machines install` writes it to inventory.json); informational.";
+            };
             deploy = {
               targetHost = optionalStr "SSH address of the machine: [user@]host[:port][?OPTION=VALUE&…].";
               buildHost = optionalStr "SSH address of the host that builds the machine's system; unset: the machine builds it.";

@@ -74,6 +74,7 @@ in
   hostNameDefaultsToTheMachineName =
     ok.nixosConfigurations.web1.config.system.build.toplevel.name == "t-web1";
   inventoryJsonRead = ok.clanInternals.inventory.machines.json1.tags == [ "from-json" ];
+  installedAtAccepted = ok.clanInternals.inventory.machines.json1.installedAt == 1733468400;
   instancesRefused = fails (clan { inventory.instances.sshd = { }; }).clanInternals.machines;
   pkgsForSystemRefused = fails (clan { pkgsForSystem = _: null; }).nixosConfigurations;
   unknownInventoryKeyRefused =
