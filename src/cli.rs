@@ -116,6 +116,9 @@ pub enum MachinesCommand {
     /// Evaluate here, build on the build host, copy to the target and activate.
     #[command(visible_alias = "u")]
     Update(UpdateArgs),
+    /// List the clan's machines and their tags (with --tags, those having every tag).
+    #[command(visible_alias = "ls")]
+    List(ListArgs),
     /// Show where a machine deploys to and builds, every source consulted, and which won.
     Show(ShowArgs),
     /// Set up the second hop: a key on the build host, authorized on the target, and the
@@ -265,6 +268,23 @@ pub struct ShowArgs {
     /// Agent forwarding override, as for update.
     #[command(flatten)]
     pub agent: AgentArgs,
+
+    /// Print JSON instead of text.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Arguments of `clan machines list`.
+#[derive(Debug, Args)]
+pub struct ListArgs {
+    /// Only the machines that have all of these tags (clan-core's computed `all`, `nixos`
+    /// and `darwin` included).
+    #[arg(long, num_args = 1.., value_name = "TAG")]
+    pub tags: Vec<String>,
+
+    /// The flake, as for update.
+    #[command(flatten)]
+    pub hosts: HostArgs,
 
     /// Print JSON instead of text.
     #[arg(long)]

@@ -413,6 +413,16 @@ pub fn evaluate(
     Ok(index)
 }
 
+/// The machines of `flake_ref` and their tags (the ones having every tag of `tags`
+/// selected), without evaluating any machine's configuration: one cheap `nix eval`.
+pub fn evaluate_index(
+    flake_ref: &FlakeRef,
+    tags: &[String],
+    nix: &NixOptions,
+) -> Result<Evaluation, Error> {
+    evaluate_once(flake_ref, &[], tags, nix, Depth::Index)
+}
+
 /// What the selected machines declare (their vars, hosts…), without their systems: one
 /// `nix eval` for the vars commands.
 pub fn evaluate_declarations(

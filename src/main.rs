@@ -4,7 +4,7 @@
 use clap::Parser;
 
 use clan::cli::{Cli, MachinesCommand, TopCommand, VarsCommand};
-use clan::commands::machines::{rollback, setup_build_host, setup_cache, show, update};
+use clan::commands::machines::{list, rollback, setup_build_host, setup_cache, show, update};
 
 fn main() {
     // A closed standard output (`clan machines show | head -1`) ends the process quietly,
@@ -18,7 +18,7 @@ fn main() {
     // write through relays and go on as if detached (see clan::output).
     let changes_hosts = !matches!(
         &cli.command,
-        TopCommand::Machines(MachinesCommand::Show(_))
+        TopCommand::Machines(MachinesCommand::Show(_) | MachinesCommand::List(_))
             | TopCommand::Vars(VarsCommand::List(_) | VarsCommand::Get(_) | VarsCommand::Check(_))
     );
     let relays = changes_hosts.then(clan::output::relay);
@@ -26,6 +26,7 @@ fn main() {
     let hosts = match &cli.command {
         TopCommand::Machines(MachinesCommand::Update(a)) => &a.hosts,
         TopCommand::Machines(MachinesCommand::Show(a)) => &a.hosts,
+        TopCommand::Machines(MachinesCommand::List(a)) => &a.hosts,
         TopCommand::Machines(MachinesCommand::SetupBuildHost(a)) => &a.hosts,
         TopCommand::Machines(MachinesCommand::SetupCache(a)) => &a.hosts,
         TopCommand::Machines(MachinesCommand::Rollback(a)) => &a.on.hosts,
@@ -41,6 +42,7 @@ fn main() {
     let result = match &cli.command {
         TopCommand::Machines(MachinesCommand::Update(args)) => update::run(args),
         TopCommand::Machines(MachinesCommand::Show(args)) => show::run(args),
+        TopCommand::Machines(MachinesCommand::List(args)) => list::run(args),
         TopCommand::Machines(MachinesCommand::SetupBuildHost(args)) => setup_build_host::run(args),
         TopCommand::Machines(MachinesCommand::SetupCache(args)) => setup_cache::run(args),
         TopCommand::Machines(MachinesCommand::Rollback(args)) => rollback::run(args),

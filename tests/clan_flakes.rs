@@ -184,6 +184,23 @@ fn tags_and_default_selection() {
     assert_eq!(planned(&["--tags", "web", "db"]), ["a"]);
     assert_eq!(planned(&["a", "b", "--tags", "db"]), ["a"]);
     assert_eq!(planned(&["d"]), ["d"]);
+    // `clan machines list`: every machine with its tags, or those having the tags.
+    let list = clan(&lab, &f, &["machines", "list"]);
+    assert_eq!(list.code, 0, "{}", list.stderr);
+    let names = |out: &str| -> Vec<String> {
+        out.lines()
+            .filter_map(|l| l.split_whitespace().next())
+            .map(str::to_string)
+            .collect()
+    };
+    assert_eq!(names(&list.stdout), ["a", "b", "c", "d"]);
+    assert!(
+        list.stdout.contains("a  web db all nixos"),
+        "{}",
+        list.stdout
+    );
+    let web = clan(&lab, &f, &["machines", "list", "--tags", "web"]);
+    assert_eq!(names(&web.stdout), ["a", "b", "c"]);
     // The tags clan-core computes: every machine has `all` and its class.
     assert_eq!(planned(&["--tags", "all"]), ["a", "b"]);
     assert_eq!(planned(&["--tags", "nixos", "db"]), ["a"]);

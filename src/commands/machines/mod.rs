@@ -1,5 +1,6 @@
 //! `clan machines …`, and what its subcommands share: evaluate the flake once, resolve hosts.
 
+pub mod list;
 pub mod rollback;
 pub mod setup_build_host;
 pub mod setup_cache;
@@ -229,7 +230,7 @@ pub fn stream_selection(
 
 /// The command line's names, tags, addresses and flake, checked before the (slow)
 /// evaluation.
-fn check_command_line(
+pub(crate) fn check_command_line(
     flake: &Path,
     names: &[String],
     tags: &[String],
