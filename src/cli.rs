@@ -26,6 +26,13 @@ pub enum TopCommand {
     /// Generate, inspect and upload the machines' vars (secrets and public values).
     #[command(subcommand, visible_alias = "v")]
     Vars(VarsCommand),
+    /// Print the shell completion script for SHELL, generated from this command line's
+    /// definition (e.g. `clan completions bash > /etc/bash_completion.d/clan`).
+    Completions {
+        /// The shell.
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
 }
 
 /// `clan vars …`
@@ -129,6 +136,8 @@ pub enum MachinesCommand {
     SetupCache(SetupCacheArgs),
     /// Switch a machine back to its previous system generation.
     Rollback(RollbackArgs),
+    /// List a machine's system generations on its target, the current one marked.
+    Generations(OnTargetArgs),
 }
 
 /// Arguments of `clan machines setup-cache`.

@@ -18,34 +18,46 @@ fn main() {
     // write through relays and go on as if detached (see clan::output).
     let changes_hosts = !matches!(
         &cli.command,
-        TopCommand::Machines(MachinesCommand::Show(_) | MachinesCommand::List(_))
-            | TopCommand::Vars(VarsCommand::List(_) | VarsCommand::Get(_) | VarsCommand::Check(_))
+        TopCommand::Machines(
+            MachinesCommand::Show(_) | MachinesCommand::List(_) | MachinesCommand::Generations(_)
+        ) | TopCommand::Vars(VarsCommand::List(_) | VarsCommand::Get(_) | VarsCommand::Check(_))
+            | TopCommand::Completions { .. }
     );
     let relays = changes_hosts.then(clan::output::relay);
     // Commands in hints repeat this run's flake and host overrides.
     let hosts = match &cli.command {
-        TopCommand::Machines(MachinesCommand::Update(a)) => &a.hosts,
-        TopCommand::Machines(MachinesCommand::Show(a)) => &a.hosts,
-        TopCommand::Machines(MachinesCommand::List(a)) => &a.hosts,
-        TopCommand::Machines(MachinesCommand::SetupBuildHost(a)) => &a.hosts,
-        TopCommand::Machines(MachinesCommand::SetupCache(a)) => &a.hosts,
-        TopCommand::Machines(MachinesCommand::Rollback(a)) => &a.on.hosts,
-        TopCommand::Vars(VarsCommand::Generate(a)) => &a.hosts,
-        TopCommand::Vars(VarsCommand::List(a) | VarsCommand::Check(a)) => &a.hosts,
-        TopCommand::Vars(VarsCommand::Get(a)) => &a.hosts,
-        TopCommand::Vars(VarsCommand::Upload(a)) => &a.hosts,
-        TopCommand::Vars(VarsCommand::Fix(a)) => &a.hosts,
+        TopCommand::Completions { .. } => None,
+        TopCommand::Machines(MachinesCommand::Update(a)) => Some(&a.hosts),
+        TopCommand::Machines(MachinesCommand::Show(a)) => Some(&a.hosts),
+        TopCommand::Machines(MachinesCommand::List(a)) => Some(&a.hosts),
+        TopCommand::Machines(MachinesCommand::SetupBuildHost(a)) => Some(&a.hosts),
+        TopCommand::Machines(MachinesCommand::SetupCache(a)) => Some(&a.hosts),
+        TopCommand::Machines(MachinesCommand::Rollback(a)) => Some(&a.on.hosts),
+        TopCommand::Machines(MachinesCommand::Generations(a)) => Some(&a.hosts),
+        TopCommand::Vars(VarsCommand::Generate(a)) => Some(&a.hosts),
+        TopCommand::Vars(VarsCommand::List(a) | VarsCommand::Check(a)) => Some(&a.hosts),
+        TopCommand::Vars(VarsCommand::Get(a)) => Some(&a.hosts),
+        TopCommand::Vars(VarsCommand::Upload(a)) => Some(&a.hosts),
+        TopCommand::Vars(VarsCommand::Fix(a)) => Some(&a.hosts),
     };
-    clan::hint::remember(hosts);
+    if let Some(hosts) = hosts {
+        clan::hint::remember(hosts);
+    }
     // Ctrl-C: children run in process groups of their own, so clan decides what stops.
     clan::interrupt::install();
     let result = match &cli.command {
+        TopCommand::Completions { shell } => {
+            use clap::CommandFactory;
+            clap_complete::generate(*shell, &mut Cli::command(), "clan", &mut std::io::stdout());
+            Ok(clan::error::ExitKind::Success)
+        }
         TopCommand::Machines(MachinesCommand::Update(args)) => update::run(args),
         TopCommand::Machines(MachinesCommand::Show(args)) => show::run(args),
         TopCommand::Machines(MachinesCommand::List(args)) => list::run(args),
         TopCommand::Machines(MachinesCommand::SetupBuildHost(args)) => setup_build_host::run(args),
         TopCommand::Machines(MachinesCommand::SetupCache(args)) => setup_cache::run(args),
         TopCommand::Machines(MachinesCommand::Rollback(args)) => rollback::run(args),
+        TopCommand::Machines(MachinesCommand::Generations(args)) => rollback::generations(args),
         TopCommand::Vars(VarsCommand::Generate(args)) => clan::commands::vars::generate(args),
         TopCommand::Vars(VarsCommand::List(args)) => clan::commands::vars::list(args),
         TopCommand::Vars(VarsCommand::Get(args)) => clan::commands::vars::get(args),

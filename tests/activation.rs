@@ -543,6 +543,13 @@ fn rollback_command_goes_to_the_generation_before(kind: HostKind) {
             .stderr
             .contains("there is no generation 7 (generations: 1, 2)")
     );
+    // `clan machines generations` lists them, the current one marked.
+    let listed = clan(&lab, &f, &["machines", "generations", "m"]);
+    assert_eq!(listed.code, 0, "{}", listed.stderr);
+    assert_eq!(
+        listed.stdout,
+        format!("   1  {v1}  (current)\n   2  {v2}\n")
+    );
     let to = clan(&lab, &f, &["machines", "rollback", "m", "--to", "2"]);
     assert_eq!(to.code, 0);
     assert_system(&lab, Some(&v2), Some(&v2));

@@ -1,7 +1,7 @@
 //! `clan machines rollback`: switch a machine back to its previous system generation.
 
 use crate::activate::{Command, Exit, Word, is_protocol_line};
-use crate::cli::RollbackArgs;
+use crate::cli::{OnTargetArgs, RollbackArgs};
 use crate::commands::machines::load_machine;
 use crate::error::{Error, ExitKind, Hint};
 use crate::ssh::{SshHost, run_remote, run_remote_with_input};
@@ -64,6 +64,48 @@ impl Generations {
     }
 }
 
+/// `clan machines generations`: the target's system generations, the current one marked
+/// (pairs with `rollback --to N`).
+pub fn generations(on: &OnTargetArgs) -> Result<ExitKind, Error> {
+    let machine = &load_machine(&on.hosts, &on.machine)?;
+    let target = SshHost::new(machine.target.value.clone(), on.connect.host_key_check);
+    let as_root = sudo::AsRoot::ask(&machine.name, &target)?;
+    let run_id = crate::commands::machines::update::run_id();
+    let listed = on_target(&target, &as_root, Command::Generations { run: &run_id })?;
+    let found = Generations::parse(&String::from_utf8_lossy(&listed.stdout));
+    if !listed.status.success() {
+        return Err(Error::new(format!(
+            "{}: cannot list the system generations on {}",
+            machine.name, target.address
+        ))
+        .detail(String::from_utf8_lossy(&listed.stderr).trim_end()));
+    }
+    for (n, path) in &found.all {
+        let mark = if Some(*n) == found.current {
+            "  (current)"
+        } else {
+            ""
+        };
+        println!("{n:>4}  {path}{mark}");
+    }
+    Ok(ExitKind::Success)
+}
+
+/// Runs `command` of `clan-activate` on `target` as root (sudo, with the password given
+/// once, for other users).
+fn on_target(
+    target: &SshHost,
+    as_root: &sudo::AsRoot,
+    command: Command<'_>,
+) -> Result<std::process::Output, Error> {
+    let command = as_root.command(command.remote());
+    match as_root.password() {
+        None => run_remote(target, &command),
+        Some(_) => run_remote_with_input(target, &command, &as_root.input(b"")),
+    }
+    .map_err(|e| Error::new(format!("cannot run ssh: {e}")))
+}
+
 /// Runs the command; returns the exit code.
 pub fn run(args: &RollbackArgs) -> Result<ExitKind, Error> {
     let on = &args.on;
@@ -72,14 +114,7 @@ pub fn run(args: &RollbackArgs) -> Result<ExitKind, Error> {
     let run_id = crate::commands::machines::update::run_id();
     // The profile and the switch need root: sudo, with the password asked once if needed.
     let as_root = sudo::AsRoot::ask(&machine.name, &target)?;
-    let run = |command: Command<'_>| {
-        let command = as_root.command(command.remote());
-        match as_root.password() {
-            None => run_remote(&target, &command),
-            Some(_) => run_remote_with_input(&target, &command, &as_root.input(b"")),
-        }
-        .map_err(|e| Error::new(format!("cannot run ssh: {e}")))
-    };
+    let run = |command: Command<'_>| on_target(&target, &as_root, command);
     // First where it goes, shown before going there.
     let listed = run(Command::Generations { run: &run_id })?;
     let generations = Generations::parse(&String::from_utf8_lossy(&listed.stdout));
