@@ -19,13 +19,22 @@ pub struct Relays {
     done: Vec<mpsc::Receiver<()>>,
 }
 
-/// Puts standard output and error (those that are not terminals) behind relays.
+/// Puts standard output and error (those that are not terminals) behind relays. A panic
+/// passes on what it printed before the process ends, as [`Relays::finish`] does.
 pub fn relay() -> Relays {
     let mut done = Vec::new();
     for fd in [libc::STDOUT_FILENO, libc::STDERR_FILENO] {
         if let Some(rx) = relay_fd(fd) {
             done.push(rx);
         }
+    }
+    if !done.is_empty() {
+        let default = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            default(info);
+            // The message is in the relay: give it a moment to reach the real output.
+            std::thread::sleep(Duration::from_millis(200));
+        }));
     }
     Relays { done }
 }
