@@ -371,8 +371,8 @@ fn failed_generations_are_never_gone_back_to(kind: HostKind) {
     assert_nothing_left(&lab);
 }
 
-// Two runs of one machine started 0.3 s apart: the second waits for the first's lock, says
-// who holds it, and the end state is exactly its own system.
+// Two runs of one machine, the second started during the first's switch: the second waits
+// for the first's lock, says who holds it, and the end state is exactly its own system.
 fn two_runs_of_one_machine_take_turns(kind: HostKind) {
     let lab = target_lab(kind);
     deploy(&lab, "");
@@ -387,16 +387,28 @@ fn two_runs_of_one_machine_take_turns(kind: HostKind) {
         "--rollback-timeout",
         "10",
     ];
-    let f1 = flake(&lab, r#"variant = "v2"; switchSeconds = 3;"#);
-    let first = lab.spawn_on_workstation(&f1, &args);
-    std::thread::sleep(Duration::from_millis(300));
-    // The second run builds a little longer, so the first one reaches the lock first.
-    let dir2 = lab.dir.join("flake2");
-    let f2 = flake(&lab, r#"variant = "v3"; buildSeconds = 1;"#);
+    // Each run its own flake directory, both written before either starts (a run reads its
+    // flake.nix when its evaluation starts, which a loaded machine may delay).
+    let machine = |variant: &str| {
+        format!(
+            r#"{{ inventory.machines.m = {{ deploy.targetHost = "root@{}"; }}; machines.m = system {{ {variant} }}; }}"#,
+            lab.ip("target")
+        )
+    };
+    let f1 = lab.write_flake_in(
+        "flake1",
+        &machine(r#"variant = "v2"; switchSeconds = 6;"#),
+        0,
+    );
+    let f2 = lab.write_flake_in("flake2", &machine(r#"variant = "v3";"#), 0);
     let v3 = toplevel(&lab, &f2, "m");
-    std::fs::create_dir_all(&dir2).unwrap();
-    std::fs::copy(f2.join("flake.nix"), dir2.join("flake.nix")).unwrap();
-    let second = lab.spawn_on_workstation(&dir2, &args);
+    let started = lab.host("target").root().join("switch-started");
+    let _ = std::fs::remove_file(&started);
+    let first = lab.spawn_on_workstation(&f1, &args);
+    // The first run holds the lock from before its switch until it is confirmed: the second
+    // starts once that switch has begun.
+    wait_for(60, "the first run's switch", || started.exists());
+    let second = lab.spawn_on_workstation(&f2, &args);
     let first = first.wait_with_output().unwrap();
     let second = second.wait_with_output().unwrap();
     let (e1, e2) = (

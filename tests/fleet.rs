@@ -249,7 +249,7 @@ fn fleet_selection_by_tags_and_names() {
     let bad_tag = clan(&lab, &flake, &["machines", "update", "--tags", "nope"]);
     assert_eq!(bad_tag.code, 2);
     assert!(bad_tag.stderr.contains(
-        "no machine has all the tags nope (from --tags); tags in the flake: db, edge, web"
+        "no machine has all the tags nope (from --tags); tags in the flake: all, db, edge, nixos, web"
     ));
     let bad_name = clan(&lab, &flake, &["machines", "update", "t1", "t9"]);
     assert_eq!(bad_name.code, 2);
