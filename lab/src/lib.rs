@@ -695,9 +695,43 @@ impl Drop for Lab {
                 .status();
         }
         if !self.keep {
+            self.remove_runs_leftovers();
             let _ = fs::remove_dir_all(&self.dir);
         } else {
             eprintln!("lab kept at {}", self.dir.display());
+        }
+    }
+}
+
+impl Lab {
+    /// What this lab's runs left in the machine's `/tmp`, which its namespace hosts share: a
+    /// run removes its directories (`/tmp/clan-RUN-*` on builders, `/tmp/clan-ssh-RUN` on
+    /// the workstation) itself, but one a test killed on purpose, or whose host it froze,
+    /// cannot. The runs are the workstation's log directories, one per run.
+    fn remove_runs_leftovers(&self) {
+        let Some(workstation) = self.hosts.get(WORKSTATION) else {
+            return;
+        };
+        let logs = workstation.root().join(".local/state/clan/logs");
+        let runs: Vec<String> = fs::read_dir(&logs)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|e| e.file_name().to_str().map(str::to_string))
+            .filter(|r| r.len() == 16 && r.chars().all(|c| c.is_ascii_hexdigit()))
+            .collect();
+        if runs.is_empty() {
+            return;
+        }
+        for entry in fs::read_dir("/tmp").into_iter().flatten().flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let ours = runs.iter().any(|run| {
+                name.starts_with(&format!("clan-{run}-"))
+                    || name == format!("clan-ssh-{}", &run[..12])
+            });
+            if ours {
+                let _ = fs::remove_dir_all(entry.path());
+            }
         }
     }
 }
