@@ -262,12 +262,12 @@ pub fn diagnose(machine: &ResolvedMachine, step: &Step, output: &str, code: Opti
     match step.kind {
         StepKind::VerifySystem => base(format!(
             "{name}: {} is not a NixOS system (it has no nixos-version or bin/switch-to-configuration); refusing to activate it on {target}",
-            machine.out_path
+            machine.out_path()
         ))
         .hint(Hint::text("the machine's system.build.toplevel must be a NixOS system")),
         StepKind::Realise => base(format!(
             "{name}: building {} failed on {role_host}",
-            machine.drv_path
+            machine.drv_path()
         ))
         .hint(Hint::text("the build log is above; nothing was copied to or activated on the target")),
         StepKind::Switch => base(format!(
@@ -282,7 +282,7 @@ pub fn diagnose(machine: &ResolvedMachine, step: &Step, output: &str, code: Opti
         ))),
         StepKind::CacheSubstitute => base(format!(
             "{name}: the target {target} could not substitute {} from the binary cache",
-            machine.out_path
+            machine.out_path()
         ))
         .hint(Hint::text(
             "the target must reach the cache and trust its key (nix.settings.trusted-public-keys); nothing was activated",

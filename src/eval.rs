@@ -181,8 +181,16 @@ let
           generators = builtins.mapAttrs (_: g: {
             share = g.share or false;
             dependencies = g.dependencies or [ ];
-            script = if builtins.isPath (g.script or "") then builtins.readFile g.script else g.script or "";
-            runtimeInputs = map (p: { drv = p.drvPath or null; out = "${p}"; }) (g.runtimeInputs or [ ]);
+            # clan-core's generators carry `finalScript` (the script wrapped with its
+            # runtimeInputs on PATH): clan-core's CLI reads that, and so does this one; their
+            # runtimeInputs are then not read (they may not evaluate on this workstation).
+            finalScript =
+              if g ? finalScript then {
+                drv = tryOr null (g.finalScript.drvPath or null);
+                out = tryOr null (toString g.finalScript);
+              } else null;
+            script = if g ? finalScript then "" else if builtins.isPath (g.script or "") then builtins.readFile g.script else g.script or "";
+            runtimeInputs = if g ? finalScript then [ ] else map (p: { drv = p.drvPath or null; out = "${p}"; }) (g.runtimeInputs or [ ]);
             prompts = builtins.mapAttrs (_: p: { inherit (p) description type persist; }) (g.prompts or { });
             files = builtins.mapAttrs (_: f: { inherit (f) secret deploy owner group mode neededFor; }) (g.files or { });
           }) v.generators;

@@ -106,10 +106,38 @@ pub struct ResolvedMachine {
     /// Its vars to upload straight to the target before activation (none: it has no
     /// secrets, or `--no-secrets`).
     pub secrets: Option<crate::vars::upload::SecretsUpload>,
-    /// Toplevel derivation.
-    pub drv_path: StorePath,
-    /// Toplevel output path.
-    pub out_path: StorePath,
+    /// Its system (`config.system.build.toplevel`), when the command evaluated it: `machines
+    /// update` does, the commands that only reach the machine (`show`, `rollback`, `vars
+    /// upload`…) do not, so a flake whose systems cannot be built here is still served.
+    pub toplevel: Option<Toplevel>,
+}
+
+/// A machine's system as the flake names it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Toplevel {
+    /// `system.build.toplevel.drvPath`
+    pub drv: StorePath,
+    /// `system.build.toplevel.outPath`
+    pub out: StorePath,
+}
+
+impl ResolvedMachine {
+    /// The system's derivation. Only for a machine whose toplevel was evaluated: every
+    /// deploy evaluates it and stops naming a machine without one (`check_outputs`).
+    pub fn drv_path(&self) -> &StorePath {
+        &self.system_paths().drv
+    }
+
+    /// The system's output path; see [`ResolvedMachine::drv_path`].
+    pub fn out_path(&self) -> &StorePath {
+        &self.system_paths().out
+    }
+
+    fn system_paths(&self) -> &Toplevel {
+        self.toplevel
+            .as_ref()
+            .expect("a deploy evaluates every machine's toplevel before it plans")
+    }
 }
 
 /// Command-line overrides that apply to every machine of a deploy.
@@ -329,18 +357,25 @@ pub fn resolve_machine(
         .map(|s| NixSystem::parse(s, &attr("nixpkgs.hostPlatform")))
         .transpose()
         .map_err(refused)?;
-    let drv_path = StorePath::parse_drv(
-        &facts.drv_path,
-        store,
-        &attr("config.system.build.toplevel.drvPath"),
-    )
-    .map_err(refused)?;
-    let out_path = StorePath::parse(
-        &facts.out_path,
-        store,
-        &attr("config.system.build.toplevel.outPath"),
-    )
-    .map_err(refused)?;
+    // Empty when the command did not evaluate the system (see `ResolvedMachine::toplevel`).
+    let toplevel = if facts.drv_path.is_empty() && facts.out_path.is_empty() {
+        None
+    } else {
+        Some(Toplevel {
+            drv: StorePath::parse_drv(
+                &facts.drv_path,
+                store,
+                &attr("config.system.build.toplevel.drvPath"),
+            )
+            .map_err(refused)?,
+            out: StorePath::parse(
+                &facts.out_path,
+                store,
+                &attr("config.system.build.toplevel.outPath"),
+            )
+            .map_err(refused)?,
+        })
+    };
     let health_check = match &facts.health_check {
         Some(check)
             if check.len() > 4096
@@ -495,8 +530,7 @@ pub fn resolve_machine(
         cache,
         health_check,
         secrets,
-        drv_path,
-        out_path,
+        toplevel,
     })
 }
 

@@ -678,7 +678,9 @@ fn a_silent_workstation_lets_go_of_the_target_lock(kind: HostKind) {
     let f2 = flake(&lab, r#"variant = "v3";"#);
     let v3 = toplevel(&lab, &f2, "m");
     std::fs::create_dir_all(&dir2).unwrap();
-    std::fs::copy(f2.join("flake.nix"), dir2.join("flake.nix")).unwrap();
+    for file in ["flake.nix", "toplevel.nix"] {
+        std::fs::copy(f2.join(file), dir2.join(file)).unwrap();
+    }
     let waited = Instant::now();
     let second = update(&lab, &dir2, &["--lock-timeout", "150"]);
     assert_eq!(second.code, 0, "{}", second.all());

@@ -12,6 +12,9 @@ use crate::*;
 /// `@LIB@`, `@NIXPKGS@`, `@CLAN_ARGS@` and `@SHARED_SECONDS@` are filled in.
 const FIXTURE_FLAKE: &str = include_str!("../fixtures/flake.nix");
 
+/// The fixtures' systems (`toplevel.nix` beside each fixture flake).
+const FIXTURE_TOPLEVEL: &str = include_str!("../fixtures/toplevel.nix");
+
 /// nixpkgs' real `lib` (a flake with `lib`: the module system, no packages): the
 /// `CLAN_NIXPKGS_LIB` directory, else `../shared/nixpkgs-lib` next to this repository, else
 /// the copy vendored in `lab/nixpkgs-lib` (unchanged; see its PROVENANCE.md).
@@ -26,6 +29,23 @@ pub fn nixpkgs_lib() -> PathBuf {
         .find(|d| d.join("flake.nix").exists())
         .expect("nixpkgs' lib not found: set CLAN_NIXPKGS_LIB to a checkout of github:nix-community/nixpkgs.lib");
     found.canonicalize().expect("nixpkgs lib path")
+}
+
+/// clan-core's own library, offline: the `CLAN_CORE_FIXTURE` directory, else
+/// `../shared/clan-core-fixture` next to this repository (read-only: tests copy from it).
+pub fn clan_core_fixture() -> PathBuf {
+    if let Some(dir) = std::env::var_os("CLAN_CORE_FIXTURE") {
+        return PathBuf::from(dir);
+    }
+    let beside = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/clan-core-fixture");
+    [beside, PathBuf::from("/work/shared/clan-core-fixture")]
+        .into_iter()
+        .find(|d| d.join("overrides").exists())
+        .expect(
+            "clan-core's fixture not found: set CLAN_CORE_FIXTURE to ../shared/clan-core-fixture",
+        )
+        .canonicalize()
+        .expect("clan-core fixture path")
 }
 
 /// A Nix evaluation command (`nix-instantiate`, `nix`) that never touches the machine's own
@@ -71,6 +91,38 @@ impl Lab {
                 .replace("@NIXPKGS@", &nixpkgs_lib().display().to_string())
                 .replace("@CLAN_ARGS@", clan_args)
                 .replace("@SHARED_SECONDS@", &seconds.to_string()),
+        );
+        write(&flake.join("toplevel.nix"), FIXTURE_TOPLEVEL);
+        flake
+    }
+
+    /// A clan made by clan-core's own library (`../shared/clan-core-fixture`: clan-core's
+    /// lib, modules and services, with stubbed nixpkgs packages), written into the lab's
+    /// directory `rel` as a user has it: clan-core's default template's `flake.nix`
+    /// unchanged, `clan_nix` as its `clan.nix`, and a lock whose inputs point at the
+    /// fixture (no network). `clan_nix` can use `toplevel "NAME" { … }` (this lab's
+    /// recording systems, as in [`Lab::write_flake`]) for `system.build.toplevel`.
+    pub fn write_clan_core_flake(&self, rel: &str, clan_nix: &str) -> PathBuf {
+        let fixture = clan_core_fixture();
+        let flake = self.dir.join(rel);
+        fs::create_dir_all(&flake).expect("flake dir");
+        run(Command::new("cp")
+            .arg(fixture.join("example/flake.nix"))
+            .arg(&flake));
+        write(&flake.join("toplevel.nix"), FIXTURE_TOPLEVEL);
+        write(
+            &flake.join("clan.nix"),
+            &format!("let toplevel = import ./toplevel.nix {{ shared = null; }}; in\n{clan_nix}\n"),
+        );
+        let overrides = run(Command::new("bash").arg(fixture.join("overrides")));
+        let overrides = String::from_utf8_lossy(&overrides.stdout);
+        let mut argv = vec!["nix", "flake", "lock"];
+        argv.extend(overrides.split_whitespace());
+        let out = self.run_on_workstation(&flake, &argv);
+        assert!(
+            out.status.success(),
+            "locking the clan-core flake: {}",
+            String::from_utf8_lossy(&out.stderr)
         );
         flake
     }

@@ -63,6 +63,14 @@ fn one(declared: &Declared, machine: &str) -> Result<MachineVars, Error> {
         })
 }
 
+/// [`one`], for commands that read or write its secrets: a machine whose secrets live in
+/// a store this tool does not keep is refused by name (`vars.store-unsupported`).
+fn one_kept_here(declared: &Declared, machine: &str) -> Result<MachineVars, Error> {
+    let vars = one(declared, machine)?;
+    crate::vars::check_store(&declared.settings, machine, &vars)?;
+    Ok(vars)
+}
+
 /// `clan vars generate`.
 pub fn generate(args: &VarsGenerateArgs) -> Result<ExitKind, Error> {
     let declared = declared(&args.hosts, &args.machines)?;
@@ -96,10 +104,28 @@ pub fn generate(args: &VarsGenerateArgs) -> Result<ExitKind, Error> {
 pub fn list(args: &VarsMachineArgs) -> Result<ExitKind, Error> {
     let declared = declared(&args.hosts, std::slice::from_ref(&args.machine))?;
     let vars = one(&declared, &args.machine)?;
+    // Secrets in another store (clan-core's sops) are listed where that store keeps them,
+    // never read, and never called "not generated" when they exist.
+    let foreign = crate::vars::check_store(&declared.settings, &args.machine, &vars).err();
+    if let Some(error) = &foreign {
+        eprintln!(
+            "warning: {}",
+            error
+                .message
+                .trim_end_matches(": nothing was generated or uploaded")
+        );
+    }
     let mut out = std::io::stdout().lock();
     for (g, decl) in &vars.generators {
         for (f, file) in &decl.files {
-            let shown = if file.secret {
+            let shown = if file.secret && foreign.is_some() {
+                let sops = declared.repo.value_path(&args.machine, g, decl, f);
+                if sops.with_file_name("secret").is_file() {
+                    "(kept in clan-core's store: not read here)".to_string()
+                } else {
+                    "(not generated)".to_string()
+                }
+            } else if file.secret {
                 if declared
                     .repo
                     .secret_path(&args.machine, g, decl, f)
@@ -138,7 +164,7 @@ pub fn get(args: &VarsGetArgs) -> Result<ExitKind, Error> {
         )));
     };
     let declared = declared(&args.hosts, std::slice::from_ref(&args.machine))?;
-    let vars = one(&declared, &args.machine)?;
+    let vars = one_kept_here(&declared, &args.machine)?;
     let Some(decl) = vars.generators.get(g).filter(|d| d.files.contains_key(f)) else {
         return Err(
             Error::usage(format!("machine {} has no var {g}/{f}", args.machine)).hint(Hint::text(
@@ -170,7 +196,7 @@ pub fn get(args: &VarsGetArgs) -> Result<ExitKind, Error> {
 pub fn check(args: &VarsMachineArgs) -> Result<ExitKind, Error> {
     let machine = &args.machine;
     let declared = declared(&args.hosts, std::slice::from_ref(machine))?;
-    let vars = one(&declared, machine)?;
+    let vars = one_kept_here(&declared, machine)?;
     let mut problems = Vec::new();
     if let Err(e) = crate::vars::parse_recipients(&declared.settings, machine) {
         problems.push(e.message);
@@ -236,6 +262,11 @@ pub fn check(args: &VarsMachineArgs) -> Result<ExitKind, Error> {
 /// `clan vars fix`.
 pub fn fix(args: &VarsFixArgs) -> Result<ExitKind, Error> {
     let declared = declared(&args.hosts, &args.machines)?;
+    for (machine, vars) in &declared.machines {
+        if let Some(vars) = vars {
+            crate::vars::check_store(&declared.settings, machine, vars)?;
+        }
+    }
     let user = crate::vars::UserIdentity::find()?;
     let fixed =
         crate::vars::generate::fix_keys(&declared.repo, &declared.settings, &user, &args.machines)?;

@@ -142,7 +142,7 @@ fn report_valid(
 ) -> Vec<usize> {
     let outputs: Vec<&str> = pending
         .iter()
-        .map(|&i| plan.machines[i].machine.out_path.as_str())
+        .map(|&i| plan.machines[i].machine.out_path().as_str())
         .collect();
     let step = group.validity_step(&outputs);
     let Ok(out) = quiet(&step, connections) else {
@@ -156,7 +156,7 @@ fn report_valid(
     let invalid: Vec<&str> = invalid.lines().map(str::trim).collect();
     let mut still = Vec::new();
     for i in pending {
-        if invalid.contains(&plan.machines[i].machine.out_path.as_str()) {
+        if invalid.contains(&plan.machines[i].machine.out_path().as_str()) {
             still.push(i);
         } else {
             let _ = built.send((i, Ok(started.elapsed())));

@@ -204,7 +204,7 @@ pub(super) fn group_steps(
 ) -> (Vec<Step>, Step) {
     let backend = builder.backend();
     let dir = root_dir(ctx, g);
-    let drvs: Vec<&str> = members.iter().map(|m| m.drv_path.as_str()).collect();
+    let drvs: Vec<&str> = members.iter().map(|m| m.drv_path().as_str()).collect();
     let mut steps: Vec<Step> = backend
         .receive_derivations(&drvs, ctx)
         .into_iter()

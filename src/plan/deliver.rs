@@ -22,7 +22,7 @@ pub(super) fn delivery_steps(
     target: &SshHost,
     ctx: &PlanContext,
 ) -> Vec<Step> {
-    let out = machine.out_path.as_str();
+    let out = machine.out_path().as_str();
     let backend = builder.backend();
     let cache = machine
         .cache

@@ -627,7 +627,7 @@ pub fn plan_deploy(machines: Vec<ResolvedMachine>, ctx: &PlanContext) -> DeployP
         let builder = &groups[group].builder;
         let on_target = activate::Target {
             host: &second_hop,
-            out: machine.out_path.as_str(),
+            out: machine.out_path().as_str(),
             ctx,
         };
         let mut steps = vec![on_target.state()];

@@ -26,18 +26,20 @@ fn machine(name: &str, target: &str, build: BuildLocation) -> ResolvedMachine {
         builders: None,
         health_check: None,
         secrets: None,
-        drv_path: StorePath::parse_drv(
-            &format!("/nix/store/00000000000000000000000000000000-d-{name}.drv"),
-            &StoreDir::default(),
-            &Origin::CommandLine("test"),
-        )
-        .unwrap(),
-        out_path: StorePath::parse(
-            &format!("/nix/store/00000000000000000000000000000000-o-{name}"),
-            &StoreDir::default(),
-            &Origin::CommandLine("test"),
-        )
-        .unwrap(),
+        toplevel: Some(crate::resolve::Toplevel {
+            drv: StorePath::parse_drv(
+                &format!("/nix/store/00000000000000000000000000000000-d-{name}.drv"),
+                &StoreDir::default(),
+                &Origin::CommandLine("test"),
+            )
+            .unwrap(),
+            out: StorePath::parse(
+                &format!("/nix/store/00000000000000000000000000000000-o-{name}"),
+                &StoreDir::default(),
+                &Origin::CommandLine("test"),
+            )
+            .unwrap(),
+        }),
     }
 }
 

@@ -94,6 +94,11 @@ pub struct GeneratorDecl {
     /// Packages on its PATH.
     #[serde(default)]
     pub runtime_inputs: Vec<RuntimeInput>,
+    /// clan-core's `finalScript` (the script wrapped with its PATH), read instead of
+    /// `script` and `runtimeInputs` from a flake made by clan-core's library. Such a flake's
+    /// secret stores are not kept by this tool yet (`check_store`), so nothing runs it.
+    #[serde(default)]
+    pub final_script: Option<FinalScript>,
     /// Questions for the user.
     #[serde(default)]
     pub prompts: BTreeMap<String, PromptDecl>,
@@ -109,6 +114,15 @@ pub struct RuntimeInput {
     pub drv: Option<String>,
     /// Its output; `bin/` goes on PATH.
     pub out: String,
+}
+
+/// clan-core's `finalScript` of a generator.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+pub struct FinalScript {
+    /// Its derivation, built on the workstation before it runs.
+    pub drv: Option<String>,
+    /// The script (a store path); `None` when it did not evaluate.
+    pub out: Option<String>,
 }
 
 /// A prompt.
@@ -201,34 +215,43 @@ fn protected_location(location: &str) -> Option<&'static str> {
     None
 }
 
-/// Refuses a machine whose secrets live in a store this tool does not keep (clan-core's
-/// sops store, its default): generating or uploading with the age store would make new
+/// Refuses a machine whose secrets live in a store this tool does not keep: clan-core's
+/// sops store (its default), and any store chosen through clan-core's own library (its
+/// `secretModule`), whose age store too keeps files at other paths and decrypts them from
+/// the system closure. Generating or uploading with this tool's store would make new
 /// secrets beside the user's and hand the target keys that open none of them.
 pub fn check_store(
     settings: &VarsSettings,
     machine: &str,
     vars: &MachineVars,
 ) -> Result<(), Error> {
-    let chosen = match (&settings.secret_store, &vars.secret_module) {
-        (Some(store), _) if store != "age" => {
-            Some((store.clone(), "vars.settings.secretStore".to_string()))
-        }
-        (_, Some(module)) if !module.ends_with(".age") && module != "age" => Some((
-            module.clone(),
-            format!("nixosConfigurations.{machine}.config.clan.core.vars.settings.secretModule"),
-        )),
-        _ => None,
+    let module_attr =
+        || format!("nixosConfigurations.{machine}.config.clan.core.vars.settings.secretModule");
+    let (store, from, why) = match (&settings.secret_store, &vars.secret_module) {
+        (Some(store), _) if store != "age" => (
+            format!("{store:?}"),
+            "vars.settings.secretStore".to_string(),
+            "which this tool does not support yet (only its own age store)",
+        ),
+        (_, Some(module)) if module.ends_with(".age") => (
+            format!("{module:?}"),
+            module_attr(),
+            "clan-core's age store, whose files (secrets/clan-vars/…/FILE/FILE.age, decrypted from the system closure) this tool's age store does not read or write yet",
+        ),
+        (_, Some(module)) => (
+            format!("{module:?}"),
+            module_attr(),
+            "which this tool does not support yet (only its own age store)",
+        ),
+        _ => return Ok(()),
     };
-    match chosen {
-        None => Ok(()),
-        Some((store, from)) => Err(Error::usage(format!(
-            "machine {machine} keeps its vars in the secret store {store:?} (from {from}), which this tool does not support yet (only age): nothing was generated or uploaded"
-        ))
-        .code("vars.store-unsupported")
-        .hint(Hint::text(
-            "deploy without secrets (--no-secrets; the target keeps the ones it has) and manage vars with clan-core's CLI, or set vars.settings.secretStore = \"age\" for a clan whose secrets this tool makes",
-        ))),
-    }
+    Err(Error::usage(format!(
+        "machine {machine} keeps its vars in the secret store {store} (from {from}), {why}: nothing was generated or uploaded"
+    ))
+    .code("vars.store-unsupported")
+    .hint(Hint::text(
+        "deploy without secrets (--no-secrets; the target keeps the ones it has) and manage vars with clan-core's CLI; this tool makes and uploads secrets for clans on its own library (see the README's Secrets section)",
+    )))
 }
 
 /// A name used as one path component: letters, digits, `.`, `_`, `-`, not `.` or `..`.
@@ -309,6 +332,17 @@ impl MachineVars {
                 ));
             }
             // Their paths become arguments of nix-store and entries of PATH.
+            if let Some(wrapped) = &decl.final_script {
+                for path in wrapped.out.iter().chain(&wrapped.drv) {
+                    if !store_like_path(path) {
+                        return Err(refuse(
+                            format!("generators.{g}.finalScript"),
+                            path,
+                            "a store path: absolute, of letters, digits and / . _ + -",
+                        ));
+                    }
+                }
+            }
             for input in &decl.runtime_inputs {
                 for path in std::iter::once(&input.out).chain(&input.drv) {
                     if !store_like_path(path) {
@@ -979,7 +1013,7 @@ mod tests {
     }
 
     #[test]
-    fn only_the_age_store_is_kept() {
+    fn only_this_tools_age_store_is_kept() {
         let sops = MachineVars {
             secret_module: Some("clan_lib.vars.secret_modules.sops".into()),
             ..MachineVars::default()
@@ -998,7 +1032,13 @@ mod tests {
             "{}",
             refused.message
         );
-        assert!(check_store(&default, "db", &age).is_ok());
+        // clan-core's own age store keeps other paths: refused too, by name.
+        let refused = check_store(&default, "db", &age).unwrap_err();
+        assert!(
+            refused.message.contains("clan-core's age store"),
+            "{}",
+            refused.message
+        );
         assert!(check_store(&default, "db", &MachineVars::default()).is_ok());
         let flake_sops = VarsSettings {
             secret_store: Some("sops".into()),

@@ -41,29 +41,30 @@ pub fn load_machine(hosts: &crate::cli::HostArgs, machine: &str) -> Result<Resol
 }
 
 /// Checks the command line, evaluates `flake` once for `names` (all machines if empty) and
-/// resolves every machine's hosts.
+/// resolves every machine's hosts. Their systems are not evaluated (the commands that
+/// reach a machine without deploying need none): one `nix eval`, and a flake whose systems
+/// cannot be built here is still served.
 pub fn load_machines(
     flake: &Path,
     names: &[String],
     overrides: &Overrides,
     nix: &NixOptions,
 ) -> Result<Vec<LoadedMachine>, Error> {
-    load_selection(flake, names, &[], overrides, nix)
+    load(
+        flake,
+        names,
+        &[],
+        overrides,
+        nix,
+        &mut None,
+        &mut None,
+        false,
+    )
 }
 
-/// Like [`load_machines`], selecting the named machines plus those with one of `tags`.
-pub fn load_selection(
-    flake: &Path,
-    names: &[String],
-    tags: &[String],
-    overrides: &Overrides,
-    nix: &NixOptions,
-) -> Result<Vec<LoadedMachine>, Error> {
-    load_selection_skipping(flake, names, tags, overrides, nix, &mut None, &mut None)
-}
-
-/// [`load_selection`]; with `skipped` given and no names, the default selection of
-/// [`default_selection`], the machines left out pushed to `skipped`.
+/// For a deploy: like [`load_machines`], selecting the named machines filtered by `tags`,
+/// with their systems evaluated; with `skipped` given and no names, the default selection
+/// of [`default_selection`], the machines left out pushed to `skipped`.
 pub fn load_selection_skipping(
     flake: &Path,
     names: &[String],
@@ -73,9 +74,27 @@ pub fn load_selection_skipping(
     skipped: &mut Option<Vec<(String, &'static str)>>,
     failed: &mut Option<Vec<(MachineName, Error)>>,
 ) -> Result<Vec<LoadedMachine>, Error> {
+    load(flake, names, tags, overrides, nix, skipped, failed, true)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn load(
+    flake: &Path,
+    names: &[String],
+    tags: &[String],
+    overrides: &Overrides,
+    nix: &NixOptions,
+    skipped: &mut Option<Vec<(String, &'static str)>>,
+    failed: &mut Option<Vec<(MachineName, Error)>>,
+    systems: bool,
+) -> Result<Vec<LoadedMachine>, Error> {
     let flake = check_command_line(flake, names, tags, overrides)?;
     eprintln!("Evaluating {} on this workstation…", flake.shown);
-    let mut evaluation = evaluate(&flake, names, tags, nix)?;
+    let mut evaluation = if systems {
+        evaluate(&flake, names, tags, nix)?
+    } else {
+        crate::eval::evaluate_declarations(&flake, names, nix)?
+    };
     if crate::interrupt::requested() {
         return Err(crate::error::interrupted("while evaluating the flake"));
     }
@@ -115,7 +134,9 @@ pub fn load_selection_skipping(
     }
     let users = SshConfigLookup;
     let machines = resolve_evaluation(evaluation, overrides, &users)?;
-    check_outputs(&machines)?;
+    if systems {
+        check_outputs(&machines)?;
+    }
     Ok(machines)
 }
 
@@ -145,7 +166,7 @@ impl Streamed {
         self.index.selected_names.len()
     }
 
-    /// Checks and resolves one evaluated machine, as [`load_selection`] does for all.
+    /// Checks and resolves one evaluated machine, as [`load_selection_skipping`] does for all.
     pub fn resolve(
         &self,
         (name, facts): crate::eval::Evaluated,
@@ -393,8 +414,18 @@ fn check_names(evaluation: &crate::eval::Evaluation) -> Result<(), Error> {
 fn check_outputs(machines: &[LoadedMachine]) -> Result<(), Error> {
     for loaded in machines {
         let m = &loaded.machine;
+        if m.toplevel.is_none() {
+            return Err(Error::usage(format!(
+                "{}: the flake gave no system.build.toplevel for it: it is not a system this tool can build",
+                m.name
+            )));
+        }
         let out = crate::process::run(
-            std::process::Command::new("nix-store").args(["-q", "--outputs", m.drv_path.as_str()]),
+            std::process::Command::new("nix-store").args([
+                "-q",
+                "--outputs",
+                m.drv_path().as_str(),
+            ]),
             None,
         )
         .map_err(|e| match e.kind() {
@@ -404,10 +435,10 @@ fn check_outputs(machines: &[LoadedMachine]) -> Result<(), Error> {
             _ => Error::new(format!("cannot run nix-store: {e}")),
         })?;
         let outputs = String::from_utf8_lossy(&out.stdout);
-        if !out.status.success() || !outputs.lines().any(|l| l.trim() == m.out_path.as_str()) {
+        if !out.status.success() || !outputs.lines().any(|l| l.trim() == m.out_path().as_str()) {
             return Err(Error::usage(format!(
                 "{}: the toplevel's outPath {} is not an output of its drvPath {} (from the flake): refusing to deploy it",
-                m.name, m.out_path, m.drv_path
+                m.name, m.out_path(), m.drv_path()
             ))
             .detail(String::from_utf8_lossy(&out.stderr).trim_end().to_string()));
         }
