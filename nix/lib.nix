@@ -27,7 +27,7 @@ let
     ;
 
   clanCoreModule =
-    { lib, ... }:
+    { lib, config, ... }:
     let
       host =
         description:
@@ -40,7 +40,16 @@ let
     {
       imports = [ ./vars.nix ];
       options.clan.core.networking = {
-        targetHost = host "SSH address of this machine, `[user@]host[:port][?OPTION=VALUE&…]`; the inventory's deploy.targetHost wins over it.";
+        # As clan-core: the machine's fully qualified name when it has a domain (by default
+        # the clan's meta.domain), else none.
+        targetHost = host "SSH address of this machine, `[user@]host[:port][?OPTION=VALUE&…]`; the inventory's deploy.targetHost wins over it. Default: root@<networking.hostName>.<networking.domain> when the machine has a domain (the clan's meta.domain by default), else unset." // {
+          default =
+            if config.networking.domain or null != null then
+              "root@${config.networking.hostName}.${config.networking.domain}"
+            else
+              null;
+          defaultText = lib.literalExpression ''"root@''${networking.hostName}.''${networking.domain}" when networking.domain is set, else null'';
+        };
         buildHost = host "SSH address of the machine that builds this system; the inventory's deploy.buildHost and --build-host win over it. Unset: build on the target.";
         forwardAgent = lib.mkOption {
           type = lib.types.nullOr lib.types.bool;
@@ -88,6 +97,10 @@ let
         networking.hostName = lib.mkOption {
           type = lib.types.str;
           default = "nixos";
+        };
+        networking.domain = lib.mkOption {
+          type = lib.types.nullOr lib.types.str;
+          default = null;
         };
       };
     };
@@ -188,6 +201,11 @@ let
             options.name = mkOption {
               type = types.str;
               default = "clan";
+            };
+            options.domain = mkOption {
+              type = types.nullOr types.str;
+              default = "clan";
+              description = "The clan's domain, as clan-core has it: each machine's networking.domain by default, so its targetHost is root@<name>.<domain> unless set; null: no default address.";
             };
           };
           default = { };
@@ -333,6 +351,7 @@ let
           clanCoreModule
           {
             networking.hostName = lib.mkDefault name;
+            networking.domain = lib.mkDefault config.meta.domain;
             clan.core.settings.machine.name = name;
             clan.core.settings.directory = directory;
           }

@@ -26,6 +26,9 @@ pub enum TopCommand {
     /// Generate, inspect and upload the machines' vars (secrets and public values).
     #[command(subcommand, visible_alias = "v")]
     Vars(VarsCommand),
+    /// Log in to a machine's target (or run COMMAND there) with the address, user and host
+    /// key policy a deploy would use.
+    Ssh(SshArgs),
     /// Print the shell completion script for SHELL, generated from this command line's
     /// definition (e.g. `clan completions bash > /etc/bash_completion.d/clan`).
     Completions {
@@ -33,6 +36,26 @@ pub enum TopCommand {
         #[arg(value_enum)]
         shell: clap_complete::Shell,
     },
+}
+
+/// Arguments of `clan ssh`.
+#[derive(Debug, Args)]
+pub struct SshArgs {
+    /// The machine whose target to reach.
+    #[arg(value_name = "MACHINE")]
+    pub machine: String,
+
+    /// Flake and host overrides, as for update (`--target-host` reaches another address).
+    #[command(flatten)]
+    pub hosts: HostArgs,
+
+    /// Host key policy for the connection.
+    #[command(flatten)]
+    pub connect: ConnectArgs,
+
+    /// What to run there instead of a login shell (after `--`).
+    #[arg(last = true, value_name = "COMMAND")]
+    pub command: Vec<String>,
 }
 
 /// `clan vars …`

@@ -22,11 +22,14 @@ fn main() {
             MachinesCommand::Show(_) | MachinesCommand::List(_) | MachinesCommand::Generations(_)
         ) | TopCommand::Vars(VarsCommand::List(_) | VarsCommand::Get(_) | VarsCommand::Check(_))
             | TopCommand::Completions { .. }
+            // It becomes ssh: the user's terminal, never a relay.
+            | TopCommand::Ssh(_)
     );
     let relays = changes_hosts.then(clan::output::relay);
     // Commands in hints repeat this run's flake and host overrides.
     let hosts = match &cli.command {
         TopCommand::Completions { .. } => None,
+        TopCommand::Ssh(a) => Some(&a.hosts),
         TopCommand::Machines(MachinesCommand::Update(a)) => Some(&a.hosts),
         TopCommand::Machines(MachinesCommand::Show(a)) => Some(&a.hosts),
         TopCommand::Machines(MachinesCommand::List(a)) => Some(&a.hosts),
@@ -51,6 +54,7 @@ fn main() {
             clap_complete::generate(*shell, &mut Cli::command(), "clan", &mut std::io::stdout());
             Ok(clan::error::ExitKind::Success)
         }
+        TopCommand::Ssh(args) => clan::commands::ssh::run(args),
         TopCommand::Machines(MachinesCommand::Update(args)) => update::run(args),
         TopCommand::Machines(MachinesCommand::Show(args)) => show::run(args),
         TopCommand::Machines(MachinesCommand::List(args)) => list::run(args),

@@ -128,6 +128,18 @@ fn deploys_through_a_build_host(kind: HostKind) {
     );
     assert_activated(&lab, &out);
 
+    // `clan ssh` reaches the target as the deploy did (clan-core's default address, through
+    // ~/.ssh/config), and its exit status is the remote command's.
+    let ssh = clan(
+        &lab,
+        &f,
+        &["ssh", "alpha", "--", "readlink", "/run/current-system"],
+    );
+    assert_eq!(ssh.code, 0, "{}", ssh.all());
+    assert_eq!(ssh.stdout.trim(), out);
+    let failing = clan(&lab, &f, &["ssh", "alpha", "--", "exit", "7"]);
+    assert_eq!(failing.code, 7, "{}", failing.all());
+
     // The commands that reach a machine without deploying it serve it too.
     let generations = clan(&lab, &f, &["machines", "generations", "alpha"]);
     assert_eq!(generations.code, 0, "{}", generations.all());

@@ -167,7 +167,8 @@ fn tags_and_default_selection() {
             c = {{ tags = [ "web" ]; }};
             d = {{ deploy.targetHost = "root@{t}"; requireExplicitUpdate = true; }};
           }};
-          machines = {{ a = system {{ }}; b = system {{ }}; c = system {{ }}; d = system {{ }}; }};
+          # c has no domain, so no address: clan-core's default root@c.<meta.domain> is off.
+          machines = {{ a = system {{ }}; b = system {{ }}; c = {{ imports = [ (system {{ }}) ]; networking.domain = null; }}; d = system {{ }}; }};
         }}"#
     ));
     let planned = |args: &[&str]| -> Vec<String> {

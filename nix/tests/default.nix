@@ -74,6 +74,19 @@ in
   hostNameDefaultsToTheMachineName =
     ok.nixosConfigurations.web1.config.system.build.toplevel.name == "t-web1";
   inventoryJsonRead = ok.clanInternals.inventory.machines.json1.tags == [ "from-json" ];
+  # As clan-core: a machine's default address is root@<hostName>.<meta.domain> (domain
+  # "clan" unless set); an explicit one wins; no domain, no default.
+  targetHostDefaultsToTheDomain =
+    (clan { machines.m = { }; }).nixosConfigurations.m.config.clan.core.networking.targetHost
+      == "root@m.clan"
+    && (clan { meta.domain = "lab.lan"; machines.m = { }; }).nixosConfigurations.m.config.clan.core.networking.targetHost
+      == "root@m.lab.lan";
+  explicitTargetHostWinsOverTheDomain =
+    (clan { machines.m.clan.core.networking.targetHost = "root@10.0.0.1"; }).nixosConfigurations.m.config.clan.core.networking.targetHost
+      == "root@10.0.0.1";
+  noDomainNoDefaultTargetHost =
+    (clan { meta.domain = null; machines.m = { }; }).nixosConfigurations.m.config.clan.core.networking.targetHost == null
+    && (clan { machines.m.networking.domain = null; }).nixosConfigurations.m.config.clan.core.networking.targetHost == null;
   installedAtAccepted = ok.clanInternals.inventory.machines.json1.installedAt == 1733468400;
   instancesRefused = fails (clan { inventory.instances.sshd = { }; }).clanInternals.machines;
   pkgsForSystemRefused = fails (clan { pkgsForSystem = _: null; }).nixosConfigurations;
