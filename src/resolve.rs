@@ -479,7 +479,7 @@ pub fn resolve_machine(
     let target = first_set(target_candidates(name, facts, overrides))?
         .ok_or_else(|| {
             Error::usage(format!("machine {name} has no targetHost")).hint(Hint::text(format!(
-                "set inventory.machines.{name}.deploy.targetHost in clan.nix, clan.core.networking.targetHost in its configuration, or pass --target-host"
+                "set inventory.machines.{name}.deploy.targetHost in clan.nix, clan.core.networking.targetHost in its configuration, or pass --target-host (with a domain, meta.domain or its networking.domain, it defaults to root@{name}.<domain>)"
             )))
         })?;
     let target = Resolved {

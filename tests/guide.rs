@@ -499,13 +499,29 @@ fn json_report_on_every_exit_path() {
 #[test]
 fn bad_input_no_target_host_anywhere() {
     let lab = Lab::builder_and_target();
+    // As in clan-core, a machine with no address of its own has a default one from the
+    // clan's domain: the plan names it and where it comes from.
     let flake = one_machine(&lab, "", "");
+    let planned = clan(&lab, &flake, &["machines", "update", "m", "--dry-run"]);
+    assert_eq!(planned.code, 0, "{}", planned.all());
+    assert!(
+        planned.stdout.contains(
+            "m: deploy to root@m.clan (clan.core.networking.targetHost in m's configuration)"
+        ),
+        "{}",
+        planned.stdout
+    );
+    // No domain: no address anywhere, and every place one could be set is named.
+    let flake = lab.write_flake(
+        "{ meta.domain = null; inventory.machines.m = { }; machines.m = system { }; }",
+    );
     let run = clan(&lab, &flake, &["machines", "update", "m"]);
     assert_eq!(run.code, 2);
     for place in [
         "inventory.machines.m.deploy.targetHost",
         "clan.core.networking.targetHost",
         "--target-host",
+        "meta.domain",
     ] {
         assert!(run.stderr.contains(place), "{place} not named");
     }
