@@ -146,6 +146,9 @@ pub enum MachinesCommand {
     /// Evaluate here, build on the build host, copy to the target and activate.
     #[command(visible_alias = "u")]
     Update(UpdateArgs),
+    /// Build machines' systems where a deploy would build them (the build host), and stop:
+    /// nothing is copied to or run on a target (`update --action build`; for CI).
+    Build(UpdateArgs),
     /// List the clan's machines and their tags (with --tags, those having every tag).
     #[command(visible_alias = "ls")]
     List(ListArgs),
@@ -227,7 +230,7 @@ pub struct OnTargetArgs {
 }
 
 /// Where the hosts come from: the flake and the command-line overrides.
-#[derive(Debug, Args)]
+#[derive(Debug, Clone, Args)]
 pub struct HostArgs {
     /// Path of the clan flake (default: $CLAN_DIR, else the nearest directory from here up
     /// that has a flake.nix, as clan-core finds it).
@@ -279,7 +282,7 @@ pub struct HostArgs {
 }
 
 /// How this workstation's ssh connections check host keys.
-#[derive(Debug, Args)]
+#[derive(Debug, Clone, Args)]
 pub struct ConnectArgs {
     /// Host key policy for every ssh hop, the build host's own copy to the target included.
     #[arg(long, value_enum, value_name = "POLICY", default_value_t = HostKeyCheck::Strict)]
@@ -344,7 +347,7 @@ pub struct SetupBuildHostArgs {
 }
 
 /// Arguments of `clan machines update`.
-#[derive(Debug, Args)]
+#[derive(Debug, Clone, Args)]
 pub struct UpdateArgs {
     /// Machines to update (default: every machine of the clan).
     #[arg(value_name = "MACHINE")]
@@ -474,7 +477,7 @@ pub enum LogFormat {
 }
 
 /// `--forward-agent` / `--no-forward-agent`.
-#[derive(Debug, Args)]
+#[derive(Debug, Clone, Args)]
 pub struct AgentArgs {
     /// Forward your ssh agent to the build host for its copy to the target (root there can use your keys).
     #[arg(long, overrides_with = "no_forward_agent")]

@@ -30,7 +30,9 @@ fn main() {
     let hosts = match &cli.command {
         TopCommand::Completions { .. } => None,
         TopCommand::Ssh(a) => Some(&a.hosts),
-        TopCommand::Machines(MachinesCommand::Update(a)) => Some(&a.hosts),
+        TopCommand::Machines(MachinesCommand::Update(a) | MachinesCommand::Build(a)) => {
+            Some(&a.hosts)
+        }
         TopCommand::Machines(MachinesCommand::Show(a)) => Some(&a.hosts),
         TopCommand::Machines(MachinesCommand::List(a)) => Some(&a.hosts),
         TopCommand::Machines(MachinesCommand::SetupBuildHost(a)) => Some(&a.hosts),
@@ -56,6 +58,7 @@ fn main() {
         }
         TopCommand::Ssh(args) => clan::commands::ssh::run(args),
         TopCommand::Machines(MachinesCommand::Update(args)) => update::run(args),
+        TopCommand::Machines(MachinesCommand::Build(args)) => update::build(args),
         TopCommand::Machines(MachinesCommand::Show(args)) => show::run(args),
         TopCommand::Machines(MachinesCommand::List(args)) => list::run(args),
         TopCommand::Machines(MachinesCommand::SetupBuildHost(args)) => setup_build_host::run(args),

@@ -201,14 +201,18 @@ fn max_jobs_setting(config: &str) -> Option<u32> {
 pub fn run(plan: &DeployPlan, ctx: &PlanContext, connections: &Connections) -> Findings {
     // Collect what each host must be checked for.
     let mut hosts: BTreeMap<String, (ProbeHost, Probes)> = BTreeMap::new();
+    // `build`: only the hops to where it builds (a target that builds for itself included).
+    let reaches_target = ctx.activation.action.reaches_target();
     for m in &plan.machines {
         let machine = &m.machine;
         let target = ctx.ssh_host(&machine.target.value, false);
         let root = target.address.user.as_deref().is_none_or(|u| u == "root");
-        let target_probes = probes_of(&mut hosts, ProbeHost::Remote(target.clone()));
-        target_probes.as_target(root);
-        if let Some(cache) = &machine.cache {
-            target_probes.as_cache_client(cache);
+        if reaches_target {
+            let target_probes = probes_of(&mut hosts, ProbeHost::Remote(target.clone()));
+            target_probes.as_target(root);
+            if let Some(cache) = &machine.cache {
+                target_probes.as_cache_client(cache);
+            }
         }
         let build_probes = match &machine.build.value {
             BuildLocation::Target => {
@@ -227,7 +231,7 @@ pub fn run(plan: &DeployPlan, ctx: &PlanContext, connections: &Connections) -> F
                     ProbeHost::Remote(ctx.ssh_host(address, machine.forward_agent.value)),
                 );
                 builder.as_builder();
-                if !ctx.copy_via_workstation && machine.cache.is_none() {
+                if reaches_target && !ctx.copy_via_workstation && machine.cache.is_none() {
                     // The login opens the build host's shared connection the copy will use.
                     let mut hop = target.clone();
                     let dir = crate::plan::hop_dir(&ctx.scratch_id(), m.group);
@@ -335,12 +339,13 @@ fn check_machine(
     let mut errors = Vec::new();
     let get = |key: &str| results.get(key).expect("every host was probed");
 
-    // Workstation → target.
-    let target_results = get(&connection_key(&target.address));
-    let target_reachable = target_results.is_ok();
+    // Workstation → target (not probed for `build`, unless it builds there).
+    let target_results = results.get(&connection_key(&target.address));
+    let target_reachable = target_results.is_some_and(Result::is_ok);
     match target_results {
-        Err(raw) => errors.push(login_error(name, &target_label, raw)),
-        Ok(probes) => {
+        None => {}
+        Some(Err(raw)) => errors.push(login_error(name, &target_label, raw)),
+        Some(Ok(probes)) => {
             if failed(probes, NIX) {
                 errors.push(
                     Error::new(format!(

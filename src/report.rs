@@ -14,6 +14,7 @@ fn result_word(outcome: &Outcome) -> &'static str {
     match outcome {
         Outcome::Deployed => "deployed",
         Outcome::DryActivated => "dry-activated",
+        Outcome::Built => "built",
         Outcome::UpToDate => "up to date",
         Outcome::Failed(e) if e.exit == crate::error::ExitKind::Interrupted => "interrupted",
         Outcome::Failed(_) => "failed",

@@ -351,3 +351,80 @@ fn a_fleet_has_one_run_id_in_its_report_logs_and_targets() {
         );
     }
 }
+
+// `clan machines build`: every selected machine is built where a deploy would build it, and
+// nothing else happens: no target is logged in to (one of them cannot even be reached),
+// nothing is copied or activated, and each machine's result is `built`.
+#[test]
+fn build_builds_on_the_build_host_and_never_reaches_a_target() {
+    let lab = Lab::builder_and_target();
+    let b = lab.ip("builder");
+    let flake = lab.write_flake(&format!(
+        r#"{{
+          inventory.machines = {{
+            a = {{ deploy.targetHost = "root@{t}"; deploy.buildHost = "root@{b}"; tags = [ "ci" ]; }};
+            gone = {{ deploy.targetHost = "root@192.0.2.1"; deploy.buildHost = "root@{b}"; tags = [ "ci" ]; }};
+          }};
+          machines = {{ a = system {{ shared = true; }}; gone = system {{ shared = true; }}; }};
+        }}"#,
+        t = lab.ip("target"),
+    ));
+    let outs: Vec<String> = ["a", "gone"]
+        .iter()
+        .map(|m| toplevel(&lab, &flake, m))
+        .collect();
+    let dry = clan(
+        &lab,
+        &flake,
+        &["machines", "build", "--tags", "ci", "--dry-run"],
+    );
+    assert_eq!(dry.code, 0, "{}", dry.all());
+    assert!(
+        dry.stdout.contains("Then a: nothing (built only)"),
+        "{}",
+        dry.stdout
+    );
+    assert!(!dry.stdout.contains("clan-activate"), "{}", dry.stdout);
+
+    let run = clan(
+        &lab,
+        &flake,
+        &["machines", "build", "--tags", "ci", "--json"],
+    );
+    assert_eq!(run.code, 0, "{}", run.all());
+    let report: serde_json::Value = serde_json::from_str(&run.stdout).unwrap();
+    for (m, out) in ["a", "gone"].iter().zip(&outs) {
+        assert_eq!(result_of(&report, m).as_deref(), Some("built"), "{report}");
+        assert!(
+            lab.host("builder").has_path(out),
+            "{m} not built on the builder"
+        );
+        assert!(!lab.host("target").has_path(out), "{m} reached the target");
+    }
+    assert!(
+        lab.host("target").logins_by_source().is_empty(),
+        "the target was logged in to: {:?}",
+        lab.host("target").logins_by_source()
+    );
+    assert_target_untouched(&lab);
+    // It only builds: an activation word is refused by name.
+    // One machine takes the other path through the deploy: no target login there either.
+    let one = clan(
+        &lab,
+        &flake,
+        &["machines", "build", "a", "--action", "switch"],
+    );
+    assert_eq!(one.code, 0, "{}", one.all());
+    assert!(lab.host("target").logins_by_source().is_empty());
+    let refused = clan(
+        &lab,
+        &flake,
+        &["machines", "build", "a", "--action", "test"],
+    );
+    assert_eq!(refused.code, 2, "{}", refused.all());
+    assert!(
+        refused.stderr.contains("--action test"),
+        "{}",
+        refused.stderr
+    );
+}

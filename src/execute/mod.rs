@@ -49,6 +49,9 @@ pub enum Outcome {
     Deployed,
     /// `--action dry-activate` showed what switching would do; nothing changed.
     DryActivated,
+    /// `--action build` (`clan machines build`): built where it builds; the target was not
+    /// reached.
+    Built,
     /// The target runs this very system already (and its profile points to it): nothing
     /// was built, copied or activated.
     UpToDate,
@@ -298,6 +301,7 @@ pub fn run_plan(
             match &outcome {
                 Outcome::Deployed => progress.finish(i, true, "deployed"),
                 Outcome::DryActivated => progress.finish(i, true, "dry-activated"),
+                Outcome::Built => progress.finish(i, true, "built"),
                 Outcome::UpToDate => progress.finish(i, true, "up to date"),
                 Outcome::Failed(e) => progress.finish(i, false, &format!("failed: {}", e.message)),
                 Outcome::Skipped => progress.finish(i, false, "skipped (--fail-fast)"),
@@ -347,6 +351,11 @@ pub fn run_plan(
                 Err(error) => record(i, Outcome::Failed(with_log(error, &sinks[i])), stages, None),
                 Ok(build_time) => {
                     stages.insert(Stage::Build, build_time);
+                    // Built only: nothing follows on the target.
+                    if plan.machines[i].steps.is_empty() {
+                        record(i, Outcome::Built, stages, None);
+                        continue;
+                    }
                     let (jobs, stop, record, sinks) = (&jobs, &stop, &record, &sinks);
                     scope.spawn(move || {
                         let _permit = jobs.acquire();
@@ -460,12 +469,14 @@ pub fn exit_code(reports: &[MachineReport]) -> ExitKind {
         .iter()
         .map(|r| match &r.outcome {
             // Ctrl-C during an activation that then finished: still an interrupted run.
-            Outcome::Deployed | Outcome::DryActivated | Outcome::UpToDate
+            Outcome::Deployed | Outcome::DryActivated | Outcome::Built | Outcome::UpToDate
                 if crate::interrupt::requested() =>
             {
                 ExitKind::Interrupted
             }
-            Outcome::Deployed | Outcome::DryActivated | Outcome::UpToDate => ExitKind::Success,
+            Outcome::Deployed | Outcome::DryActivated | Outcome::Built | Outcome::UpToDate => {
+                ExitKind::Success
+            }
             // One machine's bad input fails that machine: the run failed (1), not a usage
             // error of the whole command line.
             Outcome::Failed(e)

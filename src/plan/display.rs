@@ -81,6 +81,10 @@ impl fmt::Display for DeployPlan {
             print_steps(f, &group.steps)?;
             for &i in &group.members {
                 let plan = &self.machines[i];
+                if plan.steps.is_empty() {
+                    writeln!(f, "Then {}: nothing (built only)", plan.machine.name)?;
+                    continue;
+                }
                 writeln!(f, "Then {}, once its system is built:", plan.machine.name)?;
                 print_steps(f, &plan.steps)?;
             }

@@ -630,9 +630,13 @@ pub fn plan_deploy(machines: Vec<ResolvedMachine>, ctx: &PlanContext) -> DeployP
             out: machine.out_path().as_str(),
             ctx,
         };
-        let mut steps = vec![on_target.state()];
-        steps.extend(deliver::delivery_steps(&machine, builder, &second_hop, ctx));
-        steps.extend(activate::activation_steps(&machine, &on_target));
+        // `build`: nothing after the build, nothing on the target.
+        let mut steps = Vec::new();
+        if ctx.activation.action.reaches_target() {
+            steps.push(on_target.state());
+            steps.extend(deliver::delivery_steps(&machine, builder, &second_hop, ctx));
+            steps.extend(activate::activation_steps(&machine, &on_target));
+        }
         plans.push(MachinePlan {
             machine,
             group,
@@ -668,6 +672,9 @@ pub enum Action {
     Test,
     /// Set nothing; show what switching would do.
     DryActivate,
+    /// Build the system where it builds, and stop: nothing is copied to the target or run
+    /// there (`nixos-rebuild build`; `clan machines build`).
+    Build,
 }
 
 impl Action {
@@ -678,7 +685,13 @@ impl Action {
             Action::Boot => "boot",
             Action::Test => "test",
             Action::DryActivate => "dry-activate",
+            Action::Build => "build",
         }
+    }
+
+    /// Whether the run reaches the target at all (every action but `build`).
+    pub fn reaches_target(self) -> bool {
+        self != Action::Build
     }
 
     /// Whether the system profile is set.

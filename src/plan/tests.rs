@@ -496,3 +496,25 @@ fn target_side_diagnoses_snapshot() {
         .collect();
     insta::assert_snapshot!(shown.join("\n\n"));
 }
+
+#[test]
+fn build_plans_the_build_and_nothing_on_the_target() {
+    let mut c = ctx(HostKeyCheck::Strict);
+    c.activation.action = Action::Build;
+    let plan = plan_deploy(
+        vec![machine(
+            "m",
+            "root@t",
+            BuildLocation::Remote("root@b".parse().unwrap()),
+        )],
+        &c,
+    );
+    assert!(plan.machines[0].steps.is_empty());
+    assert!(
+        plan.groups[0]
+            .steps
+            .iter()
+            .any(|s| s.kind == StepKind::Realise)
+    );
+    assert!(!plan.to_string().contains("root@t]"), "{plan}");
+}

@@ -8,7 +8,7 @@ use crate::commands::machines::load_selection_skipping;
 use crate::connection::Connections;
 use crate::error::{Error, ExitKind, Hint};
 use crate::execute::{Logs, MachineReport, Outcome, RunOptions, exit_code, run_plan};
-use crate::plan::{Activation, PlanContext, connection_key, plan_deploy};
+use crate::plan::{Action, Activation, PlanContext, connection_key, plan_deploy};
 use crate::preflight;
 use crate::progress::Progress;
 use crate::report;
@@ -96,6 +96,20 @@ fn update_nix_options(args: &UpdateArgs) -> Result<crate::eval::NixOptions, Erro
     Ok(nix)
 }
 
+/// `clan machines build`: the deploy with `--action build` (whatever `--action` says).
+pub fn build(args: &UpdateArgs) -> Result<ExitKind, Error> {
+    if args.action != Action::Switch && args.action != Action::Build {
+        return Err(Error::usage(format!(
+            "clan machines build takes no --action {} (from the command line): it only builds",
+            args.action.word()
+        )));
+    }
+    run(&UpdateArgs {
+        action: Action::Build,
+        ..args.clone()
+    })
+}
+
 fn print_json(value: &serde_json::Value) {
     println!(
         "{}",
@@ -151,7 +165,7 @@ fn deploy(args: &UpdateArgs) -> Result<ExitKind, Error> {
     };
     let mut ctx = plan_context(args, &run_id, &connections)?;
     (ctx.own_control_path, ctx.own_keepalive) = own_ssh_settings(&machines);
-    if !args.dry_run {
+    if !args.dry_run && args.action.reaches_target() {
         let targets: Vec<(String, SshHost)> = machines
             .iter()
             .map(|m| (m.name.to_string(), ctx.ssh_host(&m.target.value, false)))
@@ -831,7 +845,8 @@ fn run_wave(
     {
         return failed_all(&machines, &error);
     }
-    {
+    // `build` never runs anything as root on a target.
+    if args.action.reaches_target() {
         // One prompt at a time; the password is asked once for the run.
         let _sudo = sudo_lock.lock().unwrap_or_else(|e| e.into_inner());
         let targets: Vec<(String, SshHost)> = machines
