@@ -106,21 +106,19 @@ pub fn list(args: &VarsMachineArgs) -> Result<ExitKind, Error> {
     let vars = one(&declared, &args.machine)?;
     // Secrets in another store (clan-core's sops) are listed where that store keeps them,
     // never read, and never called "not generated" when they exist.
-    let foreign = crate::vars::check_store(&declared.settings, &args.machine, &vars).err();
-    if let Some(error) = &foreign {
-        eprintln!(
-            "warning: {}",
-            error
-                .message
-                .trim_end_matches(": nothing was generated or uploaded")
-        );
+    let foreign = crate::vars::foreign_store(&declared.settings, &args.machine, &vars);
+    if let Some(which) = &foreign {
+        eprintln!("warning: {which}");
     }
     let mut out = std::io::stdout().lock();
     for (g, decl) in &vars.generators {
         for (f, file) in &decl.files {
             let shown = if file.secret && foreign.is_some() {
-                let sops = declared.repo.value_path(&args.machine, g, decl, f);
-                if sops.with_file_name("secret").is_file() {
+                if declared
+                    .repo
+                    .foreign_secret(&args.machine, g, decl, f)
+                    .is_some()
+                {
                     "(kept in clan-core's store: not read here)".to_string()
                 } else {
                     "(not generated)".to_string()

@@ -225,6 +225,21 @@ pub fn check_store(
     machine: &str,
     vars: &MachineVars,
 ) -> Result<(), Error> {
+    match foreign_store(settings, machine, vars) {
+        None => Ok(()),
+        Some(which) => Err(Error::usage(format!(
+            "{which}: nothing was generated or uploaded"
+        ))
+        .code("vars.store-unsupported")
+        .hint(Hint::text(
+            "deploy without secrets (--no-secrets; the target keeps the ones it has) and manage vars with clan-core's CLI; this tool makes and uploads secrets for clans on its own library (see the README's Secrets section)",
+        ))),
+    }
+}
+
+/// Which store, not kept by this tool, holds the machine's secrets, and where that choice
+/// comes from, in words (see [`check_store`]); `None`: this tool's own age store.
+pub fn foreign_store(settings: &VarsSettings, machine: &str, vars: &MachineVars) -> Option<String> {
     let module_attr =
         || format!("nixosConfigurations.{machine}.config.clan.core.vars.settings.secretModule");
     let (store, from, why) = match (&settings.secret_store, &vars.secret_module) {
@@ -243,15 +258,11 @@ pub fn check_store(
             module_attr(),
             "which this tool does not support yet (only its own age store)",
         ),
-        _ => return Ok(()),
+        _ => return None,
     };
-    Err(Error::usage(format!(
-        "machine {machine} keeps its vars in the secret store {store} (from {from}), {why}: nothing was generated or uploaded"
+    Some(format!(
+        "machine {machine} keeps its vars in the secret store {store} (from {from}), {why}"
     ))
-    .code("vars.store-unsupported")
-    .hint(Hint::text(
-        "deploy without secrets (--no-secrets; the target keeps the ones it has) and manage vars with clan-core's CLI; this tool makes and uploads secrets for clans on its own library (see the README's Secrets section)",
-    )))
 }
 
 /// A name used as one path component: letters, digits, `.`, `_`, `-`, not `.` or `..`.
