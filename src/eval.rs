@@ -178,19 +178,16 @@ let
           secretLocation = v.age.secretLocation or "/etc/secret-vars";
           # clan-core's choice of secret store for the machine (its default: sops).
           secretModule = tryOr null ((v.settings or { }).secretModule or null);
-          generators = builtins.mapAttrs (_: g: {
+          generators = builtins.mapAttrs (_: g: let fromClanCore = g ? finalScript; in {
             share = g.share or false;
             dependencies = g.dependencies or [ ];
             # clan-core's generators carry `finalScript` (the script wrapped with its
-            # runtimeInputs on PATH): clan-core's CLI reads that, and so does this one; their
-            # runtimeInputs are then not read (they may not evaluate on this workstation).
-            finalScript =
-              if g ? finalScript then {
-                drv = tryOr null (g.finalScript.drvPath or null);
-                out = tryOr null (toString g.finalScript);
-              } else null;
-            script = if g ? finalScript then "" else if builtins.isPath (g.script or "") then builtins.readFile g.script else g.script or "";
-            runtimeInputs = if g ? finalScript then [ ] else map (p: { drv = p.drvPath or null; out = "${p}"; }) (g.runtimeInputs or [ ]);
+            # runtimeInputs on PATH), which its CLI builds and runs: their script and
+            # runtimeInputs are not read (they may not evaluate on this workstation), and
+            # this tool does not run them (see vars::foreign_store).
+            inherit fromClanCore;
+            script = if fromClanCore then "" else if builtins.isPath (g.script or "") then builtins.readFile g.script else g.script or "";
+            runtimeInputs = if fromClanCore then [ ] else map (p: { drv = p.drvPath or null; out = "${p}"; }) (g.runtimeInputs or [ ]);
             prompts = builtins.mapAttrs (_: p: { inherit (p) description type persist; }) (g.prompts or { });
             files = builtins.mapAttrs (_: f: { inherit (f) secret deploy owner group mode neededFor; }) (g.files or { });
           }) v.generators;

@@ -94,11 +94,10 @@ pub struct GeneratorDecl {
     /// Packages on its PATH.
     #[serde(default)]
     pub runtime_inputs: Vec<RuntimeInput>,
-    /// clan-core's `finalScript` (the script wrapped with its PATH), read instead of
-    /// `script` and `runtimeInputs` from a flake made by clan-core's library. Such a flake's
-    /// secret stores are not kept by this tool yet (`check_store`), so nothing runs it.
+    /// Made by clan-core's library (it has a `finalScript`): its `script` and
+    /// `runtimeInputs` are not read, and this tool does not run it ([`foreign_store`]).
     #[serde(default)]
-    pub final_script: Option<FinalScript>,
+    pub from_clan_core: bool,
     /// Questions for the user.
     #[serde(default)]
     pub prompts: BTreeMap<String, PromptDecl>,
@@ -114,15 +113,6 @@ pub struct RuntimeInput {
     pub drv: Option<String>,
     /// Its output; `bin/` goes on PATH.
     pub out: String,
-}
-
-/// clan-core's `finalScript` of a generator.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
-pub struct FinalScript {
-    /// Its derivation, built on the workstation before it runs.
-    pub drv: Option<String>,
-    /// The script (a store path); `None` when it did not evaluate.
-    pub out: Option<String>,
 }
 
 /// A prompt.
@@ -258,6 +248,15 @@ pub fn foreign_store(settings: &VarsSettings, machine: &str, vars: &MachineVars)
             module_attr(),
             "which this tool does not support yet (only its own age store)",
         ),
+        // clan-core's library, whose secretModule did not evaluate: its generators are
+        // still clan-core's, never run here with an empty script.
+        _ if vars.generators.values().any(|g| g.from_clan_core) => (
+            "of clan-core's library".to_string(),
+            format!(
+                "nixosConfigurations.{machine}.config.clan.core.vars.generators, which carry clan-core's finalScript"
+            ),
+            "whose generators this tool does not run yet (only its own library's)",
+        ),
         _ => return None,
     };
     Some(format!(
@@ -343,17 +342,6 @@ impl MachineVars {
                 ));
             }
             // Their paths become arguments of nix-store and entries of PATH.
-            if let Some(wrapped) = &decl.final_script {
-                for path in wrapped.out.iter().chain(&wrapped.drv) {
-                    if !store_like_path(path) {
-                        return Err(refuse(
-                            format!("generators.{g}.finalScript"),
-                            path,
-                            "a store path: absolute, of letters, digits and / . _ + -",
-                        ));
-                    }
-                }
-            }
             for input in &decl.runtime_inputs {
                 for path in std::iter::once(&input.out).chain(&input.drv) {
                     if !store_like_path(path) {
@@ -1051,6 +1039,16 @@ mod tests {
             refused.message
         );
         assert!(check_store(&default, "db", &MachineVars::default()).is_ok());
+        let mut from_clan_core = MachineVars::default();
+        from_clan_core.generators.insert(
+            "openssh".into(),
+            GeneratorDecl {
+                from_clan_core: true,
+                ..GeneratorDecl::default()
+            },
+        );
+        let refused = check_store(&default, "db", &from_clan_core).unwrap_err();
+        assert_eq!(refused.code, Some("vars.store-unsupported"));
         let flake_sops = VarsSettings {
             secret_store: Some("sops".into()),
             ..VarsSettings::default()
