@@ -500,6 +500,36 @@ impl AgentArgs {
 }
 
 impl HostArgs {
+    /// The flags that decide what a command acts on: the flake (absolute, unless it
+    /// is the current directory or a flake reference), the host overrides and Nix options.
+    pub fn hint_context(&self) -> Vec<String> {
+        let mut flags = Vec::new();
+        if self.flake.as_os_str() != "." {
+            let shown = self.flake.display().to_string();
+            let absolute = if shown.contains(':') {
+                shown
+            } else {
+                std::path::absolute(&self.flake)
+                    .map(|p| p.display().to_string())
+                    .unwrap_or(shown)
+            };
+            flags.extend(["--flake".to_string(), absolute]);
+        }
+        for (flag, value) in [
+            ("--target-host", &self.target_host),
+            ("--build-host", &self.build_host),
+        ] {
+            if let Some(value) = value {
+                flags.extend([flag.to_string(), value.clone()]);
+            }
+        }
+        for pair in self.nix_option.chunks(2) {
+            flags.push("--option".into());
+            flags.extend(pair.iter().cloned());
+        }
+        flags
+    }
+
     /// The overrides these flags and `agent` make.
     /// `--option` and `--show-trace`, checked: option names are plain words; values hold no
     /// control characters.

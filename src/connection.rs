@@ -9,7 +9,7 @@ use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::sync::{Arc, Condvar, Mutex, OnceLock};
 
-use crate::plan::connection_key;
+use crate::host::connection_key;
 use crate::ssh::SshHost;
 
 /// A host and how opening its shared connection went (once, whoever asks first); on

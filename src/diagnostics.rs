@@ -139,7 +139,7 @@ pub fn diagnose(machine: &ResolvedMachine, step: &Step, output: &str, code: Opti
     if matches!(step.kind, StepKind::Prepare | StepKind::Switch) && said == Some(Exit::LockLost) {
         return base(format!(
             "{name}: this deploy no longer holds the deploy lock of {target}: the target heard nothing from this workstation for {} s and let it go",
-            crate::execute::LOCK_STALE.as_secs()
+            crate::activate::LOCK_STALE.as_secs()
         ))
         .hint(Hint::text(
             "another deploy may have taken the target since; check it (clan machines show, or on the target), then re-deploy",
@@ -323,7 +323,7 @@ pub fn ssh_error(
     let fingerprint = FINGERPRINT
         .find(output)
         .map_or("(not shown)", |m| m.as_str());
-    match (hop, failure) {
+    let error = match (hop, failure) {
         (Hop::BuilderToTarget, SshFailure::ChangedHostKey) => base(format!(
             "{name}: the target {target} presented a different host key to the build host {builder} than the one the build host knows: someone may be impersonating the target (or it was reinstalled). The build host saw {fingerprint}"
         ))
@@ -382,6 +382,22 @@ pub fn ssh_error(
         (Hop::BuilderToTarget, SshFailure::StoppedAnswering) => base(format!(
             "{name}: the target {target} stopped answering the build host {builder}: no reply to ssh's keep-alives"
         )),
+    };
+    let code = match (hop, failure) {
+        (Hop::WorkstationTo(_), SshFailure::HostKey) => "ssh.host-key-unknown",
+        (Hop::WorkstationTo(_), SshFailure::ChangedHostKey) => "ssh.host-key-changed",
+        (Hop::WorkstationTo(_), SshFailure::PermissionDenied) => "ssh.permission-denied",
+        (Hop::WorkstationTo(_), SshFailure::Unreachable) => "ssh.unreachable",
+        (Hop::WorkstationTo(_), SshFailure::StoppedAnswering) => "ssh.stopped-answering",
+        (Hop::BuilderToTarget, SshFailure::HostKey) => "second-hop.host-key-unknown",
+        (Hop::BuilderToTarget, SshFailure::ChangedHostKey) => "second-hop.host-key-changed",
+        (Hop::BuilderToTarget, SshFailure::PermissionDenied) => "second-hop.permission-denied",
+        (Hop::BuilderToTarget, SshFailure::Unreachable) => "second-hop.unreachable",
+        (Hop::BuilderToTarget, SshFailure::StoppedAnswering) => "second-hop.stopped-answering",
+    };
+    match error.code {
+        Some(_) => error,
+        None => error.code(code),
     }
 }
 

@@ -14,11 +14,12 @@ pub enum ExitKind {
     DeployFailed,
     /// Bad input or configuration, found before anything ran on any host.
     Usage,
-    /// A target's profile or running system was being changed when it failed: it may be
-    /// half-updated.
-    PartiallyApplied,
     /// Stopped by Ctrl-C.
     Interrupted,
+    /// A target's profile or running system was being changed when it failed: it may be
+    /// half-updated. Outranks Ctrl-C: a script that stopped a run must still learn that a
+    /// target may be half-updated.
+    PartiallyApplied,
 }
 
 impl ExitKind {

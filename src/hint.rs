@@ -5,44 +5,13 @@
 
 use std::sync::OnceLock;
 
-use crate::cli::HostArgs;
-
 /// This run's flags that a pasted command repeats, set once at its start.
 static CONTEXT: OnceLock<Vec<String>> = OnceLock::new();
 
-/// Remembers the flags of this run's `hosts` that commands in hints repeat.
-pub fn remember(hosts: &HostArgs) {
-    let _ = CONTEXT.set(context_of(hosts));
-}
-
-/// The flags of `hosts` that decide what a command acts on: the flake (absolute, unless it
-/// is the current directory or a flake reference), the host overrides and Nix options.
-pub fn context_of(hosts: &HostArgs) -> Vec<String> {
-    let mut flags = Vec::new();
-    if hosts.flake.as_os_str() != "." {
-        let shown = hosts.flake.display().to_string();
-        let absolute = if shown.contains(':') {
-            shown
-        } else {
-            std::path::absolute(&hosts.flake)
-                .map(|p| p.display().to_string())
-                .unwrap_or(shown)
-        };
-        flags.extend(["--flake".to_string(), absolute]);
-    }
-    for (flag, value) in [
-        ("--target-host", &hosts.target_host),
-        ("--build-host", &hosts.build_host),
-    ] {
-        if let Some(value) = value {
-            flags.extend([flag.to_string(), value.clone()]);
-        }
-    }
-    for pair in hosts.nix_option.chunks(2) {
-        flags.push("--option".into());
-        flags.extend(pair.iter().cloned());
-    }
-    flags
+/// Remembers the flags of this run that commands in hints repeat
+/// ([`crate::cli::HostArgs::hint_context`]).
+pub fn remember(flags: Vec<String>) {
+    let _ = CONTEXT.set(flags);
 }
 
 /// `clan WORDS MACHINE EXTRA…` with this run's flags (see [`remember`]), shell-quoted.
@@ -82,20 +51,22 @@ pub fn command_with(context: &[String], words: &str, machine: &str, extra: &[&st
 mod tests {
     use super::*;
 
-    fn hosts(args: &[&str]) -> HostArgs {
+    fn context(args: &[&str]) -> Vec<String> {
         use clap::Parser;
         #[derive(Parser)]
         struct Wrap {
             #[command(flatten)]
-            hosts: HostArgs,
+            hosts: crate::cli::HostArgs,
         }
-        Wrap::parse_from(std::iter::once("clan").chain(args.iter().copied())).hosts
+        Wrap::parse_from(std::iter::once("clan").chain(args.iter().copied()))
+            .hosts
+            .hint_context()
     }
 
     #[test]
     fn hints_repeat_the_flags_that_decide_what_a_command_acts_on() {
         let cwd = std::env::current_dir().unwrap().display().to_string();
-        let ctx = context_of(&hosts(&[
+        let ctx = context(&[
             "--flake",
             "./f 1",
             "--build-host",
@@ -103,7 +74,7 @@ mod tests {
             "--option",
             "max-jobs",
             "4",
-        ]));
+        ]);
         let shown = [
             command_with(
                 &ctx,
@@ -128,11 +99,11 @@ mod tests {
         ");
         // The current directory and flake references are kept as they are.
         assert_eq!(
-            command_with(&context_of(&hosts(&[])), "machines update", "web", &[]),
+            command_with(&context(&[]), "machines update", "web", &[]),
             "clan machines update web"
         );
         assert_eq!(
-            context_of(&hosts(&["--flake", "github:o/r"])),
+            context(&["--flake", "github:o/r"]),
             ["--flake", "github:o/r"]
         );
     }

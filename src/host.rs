@@ -398,6 +398,11 @@ impl fmt::Display for HostAddress {
     }
 }
 
+/// `user@host:port`, what identifies one ssh connection.
+pub fn connection_key(address: &HostAddress) -> String {
+    format!("{}:{}", address.destination(), address.port.unwrap_or(22))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

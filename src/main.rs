@@ -46,7 +46,7 @@ fn main() {
         TopCommand::Vars(VarsCommand::Fix(a)) => Some(&a.hosts),
     };
     if let Some(hosts) = hosts {
-        clan::hint::remember(hosts);
+        clan::hint::remember(hosts.hint_context());
     }
     // Ctrl-C: children run in process groups of their own, so clan decides what stops.
     clan::interrupt::install();

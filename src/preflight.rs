@@ -8,6 +8,7 @@
 use std::collections::BTreeMap;
 use std::process::Command;
 
+use crate::boundary::MachineName;
 use crate::connection::Connections;
 use crate::diagnostics::{Hop, SshFailure, ssh_error, ssh_failure};
 use crate::error::{Error, Hint};
@@ -183,8 +184,8 @@ impl Probes {
 /// What the preflight found.
 #[derive(Debug, Default)]
 pub struct Findings {
-    /// One error per problem.
-    pub problems: Vec<Error>,
+    /// One error per problem, with the machine whose hops it is about.
+    pub problems: Vec<(MachineName, Error)>,
     /// Each build host's own `max-jobs`, by connection key (`localhost` for this machine).
     pub max_jobs: BTreeMap<String, u32>,
 }
@@ -278,9 +279,12 @@ pub fn run(plan: &DeployPlan, ctx: &PlanContext, connections: &Connections) -> F
 
     let mut findings = Findings::default();
     for m in &plan.machines {
-        findings
-            .problems
-            .extend(check_machine(&m.machine, ctx, &results));
+        let name = &m.machine.name;
+        findings.problems.extend(
+            check_machine(&m.machine, ctx, &results)
+                .into_iter()
+                .map(|problem| (name.clone(), problem)),
+        );
     }
     for (key, result) in &results {
         if let Ok(probes) = result
@@ -352,7 +356,8 @@ fn check_machine(
                         "preflight: {name}: nix is not installed or not on PATH on the target {target_label}"
                     ))
                     .detail(output(probes, NIX))
-                    .hint(Hint::text("the target must run Nix (NixOS does)")),
+                    .hint(Hint::text("the target must run Nix (NixOS does)"))
+                    .code("preflight.target-without-nix"),
                 );
             }
             if let Some(cache) = &machine.cache {
@@ -366,7 +371,8 @@ fn check_machine(
                         .detail(output(probes, &ping))
                         .hint(Hint::text(
                             "the target substitutes from the cache itself: check the URL from the target's side (deploy.cache.url), or deploy with --copy-mode ssh",
-                        )),
+                        ))
+                        .code("preflight.cache-unreachable"),
                     );
                 }
                 let trusted = output(probes, CONFIG)
@@ -383,7 +389,8 @@ fn check_machine(
                         .hint(Hint::text(format!(
                             "in the machine's NixOS configuration: nix.settings.trusted-public-keys = [ \"{}\" ]; (and nix.settings.substituters = [ \"{}\" ]; to use it for everything); deploy that with --copy-mode ssh once",
                             cache.public_key, cache.url
-                        ))),
+                        )))
+                        .code("preflight.cache-key-untrusted"),
                     );
                 }
             }
@@ -396,7 +403,8 @@ fn check_machine(
                     .hint(Hint::text(format!(
                         "deploy as root: set deploy.targetHost = \"root@{}\"",
                         target.address.host_for_url()
-                    ))),
+                    )))
+                    .code("preflight.profile-not-writable"),
                 );
             }
         }
@@ -420,7 +428,8 @@ fn check_machine(
                     Error::new(format!(
                         "preflight: {name}: nix is not installed or not on PATH on the build host {builder_label}"
                     ))
-                    .detail(output(probes, NIX)),
+                    .detail(output(probes, NIX))
+                    .code("preflight.build-host-without-nix"),
                 );
             } else if let Some(error) = system_error(machine, &builder_label, probes) {
                 errors.push(error);
@@ -442,7 +451,7 @@ fn check_machine(
                     errors.push(Error::new(format!(
                         "preflight: {name}: the Nix builder {} builds for {systems}, but the target is {wanted}",
                         spec.address
-                    )).hint(Hint::text("name a builder of the target's system, or add it to that builder's systems field")));
+                    )).hint(Hint::text("name a builder of the target's system, or add it to that builder's systems field")).code("preflight.builder-system-mismatch"));
                 }
             }
             if let BuildLocation::Remote(_) = &machine.build.value
@@ -552,7 +561,8 @@ fn system_error(
         .hint(Hint::text(format!(
             "or build on this workstation: {}",
             crate::hint::command("machines update", name.as_str(), &["--build-host", "localhost"])
-        ))),
+        )))
+        .code("preflight.system-mismatch"),
     )
 }
 
@@ -566,7 +576,16 @@ fn third_hop_error(
     let b = builder.address.to_string();
     let host = builder.address.host_for_url();
     let base = |m: String| Error::new(format!("preflight: {m}")).detail(raw.trim_end());
-    match ssh_failure(raw) {
+    let code = match ssh_failure(raw) {
+        Some(SshFailure::HostKey) => "third-hop.host-key-unknown",
+        Some(SshFailure::ChangedHostKey) => "third-hop.host-key-changed",
+        Some(SshFailure::PermissionDenied) => "third-hop.permission-denied",
+        _ if raw.contains("nix-store") && raw.contains("not found") => {
+            "third-hop.builder-without-nix"
+        }
+        _ => "third-hop.unreachable",
+    };
+    let error = match ssh_failure(raw) {
         Some(SshFailure::HostKey) => base(format!(
             "{name}: host key verification failed on the third hop (build host {build_host} → Nix builder {b}): the build host has no known_hosts entry for the builder"
         ))
@@ -593,7 +612,8 @@ fn third_hop_error(
             "{name}: the build host {build_host} cannot reach the Nix builder {b}"
         ))
         .hint(Hint::text("the build host opens its own ssh connection to each builder: check the address and that it is reachable from there")),
-    }
+    };
+    error.code(code)
 }
 
 #[cfg(test)]

@@ -106,10 +106,24 @@ pub fn json(run_id: &str, reports: &[MachineReport], exit: ExitKind) -> Value {
             })
         })
         .collect();
+    // Every failure in full (hints, code), as a run that ended before any machine reports
+    // them ([`failure_json`]).
+    let errors: Vec<Value> = reports
+        .iter()
+        .filter_map(|r| match &r.outcome {
+            Outcome::Failed(e) => {
+                let mut error = error_json(e);
+                error["machine"] = json!(r.name);
+                Some(error)
+            }
+            _ => None,
+        })
+        .collect();
     json!({
         "run": run_id,
         "exitCode": exit.code(),
         "machines": machines,
+        "errors": errors,
         "peakRssKiB": peak_rss_kib(),
     })
 }

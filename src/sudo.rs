@@ -5,7 +5,7 @@ use std::io::IsTerminal;
 
 use crate::connection::Connections;
 use crate::error::{Error, Hint};
-use crate::plan::connection_key;
+use crate::host::connection_key;
 use crate::ssh::{Invocation, RemoteCommand, SshHost, run_remote, run_remote_with_input};
 
 /// Which non-root targets need a password for sudo: asks each once, `sudo -n true`.

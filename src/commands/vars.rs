@@ -349,8 +349,8 @@ fn take_target_lock(
 ) -> Result<crate::execute::LockGuard, Error> {
     use crate::execute::LockEvent;
     let (run, who) = (
-        crate::commands::machines::update::run_id(),
-        crate::commands::machines::update::workstation_identity(),
+        crate::deploy::run_id(),
+        crate::deploy::workstation_identity(),
     );
     let command = as_root.command(
         crate::activate::Command::Lock {

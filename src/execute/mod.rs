@@ -492,3 +492,42 @@ pub fn exit_code(reports: &[MachineReport]) -> ExitKind {
         .max()
         .unwrap_or(ExitKind::Success)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_runs_exit_is_its_most_severe_machines() {
+        let report = |outcome: Outcome| MachineReport::not_run("m", "root@m".into(), outcome);
+        let failed = |exit: ExitKind| Outcome::Failed(Error::new("x").exit(exit));
+        let refused = Outcome::Failed(Error::usage("x").code(crate::error::REFUSED));
+        let cases: Vec<(Vec<Outcome>, i32)> = vec![
+            (vec![], 0),
+            (
+                vec![Outcome::Deployed, Outcome::UpToDate, Outcome::Built],
+                0,
+            ),
+            (vec![Outcome::Deployed, failed(ExitKind::DeployFailed)], 1),
+            // One machine's bad input fails the run, not the command line.
+            (vec![Outcome::Deployed, failed(ExitKind::Usage)], 1),
+            (vec![Outcome::Deployed, refused], 2),
+            (vec![Outcome::NotStarted("stopped".into())], 1),
+            (vec![Outcome::Skipped, Outcome::Deployed], 1),
+            (vec![failed(ExitKind::Interrupted), Outcome::Deployed], 130),
+            // A target that may be half-updated outranks Ctrl-C.
+            (
+                vec![
+                    failed(ExitKind::Interrupted),
+                    failed(ExitKind::PartiallyApplied),
+                ],
+                3,
+            ),
+        ];
+        for (outcomes, code) in cases {
+            let shown = format!("{outcomes:?}");
+            let reports: Vec<MachineReport> = outcomes.into_iter().map(report).collect();
+            assert_eq!(exit_code(&reports).code(), code, "{shown}");
+        }
+    }
+}

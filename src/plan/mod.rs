@@ -560,10 +560,7 @@ pub fn build_slots(
         .map(|_| at_once)
 }
 
-/// `user@host:port`, what identifies one ssh connection.
-pub fn connection_key(address: &HostAddress) -> String {
-    format!("{}:{}", address.destination(), address.port.unwrap_or(22))
-}
+pub use crate::host::connection_key;
 
 /// Plans the deploy of `machines`: build groups, then each machine's copy and activation.
 pub fn plan_deploy(machines: Vec<ResolvedMachine>, ctx: &PlanContext) -> DeployPlan {

@@ -70,7 +70,7 @@ pub fn generations(on: &OnTargetArgs) -> Result<ExitKind, Error> {
     let machine = &load_machine(&on.hosts, &on.machine)?;
     let target = SshHost::new(machine.target.value.clone(), on.connect.host_key_check);
     let as_root = sudo::AsRoot::ask(&machine.name, &target)?;
-    let run_id = crate::commands::machines::update::run_id();
+    let run_id = crate::deploy::run_id();
     let listed = on_target(&target, &as_root, Command::Generations { run: &run_id })?;
     let found = Generations::parse(&String::from_utf8_lossy(&listed.stdout));
     if !listed.status.success() {
@@ -111,7 +111,7 @@ pub fn run(args: &RollbackArgs) -> Result<ExitKind, Error> {
     let on = &args.on;
     let machine = &load_machine(&on.hosts, &on.machine)?;
     let target = SshHost::new(machine.target.value.clone(), on.connect.host_key_check);
-    let run_id = crate::commands::machines::update::run_id();
+    let run_id = crate::deploy::run_id();
     // The profile and the switch need root: sudo, with the password asked once if needed.
     let as_root = sudo::AsRoot::ask(&machine.name, &target)?;
     let run = |command: Command<'_>| on_target(&target, &as_root, command);
