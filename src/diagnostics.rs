@@ -428,6 +428,42 @@ pub fn describe_holder(holder: &str) -> String {
 mod tests {
     use super::*;
 
+    // Every ssh failure on every hop has its own stable code, and its one line names the
+    // machine, the hosts and what happened.
+    #[test]
+    fn ssh_failures_have_codes_and_wording() {
+        let hops = [
+            Hop::WorkstationTo("root@web".to_string()),
+            Hop::BuilderToTarget,
+        ];
+        let failures = [
+            SshFailure::HostKey,
+            SshFailure::ChangedHostKey,
+            SshFailure::PermissionDenied,
+            SshFailure::Unreachable,
+            SshFailure::StoppedAnswering,
+        ];
+        let mut shown = String::new();
+        let mut codes = std::collections::BTreeSet::new();
+        for hop in &hops {
+            for failure in failures {
+                let error = ssh_error(
+                    "web",
+                    "root@builder",
+                    "root@web",
+                    hop,
+                    failure,
+                    "SHA256:abc",
+                    Error::new,
+                );
+                let code = error.code.expect("every ssh failure has a code");
+                assert!(codes.insert(code), "{code} given twice");
+                shown.push_str(&format!("{code}: {}\n", error.message));
+            }
+        }
+        insta::assert_snapshot!(shown);
+    }
+
     #[test]
     fn recognises_both_nix_generations() {
         let old = "error: a 'x86_64-linux' with features {} is required to build '/nix/store/x.drv', but I am a 'aarch64-linux' with features {benchmark, big-parallel}";

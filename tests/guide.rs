@@ -493,6 +493,14 @@ fn json_report_on_every_exit_path() {
             .unwrap()
             .contains("host key verification failed on the second hop")
     );
+    // Each failure has its machine and a stable code, in the list and in the machine's entry.
+    assert_eq!(report["errors"][0]["code"], "second-hop.host-key-unknown");
+    assert_eq!(report["errors"][0]["machine"], "m");
+    assert_eq!(report["machines"][0]["result"], "failed");
+    assert_eq!(
+        report["machines"][0]["errorCode"],
+        "second-hop.host-key-unknown"
+    );
     assert_nothing_happened(&lab);
 }
 

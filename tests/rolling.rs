@@ -142,6 +142,33 @@ fn canary_then_batches_stop_at_an_unhealthy_machine(kind: HostKind) {
     assert_eq!(profile("m4"), v1_out[3]);
     assert_eq!(profile("m5"), v1_out[4]);
     assert_eq!(lab.host("m4").switch_log().len(), 1);
+
+    // The same rollout again: each batch has its own up-to-date check, so the machines that
+    // run v2 are left alone and the unhealthy one stops the rollout again.
+    let switches = lab.host("m1").switch_log().len();
+    let again = clan(
+        &lab,
+        &v2,
+        &[
+            "machines",
+            "update",
+            "--batch-size",
+            "2",
+            "--canary",
+            "m1",
+            "--rollback-on-unhealthy",
+            "--json",
+        ],
+    );
+    assert_eq!(again.code, 3, "{}", again.all());
+    let report: serde_json::Value = serde_json::from_str(&again.stdout).unwrap();
+    let result = |m: &str| result_of(&report, m).unwrap();
+    assert_eq!(result("m1"), "up to date");
+    assert_eq!(result("m2"), "up to date");
+    assert_eq!(result("m3"), "failed");
+    assert_eq!(result("m4"), "not started");
+    assert_eq!(lab.host("m1").switch_log().len(), switches);
+    assert!(again.stderr.contains("Rollout stopped after batch 2"));
 }
 
 #[test]
