@@ -567,11 +567,11 @@ impl HostArgs {
             forward_agent: agent.and_then(AgentArgs::forward_agent_override),
             builders: self.builders.clone(),
             copy_mode: self.copy_mode,
-            cache: [
-                self.cache_upload.clone(),
-                self.cache_url.clone(),
-                self.cache_key.clone(),
-            ],
+            cache: crate::resolve::CacheOverrides {
+                upload: self.cache_upload.clone(),
+                url: self.cache_url.clone(),
+                key: self.cache_key.clone(),
+            },
             vars_repo: None,
         }
     }

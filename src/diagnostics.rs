@@ -113,7 +113,8 @@ pub fn diagnose(machine: &ResolvedMachine, step: &Step, output: &str, code: Opti
         ))
         .hint(Hint::text(
             "nothing more is needed to undo this deploy (no clan machines rollback: that would go one generation further back); to deploy it again, give the confirmation more time with --rollback-timeout",
-        ));
+        ))
+        .code("activation.rolled-back-by-watchdog");
     }
     if asked_target && said == Some(Exit::NotPending) {
         return base(format!(
@@ -121,7 +122,8 @@ pub fn diagnose(machine: &ResolvedMachine, step: &Step, output: &str, code: Opti
         ))
         .hint(Hint::text(
             "deploys of one machine wait for each other's lock; check who else deploys it, then re-deploy",
-        ));
+        ))
+        .code("activation.taken-over");
     }
     if step.kind == StepKind::LockTarget && said == Some(Exit::LockBusy) {
         let holder = Word::Busy
@@ -134,7 +136,8 @@ pub fn diagnose(machine: &ResolvedMachine, step: &Step, output: &str, code: Opti
         .exit(ExitKind::DeployFailed)
         .hint(Hint::text(
             "wait for that deploy to end and run this one again, or wait longer with --lock-timeout SECONDS",
-        ));
+        ))
+        .code("lock.busy");
     }
     if matches!(step.kind, StepKind::Prepare | StepKind::Switch) && said == Some(Exit::LockLost) {
         return base(format!(
@@ -143,7 +146,8 @@ pub fn diagnose(machine: &ResolvedMachine, step: &Step, output: &str, code: Opti
         ))
         .hint(Hint::text(
             "another deploy may have taken the target since; check it (clan machines show, or on the target), then re-deploy",
-        ));
+        ))
+        .code("lock.lost");
     }
     if step.kind == StepKind::Confirm {
         return base(format!(
@@ -151,7 +155,8 @@ pub fn diagnose(machine: &ResolvedMachine, step: &Step, output: &str, code: Opti
         ))
         .hint(Hint::text(
             "the new system may have broken networking or sshd; once the target is back, check it and re-deploy",
-        ));
+        ))
+        .code("activation.unconfirmed");
     }
 
     // ssh itself failed (exit 255) on the workstation's own connection to the step's host.
@@ -191,7 +196,11 @@ pub fn diagnose(machine: &ResolvedMachine, step: &Step, output: &str, code: Opti
         let error = base(format!(
             "{name}: {who} stopped answering during the {} stage: no reply to ssh's keep-alives, so the host or the network went away",
             step.kind.stage()
-        ));
+        ))
+        .code(match hop {
+            Hop::BuilderToTarget => "second-hop.stopped-answering",
+            Hop::WorkstationTo(_) => "ssh.stopped-answering",
+        });
         return if step.kind.changes_target_system() {
             error.hint(Hint::text(format!(
                 "the activation may have gone on there: unless this deploy confirmed it, the target's watchdog goes back to the previous generation; once it answers, check it ({}) and re-deploy",
@@ -232,7 +241,8 @@ pub fn diagnose(machine: &ResolvedMachine, step: &Step, output: &str, code: Opti
         )))
         .hint(Hint::text(
             "or sign the paths where they are built (secret-key-files) and add the public key to trusted-public-keys on the receiving host",
-        ));
+        ))
+        .code("copy.not-trusted");
     }
     if let Some((required, have)) = system_mismatch(output) {
         return base(format!(
@@ -244,7 +254,8 @@ pub fn diagnose(machine: &ResolvedMachine, step: &Step, output: &str, code: Opti
         .hint(Hint::text(format!(
             "or build on this workstation: {}",
             crate::hint::command("machines update", name.as_str(), &["--build-host", "localhost"])
-        )));
+        )))
+        .code("build.system-mismatch");
     }
     let role_host = match &step.runner {
         Runner::Remote {
@@ -259,7 +270,7 @@ pub fn diagnose(machine: &ResolvedMachine, step: &Step, output: &str, code: Opti
         } => format!("target {}", host.address),
         Runner::Workstation(_) => "the workstation".to_string(),
     };
-    match step.kind {
+    let error = match step.kind {
         StepKind::VerifySystem => base(format!(
             "{name}: {} is not a NixOS system (it has no nixos-version or bin/switch-to-configuration); refusing to activate it on {target}",
             machine.out_path()
@@ -296,6 +307,30 @@ pub fn diagnose(machine: &ResolvedMachine, step: &Step, output: &str, code: Opti
             step.kind.stage(),
             code.map(|c| format!(" (exit {c})")).unwrap_or_default()
         )),
+    };
+    error.code(step_failed_code(step.kind))
+}
+
+/// The code of a step that failed in none of the ways [`diagnose`] recognises.
+fn step_failed_code(kind: StepKind) -> &'static str {
+    match kind {
+        StepKind::CopyDerivations => "copy.derivations-failed",
+        StepKind::MakeRootDir | StepKind::RemoveRootDir => "build.root-dir-failed",
+        StepKind::Realise => "build.failed",
+        StepKind::CheckBuilt | StepKind::CheckPresent => "check.failed",
+        StepKind::NestedCopy => "second-hop.copy-failed",
+        StepKind::CopyFromWorkstation | StepKind::RelayCopy => "copy.failed",
+        StepKind::CacheUpload => "cache.upload-failed",
+        StepKind::CacheSubstitute => "cache.substitute-failed",
+        StepKind::VerifySystem => "activation.not-nixos",
+        StepKind::LockTarget => "lock.failed",
+        StepKind::UploadSecrets => "vars.upload-failed",
+        StepKind::Prepare => "activation.prepare-failed",
+        StepKind::Switch => "activation.switch-failed",
+        StepKind::Diff => "activation.diff-failed",
+        StepKind::Confirm | StepKind::SwitchOutcome => "activation.unconfirmed",
+        StepKind::Undo | StepKind::Revert => "activation.undo-failed",
+        StepKind::HealthCheck => "health.unhealthy",
     }
 }
 

@@ -154,9 +154,21 @@ pub struct Overrides {
     /// `--copy-mode`
     pub copy_mode: Option<CopyMode>,
     /// `--cache-upload`, `--cache-url`, `--cache-key`
-    pub cache: [Option<String>; 3],
+    pub cache: CacheOverrides,
     /// The clan's directory, whose vars are uploaded (`None`: no upload).
     pub vars_repo: Option<std::path::PathBuf>,
+}
+
+/// The binary cache's settings given on the command line, each one on its own (the rest
+/// come from the inventory).
+#[derive(Debug, Clone, Default)]
+pub struct CacheOverrides {
+    /// `--cache-upload`
+    pub upload: Option<String>,
+    /// `--cache-url`
+    pub url: Option<String>,
+    /// `--cache-key`
+    pub key: Option<String>,
 }
 
 /// Looks up the user an ssh config sets for an address that names none.
@@ -171,7 +183,13 @@ pub trait UserLookup {
 pub struct SshConfigLookup;
 
 impl SshConfigLookup {
-    /// Every setting `ssh -G` gives for `addr` (lower-case keyword, value).
+    /// Every setting the user's ssh configuration gives `addr` (`ssh -G`: lower-case
+    /// keyword, value); the one place `ssh -G` runs.
+    pub fn settings(addr: &HostAddress) -> Vec<(String, String)> {
+        Self::ssh_g_all(&[], addr).unwrap_or_default()
+    }
+
+    /// Every setting `ssh -G ARGS` gives for `addr` (lower-case keyword, value).
     fn ssh_g_all(args: &[&str], addr: &HostAddress) -> Option<Vec<(String, String)>> {
         let mut cmd = Command::new("ssh");
         cmd.arg("-G").args(args);
@@ -184,7 +202,7 @@ impl SshConfigLookup {
         for (name, value) in &addr.options {
             cmd.arg("-o").arg(format!("{name}={value}"));
         }
-        let output = cmd.arg("--").arg(&addr.host).output().ok()?;
+        let output = crate::process::run(cmd.arg("--").arg(&addr.host), None).ok()?;
         Some(
             String::from_utf8_lossy(&output.stdout)
                 .lines()
@@ -208,7 +226,7 @@ impl SshConfigLookup {
     /// What the user's ssh config (or the address's own options) already decides for
     /// `addr`, asked once: a ControlPath of its own, keep-alives of its own.
     pub fn own_settings(addr: &HostAddress) -> OwnSshSettings {
-        let all = Self::ssh_g_all(&[], addr).unwrap_or_default();
+        let all = Self::settings(addr);
         let get = |key: &str| all.iter().find(|(k, _)| k == key).map(|(_, v)| v.as_str());
         OwnSshSettings {
             control_path: get("controlpath").is_some_and(|p| p != "none"),
@@ -239,7 +257,7 @@ impl UserLookup for SshConfigLookup {
             .ok()
             .filter(|u| !u.is_empty())
             .or_else(|| {
-                let out = Command::new("id").arg("-un").output().ok()?;
+                let out = crate::process::run(Command::new("id").arg("-un"), None).ok()?;
                 Some(String::from_utf8_lossy(&out.stdout).trim().to_string())
             })
             .unwrap_or_else(|| "root".into())
@@ -442,7 +460,7 @@ pub fn resolve_machine(
         },
     };
     let cache = if copy_mode.value == CopyMode::Cache {
-        let [upload, url, key] = &overrides.cache;
+        let CacheOverrides { upload, url, key } = &overrides.cache;
         let pick =
             |flag: &Option<String>, inv: &Option<String>| flag.clone().or_else(|| inv.clone());
         match (

@@ -196,7 +196,7 @@ impl Deployment {
         // Machines whose target runs this very system have nothing to do.
         let mut lacking = BTreeSet::new();
         if !self.settings.reactivate {
-            let checked = up_to_date(&plan, &self.connections);
+            let checked = up_to_date(&plan, &self.connections, &self.logs);
             lacking = checked.lacking;
             for report in checked.reports {
                 crate::progress::line(&format!(
@@ -335,6 +335,13 @@ impl Deployment {
     }
 }
 
+impl Drop for Deployment {
+    /// The run is over: its sudo password is wiped from memory.
+    fn drop(&mut self) {
+        crate::execute::forget_sudo_password();
+    }
+}
+
 /// A failed report with `error` for each of `machines`.
 fn failed_all(machines: &[ResolvedMachine], error: &Error) -> Vec<MachineReport> {
     machines
@@ -362,8 +369,8 @@ struct Checked {
 /// Splits off the machines with nothing to do ([`crate::execute::up_to_date`]). A machine
 /// whose target runs the system but has an activation that an earlier run left unconfirmed
 /// is not up to date: it gets a line, and it is deployed again.
-fn up_to_date(plan: &DeployPlan, connections: &Connections) -> Checked {
-    let checked = crate::execute::up_to_date(plan, connections);
+fn up_to_date(plan: &DeployPlan, connections: &Connections, logs: &Logs) -> Checked {
+    let checked = crate::execute::up_to_date(plan, connections, logs);
     for (&i, runs) in &checked.pending {
         let m = &plan.machines[i].machine;
         let runs = if runs.iter().any(|r| r == "unknown") {

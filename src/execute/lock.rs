@@ -8,7 +8,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use super::step::{output_streams, terminate_group, timestamp};
-use super::{LogSink, SUDO_PASSWORD};
+use super::{LogSink, sudo_password};
 use crate::plan::{Runner, Step};
 use crate::progress::Progress;
 
@@ -84,7 +84,8 @@ pub(crate) fn take_lock(
         .map_err(|e| (None, format!("cannot run {}: {e}", argv[0])))?;
     let mut input = child.stdin.take();
     if let (Some(password), Some(stdin)) = (password, input.as_mut()) {
-        let _ = crate::process::write_to_child(stdin, format!("{password}\n").as_bytes());
+        let line = zeroize::Zeroizing::new(format!("{password}\n"));
+        let _ = crate::process::write_to_child(stdin, line.as_bytes());
     }
     let output = Arc::new(Mutex::new(String::new()));
     let (tx, rx) = mpsc::channel::<String>();
@@ -150,17 +151,21 @@ pub(super) fn hold_lock(
         argv.join(" ")
     ));
     let password = match &step.runner {
-        Runner::Remote { command, .. } if command.reads_password() => SUDO_PASSWORD.get(),
+        Runner::Remote { command, .. } if command.reads_password() => sudo_password(),
         _ => None,
     };
-    take_lock(&argv, password.map(String::as_str), |event| match event {
-        LockEvent::Line(line) => sink.write(&format!("{line}\n")),
-        LockEvent::Waiting(holder) => progress.event(&format!(
-            "[{label}] waiting for the target's deploy lock, held by {holder}"
-        )),
-        LockEvent::Ended(code) => sink.write(&format!(
-            "(exit {})\n\n",
-            code.map_or("none".into(), |c| c.to_string())
-        )),
-    })
+    take_lock(
+        &argv,
+        password.as_deref().map(String::as_str),
+        |event| match event {
+            LockEvent::Line(line) => sink.write(&format!("{line}\n")),
+            LockEvent::Waiting(holder) => progress.event(&format!(
+                "[{label}] waiting for the target's deploy lock, held by {holder}"
+            )),
+            LockEvent::Ended(code) => sink.write(&format!(
+                "(exit {})\n\n",
+                code.map_or("none".into(), |c| c.to_string())
+            )),
+        },
+    )
 }

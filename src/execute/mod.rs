@@ -114,7 +114,8 @@ pub struct TargetsChecked {
 /// (for `switch`) its profile points to it, and they upload no secrets. One round trip
 /// each, over the target's shared connection, all at once; a target that cannot be asked
 /// is not up to date (the deploy then finds out why).
-pub fn up_to_date(plan: &DeployPlan, connections: &Connections) -> TargetsChecked {
+/// What ssh said when a target could not be asked is in the run's `up-to-date` log.
+pub fn up_to_date(plan: &DeployPlan, connections: &Connections, logs: &Logs) -> TargetsChecked {
     let candidates: Vec<usize> = plan
         .machines
         .iter()
@@ -145,6 +146,17 @@ pub fn up_to_date(plan: &DeployPlan, connections: &Connections) -> TargetsChecke
                         .map(str::to_string)
                         .collect();
                     // Only an answer of the script counts (exit 0, 1 or 2), not ssh's 255.
+                    if !matches!(out.status.code(), Some(0..=2)) {
+                        logs.write(
+                            "up-to-date",
+                            &format!(
+                                "{}: the target could not be asked (exit {:?}):\n{}\n",
+                                m.machine.name,
+                                out.status.code(),
+                                String::from_utf8_lossy(&out.stderr).trim_end()
+                            ),
+                        );
+                    }
                     matches!(out.status.code(), Some(0..=2)).then_some((state, profile, pending))
                 })
             })
@@ -430,18 +442,39 @@ pub fn run_plan(
         .collect()
 }
 
-/// The sudo password for targets that need one: read once, kept in memory only, written to
-/// the standard input of the commands that ask sudo to read it.
-static SUDO_PASSWORD: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+/// The sudo password for targets that need one: read once, kept in memory only while the
+/// deploy runs ([`forget_sudo_password`] wipes it), written to the standard input of the
+/// commands that ask sudo to read it.
+static SUDO_PASSWORD: std::sync::Mutex<Option<zeroize::Zeroizing<String>>> =
+    std::sync::Mutex::new(None);
+
+/// The run's sudo password, if it was read (a copy, wiped when dropped).
+fn sudo_password() -> Option<zeroize::Zeroizing<String>> {
+    SUDO_PASSWORD
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .clone()
+}
 
 /// Whether the run's sudo password was read already.
 pub fn has_sudo_password() -> bool {
-    SUDO_PASSWORD.get().is_some()
+    sudo_password().is_some()
 }
 
-/// Sets the sudo password for this run.
+/// Sets the sudo password for this run (the first one given stays).
 pub fn set_sudo_password(password: String) {
-    let _ = SUDO_PASSWORD.set(password);
+    let mut slot = SUDO_PASSWORD.lock().unwrap_or_else(|e| e.into_inner());
+    if slot.is_none() {
+        *slot = Some(zeroize::Zeroizing::new(password));
+    }
+}
+
+/// Wipes the sudo password from memory: the deploy that needed it is over.
+pub fn forget_sudo_password() {
+    SUDO_PASSWORD
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .take();
 }
 
 /// What Ctrl-C left a machine in: stopped `when`, nothing activated.

@@ -2,12 +2,12 @@
 //! log and turned into progress, stopped on Ctrl-C where the step allows it.
 
 use std::io::{BufRead, BufReader, Read};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use super::{LogSink, OnBuilds, SUDO_PASSWORD};
+use super::{LogSink, OnBuilds, sudo_password};
 use crate::connection::Connections;
 use crate::plan::{Runner, Step, StepKind};
 use crate::progress::Progress;
@@ -68,13 +68,8 @@ pub(super) fn quiet(
     connections: &Connections,
 ) -> std::io::Result<std::process::Output> {
     let argv = step.local_argv();
-    session_of(step, connections).run(|| {
-        Command::new(&argv[0])
-            .args(&argv[1..])
-            .stdin(Stdio::null())
-            .stderr(Stdio::null())
-            .output()
-    })
+    session_of(step, connections)
+        .run(|| crate::process::run(Command::new(&argv[0]).args(&argv[1..]), None))
 }
 
 /// The session slot a step needs on its host's shared connection.
@@ -207,7 +202,7 @@ pub(super) fn run_step_now(
         }
     );
     let password = match &step.runner {
-        Runner::Remote { command, .. } if command.reads_password() => SUDO_PASSWORD.get(),
+        Runner::Remote { command, .. } if command.reads_password() => sudo_password(),
         _ => None,
     };
     let child = crate::process::spawn(
@@ -224,7 +219,8 @@ pub(super) fn run_step_now(
     let streams = output_streams(&mut child);
     let mut input = child.stdin.take();
     if let (Some(password), Some(stdin)) = (password, input.as_mut()) {
-        let _ = crate::process::write_to_child(stdin, format!("{password}\n").as_bytes());
+        let line = zeroize::Zeroizing::new(format!("{}\n", password.as_str()));
+        let _ = crate::process::write_to_child(stdin, line.as_bytes());
         if !hangup && data.is_none() {
             input = None; // sudo has its line; the command gets end-of-file
         }

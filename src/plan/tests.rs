@@ -455,6 +455,7 @@ fn target_side_diagnoses_snapshot() {
         m.steps
             .iter()
             .chain(m.steps.iter().filter_map(|s| s.on_lost.as_deref()))
+            .chain(plan.groups.iter().flat_map(|g| &g.steps))
             .find(|s| s.kind == kind)
             .unwrap()
     };
@@ -486,12 +487,22 @@ fn target_side_diagnoses_snapshot() {
             Exit::LockLost.code(),
             "clan: lock-lost\n",
         ),
+        (StepKind::Switch, 1, "activating the configuration...\n"),
+        (
+            StepKind::Realise,
+            1,
+            "error: builder for '/nix/store/x-m.drv' failed with exit code 2\n",
+        ),
     ];
     let shown: Vec<String> = cases
         .iter()
         .map(|(kind, code, output)| {
             let error = crate::diagnostics::diagnose(&m.machine, step(*kind), output, Some(*code));
-            format!("{kind:?} exit {code} → exit {}\n{error}", error.exit.code())
+            format!(
+                "{kind:?} exit {code} → exit {} ({})\n{error}",
+                error.exit.code(),
+                error.code.unwrap_or("no code")
+            )
         })
         .collect();
     insta::assert_snapshot!(shown.join("\n\n"));

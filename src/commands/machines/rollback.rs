@@ -3,6 +3,7 @@
 use crate::activate::{Command, Exit, Word, is_protocol_line};
 use crate::cli::{OnTargetArgs, RollbackArgs};
 use crate::commands::machines::load_machine;
+use crate::diagnostics::{Hop, SshFailure, ssh_error, ssh_failure};
 use crate::error::{Error, ExitKind, Hint};
 use crate::ssh::{SshHost, run_remote, run_remote_with_input};
 use crate::sudo;
@@ -180,6 +181,30 @@ pub fn run(args: &RollbackArgs) -> Result<ExitKind, Error> {
             machine.name, target.address
         ))
         .detail(stderr.trim_end())),
+        // ssh could not log in: nothing ran on the target.
+        _ if out.status.code() == Some(255)
+            && matches!(
+                ssh_failure(&stderr),
+                Some(
+                    SshFailure::HostKey
+                        | SshFailure::ChangedHostKey
+                        | SshFailure::PermissionDenied
+                        | SshFailure::Unreachable
+                )
+            ) =>
+        {
+            let host = target.address.to_string();
+            let failure = ssh_failure(&stderr).expect("matched above");
+            Err(ssh_error(
+                machine.name.as_str(),
+                &host,
+                &host,
+                &Hop::WorkstationTo(host.clone()),
+                failure,
+                &stderr,
+                |m| Error::new(format!("{m}; nothing was changed")).detail(stderr.trim_end()),
+            ))
+        }
         _ => Err(Error::new(format!(
             "{}: rolling back on {} failed{}",
             machine.name,

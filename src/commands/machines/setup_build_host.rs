@@ -302,24 +302,17 @@ fn parse_public_key(line: &str) -> Option<String> {
 fn workstation_trusted_keys(address: &HostAddress) -> BTreeSet<(String, String)> {
     let name = known_hosts_name(address);
     let mut files = Vec::new();
-    if let Ok(out) = Command::new("ssh")
-        .args(["-G", "--", &address.host])
-        .output()
-    {
-        for line in String::from_utf8_lossy(&out.stdout).lines() {
-            for keyword in ["userknownhostsfile ", "globalknownhostsfile "] {
-                if let Some(list) = line.strip_prefix(keyword) {
-                    files.extend(list.split_whitespace().map(expand_home));
-                }
-            }
+    for (keyword, list) in crate::resolve::SshConfigLookup::settings(address) {
+        if keyword == "userknownhostsfile" || keyword == "globalknownhostsfile" {
+            files.extend(list.split_whitespace().map(expand_home));
         }
     }
     let mut keys = BTreeSet::new();
     for file in files {
-        let Ok(out) = Command::new("ssh-keygen")
-            .args(["-F", &name, "-f", &file])
-            .output()
-        else {
+        let Ok(out) = crate::process::run(
+            Command::new("ssh-keygen").args(["-F", &name, "-f", &file]),
+            None,
+        ) else {
             continue;
         };
         for line in String::from_utf8_lossy(&out.stdout).lines() {
