@@ -109,6 +109,16 @@ impl Error {
         self.code = Some(code);
         self
     }
+    /// The stable code of what went wrong: the one given where the failure is recognised,
+    /// else one for its exit kind (`failed`, `usage`, `interrupted`, `half-updated`).
+    pub fn stable_code(&self) -> &'static str {
+        self.code.unwrap_or(match self.exit {
+            ExitKind::Success | ExitKind::DeployFailed => "failed",
+            ExitKind::Usage => "usage",
+            ExitKind::Interrupted => "interrupted",
+            ExitKind::PartiallyApplied => "half-updated",
+        })
+    }
 }
 
 /// The error of a run stopped by Ctrl-C `when` (before any deploy step): exit 130.

@@ -575,8 +575,9 @@ fn evaluate_once(
 pub fn evaluation_error(flake: &str, stderr: &str, show_trace: bool) -> Error {
     // Line by line: Nix's errors keep their line breaks (its source excerpts, its traces).
     let stderr = crate::progress::strip_control_lines(stderr.trim_end());
-    let mut error =
-        Error::usage(format!("evaluating the flake {flake} failed")).detail(stderr.clone());
+    let mut error = Error::usage(format!("evaluating the flake {flake} failed"))
+        .detail(stderr.clone())
+        .code("eval.failed");
     if stderr.contains("does not provide attribute") && stderr.contains("clanInternals") {
         error = error.hint(Hint::text(
             "the flake must expose clanInternals: `inherit (clan.config) nixosConfigurations clanInternals;` with this repo's lib.clan, or clan-core's (see the README)",

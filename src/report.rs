@@ -94,7 +94,7 @@ pub fn json(run_id: &str, reports: &[MachineReport], exit: ExitKind) -> Value {
                     _ => None,
                 },
                 "errorCode": match &r.outcome {
-                    Outcome::Failed(e) => e.code,
+                    Outcome::Failed(e) => Some(e.stable_code()),
                     _ => None,
                 },
                 "seconds": {
@@ -148,7 +148,7 @@ pub fn error_json(error: &crate::error::Error) -> Value {
         },
         "hints": error.hints.iter().map(|h| h.0.clone()).collect::<Vec<_>>(),
         "exitCode": error.exit.code(),
-        "code": error.code,
+        "code": error.stable_code(),
     })
 }
 

@@ -378,12 +378,14 @@ impl Lab {
         let stop = host.root().join("lab-sshd-stop");
         write(&stop, &format!("#!/bin/sh\npkill -f '{listener}'\n"));
         // Every sshd process of this host (the listener and every session: they see its
-        // /nix) killed at once; sshd stays stopped (lab-sshd-start starts it).
+        // /nix) killed; sshd stays stopped (lab-sshd-start starts it). The listener first:
+        // process ids wrap around, so a session listed before it would otherwise die first,
+        // and a login the listener accepted meanwhile would outlive the kill.
         let kill_sessions = host.root().join("lab-sshd-kill-sessions");
         write(
             &kill_sessions,
             &format!(
-                "#!/bin/sh\nfor p in $(pgrep -x sshd); do grep -qF '{}' /proc/$p/mountinfo 2>/dev/null && kill -KILL $p; done\nexit 0\n",
+                "#!/bin/sh\npkill -KILL -f '{listener}'\nfor p in $(pgrep -x sshd); do grep -qF '{}' /proc/$p/mountinfo 2>/dev/null && kill -KILL $p; done\nexit 0\n",
                 host.nix().display(),
             ),
         );
