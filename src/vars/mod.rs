@@ -15,6 +15,7 @@
 //! a command line.
 
 pub mod generate;
+pub mod sops;
 pub mod upload;
 
 use std::collections::{BTreeMap, BTreeSet};
