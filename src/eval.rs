@@ -178,6 +178,8 @@ let
           secretLocation = v.age.secretLocation or "/etc/secret-vars";
           # clan-core's choice of secret store for the machine (its default: sops).
           secretModule = tryOr null ((v.settings or { }).secretModule or null);
+          # Where clan-core's sops store puts the machine's key on the target.
+          sopsUploadDirectory = tryOr null (if (v.sops or { }) ? secretUploadDirectory then toString v.sops.secretUploadDirectory else null);
           generators = builtins.mapAttrs (_: g: let fromClanCore = g ? finalScript; in {
             share = g.share or false;
             dependencies = g.dependencies or [ ];

@@ -352,9 +352,12 @@ pub fn resolve_evaluation(
     evaluation
         .selected
         .into_iter()
-        .map(|(name, facts)| {
+        .map(|(name, mut facts)| {
             let name =
                 MachineName::parse(&name, &Origin::Flake("machines".into())).map_err(refused)?;
+            if let Some(vars) = &mut facts.vars {
+                vars.sops = crate::vars::is_sops(&settings, vars);
+            }
             // Secrets this run would generate or upload, kept in a store this tool does not
             // keep: stop here (also in --dry-run), before anything is made beside them.
             if overrides.vars_repo.is_some()

@@ -3,8 +3,8 @@
 //! users have one: clan-core's default template's `flake.nix` unchanged, a `clan.nix` with
 //! clan services and `meta.domain`. The CLI reads only what clan-core's own CLI reads, so
 //! listing, showing, checking and deploying it through a build host work on both kinds of
-//! target; its secrets, in clan-core's default sops store, are refused by name, never made
-//! again beside the user's.
+//! target; its secrets, in clan-core's default sops store, are read where clan-core keeps
+//! them and deployed (the machine's key to the target, for sops-nix), never made again.
 
 mod common;
 use common::*;
@@ -35,7 +35,9 @@ fn clan_nix(builder: &str) -> String {
       roles.default.settings = {{ user = "root"; prompt = true; }};
     }};
   }};
-  machines.alpha = {{ nixpkgs.hostPlatform = "x86_64-linux"; system.build.toplevel = toplevel "alpha" {{ }}; }};
+  machines.alpha = {{ nixpkgs.hostPlatform = "x86_64-linux"; system.build.toplevel = toplevel "alpha" {{ }};
+    # Under the target's own /root (the lab's hosts share the machine's /var).
+    clan.core.vars.sops.secretUploadDirectory = "/root/sops-nix"; }};
   machines.beta = {{ nixpkgs.hostPlatform = "x86_64-linux"; system.build.toplevel = toplevel "beta" {{ }}; }};
 }}"#
     )
@@ -76,29 +78,33 @@ fn deploys_through_a_build_host(kind: HostKind) {
     );
 
     // The services' generators are read (clan-core's finalScript shape), and the secrets'
-    // store is clan-core's default, sops: listed, and refused for anything that would
-    // make or read them.
+    // store is clan-core's default, sops, read where clan-core keeps it: nothing generated
+    // yet, and nothing is made here (this tool does not write that store).
     let list = clan(&lab, &f, &["vars", "list", "alpha"]);
     assert_eq!(list.code, 0, "{}", list.all());
     for var in [
-        "openssh/ssh.id_ed25519 ",
-        "user-password-root/user-password-hash ",
+        "openssh/ssh.id_ed25519 (not generated)",
+        "user-password-root/user-password-hash (not generated)",
     ] {
         assert!(list.stdout.contains(var), "{}", list.stdout);
     }
-    assert!(list.stderr.contains("\"sops\""), "{}", list.stderr);
     let check = clan(&lab, &f, &["vars", "check", "alpha"]);
-    assert_eq!(check.code, 2, "{}", check.all());
+    assert_eq!(check.code, 1, "{}", check.all());
+    assert!(
+        check
+            .stderr
+            .contains("openssh/ssh.id_ed25519 is not generated")
+            && check.stderr.contains("clan vars generate alpha"),
+        "{}",
+        check.stderr
+    );
     let deploy = clan(&lab, &f, &["machines", "update", "alpha", "--json"]);
     assert_eq!(deploy.code, 2, "{}", deploy.all());
     let report: serde_json::Value = serde_json::from_str(&deploy.stdout).unwrap();
-    assert_eq!(
-        report["errors"][0]["code"], "vars.store-unsupported",
-        "{report}"
-    );
+    assert_eq!(report["errors"][0]["code"], "vars.sops-missing", "{report}");
     assert_target_untouched(&lab);
     assert!(
-        !f.join("vars/per-machine/alpha/openssh").exists(),
+        !f.join("vars/per-machine/alpha/openssh").exists() && !f.join("sops").exists(),
         "a var was made"
     );
 
@@ -144,6 +150,181 @@ fn deploys_through_a_build_host(kind: HostKind) {
     let generations = clan(&lab, &f, &["machines", "generations", "alpha"]);
     assert_eq!(generations.code, 0, "{}", generations.all());
     assert!(generations.stdout.contains(&out), "{}", generations.stdout);
+
+    // The vars as clan-core's CLI would have written them (sops files, symlinks, keys):
+    // read, checked, and deployed: the machine's key goes to secretUploadDirectory, and it
+    // opens every secret the system closure carries for sops-nix.
+    let store = SopsStore::write(&lab, &f, "alpha");
+    let list = clan(&lab, &f, &["vars", "list", "alpha"]);
+    assert_eq!(list.code, 0, "{}", list.all());
+    assert!(
+        list.stdout.contains("openssh/ssh.id_ed25519 ********"),
+        "{}",
+        list.stdout
+    );
+    let get = clan(
+        &lab,
+        &f,
+        &["vars", "get", "alpha", "openssh/ssh.id_ed25519"],
+    );
+    assert_eq!(get.code, 0, "{}", get.all());
+    assert_eq!(get.stdout, "content of openssh/ssh.id_ed25519");
+    let check = clan(&lab, &f, &["vars", "check", "alpha"]);
+    assert_eq!(check.code, 0, "{}", check.all());
+    let run = clan(&lab, &f, &["machines", "update", "alpha"]);
+    assert_eq!(run.code, 0, "{}", run.all());
+    let uploaded = std::fs::read_to_string(lab.host("target").root().join("sops-nix/key.txt"))
+        .expect("key.txt in the target's secretUploadDirectory");
+    assert_eq!(uploaded.trim(), store.machine_key.trim());
+    let machine: age::x25519::Identity = uploaded.trim().parse().unwrap();
+    for secret in &store.secrets {
+        let text = std::fs::read_to_string(secret).unwrap();
+        clan::vars::sops::decrypt(&text, std::slice::from_ref(&machine))
+            .unwrap_or_else(|e| panic!("{}: {e}", secret.display()));
+    }
+    // Nothing was generated beside what was there.
+    assert_eq!(SopsStore::files(&f), store.files);
+
+    // A machine clan-core installed has the key in a plain directory: the same key is left
+    // as it is; another key is the user's, never replaced.
+    let dir = lab.host("target").root().join("sops-nix");
+    std::fs::remove_file(&dir).unwrap();
+    std::fs::create_dir(&dir).unwrap();
+    std::fs::write(dir.join("key.txt"), &uploaded).unwrap();
+    let again = clan(&lab, &f, &["machines", "update", "alpha"]);
+    assert_eq!(again.code, 0, "{}", again.all());
+    assert!(dir.is_dir() && !dir.is_symlink());
+    std::fs::write(dir.join("key.txt"), "AGE-SECRET-KEY-1 of another machine\n").unwrap();
+    let other = clan(&lab, &f, &["machines", "update", "alpha"]);
+    assert_eq!(other.code, 1, "{}", other.all());
+    assert!(
+        other
+            .stderr
+            .contains("it is a directory with files that clan did not put there"),
+        "{}",
+        other.stderr
+    );
+    assert_eq!(
+        std::fs::read_to_string(dir.join("key.txt")).unwrap(),
+        "AGE-SECRET-KEY-1 of another machine\n"
+    );
+}
+
+/// A sops store as clan-core lays it out, for every var `machine` declares: an `admin` user
+/// (its key installed where sops looks on the workstation), the machine's key encrypted to
+/// it, each secret encrypted to both (with clan-core's `machines/` and `users/` symlinks),
+/// each public value in plain.
+struct SopsStore {
+    machine_key: String,
+    secrets: Vec<std::path::PathBuf>,
+    files: Vec<std::path::PathBuf>,
+}
+
+impl SopsStore {
+    fn write(lab: &Lab, flake: &std::path::Path, machine: &str) -> SopsStore {
+        use age::secrecy::ExposeSecret;
+        let attr = format!(
+            ".#clanInternals.machines.x86_64-linux.{machine}.config.clan.core.vars.generators"
+        );
+        let apply = "gs: builtins.mapAttrs (_: g: { share = g.share; files = builtins.mapAttrs (_: f: f.secret) g.files; }) gs";
+        let out =
+            lab.run_on_workstation(flake, &["nix", "eval", "--json", &attr, "--apply", apply]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let generators: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        let admin = age::x25519::Identity::generate();
+        let key = age::x25519::Identity::generate();
+        let machine_key = key.to_string().expose_secret().to_string();
+        let now = clan::vars::sops::now();
+        let write = |path: &std::path::Path, bytes: &[u8]| {
+            std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+            std::fs::write(path, bytes).unwrap();
+        };
+        let link = |from: &std::path::Path, to: &str| {
+            std::fs::create_dir_all(from.parent().unwrap()).unwrap();
+            std::os::unix::fs::symlink(to, from).unwrap();
+        };
+        let key_json =
+            |public: String| format!("[{{\"publickey\": \"{public}\", \"type\": \"age\"}}]\n");
+        write(
+            &flake.join("sops/users/admin/key.json"),
+            key_json(admin.to_public().to_string()).as_bytes(),
+        );
+        write(
+            &flake.join(format!("sops/machines/{machine}/key.json")),
+            key_json(key.to_public().to_string()).as_bytes(),
+        );
+        let secret_dir = flake.join(format!("sops/secrets/{machine}-age.key"));
+        let text =
+            clan::vars::sops::encrypt(machine_key.as_bytes(), &[admin.to_public()], &now).unwrap();
+        write(&secret_dir.join("secret"), text.as_bytes());
+        link(&secret_dir.join("users/admin"), "../../../users/admin");
+        let mut secrets = Vec::new();
+        for (g, decl) in generators.as_object().unwrap() {
+            let scope = if decl["share"] == true {
+                "shared".to_string()
+            } else {
+                format!("per-machine/{machine}")
+            };
+            for (f, secret) in decl["files"].as_object().unwrap() {
+                let dir = flake.join(format!("vars/{scope}/{g}/{f}"));
+                let up = "../".repeat(scope.split('/').count() + 4);
+                let content = format!("content of {g}/{f}");
+                if secret == true {
+                    let text = clan::vars::sops::encrypt(
+                        content.as_bytes(),
+                        &[admin.to_public(), key.to_public()],
+                        &now,
+                    )
+                    .unwrap();
+                    write(&dir.join("secret"), text.as_bytes());
+                    link(
+                        &dir.join(format!("machines/{machine}")),
+                        &format!("{up}sops/machines/{machine}"),
+                    );
+                    link(&dir.join("users/admin"), &format!("{up}sops/users/admin"));
+                    secrets.push(dir.join("secret"));
+                } else {
+                    write(&dir.join("value"), content.as_bytes());
+                }
+            }
+        }
+        assert!(!secrets.is_empty(), "{generators}");
+        let keys = lab
+            .host(clan_lab::WORKSTATION)
+            .root()
+            .join(".config/sops/age/keys.txt");
+        write(
+            &keys,
+            format!("{}\n", admin.to_string().expose_secret()).as_bytes(),
+        );
+        SopsStore {
+            machine_key,
+            secrets,
+            files: SopsStore::files(flake),
+        }
+    }
+
+    /// Every file under `sops/` and `vars/`, sorted.
+    fn files(flake: &std::path::Path) -> Vec<std::path::PathBuf> {
+        let mut found = Vec::new();
+        let mut dirs = vec![flake.join("sops"), flake.join("vars")];
+        while let Some(dir) = dirs.pop() {
+            for entry in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
+                let path = entry.path();
+                if entry.file_type().unwrap().is_dir() {
+                    dirs.push(path);
+                } else {
+                    found.push(path);
+                }
+            }
+        }
+        found.sort();
+        found
+    }
 }
 
 #[test]

@@ -35,16 +35,18 @@ fn declared(hosts: &HostArgs, names: &[String]) -> Result<Declared, Error> {
             evaluation.machines.join(", ")
         )));
     }
+    let settings = evaluation.vars_settings.unwrap_or_default();
     let mut machines = BTreeMap::new();
-    for (name, facts) in evaluation.selected {
-        if let Some(vars) = &facts.vars {
+    for (name, mut facts) in evaluation.selected {
+        if let Some(vars) = &mut facts.vars {
             vars.check(&name)?;
+            vars.sops = crate::vars::is_sops(&settings, vars);
         }
         machines.insert(name, facts.vars);
     }
     Ok(Declared {
         repo: Repo { root },
-        settings: evaluation.vars_settings.unwrap_or_default(),
+        settings,
         machines,
     })
 }
@@ -124,11 +126,12 @@ pub fn list(args: &VarsMachineArgs) -> Result<ExitKind, Error> {
                     "(not generated)".to_string()
                 }
             } else if file.secret {
-                if declared
-                    .repo
-                    .secret_path(&args.machine, g, decl, f)
-                    .is_file()
-                {
+                let path = if vars.sops {
+                    crate::vars::sops_store::secret_path(&declared.repo, &args.machine, g, decl, f)
+                } else {
+                    declared.repo.secret_path(&args.machine, g, decl, f)
+                };
+                if path.is_file() {
                     "********".to_string()
                 } else {
                     "(not generated)".to_string()
@@ -173,6 +176,29 @@ pub fn get(args: &VarsGetArgs) -> Result<ExitKind, Error> {
             )),
         );
     };
+    if vars.sops {
+        let missing = crate::vars::sops_store::missing(&declared.repo, &args.machine, &vars);
+        if missing.iter().any(|m| *m == args.var) {
+            return Err(Error::usage(format!(
+                "{g}/{f} of machine {} is not generated yet (clan-core's sops store)",
+                args.machine
+            ))
+            .hint(Hint::text(format!(
+                "generate it with clan-core's CLI: clan vars generate {}",
+                args.machine
+            ))));
+        }
+        let content = crate::vars::sops_store::read(
+            &declared.repo,
+            &args.machine,
+            g,
+            decl,
+            f,
+            user_identity()?,
+        )?;
+        let _ = std::io::stdout().lock().write_all(&content);
+        return Ok(ExitKind::Success);
+    }
     let generation = Generation::new(&declared.repo, &declared.settings);
     if !declared.repo.generated(&args.machine, g, decl) {
         return Err(Error::usage(format!(
@@ -196,6 +222,9 @@ pub fn check(args: &VarsMachineArgs) -> Result<ExitKind, Error> {
     let declared = declared(&args.hosts, std::slice::from_ref(machine))?;
     let vars = one_kept_here(&declared, machine)?;
     let mut problems = Vec::new();
+    if vars.sops {
+        return check_sops(&declared.repo, machine, &vars);
+    }
     if let Err(e) = crate::vars::parse_recipients(&declared.settings, machine) {
         problems.push(e.message);
     }
@@ -257,12 +286,54 @@ pub fn check(args: &VarsMachineArgs) -> Result<ExitKind, Error> {
     Ok(ExitKind::DeployFailed)
 }
 
+/// [`check`] for clan-core's sops store: every var there, the machine's key opens with
+/// the user's, and every secret the target needs is encrypted to the machine's key.
+fn check_sops(repo: &Repo, machine: &str, vars: &MachineVars) -> Result<ExitKind, Error> {
+    let mut problems: Vec<String> = crate::vars::sops_store::missing(repo, machine, vars)
+        .into_iter()
+        .map(|m| format!("{m} is not generated"))
+        .collect();
+    if problems.is_empty() {
+        match user_identity() {
+            Err(e) => problems.push(e.message),
+            Ok(user) => {
+                if let Err(e) = crate::vars::sops_store::check_upload(repo, machine, vars, user) {
+                    problems.push(e.message);
+                }
+            }
+        }
+    }
+    if problems.is_empty() {
+        eprintln!(
+            "{machine}: vars complete in clan-core's sops store, and your key opens the machine's key"
+        );
+        return Ok(ExitKind::Success);
+    }
+    eprintln!("{machine}: {} problem(s):", problems.len());
+    for problem in &problems {
+        eprintln!("  - {problem}");
+    }
+    eprintln!(
+        "hint: this tool reads clan-core's sops store but does not write it: clan-core's CLI makes and fixes vars there (clan vars generate {machine}, clan vars fix {machine})"
+    );
+    Ok(ExitKind::DeployFailed)
+}
+
 /// `clan vars fix`.
 pub fn fix(args: &VarsFixArgs) -> Result<ExitKind, Error> {
     let declared = declared(&args.hosts, &args.machines)?;
     for (machine, vars) in &declared.machines {
         if let Some(vars) = vars {
             crate::vars::check_store(&declared.settings, machine, vars)?;
+            if vars.sops {
+                return Err(Error::usage(format!(
+                    "machine {machine} keeps its vars in clan-core's sops store, which this tool reads but does not write: nothing was changed"
+                ))
+                .code(crate::vars::sops_store::READ_ONLY)
+                .hint(Hint::text(format!(
+                    "fix its recipients with clan-core's CLI: clan vars fix {machine}"
+                ))));
+            }
         }
     }
     let user = crate::vars::UserIdentity::find()?;

@@ -7,7 +7,8 @@
 # It only ever replaces what clan put there: LOCATION.d is clan's own (marked by a file
 # .clan-vars in it), LOCATION a symlink into it. A LOCATION that is a directory with files, a
 # file, or a symlink elsewhere, and a LOCATION.d that is not clan's, are refused (exit 3,
-# "clan: refused ..."), changing nothing; an empty directory at LOCATION is replaced.
+# "clan: refused ..."), changing nothing; an empty directory at LOCATION is replaced, and one
+# that holds exactly the uploaded files (put there by clan-core) is left as it is (exit 0).
 set -eu
 umask 077
 loc=$1
@@ -34,7 +35,17 @@ case $(readlink "$loc" 2>/dev/null || true) in
 esac
 if [ -e "$loc" ] && [ ! -L "$loc" ]; then
 	if [ ! -d "$loc" ]; then refuse "it is a file"; fi
-	if [ -n "$(ls -A "$loc")" ]; then refuse "it is a directory with files that clan did not put there"; fi
+	if [ -n "$(ls -A "$loc")" ]; then
+		# A directory another tool filled (clan-core's upload, say) with exactly these
+		# files is left as it is; anything else in it is the user's.
+		check=$(mktemp -d "$loc.check.XXXXXX")
+		trap 'rm -rf "$check"' EXIT
+		if tar -x -f - -C "$check" --no-same-owner && diff -r -q "$check" "$loc" >/dev/null 2>&1; then
+			echo "clan: $loc holds these $count files already; nothing was changed"
+			exit 0
+		fi
+		refuse "it is a directory with files that clan did not put there"
+	fi
 fi
 mkdir -p "$store"
 chmod 0700 "$store"

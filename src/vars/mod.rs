@@ -16,6 +16,7 @@
 
 pub mod generate;
 pub mod sops;
+pub mod sops_store;
 pub mod upload;
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -75,6 +76,13 @@ pub struct MachineVars {
     /// clan-core's `clan.core.vars.settings.secretModule`, where a flake sets it.
     #[serde(default)]
     pub secret_module: Option<String>,
+    /// clan-core's `clan.core.vars.sops.secretUploadDirectory`, where a flake sets it.
+    #[serde(default)]
+    pub sops_upload_directory: Option<String>,
+    /// Kept in clan-core's sops store ([`is_sops`], decided where the clan's settings are
+    /// known).
+    #[serde(skip)]
+    pub sops: bool,
     /// `clan.core.vars.generators`.
     pub generators: BTreeMap<String, GeneratorDecl>,
 }
@@ -228,16 +236,38 @@ pub fn check_store(
     }
 }
 
+/// Whether the machine keeps its vars in clan-core's sops store: the clan's
+/// `vars.settings.secretStore = "sops"`, or clan-core's library choosing its sops module
+/// (its default). This tool reads and deploys that store ([`sops_store`]).
+pub fn is_sops(settings: &VarsSettings, vars: &MachineVars) -> bool {
+    settings.secret_store.as_deref() == Some("sops")
+        || vars
+            .secret_module
+            .as_deref()
+            .is_some_and(|m| m.ends_with(".sops"))
+}
+
+/// Where the machine's key goes on the target for sops-nix: `secretUploadDirectory`
+/// (clan-core's default `/var/lib/sops-nix`).
+pub fn sops_upload_directory(vars: &MachineVars) -> String {
+    vars.sops_upload_directory
+        .clone()
+        .unwrap_or_else(|| "/var/lib/sops-nix".into())
+}
+
 /// Which store, not kept by this tool, holds the machine's secrets, and where that choice
 /// comes from, in words (see [`check_store`]); `None`: this tool's own age store.
 pub fn foreign_store(settings: &VarsSettings, machine: &str, vars: &MachineVars) -> Option<String> {
     let module_attr =
         || format!("nixosConfigurations.{machine}.config.clan.core.vars.settings.secretModule");
+    if is_sops(settings, vars) {
+        return None;
+    }
     let (store, from, why) = match (&settings.secret_store, &vars.secret_module) {
         (Some(store), _) if store != "age" => (
             format!("{store:?}"),
             "vars.settings.secretStore".to_string(),
-            "which this tool does not support yet (only its own age store)",
+            "which this tool does not support yet (only its own age store and clan-core's sops store)",
         ),
         (_, Some(module)) if module.ends_with(".age") => (
             format!("{module:?}"),
@@ -247,7 +277,7 @@ pub fn foreign_store(settings: &VarsSettings, machine: &str, vars: &MachineVars)
         (_, Some(module)) => (
             format!("{module:?}"),
             module_attr(),
-            "which this tool does not support yet (only its own age store)",
+            "which this tool does not support yet (only its own age store and clan-core's sops store)",
         ),
         // clan-core's library, whose secretModule did not evaluate: its generators are
         // still clan-core's, never run here with an empty script.
@@ -317,22 +347,28 @@ impl MachineVars {
                 value = crate::boundary::terminal_safe(value)
             ))
         };
-        let loc = &self.secret_location;
-        if !loc.starts_with('/')
-            || loc == "/"
-            || loc.split('/').any(|c| c == "." || c == "..")
-            || !loc.chars().all(|c| {
-                c.is_ascii_alphanumeric() || matches!(c, '/' | '.' | '_' | '-' | '+' | '@')
-            })
-        {
-            return Err(refuse(
-                "age.secretLocation".into(),
-                loc,
-                "an absolute directory path other than /, of letters, digits and / . _ - + @",
-            ));
-        }
-        if let Some(why) = protected_location(loc) {
-            return Err(refuse("age.secretLocation".into(), loc, why));
+        let locations = std::iter::once(("age.secretLocation", &self.secret_location)).chain(
+            self.sops_upload_directory
+                .iter()
+                .map(|d| ("sops.secretUploadDirectory", d)),
+        );
+        for (attr, loc) in locations {
+            if !loc.starts_with('/')
+                || loc == "/"
+                || loc.split('/').any(|c| c == "." || c == "..")
+                || !loc.chars().all(|c| {
+                    c.is_ascii_alphanumeric() || matches!(c, '/' | '.' | '_' | '-' | '+' | '@')
+                })
+            {
+                return Err(refuse(
+                    attr.into(),
+                    loc,
+                    "an absolute directory path other than /, of letters, digits and / . _ - + @",
+                ));
+            }
+            if let Some(why) = protected_location(loc) {
+                return Err(refuse(attr.into(), loc, why));
+            }
         }
         for (g, decl) in &self.generators {
             if !path_component_ok(g) {
@@ -916,25 +952,31 @@ impl UserIdentity {
         Ok(UserIdentity { source, identities })
     }
 
-    /// From `AGE_KEY`, `AGE_KEYFILE`, `~/.config/age/identities`,
+    /// From `AGE_KEY`, `AGE_KEYFILE`, `SOPS_AGE_KEY`, `SOPS_AGE_KEY_FILE` (where sops and
+    /// clan-core's sops store look), `~/.config/age/identities`,
     /// `~/.config/sops/age/keys.txt` or `~/.age/key.txt`: the first that is set or exists.
     pub fn find() -> Result<UserIdentity, Error> {
-        if let Ok(key) = std::env::var("AGE_KEY")
-            && !key.trim().is_empty()
-        {
-            return UserIdentity::parse("AGE_KEY".into(), &key);
-        }
-        if let Ok(file) = std::env::var("AGE_KEYFILE")
-            && !file.is_empty()
-        {
-            let path = PathBuf::from(file);
-            let text = Zeroizing::new(std::fs::read_to_string(&path).map_err(|e| {
-                Error::usage(format!(
-                    "AGE_KEYFILE={}: cannot read it: {e}",
-                    path.display()
-                ))
-            })?);
-            return UserIdentity::parse(format!("AGE_KEYFILE={}", path.display()), &text);
+        for (key_var, file_var) in [
+            ("AGE_KEY", "AGE_KEYFILE"),
+            ("SOPS_AGE_KEY", "SOPS_AGE_KEY_FILE"),
+        ] {
+            if let Ok(key) = std::env::var(key_var)
+                && !key.trim().is_empty()
+            {
+                return UserIdentity::parse(key_var.into(), &key);
+            }
+            if let Ok(file) = std::env::var(file_var)
+                && !file.is_empty()
+            {
+                let path = PathBuf::from(file);
+                let text = Zeroizing::new(std::fs::read_to_string(&path).map_err(|e| {
+                    Error::usage(format!(
+                        "{file_var}={}: cannot read it: {e}",
+                        path.display()
+                    ))
+                })?);
+                return UserIdentity::parse(format!("{file_var}={}", path.display()), &text);
+            }
         }
         let mut candidates = Vec::new();
         if let Some(home) = std::env::var_os("HOME") {
@@ -953,7 +995,7 @@ impl UserIdentity {
             }
         }
         Err(Error::usage(
-            "no age identity: AGE_KEY and AGE_KEYFILE are unset, and none of ~/.config/age/identities, ~/.config/sops/age/keys.txt, ~/.age/key.txt exists",
+            "no age identity: AGE_KEY, AGE_KEYFILE, SOPS_AGE_KEY and SOPS_AGE_KEY_FILE are unset, and none of ~/.config/age/identities, ~/.config/sops/age/keys.txt, ~/.age/key.txt exists",
         )
         .hint(Hint::text(
             "make one with `age-keygen -o ~/.config/sops/age/keys.txt`, and put its public key in vars.settings.recipients",
@@ -1013,32 +1055,39 @@ mod tests {
     }
 
     #[test]
-    fn only_this_tools_age_store_is_kept() {
+    fn stores_kept_here_and_the_others() {
         let sops = MachineVars {
             secret_module: Some("clan_lib.vars.secret_modules.sops".into()),
             ..MachineVars::default()
         };
         let age = MachineVars {
             secret_module: Some("clan_lib.vars.secret_modules.age".into()),
+            secret_location: "/x".into(),
             ..MachineVars::default()
         };
         let default = VarsSettings::default();
-        let refused = check_store(&default, "db", &sops).unwrap_err();
+        // clan-core's sops store (its default), chosen by its library or by the clan.
+        assert!(check_store(&default, "db", &sops).is_ok());
+        assert!(is_sops(&default, &sops));
+        let flake_sops = VarsSettings {
+            secret_store: Some("sops".into()),
+            ..VarsSettings::default()
+        };
+        assert!(is_sops(&flake_sops, &MachineVars::default()));
+        assert!(check_store(&flake_sops, "db", &MachineVars::default()).is_ok());
+        assert_eq!(sops_upload_directory(&sops), "/var/lib/sops-nix");
+        // clan-core's own age store keeps other paths: refused, by name.
+        let refused = check_store(&default, "db", &age).unwrap_err();
         assert_eq!(refused.code, Some("vars.store-unsupported"));
         assert!(
-            refused.message.contains(
-                "(from nixosConfigurations.db.config.clan.core.vars.settings.secretModule)"
-            ),
+            refused.message.contains("clan-core's age store")
+                && refused.message.contains(
+                    "(from nixosConfigurations.db.config.clan.core.vars.settings.secretModule)"
+                ),
             "{}",
             refused.message
         );
-        // clan-core's own age store keeps other paths: refused too, by name.
-        let refused = check_store(&default, "db", &age).unwrap_err();
-        assert!(
-            refused.message.contains("clan-core's age store"),
-            "{}",
-            refused.message
-        );
+        assert!(!is_sops(&default, &age));
         assert!(check_store(&default, "db", &MachineVars::default()).is_ok());
         let mut from_clan_core = MachineVars::default();
         from_clan_core.generators.insert(
@@ -1050,11 +1099,11 @@ mod tests {
         );
         let refused = check_store(&default, "db", &from_clan_core).unwrap_err();
         assert_eq!(refused.code, Some("vars.store-unsupported"));
-        let flake_sops = VarsSettings {
-            secret_store: Some("sops".into()),
+        let vault = VarsSettings {
+            secret_store: Some("vault".into()),
             ..VarsSettings::default()
         };
-        assert!(check_store(&flake_sops, "db", &MachineVars::default()).is_err());
+        assert!(check_store(&vault, "db", &MachineVars::default()).is_err());
     }
 
     #[test]

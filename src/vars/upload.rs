@@ -30,11 +30,23 @@ pub struct SecretsUpload {
     /// The files, relative to the location (`per-machine/<m>/<decl>/<file>.age`, …);
     /// `key.txt` comes on top.
     pub files: Vec<String>,
+    /// clan-core's sops store: only the machine's key goes (to `location`, its
+    /// `secretUploadDirectory`); the secrets are in the system closure, for sops-nix.
+    pub sops: bool,
 }
 
 impl SecretsUpload {
     /// What `machine` uploads, if it has secrets to upload.
     pub fn of(repo: &Repo, machine: &str, vars: &MachineVars) -> Option<SecretsUpload> {
+        if vars.sops {
+            return (!vars.uploaded_files(machine).is_empty()).then(|| SecretsUpload {
+                machine: machine.to_string(),
+                repo: repo.clone(),
+                location: super::sops_upload_directory(vars),
+                files: Vec::new(),
+                sops: true,
+            });
+        }
         let files: Vec<String> = vars
             .uploaded_files(machine)
             .into_iter()
@@ -45,6 +57,7 @@ impl SecretsUpload {
             repo: repo.clone(),
             location: vars.secret_location.clone(),
             files,
+            sops: false,
         })
     }
 
@@ -61,7 +74,11 @@ impl SecretsUpload {
     /// The tar the target receives, in memory: the machine's key, decrypted with the user's
     /// identity, and the encrypted secrets as they are in the repository.
     pub fn bundle(&self, user: &UserIdentity) -> Result<Secret, Error> {
-        let key = self.repo.machine_private_key(&self.machine, user)?;
+        let key = if self.sops {
+            super::sops_store::machine_key(&self.repo, &self.machine, user)?
+        } else {
+            self.repo.machine_private_key(&self.machine, user)?
+        };
         let mut encrypted = Vec::new();
         for rel in &self.files {
             let path = self.repo.root.join("secrets/clan-vars").join(rel);
@@ -163,6 +180,7 @@ mod tests {
             repo: repo.clone(),
             location: "/etc/secret-vars".into(),
             files: vec![rel.into()],
+            sops: false,
         };
         assert_eq!(upload.args(), ["/etc/secret-vars", "2"]);
         let bundle = upload.bundle(&user).unwrap();

@@ -83,7 +83,12 @@ fn update_nix_options(args: &UpdateArgs) -> Result<crate::eval::NixOptions, Erro
             if !vars.uploaded_files(name).is_empty() {
                 // The upload's key opens every secret it goes with: found out now, before
                 // any build.
-                repo.check_upload(name, vars, crate::vars::upload::user_identity()?)?;
+                let user = crate::vars::upload::user_identity()?;
+                if crate::vars::is_sops(&settings, vars) {
+                    crate::vars::sops_store::check_upload(&repo, name, vars, user)?;
+                } else {
+                    repo.check_upload(name, vars, user)?;
+                }
             }
             Ok(())
         },

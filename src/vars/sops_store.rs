@@ -1,0 +1,333 @@
+//! clan-core's sops store, read as clan-core lays it out:
+//!
+//! - `sops/users/<u>/key.json`, `sops/machines/<m>/key.json`: public keys
+//!   (`[{"publickey": "age1…", "type": "age"}]`, or one such object);
+//! - `sops/secrets/<m>-age.key/secret`: the machine's private key, sops-encrypted to users;
+//! - `vars/per-machine/<m>/<gen>/<file>/secret` (`vars/shared/…` when shared): a secret,
+//!   sops-encrypted to the machines and users its `machines/`, `users/` and `groups/`
+//!   symlinks name; `…/<file>/value`: a public value.
+//!
+//! This tool reads that store (list, get, check) and deploys from it: the machine's key goes
+//! to the target's `clan.core.vars.sops.secretUploadDirectory` as `key.txt`, and the secrets
+//! reach the target inside the system closure, where sops-nix decrypts them. It does not
+//! write it (yet): a missing var is an error naming clan-core's command, never a new secret.
+
+use std::path::PathBuf;
+
+use super::{GeneratorDecl, MachineVars, Repo, Secret, UserIdentity, scope, sops};
+use crate::error::{Error, Hint};
+
+/// The [`Error::code`] of a var that clan-core's sops store lacks.
+pub const MISSING: &str = "vars.sops-missing";
+
+/// The [`Error::code`] of a change asked of clan-core's sops store, which this tool does
+/// not write.
+pub const READ_ONLY: &str = "vars.sops-read-only";
+
+/// Where clan-core's sops store keeps file `f` of generator `g`.
+pub fn secret_path(repo: &Repo, machine: &str, g: &str, decl: &GeneratorDecl, f: &str) -> PathBuf {
+    repo.root
+        .join("vars")
+        .join(scope(machine, decl))
+        .join(g)
+        .join(f)
+        .join("secret")
+}
+
+/// The machine's private key, sops-encrypted.
+pub fn machine_key_path(repo: &Repo, machine: &str) -> PathBuf {
+    repo.root
+        .join("sops/secrets")
+        .join(format!("{machine}-age.key"))
+        .join("secret")
+}
+
+/// The vars of `machine` that the store lacks (`gen/file`), public values included.
+pub fn missing(repo: &Repo, machine: &str, vars: &MachineVars) -> Vec<String> {
+    let mut missing = Vec::new();
+    for (g, decl) in &vars.generators {
+        for (f, file) in &decl.files {
+            let path = if file.secret {
+                secret_path(repo, machine, g, decl, f)
+            } else {
+                repo.value_path(machine, g, decl, f)
+            };
+            if !path.is_file() {
+                missing.push(format!("{g}/{f}"));
+            }
+        }
+    }
+    missing
+}
+
+/// Nothing is generated in clan-core's sops store here: Ok when every var is there (and
+/// nothing is asked to be made again), else an error naming what is missing and the
+/// command that makes it.
+pub fn check_complete(
+    repo: &Repo,
+    machine: &str,
+    vars: &MachineVars,
+    regenerate: bool,
+) -> Result<(), Error> {
+    let missing = missing(repo, machine, vars);
+    if missing.is_empty() && !regenerate {
+        return Ok(());
+    }
+    let code = if missing.is_empty() {
+        READ_ONLY
+    } else {
+        MISSING
+    };
+    let what = if missing.is_empty() {
+        "regenerating vars".to_string()
+    } else {
+        format!("its vars {} are not generated, and", missing.join(", "))
+    };
+    Err(Error::usage(format!(
+        "machine {machine} keeps its vars in clan-core's sops store (sops/, vars/): {what} this tool reads and deploys that store but does not write it yet; nothing was generated"
+    ))
+    .code(code)
+    .hint(Hint::text(format!(
+        "generate them with clan-core's CLI (clan vars generate {machine}), commit them, and deploy again"
+    ))))
+}
+
+/// Decrypts a sops file of the repository with `identities`, naming the file and the key on
+/// failure.
+fn open(
+    path: &std::path::Path,
+    identities: &[age::x25519::Identity],
+    whose: &str,
+) -> Result<Secret, Error> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| Error::usage(format!("cannot read {}: {e}", path.display())))?;
+    sops::decrypt(&text, identities).map_err(|e| {
+        Error::usage(format!("cannot decrypt {} with {whose}: {e}", path.display())).hint(
+            Hint::text(
+                "your age key must be one of its recipients: its users/ (or groups/) symlinks name who may read it (clan-core: clan secrets users add, clan vars fix)",
+            ),
+        )
+    })
+}
+
+/// The machine's private key (`AGE-SECRET-KEY-1…`), decrypted with the user's key.
+pub fn machine_key(repo: &Repo, machine: &str, user: &UserIdentity) -> Result<Secret, Error> {
+    let path = machine_key_path(repo, machine);
+    if !path.is_file() {
+        return Err(Error::usage(format!(
+            "machine {machine} has no key in clan-core's sops store ({} is missing): the target could not decrypt its secrets",
+            path.display()
+        ))
+        .code(MISSING)
+        .hint(Hint::text(format!(
+            "clan-core makes it with the machine's first vars: clan vars generate {machine}"
+        ))));
+    }
+    open(
+        &path,
+        &user.identities,
+        &format!("your age key ({})", user.source),
+    )
+}
+
+/// The machine's key as an age identity.
+fn machine_identity(
+    repo: &Repo,
+    machine: &str,
+    user: &UserIdentity,
+) -> Result<age::x25519::Identity, Error> {
+    let key = machine_key(repo, machine, user)?;
+    std::str::from_utf8(&key)
+        .unwrap_or("")
+        .trim()
+        .parse()
+        .map_err(|_| {
+            Error::usage(format!(
+                "{} does not hold an age private key",
+                machine_key_path(repo, machine).display()
+            ))
+        })
+}
+
+/// A var's content: a public value as it is, a secret decrypted with the user's key (or,
+/// when the user is not among its recipients, with the machine's key).
+pub fn read(
+    repo: &Repo,
+    machine: &str,
+    g: &str,
+    decl: &GeneratorDecl,
+    f: &str,
+    user: &UserIdentity,
+) -> Result<Secret, Error> {
+    if !decl.files[f].secret {
+        let path = repo.value_path(machine, g, decl, f);
+        return std::fs::read(&path)
+            .map(zeroize::Zeroizing::new)
+            .map_err(|e| Error::usage(format!("cannot read {}: {e}", path.display())));
+    }
+    let path = secret_path(repo, machine, g, decl, f);
+    let text = std::fs::read_to_string(&path)
+        .map_err(|e| Error::usage(format!("cannot read {}: {e}", path.display())))?;
+    match sops::decrypt(&text, &user.identities) {
+        Ok(plain) => Ok(plain),
+        Err(sops::SopsError::NotARecipient(_)) => {
+            let machine_identity = machine_identity(repo, machine, user)?;
+            open(
+                &path,
+                std::slice::from_ref(&machine_identity),
+                &format!("your age key ({}) or machine {machine}'s key", user.source),
+            )
+        }
+        Err(e) => Err(Error::usage(format!(
+            "cannot decrypt {}: {e}",
+            path.display()
+        ))),
+    }
+}
+
+/// Before anything is built: the machine's key decrypts with the user's key, and every
+/// secret the target needs is encrypted to it, so the key that is uploaded opens them all.
+pub fn check_upload(
+    repo: &Repo,
+    machine: &str,
+    vars: &MachineVars,
+    user: &UserIdentity,
+) -> Result<(), Error> {
+    check_complete(repo, machine, vars, false)?;
+    let early: Vec<String> = vars
+        .generators
+        .iter()
+        .flat_map(|(g, decl)| {
+            decl.files
+                .iter()
+                .filter(|(_, file)| file.uploaded() && file.needed_for == "activation")
+                .map(move |(f, _)| format!("{g}/{f}"))
+        })
+        .collect();
+    if !early.is_empty() {
+        return Err(Error::usage(format!(
+            "machine {machine}'s secrets {} are needed for activation: clan-core uploads those decrypted, which this tool does not do with its sops store yet; nothing was uploaded",
+            early.join(", ")
+        ))
+        .code("vars.sops-unsupported")
+        .hint(Hint::text(format!(
+            "upload them with clan-core's CLI (clan vars upload {machine}), and deploy with --no-secrets"
+        ))));
+    }
+    let identity = machine_identity(repo, machine, user)?;
+    let public = identity.to_public().to_string();
+    for (g, decl) in &vars.generators {
+        for (f, _) in decl.files.iter().filter(|(_, file)| file.uploaded()) {
+            let path = secret_path(repo, machine, g, decl, f);
+            let text = std::fs::read_to_string(&path)
+                .map_err(|e| Error::usage(format!("cannot read {}: {e}", path.display())))?;
+            let for_whom = sops::recipients(&text)
+                .map_err(|e| Error::usage(format!("{}: {e}", path.display())))?;
+            if !for_whom.contains(&public) {
+                return Err(Error::usage(format!(
+                    "machine {machine}'s secret {g}/{f} ({}) is not encrypted to the machine's key ({public}): the target could not decrypt it; nothing was uploaded",
+                    path.display()
+                ))
+                .hint(Hint::text(format!(
+                    "add the machine as a recipient with clan-core's CLI (clan vars fix {machine}), commit, and deploy again"
+                ))));
+            }
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::vars::FileDecl;
+
+    fn repo() -> Repo {
+        Repo {
+            root: std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("tests/fixtures/clan-core-sops"),
+        }
+    }
+
+    fn admin() -> UserIdentity {
+        let key = std::fs::read_to_string(repo().root.join("admin-age-key.txt")).unwrap();
+        UserIdentity::parse("the test key".into(), &key).unwrap()
+    }
+
+    /// peer1's vars as clan-core's checks declare them.
+    fn peer1() -> MachineVars {
+        let file = |secret: bool| FileDecl {
+            secret,
+            deploy: true,
+            ..FileDecl::default()
+        };
+        let mut vars = MachineVars::default();
+        let mut dummy = GeneratorDecl::default();
+        dummy.files.insert("generated-password".into(), file(true));
+        dummy.files.insert("host-id".into(), file(false));
+        vars.generators.insert("dummy-generator".into(), dummy);
+        let mut service = GeneratorDecl::default();
+        service.files.insert("a-secret".into(), file(true));
+        service.files.insert("not-a-secret".into(), file(false));
+        vars.generators.insert("new-service".into(), service);
+        vars
+    }
+
+    #[test]
+    fn clan_cores_sops_repository_is_read_as_it_is() {
+        let (repo, user, vars) = (repo(), admin(), peer1());
+        assert!(missing(&repo, "peer1", &vars).is_empty());
+        assert!(check_complete(&repo, "peer1", &vars, false).is_ok());
+        check_upload(&repo, "peer1", &vars, &user).unwrap();
+        let key = machine_key(&repo, "peer1", &user).unwrap();
+        assert!(
+            std::str::from_utf8(&key)
+                .unwrap()
+                .trim()
+                .starts_with("AGE-SECRET-KEY-1")
+        );
+        let g = &vars.generators["dummy-generator"];
+        let secret = read(
+            &repo,
+            "peer1",
+            "dummy-generator",
+            g,
+            "generated-password",
+            &user,
+        );
+        assert!(!secret.unwrap().is_empty());
+        let value = read(&repo, "peer1", "dummy-generator", g, "host-id", &user).unwrap();
+        assert!(!value.is_empty());
+    }
+
+    #[test]
+    fn a_missing_var_is_named_and_never_made() {
+        let (repo, mut vars) = (repo(), peer1());
+        let mut more = GeneratorDecl::default();
+        more.files.insert(
+            "token".into(),
+            FileDecl {
+                secret: true,
+                deploy: true,
+                ..FileDecl::default()
+            },
+        );
+        vars.generators.insert("api".into(), more);
+        assert_eq!(missing(&repo, "peer1", &vars), ["api/token"]);
+        let error = check_complete(&repo, "peer1", &vars, false).unwrap_err();
+        assert_eq!(error.code, Some(MISSING));
+        assert!(
+            error.message.contains("api/token are not generated"),
+            "{}",
+            error.message
+        );
+        assert!(!secret_path(&repo, "peer1", "api", &vars.generators["api"], "token").exists());
+        // Regenerating is refused too: it would make new secrets.
+        assert!(check_complete(&repo, "peer1", &peer1(), true).is_err());
+        // A machine without a key in the store.
+        assert_eq!(
+            machine_key(&repo, "nokey", &admin()).unwrap_err().code,
+            Some(MISSING)
+        );
+    }
+}
