@@ -80,6 +80,11 @@ let
           default = "services";
           description = "When the secret must exist on the target: users are created after activation-time and users secrets, services after all.";
         };
+        restartUnits = mkOption {
+          type = types.listOf types.str;
+          default = [ ];
+          description = "systemd units restarted after an activation that changed this secret (NixOS's activation restart list).";
+        };
         path = mkOption {
           type = types.str;
           readOnly = true;
@@ -123,6 +128,7 @@ let
             "hidden"
             "line"
             "multiline"
+            "multiline-hidden"
           ];
           default = "line";
         };
@@ -171,6 +177,22 @@ let
           type = types.attrsOf (types.submodule (fileModule config));
           default = { };
         };
+        validation = mkOption {
+          description = "Values that, when they change, make the generator run again (and those that depend on it).";
+          default = null;
+          type =
+            let
+              leaf = types.oneOf [ types.bool types.int types.str ];
+            in
+            types.nullOr (types.oneOf [ leaf (types.attrsOf (types.oneOf [ leaf (types.attrsOf leaf) ])) ]);
+        };
+        validationHash = mkOption {
+          type = types.nullOr types.str;
+          readOnly = true;
+          description = "sha256 of the validation's JSON, as clan-core computes it; stored beside the generator's values.";
+          default =
+            if config.validation == null then null else builtins.hashString "sha256" (builtins.toJSON config.validation);
+        };
       };
       # A persisted prompt is a file of the same name.
       config.files = lib.mapAttrs (_: _: { }) (lib.filterAttrs (_: p: p.persist) config.prompts);
@@ -205,7 +227,7 @@ let
           group = if phase == "users" then "root" else file.group;
         in
         ''
-          clan_vars_file ${q dir} ${q gen.name} ${q file.name} ${q "${scope gen}/${gen.name}/${file.name}.age"} ${q owner} ${q group} ${q file.mode}
+          clan_vars_file ${q dir} ${q gen.name} ${q file.name} ${q "${scope gen}/${gen.name}/${file.name}.age"} ${q owner} ${q group} ${q file.mode} ${lib.concatMapStringsSep " " q file.restartUnits}
         ''
       ) files
       + ''
@@ -240,6 +262,14 @@ let
         exit 1
       fi
       chmod "$7" "$1.d/new/$2/$3"
+      # restartUnits: a secret that is new or changed restarts its units once the switch
+      # is done (NixOS's switch-to-configuration reads this list).
+      # (sha256sum: coreutils is on the activation's PATH, cmp is not.)
+      if [ "$#" -gt 7 ] && [ "$(sha256sum < "$1.d/new/$2/$3")" != "$(sha256sum < "$1/$2/$3" 2>/dev/null || true)" ]; then
+        shift 7
+        mkdir -p /run/nixos
+        for unit in "$@"; do echo "$unit" >> /run/nixos/activation-restart-list; done
+      fi
     }
     clan_vars_commit() {
       v="v.$(date +%s).$$"

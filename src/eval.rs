@@ -183,6 +183,7 @@ let
           generators = builtins.mapAttrs (_: g: let fromClanCore = g ? finalScript; in {
             share = g.share or false;
             dependencies = g.dependencies or [ ];
+            validationHash = tryOr null (g.validationHash or null);
             # clan-core's generators carry `finalScript` (the script wrapped with its
             # runtimeInputs on PATH), which its CLI builds and runs: their script and
             # runtimeInputs are not read (they may not evaluate on this workstation), and

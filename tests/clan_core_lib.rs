@@ -226,7 +226,7 @@ impl SopsStore {
         let attr = format!(
             ".#clanInternals.machines.x86_64-linux.{machine}.config.clan.core.vars.generators"
         );
-        let apply = "gs: builtins.mapAttrs (_: g: { share = g.share; files = builtins.mapAttrs (_: f: f.secret) g.files; }) gs";
+        let apply = "gs: builtins.mapAttrs (_: g: { share = g.share; validationHash = g.validationHash; files = builtins.mapAttrs (_: f: f.secret) g.files; }) gs";
         let out =
             lab.run_on_workstation(flake, &["nix", "eval", "--json", &attr, "--apply", apply]);
         assert!(
@@ -269,6 +269,12 @@ impl SopsStore {
             } else {
                 format!("per-machine/{machine}")
             };
+            if let Some(hash) = decl["validationHash"].as_str() {
+                write(
+                    &flake.join(format!("vars/{scope}/{g}/.validation-hash")),
+                    hash.as_bytes(),
+                );
+            }
             for (f, secret) in decl["files"].as_object().unwrap() {
                 let dir = flake.join(format!("vars/{scope}/{g}/{f}"));
                 let up = "../".repeat(scope.split('/').count() + 4);

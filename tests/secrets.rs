@@ -965,3 +965,80 @@ fn a_secret_in_another_stores_layout_is_never_generated_again() {
     assert!(!flake.join("secrets").exists(), "something was generated");
     assert!(lab.host("target").switch_log().is_empty());
 }
+
+// clan-core's generator options: a changed `validation` makes the generator run again, and
+// what depends on it, nothing else (its hash stored where clan-core stores it); a secret
+// with `restartUnits` that changed puts its units on NixOS's activation restart list; a
+// `multiline-hidden` prompt takes several lines (the terminal's echo off meanwhile).
+#[test]
+fn validation_restart_units_and_hidden_multiline_prompts() {
+    let lab = Lab::start(&[HostSpec::new("target")]);
+    let (private, public) = identity();
+    install_identity(&lab, &private);
+    let generators = r#"{
+      cert = { validation = { domain = "a.example"; }; files.key.restartUnits = [ "web.service" ];
+               script = "head -c 16 /dev/urandom | base64 > $out/key"; };
+      chain = { dependencies = [ "cert" ]; files.pem = { }; script = "cat $in/cert/key > $out/pem"; };
+      other = { files.token = { }; script = "head -c 16 /dev/urandom | base64 > $out/token"; };
+      note = { prompts.text = { type = "multiline-hidden"; persist = true; }; script = "cat $prompts/text > $out/text"; };
+    }"#;
+    let flake = one_target_flake(&lab, &public, generators, "/root/secret-vars");
+    let generated = clan_on_terminal(
+        &lab,
+        &flake,
+        &["vars", "generate", "m"],
+        "first hidden line\nsecond hidden line\n\x04",
+    );
+    // (What is typed here reaches the terminal before the prompt turns its echo off, so
+    // whether it shows cannot be told from this output.)
+    assert_eq!(generated.code, 0, "{}", generated.all());
+    assert!(
+        generated
+            .all()
+            .contains("m/note: text (not shown; end with Ctrl-D")
+    );
+    let get = |var: &str| clan(&lab, &flake, &["vars", "get", "m", var]).stdout;
+    assert_eq!(get("note/text"), "first hidden line\nsecond hidden line\n");
+    let hash_file = flake.join("vars/per-machine/m/cert/.validation-hash");
+    let expected = {
+        use sha2::Digest;
+        let digest = sha2::Sha256::digest(br#"{"domain":"a.example"}"#);
+        digest
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect::<String>()
+    };
+    assert_eq!(std::fs::read_to_string(&hash_file).unwrap(), expected);
+    assert!(
+        !flake
+            .join("vars/per-machine/m/other/.validation-hash")
+            .exists()
+    );
+    let (key, pem, token) = (get("cert/key"), get("chain/pem"), get("other/token"));
+
+    // The first deploy brings the secret: its unit is restarted after the switch.
+    let restart_list = "cat /run/nixos/activation-restart-list 2>/dev/null; rm -f /run/nixos/activation-restart-list";
+    assert_eq!(clan(&lab, &flake, &["machines", "update", "m"]).code, 0);
+    assert_eq!(sh(&lab, "target", restart_list), "web.service");
+
+    // Another validation: cert runs again, and chain (which depends on it); other does not.
+    let nix = std::fs::read_to_string(flake.join("flake.nix")).unwrap();
+    std::fs::write(
+        flake.join("flake.nix"),
+        nix.replace("a.example", "b.example"),
+    )
+    .unwrap();
+    let again = clan(&lab, &flake, &["vars", "generate", "m"]);
+    assert_eq!(again.code, 0, "{}", again.all());
+    assert_ne!(get("cert/key"), key);
+    assert_ne!(get("chain/pem"), pem);
+    assert_eq!(get("chain/pem"), get("cert/key"));
+    assert_eq!(get("other/token"), token);
+    assert_ne!(std::fs::read_to_string(&hash_file).unwrap(), expected);
+
+    // The changed secret restarts its unit once; an unchanged one does not.
+    assert_eq!(clan(&lab, &flake, &["machines", "update", "m"]).code, 0);
+    assert_eq!(sh(&lab, "target", restart_list), "web.service");
+    assert_eq!(clan(&lab, &flake, &["machines", "update", "m"]).code, 0);
+    assert_eq!(sh(&lab, "target", restart_list), "");
+}

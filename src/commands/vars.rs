@@ -178,7 +178,7 @@ pub fn get(args: &VarsGetArgs) -> Result<ExitKind, Error> {
     };
     if vars.sops {
         let missing = crate::vars::sops_store::missing(&declared.repo, &args.machine, &vars);
-        if missing.iter().any(|m| *m == args.var) {
+        if missing.contains(&format!("{} is not generated", args.var)) {
             return Err(Error::usage(format!(
                 "{g}/{f} of machine {} is not generated yet (clan-core's sops store)",
                 args.machine
@@ -289,10 +289,7 @@ pub fn check(args: &VarsMachineArgs) -> Result<ExitKind, Error> {
 /// [`check`] for clan-core's sops store: every var there, the machine's key opens with
 /// the user's, and every secret the target needs is encrypted to the machine's key.
 fn check_sops(repo: &Repo, machine: &str, vars: &MachineVars) -> Result<ExitKind, Error> {
-    let mut problems: Vec<String> = crate::vars::sops_store::missing(repo, machine, vars)
-        .into_iter()
-        .map(|m| format!("{m} is not generated"))
-        .collect();
+    let mut problems = crate::vars::sops_store::missing(repo, machine, vars);
     if problems.is_empty() {
         match user_identity() {
             Err(e) => problems.push(e.message),

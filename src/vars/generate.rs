@@ -88,7 +88,9 @@ impl<'a> Generation<'a> {
         for g in &order {
             let decl = &vars.generators[g];
             let selected = self.only.as_ref().is_none_or(|o| o == g);
-            let missing = !self.repo.generated(machine, g, decl);
+            // A changed validation makes it (and what depends on it) run again.
+            let missing = !self.repo.generated(machine, g, decl)
+                || !self.repo.validation_current(machine, g, decl);
             let dep_runs = decl.dependencies.iter().any(|d| run.contains(d));
             if (selected && (self.regenerate || missing))
                 || dep_runs
@@ -378,6 +380,21 @@ impl<'a> Generation<'a> {
             write_atomically(&path, &bytes)?;
             written.push(path);
         }
+        // What it was made from, as clan-core records it.
+        let validation = self.repo.validation_path(machine, g, decl);
+        match &decl.validation_hash {
+            Some(hash) => {
+                write_atomically(&validation, hash.as_bytes())?;
+                written.push(validation);
+            }
+            None if validation.exists() => {
+                std::fs::remove_file(&validation).map_err(|e| {
+                    Error::new(format!("cannot remove {}: {e}", validation.display()))
+                })?;
+                written.push(validation);
+            }
+            None => {}
+        }
         Ok(written)
     }
 
@@ -648,9 +665,15 @@ fn ask(machine: &str, g: &str, p: &str, prompt: &super::PromptDecl) -> Result<Se
                 .map_err(no_terminal)?
                 .into_bytes(),
         ),
-        "multiline" => {
+        "multiline" | "multiline-hidden" => {
+            let hidden = prompt.kind == "multiline-hidden";
             let mut writer = &tty;
-            let _ = writeln!(writer, "{label} (end with Ctrl-D on an empty line):");
+            let _ = writeln!(
+                writer,
+                "{label} ({}end with Ctrl-D on an empty line):",
+                if hidden { "not shown; " } else { "" }
+            );
+            let _echo = hidden.then(|| EchoOff::on(&tty));
             let mut text = Zeroizing::new(String::new());
             let mut reader = std::io::BufReader::new(&tty);
             loop {
@@ -677,6 +700,41 @@ fn ask(machine: &str, g: &str, p: &str, prompt: &super::PromptDecl) -> Result<Se
         return Err(crate::error::interrupted("while asking for vars"));
     }
     Ok(answer)
+}
+
+/// The terminal's echo, off while this lives (a hidden multi-line answer); put back on drop,
+/// also when the answer fails.
+struct EchoOff {
+    fd: std::os::fd::RawFd,
+    saved: Option<libc::termios>,
+}
+
+impl EchoOff {
+    fn on(tty: &std::fs::File) -> EchoOff {
+        use std::os::fd::AsRawFd;
+        let fd = tty.as_raw_fd();
+        // SAFETY: tcgetattr/tcsetattr on an open terminal descriptor with a termios this
+        // function owns.
+        let saved = unsafe {
+            let mut t: libc::termios = std::mem::zeroed();
+            (libc::tcgetattr(fd, &mut t) == 0).then_some(t)
+        };
+        if let Some(mut quiet) = saved {
+            quiet.c_lflag &= !(libc::ECHO | libc::ECHONL);
+            // SAFETY: as above.
+            unsafe { libc::tcsetattr(fd, libc::TCSANOW, &quiet) };
+        }
+        EchoOff { fd, saved }
+    }
+}
+
+impl Drop for EchoOff {
+    fn drop(&mut self) {
+        if let Some(saved) = &self.saved {
+            // SAFETY: puts back the settings read in `on`, on the same descriptor.
+            unsafe { libc::tcsetattr(self.fd, libc::TCSANOW, saved) };
+        }
+    }
 }
 
 /// `git add` of what was written, when the clan is a git work tree (flakes only see tracked

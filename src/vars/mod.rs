@@ -107,6 +107,10 @@ pub struct GeneratorDecl {
     /// `runtimeInputs` are not read, and this tool does not run it ([`foreign_store`]).
     #[serde(default)]
     pub from_clan_core: bool,
+    /// sha256 of its `validation` (clan-core's `validationHash`): when it differs from the
+    /// one stored beside its values, it runs again.
+    #[serde(default)]
+    pub validation_hash: Option<String>,
     /// Questions for the user.
     #[serde(default)]
     pub prompts: BTreeMap<String, PromptDecl>,
@@ -414,11 +418,14 @@ impl MachineVars {
                         "a prompt name is a path component: letters, digits, . _ -",
                     ));
                 }
-                if !matches!(prompt.kind.as_str(), "hidden" | "line" | "multiline") {
+                if !matches!(
+                    prompt.kind.as_str(),
+                    "hidden" | "line" | "multiline" | "multiline-hidden"
+                ) {
                     return Err(refuse(
                         format!("generators.{g}.prompts.{p}.type"),
                         &prompt.kind,
-                        "one of hidden, line, multiline",
+                        "one of hidden, line, multiline, multiline-hidden",
                     ));
                 }
             }
@@ -582,6 +589,25 @@ impl Repo {
             .collect();
         names.sort();
         names
+    }
+
+    /// Where generator `g`'s validation hash is kept (clan-core's `.validation-hash`, beside
+    /// its public values).
+    pub fn validation_path(&self, machine: &str, g: &str, decl: &GeneratorDecl) -> PathBuf {
+        self.root
+            .join("vars")
+            .join(scope(machine, decl))
+            .join(g)
+            .join(".validation-hash")
+    }
+
+    /// Whether the stored validation hash is the declared one (as clan-core decides: no
+    /// hash declared and none stored is valid too).
+    pub fn validation_current(&self, machine: &str, g: &str, decl: &GeneratorDecl) -> bool {
+        let stored = std::fs::read_to_string(self.validation_path(machine, g, decl))
+            .ok()
+            .map(|s| s.trim().to_string());
+        stored == decl.validation_hash
     }
 
     /// Whether every file of generator `g` is in the repository.

@@ -42,7 +42,8 @@ pub fn machine_key_path(repo: &Repo, machine: &str) -> PathBuf {
         .join("secret")
 }
 
-/// The vars of `machine` that the store lacks (`gen/file`), public values included.
+/// What the store lacks for `machine`, one phrase each: `gen/file is not generated` (public
+/// values included), `gen has a changed validation` (clan-core would generate it again).
 pub fn missing(repo: &Repo, machine: &str, vars: &MachineVars) -> Vec<String> {
     let mut missing = Vec::new();
     for (g, decl) in &vars.generators {
@@ -53,8 +54,11 @@ pub fn missing(repo: &Repo, machine: &str, vars: &MachineVars) -> Vec<String> {
                 repo.value_path(machine, g, decl, f)
             };
             if !path.is_file() {
-                missing.push(format!("{g}/{f}"));
+                missing.push(format!("{g}/{f} is not generated"));
             }
+        }
+        if !repo.validation_current(machine, g, decl) {
+            missing.push(format!("{g} has a changed validation"));
         }
     }
     missing
@@ -79,12 +83,12 @@ pub fn check_complete(
         MISSING
     };
     let what = if missing.is_empty() {
-        "regenerating vars".to_string()
+        "regenerating vars was asked for".to_string()
     } else {
-        format!("its vars {} are not generated, and", missing.join(", "))
+        missing.join(", ")
     };
     Err(Error::usage(format!(
-        "machine {machine} keeps its vars in clan-core's sops store (sops/, vars/): {what} this tool reads and deploys that store but does not write it yet; nothing was generated"
+        "machine {machine} keeps its vars in clan-core's sops store (sops/, vars/): {what}; this tool reads and deploys that store but does not write it yet, so nothing was generated"
     ))
     .code(code)
     .hint(Hint::text(format!(
@@ -313,15 +317,29 @@ mod tests {
             },
         );
         vars.generators.insert("api".into(), more);
-        assert_eq!(missing(&repo, "peer1", &vars), ["api/token"]);
+        assert_eq!(
+            missing(&repo, "peer1", &vars),
+            ["api/token is not generated"]
+        );
         let error = check_complete(&repo, "peer1", &vars, false).unwrap_err();
         assert_eq!(error.code, Some(MISSING));
         assert!(
-            error.message.contains("api/token are not generated"),
+            error.message.contains("api/token is not generated"),
             "{}",
             error.message
         );
         assert!(!secret_path(&repo, "peer1", "api", &vars.generators["api"], "token").exists());
+        // A validation hash the store does not have: clan-core would make it again.
+        let mut changed = peer1();
+        changed
+            .generators
+            .get_mut("new-service")
+            .unwrap()
+            .validation_hash = Some("abc".into());
+        assert_eq!(
+            missing(&repo, "peer1", &changed),
+            ["new-service has a changed validation"]
+        );
         // Regenerating is refused too: it would make new secrets.
         assert!(check_complete(&repo, "peer1", &peer1(), true).is_err());
         // A machine without a key in the store.

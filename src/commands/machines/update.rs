@@ -69,10 +69,9 @@ fn update_nix_options(args: &UpdateArgs) -> Result<crate::eval::NixOptions, Erro
                 generation.sandbox = sandbox;
                 generation.machine(name, vars)
             };
-            let missing = vars
-                .generators
-                .iter()
-                .any(|(g, decl)| !repo.generated(name, g, decl));
+            let missing = vars.generators.iter().any(|(g, decl)| {
+                !repo.generated(name, g, decl) || !repo.validation_current(name, g, decl)
+            });
             if missing {
                 // In a fleet, the live lines are on the screen by now: prompts and messages
                 // go between them.
