@@ -227,7 +227,7 @@ let
           group = if phase == "users" then "root" else file.group;
         in
         ''
-          clan_vars_file ${q dir} ${q gen.name} ${q file.name} ${q "${scope gen}/${gen.name}/${file.name}.age"} ${q owner} ${q group} ${q file.mode} ${lib.concatMapStringsSep " " q file.restartUnits}
+          clan_vars_file ${q dir} ${q gen.name} ${q file.name} ${q "${scope gen}/${gen.name}/${file.name}.age"} ${q owner} ${q group} ${q file.mode}${lib.concatMapStrings (u: " " + q u) file.restartUnits}
         ''
       ) files
       + ''

@@ -360,10 +360,14 @@ pub fn resolve_evaluation(
             }
             // Secrets this run would generate or upload, kept in a store this tool does not
             // keep: stop here (also in --dry-run), before anything is made beside them.
-            if overrides.vars_repo.is_some()
-                && let Some(vars) = &facts.vars
-            {
+            if let (Some(root), Some(vars)) = (&overrides.vars_repo, &facts.vars) {
                 crate::vars::check_store(&settings, &name, vars)?;
+                // clan-core's sops store is not written here: what it lacks stops the run
+                // (the dry run too, as the real run would stop).
+                if vars.sops {
+                    let repo = crate::vars::Repo { root: root.clone() };
+                    crate::vars::sops_store::check_complete(&repo, &name, vars, false)?;
+                }
             }
             let machine = resolve_machine(&name, &facts, &store, overrides, users)?;
             Ok(LoadedMachine { facts, machine })

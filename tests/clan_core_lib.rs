@@ -98,10 +98,16 @@ fn deploys_through_a_build_host(kind: HostKind) {
         "{}",
         check.stderr
     );
-    let deploy = clan(&lab, &f, &["machines", "update", "alpha", "--json"]);
-    assert_eq!(deploy.code, 2, "{}", deploy.all());
-    let report: serde_json::Value = serde_json::from_str(&deploy.stdout).unwrap();
-    assert_eq!(report["errors"][0]["code"], "vars.sops-missing", "{report}");
+    for dry in [false, true] {
+        let mut args = vec!["machines", "update", "alpha", "--json"];
+        if dry {
+            args.push("--dry-run");
+        }
+        let deploy = clan(&lab, &f, &args);
+        assert_eq!(deploy.code, 2, "{}", deploy.all());
+        let report: serde_json::Value = serde_json::from_str(&deploy.stdout).unwrap();
+        assert_eq!(report["errors"][0]["code"], "vars.sops-missing", "{report}");
+    }
     assert_target_untouched(&lab);
     assert!(
         !f.join("vars/per-machine/alpha/openssh").exists() && !f.join("sops").exists(),

@@ -35,7 +35,9 @@ let
         files.hash = { owner = "nobody"; group = "nogroup"; mode = "0440"; };
         files.rootpw.neededFor = "users";
         files.part.neededFor = "partitioning";
+        files.tls = { restartUnits = [ "web.service" "proxy.service" ]; };
         dependencies = [ "greeting" ];
+        validation = { domain = "example.org"; port = 443; };
       };
       clan.core.vars.generators.missing.files.pub.secret = false;
       system.build.toplevel = { name = "t"; };
@@ -107,6 +109,12 @@ in
     && has "clan_vars_file /run/secrets-for-users db rootpw per-machine/web1/db/rootpw.age root root 0400\n"
     && has "clan_vars_file /run/secrets db password "
     && !(has " part ") && !(has " hello ");
+  restartUnitsFollowTheirFile =
+    has "clan_vars_file /run/secrets db tls per-machine/web1/db/tls.age root root 0400 web.service proxy.service\n";
+  validationHashIsClanCores =
+    web1vars.generators.db.validationHash
+    == builtins.hashString "sha256" (builtins.toJSON { domain = "example.org"; port = 443; })
+    && web1vars.generators.greeting.validationHash == null;
   usersSecretsMustBeRootOwned = fails varsClan.nixosConfigurations.bad.config.clan.core.vars.activationScript;
   activationSnippetsRunInTheirOwnSubshell =
     isolated snippets.clan-vars.text && isolated snippets.clan-vars-for-users.text
