@@ -206,7 +206,18 @@ pub struct RollbackArgs {
 }
 
 /// Arguments of `clan vars upload`.
-pub type VarsUploadArgs = OnTargetArgs;
+/// Arguments of `clan vars upload`.
+#[derive(Debug, Args)]
+pub struct VarsUploadArgs {
+    /// The machine, its flake and host overrides, and how to reach its target.
+    #[command(flatten)]
+    pub on: OnTargetArgs,
+
+    /// Write what the target would receive into this local directory instead (as clan-core's
+    /// --directory: for an installer's extra files); files already there are never replaced.
+    #[arg(long, value_name = "DIR")]
+    pub directory: Option<PathBuf>,
+}
 
 /// Arguments of a command that acts on one machine's target under its deploy lock
 /// (`clan machines rollback`, `clan vars upload`).

@@ -42,7 +42,7 @@ fn main() {
         TopCommand::Vars(VarsCommand::Generate(a)) => Some(&a.hosts),
         TopCommand::Vars(VarsCommand::List(a) | VarsCommand::Check(a)) => Some(&a.hosts),
         TopCommand::Vars(VarsCommand::Get(a)) => Some(&a.hosts),
-        TopCommand::Vars(VarsCommand::Upload(a)) => Some(&a.hosts),
+        TopCommand::Vars(VarsCommand::Upload(a)) => Some(&a.on.hosts),
         TopCommand::Vars(VarsCommand::Fix(a)) => Some(&a.hosts),
     };
     if let Some(hosts) = hosts {

@@ -177,6 +177,20 @@ fn deploys_through_a_build_host(kind: HostKind) {
     assert_eq!(get.stdout, "content of openssh/ssh.id_ed25519");
     let check = clan(&lab, &f, &["vars", "check", "alpha"]);
     assert_eq!(check.code, 0, "{}", check.all());
+    // What the target gets, into a local directory instead (an installer's extra files).
+    let extra = lab.host(clan_lab::WORKSTATION).root().join("extra");
+    let to_dir = clan(
+        &lab,
+        &f,
+        &["vars", "upload", "alpha", "--directory", "/root/extra"],
+    );
+    assert_eq!(to_dir.code, 0, "{}", to_dir.all());
+    assert_eq!(
+        std::fs::read_to_string(extra.join("key.txt"))
+            .unwrap()
+            .trim(),
+        store.machine_key.trim()
+    );
     let run = clan(&lab, &f, &["machines", "update", "alpha"]);
     assert_eq!(run.code, 0, "{}", run.all());
     let uploaded = std::fs::read_to_string(lab.host("target").root().join("sops-nix/key.txt"))

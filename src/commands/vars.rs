@@ -348,7 +348,8 @@ pub fn fix(args: &VarsFixArgs) -> Result<ExitKind, Error> {
 
 /// `clan vars upload`: generates what is missing, then sends the key and the encrypted
 /// secrets to the machine's target over its own connection.
-pub fn upload(args: &VarsUploadArgs) -> Result<ExitKind, Error> {
+pub fn upload(upload_args: &VarsUploadArgs) -> Result<ExitKind, Error> {
+    let args = &upload_args.on;
     let machine = &args.machine;
     let declared = declared(&args.hosts, std::slice::from_ref(machine))?;
     let vars = one(&declared, machine)?;
@@ -357,6 +358,17 @@ pub fn upload(args: &VarsUploadArgs) -> Result<ExitKind, Error> {
         eprintln!("{machine}: no secret to upload");
         return Ok(ExitKind::Success);
     };
+    if let Some(dir) = &upload_args.directory {
+        let bundle = upload.bundle(user_identity()?)?;
+        let written = crate::vars::upload::unpack_into(&bundle, dir)?;
+        eprintln!(
+            "{machine}: {written} of {} files written to {} (as the target's {} would hold them)",
+            upload.count(),
+            dir.display(),
+            upload.location
+        );
+        return Ok(ExitKind::Success);
+    }
     let resolved = crate::commands::machines::load_machine(&args.hosts, machine)?;
     let target =
         crate::ssh::SshHost::new(resolved.target.value.clone(), args.connect.host_key_check);

@@ -123,6 +123,71 @@ impl SecretsUpload {
     }
 }
 
+/// Writes the files of an upload `bundle` into the local directory `dir` (made if missing;
+/// directories 0700, files 0600), as the target would hold them; returns how many were
+/// written. A file already there with other content is never replaced: then nothing is
+/// written. Files already there with the same content are left as they are.
+pub fn unpack_into(bundle: &[u8], dir: &std::path::Path) -> Result<usize, Error> {
+    use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+    let fail = |what: String| Error::new(format!("{}: {what}", dir.display()));
+    let mut files = Vec::new();
+    let mut archive = tar::Archive::new(bundle);
+    for entry in archive.entries().map_err(|e| fail(e.to_string()))? {
+        let mut entry = entry.map_err(|e| fail(e.to_string()))?;
+        let path = entry.path().map_err(|e| fail(e.to_string()))?.into_owned();
+        // The bundle is made here, but its paths still never leave `dir`.
+        if path.is_absolute()
+            || path
+                .components()
+                .any(|c| !matches!(c, std::path::Component::Normal(_)))
+        {
+            return Err(fail(format!("refusing the path {}", path.display())));
+        }
+        let mut content = Zeroizing::new(Vec::new());
+        std::io::Read::read_to_end(&mut entry, &mut content).map_err(|e| fail(e.to_string()))?;
+        files.push((path, content));
+    }
+    let conflicts: Vec<String> = files
+        .iter()
+        .filter(|(path, content)| {
+            std::fs::read(dir.join(path)).is_ok_and(|there| there != content.as_slice())
+                || dir.join(path).is_dir()
+        })
+        .map(|(path, _)| path.display().to_string())
+        .collect();
+    if !conflicts.is_empty() {
+        return Err(Error::usage(format!(
+            "{} already holds other versions of {}: nothing was written",
+            dir.display(),
+            conflicts.join(", ")
+        ))
+        .hint(Hint::text("move them away, or give an empty directory")));
+    }
+    let mut written = 0;
+    for (path, content) in &files {
+        let dest = dir.join(path);
+        if dest.exists() {
+            continue;
+        }
+        if let Some(parent) = dest.parent() {
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(parent)
+                .map_err(|e| fail(e.to_string()))?;
+        }
+        let mut file = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&dest)
+            .map_err(|e| fail(format!("{}: {e}", path.display())))?;
+        std::io::Write::write_all(&mut file, content).map_err(|e| fail(e.to_string()))?;
+        written += 1;
+    }
+    Ok(written)
+}
+
 /// The user's identity, looked for once per run.
 pub fn user_identity() -> Result<&'static UserIdentity, Error> {
     static FOUND: OnceLock<Result<UserIdentity, Error>> = OnceLock::new();
@@ -192,6 +257,30 @@ mod tests {
             names.push(entry.path().unwrap().display().to_string());
         }
         assert_eq!(names, ["key.txt", rel]);
+
+        // --directory: the same files, private, in a local directory; never replaced.
+        let out = tempfile::tempdir().unwrap();
+        let dir = out.path().join("extra");
+        assert_eq!(unpack_into(&bundle, &dir).unwrap(), 2);
+        use std::os::unix::fs::PermissionsExt;
+        let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(&dir.join("key.txt")), 0o600);
+        assert_eq!(mode(&dir.join("per-machine")), 0o700);
+        assert_eq!(std::fs::read(dir.join(rel)).unwrap(), b"CT");
+        assert_eq!(
+            unpack_into(&bundle, &dir).unwrap(),
+            0,
+            "the same files again"
+        );
+        std::fs::write(dir.join("key.txt"), "the user's own key").unwrap();
+        std::fs::remove_file(dir.join(rel)).unwrap();
+        let refused = unpack_into(&bundle, &dir).unwrap_err();
+        assert!(refused.message.contains("key.txt"), "{}", refused.message);
+        assert_eq!(
+            std::fs::read_to_string(dir.join("key.txt")).unwrap(),
+            "the user's own key"
+        );
+        assert!(!dir.join(rel).exists(), "written beside a refused file");
         let machine = repo.machine_identity("m", &user).unwrap();
         assert_eq!(
             machine.to_public().to_string(),
