@@ -356,17 +356,17 @@ pub fn resolve_evaluation(
             let name =
                 MachineName::parse(&name, &Origin::Flake("machines".into())).map_err(refused)?;
             if let Some(vars) = &mut facts.vars {
-                vars.sops = crate::vars::is_sops(&settings, vars);
+                vars.clan_core = crate::vars::clan_core_store(&settings, vars);
             }
             // Secrets this run would generate or upload, kept in a store this tool does not
             // keep: stop here (also in --dry-run), before anything is made beside them.
             if let (Some(root), Some(vars)) = (&overrides.vars_repo, &facts.vars) {
                 crate::vars::check_store(&settings, &name, vars)?;
-                // clan-core's sops store is not written here: what it lacks stops the run
+                // clan-core's stores are not written here: what it lacks stops the run
                 // (the dry run too, as the real run would stop).
-                if vars.sops {
+                if let Some(store) = vars.clan_core {
                     let repo = crate::vars::Repo { root: root.clone() };
-                    crate::vars::sops_store::check_complete(&repo, &name, vars, false)?;
+                    crate::vars::clan_core_store::check_complete(store, &repo, &name, vars, false)?;
                 }
             }
             let machine = resolve_machine(&name, &facts, &store, overrides, users)?;

@@ -106,7 +106,10 @@ fn deploys_through_a_build_host(kind: HostKind) {
         let deploy = clan(&lab, &f, &args);
         assert_eq!(deploy.code, 2, "{}", deploy.all());
         let report: serde_json::Value = serde_json::from_str(&deploy.stdout).unwrap();
-        assert_eq!(report["errors"][0]["code"], "vars.sops-missing", "{report}");
+        assert_eq!(
+            report["errors"][0]["code"], "vars.clan-core-missing",
+            "{report}"
+        );
     }
     assert_target_untouched(&lab);
     assert!(
@@ -242,6 +245,13 @@ struct SopsStore {
 
 impl SopsStore {
     fn write(lab: &Lab, flake: &std::path::Path, machine: &str) -> SopsStore {
+        SopsStore::write_as(lab, flake, machine, false)
+    }
+
+    /// [`SopsStore::write`], or with `age` clan-core's age store: the machine's key pair in
+    /// `secrets/age-keys/machines/<m>/` (the private half age-encrypted to the admin), each
+    /// secret at `secrets/clan-vars/<scope>/<gen>/<file>/<file>.age`, encrypted to the machine.
+    fn write_as(lab: &Lab, flake: &std::path::Path, machine: &str, age: bool) -> SopsStore {
         use age::secrecy::ExposeSecret;
         let attr = format!(
             ".#clanInternals.machines.x86_64-linux.{machine}.config.clan.core.vars.generators"
@@ -269,19 +279,34 @@ impl SopsStore {
         };
         let key_json =
             |public: String| format!("[{{\"publickey\": \"{public}\", \"type\": \"age\"}}]\n");
-        write(
-            &flake.join("sops/users/admin/key.json"),
-            key_json(admin.to_public().to_string()).as_bytes(),
-        );
-        write(
-            &flake.join(format!("sops/machines/{machine}/key.json")),
-            key_json(key.to_public().to_string()).as_bytes(),
-        );
-        let secret_dir = flake.join(format!("sops/secrets/{machine}-age.key"));
-        let text =
-            clan::vars::sops::encrypt(machine_key.as_bytes(), &[admin.to_public()], &now).unwrap();
-        write(&secret_dir.join("secret"), text.as_bytes());
-        link(&secret_dir.join("users/admin"), "../../../users/admin");
+        if age {
+            let keys = flake.join(format!("secrets/age-keys/machines/{machine}"));
+            write(
+                &keys.join("pub"),
+                format!("{}\n", key.to_public()).as_bytes(),
+            );
+            let sealed = clan::vars::encrypt(&[admin.to_public()], machine_key.as_bytes()).unwrap();
+            write(&keys.join("key.age"), &sealed);
+            write(
+                &keys.join("key.age.recipients"),
+                format!("{}\n", admin.to_public()).as_bytes(),
+            );
+        } else {
+            write(
+                &flake.join("sops/users/admin/key.json"),
+                key_json(admin.to_public().to_string()).as_bytes(),
+            );
+            write(
+                &flake.join(format!("sops/machines/{machine}/key.json")),
+                key_json(key.to_public().to_string()).as_bytes(),
+            );
+            let secret_dir = flake.join(format!("sops/secrets/{machine}-age.key"));
+            let text =
+                clan::vars::sops::encrypt(machine_key.as_bytes(), &[admin.to_public()], &now)
+                    .unwrap();
+            write(&secret_dir.join("secret"), text.as_bytes());
+            link(&secret_dir.join("users/admin"), "../../../users/admin");
+        }
         let mut secrets = Vec::new();
         for (g, decl) in generators.as_object().unwrap() {
             let scope = if decl["share"] == true {
@@ -299,7 +324,13 @@ impl SopsStore {
                 let dir = flake.join(format!("vars/{scope}/{g}/{f}"));
                 let up = "../".repeat(scope.split('/').count() + 4);
                 let content = format!("content of {g}/{f}");
-                if secret == true {
+                if secret == true && age {
+                    let path = flake.join(format!("secrets/clan-vars/{scope}/{g}/{f}/{f}.age"));
+                    let sealed =
+                        clan::vars::encrypt(&[key.to_public()], content.as_bytes()).unwrap();
+                    write(&path, &sealed);
+                    secrets.push(path);
+                } else if secret == true {
                     let text = clan::vars::sops::encrypt(
                         content.as_bytes(),
                         &[admin.to_public(), key.to_public()],
@@ -334,10 +365,14 @@ impl SopsStore {
         }
     }
 
-    /// Every file under `sops/` and `vars/`, sorted.
+    /// Every file under `sops/`, `secrets/` and `vars/`, sorted.
     fn files(flake: &std::path::Path) -> Vec<std::path::PathBuf> {
         let mut found = Vec::new();
-        let mut dirs = vec![flake.join("sops"), flake.join("vars")];
+        let mut dirs = vec![
+            flake.join("sops"),
+            flake.join("secrets"),
+            flake.join("vars"),
+        ];
         while let Some(dir) = dirs.pop() {
             for entry in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
                 let path = entry.path();
@@ -351,6 +386,95 @@ impl SopsStore {
         found.sort();
         found
     }
+}
+
+// clan-core's age store (its library's `secretStore = "age"`): read at clan-core's paths,
+// checked, and deployed the same way: the machine's key to `clan.core.vars.age.secretLocation`,
+// opening every secret the closure carries for clan-core's age module.
+#[test]
+fn clan_core_age_store_deploys() {
+    let lab = Lab::start(&[HostSpec::new("target")]);
+    let clan_nix = format!(
+        r#"{{
+  meta.name = "cclab";
+  inventory.machines.alpha.deploy.targetHost = "root@{t}";
+  inventory.instances.sshd = {{
+    roles.server.tags.all = {{ }};
+    roles.server.settings.authorizedKeys.admin = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIDummyKeyForTestsOnly admin";
+  }};
+  machines.alpha = {{ lib, ... }}: {{
+    # clan-core's age module asks NixOS's options whether sysusers or userborn create users;
+    # the fixture's stub of nixpkgs declares neither, so they are declared here, off.
+    options.systemd = lib.mkOption {{
+      default = {{ }};
+      type = lib.types.submodule {{
+        freeformType = lib.types.attrsOf lib.types.anything;
+        options.sysusers.enable = lib.mkOption {{ default = false; }};
+        options.services = lib.mkOption {{ default = {{ }}; type = lib.types.attrsOf lib.types.anything; }};
+      }};
+    }};
+    options.services = lib.mkOption {{
+      default = {{ }};
+      type = lib.types.submodule {{
+        freeformType = lib.types.attrsOf lib.types.anything;
+        options.userborn.enable = lib.mkOption {{ default = false; }};
+      }};
+    }};
+    config = {{
+      nixpkgs.hostPlatform = "x86_64-linux";
+      system.build.toplevel = toplevel "alpha" {{ }};
+      clan.core.vars.settings.secretStore = "age";
+      clan.core.vars.age.secretLocation = "/root/clan-age";
+    }};
+  }};
+}}"#,
+        t = lab.ip("target")
+    );
+    let f = lab.write_clan_core_flake("cca", &clan_nix);
+    let missing = clan(&lab, &f, &["machines", "update", "alpha", "--json"]);
+    assert_eq!(missing.code, 2, "{}", missing.all());
+    let report: serde_json::Value = serde_json::from_str(&missing.stdout).unwrap();
+    assert_eq!(
+        report["errors"][0]["code"], "vars.clan-core-missing",
+        "{report}"
+    );
+    assert!(
+        missing.stderr.contains("clan-core's age store"),
+        "{}",
+        missing.stderr
+    );
+
+    let store = SopsStore::write_as(&lab, &f, "alpha", true);
+    let list = clan(&lab, &f, &["vars", "list", "alpha"]);
+    assert!(
+        list.stdout.contains("openssh/ssh.id_ed25519 ********"),
+        "{}",
+        list.all()
+    );
+    let get = clan(
+        &lab,
+        &f,
+        &["vars", "get", "alpha", "openssh/ssh.id_ed25519"],
+    );
+    assert_eq!(
+        get.stdout,
+        "content of openssh/ssh.id_ed25519",
+        "{}",
+        get.all()
+    );
+    assert_eq!(clan(&lab, &f, &["vars", "check", "alpha"]).code, 0);
+    let run = clan(&lab, &f, &["machines", "update", "alpha"]);
+    assert_eq!(run.code, 0, "{}", run.all());
+    let uploaded = std::fs::read_to_string(lab.host("target").root().join("clan-age/key.txt"))
+        .expect("key.txt in the target's secretLocation");
+    assert_eq!(uploaded.trim(), store.machine_key.trim());
+    let machine: age::x25519::Identity = uploaded.trim().parse().unwrap();
+    for secret in &store.secrets {
+        let sealed = std::fs::read(secret).unwrap();
+        clan::vars::decrypt_with(std::slice::from_ref(&machine), &sealed)
+            .unwrap_or_else(|e| panic!("{}: {e}", secret.display()));
+    }
+    assert_eq!(SopsStore::files(&f), store.files, "something was generated");
 }
 
 #[test]

@@ -40,7 +40,7 @@ fn declared(hosts: &HostArgs, names: &[String]) -> Result<Declared, Error> {
     for (name, mut facts) in evaluation.selected {
         if let Some(vars) = &mut facts.vars {
             vars.check(&name)?;
-            vars.sops = crate::vars::is_sops(&settings, vars);
+            vars.clan_core = crate::vars::clan_core_store(&settings, vars);
         }
         machines.insert(name, facts.vars);
     }
@@ -126,8 +126,15 @@ pub fn list(args: &VarsMachineArgs) -> Result<ExitKind, Error> {
                     "(not generated)".to_string()
                 }
             } else if file.secret {
-                let path = if vars.sops {
-                    crate::vars::sops_store::secret_path(&declared.repo, &args.machine, g, decl, f)
+                let path = if let Some(store) = vars.clan_core {
+                    crate::vars::clan_core_store::secret_path(
+                        store,
+                        &declared.repo,
+                        &args.machine,
+                        g,
+                        decl,
+                        f,
+                    )
                 } else {
                     declared.repo.secret_path(&args.machine, g, decl, f)
                 };
@@ -176,19 +183,22 @@ pub fn get(args: &VarsGetArgs) -> Result<ExitKind, Error> {
             )),
         );
     };
-    if vars.sops {
-        let missing = crate::vars::sops_store::missing(&declared.repo, &args.machine, &vars);
+    if let Some(store) = vars.clan_core {
+        let missing =
+            crate::vars::clan_core_store::missing(store, &declared.repo, &args.machine, &vars);
         if missing.contains(&format!("{} is not generated", args.var)) {
             return Err(Error::usage(format!(
-                "{g}/{f} of machine {} is not generated yet (clan-core's sops store)",
-                args.machine
+                "{g}/{f} of machine {} is not generated yet (clan-core's {} store)",
+                args.machine,
+                store.name()
             ))
             .hint(Hint::text(format!(
                 "generate it with clan-core's CLI: clan vars generate {}",
                 args.machine
             ))));
         }
-        let content = crate::vars::sops_store::read(
+        let content = crate::vars::clan_core_store::read(
+            store,
             &declared.repo,
             &args.machine,
             g,
@@ -222,8 +232,8 @@ pub fn check(args: &VarsMachineArgs) -> Result<ExitKind, Error> {
     let declared = declared(&args.hosts, std::slice::from_ref(machine))?;
     let vars = one_kept_here(&declared, machine)?;
     let mut problems = Vec::new();
-    if vars.sops {
-        return check_sops(&declared.repo, machine, &vars);
+    if let Some(store) = vars.clan_core {
+        return check_clan_core(store, &declared.repo, machine, &vars);
     }
     if let Err(e) = crate::vars::parse_recipients(&declared.settings, machine) {
         problems.push(e.message);
@@ -286,15 +296,22 @@ pub fn check(args: &VarsMachineArgs) -> Result<ExitKind, Error> {
     Ok(ExitKind::DeployFailed)
 }
 
-/// [`check`] for clan-core's sops store: every var there, the machine's key opens with
+/// [`check`] for a clan-core store: every var there, the machine's key opens with
 /// the user's, and every secret the target needs is encrypted to the machine's key.
-fn check_sops(repo: &Repo, machine: &str, vars: &MachineVars) -> Result<ExitKind, Error> {
-    let mut problems = crate::vars::sops_store::missing(repo, machine, vars);
+fn check_clan_core(
+    store: crate::vars::clan_core_store::ClanCoreStore,
+    repo: &Repo,
+    machine: &str,
+    vars: &MachineVars,
+) -> Result<ExitKind, Error> {
+    let mut problems = crate::vars::clan_core_store::missing(store, repo, machine, vars);
     if problems.is_empty() {
         match user_identity() {
             Err(e) => problems.push(e.message),
             Ok(user) => {
-                if let Err(e) = crate::vars::sops_store::check_upload(repo, machine, vars, user) {
+                if let Err(e) =
+                    crate::vars::clan_core_store::check_upload(store, repo, machine, vars, user)
+                {
                     problems.push(e.message);
                 }
             }
@@ -302,7 +319,8 @@ fn check_sops(repo: &Repo, machine: &str, vars: &MachineVars) -> Result<ExitKind
     }
     if problems.is_empty() {
         eprintln!(
-            "{machine}: vars complete in clan-core's sops store, and your key opens the machine's key"
+            "{machine}: vars complete in clan-core's {} store, and your key opens the machine's key",
+            store.name()
         );
         return Ok(ExitKind::Success);
     }
@@ -311,7 +329,8 @@ fn check_sops(repo: &Repo, machine: &str, vars: &MachineVars) -> Result<ExitKind
         eprintln!("  - {problem}");
     }
     eprintln!(
-        "hint: this tool reads clan-core's sops store but does not write it: clan-core's CLI makes and fixes vars there (clan vars generate {machine}, clan vars fix {machine})"
+        "hint: this tool reads clan-core's {} store but does not write it: clan-core's CLI makes and fixes vars there (clan vars generate {machine}, clan vars fix {machine})",
+        store.name()
     );
     Ok(ExitKind::DeployFailed)
 }
@@ -322,11 +341,12 @@ pub fn fix(args: &VarsFixArgs) -> Result<ExitKind, Error> {
     for (machine, vars) in &declared.machines {
         if let Some(vars) = vars {
             crate::vars::check_store(&declared.settings, machine, vars)?;
-            if vars.sops {
+            if let Some(store) = vars.clan_core {
                 return Err(Error::usage(format!(
-                    "machine {machine} keeps its vars in clan-core's sops store, which this tool reads but does not write: nothing was changed"
+                    "machine {machine} keeps its vars in clan-core's {} store, which this tool reads but does not write: nothing was changed",
+                    store.name()
                 ))
-                .code(crate::vars::sops_store::READ_ONLY)
+                .code(crate::vars::clan_core_store::READ_ONLY)
                 .hint(Hint::text(format!(
                     "fix its recipients with clan-core's CLI: clan vars fix {machine}"
                 ))));

@@ -61,9 +61,15 @@ impl<'a> Generation<'a> {
     pub fn machine(&self, machine: &str, vars: &MachineVars) -> Result<Vec<String>, Error> {
         vars.check(machine)?;
         super::check_store(self.settings, machine, vars)?;
-        // clan-core's sops store is read and deployed here, never written.
-        if super::is_sops(self.settings, vars) {
-            super::sops_store::check_complete(self.repo, machine, vars, self.regenerate)?;
+        // clan-core's stores are read and deployed here, never written.
+        if let Some(store) = super::clan_core_store(self.settings, vars) {
+            super::clan_core_store::check_complete(
+                store,
+                self.repo,
+                machine,
+                vars,
+                self.regenerate,
+            )?;
             return Ok(Vec::new());
         }
         // Secrets without their key: nothing is generated (nor said to be complete).

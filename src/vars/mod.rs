@@ -14,9 +14,9 @@
 //! location, decrypted at activation). Never on the build host, in the store, in a log or on
 //! a command line.
 
+pub mod clan_core_store;
 pub mod generate;
 pub mod sops;
-pub mod sops_store;
 pub mod upload;
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -79,10 +79,10 @@ pub struct MachineVars {
     /// clan-core's `clan.core.vars.sops.secretUploadDirectory`, where a flake sets it.
     #[serde(default)]
     pub sops_upload_directory: Option<String>,
-    /// Kept in clan-core's sops store ([`is_sops`], decided where the clan's settings are
-    /// known).
+    /// Kept in one of clan-core's stores ([`clan_core_store`], decided where the clan's
+    /// settings are known).
     #[serde(skip)]
-    pub sops: bool,
+    pub clan_core: Option<clan_core_store::ClanCoreStore>,
     /// `clan.core.vars.generators`.
     pub generators: BTreeMap<String, GeneratorDecl>,
 }
@@ -240,15 +240,24 @@ pub fn check_store(
     }
 }
 
-/// Whether the machine keeps its vars in clan-core's sops store: the clan's
-/// `vars.settings.secretStore = "sops"`, or clan-core's library choosing its sops module
-/// (its default). This tool reads and deploys that store ([`sops_store`]).
-pub fn is_sops(settings: &VarsSettings, vars: &MachineVars) -> bool {
-    settings.secret_store.as_deref() == Some("sops")
-        || vars
-            .secret_module
-            .as_deref()
-            .is_some_and(|m| m.ends_with(".sops"))
+/// Which of clan-core's stores keeps the machine's vars, if one does: sops when the clan
+/// says `vars.settings.secretStore = "sops"` or clan-core's library chooses its sops module
+/// (its default), age when clan-core's library chooses its age module. This tool reads and
+/// deploys both ([`clan_core_store`]); its own age store is chosen by `secretStore = "age"`
+/// (or nothing) on its own library.
+pub fn clan_core_store(
+    settings: &VarsSettings,
+    vars: &MachineVars,
+) -> Option<clan_core_store::ClanCoreStore> {
+    use clan_core_store::ClanCoreStore;
+    // The machine's own choice (clan-core's library sets it on every machine) wins over the
+    // clan's default.
+    match vars.secret_module.as_deref() {
+        Some(module) if module.ends_with(".sops") => Some(ClanCoreStore::Sops),
+        Some(module) if module.ends_with(".age") => Some(ClanCoreStore::Age),
+        Some(_) => None,
+        None => (settings.secret_store.as_deref() == Some("sops")).then_some(ClanCoreStore::Sops),
+    }
 }
 
 /// Where the machine's key goes on the target for sops-nix: `secretUploadDirectory`
@@ -264,24 +273,20 @@ pub fn sops_upload_directory(vars: &MachineVars) -> String {
 pub fn foreign_store(settings: &VarsSettings, machine: &str, vars: &MachineVars) -> Option<String> {
     let module_attr =
         || format!("nixosConfigurations.{machine}.config.clan.core.vars.settings.secretModule");
-    if is_sops(settings, vars) {
+    if clan_core_store(settings, vars).is_some() {
         return None;
     }
     let (store, from, why) = match (&settings.secret_store, &vars.secret_module) {
-        (Some(store), _) if store != "age" => (
-            format!("{store:?}"),
-            "vars.settings.secretStore".to_string(),
-            "which this tool does not support yet (only its own age store and clan-core's sops store)",
-        ),
-        (_, Some(module)) if module.ends_with(".age") => (
-            format!("{module:?}"),
-            module_attr(),
-            "clan-core's age store, whose files (secrets/clan-vars/…/FILE/FILE.age, decrypted from the system closure) this tool's age store does not read or write yet",
-        ),
+        // The machine's own choice first, as in clan_core_store.
         (_, Some(module)) => (
             format!("{module:?}"),
             module_attr(),
-            "which this tool does not support yet (only its own age store and clan-core's sops store)",
+            "which this tool does not support yet (only its own age store and clan-core's sops and age stores)",
+        ),
+        (Some(store), None) if store != "age" => (
+            format!("{store:?}"),
+            "vars.settings.secretStore".to_string(),
+            "which this tool does not support yet (only its own age store and clan-core's sops and age stores)",
         ),
         // clan-core's library, whose secretModule did not evaluate: its generators are
         // still clan-core's, never run here with an empty script.
@@ -1092,28 +1097,46 @@ mod tests {
             ..MachineVars::default()
         };
         let default = VarsSettings::default();
+        use clan_core_store::ClanCoreStore;
         // clan-core's sops store (its default), chosen by its library or by the clan.
         assert!(check_store(&default, "db", &sops).is_ok());
-        assert!(is_sops(&default, &sops));
+        assert_eq!(clan_core_store(&default, &sops), Some(ClanCoreStore::Sops));
         let flake_sops = VarsSettings {
             secret_store: Some("sops".into()),
             ..VarsSettings::default()
         };
-        assert!(is_sops(&flake_sops, &MachineVars::default()));
+        assert_eq!(
+            clan_core_store(&flake_sops, &MachineVars::default()),
+            Some(ClanCoreStore::Sops)
+        );
         assert!(check_store(&flake_sops, "db", &MachineVars::default()).is_ok());
         assert_eq!(sops_upload_directory(&sops), "/var/lib/sops-nix");
-        // clan-core's own age store keeps other paths: refused, by name.
-        let refused = check_store(&default, "db", &age).unwrap_err();
+        // clan-core's age store, chosen by its library.
+        assert!(check_store(&default, "db", &age).is_ok());
+        assert_eq!(clan_core_store(&default, &age), Some(ClanCoreStore::Age));
+        // The machine's choice wins over the clan's default.
+        assert_eq!(clan_core_store(&flake_sops, &age), Some(ClanCoreStore::Age));
+        // This tool's own age store: nothing of clan-core's chosen.
+        assert_eq!(clan_core_store(&default, &MachineVars::default()), None);
+        let own_age = VarsSettings {
+            secret_store: Some("age".into()),
+            ..VarsSettings::default()
+        };
+        assert_eq!(clan_core_store(&own_age, &MachineVars::default()), None);
+        // Another store of clan-core's: refused, by name.
+        let pass = MachineVars {
+            secret_module: Some("clan_lib.vars.secret_modules.password_store".into()),
+            ..MachineVars::default()
+        };
+        let refused = check_store(&default, "db", &pass).unwrap_err();
         assert_eq!(refused.code, Some("vars.store-unsupported"));
         assert!(
-            refused.message.contains("clan-core's age store")
-                && refused.message.contains(
-                    "(from nixosConfigurations.db.config.clan.core.vars.settings.secretModule)"
-                ),
+            refused.message.contains(
+                "(from nixosConfigurations.db.config.clan.core.vars.settings.secretModule)"
+            ),
             "{}",
             refused.message
         );
-        assert!(!is_sops(&default, &age));
         assert!(check_store(&default, "db", &MachineVars::default()).is_ok());
         let mut from_clan_core = MachineVars::default();
         from_clan_core.generators.insert(

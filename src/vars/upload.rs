@@ -30,21 +30,26 @@ pub struct SecretsUpload {
     /// The files, relative to the location (`per-machine/<m>/<decl>/<file>.age`, …);
     /// `key.txt` comes on top.
     pub files: Vec<String>,
-    /// clan-core's sops store: only the machine's key goes (to `location`, its
-    /// `secretUploadDirectory`); the secrets are in the system closure, for sops-nix.
-    pub sops: bool,
+    /// A clan-core store: only the machine's key goes (to `location`: sops'
+    /// `secretUploadDirectory`, age's `secretLocation`); the secrets are in the system
+    /// closure, where clan-core's modules decrypt them.
+    pub clan_core: Option<super::clan_core_store::ClanCoreStore>,
 }
 
 impl SecretsUpload {
     /// What `machine` uploads, if it has secrets to upload.
     pub fn of(repo: &Repo, machine: &str, vars: &MachineVars) -> Option<SecretsUpload> {
-        if vars.sops {
+        if let Some(store) = vars.clan_core {
+            let location = match store {
+                super::clan_core_store::ClanCoreStore::Sops => super::sops_upload_directory(vars),
+                super::clan_core_store::ClanCoreStore::Age => vars.secret_location.clone(),
+            };
             return (!vars.uploaded_files(machine).is_empty()).then(|| SecretsUpload {
                 machine: machine.to_string(),
                 repo: repo.clone(),
-                location: super::sops_upload_directory(vars),
+                location,
                 files: Vec::new(),
-                sops: true,
+                clan_core: Some(store),
             });
         }
         let files: Vec<String> = vars
@@ -57,7 +62,7 @@ impl SecretsUpload {
             repo: repo.clone(),
             location: vars.secret_location.clone(),
             files,
-            sops: false,
+            clan_core: None,
         })
     }
 
@@ -74,8 +79,8 @@ impl SecretsUpload {
     /// The tar the target receives, in memory: the machine's key, decrypted with the user's
     /// identity, and the encrypted secrets as they are in the repository.
     pub fn bundle(&self, user: &UserIdentity) -> Result<Secret, Error> {
-        let key = if self.sops {
-            super::sops_store::machine_key(&self.repo, &self.machine, user)?
+        let key = if let Some(store) = self.clan_core {
+            super::clan_core_store::machine_key(store, &self.repo, &self.machine, user)?
         } else {
             self.repo.machine_private_key(&self.machine, user)?
         };
@@ -245,7 +250,7 @@ mod tests {
             repo: repo.clone(),
             location: "/etc/secret-vars".into(),
             files: vec![rel.into()],
-            sops: false,
+            clan_core: None,
         };
         assert_eq!(upload.args(), ["/etc/secret-vars", "2"]);
         let bundle = upload.bundle(&user).unwrap();

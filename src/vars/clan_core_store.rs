@@ -1,55 +1,107 @@
-//! clan-core's sops store, read as clan-core lays it out:
+//! clan-core's secret stores, read as clan-core lays them out. Public values are
+//! `vars/<scope>/<gen>/<file>/value` in both (`<scope>`: `per-machine/<m>` or `shared`).
 //!
+//! **sops** (clan-core's default):
 //! - `sops/users/<u>/key.json`, `sops/machines/<m>/key.json`: public keys
 //!   (`[{"publickey": "age1…", "type": "age"}]`, or one such object);
 //! - `sops/secrets/<m>-age.key/secret`: the machine's private key, sops-encrypted to users;
-//! - `vars/per-machine/<m>/<gen>/<file>/secret` (`vars/shared/…` when shared): a secret,
-//!   sops-encrypted to the machines and users its `machines/`, `users/` and `groups/`
-//!   symlinks name; `…/<file>/value`: a public value.
+//! - `vars/<scope>/<gen>/<file>/secret`: a secret, sops-encrypted to the machines and users its
+//!   `machines/`, `users/` and `groups/` symlinks name.
 //!
-//! This tool reads that store (list, get, check) and deploys from it: the machine's key goes
-//! to the target's `clan.core.vars.sops.secretUploadDirectory` as `key.txt`, and the secrets
-//! reach the target inside the system closure, where sops-nix decrypts them. It does not
-//! write it (yet): a missing var is an error naming clan-core's command, never a new secret.
+//! **age**:
+//! - `secrets/age-keys/machines/<m>/{pub,key.age}`: the machine's key pair, the private half
+//!   age-encrypted to `vars.settings.recipients` (the same files as this tool's own age store);
+//! - `secrets/clan-vars/<scope>/<gen>/<file>/<file>.age`: a secret, age-encrypted to machines.
+//!
+//! This tool reads those stores (list, get, check) and deploys from them: the machine's key
+//! goes to the target as `key.txt` (sops: `clan.core.vars.sops.secretUploadDirectory`; age:
+//! `clan.core.vars.age.secretLocation`), and the secrets reach the target inside the system
+//! closure, where clan-core's modules decrypt them (sops-nix; its age module). It does not
+//! write them (yet): a missing var is an error naming clan-core's command, never a new secret.
 
 use std::path::PathBuf;
 
-use super::{GeneratorDecl, MachineVars, Repo, Secret, UserIdentity, scope, sops};
+use super::{GeneratorDecl, MachineVars, Repo, Secret, UserIdentity, decrypt_with, scope, sops};
 use crate::error::{Error, Hint};
 
-/// The [`Error::code`] of a var that clan-core's sops store lacks.
-pub const MISSING: &str = "vars.sops-missing";
-
-/// The [`Error::code`] of a change asked of clan-core's sops store, which this tool does
-/// not write.
-pub const READ_ONLY: &str = "vars.sops-read-only";
-
-/// Where clan-core's sops store keeps file `f` of generator `g`.
-pub fn secret_path(repo: &Repo, machine: &str, g: &str, decl: &GeneratorDecl, f: &str) -> PathBuf {
-    repo.root
-        .join("vars")
-        .join(scope(machine, decl))
-        .join(g)
-        .join(f)
-        .join("secret")
+/// A store of clan-core's that this tool reads and deploys.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ClanCoreStore {
+    /// Its default: sops files, decrypted on the target by sops-nix.
+    Sops,
+    /// Its age store (`clan_lib.vars.secret_modules.age`).
+    Age,
 }
 
-/// The machine's private key, sops-encrypted.
-pub fn machine_key_path(repo: &Repo, machine: &str) -> PathBuf {
-    repo.root
-        .join("sops/secrets")
-        .join(format!("{machine}-age.key"))
-        .join("secret")
+impl ClanCoreStore {
+    /// Its name, as clan-core's `secretStore` says it.
+    pub fn name(self) -> &'static str {
+        match self {
+            ClanCoreStore::Sops => "sops",
+            ClanCoreStore::Age => "age",
+        }
+    }
+}
+
+/// The [`Error::code`] of a var that a clan-core store lacks.
+pub const MISSING: &str = "vars.clan-core-missing";
+
+/// The [`Error::code`] of a change asked of a clan-core store, which this tool does not
+/// write.
+pub const READ_ONLY: &str = "vars.clan-core-read-only";
+
+/// Where the store keeps file `f` of generator `g`.
+pub fn secret_path(
+    store: ClanCoreStore,
+    repo: &Repo,
+    machine: &str,
+    g: &str,
+    decl: &GeneratorDecl,
+    f: &str,
+) -> PathBuf {
+    match store {
+        ClanCoreStore::Sops => repo
+            .root
+            .join("vars")
+            .join(scope(machine, decl))
+            .join(g)
+            .join(f)
+            .join("secret"),
+        ClanCoreStore::Age => repo
+            .root
+            .join("secrets/clan-vars")
+            .join(scope(machine, decl))
+            .join(g)
+            .join(f)
+            .join(format!("{f}.age")),
+    }
+}
+
+/// The machine's private key, encrypted to the users.
+pub fn machine_key_path(store: ClanCoreStore, repo: &Repo, machine: &str) -> PathBuf {
+    match store {
+        ClanCoreStore::Sops => repo
+            .root
+            .join("sops/secrets")
+            .join(format!("{machine}-age.key"))
+            .join("secret"),
+        ClanCoreStore::Age => repo.machine_key(machine),
+    }
 }
 
 /// What the store lacks for `machine`, one phrase each: `gen/file is not generated` (public
 /// values included), `gen has a changed validation` (clan-core would generate it again).
-pub fn missing(repo: &Repo, machine: &str, vars: &MachineVars) -> Vec<String> {
+pub fn missing(
+    store: ClanCoreStore,
+    repo: &Repo,
+    machine: &str,
+    vars: &MachineVars,
+) -> Vec<String> {
     let mut missing = Vec::new();
     for (g, decl) in &vars.generators {
         for (f, file) in &decl.files {
             let path = if file.secret {
-                secret_path(repo, machine, g, decl, f)
+                secret_path(store, repo, machine, g, decl, f)
             } else {
                 repo.value_path(machine, g, decl, f)
             };
@@ -64,16 +116,17 @@ pub fn missing(repo: &Repo, machine: &str, vars: &MachineVars) -> Vec<String> {
     missing
 }
 
-/// Nothing is generated in clan-core's sops store here: Ok when every var is there (and
-/// nothing is asked to be made again), else an error naming what is missing and the
-/// command that makes it.
+/// Nothing is generated in a clan-core store here: Ok when every var is there (and nothing
+/// is asked to be made again), else an error naming what is missing and the command that
+/// makes it.
 pub fn check_complete(
+    store: ClanCoreStore,
     repo: &Repo,
     machine: &str,
     vars: &MachineVars,
     regenerate: bool,
 ) -> Result<(), Error> {
-    let missing = missing(repo, machine, vars);
+    let missing = missing(store, repo, machine, vars);
     if missing.is_empty() && !regenerate {
         return Ok(());
     }
@@ -88,7 +141,8 @@ pub fn check_complete(
         missing.join(", ")
     };
     Err(Error::usage(format!(
-        "machine {machine} keeps its vars in clan-core's sops store (sops/, vars/): {what}; this tool reads and deploys that store but does not write it yet, so nothing was generated"
+        "machine {machine} keeps its vars in clan-core's {} store: {what}; this tool reads and deploys that store but does not write it yet, so nothing was generated",
+        store.name()
     ))
     .code(code)
     .hint(Hint::text(format!(
@@ -115,11 +169,17 @@ fn open(
 }
 
 /// The machine's private key (`AGE-SECRET-KEY-1…`), decrypted with the user's key.
-pub fn machine_key(repo: &Repo, machine: &str, user: &UserIdentity) -> Result<Secret, Error> {
-    let path = machine_key_path(repo, machine);
+pub fn machine_key(
+    store: ClanCoreStore,
+    repo: &Repo,
+    machine: &str,
+    user: &UserIdentity,
+) -> Result<Secret, Error> {
+    let path = machine_key_path(store, repo, machine);
     if !path.is_file() {
         return Err(Error::usage(format!(
-            "machine {machine} has no key in clan-core's sops store ({} is missing): the target could not decrypt its secrets",
+            "machine {machine} has no key in clan-core's {} store ({} is missing): the target could not decrypt its secrets",
+            store.name(),
             path.display()
         ))
         .code(MISSING)
@@ -127,20 +187,24 @@ pub fn machine_key(repo: &Repo, machine: &str, user: &UserIdentity) -> Result<Se
             "clan-core makes it with the machine's first vars: clan vars generate {machine}"
         ))));
     }
-    open(
-        &path,
-        &user.identities,
-        &format!("your age key ({})", user.source),
-    )
+    match store {
+        ClanCoreStore::Sops => open(
+            &path,
+            &user.identities,
+            &format!("your age key ({})", user.source),
+        ),
+        ClanCoreStore::Age => repo.machine_private_key(machine, user),
+    }
 }
 
 /// The machine's key as an age identity.
 fn machine_identity(
+    store: ClanCoreStore,
     repo: &Repo,
     machine: &str,
     user: &UserIdentity,
 ) -> Result<age::x25519::Identity, Error> {
-    let key = machine_key(repo, machine, user)?;
+    let key = machine_key(store, repo, machine, user)?;
     std::str::from_utf8(&key)
         .unwrap_or("")
         .trim()
@@ -148,14 +212,15 @@ fn machine_identity(
         .map_err(|_| {
             Error::usage(format!(
                 "{} does not hold an age private key",
-                machine_key_path(repo, machine).display()
+                machine_key_path(store, repo, machine).display()
             ))
         })
 }
 
-/// A var's content: a public value as it is, a secret decrypted with the user's key (or,
-/// when the user is not among its recipients, with the machine's key).
+/// A var's content: a public value as it is, a secret decrypted with the user's key (sops,
+/// when the user is among its recipients) or the machine's key (which the user's opens).
 pub fn read(
+    store: ClanCoreStore,
     repo: &Repo,
     machine: &str,
     g: &str,
@@ -169,13 +234,24 @@ pub fn read(
             .map(zeroize::Zeroizing::new)
             .map_err(|e| Error::usage(format!("cannot read {}: {e}", path.display())));
     }
-    let path = secret_path(repo, machine, g, decl, f);
+    let path = secret_path(store, repo, machine, g, decl, f);
+    if store == ClanCoreStore::Age {
+        let identity = machine_identity(store, repo, machine, user)?;
+        let encrypted = std::fs::read(&path)
+            .map_err(|e| Error::usage(format!("cannot read {}: {e}", path.display())))?;
+        return decrypt_with(std::slice::from_ref(&identity), &encrypted).map_err(|e| {
+            Error::usage(format!(
+                "cannot decrypt {} with machine {machine}'s key: {e}",
+                path.display()
+            ))
+        });
+    }
     let text = std::fs::read_to_string(&path)
         .map_err(|e| Error::usage(format!("cannot read {}: {e}", path.display())))?;
     match sops::decrypt(&text, &user.identities) {
         Ok(plain) => Ok(plain),
         Err(sops::SopsError::NotARecipient(_)) => {
-            let machine_identity = machine_identity(repo, machine, user)?;
+            let machine_identity = machine_identity(store, repo, machine, user)?;
             open(
                 &path,
                 std::slice::from_ref(&machine_identity),
@@ -192,12 +268,13 @@ pub fn read(
 /// Before anything is built: the machine's key decrypts with the user's key, and every
 /// secret the target needs is encrypted to it, so the key that is uploaded opens them all.
 pub fn check_upload(
+    store: ClanCoreStore,
     repo: &Repo,
     machine: &str,
     vars: &MachineVars,
     user: &UserIdentity,
 ) -> Result<(), Error> {
-    check_complete(repo, machine, vars, false)?;
+    check_complete(store, repo, machine, vars, false)?;
     let early: Vec<String> = vars
         .generators
         .iter()
@@ -210,19 +287,30 @@ pub fn check_upload(
         .collect();
     if !early.is_empty() {
         return Err(Error::usage(format!(
-            "machine {machine}'s secrets {} are needed for activation: clan-core uploads those decrypted, which this tool does not do with its sops store yet; nothing was uploaded",
-            early.join(", ")
+            "machine {machine}'s secrets {} are needed for activation: clan-core uploads those decrypted, which this tool does not do with its {} store yet; nothing was uploaded",
+            early.join(", "),
+            store.name()
         ))
-        .code("vars.sops-unsupported")
+        .code("vars.clan-core-unsupported")
         .hint(Hint::text(format!(
             "upload them with clan-core's CLI (clan vars upload {machine}), and deploy with --no-secrets"
         ))));
     }
-    let identity = machine_identity(repo, machine, user)?;
+    let identity = machine_identity(store, repo, machine, user)?;
     let public = identity.to_public().to_string();
     for (g, decl) in &vars.generators {
         for (f, _) in decl.files.iter().filter(|(_, file)| file.uploaded()) {
-            let path = secret_path(repo, machine, g, decl, f);
+            let path = secret_path(store, repo, machine, g, decl, f);
+            if store == ClanCoreStore::Age {
+                // age files name no recipients: the machine's key must open it.
+                read(store, repo, machine, g, decl, f, user).map_err(|e| {
+                    Error::usage(format!(
+                        "machine {machine}'s secret {g}/{f} does not decrypt with the machine's key: the target could not decrypt it; nothing was uploaded ({})",
+                        e.message
+                    ))
+                })?;
+                continue;
+            }
             let text = std::fs::read_to_string(&path)
                 .map_err(|e| Error::usage(format!("cannot read {}: {e}", path.display())))?;
             let for_whom = sops::recipients(&text)
@@ -280,10 +368,10 @@ mod tests {
     #[test]
     fn clan_cores_sops_repository_is_read_as_it_is() {
         let (repo, user, vars) = (repo(), admin(), peer1());
-        assert!(missing(&repo, "peer1", &vars).is_empty());
-        assert!(check_complete(&repo, "peer1", &vars, false).is_ok());
-        check_upload(&repo, "peer1", &vars, &user).unwrap();
-        let key = machine_key(&repo, "peer1", &user).unwrap();
+        assert!(missing(ClanCoreStore::Sops, &repo, "peer1", &vars).is_empty());
+        assert!(check_complete(ClanCoreStore::Sops, &repo, "peer1", &vars, false).is_ok());
+        check_upload(ClanCoreStore::Sops, &repo, "peer1", &vars, &user).unwrap();
+        let key = machine_key(ClanCoreStore::Sops, &repo, "peer1", &user).unwrap();
         assert!(
             std::str::from_utf8(&key)
                 .unwrap()
@@ -292,6 +380,7 @@ mod tests {
         );
         let g = &vars.generators["dummy-generator"];
         let secret = read(
+            ClanCoreStore::Sops,
             &repo,
             "peer1",
             "dummy-generator",
@@ -300,7 +389,16 @@ mod tests {
             &user,
         );
         assert!(!secret.unwrap().is_empty());
-        let value = read(&repo, "peer1", "dummy-generator", g, "host-id", &user).unwrap();
+        let value = read(
+            ClanCoreStore::Sops,
+            &repo,
+            "peer1",
+            "dummy-generator",
+            g,
+            "host-id",
+            &user,
+        )
+        .unwrap();
         assert!(!value.is_empty());
     }
 
@@ -318,17 +416,27 @@ mod tests {
         );
         vars.generators.insert("api".into(), more);
         assert_eq!(
-            missing(&repo, "peer1", &vars),
+            missing(ClanCoreStore::Sops, &repo, "peer1", &vars),
             ["api/token is not generated"]
         );
-        let error = check_complete(&repo, "peer1", &vars, false).unwrap_err();
+        let error = check_complete(ClanCoreStore::Sops, &repo, "peer1", &vars, false).unwrap_err();
         assert_eq!(error.code, Some(MISSING));
         assert!(
             error.message.contains("api/token is not generated"),
             "{}",
             error.message
         );
-        assert!(!secret_path(&repo, "peer1", "api", &vars.generators["api"], "token").exists());
+        assert!(
+            !secret_path(
+                ClanCoreStore::Sops,
+                &repo,
+                "peer1",
+                "api",
+                &vars.generators["api"],
+                "token"
+            )
+            .exists()
+        );
         // A validation hash the store does not have: clan-core would make it again.
         let mut changed = peer1();
         changed
@@ -337,14 +445,16 @@ mod tests {
             .unwrap()
             .validation_hash = Some("abc".into());
         assert_eq!(
-            missing(&repo, "peer1", &changed),
+            missing(ClanCoreStore::Sops, &repo, "peer1", &changed),
             ["new-service has a changed validation"]
         );
         // Regenerating is refused too: it would make new secrets.
-        assert!(check_complete(&repo, "peer1", &peer1(), true).is_err());
+        assert!(check_complete(ClanCoreStore::Sops, &repo, "peer1", &peer1(), true).is_err());
         // A machine without a key in the store.
         assert_eq!(
-            machine_key(&repo, "nokey", &admin()).unwrap_err().code,
+            machine_key(ClanCoreStore::Sops, &repo, "nokey", &admin())
+                .unwrap_err()
+                .code,
             Some(MISSING)
         );
     }
