@@ -204,7 +204,7 @@ impl Streamed {
     }
 }
 
-/// Like [`load_selection`], but streaming: the index is evaluated and checked now; each
+/// Like [`load_selection_skipping`], but streaming: the index is evaluated and checked now; each
 /// selected machine's own evaluation arrives later through [`Streamed::evaluated`].
 pub fn stream_selection(
     flake: &Path,
@@ -356,7 +356,7 @@ pub fn resolve_evaluation(
             let name =
                 MachineName::parse(&name, &Origin::Flake("machines".into())).map_err(refused)?;
             if let Some(vars) = &mut facts.vars {
-                vars.clan_core = crate::vars::clan_core_store(&settings, vars);
+                vars.clan_core = crate::vars::clan_core_store_of(&settings, vars);
             }
             // Secrets this run would generate or upload, kept in a store this tool does not
             // keep: stop here (also in --dry-run), before anything is made beside them.
