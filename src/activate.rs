@@ -49,6 +49,11 @@ pub enum Command<'a> {
         action: &'a str,
         /// The new system.
         toplevel: &'a str,
+        /// The specialisation whose switch-to-configuration runs (`-` on the command line:
+        /// the system's own).
+        specialisation: Option<&'a str>,
+        /// NIXOS_NO_CHECK=1 for it (`1`/`0`).
+        no_check: bool,
     },
     /// Stand the watchdog down.
     Confirm {
@@ -132,7 +137,15 @@ impl Command<'_> {
                 run,
                 action,
                 toplevel,
-            } => args.extend([run.to_string(), action.to_string(), toplevel.to_string()]),
+                specialisation,
+                no_check,
+            } => args.extend([
+                run.to_string(),
+                action.to_string(),
+                toplevel.to_string(),
+                specialisation.unwrap_or("-").to_string(),
+                if no_check { "1" } else { "0" }.to_string(),
+            ]),
             Command::Confirm { run }
             | Command::Outcome { run }
             | Command::Undo { run }
@@ -390,6 +403,8 @@ mod tests {
                 run,
                 action: "switch",
                 toplevel: "/nix/store/x",
+                specialisation: None,
+                no_check: false,
             },
             Command::Confirm { run },
             Command::Outcome { run },
@@ -444,6 +459,17 @@ mod tests {
             }
             .args(),
             ["rollback", "ab", "30", "6"]
+        );
+        assert_eq!(
+            Command::Switch {
+                run: "ab",
+                action: "test",
+                toplevel: "/nix/store/x",
+                specialisation: Some("gpu"),
+                no_check: true,
+            }
+            .args(),
+            ["switch", "ab", "test", "/nix/store/x", "gpu", "1"]
         );
     }
 }

@@ -440,6 +440,15 @@ pub struct UpdateArgs {
     #[arg(long)]
     pub no_rollback: bool,
 
+    /// Activate this NixOS specialisation of the new system (its
+    /// specialisation/NAME/bin/switch-to-configuration); the profile is the system itself.
+    #[arg(long, value_name = "NAME", value_parser = parse_specialisation)]
+    pub specialisation: Option<String>,
+
+    /// Skip NixOS's pre-switch checks (switch inhibitors): NIXOS_NO_CHECK=1 for the switch.
+    #[arg(long)]
+    pub no_check: bool,
+
     /// Seconds the target waits for a fresh ssh login after activation before it rolls back by itself.
     #[arg(long, value_name = "SECONDS", default_value_t = 30, value_parser = clap::value_parser!(u32).range(5..))]
     pub rollback_timeout: u32,
@@ -585,6 +594,20 @@ impl HostArgs {
             },
             vars_repo: None,
         }
+    }
+}
+
+/// `--specialisation NAME`: a directory name of the system's `specialisation/`.
+fn parse_specialisation(value: &str) -> Result<String, String> {
+    let ok = value.starts_with(|c: char| c.is_ascii_alphanumeric())
+        && value.len() <= 255
+        && value
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
+    if ok {
+        Ok(value.to_string())
+    } else {
+        Err("a specialisation name: a letter or digit, then letters, digits, . _ - (a directory of the system's specialisation/)".into())
     }
 }
 

@@ -272,10 +272,10 @@ pub fn diagnose(machine: &ResolvedMachine, step: &Step, output: &str, code: Opti
     };
     let error = match step.kind {
         StepKind::VerifySystem => base(format!(
-            "{name}: {} is not a NixOS system (it has no nixos-version or bin/switch-to-configuration); refusing to activate it on {target}",
+            "{name}: {} is not a NixOS system (it has no nixos-version or bin/switch-to-configuration), or lacks the specialisation asked for with --specialisation; refusing to activate it on {target}",
             machine.out_path()
         ))
-        .hint(Hint::text("the machine's system.build.toplevel must be a NixOS system")),
+        .hint(Hint::text("the machine's system.build.toplevel must be a NixOS system; a specialisation is a name of its config.specialisation")),
         StepKind::Realise => base(format!(
             "{name}: building {} failed on {role_host}",
             machine.drv_path()

@@ -533,6 +533,8 @@ mod tests {
         "--print-invalid",
         "--substitute-on-destination",
         "--",
+        // clan-activate switch: no specialisation (never a value of the flake).
+        "-",
         "-m",
         "-rf",
         "-e",

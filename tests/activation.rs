@@ -51,7 +51,46 @@ on_both_kinds!(
     unreachable_after_the_switch_is_left_to_the_watchdog,
     rerun_after_a_killed_switch_takes_over_and_confirms,
     a_closed_output_does_not_stop_the_deploy,
+    a_specialisation_with_no_check,
 );
+
+// clan-core's --specialisation and --no-check: the profile is the system, the switch is the
+// specialisation's, with NIXOS_NO_CHECK=1; a specialisation the system lacks is refused
+// before anything changes, also where the target runs the system already.
+fn a_specialisation_with_no_check(kind: HostKind) {
+    let lab = target_lab(kind);
+    let f = flake(&lab, r#"specialisations = [ "gpu" ];"#);
+    let out = toplevel(&lab, &f, "m");
+    let run = update(&lab, &f, &["--specialisation", "gpu", "--no-check"]);
+    assert_eq!(run.code, 0, "{}", run.all());
+    assert_eq!(
+        switches(&lab).last().unwrap(),
+        &format!("{out}/specialisation/gpu switch NIXOS_NO_CHECK=1")
+    );
+    assert_system(&lab, Some(&out), Some(&out));
+    assert_nothing_left(&lab);
+    // The target runs the system: a specialisation is activated again, not "up to date".
+    let again = update(&lab, &f, &["--specialisation", "gpu"]);
+    assert_eq!(again.code, 0, "{}", again.all());
+    assert_eq!(
+        switches(&lab).last().unwrap(),
+        &format!("{out}/specialisation/gpu switch NIXOS_NO_CHECK=")
+    );
+    let before = switches(&lab).len();
+    let missing = update(&lab, &f, &["--specialisation", "nope"]);
+    assert_eq!(missing.code, 1, "{}", missing.all());
+    assert!(
+        missing
+            .stderr
+            .contains("lacks the specialisation asked for with --specialisation"),
+        "{}",
+        missing.stderr
+    );
+    assert_eq!(switches(&lab).len(), before, "something was switched");
+    let bad = update(&lab, &f, &["--specialisation", "../x"]);
+    assert_eq!(bad.code, 2, "{}", bad.all());
+    assert_eq!(switches(&lab).len(), before);
+}
 
 fn target_lab(kind: HostKind) -> Lab {
     Lab::start(&[HostSpec::new("target").kind(kind)])

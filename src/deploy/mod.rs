@@ -193,9 +193,10 @@ impl Deployment {
         }
         let mut plan = plan_deploy(machines, &ctx);
         let mut reports = Vec::new();
-        // Machines whose target runs this very system have nothing to do.
+        // Machines whose target runs this very system have nothing to do (unless a
+        // specialisation of it is asked for: the target may run the system itself).
         let mut lacking = BTreeSet::new();
-        if !self.settings.reactivate {
+        if !self.settings.reactivate && ctx.specialisation.is_none() {
             let checked = up_to_date(&plan, &self.connections, &self.logs);
             lacking = checked.lacking;
             for report in checked.reports {

@@ -68,17 +68,32 @@ impl Target<'_> {
         )
     }
 
-    /// Checks that the system is a NixOS system before anything changes.
+    /// Checks that the system is a NixOS system (with the specialisation asked for, if
+    /// one is) before anything changes.
     pub fn verify(&self) -> Step {
         let switch = format!("{}/bin/switch-to-configuration", self.out);
         let version = format!("{}/nixos-version", self.out);
+        let mut test = vec!["-e".to_string(), version, "-a".into(), "-x".into(), switch];
+        if let Some(name) = &self.ctx.specialisation {
+            test.extend([
+                "-a".into(),
+                "-x".into(),
+                format!(
+                    "{}/specialisation/{name}/bin/switch-to-configuration",
+                    self.out
+                ),
+            ]);
+        }
+        // A specialisation is checked also where the target runs the system already.
+        let when = if self.ctx.specialisation.is_some() {
+            When::Always
+        } else {
+            When::TargetNotRunning
+        };
         self.step(
             StepKind::VerifySystem,
-            RemoteCommand::Run(Invocation::new(
-                "test",
-                ["-e", &version, "-a", "-x", &switch],
-            )),
-            When::TargetNotRunning,
+            RemoteCommand::Run(Invocation::new("test", test)),
+            when,
         )
     }
 
@@ -148,6 +163,8 @@ impl Target<'_> {
                 run: &self.ctx.run_id,
                 action: action.word(),
                 toplevel: self.out,
+                specialisation: self.ctx.specialisation.as_deref(),
+                no_check: self.ctx.no_check,
             },
             When::Always,
         );

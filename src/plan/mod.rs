@@ -463,6 +463,10 @@ pub struct PlanContext {
     /// Each build host's own `max-jobs`, by connection key (`localhost` for this machine),
     /// as the preflight learnt it; empty without a preflight.
     pub builder_max_jobs: BTreeMap<String, u32>,
+    /// `--specialisation`: the specialisation of the new system that is activated.
+    pub specialisation: Option<String>,
+    /// `--no-check`: NixOS's switch inhibitors are not checked.
+    pub no_check: bool,
 }
 
 impl PlanContext {
@@ -532,6 +536,8 @@ impl PlanContext {
             build_jobs: None,
             jobs: 8,
             builder_max_jobs: BTreeMap::new(),
+            specialisation: None,
+            no_check: false,
         }
     }
 }

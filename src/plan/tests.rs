@@ -150,7 +150,7 @@ fn remote_build_host_copies_to_target_itself() {
             "clan-activate lock r1 alice@ws 300 60 Always",
             "clan-activate prepare r1 switch /nix/store/00000000000000000000000000000000-o-m 30 TargetNotRunning",
             "clan-activate prepare r1 switch /nix/store/00000000000000000000000000000000-o-m 0 TargetRunning",
-            "clan-activate switch r1 switch /nix/store/00000000000000000000000000000000-o-m Always",
+            "clan-activate switch r1 switch /nix/store/00000000000000000000000000000000-o-m - 0 Always",
             "clan-activate confirm r1 TargetNotRunning",
         ]
     );
@@ -233,14 +233,14 @@ fn actions_choose_profile_switch_and_watchdog() {
     );
     assert_eq!(
         switch,
-        "clan-activate switch r1 switch /nix/store/00000000000000000000000000000000-o-m"
+        "clan-activate switch r1 switch /nix/store/00000000000000000000000000000000-o-m - 0"
     );
     assert!(undo);
     let (k, switch, undo) = kinds(Action::Boot);
     assert_eq!(k, [VerifySystem, LockTarget, Prepare, Switch]);
     assert_eq!(
         switch,
-        "clan-activate switch r1 boot /nix/store/00000000000000000000000000000000-o-m"
+        "clan-activate switch r1 boot /nix/store/00000000000000000000000000000000-o-m - 0"
     );
     assert!(undo);
     let (k, switch, _) = kinds(Action::Test);
@@ -250,14 +250,14 @@ fn actions_choose_profile_switch_and_watchdog() {
     );
     assert_eq!(
         switch,
-        "clan-activate switch r1 test /nix/store/00000000000000000000000000000000-o-m"
+        "clan-activate switch r1 test /nix/store/00000000000000000000000000000000-o-m - 0"
     );
     // dry-activate changes nothing: no lock, no profile, nothing to undo.
     let (k, switch, undo) = kinds(Action::DryActivate);
     assert_eq!(k, [VerifySystem, Switch]);
     assert_eq!(
         switch,
-        "clan-activate switch r1 dry-activate /nix/store/00000000000000000000000000000000-o-m"
+        "clan-activate switch r1 dry-activate /nix/store/00000000000000000000000000000000-o-m - 0"
     );
     assert!(!undo);
 }

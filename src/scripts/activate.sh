@@ -20,10 +20,11 @@
 #       for, their watchdog stopped), record the current generation ("clan: previous N
 #       PATH"), arm this run's watchdog (TIMEOUT > 0, ACTION switch or test), set the
 #       profile (switch, boot: "clan: profile N PATH").
-#   switch RUN ACTION TOPLEVEL
-#       TOPLEVEL's switch-to-configuration ACTION, in a transient unit where systemd runs
-#       (a lost ssh session cannot stop it half-way), telling the watchdog when it starts
-#       and ends. Exits with its status.
+#   switch RUN ACTION TOPLEVEL SPECIALISATION NO_CHECK
+#       TOPLEVEL's switch-to-configuration ACTION (SPECIALISATION's, unless it is "-"; with
+#       NIXOS_NO_CHECK=1 when NO_CHECK is 1), in a transient unit where systemd runs (a lost
+#       ssh session cannot stop it half-way), telling the watchdog when it starts and ends.
+#       Exits with its status.
 #   watchdog RUN
 #       Waits for the switch to end, then TIMEOUT seconds; unless the activation was
 #       confirmed by then, rolls back to the recorded generation (see back_to).
@@ -274,7 +275,7 @@ prepare)
 	exec 8>&-
 	;;
 switch)
-	[ $# -eq 2 ] || exit 2
+	[ $# -eq 4 ] || exit 2
 	# dry-activate changes nothing and takes no lock.
 	[ "$1" = dry-activate ] || own_lock
 	if has_systemd; then
@@ -288,11 +289,20 @@ switch)
 	exit $s
 	;;
 switch-now)
-	[ $# -eq 2 ] || exit 2
+	[ $# -eq 4 ] || exit 2
 	# A lost session does not stop the switch half-way where no unit holds it.
 	trap '' HUP PIPE
 	[ -d "$R" ] && echo $$ >"$R/switch-pid"
-	"$2/bin/switch-to-configuration" "$1"
+	bin="$2/bin/switch-to-configuration"
+	if [ "$3" != - ]; then
+		case $3 in '' | . | .. | */*) exit 2 ;; esac
+		bin="$2/specialisation/$3/bin/switch-to-configuration"
+	fi
+	if [ "$4" = 1 ]; then
+		NIXOS_NO_CHECK=1 "$bin" "$1"
+	else
+		"$bin" "$1"
+	fi
 	s=$?
 	[ -d "$R" ] && echo $s >"$R/switch-status"
 	# How it ended, kept after the record is gone (for outcome).

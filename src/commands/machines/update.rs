@@ -300,5 +300,7 @@ fn plan_context(
         build_jobs: args.build_jobs,
         jobs: args.jobs,
         builder_max_jobs: Default::default(),
+        specialisation: args.specialisation.clone(),
+        no_check: args.no_check,
     })
 }
