@@ -271,11 +271,17 @@ pub fn diagnose(machine: &ResolvedMachine, step: &Step, output: &str, code: Opti
         Runner::Workstation(_) => "the workstation".to_string(),
     };
     let error = match step.kind {
-        StepKind::VerifySystem => base(format!(
-            "{name}: {} is not a NixOS system (it has no nixos-version or bin/switch-to-configuration), or lacks the specialisation asked for with --specialisation; refusing to activate it on {target}",
+        // The check names the specialisation's switch when one was asked for.
+        StepKind::VerifySystem if step.command_line().contains("/specialisation/") => base(format!(
+            "{name}: {} lacks the specialisation asked for with --specialisation (or is not a NixOS system); refusing to activate it on {target}",
             machine.out_path()
         ))
-        .hint(Hint::text("the machine's system.build.toplevel must be a NixOS system; a specialisation is a name of its config.specialisation")),
+        .hint(Hint::text("a specialisation is a name of the machine's config.specialisation")),
+        StepKind::VerifySystem => base(format!(
+            "{name}: {} is not a NixOS system (it has no nixos-version or bin/switch-to-configuration); refusing to activate it on {target}",
+            machine.out_path()
+        ))
+        .hint(Hint::text("the machine's system.build.toplevel must be a NixOS system")),
         StepKind::Realise => base(format!(
             "{name}: building {} failed on {role_host}",
             machine.drv_path()
