@@ -12,6 +12,10 @@ use crate::error::{Error, Hint};
 #[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct MachineFacts {
+    /// `inventory.machines.<m>.machineClass` (`nixos` when unset): this tool deploys NixOS
+    /// machines only.
+    #[serde(default)]
+    pub machine_class: Option<String>,
     /// `inventory.machines.<m>.deploy.targetHost`
     pub inventory_target_host: Option<String>,
     /// `inventory.machines.<m>.deploy.buildHost`
@@ -156,6 +160,7 @@ let
         else if legacySystem != null then legacySystem
         else (config.system.build.toplevel or { }).system or null;
     in {
+      machineClass = inv.machineClass or "nixos";
       inventoryTargetHost = inv.deploy.targetHost or null;
       inventoryBuildHost = inv.deploy.buildHost or null;
       configTargetHost = net.targetHost or null;

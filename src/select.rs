@@ -314,7 +314,9 @@ pub fn default_selection(
 ) -> Vec<(String, &'static str)> {
     let mut skipped = Vec::new();
     evaluation.selected.retain(|name, facts| {
-        let why = if facts.require_explicit_update {
+        let why = if facts.machine_class.as_deref().is_some_and(|c| c != "nixos") {
+            Some("its machineClass is not nixos: this tool deploys NixOS machines only")
+        } else if facts.require_explicit_update {
             Some("requireExplicitUpdate is set: name it to update it")
         } else if overrides.target_host.is_none()
             && facts.inventory_target_host.is_none()
@@ -400,6 +402,24 @@ fn check_names(evaluation: &crate::eval::Evaluation) -> Result<(), Error> {
 fn check_outputs(machines: &[LoadedMachine]) -> Result<(), Error> {
     for loaded in machines {
         let m = &loaded.machine;
+        if let Some(class) = loaded
+            .facts
+            .machine_class
+            .as_deref()
+            .filter(|c| *c != "nixos")
+        {
+            return Err(Error::usage(format!(
+                "machine {} is a {} machine (inventory.machines.{}.machineClass): this tool deploys NixOS machines only; nothing was built",
+                m.name,
+                crate::boundary::terminal_safe(class),
+                m.name
+            ))
+            .code("machine.not-nixos")
+            .hint(Hint::text(format!(
+                "deploy it with clan-core's CLI (clan machines update {}), and leave it out here (without names, it is skipped)",
+                m.name
+            ))));
+        }
         if m.toplevel.is_none() {
             return Err(Error::usage(format!(
                 "{}: the flake gave no system.build.toplevel for it: it is not a system this tool can build",

@@ -152,6 +152,51 @@ fn clan_core_output_shape_deploys() {
     );
 }
 
+// A machine whose inventory says it is not NixOS (clan-core's `machineClass = "darwin"`):
+// left out of the default selection with the reason, and refused by name when named, before
+// anything is built.
+#[test]
+fn a_darwin_machine_is_named_and_left_out() {
+    let lab = Lab::start(&[HostSpec::new("target")]);
+    let t = lab.ip("target");
+    let f = lab.write_flake(&format!(
+        r#"{{ inventory.machines = {{ m.deploy.targetHost = "root@{t}"; mac.deploy.targetHost = "root@{t}"; }};
+             machines = {{ m = system {{ }}; mac = system {{ }}; }}; }}"#
+    ));
+    // As clan-core's inventory says it (this repository's library knows only nixos).
+    let text = std::fs::read_to_string(f.join("flake.nix")).unwrap();
+    let text = text.replace(
+        "inherit (clan.config) nixosConfigurations clanInternals;",
+        r#"inherit (clan.config) nixosConfigurations;
+      clanInternals = let ci = clan.config.clanInternals; in ci // {
+        inventory = ci.inventory // {
+          machines = ci.inventory.machines // { mac = ci.inventory.machines.mac // { machineClass = "darwin"; }; };
+        };
+      };"#,
+    );
+    std::fs::write(f.join("flake.nix"), text).unwrap();
+    let all = clan(&lab, &f, &["machines", "update", "--dry-run"]);
+    assert_eq!(all.code, 0, "{}", all.all());
+    assert!(
+        all.stderr.contains(
+            "mac: skipped (its machineClass is not nixos: this tool deploys NixOS machines only)"
+        ),
+        "{}",
+        all.stderr
+    );
+    assert!(all.stdout.contains("m: deploy to"), "{}", all.stdout);
+    let named = clan(&lab, &f, &["machines", "update", "mac", "--json"]);
+    assert_eq!(named.code, 2, "{}", named.all());
+    let report: serde_json::Value = serde_json::from_str(&named.stdout).unwrap();
+    assert_eq!(report["errors"][0]["code"], "machine.not-nixos", "{report}");
+    assert!(
+        named.stderr.contains("machine mac is a darwin machine"),
+        "{}",
+        named.stderr
+    );
+    assert_eq!(lab.host("target").system_profile(), None);
+}
+
 // clan-core's selection: --tags selects the machines having every tag (with names: those
 // names, filtered); without names, every machine with a targetHost that does not require an
 // explicit update, the others listed as skipped; --target-host with one machine only.
