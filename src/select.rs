@@ -358,7 +358,7 @@ pub fn resolve_evaluation(
             let name =
                 MachineName::parse(&name, &Origin::Flake("machines".into())).map_err(refused)?;
             if let Some(vars) = &mut facts.vars {
-                vars.clan_core = crate::vars::clan_core_store_of(&settings, vars);
+                vars.clan_core = crate::vars::clan_core_store_of(vars);
             }
             // Secrets this run would generate or upload, kept in a store this tool does not
             // keep: stop here (also in --dry-run), before anything is made beside them.

@@ -40,7 +40,7 @@ fn declared(hosts: &HostArgs, names: &[String]) -> Result<Declared, Error> {
     for (name, mut facts) in evaluation.selected {
         if let Some(vars) = &mut facts.vars {
             vars.check(&name)?;
-            vars.clan_core = crate::vars::clan_core_store_of(&settings, vars);
+            vars.clan_core = crate::vars::clan_core_store_of(vars);
         }
         machines.insert(name, facts.vars);
     }

@@ -62,7 +62,7 @@ impl<'a> Generation<'a> {
         vars.check(machine)?;
         super::check_store(self.settings, machine, vars)?;
         // clan-core's stores are read and deployed here, never written.
-        if let Some(store) = super::clan_core_store_of(self.settings, vars) {
+        if let Some(store) = super::clan_core_store_of(vars) {
             super::clan_core_store::check_complete(
                 store,
                 self.repo,

@@ -61,23 +61,20 @@ pub fn check_store(
     }
 }
 
-/// Which of clan-core's stores keeps the machine's vars, if one does: sops when the clan
-/// says `vars.settings.secretStore = "sops"` or clan-core's library chooses its sops module
-/// (its default), age when clan-core's library chooses its age module. This tool reads and
-/// deploys both ([`clan_core_store`]); its own age store is chosen by `secretStore = "age"`
-/// (or nothing) on its own library.
-pub fn clan_core_store_of(
-    settings: &VarsSettings,
-    vars: &MachineVars,
-) -> Option<clan_core_store::ClanCoreStore> {
+/// Which of clan-core's stores keeps the machine's vars, if one does: the one clan-core's
+/// library chooses for the machine (`clan.core.vars.settings.secretModule`: sops by
+/// default, or age). This tool reads and deploys both ([`clan_core_store`]); its own age
+/// store is chosen by `secretStore = "age"` (or nothing) on its own library.
+pub fn clan_core_store_of(vars: &MachineVars) -> Option<clan_core_store::ClanCoreStore> {
     use clan_core_store::ClanCoreStore;
-    // The machine's own choice (clan-core's library sets it on every machine) wins over the
-    // clan's default.
+    // clan-core's library names the module on every machine, and its modules decrypt what
+    // the store holds on the target (sops-nix, its age module). This repository's library
+    // names none: its `secretStore = "sops"` is refused ([`foreign_store`]), since nothing
+    // of it would decrypt sops files on the target.
     match vars.secret_module.as_deref() {
         Some(module) if module.ends_with(".sops") => Some(ClanCoreStore::Sops),
         Some(module) if module.ends_with(".age") => Some(ClanCoreStore::Age),
-        Some(_) => None,
-        None => (settings.secret_store.as_deref() == Some("sops")).then_some(ClanCoreStore::Sops),
+        _ => None,
     }
 }
 
@@ -94,7 +91,7 @@ pub fn sops_upload_directory(vars: &MachineVars) -> String {
 pub fn foreign_store(settings: &VarsSettings, machine: &str, vars: &MachineVars) -> Option<String> {
     let module_attr =
         || format!("nixosConfigurations.{machine}.config.clan.core.vars.settings.secretModule");
-    if clan_core_store_of(settings, vars).is_some() {
+    if clan_core_store_of(vars).is_some() {
         return None;
     }
     let (store, from, why) = match (&settings.secret_store, &vars.secret_module) {
@@ -191,37 +188,34 @@ mod tests {
         };
         let default = VarsSettings::default();
         use clan_core_store::ClanCoreStore;
-        // clan-core's sops store (its default), chosen by its library or by the clan.
+        // clan-core's sops store (its default), chosen by its library.
         assert!(check_store(&default, "db", &sops).is_ok());
-        assert_eq!(
-            clan_core_store_of(&default, &sops),
-            Some(ClanCoreStore::Sops)
-        );
+        assert_eq!(clan_core_store_of(&sops), Some(ClanCoreStore::Sops));
         let flake_sops = VarsSettings {
             secret_store: Some("sops".into()),
             ..VarsSettings::default()
         };
-        assert_eq!(
-            clan_core_store_of(&flake_sops, &MachineVars::default()),
-            Some(ClanCoreStore::Sops)
+        // This repository's library names no module: nothing of it decrypts sops files on
+        // the target, so its `secretStore = "sops"` is refused, by name.
+        assert_eq!(clan_core_store_of(&MachineVars::default()), None);
+        let refused = check_store(&flake_sops, "db", &MachineVars::default()).unwrap_err();
+        assert!(
+            refused.message.contains("(from vars.settings.secretStore)"),
+            "{}",
+            refused.message
         );
-        assert!(check_store(&flake_sops, "db", &MachineVars::default()).is_ok());
         assert_eq!(sops_upload_directory(&sops), "/var/lib/sops-nix");
         // clan-core's age store, chosen by its library.
         assert!(check_store(&default, "db", &age).is_ok());
-        assert_eq!(clan_core_store_of(&default, &age), Some(ClanCoreStore::Age));
+        assert_eq!(clan_core_store_of(&age), Some(ClanCoreStore::Age));
         // The machine's choice wins over the clan's default.
-        assert_eq!(
-            clan_core_store_of(&flake_sops, &age),
-            Some(ClanCoreStore::Age)
-        );
+        assert!(check_store(&flake_sops, "db", &age).is_ok());
         // This tool's own age store: nothing of clan-core's chosen.
-        assert_eq!(clan_core_store_of(&default, &MachineVars::default()), None);
         let own_age = VarsSettings {
             secret_store: Some("age".into()),
             ..VarsSettings::default()
         };
-        assert_eq!(clan_core_store_of(&own_age, &MachineVars::default()), None);
+        assert!(check_store(&own_age, "db", &MachineVars::default()).is_ok());
         // Another store of clan-core's: refused, by name.
         let pass = MachineVars {
             secret_module: Some("clan_lib.vars.secret_modules.password_store".into()),

@@ -83,7 +83,7 @@ fn update_nix_options(args: &UpdateArgs) -> Result<crate::eval::NixOptions, Erro
                 // The upload's key opens every secret it goes with: found out now, before
                 // any build.
                 let user = crate::vars::upload::user_identity()?;
-                if let Some(store) = crate::vars::clan_core_store_of(&settings, vars) {
+                if let Some(store) = crate::vars::clan_core_store_of(vars) {
                     crate::vars::clan_core_store::check_upload(store, &repo, name, vars, user)?;
                 } else {
                     repo.check_upload(name, vars, user)?;
