@@ -163,7 +163,7 @@ fn deploys_through_a_build_host(kind: HostKind) {
     // The vars as clan-core's CLI would have written them (sops files, symlinks, keys):
     // read, checked, and deployed: the machine's key goes to secretUploadDirectory, and it
     // opens every secret the system closure carries for sops-nix.
-    let store = SopsStore::write(&lab, &f, "alpha");
+    let store = ClanCoreStoreFiles::write(&lab, &f, "alpha");
     let list = clan(&lab, &f, &["vars", "list", "alpha"]);
     assert_eq!(list.code, 0, "{}", list.all());
     assert!(
@@ -206,7 +206,7 @@ fn deploys_through_a_build_host(kind: HostKind) {
             .unwrap_or_else(|e| panic!("{}: {e}", secret.display()));
     }
     // Nothing was generated beside what was there.
-    assert_eq!(SopsStore::files(&f), store.files);
+    assert_eq!(ClanCoreStoreFiles::files(&f), store.files);
 
     // A machine clan-core installed has the key in a plain directory: the same key is left
     // as it is; another key is the user's, never replaced.
@@ -237,21 +237,26 @@ fn deploys_through_a_build_host(kind: HostKind) {
 /// (its key installed where sops looks on the workstation), the machine's key encrypted to
 /// it, each secret encrypted to both (with clan-core's `machines/` and `users/` symlinks),
 /// each public value in plain.
-struct SopsStore {
+struct ClanCoreStoreFiles {
     machine_key: String,
     secrets: Vec<std::path::PathBuf>,
     files: Vec<std::path::PathBuf>,
 }
 
-impl SopsStore {
-    fn write(lab: &Lab, flake: &std::path::Path, machine: &str) -> SopsStore {
-        SopsStore::write_as(lab, flake, machine, false)
+impl ClanCoreStoreFiles {
+    fn write(lab: &Lab, flake: &std::path::Path, machine: &str) -> ClanCoreStoreFiles {
+        ClanCoreStoreFiles::write_as(lab, flake, machine, false)
     }
 
-    /// [`SopsStore::write`], or with `age` clan-core's age store: the machine's key pair in
+    /// [`ClanCoreStoreFiles::write`], or with `age` clan-core's age store: the machine's key pair in
     /// `secrets/age-keys/machines/<m>/` (the private half age-encrypted to the admin), each
     /// secret at `secrets/clan-vars/<scope>/<gen>/<file>/<file>.age`, encrypted to the machine.
-    fn write_as(lab: &Lab, flake: &std::path::Path, machine: &str, age: bool) -> SopsStore {
+    fn write_as(
+        lab: &Lab,
+        flake: &std::path::Path,
+        machine: &str,
+        age: bool,
+    ) -> ClanCoreStoreFiles {
         use age::secrecy::ExposeSecret;
         let attr = format!(
             ".#clanInternals.machines.x86_64-linux.{machine}.config.clan.core.vars.generators"
@@ -358,10 +363,10 @@ impl SopsStore {
             &keys,
             format!("{}\n", admin.to_string().expose_secret()).as_bytes(),
         );
-        SopsStore {
+        ClanCoreStoreFiles {
             machine_key,
             secrets,
-            files: SopsStore::files(flake),
+            files: ClanCoreStoreFiles::files(flake),
         }
     }
 
@@ -444,7 +449,7 @@ fn clan_core_age_store_deploys() {
         missing.stderr
     );
 
-    let store = SopsStore::write_as(&lab, &f, "alpha", true);
+    let store = ClanCoreStoreFiles::write_as(&lab, &f, "alpha", true);
     let list = clan(&lab, &f, &["vars", "list", "alpha"]);
     assert!(
         list.stdout.contains("openssh/ssh.id_ed25519 ********"),
@@ -474,7 +479,11 @@ fn clan_core_age_store_deploys() {
         clan::vars::decrypt_with(std::slice::from_ref(&machine), &sealed)
             .unwrap_or_else(|e| panic!("{}: {e}", secret.display()));
     }
-    assert_eq!(SopsStore::files(&f), store.files, "something was generated");
+    assert_eq!(
+        ClanCoreStoreFiles::files(&f),
+        store.files,
+        "something was generated"
+    );
 }
 
 #[test]

@@ -51,8 +51,8 @@ pub struct Deployment {
     logs: Logs,
     /// One sudo prompt at a time; the password is asked once for the run.
     sudo_turn: Mutex<()>,
-    /// Every problem the preflight found, in the order found.
-    preflight_problems: Mutex<Vec<Error>>,
+    /// Every problem the preflight found, in the order found, and the log that holds them.
+    preflight: Mutex<(Vec<Error>, Option<std::path::PathBuf>)>,
 }
 
 impl Deployment {
@@ -66,7 +66,7 @@ impl Deployment {
             connections,
             logs,
             sudo_turn: Mutex::new(()),
-            preflight_problems: Mutex::new(Vec::new()),
+            preflight: Mutex::new((Vec::new(), None)),
         }
     }
 
@@ -82,16 +82,10 @@ impl Deployment {
 
     /// Every problem the preflight found, and the log that holds them all.
     pub fn preflight_problems(&self) -> (Vec<Error>, Option<std::path::PathBuf>) {
-        let problems = self
-            .preflight_problems
+        self.preflight
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .clone();
-        let log = (!problems.is_empty())
-            .then(|| self.logs.dir().map(|d| d.join("preflight.log")))
-            .flatten()
-            .filter(|p| p.exists());
-        (problems, log)
+            .clone()
     }
 
     /// Rolling deploy (or a single batch): the batches one after the other; after a failed
@@ -301,9 +295,9 @@ impl Deployment {
             .iter()
             .map(|(_, p)| format!("{p}\n\n"))
             .collect();
-        if !text.is_empty() {
-            self.logs.write("preflight", &text);
-        }
+        let log = (!text.is_empty())
+            .then(|| self.logs.write("preflight", &text))
+            .flatten();
         for (_, problem) in &findings.problems {
             crate::progress::line(&format!("\n{problem}"));
         }
@@ -328,10 +322,11 @@ impl Deployment {
                 }
             }
         }
-        self.preflight_problems
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
+        let mut found = self.preflight.lock().unwrap_or_else(|e| e.into_inner());
+        found
+            .0
             .extend(findings.problems.into_iter().map(|(_, p)| p));
+        found.1 = found.1.take().or(log);
         (good, failed)
     }
 }

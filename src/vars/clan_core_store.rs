@@ -150,16 +150,28 @@ pub fn check_complete(
     ))))
 }
 
-/// Decrypts a sops file of the repository with `identities`, naming the file and the key on
-/// failure.
+/// A file of the repository, its path named on failure.
+fn read_file(path: &std::path::Path) -> Result<Secret, Error> {
+    std::fs::read(path)
+        .map(zeroize::Zeroizing::new)
+        .map_err(|e| Error::usage(format!("cannot read {}: {e}", path.display())))
+}
+
+/// [`read_file`], as text.
+fn read_text(path: &std::path::Path) -> Result<String, Error> {
+    std::fs::read_to_string(path)
+        .map_err(|e| Error::usage(format!("cannot read {}: {e}", path.display())))
+}
+
+/// Decrypts `text`, the sops file at `path`, with `identities`, naming the file and the key
+/// on failure.
 fn open(
+    text: &str,
     path: &std::path::Path,
     identities: &[age::x25519::Identity],
     whose: &str,
 ) -> Result<Secret, Error> {
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| Error::usage(format!("cannot read {}: {e}", path.display())))?;
-    sops::decrypt(&text, identities).map_err(|e| {
+    sops::decrypt(text, identities).map_err(|e| {
         Error::usage(format!("cannot decrypt {} with {whose}: {e}", path.display())).hint(
             Hint::text(
                 "your age key must be one of its recipients: its users/ (or groups/) symlinks name who may read it (clan-core: clan secrets users add, clan vars fix)",
@@ -189,6 +201,7 @@ pub fn machine_key(
     }
     match store {
         ClanCoreStore::Sops => open(
+            &read_text(&path)?,
             &path,
             &user.identities,
             &format!("your age key ({})", user.source),
@@ -229,30 +242,20 @@ pub fn read(
     user: &UserIdentity,
 ) -> Result<Secret, Error> {
     if !decl.files[f].secret {
-        let path = repo.value_path(machine, g, decl, f);
-        return std::fs::read(&path)
-            .map(zeroize::Zeroizing::new)
-            .map_err(|e| Error::usage(format!("cannot read {}: {e}", path.display())));
+        return read_file(&repo.value_path(machine, g, decl, f));
     }
     let path = secret_path(store, repo, machine, g, decl, f);
     if store == ClanCoreStore::Age {
         let identity = machine_identity(store, repo, machine, user)?;
-        let encrypted = std::fs::read(&path)
-            .map_err(|e| Error::usage(format!("cannot read {}: {e}", path.display())))?;
-        return decrypt_with(std::slice::from_ref(&identity), &encrypted).map_err(|e| {
-            Error::usage(format!(
-                "cannot decrypt {} with machine {machine}'s key: {e}",
-                path.display()
-            ))
-        });
+        return open_age(&path, &identity, machine);
     }
-    let text = std::fs::read_to_string(&path)
-        .map_err(|e| Error::usage(format!("cannot read {}: {e}", path.display())))?;
+    let text = read_text(&path)?;
     match sops::decrypt(&text, &user.identities) {
         Ok(plain) => Ok(plain),
         Err(sops::SopsError::NotARecipient(_)) => {
             let machine_identity = machine_identity(store, repo, machine, user)?;
             open(
+                &text,
                 &path,
                 std::slice::from_ref(&machine_identity),
                 &format!("your age key ({}) or machine {machine}'s key", user.source),
@@ -263,6 +266,20 @@ pub fn read(
             path.display()
         ))),
     }
+}
+
+/// The age file at `path`, decrypted with `machine`'s key `identity`.
+fn open_age(
+    path: &std::path::Path,
+    identity: &age::x25519::Identity,
+    machine: &str,
+) -> Result<Secret, Error> {
+    decrypt_with(std::slice::from_ref(identity), &read_file(path)?).map_err(|e| {
+        Error::usage(format!(
+            "cannot decrypt {} with machine {machine}'s key: {e}",
+            path.display()
+        ))
+    })
 }
 
 /// Before anything is built: the machine's key decrypts with the user's key, and every
@@ -303,7 +320,7 @@ pub fn check_upload(
             let path = secret_path(store, repo, machine, g, decl, f);
             if store == ClanCoreStore::Age {
                 // age files name no recipients: the machine's key must open it.
-                read(store, repo, machine, g, decl, f, user).map_err(|e| {
+                open_age(&path, &identity, machine).map_err(|e| {
                     Error::usage(format!(
                         "machine {machine}'s secret {g}/{f} does not decrypt with the machine's key: the target could not decrypt it; nothing was uploaded ({})",
                         e.message
@@ -311,8 +328,7 @@ pub fn check_upload(
                 })?;
                 continue;
             }
-            let text = std::fs::read_to_string(&path)
-                .map_err(|e| Error::usage(format!("cannot read {}: {e}", path.display())))?;
+            let text = read_text(&path)?;
             let for_whom = sops::recipients(&text)
                 .map_err(|e| Error::usage(format!("{}: {e}", path.display())))?;
             if !for_whom.contains(&public) {
