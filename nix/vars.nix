@@ -4,7 +4,8 @@
 # The workstation (`clan vars generate`) runs the generators and stores public files in the
 # repository at vars/per-machine/<machine>/<generator>/<file>/value (vars/shared/… for
 # shared generators) and secret files encrypted to the machine's age key at
-# secrets/clan-vars/per-machine/<machine>/<generator>/<file>.age (…/shared/…).
+# secrets/clan-vars/per-machine/<machine>/<generator>/<file>/<file>.age (…/shared/…), clan-core's
+# age layout.
 # `clan vars upload` (and `clan machines update`) sends the machine's private key and its
 # encrypted secrets straight to the target, into `clan.core.vars.age.secretLocation`.
 # Activation decrypts them: neededFor "users" into /run/secrets-for-users (before users are
@@ -227,7 +228,7 @@ let
           group = if phase == "users" then "root" else file.group;
         in
         ''
-          clan_vars_file ${q dir} ${q gen.name} ${q file.name} ${q "${scope gen}/${gen.name}/${file.name}.age"} ${q owner} ${q group} ${q file.mode}${lib.concatMapStrings (u: " " + q u) file.restartUnits}
+          clan_vars_file ${q dir} ${q gen.name} ${q file.name} ${q "${scope gen}/${gen.name}/${file.name}/${file.name}.age"} ${q owner} ${q group} ${q file.mode}${lib.concatMapStrings (u: " " + q u) file.restartUnits}
         ''
       ) files
       + ''

@@ -411,6 +411,9 @@ pub fn resolve_machine(
         (Some(root), Some(vars)) => {
             vars.check(name)?;
             let repo = crate::vars::Repo { root: root.clone() };
+            if crate::vars::clan_core_store_of(vars).is_none() {
+                repo.check_layout()?;
+            }
             // Secrets without the key they were encrypted to: stop here (also in --dry-run),
             // before a new key could be made or anything uploaded.
             let secrets = repo.secrets_of(name);

@@ -243,13 +243,10 @@ impl RemoteCommand {
                 })
                 .collect::<Vec<_>>()
                 .join("; "),
-            RemoteCommand::Script { script, args, sudo } => {
-                let inv = script.invocation(args);
-                match sudo {
-                    Some(with_password) => inv.sudo(*with_password).to_shell(),
-                    None => inv.to_shell(),
-                }
-            }
+            RemoteCommand::Script { script, args, sudo } => match sudo {
+                Some(with_password) => script.sudo_invocation(args, *with_password).to_shell(),
+                None => script.invocation(args).to_shell(),
+            },
         }
     }
 }
@@ -300,6 +297,55 @@ impl Script {
         Invocation::new("sh", argv)
     }
 }
+
+impl Script {
+    /// The invocation that runs the script as root through sudo by its fixed path,
+    /// `/run/clan/NAME-HASH.sh`, installing it there first (through sudo, with
+    /// [`SUDO_INSTALL`]) when it is not in place (`src/scripts/sudo-run.sh`). sudo sees two
+    /// short commands at most, never the script's text: what its log shows and a sudoers
+    /// rule ([`sudoers_rule`]) allows.
+    pub fn sudo_invocation(&self, args: &[String], with_password: bool) -> Invocation {
+        let mut argv = vec![
+            "-c".to_string(),
+            SUDO_RUN.to_string(),
+            "clan-sudo".into(),
+            if with_password { "1" } else { "0" }.into(),
+            self.name.to_string(),
+            self.text.to_string(),
+            SUDO_INSTALL.to_string(),
+        ];
+        argv.extend(args.iter().cloned());
+        Invocation::new("sh", argv)
+    }
+}
+
+/// The fixed command that installs one of clan's scripts as root (`sh -c SUDO_INSTALL
+/// clan-install NAME`, the file on standard input): at `/run/clan/NAME-HASH.sh`, HASH from
+/// the file's sha256, 0755, in a root-owned 0755 `/run/clan`; only the names of the scripts
+/// clan runs through sudo. One line without the characters sudoers treats specially (`,`
+/// `:` `=` `\` `*` `?` `[`), so a sudoers rule can name it exactly ([`sudoers_rule`]).
+pub const SUDO_INSTALL: &str = "umask 022; test -L /run/clan && exit 126; mkdir -p /run/clan && chown 0 /run/clan && chmod 0755 /run/clan && cat >/run/clan/.new.$$ && chmod 0755 /run/clan/.new.$$ || exit 1; case $1 in clan-activate|clan-vars-upload) mv -f /run/clan/.new.$$ /run/clan/$1-$(sha256sum </run/clan/.new.$$ | cut -c1-16).sh && exit 0;; esac; rm -f /run/clan/.new.$$; exit 126";
+
+/// The scripts clan runs as root through sudo, by name (the names [`SUDO_INSTALL`] takes).
+pub const SUDO_SCRIPTS: [&str; 2] = ["clan-activate", "clan-vars-upload"];
+
+/// The sudoers line that lets `user` run exactly what a deploy runs as root on a target:
+/// clan's scripts by their fixed paths, and the command that installs them.
+pub fn sudoers_rule(user: &str) -> String {
+    let mut commands: Vec<String> = SUDO_SCRIPTS
+        .iter()
+        .map(|name| format!("/run/clan/{name}-*.sh"))
+        .collect();
+    commands.extend(
+        SUDO_SCRIPTS
+            .iter()
+            .map(|name| format!("/bin/sh -c {SUDO_INSTALL} clan-install {name}")),
+    );
+    format!("{user} ALL=(root) NOPASSWD: {}", commands.join(", "))
+}
+
+/// Runs one of clan's scripts as root through sudo (`src/scripts/sudo-run.sh`).
+const SUDO_RUN: &str = include_str!("scripts/sudo-run.sh");
 
 /// Installs a script and runs it (`src/scripts/install-script.sh`).
 const INSTALL_SCRIPT: &str = include_str!("scripts/install-script.sh");

@@ -6,9 +6,19 @@ use std::io::IsTerminal;
 use crate::connection::Connections;
 use crate::error::{Error, Hint};
 use crate::host::connection_key;
-use crate::ssh::{Invocation, RemoteCommand, SshHost, run_remote, run_remote_with_input};
+use crate::ssh::{RemoteCommand, SshHost, run_remote, run_remote_with_input};
 
-/// Which non-root targets need a password for sudo: asks each once, `sudo -n true`.
+/// What asks sudo on a target whether (and how) it lets the user act as root: clan's
+/// activation script by its fixed path (installed first, if it is not), listing the
+/// generations, which changes nothing. A command clan runs anyway, so a sudoers rule that
+/// allows exactly clan's commands ([`crate::ssh::sudoers_rule`]) answers it as it will
+/// answer the deploy.
+fn probe() -> RemoteCommand {
+    crate::activate::Command::Generations { run: "0" }.remote()
+}
+
+/// Which non-root targets need a password for sudo: asks each once ([`probe`], through
+/// `sudo --non-interactive`).
 /// Targets it cannot reach are left to the preflight, which explains them.
 pub fn needs_password(
     targets: &[(String, SshHost)],
@@ -24,7 +34,7 @@ pub fn needs_password(
         if connections.open(target).is_err() {
             continue;
         }
-        let probe = RemoteCommand::Run(Invocation::new("sudo", ["--non-interactive", "true"]));
+        let probe = probe().sudo(false);
         let Ok(out) = connections
             .session(target)
             .run(|| run_remote(target, &probe))
@@ -62,7 +72,7 @@ pub struct AsRoot {
 }
 
 impl AsRoot {
-    /// Finds out what `target` needs (`sudo -n true`), asking for the password if it must.
+    /// Finds out what `target` needs ([`probe`]), asking for the password if it must.
     pub fn ask(machine: &str, target: &SshHost) -> Result<AsRoot, Error> {
         if target.address.user.as_deref().is_none_or(|u| u == "root") {
             return Ok(AsRoot {
@@ -149,7 +159,7 @@ pub fn check_password(
         if !needs.contains(&key) || !seen.insert(key) {
             continue;
         }
-        let probe = RemoteCommand::Run(Invocation::new("true", [] as [&str; 0]).sudo(true));
+        let probe = probe().sudo(true);
         let out = connections
             .session(target)
             .run(|| run_remote_with_input(target, &probe, format!("{password}\n").as_bytes()))

@@ -46,6 +46,7 @@ on_both_kinds!(
     rollback_command_goes_to_the_generation_before,
     rollback_command_with_a_sudo_password,
     non_root_target_with_passwordless_sudo,
+    the_readme_sudoers_rule_is_all_a_deploy_needs,
     a_silent_workstation_lets_go_of_the_target_lock,
     switch_that_kills_ssh_sessions_is_confirmed,
     unreachable_after_the_switch_is_left_to_the_watchdog,
@@ -643,6 +644,83 @@ fn non_root_target_with_passwordless_sudo(kind: HostKind) {
     // switch-to-configuration ran as root: it wrote root's log.
     assert_eq!(switches(&lab), vec![format!("{out} switch")]);
     assert_nothing_left(&lab);
+}
+
+// The sudoers rule the README shows (clan::ssh::sudoers_rule) is all a non-root target user
+// needs: sudo runs clan's scripts by their fixed paths, installed once through the one fixed
+// install command. Deploys and a rollback go through; on a systemd target the journal shows
+// each sudo call as one short line, and the script's text never.
+fn the_readme_sudoers_rule_is_all_a_deploy_needs(kind: HostKind) {
+    let lab = non_root_lab(kind, &["deployrule"]);
+    lab.add_user("target", "deployrule", None);
+    let readme =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
+    let rule = readme
+        .lines()
+        .find(|l| l.starts_with("deploy ALL=(root) NOPASSWD: "))
+        .expect("the README's sudoers rule");
+    assert_eq!(
+        rule,
+        clan::ssh::sudoers_rule("deploy"),
+        "the README is not current"
+    );
+    lab.sudo_rule("deployrule", &rule.replacen("deploy ", "deployrule ", 1));
+    // Nothing else: sudo refuses any other command.
+    let other = lab.exec(
+        "target",
+        &["su", "deployrule", "-s", "/bin/sh", "-c", "sudo -n true"],
+    );
+    assert!(!other.status.success());
+
+    let v1_flake = flake_as(&lab, "deployrule", "");
+    let v1 = toplevel(&lab, &v1_flake, "m");
+    let run = update(&lab, &v1_flake, &[]);
+    assert_eq!(run.code, 0, "{}", run.all());
+    assert_system(&lab, Some(&v1), Some(&v1));
+    let v2_flake = flake_as(&lab, "deployrule", r#"variant = "v2";"#);
+    let v2 = toplevel(&lab, &v2_flake, "m");
+    let run = update(&lab, &v2_flake, &[]);
+    assert_eq!(run.code, 0, "{}", run.all());
+    assert_system(&lab, Some(&v2), Some(&v2));
+    let back = clan(&lab, &v2_flake, &["machines", "rollback", "m"]);
+    assert_eq!(back.code, 0, "{}", back.all());
+    assert_system(&lab, Some(&v1), Some(&v1));
+    assert_nothing_left(&lab);
+
+    if kind == HostKind::Systemd {
+        let journal = lab.exec(
+            "target",
+            &[
+                "journalctl",
+                "--no-pager",
+                "-o",
+                "cat",
+                "SYSLOG_IDENTIFIER=sudo",
+            ],
+        );
+        let journal = String::from_utf8_lossy(&journal.stdout).into_owned();
+        let commands: Vec<&str> = journal
+            .lines()
+            .filter(|l| l.starts_with("deployrule :") && l.contains("COMMAND="))
+            .collect();
+        // The probe, lock, prepare, switch, confirm... of two deploys and a rollback.
+        assert!(commands.len() >= 8, "{journal}");
+        let installs = commands
+            .iter()
+            .filter(|l| l.contains("clan-install clan-activate"))
+            .count();
+        assert_eq!(installs, 1, "installed once:\n{journal}");
+        for line in &commands {
+            assert!(line.len() < 600, "a long line: {line}");
+            assert!(
+                line.contains("COMMAND=/run/clan/clan-activate-")
+                    || line.ends_with("' clan-install clan-activate"),
+                "{line}"
+            );
+            assert!(!line.contains("clan-activate: the target's side"), "{line}");
+        }
+        assert!(!journal.contains("password is required"), "{journal}");
+    }
 }
 
 // A systemd host's container never outlives its lab: an orphaned container keeps its systemd

@@ -262,7 +262,7 @@ fn shared_vars_and_key_rotation_touch_only_machine_keys() {
 
     // Rotation: the recipients change to the new key; `vars fix` (run by someone who can
     // still decrypt) re-encrypts the machine keys only.
-    let secret = flake.join("secrets/clan-vars/shared/wifi/psk.age");
+    let secret = flake.join("secrets/clan-vars/shared/wifi/psk/psk.age");
     let secret_before = std::fs::read(&secret).unwrap();
     let key_before = std::fs::read(flake.join("secrets/age-keys/machines/m1/key.age")).unwrap();
     let flake = lab.write_flake(&clan_args(&new_public));
@@ -310,7 +310,7 @@ fn an_interrupted_upload_keeps_the_previous_secrets() {
     assert_eq!(first.code, 0, "{}", first.all());
     let uploaded = lab.host("target").root().join("secret-vars-interrupt");
     let previous_link = std::fs::read_link(&uploaded).unwrap();
-    let previous = std::fs::read(uploaded.join("per-machine/m/blob/data.age")).unwrap();
+    let previous = std::fs::read(uploaded.join("per-machine/m/blob/data/data.age")).unwrap();
     let switches = lab.host("target").switch_log().len();
 
     assert_eq!(
@@ -348,7 +348,7 @@ fn an_interrupted_upload_keeps_the_previous_secrets() {
     );
     assert_eq!(std::fs::read_link(&uploaded).unwrap(), previous_link);
     assert_eq!(
-        std::fs::read(uploaded.join("per-machine/m/blob/data.age")).unwrap(),
+        std::fs::read(uploaded.join("per-machine/m/blob/data/data.age")).unwrap(),
         previous
     );
     assert_eq!(
@@ -473,7 +473,7 @@ fn a_repository_in_clan_cores_age_layout_is_read() {
         &age_encrypt(&public, &format!("{machine_private}\n")),
     );
     write(
-        "secrets/clan-vars/per-machine/web/openssh/ssh-key.age",
+        "secrets/clan-vars/per-machine/web/openssh/ssh-key/ssh-key.age",
         &age_encrypt(
             &machine_public,
             "-----BEGIN OPENSSH PRIVATE KEY-----\nxyz\n",
@@ -612,7 +612,7 @@ fn vars_upload_alone_then_a_deploy_without_secrets_decrypts_them() {
     );
     let location = lab.host("target").root().join("secret-vars-alone");
     assert!(location.join("key.txt").is_file());
-    assert!(location.join("per-machine/m/api/token.age").is_file());
+    assert!(location.join("per-machine/m/api/token/token.age").is_file());
     assert_eq!(
         sh(&lab, "target", "ls /run/clan/holder 2>/dev/null | wc -l"),
         "0",
@@ -725,7 +725,7 @@ fn a_checkout_without_the_machine_key_never_makes_a_new_one() {
     for f in [
         "secrets/age-keys/machines/m/pub",
         "secrets/age-keys/machines/m/key.age",
-        "secrets/clan-vars/per-machine/m/api/token.age",
+        "secrets/clan-vars/per-machine/m/api/token/token.age",
     ] {
         assert!(tracked.lines().any(|l| l == f), "{f} untracked:\n{tracked}");
     }
@@ -955,7 +955,7 @@ fn a_secret_in_another_stores_layout_is_never_generated_again() {
         assert_eq!(run.code, 2, "{args:?}: {}", run.stderr);
         assert!(
             run.stderr.contains(&format!(
-                "machine m's secret api/token exists in another store's layout ({})",
+                "machine m's secret api/token exists in clan-core's sops layout ({})",
                 sops_file.display()
             )),
             "{args:?}: {}",
@@ -1041,4 +1041,91 @@ fn validation_restart_units_and_hidden_multiline_prompts() {
     assert_eq!(sh(&lab, "target", restart_list), "web.service");
     assert_eq!(clan(&lab, &flake, &["machines", "update", "m"]).code, 0);
     assert_eq!(sh(&lab, "target", restart_list), "");
+}
+
+// A repository written with this tool's earlier layout (`<gen>/<file>.age`) is refused by
+// name, never read as missing and generated again; `clan vars fix` moves it to clan-core's
+// age layout (`<gen>/<file>/<file>.age`) and stages the move in git, changing no secret;
+// the deploy then decrypts it on the target.
+#[test]
+fn the_earlier_layout_is_moved_by_vars_fix_and_never_generated_again() {
+    let lab = Lab::start(&[HostSpec::new("target")]);
+    let (private, public) = identity();
+    install_identity(&lab, &private);
+    let generators =
+        r#"{ api = { files.token = { }; script = "echo tok-$RANDOM > $out/token"; }; }"#;
+    let flake = one_target_flake(&lab, &public, generators, "/root/secret-vars");
+    let git = |args: &[&str]| {
+        let out = Command::new("git")
+            .arg("-C")
+            .arg(&flake)
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    git(&["init", "-q"]);
+    git(&["add", "-A"]);
+    assert_eq!(clan(&lab, &flake, &["vars", "generate", "m"]).code, 0);
+    let token = clan(&lab, &flake, &["vars", "get", "m", "api/token"]).stdout;
+    assert!(token.starts_with("tok-"), "{token}");
+    // Put back where the earlier versions of this tool kept it.
+    let new = "secrets/clan-vars/per-machine/m/api/token/token.age";
+    let old = "secrets/clan-vars/per-machine/m/api/token.age";
+    git(&["mv", new, old]);
+    let encrypted = std::fs::read(flake.join(old)).unwrap();
+
+    for args in [
+        &["vars", "list", "m"][..],
+        &["vars", "generate", "m"][..],
+        &["machines", "update", "m", "--dry-run"][..],
+        &["machines", "update", "m"][..],
+    ] {
+        let run = clan(&lab, &flake, args);
+        assert_eq!(run.code, 2, "{args:?}: {}", run.stderr);
+        assert!(
+            run.stderr
+                .contains("the repository holds 1 secret(s) in this tool's earlier layout")
+                && run.stderr.contains(&flake.join(old).display().to_string())
+                && run.stderr.contains("run `clan vars fix`"),
+            "{args:?}: {}",
+            run.stderr
+        );
+    }
+    let json = clan(&lab, &flake, &["machines", "update", "m", "--json"]);
+    let report: serde_json::Value = serde_json::from_str(&json.stdout).unwrap();
+    assert_eq!(report["errors"][0]["code"], "vars.old-layout", "{report}");
+    assert_eq!(std::fs::read(flake.join(old)).unwrap(), encrypted);
+    assert!(!flake.join(new).exists(), "generated again");
+    assert!(lab.host("target").switch_log().is_empty());
+
+    let fix = clan(&lab, &flake, &["vars", "fix"]);
+    assert_eq!(fix.code, 0, "{}", fix.stderr);
+    assert!(
+        fix.stderr
+            .contains("moved 1 secret(s) of the repository to clan-core's age layout"),
+        "{}",
+        fix.stderr
+    );
+    assert_eq!(
+        std::fs::read(flake.join(new)).unwrap(),
+        encrypted,
+        "no secret changed"
+    );
+    assert!(!flake.join(old).exists());
+    let tracked = git(&["ls-files"]);
+    assert!(tracked.lines().any(|l| l == new), "{tracked}");
+    assert!(!tracked.lines().any(|l| l == old), "{tracked}");
+
+    let deploy = clan(&lab, &flake, &["machines", "update", "m"]);
+    assert_eq!(deploy.code, 0, "{}", deploy.stderr);
+    assert_eq!(
+        sh(&lab, "target", "cat /run/secrets/api/token"),
+        token.trim()
+    );
 }

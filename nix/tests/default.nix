@@ -105,12 +105,12 @@ in
   missingPublicValueFails = fails web1vars.generators.missing.files.pub.value;
   secretValueFails = fails web1vars.generators.db.files.hash.value;
   activationDecryptsEachDeployedSecret =
-    has "clan_vars_file /run/secrets db hash per-machine/web1/db/hash.age nobody nogroup 0440\n"
-    && has "clan_vars_file /run/secrets-for-users db rootpw per-machine/web1/db/rootpw.age root root 0400\n"
+    has "clan_vars_file /run/secrets db hash per-machine/web1/db/hash/hash.age nobody nogroup 0440\n"
+    && has "clan_vars_file /run/secrets-for-users db rootpw per-machine/web1/db/rootpw/rootpw.age root root 0400\n"
     && has "clan_vars_file /run/secrets db password "
     && !(has " part ") && !(has " hello ");
   restartUnitsFollowTheirFile =
-    has "clan_vars_file /run/secrets db tls per-machine/web1/db/tls.age root root 0400 web.service proxy.service\n";
+    has "clan_vars_file /run/secrets db tls per-machine/web1/db/tls/tls.age root root 0400 web.service proxy.service\n";
   validationHashIsClanCores =
     web1vars.generators.db.validationHash
     == builtins.hashString "sha256" (builtins.toJSON { domain = "example.org"; port = 443; })

@@ -70,6 +70,9 @@ fn one(declared: &Declared, machine: &str) -> Result<MachineVars, Error> {
 fn one_kept_here(declared: &Declared, machine: &str) -> Result<MachineVars, Error> {
     let vars = one(declared, machine)?;
     crate::vars::check_store(&declared.settings, machine, &vars)?;
+    if vars.clan_core.is_none() {
+        declared.repo.check_layout()?;
+    }
     Ok(vars)
 }
 
@@ -111,6 +114,8 @@ pub fn list(args: &VarsMachineArgs) -> Result<ExitKind, Error> {
     let foreign = crate::vars::foreign_store(&declared.settings, &args.machine, &vars);
     if let Some(which) = &foreign {
         eprintln!("warning: {which}");
+    } else if vars.clan_core.is_none() {
+        declared.repo.check_layout()?;
     }
     let mut out = std::io::stdout().lock();
     for (g, decl) in &vars.generators {
@@ -354,6 +359,13 @@ pub fn fix(args: &VarsFixArgs) -> Result<ExitKind, Error> {
         }
     }
     let user = crate::vars::UserIdentity::find()?;
+    let moved = crate::vars::generate::migrate_old_layout(&declared.repo, &user)?;
+    if !moved.is_empty() {
+        eprintln!(
+            "moved {} secret(s) of the repository to clan-core's age layout (secrets/clan-vars/<scope>/<gen>/<file>/<file>.age); no secret changed",
+            moved.len()
+        );
+    }
     let fixed =
         crate::vars::generate::fix_keys(&declared.repo, &declared.settings, &user, &args.machines)?;
     for machine in &fixed {

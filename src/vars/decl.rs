@@ -368,7 +368,7 @@ impl MachineVars {
                     out.push((
                         g.clone(),
                         f.clone(),
-                        format!("{}/{g}/{f}.age", scope(machine, decl)),
+                        format!("{}/{g}/{f}/{f}.age", scope(machine, decl)),
                     ));
                 }
             }

@@ -72,6 +72,8 @@ impl<'a> Generation<'a> {
             )?;
             return Ok(Vec::new());
         }
+        // Secrets in the earlier layout would read as missing: moved first, by `vars fix`.
+        self.repo.check_layout()?;
         // Secrets without their key: nothing is generated (nor said to be complete).
         let secrets = self.repo.secrets_of(machine);
         if !secrets.is_empty() && !self.repo.has_key(machine) {
@@ -117,12 +119,12 @@ impl<'a> Generation<'a> {
             {
                 if let Some(found) = self.repo.foreign_secret(machine, g, decl, f) {
                     return Err(Error::usage(format!(
-                        "machine {machine}'s secret {g}/{f} exists in another store's layout ({}), which this tool does not read: refusing to generate a new one beside it",
+                        "machine {machine}'s secret {g}/{f} exists in clan-core's sops layout ({}), while the clan selects this tool's age store: refusing to generate a new one beside it",
                         found.display()
                     ))
                     .code("vars.foreign-layout")
                     .hint(Hint::text(
-                        "keep managing this clan's vars with clan-core's CLI (and deploy with --no-secrets), or move the secret to this tool's layout (README, Secrets)",
+                        "the clan's secrets are in clan-core's sops store: build the clan with clan-core's library (this tool reads and deploys its sops store), or deploy with --no-secrets (README, Secrets)",
                     )));
                 }
             }
@@ -153,6 +155,7 @@ impl<'a> Generation<'a> {
                 [
                     self.repo.machine_pub(machine),
                     self.repo.machine_key(machine),
+                    Repo::recipients_path(&self.repo.machine_key(machine)),
                 ]
                 .into_iter()
                 .filter(|p| p.is_file()),
@@ -384,6 +387,10 @@ impl<'a> Generation<'a> {
                 (self.repo.value_path(machine, g, decl, f), content.to_vec())
             };
             write_atomically(&path, &bytes)?;
+            if decl.share && decl.files[f].secret {
+                // Which machines a shared secret opens for, beside it (as clan-core keeps it).
+                written.push(Repo::write_recipients(&path, &recipients)?);
+            }
             written.push(path);
         }
         // What it was made from, as clan-core records it.
@@ -476,6 +483,7 @@ impl<'a> Generation<'a> {
         for (f, content) in &files {
             let path = self.repo.secret_path(machine, g, decl, f);
             write_atomically(&path, &encrypt(&recipients, content)?)?;
+            written.push(Repo::write_recipients(&path, &recipients)?);
             written.push(path);
         }
         Ok(written)
@@ -501,10 +509,96 @@ pub fn fix_keys(
         let recipients = super::parse_recipients(settings, m)?;
         let private = repo.machine_private_key(m, user)?;
         write_atomically(&repo.machine_key(m), &encrypt(&recipients, &private)?)?;
+        let sidecar = Repo::write_recipients(&repo.machine_key(m), &recipients)?;
         fixed.push(m.clone());
-        git_add(&repo.root, &[repo.machine_key(m)]);
+        git_add(&repo.root, &[repo.machine_key(m), sidecar]);
     }
     Ok(fixed)
+}
+
+/// Moves every secret of the repository from this tool's earlier layout to clan-core's age
+/// layout ([`Repo::old_layout`]), changing no secret, and writes the recipients sidecar of
+/// each shared one (the machines whose keys, opened with `user`, decrypt it). A secret
+/// present in both layouts with different contents stops everything before anything moves.
+/// Returns the moves made (old, new).
+pub fn migrate_old_layout(
+    repo: &Repo,
+    user: &UserIdentity,
+) -> Result<Vec<(PathBuf, PathBuf)>, Error> {
+    let old = repo.old_layout();
+    let read = |p: &Path| {
+        std::fs::read(p).map_err(|e| Error::new(format!("cannot read {}: {e}", p.display())))
+    };
+    for (from, to) in &old {
+        if to.exists() && read(from)? != read(to)? {
+            return Err(Error::usage(format!(
+                "{} and {} hold different versions of one secret: nothing was moved",
+                from.display(),
+                to.display()
+            ))
+            .code("vars.old-layout-conflict")
+            .hint(Hint::text(
+                "keep the one the target uses (`clan vars get` reads the new one), delete the other, and run `clan vars fix` again",
+            )));
+        }
+    }
+    let shared = repo.root.join("secrets/clan-vars/shared");
+    let machines: Vec<(String, age::x25519::Identity, age::x25519::Recipient)> =
+        if old.iter().any(|(_, to)| to.starts_with(&shared)) {
+            repo.machines_with_keys()
+                .into_iter()
+                .filter_map(|m| {
+                    let identity = repo.machine_identity(&m, user).ok()?;
+                    let public = repo.machine_recipient(&m).ok().flatten()?;
+                    Some((m, identity, public))
+                })
+                .collect()
+        } else {
+            Vec::new()
+        };
+    for (from, to) in &old {
+        let dir = to.parent().expect("a file in a directory");
+        std::fs::create_dir_all(dir)
+            .map_err(|e| Error::new(format!("cannot create {}: {e}", dir.display())))?;
+        if to.exists() {
+            std::fs::remove_file(from)
+        } else {
+            std::fs::rename(from, to)
+        }
+        .map_err(|e| Error::new(format!("cannot move {}: {e}", from.display())))?;
+        let mut added = vec![to.clone()];
+        if to.starts_with(&shared) {
+            let encrypted = read(to)?;
+            let opened: Vec<age::x25519::Recipient> = machines
+                .iter()
+                .filter(|(_, identity, _)| {
+                    decrypt_with(std::slice::from_ref(identity), &encrypted).is_ok()
+                })
+                .map(|(_, _, public)| public.clone())
+                .collect();
+            if !opened.is_empty() {
+                added.push(Repo::write_recipients(to, &opened)?);
+            }
+        }
+        git_move(&repo.root, from, &added);
+    }
+    Ok(old)
+}
+
+/// Stages a move in git, when the clan is a git repository: `from` gone, `added` tracked.
+fn git_move(root: &Path, from: &Path, added: &[PathBuf]) {
+    if !root.join(".git").exists() {
+        return;
+    }
+    let _ = Command::new("git")
+        .arg("-C")
+        .arg(root)
+        .args(["rm", "-q", "--cached", "--ignore-unmatch", "--"])
+        .arg(from)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status();
+    git_add(root, added);
 }
 
 /// A private (0700) temporary directory, in memory (/dev/shm) where there is one; removed
@@ -758,4 +852,100 @@ fn git_add(root: &Path, paths: &[PathBuf]) {
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
         .status();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::vars::Recipients;
+
+    fn user() -> (UserIdentity, VarsSettings) {
+        let id = age::x25519::Identity::generate();
+        let user = UserIdentity::parse(
+            "test".into(),
+            age::secrecy::ExposeSecret::expose_secret(&id.to_string()),
+        )
+        .unwrap();
+        let settings = VarsSettings {
+            recipients: Recipients {
+                default: vec![id.to_public().to_string()],
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        (user, settings)
+    }
+
+    #[test]
+    fn the_earlier_layout_is_refused_then_moved_by_fix() {
+        let dir = tempfile::tempdir().unwrap();
+        let repo = Repo {
+            root: dir.path().to_path_buf(),
+        };
+        let (user, settings) = user();
+        let m1 = repo.ensure_machine_key("m1", &settings).unwrap();
+        let m2 = repo.ensure_machine_key("m2", &settings).unwrap();
+        // As clan-core keeps it: the machine key's recipients beside it.
+        let sidecar = std::fs::read_to_string(Repo::recipients_path(&repo.machine_key("m1")));
+        assert_eq!(
+            sidecar.unwrap(),
+            format!("{}\n", settings.recipients.default[0])
+        );
+        let base = dir.path().join("secrets/clan-vars");
+        let own = encrypt(std::slice::from_ref(&m1), b"token").unwrap();
+        let shared = encrypt(&[m1.clone(), m2.clone()], b"psk").unwrap();
+        write_atomically(&base.join("per-machine/m1/api/token.age"), &own).unwrap();
+        write_atomically(&base.join("shared/wifi/psk.age"), &shared).unwrap();
+
+        let refused = repo.check_layout().unwrap_err();
+        assert_eq!(refused.stable_code(), "vars.old-layout");
+        assert!(
+            refused.message.contains("2 secret(s)"),
+            "{}",
+            refused.message
+        );
+
+        let moved = migrate_old_layout(&repo, &user).unwrap();
+        assert_eq!(moved.len(), 2);
+        repo.check_layout().unwrap();
+        assert!(!base.join("per-machine/m1/api/token.age").exists());
+        assert_eq!(
+            std::fs::read(base.join("per-machine/m1/api/token/token.age")).unwrap(),
+            own,
+            "moved, not re-encrypted"
+        );
+        assert_eq!(
+            std::fs::read(base.join("shared/wifi/psk/psk.age")).unwrap(),
+            shared
+        );
+        let mut expected = [m1.to_string(), m2.to_string()];
+        expected.sort();
+        assert_eq!(
+            std::fs::read_to_string(base.join("shared/wifi/psk/psk.age.recipients")).unwrap(),
+            format!("{}\n", expected.join("\n"))
+        );
+        // Nothing left to move: a second fix is a no-op.
+        assert!(migrate_old_layout(&repo, &user).unwrap().is_empty());
+    }
+
+    #[test]
+    fn a_secret_in_both_layouts_with_two_versions_stops_the_move() {
+        let dir = tempfile::tempdir().unwrap();
+        let repo = Repo {
+            root: dir.path().to_path_buf(),
+        };
+        let (user, _) = user();
+        let base = dir.path().join("secrets/clan-vars/per-machine/m");
+        write_atomically(&base.join("api/token.age"), b"old").unwrap();
+        write_atomically(&base.join("api/token/token.age"), b"new").unwrap();
+        write_atomically(&base.join("db/pw.age"), b"pw").unwrap();
+        let refused = migrate_old_layout(&repo, &user).unwrap_err();
+        assert_eq!(refused.stable_code(), "vars.old-layout-conflict");
+        assert!(base.join("db/pw.age").exists(), "nothing moved");
+        // The same bytes in both: the old copy goes.
+        write_atomically(&base.join("api/token.age"), b"new").unwrap();
+        assert_eq!(migrate_old_layout(&repo, &user).unwrap().len(), 2);
+        assert!(!base.join("api/token.age").exists());
+        assert_eq!(std::fs::read(base.join("db/pw/pw.age")).unwrap(), b"pw");
+    }
 }

@@ -6,10 +6,14 @@
 //!
 //! This tool's age store (relative to the clan's directory):
 //! - public files: `vars/per-machine/<m>/<decl>/<file>/value`, `vars/shared/<decl>/<file>/value`
-//! - secret files, encrypted to machine keys:
-//!   `secrets/clan-vars/per-machine/<m>/<decl>/<file>.age`, `secrets/clan-vars/shared/<decl>/<file>.age`
+//! - secret files, encrypted to machine keys, at clan-core's age paths:
+//!   `secrets/clan-vars/per-machine/<m>/<decl>/<file>/<file>.age`,
+//!   `secrets/clan-vars/shared/<decl>/<file>/<file>.age` (with `<file>.age.recipients`)
 //! - machine keys: `secrets/age-keys/machines/<m>/pub` (age public key) and `key.age` (the
-//!   private key, encrypted to the people in `vars.settings.recipients`).
+//!   private key, encrypted to the people in `vars.settings.recipients`, who are listed in
+//!   `key.age.recipients`).
+//! - this tool's earlier layout (`…/<decl>/<file>.age`) is refused until `clan vars fix`
+//!   moves it ([`Repo::old_layout`]).
 //!
 //! Where a secret exists: in the generator's private temporary directory while it runs
 //! (removed after), in this process's memory (zeroed when dropped), encrypted in the

@@ -28,13 +28,108 @@ impl Repo {
             .join("value")
     }
 
-    /// A secret file, encrypted.
+    /// A secret file, encrypted: `secrets/clan-vars/<scope>/<g>/<f>/<f>.age`, clan-core's
+    /// age layout (a folder per file).
     pub fn secret_path(&self, machine: &str, g: &str, decl: &GeneratorDecl, f: &str) -> PathBuf {
         self.root
             .join("secrets/clan-vars")
             .join(scope(machine, decl))
             .join(g)
+            .join(f)
             .join(format!("{f}.age"))
+    }
+
+    /// Where this tool's earlier layout kept a secret: `secrets/clan-vars/<scope>/<g>/<f>.age`.
+    pub fn old_secret_path(
+        &self,
+        machine: &str,
+        g: &str,
+        decl: &GeneratorDecl,
+        f: &str,
+    ) -> PathBuf {
+        self.root
+            .join("secrets/clan-vars")
+            .join(scope(machine, decl))
+            .join(g)
+            .join(format!("{f}.age"))
+    }
+
+    /// The secrets of the repository still in this tool's earlier layout (a file
+    /// `<g>/<f>.age` where clan-core's layout has a folder `<g>/<f>/`), with where each
+    /// belongs now.
+    pub fn old_layout(&self) -> Vec<(PathBuf, PathBuf)> {
+        fn entries(dir: &Path) -> Vec<PathBuf> {
+            let mut found: Vec<PathBuf> = std::fs::read_dir(dir)
+                .into_iter()
+                .flatten()
+                .flatten()
+                .map(|e| e.path())
+                .collect();
+            found.sort();
+            found
+        }
+        let base = self.root.join("secrets/clan-vars");
+        let mut generator_dirs = entries(&base.join("shared"));
+        for machine in entries(&base.join("per-machine")) {
+            generator_dirs.extend(entries(&machine));
+        }
+        let mut old = Vec::new();
+        for dir in generator_dirs.iter().filter(|d| d.is_dir()) {
+            for path in entries(dir) {
+                let Some(f) = path
+                    .file_name()
+                    .and_then(|n| n.to_str())
+                    .and_then(|n| n.strip_suffix(".age"))
+                else {
+                    continue;
+                };
+                if path.is_file() && !f.is_empty() {
+                    let new = dir.join(f).join(format!("{f}.age"));
+                    old.push((path, new));
+                }
+            }
+        }
+        old
+    }
+
+    /// Refuses a repository with secrets in this tool's earlier layout: they would read as
+    /// missing, and be generated again beside the user's. `clan vars fix` moves them.
+    pub fn check_layout(&self) -> Result<(), Error> {
+        let old = self.old_layout();
+        let Some((first, new)) = old.first() else {
+            return Ok(());
+        };
+        Err(Error::usage(format!(
+            "the repository holds {} secret(s) in this tool's earlier layout (e.g. {}, which now belongs at {}): nothing was read, generated or uploaded",
+            old.len(),
+            first.display(),
+            new.display()
+        ))
+        .code("vars.old-layout")
+        .hint(Hint::text(
+            "run `clan vars fix`: it moves them to clan-core's age layout (secrets/clan-vars/<scope>/<gen>/<file>/<file>.age), changing no secret; commit the result",
+        )))
+    }
+
+    /// The recipients sidecar of an encrypted file (`<file>.age.recipients`, as clan-core
+    /// writes beside machine keys and shared secrets).
+    pub fn recipients_path(encrypted: &Path) -> PathBuf {
+        let mut name = encrypted.as_os_str().to_owned();
+        name.push(".recipients");
+        PathBuf::from(name)
+    }
+
+    /// Writes the sidecar of `encrypted`: its recipients, sorted, one per line.
+    pub fn write_recipients(
+        encrypted: &Path,
+        recipients: &[age::x25519::Recipient],
+    ) -> Result<PathBuf, Error> {
+        let mut lines: Vec<String> = recipients.iter().map(|r| r.to_string()).collect();
+        lines.sort();
+        lines.dedup();
+        let path = Self::recipients_path(encrypted);
+        write_atomically(&path, format!("{}\n", lines.join("\n")).as_bytes())?;
+        Ok(path)
     }
 
     /// A machine's age public key.
@@ -114,9 +209,9 @@ impl Repo {
         }
     }
 
-    /// Where another store keeps file `f` of generator `g`, if a file is there: clan-core's
-    /// sops layout (`vars/<scope>/<g>/<f>/secret`) or its age layout
-    /// (`secrets/clan-vars/<scope>/<g>/<f>/<f>.age`).
+    /// Where clan-core's sops store keeps file `f` of generator `g`
+    /// (`vars/<scope>/<g>/<f>/secret`), if a file is there. (Its age layout is this
+    /// store's.)
     pub fn foreign_secret(
         &self,
         machine: &str,
@@ -124,23 +219,15 @@ impl Repo {
         decl: &GeneratorDecl,
         f: &str,
     ) -> Option<PathBuf> {
-        let scope = scope(machine, decl);
-        [
+        Some(
             self.root
                 .join("vars")
-                .join(&scope)
+                .join(scope(machine, decl))
                 .join(g)
                 .join(f)
                 .join("secret"),
-            self.root
-                .join("secrets/clan-vars")
-                .join(&scope)
-                .join(g)
-                .join(f)
-                .join(format!("{f}.age")),
-        ]
-        .into_iter()
-        .find(|p| p.exists())
+        )
+        .filter(|p| p.exists())
     }
 
     /// Whether both halves of the machine's key are in the repository.
@@ -200,6 +287,7 @@ impl Repo {
         );
         let encrypted = encrypt(&recipients, private.as_bytes())?;
         write_atomically(&self.machine_key(machine), &encrypted)?;
+        Self::write_recipients(&self.machine_key(machine), &recipients)?;
         write_atomically(
             &self.machine_pub(machine),
             format!("{}\n", identity.to_public()).as_bytes(),

@@ -242,7 +242,7 @@ mod tests {
             ..Default::default()
         };
         repo.ensure_machine_key("m", &settings).unwrap();
-        let rel = "per-machine/m/g/f.age";
+        let rel = "per-machine/m/g/f/f.age";
         super::super::write_atomically(&repo.root.join("secrets/clan-vars").join(rel), b"CT")
             .unwrap();
         let upload = SecretsUpload {
