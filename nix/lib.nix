@@ -11,8 +11,10 @@
 # Machines are found as clan-core finds them: inventory.machines, `machines`, and the
 # directories of `<directory>/machines/`, whose configuration.nix and
 # hardware-configuration.nix are imported. `inventory.json` in the directory is read.
-# What clan-core supports and this library does not (inventory instances and services,
-# pkgsForSystem, clan service modules) is refused with an error naming the key.
+# Clan services (`inventory.instances`) are evaluated by ./services.nix, with this
+# repository's own service modules (./services/) as clan-core's `clan.modules`. What
+# clan-core supports and this library does not (the older `inventory.services`,
+# pkgsForSystem, templates) is refused with an error naming the key.
 #
 # `minimalSystem` stands in for nixpkgs.lib.nixosSystem where no full nixpkgs exists (tests,
 # demos): the same module system with the few options a toplevel needs.
@@ -74,8 +76,28 @@ let
   # and ignored, so hardware-configuration.nix files evaluate.
   minimalModule =
     { lib, ... }:
+    let
+      # As NixOS merges its options: sets recursively, lists concatenated, anything else
+      # once (or equal), so several modules may set parts of one (clan services:
+      # users.users.root from sshd and users).
+      merging = lib.mkOptionType {
+        name = "merging";
+        description = "anything, merged as NixOS options merge";
+        merge =
+          loc: defs:
+          let
+            values = map (d: d.value) defs;
+          in
+          if builtins.all builtins.isList values then
+            builtins.concatLists values
+          else if builtins.all (v: builtins.isAttrs v && !lib.isStringLike v) values then
+            (lib.types.lazyAttrsOf merging).merge loc defs
+          else
+            lib.types.anything.merge loc defs;
+      };
+    in
     {
-      freeformType = lib.types.lazyAttrsOf lib.types.raw;
+      freeformType = lib.types.lazyAttrsOf merging;
       options = {
         system.build = lib.mkOption {
           type = lib.types.lazyAttrsOf lib.types.raw;
@@ -118,6 +140,67 @@ let
         modulesPath = throw "clan.lib.minimalSystem has no NixOS modules (modulesPath)";
       } // specialArgs;
       modules = [ minimalModule ] ++ modules;
+    };
+
+  # This repository's clan service modules: what `module.input = null` names.
+  ownModules = {
+    sshd = ./services/sshd.nix;
+    users = ./services/users.nix;
+  };
+
+  # A module of the settings of a role, a machine in it or a tag.
+  settingsOption = lib: lib.mkOption {
+    type = lib.types.deferredModule;
+    default = { };
+    description = "Settings, as a module of the role's interface.";
+  };
+
+  # An instance of a clan service, as clan-core types it.
+  instanceModule =
+    lib:
+    { name, ... }:
+    let
+      inherit (lib) mkOption types;
+      settingsOnly = types.submodule { options.settings = settingsOption lib; };
+    in
+    {
+      options = {
+        module.name = mkOption {
+          type = types.str;
+          default = name;
+          description = "The service module's name (default: the instance's).";
+        };
+        module.input = mkOption {
+          type = types.nullOr types.str;
+          default = null;
+          description = "Where the module is: null, this clan tool's own clan.modules; \"self\", this clan's modules; else inputs.<input>.clan.modules.";
+        };
+        roles = mkOption {
+          default = { };
+          type = types.attrsOf (
+            types.submodule {
+              options = {
+                machines = mkOption {
+                  type = types.attrsOf settingsOnly;
+                  default = { };
+                };
+                tags = mkOption {
+                  type = types.coercedTo (types.listOf types.str) (
+                    tags: lib.genAttrs tags (_: { })
+                  ) (types.attrsOf settingsOnly);
+                  default = { };
+                };
+                settings = settingsOption lib;
+                extraModules = mkOption {
+                  type = types.listOf types.raw;
+                  default = [ ];
+                  description = "NixOS modules imported into every member machine.";
+                };
+              };
+            }
+          );
+        };
+      };
     };
 
   # The interface of a clan, as clan-core names it.
@@ -236,10 +319,18 @@ let
                 type = types.attrsOf (types.submodule machineModule);
                 default = { };
               };
-              instances = unsupported "inventory.instances" "Configure those services in the machines' NixOS modules, or use clan-core.";
-              services = unsupported "inventory.services" "Configure those services in the machines' NixOS modules, or use clan-core.";
+              instances = mkOption {
+                type = types.attrsOf (types.submodule (instanceModule lib));
+                default = { };
+                description = "Clan services (clan-core's inventory.instances): each names a service module and gives its roles to machines.";
+              };
+              services = unsupported "inventory.services" "clan-core's older services: use inventory.instances.";
               modules = unsupported "inventory.modules" "";
-              tags = unsupported "inventory.tags" "Set tags on inventory.machines.<name>.tags.";
+              tags = mkOption {
+                type = types.attrsOf (types.listOf types.str);
+                default = { };
+                description = "Tags given to machines by name, besides inventory.machines.<name>.tags (and the computed all and nixos).";
+              };
             };
           };
           default = { };
@@ -262,7 +353,11 @@ let
             description = "Per machine: the age public keys that may decrypt its key, instead of the default ones.";
           };
         };
-        modules = unsupported "modules" "Clan service modules are not supported.";
+        modules = mkOption {
+          type = types.attrsOf types.raw;
+          default = { };
+          description = "This clan's own service modules (`module.input = \"self\"` in inventory.instances).";
+        };
         templates = unsupported "templates" "";
       };
     };
@@ -306,12 +401,9 @@ let
       config = eval.config;
       # What the interface declares only to refuse (see `unsupported`): any that is set.
       refusals = filter (key: lib.attrByPath (lib.splitString "." key) null config != null) [
-        "inventory.instances"
         "inventory.services"
         "inventory.modules"
-        "inventory.tags"
         "pkgsForSystem"
-        "modules"
         "templates"
       ];
       checked =
@@ -345,6 +437,10 @@ let
             "${dir}/machines/${name}/configuration.nix"
             "${dir}/machines/${name}/hardware-configuration.nix"
           ];
+      services = import ./services.nix {
+        inherit lib config self ownModules;
+        machineNames = names;
+      };
       modulesFor =
         name:
         [
@@ -357,7 +453,8 @@ let
           }
         ]
         ++ machineFiles name
-        ++ lib.optional (config.machines ? ${name}) config.machines.${name};
+        ++ lib.optional (config.machines ? ${name}) config.machines.${name}
+        ++ services.importsOf name;
       nixosConfigurations = lib.genAttrs names (
         name:
         buildSystem {
@@ -373,11 +470,24 @@ let
       outputs = {
         nixosConfigurations = builtins.seq checked nixosConfigurations;
         clanInternals = {
-          inventory = builtins.seq checked config.inventory;
+          # Each machine with all its tags (its own, inventory.tags, all, nixos), as
+          # clan-core's computed tags give them.
+          inventory = builtins.seq checked (
+            config.inventory
+            // {
+              machines = lib.genAttrs names (
+                name: (config.inventory.machines.${name} or { }) // { tags = services.tagsOf name; }
+              );
+            }
+          );
           machines = builtins.seq checked nixosConfigurations;
           meta = config.meta;
           vars.settings = config.vars.settings;
+          # Each instance's role members.
+          services = builtins.seq checked services.members;
         };
+        # clan-core's template inherits it from the clan's config.
+        nixosModules = { };
       };
     in
     outputs // { config = outputs; };

@@ -87,15 +87,12 @@ fn clan_core_layout_deploys() {
 }
 
 // What clan-core supports and this tool does not is refused, naming the key: never
-// silently ignored (an sshd instance with root's keys, ignored, locks the user out).
+// silently ignored (an sshd service of clan-core's older `inventory.services`, ignored,
+// would lock the user out).
 #[test]
 fn unsupported_clan_core_features_are_refused() {
     let lab = Lab::start(&[HostSpec::new("target")]);
     for (setting, key) in [
-        (
-            r#"inventory.instances.sshd = { roles.server.tags.all = { }; };"#,
-            "inventory.instances",
-        ),
         (r#"pkgsForSystem = system: null;"#, "pkgsForSystem"),
         (r#"inventory.services.x = { };"#, "inventory.services"),
     ] {
@@ -583,4 +580,175 @@ fn a_fast_machine_builds_while_a_slow_one_is_evaluated() {
     );
     assert!(lab.host("t1").system_profile().is_some());
     assert!(lab.host("t2").system_profile().is_some());
+}
+
+// clan-core's default template, as a user has it, with `clan-core` pointed at this
+// repository (and `nixosSystem` this library's minimal system, the lab having no nixpkgs):
+// its `sshd` and `users` instances are served by this repository's own service modules.
+// `--tags all` deploys both machines through a build host, each to its default address from
+// `meta.domain` (reached through the workstation's and the build host's ~/.ssh/config), and
+// each target gets its own persistent host key and root's password hash as secrets.
+#[test]
+fn clan_cores_template_deploys_on_this_library() {
+    let lab = Lab::start(&[
+        HostSpec::new("builder"),
+        HostSpec::new("web"),
+        HostSpec::new("db"),
+    ]);
+    let mut ssh_config = String::new();
+    for m in ["web", "db"] {
+        ssh_config.push_str(&format!("Host {m}.tlab\n  HostName {}\n", lab.ip(m)));
+        lab.trust("builder", m);
+    }
+    lab.prepend_ssh_config(clan_lab::WORKSTATION, &ssh_config);
+    lab.prepend_ssh_config("builder", &ssh_config);
+    let id = age::x25519::Identity::generate();
+    let key_file = lab
+        .host(clan_lab::WORKSTATION)
+        .root()
+        .join(".config/sops/age/keys.txt");
+    std::fs::create_dir_all(key_file.parent().unwrap()).unwrap();
+    std::fs::write(
+        &key_file,
+        format!(
+            "{}\n",
+            age::secrecy::ExposeSecret::expose_secret(&id.to_string())
+        ),
+    )
+    .unwrap();
+
+    let f = lab.dir.join("template");
+    // The template's flake.nix, with minimalSystem for the lab's plain-derivation systems.
+    write(
+        &f.join("flake.nix"),
+        &format!(
+            r#"{{
+  inputs.clan-core.url = "path:{lib}";
+  inputs.nixpkgs.follows = "clan-core/nixpkgs";
+  outputs = {{ self, clan-core, nixpkgs, ... }}@inputs:
+    let
+      clan = clan-core.lib.clan {{
+        inherit self;
+        imports = [ ./clan.nix ];
+        specialArgs = {{ inherit inputs; }};
+        nixosSystem = clan-core.lib.minimalSystem;
+      }};
+    in
+    {{
+      inherit (clan.config) nixosConfigurations nixosModules clanInternals;
+      clan = clan.config;
+    }};
+}}"#,
+            lib = lab.clan_lib().display()
+        ),
+    );
+    write(
+        &f.join("toplevel.nix"),
+        include_str!("../lab/fixtures/toplevel.nix"),
+    );
+    // The template's clan.nix, filled in: two machines, the recipients this library's age
+    // store needs, the lab's systems.
+    let machine = |m: &str| {
+        format!(
+            r#"machines.{m} = {{ config, ... }}: {{
+      system.build.toplevel = toplevel "{m}" {{ varsActivation = config.clan.core.vars.activationScript; }};
+      clan.core.vars.age.secretLocation = "/root/secret-vars";
+    }};"#
+        )
+    };
+    write(
+        &f.join("clan.nix"),
+        &format!(
+            r#"let toplevel = import ./toplevel.nix {{ shared = null; }}; in {{
+  meta.name = "tlab";
+  meta.domain = "tlab";
+  inventory.machines = {{
+    web = {{ deploy.buildHost = "root@{b}"; }};
+    db = {{ deploy.buildHost = "root@{b}"; }};
+  }};
+  inventory.instances = {{
+    sshd = {{
+      roles.server.tags.all = {{ }};
+      roles.server.settings.authorizedKeys = {{
+        "admin-machine-1" = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAITemplateAdminKey admin";
+      }};
+    }};
+    user-root = {{
+      module = {{ name = "users"; }};
+      roles.default.tags.all = {{ }};
+      roles.default.settings = {{ user = "root"; prompt = true; }};
+    }};
+  }};
+  vars.settings.recipients.default = [ "{public}" ];
+  {web}
+  {db}
+}}"#,
+            b = lab.ip("builder"),
+            public = id.to_public(),
+            web = machine("web"),
+            db = machine("db"),
+        ),
+    );
+    let lock = lab.run_on_workstation(&f, &["nix", "flake", "lock"]);
+    assert!(
+        lock.status.success(),
+        "{}",
+        String::from_utf8_lossy(&lock.stderr)
+    );
+
+    // The addresses are the domain's defaults.
+    let show = clan(&lab, &f, &["machines", "show", "web", "--json"]);
+    assert_eq!(show.code, 0, "{}", show.all());
+    let shown: serde_json::Value = serde_json::from_str(&show.stdout).unwrap();
+    assert_eq!(shown["web"]["targetHost"]["value"], "root@web.tlab");
+
+    // root's password is asked once per machine (db first), on a terminal.
+    let generated = clan_on_terminal(&lab, &f, &["vars", "generate"], "db-root-pw\nweb-root-pw\n");
+    assert_eq!(generated.code, 0, "{}", generated.all());
+    let run = clan(&lab, &f, &["machines", "update", "--tags", "all"]);
+    assert_eq!(run.code, 0, "{}", run.all());
+    for m in ["web", "db"] {
+        let out = toplevel(&lab, &f, m);
+        assert!(
+            lab.host("builder").has_path(&out),
+            "{m} not built on the builder"
+        );
+        assert_eq!(lab.host(m).system_profile().as_deref(), Some(out.as_str()));
+        // The host key: decrypted on its machine, its public half in the repository.
+        let sh = |line: &str| {
+            let o = lab.exec(m, &["sh", "-c", line]);
+            String::from_utf8_lossy(&o.stdout).trim().to_string()
+        };
+        let public_on_target = sh("ssh-keygen -y -f /run/secrets/openssh/ssh.id_ed25519");
+        let public_in_repo = std::fs::read_to_string(f.join(format!(
+            "vars/per-machine/{m}/openssh/ssh.id_ed25519.pub/value"
+        )))
+        .unwrap();
+        assert!(
+            public_on_target.starts_with("ssh-ed25519 "),
+            "{m}: {public_on_target}"
+        );
+        assert!(
+            public_in_repo.starts_with(&public_on_target),
+            "{m}: {public_in_repo} / {public_on_target}"
+        );
+        // root's password hash, before users are made; the password itself never leaves
+        // the repository.
+        let hash = sh("cat /run/secrets-for-users/user-password-root/user-password-hash");
+        assert!(hash.starts_with('$'), "{m}: {hash}");
+        if hash.starts_with("$6$") {
+            let salt = hash.split('$').nth(2).unwrap_or_default().to_string();
+            let expected = sh(&format!("openssl passwd -6 -salt '{salt}' '{m}-root-pw'"));
+            assert_eq!(hash, expected, "{m}: the hash of the typed password");
+        }
+        assert_eq!(
+            sh("test -e /run/secrets/user-password-root && echo deployed"),
+            "",
+            "{m}: user-password is deploy = false"
+        );
+        assert_eq!(
+            sh("grep -rl root-pw /root/secret-vars /run/secrets /run/secrets-for-users | wc -l"),
+            "0"
+        );
+    }
 }

@@ -78,7 +78,9 @@ fn vars_activation_script_is_valid_sh() {
         String::from_utf8_lossy(&out.stderr)
     );
     let script: String = serde_json::from_slice(&out.stdout).expect("a string");
-    assert!(script.contains("clan_vars_file /run/secrets-for-users db root shared/db/root/root.age"));
+    assert!(
+        script.contains("clan_vars_file /run/secrets-for-users db root shared/db/root/root.age")
+    );
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("activate.sh");
     std::fs::write(&path, &script).unwrap();

@@ -64,8 +64,116 @@ let
   script = web1vars.activationScript;
   has = needle: lib.hasInfix needle script;
 
+  # Clan services: a clan's own module (input "self"), roles by name and by tag.
+  greeter = { lib, ... }: {
+    _class = "clan.service";
+    manifest.name = "greeter";
+    roles.peer = {
+      interface.options = {
+        greeting = lib.mkOption { type = lib.types.str; default = "hello"; };
+        loud = lib.mkOption { type = lib.types.bool; default = false; };
+        names = lib.mkOption { type = lib.types.listOf lib.types.str; default = [ ]; };
+      };
+      perInstance = { settings, instanceName, machine, roles, ... }: {
+        nixosModule.greetings.${instanceName} = {
+          inherit (settings) greeting loud names;
+          roles = machine.roles;
+          peers = builtins.attrNames roles.peer.machines;
+        };
+      };
+    };
+    roles.watcher.perInstance = { machine, ... }: { nixosModule.watched = machine.name; };
+    perMachine = { machine, instances, ... }: {
+      nixosModule.greeterInstances = builtins.attrNames instances;
+    };
+  };
+  servicesClan = extra: clan {
+    imports = [ extra ];
+    modules.greeter = greeter;
+    inventory.machines = {
+      a = { tags = [ "web" ]; };
+      b = { };
+      c = { };
+    };
+    inventory.tags.db = [ "b" ];
+    inventory.instances.hi = {
+      module = { name = "greeter"; input = "self"; };
+      roles.peer.tags = [ "web" "db" ];
+      roles.peer.settings.greeting = "hi";
+      roles.peer.machines.b.settings.loud = true;
+      roles.watcher.machines.c = { };
+    };
+    inventory.instances.everyone = {
+      module = { name = "greeter"; input = "self"; };
+      roles.peer.tags.all.settings.names = [ "from-tag" ];
+      roles.peer.machines.c.settings.greeting = "hey";
+      roles.peer.extraModules = [ { extra = true; } ];
+    };
+  };
+  services = servicesClan { };
+  cfgOf = m: services.nixosConfigurations.${m}.config;
+  failsWith = v: !(builtins.tryEval (builtins.deepSeq v v)).success;
+
 in
 {
+  servicesRoleMembersByNameAndTag =
+    services.clanInternals.services.hi == { peer = [ "a" "b" ]; watcher = [ "c" ]; }
+    && services.clanInternals.services.everyone.peer == [ "a" "b" "c" "disk1" "json1" ];
+  servicesComputedAndInventoryTags =
+    services.clanInternals.inventory.machines.b.tags == [ "db" "all" "nixos" ]
+    && services.clanInternals.inventory.machines.a.tags == [ "web" "all" "nixos" ];
+  # interface defaults < role settings < machine and tag settings.
+  servicesSettingsMerge =
+    (cfgOf "a").greetings.hi == { greeting = "hi"; loud = false; names = [ ]; roles = [ "peer" ]; peers = [ "a" "b" ]; }
+    && (cfgOf "b").greetings.hi.loud
+    && (cfgOf "c").greetings.everyone.greeting == "hey"
+    && (cfgOf "c").greetings.everyone.names == [ "from-tag" ]
+    && (cfgOf "a").greetings.everyone.greeting == "hello";
+  servicesPerMachineOncePerService =
+    (cfgOf "a").greeterInstances == [ "everyone" "hi" ]
+    && (cfgOf "c").greeterInstances == [ "everyone" "hi" ]
+    && (cfgOf "c").watched == "c" && !((cfgOf "a") ? watched);
+  servicesExtraModules = (cfgOf "a").extra && (cfgOf "c").extra;
+  servicesUnknownModuleNamed = failsWith (servicesClan {
+    inventory.instances.x.module = { name = "nope"; input = "self"; };
+  }).nixosConfigurations.a.config;
+  servicesUnknownInputNamed = failsWith (servicesClan {
+    inventory.instances.x.module = { name = "greeter"; input = "elsewhere"; };
+  }).nixosConfigurations.a.config;
+  servicesUnknownRoleNamed = failsWith (servicesClan {
+    inventory.instances.x = { module = { name = "greeter"; input = "self"; }; roles.nope.machines.a = { }; };
+  }).nixosConfigurations.a.config;
+  servicesUnknownMachineNamed = failsWith (servicesClan {
+    inventory.instances.x = { module = { name = "greeter"; input = "self"; }; roles.peer.machines.zz = { }; };
+  }).nixosConfigurations.a.config;
+  # This tool's own sshd and users services, as clan-core's template uses them.
+  ownServicesGiveVars =
+    let
+      t = clan {
+        inventory.machines.m = { };
+        inventory.instances = {
+          sshd = { roles.server.tags.all = { }; roles.server.settings.authorizedKeys.admin = "ssh-ed25519 AAAA admin"; };
+          user-root = { module.name = "users"; roles.default.tags.all = { }; roles.default.settings = { user = "root"; prompt = true; }; };
+        };
+        machines.m.system.build.toplevel = { name = "t"; };
+      };
+      c = t.nixosConfigurations.m.config;
+      gens = c.clan.core.vars.generators;
+    in
+    gens.openssh.files."ssh.id_ed25519".secret
+    && !gens.openssh.files."ssh.id_ed25519.pub".secret
+    && c.services.openssh.hostKeys == [ { path = "/run/secrets/openssh/ssh.id_ed25519"; type = "ed25519"; } ]
+    && c.users.users.root.openssh.authorizedKeys.keys == [ "ssh-ed25519 AAAA admin" ]
+    && c.users.users.root.hashedPasswordFile == "/run/secrets-for-users/user-password-root/user-password-hash"
+    && gens.user-password-root.files.user-password-hash.neededFor == "users"
+    && !gens.user-password-root.files.user-password.deploy
+    && gens.user-password-root.prompts.user-password.type == "hidden"
+    && c.users.mutableUsers == false;
+  ownSshdCertificateRefusedByName = failsWith (clan {
+    inventory.machines.m = { };
+    inventory.instances.sshd = { roles.server.tags.all = { }; roles.server.settings.certificate.enable = true; };
+    machines.m = { };
+  }).nixosConfigurations.m.config.clan.core.vars.generators;
   mkDefaultLosesToAPlainValue =
     ok.clanInternals.inventory.machines.web1.deploy.targetHost == "root@web1.override";
   machinesFromTheDirectoryAndJson =
@@ -75,7 +183,8 @@ in
     && ok.nixosConfigurations.disk1.config.clan.core.networking.buildHost == "root@builder.from.hardware";
   hostNameDefaultsToTheMachineName =
     ok.nixosConfigurations.web1.config.system.build.toplevel.name == "t-web1";
-  inventoryJsonRead = ok.clanInternals.inventory.machines.json1.tags == [ "from-json" ];
+  # With the computed tags, as clan-core lists them.
+  inventoryJsonRead = ok.clanInternals.inventory.machines.json1.tags == [ "from-json" "all" "nixos" ];
   # As clan-core: a machine's default address is root@<hostName>.<meta.domain> (domain
   # "clan" unless set); an explicit one wins; no domain, no default.
   targetHostDefaultsToTheDomain =
@@ -90,7 +199,7 @@ in
     (clan { meta.domain = null; machines.m = { }; }).nixosConfigurations.m.config.clan.core.networking.targetHost == null
     && (clan { machines.m.networking.domain = null; }).nixosConfigurations.m.config.clan.core.networking.targetHost == null;
   installedAtAccepted = ok.clanInternals.inventory.machines.json1.installedAt == 1733468400;
-  instancesRefused = fails (clan { inventory.instances.sshd = { }; }).clanInternals.machines;
+  olderServicesRefused = fails (clan { inventory.services.sshd = { }; }).clanInternals.machines;
   pkgsForSystemRefused = fails (clan { pkgsForSystem = _: null; }).nixosConfigurations;
   unknownInventoryKeyRefused =
     fails (clan { inventory.machines.x.deploy.tagetHost = "typo"; }).clanInternals.inventory;
