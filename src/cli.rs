@@ -4,6 +4,7 @@
 use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
+use clap_complete::engine::{ArgValueCompleter, CompletionCandidate};
 
 use crate::plan::Action;
 use crate::ssh::HostKeyCheck;
@@ -29,8 +30,9 @@ pub enum TopCommand {
     /// Log in to a machine's target (or run COMMAND there) with the address, user and host
     /// key policy a deploy would use.
     Ssh(SshArgs),
-    /// Print the shell completion script for SHELL, generated from this command line's
-    /// definition (e.g. `clan completions bash > /etc/bash_completion.d/clan`).
+    /// Print the shell completion script for SHELL (e.g. `clan completions bash >
+    /// /etc/bash_completion.d/clan`): it asks clan for the words as you type, so flags come
+    /// from this command line's definition and machine names and tags from the clan's flake.
     Completions {
         /// The shell.
         #[arg(value_enum)]
@@ -42,7 +44,7 @@ pub enum TopCommand {
 #[derive(Debug, Args)]
 pub struct SshArgs {
     /// The machine whose target to reach.
-    #[arg(value_name = "MACHINE")]
+    #[arg(value_name = "MACHINE", add = ArgValueCompleter::new(complete_machines))]
     pub machine: String,
 
     /// Flake and host overrides, as for update (`--target-host` reaches another address).
@@ -80,7 +82,7 @@ pub enum VarsCommand {
 #[derive(Debug, Args)]
 pub struct VarsGenerateArgs {
     /// Machines to generate for (default: every machine of the clan).
-    #[arg(value_name = "MACHINE")]
+    #[arg(value_name = "MACHINE", add = ArgValueCompleter::new(complete_machines))]
     pub machines: Vec<String>,
 
     /// Only this generator (and the ones it depends on, if missing).
@@ -104,7 +106,7 @@ pub struct VarsGenerateArgs {
 #[derive(Debug, Args)]
 pub struct VarsMachineArgs {
     /// The machine.
-    #[arg(value_name = "MACHINE")]
+    #[arg(value_name = "MACHINE", add = ArgValueCompleter::new(complete_machines))]
     pub machine: String,
 
     /// The flake, as for update.
@@ -116,7 +118,7 @@ pub struct VarsMachineArgs {
 #[derive(Debug, Args)]
 pub struct VarsGetArgs {
     /// The machine.
-    #[arg(value_name = "MACHINE")]
+    #[arg(value_name = "MACHINE", add = ArgValueCompleter::new(complete_machines))]
     pub machine: String,
 
     /// The var: GENERATOR/FILE.
@@ -132,7 +134,7 @@ pub struct VarsGetArgs {
 #[derive(Debug, Args)]
 pub struct VarsFixArgs {
     /// Machines whose keys to re-encrypt (default: every machine with a key).
-    #[arg(value_name = "MACHINE")]
+    #[arg(value_name = "MACHINE", add = ArgValueCompleter::new(complete_machines))]
     pub machines: Vec<String>,
 
     /// The flake, as for update.
@@ -170,7 +172,7 @@ pub enum MachinesCommand {
 #[derive(Debug, Args)]
 pub struct SetupCacheArgs {
     /// The machine whose build host signs its closures.
-    #[arg(value_name = "MACHINE")]
+    #[arg(value_name = "MACHINE", add = ArgValueCompleter::new(complete_machines))]
     pub machine: String,
 
     /// The key's name, as targets will see it in trusted-public-keys.
@@ -224,7 +226,7 @@ pub struct VarsUploadArgs {
 #[derive(Debug, Args)]
 pub struct OnTargetArgs {
     /// The machine.
-    #[arg(value_name = "MACHINE")]
+    #[arg(value_name = "MACHINE", add = ArgValueCompleter::new(complete_machines))]
     pub machine: String,
 
     /// Flake and host overrides, as for update.
@@ -304,7 +306,7 @@ pub struct ConnectArgs {
 #[derive(Debug, Args)]
 pub struct ShowArgs {
     /// Machines to show (default: every machine of the clan).
-    #[arg(value_name = "MACHINE")]
+    #[arg(value_name = "MACHINE", add = ArgValueCompleter::new(complete_machines))]
     pub machines: Vec<String>,
 
     /// Flake and host overrides, as for update.
@@ -325,7 +327,7 @@ pub struct ShowArgs {
 pub struct ListArgs {
     /// Only the machines that have all of these tags (clan-core's computed `all`, `nixos`
     /// and `darwin` included).
-    #[arg(long, num_args = 1.., value_name = "TAG")]
+    #[arg(long, num_args = 1.., value_name = "TAG", add = ArgValueCompleter::new(complete_tags))]
     pub tags: Vec<String>,
 
     /// The flake, as for update.
@@ -341,7 +343,7 @@ pub struct ListArgs {
 #[derive(Debug, Args)]
 pub struct SetupBuildHostArgs {
     /// The machine whose build host is set up to reach its target.
-    #[arg(value_name = "MACHINE")]
+    #[arg(value_name = "MACHINE", add = ArgValueCompleter::new(complete_machines))]
     pub machine: String,
 
     /// Flake and host overrides, as for update.
@@ -361,7 +363,7 @@ pub struct SetupBuildHostArgs {
 #[derive(Debug, Clone, Args)]
 pub struct UpdateArgs {
     /// Machines to update (default: every machine of the clan).
-    #[arg(value_name = "MACHINE")]
+    #[arg(value_name = "MACHINE", add = ArgValueCompleter::new(complete_machines))]
     pub machines: Vec<String>,
 
     /// Flake and host overrides.
@@ -389,7 +391,7 @@ pub struct UpdateArgs {
     pub copy_via_workstation: bool,
 
     /// Also update the machines that have one of these tags (inventory.machines.<m>.tags).
-    #[arg(long, value_name = "TAG", num_args = 1..)]
+    #[arg(long, value_name = "TAG", num_args = 1.., add = ArgValueCompleter::new(complete_tags))]
     pub tags: Vec<String>,
 
     /// Builds each build host runs at once (passed as the realise's --max-jobs). Default: the
@@ -462,7 +464,7 @@ pub struct UpdateArgs {
     pub batch_size: Option<BatchSize>,
 
     /// Deploy these machines first, alone; if one fails, nothing else is started.
-    #[arg(long, value_name = "MACHINE")]
+    #[arg(long, value_name = "MACHINE", add = ArgValueCompleter::new(complete_machines))]
     pub canary: Vec<String>,
 
     /// Stop starting batches once more than N machines failed (default 0).
@@ -649,6 +651,45 @@ impl BatchSize {
             BatchSize::Percent(p) => (total * usize::from(p)).div_ceil(100).max(1),
         }
     }
+}
+
+/// The clan's machines and their tags, for the shell's completion (`COMPLETE=SHELL clan …`):
+/// one cheap evaluation of the flake `--flake` would default to; nothing when it fails.
+fn completion_index() -> Option<crate::eval::Evaluation> {
+    let flake = crate::select::flake_ref(&default_flake()).ok()?;
+    // No flake here: nothing to evaluate (and no Nix started).
+    if let Some(dir) = &flake.dir
+        && !dir.join("flake.nix").is_file()
+    {
+        return None;
+    }
+    crate::eval::evaluate_index(&flake, &[], &crate::eval::NixOptions::default()).ok()
+}
+
+/// Completes a machine name from the clan's machines.
+fn complete_machines(current: &std::ffi::OsStr) -> Vec<CompletionCandidate> {
+    let current = current.to_string_lossy();
+    completion_index()
+        .map(|index| index.machines)
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|name| name.starts_with(current.as_ref()))
+        .map(CompletionCandidate::new)
+        .collect()
+}
+
+/// Completes a tag from the clan's machines' tags (the computed ones included).
+fn complete_tags(current: &std::ffi::OsStr) -> Vec<CompletionCandidate> {
+    let current = current.to_string_lossy();
+    let mut tags: Vec<String> = completion_index()
+        .map(|index| index.tags.into_values().flatten().collect())
+        .unwrap_or_default();
+    tags.sort();
+    tags.dedup();
+    tags.into_iter()
+        .filter(|tag| tag.starts_with(current.as_ref()))
+        .map(CompletionCandidate::new)
+        .collect()
 }
 
 /// The flake when `--flake` is not given, as clan-core finds it: `$CLAN_DIR`, else the

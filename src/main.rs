@@ -13,6 +13,8 @@ fn main() {
     unsafe {
         libc::signal(libc::SIGPIPE, libc::SIG_DFL);
     }
+    // `COMPLETE=SHELL clan …`: the shell asks for completions (see `clan completions`).
+    clap_complete::CompleteEnv::with_factory(<Cli as clap::CommandFactory>::command).complete();
     let cli = Cli::parse();
     // Commands that change hosts cannot be ended by a closed output (`| head -3`): they
     // write through relays and go on as if detached (see clan::output).
@@ -51,11 +53,7 @@ fn main() {
     // Ctrl-C: children run in process groups of their own, so clan decides what stops.
     clan::interrupt::install();
     let result = match &cli.command {
-        TopCommand::Completions { shell } => {
-            use clap::CommandFactory;
-            clap_complete::generate(*shell, &mut Cli::command(), "clan", &mut std::io::stdout());
-            Ok(clan::error::ExitKind::Success)
-        }
+        TopCommand::Completions { shell } => clan::commands::completions(*shell),
         TopCommand::Ssh(args) => clan::commands::ssh::run(args),
         TopCommand::Machines(MachinesCommand::Update(args)) => update::run(args),
         TopCommand::Machines(MachinesCommand::Build(args)) => update::build(args),

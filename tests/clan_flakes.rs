@@ -752,3 +752,48 @@ fn clan_cores_template_deploys_on_this_library() {
         );
     }
 }
+
+// Shell completion names the clan's machines and tags, read from the flake the command
+// would use (here the current directory's), as the user types.
+#[test]
+fn completion_names_the_clans_machines_and_tags() {
+    let lab = Lab::start(&[]);
+    let f = lab.write_flake(
+        r#"{ inventory.machines.web1.tags = [ "web" ]; inventory.machines.web2 = { };
+             inventory.machines.db.tags = [ "database" ];
+             machines.web1 = system { }; machines.web2 = system { }; machines.db = system { }; }"#,
+    );
+    let complete = |words: &[&str]| -> Vec<String> {
+        let mut argv = vec![
+            "env",
+            "COMPLETE=fish",
+            env!("CARGO_BIN_EXE_clan"),
+            "--",
+            "clan",
+        ];
+        argv.extend_from_slice(words);
+        let out = lab.run_on_workstation(&f, &argv);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .map(|l| l.split('\t').next().unwrap_or("").to_string())
+            .collect()
+    };
+    assert_eq!(complete(&["machines", "update", "web"]), ["web1", "web2"]);
+    assert_eq!(complete(&["machines", "update", "web1", "d"]), ["db"]);
+    // An empty word: the machines, then the flags.
+    let names: Vec<String> = complete(&["vars", "list", ""])
+        .into_iter()
+        .filter(|w| !w.starts_with('-'))
+        .collect();
+    assert_eq!(names, ["db", "web1", "web2"]);
+    assert_eq!(
+        complete(&["machines", "update", "--tags", "da"]),
+        ["database"]
+    );
+    assert_eq!(complete(&["machines", "list", "--tags", "w"]), ["web"]);
+}

@@ -15,22 +15,54 @@ fn clan(args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
-// Completions for bash, zsh and fish come from the same definition as --help: they know the
-// commands, their aliases and the flags.
+// `clan completions SHELL` registers clan's completion with bash, zsh and fish: the script
+// asks `COMPLETE=SHELL clan` for the words as the user types. The words come from the same
+// definition as --help (the commands, their aliases and the flags); machine names and tags
+// come from the flake (tests/clan_flakes.rs, `completion_names_the_clans_machines_and_tags`).
 #[test]
 fn shell_completions_know_the_commands_and_flags() {
     for shell in ["bash", "zsh", "fish"] {
         let script = clan(&["completions", shell]);
-        for word in [
+        assert!(
+            script.contains("COMPLETE") && script.contains("clan"),
+            "{shell}: {script}"
+        );
+    }
+    // Outside any clan (no flake here or above): no Nix runs, flags still complete.
+    let elsewhere = tempfile::tempdir().unwrap();
+    let complete = |words: &[&str]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_clan"))
+            .current_dir(elsewhere.path())
+            .env("CLAN_DIR", elsewhere.path())
+            .env("COMPLETE", "fish")
+            .arg("--")
+            .args(words)
+            .output()
+            .expect("clan");
+        assert!(out.status.success());
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let words = |out: String| -> Vec<String> {
+        out.lines()
+            .map(|l| l.split('\t').next().unwrap_or("").to_string())
+            .collect()
+    };
+    assert_eq!(words(complete(&["clan", "machines", "upd"])), ["update"]);
+    assert_eq!(words(complete(&["clan", "ma"])), ["machines"]);
+    for flag in ["--host-key-check", "--flake", "--build-host"] {
+        assert!(
+            words(complete(&["clan", "machines", "update", "--"])).contains(&flag.to_string()),
+            "{flag}"
+        );
+    }
+    assert_eq!(
+        words(complete(&[
+            "clan",
             "machines",
             "update",
-            "rollback",
-            "generations",
-            "host-key-check",
-            "flake",
-        ] {
-            assert!(script.contains(word), "{shell} lacks {word}");
-        }
-    }
-    assert!(clan(&["completions", "bash"]).starts_with("_clan() {"));
+            "--host-key-check",
+            "acc"
+        ])),
+        ["accept-new"]
+    );
 }
