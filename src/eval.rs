@@ -185,6 +185,8 @@ let
           secretModule = tryOr null ((v.settings or { }).secretModule or null);
           # Where clan-core's sops store puts the machine's key on the target.
           sopsUploadDirectory = tryOr null (if (v.sops or { }) ? secretUploadDirectory then toString v.sops.secretUploadDirectory else null);
+          # clan-core's groups every sops secret of the machine is also for.
+          sopsDefaultGroups = tryOr [ ] ((config.clan.core.sops or { }).defaultGroups or [ ]);
           generators = builtins.mapAttrs (_: g: let fromClanCore = g ? finalScript; in {
             share = g.share or false;
             dependencies = g.dependencies or [ ];

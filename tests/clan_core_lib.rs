@@ -495,3 +495,84 @@ fn clan_core_library_clan_deploys_namespace() {
 fn clan_core_library_clan_deploys_systemd() {
     deploys_through_a_build_host(HostKind::Systemd);
 }
+
+// clan-core's sops store says who may read a secret by its links (`users/`, `machines/`,
+// `groups/`): a link added without re-encrypting (a new admin, or someone adding their own
+// key) is named by `vars check` and stops the deploy, also its dry run; `clan vars fix`
+// re-encrypts the secret to exactly the linked keys, as clan-core's does, and the deploy
+// goes on. The new user then reads it.
+#[test]
+fn a_new_recipient_link_stops_the_deploy_until_vars_fix() {
+    let lab = Lab::start(&[HostSpec::new("builder"), HostSpec::new("target")]);
+    let alpha = format!("Host alpha.cclab.lan\n  HostName {}\n", lab.ip("target"));
+    lab.prepend_ssh_config(clan_lab::WORKSTATION, &alpha);
+    lab.prepend_ssh_config("builder", &alpha);
+    lab.trust("builder", "target");
+    let f = lab.write_clan_core_flake("cc", &clan_nix(lab.ip("builder")));
+    let store = ClanCoreStoreFiles::write(&lab, &f, "alpha");
+    assert_eq!(clan(&lab, &f, &["vars", "check", "alpha"]).code, 0);
+
+    let bob = age::x25519::Identity::generate();
+    let users = f.join("sops/users/bob");
+    std::fs::create_dir_all(&users).unwrap();
+    std::fs::write(
+        users.join("key.json"),
+        format!(r#"[{{"publickey": "{}", "type": "age"}}]"#, bob.to_public()),
+    )
+    .unwrap();
+    let secret = store
+        .secrets
+        .iter()
+        .find(|p| p.to_string_lossy().contains("/per-machine/alpha/openssh/"))
+        .expect("alpha's host key")
+        .clone();
+    let links = secret.parent().unwrap().join("users");
+    let up = "../".repeat(links.strip_prefix(&f).unwrap().components().count());
+    std::os::unix::fs::symlink(format!("{up}sops/users/bob"), links.join("bob")).unwrap();
+    let before = std::fs::read_to_string(&secret).unwrap();
+
+    let check = clan(&lab, &f, &["vars", "check", "alpha"]);
+    assert_eq!(check.code, 1, "{}", check.all());
+    assert!(
+        check.stderr.contains(&format!(
+            "secret openssh/ssh.id_ed25519: its links name {} (key of user 'bob') it is not encrypted to",
+            bob.to_public()
+        )) && check.stderr.contains("clan vars fix"),
+        "{}",
+        check.stderr
+    );
+    for dry in [true, false] {
+        let mut args = vec!["machines", "update", "alpha", "--json"];
+        if dry {
+            args.push("--dry-run");
+        }
+        let run = clan(&lab, &f, &args);
+        assert_eq!(run.code, 2, "{}", run.all());
+        let report: serde_json::Value = serde_json::from_str(&run.stdout).unwrap();
+        assert_eq!(
+            report["errors"][0]["code"], "vars.recipients-changed",
+            "{report}"
+        );
+    }
+    assert_eq!(std::fs::read_to_string(&secret).unwrap(), before);
+    assert_target_untouched(&lab);
+
+    let fix = clan(&lab, &f, &["vars", "fix", "alpha"]);
+    assert_eq!(fix.code, 0, "{}", fix.all());
+    // bob's secret; and, as clan-core's fix does, the secrets that are not deployed lose
+    // the machine's link (the lab wrote one) and are re-encrypted without its key.
+    assert!(
+        fix.stderr
+            .contains("alpha: 3 secret(s) re-encrypted, 2 link(s) changed"),
+        "{}",
+        fix.stderr
+    );
+    assert_eq!(clan(&lab, &f, &["vars", "check", "alpha"]).code, 0);
+    let after = std::fs::read_to_string(&secret).unwrap();
+    assert_eq!(
+        clan::vars::sops::decrypt(&after, std::slice::from_ref(&bob)).unwrap()[..],
+        b"content of openssh/ssh.id_ed25519"[..]
+    );
+    let run = clan(&lab, &f, &["machines", "update", "alpha"]);
+    assert_eq!(run.code, 0, "{}", run.all());
+}

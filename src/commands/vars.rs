@@ -310,6 +310,10 @@ fn check_clan_core(
     vars: &MachineVars,
 ) -> Result<ExitKind, Error> {
     let mut problems = crate::vars::clan_core_store::missing(store, repo, machine, vars);
+    match crate::vars::clan_core_store::recipient_problems(store, repo, machine, vars) {
+        Ok(found) => problems.extend(found),
+        Err(e) => problems.push(e.message),
+    }
     if problems.is_empty() {
         match user_identity() {
             Err(e) => problems.push(e.message),
@@ -334,8 +338,8 @@ fn check_clan_core(
         eprintln!("  - {problem}");
     }
     eprintln!(
-        "hint: this tool reads clan-core's {} store but does not write it: clan-core's CLI makes and fixes vars there (clan vars generate {machine}, clan vars fix {machine})",
-        store.name()
+        "hint: `{}` re-encrypts secrets to the keys their links name (sops store); clan-core's CLI makes missing vars (clan vars generate {machine})",
+        crate::hint::command("vars fix", machine, &[])
     );
     Ok(ExitKind::DeployFailed)
 }
@@ -343,20 +347,29 @@ fn check_clan_core(
 /// `clan vars fix`.
 pub fn fix(args: &VarsFixArgs) -> Result<ExitKind, Error> {
     let declared = declared(&args.hosts, &args.machines)?;
+    let mut clan_core = Vec::new();
     for (machine, vars) in &declared.machines {
         if let Some(vars) = vars {
             crate::vars::check_store(&declared.settings, machine, vars)?;
             if let Some(store) = vars.clan_core {
-                return Err(Error::usage(format!(
-                    "machine {machine} keeps its vars in clan-core's {} store, which this tool reads but does not write: nothing was changed",
-                    store.name()
-                ))
-                .code(crate::vars::clan_core_store::READ_ONLY)
-                .hint(Hint::text(format!(
-                    "fix its recipients with clan-core's CLI: clan vars fix {machine}"
-                ))));
+                clan_core.push((machine, store, vars));
             }
         }
+    }
+    // clan-core's sops store: each secret encrypted to exactly the keys its links name.
+    if !clan_core.is_empty() {
+        let user = user_identity()?;
+        for (machine, store, vars) in clan_core {
+            let changed =
+                crate::vars::clan_core_store::fix(store, &declared.repo, machine, vars, user)?;
+            crate::vars::generate::git_add(&declared.repo.root, &changed);
+            let files = changed.iter().filter(|p| p.ends_with("secret")).count();
+            eprintln!(
+                "{machine}: {files} secret(s) re-encrypted, {} link(s) changed",
+                changed.len() - files
+            );
+        }
+        return Ok(ExitKind::Success);
     }
     let user = crate::vars::UserIdentity::find()?;
     let moved = crate::vars::generate::migrate_old_layout(&declared.repo, &user)?;

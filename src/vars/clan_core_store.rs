@@ -16,12 +16,16 @@
 //! This tool reads those stores (list, get, check) and deploys from them: the machine's key
 //! goes to the target as `key.txt` (sops: `clan.core.vars.sops.secretUploadDirectory`; age:
 //! `clan.core.vars.age.secretLocation`), and the secrets reach the target inside the system
-//! closure, where clan-core's modules decrypt them (sops-nix; its age module). It does not
-//! write them (yet): a missing var is an error naming clan-core's command, never a new secret.
+//! closure, where clan-core's modules decrypt them (sops-nix; its age module). In the sops
+//! store it checks and fixes who each secret is for ([`sops_links`]); it does not generate
+//! into either (yet): a missing var is an error naming clan-core's command, never a new
+//! secret.
 
 use std::path::PathBuf;
 
-use super::{GeneratorDecl, MachineVars, Repo, Secret, UserIdentity, decrypt_with, scope, sops};
+use super::{
+    GeneratorDecl, MachineVars, Repo, Secret, UserIdentity, decrypt_with, scope, sops, sops_links,
+};
 use crate::error::{Error, Hint};
 
 /// A store of clan-core's that this tool reads and deploys.
@@ -116,9 +120,87 @@ pub fn missing(
     missing
 }
 
+/// The sops secrets of `machine` that exist, each as (`gen/file`, its folder, deployed).
+fn sops_secrets(repo: &Repo, machine: &str, vars: &MachineVars) -> Vec<(String, PathBuf, bool)> {
+    vars.generators
+        .iter()
+        .flat_map(|(g, decl)| {
+            decl.files
+                .iter()
+                .filter(|(_, file)| file.secret)
+                .map(move |(f, file)| {
+                    let path = secret_path(ClanCoreStore::Sops, repo, machine, g, decl, f);
+                    let dir = path.parent().expect("a file in a folder").to_path_buf();
+                    (format!("{g}/{f}"), dir, file.deploy)
+                })
+        })
+        .filter(|(_, dir, _)| dir.join("secret").is_file())
+        .collect()
+}
+
+/// Each sops secret of `machine` whose recipients differ from its links (see
+/// [`sops_links`]), described; empty for the age store.
+pub fn recipient_problems(
+    store: ClanCoreStore,
+    repo: &Repo,
+    machine: &str,
+    vars: &MachineVars,
+) -> Result<Vec<String>, Error> {
+    if store != ClanCoreStore::Sops {
+        return Ok(Vec::new());
+    }
+    let mut problems = Vec::new();
+    for (var, dir, _) in sops_secrets(repo, machine, vars) {
+        if let Some(difference) = sops_links::compare(repo, &dir, &vars.sops_default_groups)? {
+            problems.push(difference.describe(&var));
+        }
+    }
+    Ok(problems)
+}
+
+/// `clan vars fix` for clan-core's sops store: every secret of `machine` agrees with its
+/// links again ([`sops_links::fix`]), decrypted with the user's key or the machine's. Returns
+/// the paths changed.
+pub fn fix(
+    store: ClanCoreStore,
+    repo: &Repo,
+    machine: &str,
+    vars: &MachineVars,
+    user: &UserIdentity,
+) -> Result<Vec<PathBuf>, Error> {
+    if store != ClanCoreStore::Sops {
+        return Err(Error::usage(format!(
+            "machine {machine} keeps its vars in clan-core's {} store, whose fix this tool does not do yet: nothing was changed",
+            store.name()
+        ))
+        .code(READ_ONLY)
+        .hint(Hint::text(format!(
+            "fix its recipients with clan-core's CLI: clan vars fix {machine}"
+        ))));
+    }
+    let mut changed = Vec::new();
+    for (var, dir, deploy) in sops_secrets(repo, machine, vars) {
+        let path = dir.join("secret");
+        let open = |text: &str| open_sops(store, repo, machine, text, &path, user);
+        changed.extend(sops_links::fix(
+            repo,
+            &sops_links::FixSecret {
+                dir: dir.clone(),
+                var,
+                machine,
+                deploy,
+            },
+            &vars.sops_default_groups,
+            &open,
+        )?);
+    }
+    Ok(changed)
+}
+
 /// Nothing is generated in a clan-core store here: Ok when every var is there (and nothing
-/// is asked to be made again), else an error naming what is missing and the command that
-/// makes it.
+/// is asked to be made again) and, in the sops store, every secret is encrypted to exactly
+/// the keys its links name; else an error naming what is wrong and the command that mends
+/// it.
 pub fn check_complete(
     store: ClanCoreStore,
     repo: &Repo,
@@ -128,7 +210,19 @@ pub fn check_complete(
 ) -> Result<(), Error> {
     let missing = missing(store, repo, machine, vars);
     if missing.is_empty() && !regenerate {
-        return Ok(());
+        let problems = recipient_problems(store, repo, machine, vars)?;
+        if problems.is_empty() {
+            return Ok(());
+        }
+        return Err(Error::usage(format!(
+            "machine {machine}'s sops secrets are not encrypted to exactly the keys their links name: {}; nothing was generated or uploaded",
+            problems.join("; ")
+        ))
+        .code(sops_links::RECIPIENTS_CHANGED)
+        .hint(Hint::text(format!(
+            "if the change is intended, `{}` re-encrypts them (and sets the machine's links); else find who changed the links or the files",
+            crate::hint::command("vars fix", machine, &[])
+        ))));
     }
     let code = if missing.is_empty() {
         READ_ONLY
@@ -249,14 +343,26 @@ pub fn read(
         let identity = machine_identity(store, repo, machine, user)?;
         return open_age(&path, &identity, machine);
     }
-    let text = read_text(&path)?;
-    match sops::decrypt(&text, &user.identities) {
+    open_sops(store, repo, machine, &read_text(&path)?, &path, user)
+}
+
+/// The sops file `text` (at `path`), decrypted with the user's key, or else with the
+/// machine's key (which the user's opens).
+fn open_sops(
+    store: ClanCoreStore,
+    repo: &Repo,
+    machine: &str,
+    text: &str,
+    path: &std::path::Path,
+    user: &UserIdentity,
+) -> Result<Secret, Error> {
+    match sops::decrypt(text, &user.identities) {
         Ok(plain) => Ok(plain),
         Err(sops::SopsError::NotARecipient(_)) => {
             let machine_identity = machine_identity(store, repo, machine, user)?;
             open(
-                &text,
-                &path,
+                text,
+                path,
                 std::slice::from_ref(&machine_identity),
                 &format!("your age key ({}) or machine {machine}'s key", user.source),
             )

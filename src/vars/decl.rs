@@ -56,6 +56,10 @@ pub struct MachineVars {
     /// clan-core's `clan.core.vars.sops.secretUploadDirectory`, where a flake sets it.
     #[serde(default)]
     pub sops_upload_directory: Option<String>,
+    /// clan-core's `clan.core.sops.defaultGroups`: groups every sops secret of the machine
+    /// is for too.
+    #[serde(default)]
+    pub sops_default_groups: Vec<String>,
     /// Kept in one of clan-core's stores ([`clan_core_store`], decided where the clan's
     /// settings are known).
     #[serde(skip)]
@@ -247,6 +251,14 @@ impl MachineVars {
                 value = crate::boundary::terminal_safe(value)
             ))
         };
+        for group in &self.sops_default_groups {
+            if !path_component_ok(group) {
+                return Err(Error::usage(format!(
+                    "invalid {:?} (from the flake, nixosConfigurations.{machine}.config.clan.core.sops.defaultGroups): a group name, a path component of letters, digits and . _ -",
+                    crate::boundary::terminal_safe(group)
+                )));
+            }
+        }
         let locations = std::iter::once(("age.secretLocation", &self.secret_location)).chain(
             self.sops_upload_directory
                 .iter()

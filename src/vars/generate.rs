@@ -587,18 +587,9 @@ pub fn migrate_old_layout(
 
 /// Stages a move in git, when the clan is a git repository: `from` gone, `added` tracked.
 fn git_move(root: &Path, from: &Path, added: &[PathBuf]) {
-    if !root.join(".git").exists() {
-        return;
-    }
-    let _ = Command::new("git")
-        .arg("-C")
-        .arg(root)
-        .args(["rm", "-q", "--cached", "--ignore-unmatch", "--"])
-        .arg(from)
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .status();
-    git_add(root, added);
+    let mut paths = vec![from.to_path_buf()];
+    paths.extend(added.iter().cloned());
+    git_add(root, &paths);
 }
 
 /// A private (0700) temporary directory, in memory (/dev/shm) where there is one; removed
@@ -837,21 +828,35 @@ impl Drop for EchoOff {
     }
 }
 
-/// `git add` of what was written, when the clan is a git work tree (flakes only see tracked
-/// files, and a clone only gets committed ones: staged, the next commit carries them, as
-/// clan-core commits what it generates); quiet otherwise.
-fn git_add(root: &Path, paths: &[PathBuf]) {
+/// `git add` of what was written (and `git rm --cached` of what was removed), when the clan
+/// is a git work tree (flakes only see tracked files, and a clone only gets committed ones:
+/// staged, the next commit carries them, as clan-core commits what it generates); quiet
+/// otherwise.
+pub(crate) fn git_add(root: &Path, paths: &[PathBuf]) {
     if paths.is_empty() || !root.join(".git").exists() {
         return;
     }
-    let _ = Command::new("git")
-        .arg("-C")
-        .arg(root)
-        .args(["add", "--"])
-        .args(paths)
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .status();
+    let (present, gone): (Vec<&PathBuf>, Vec<&PathBuf>) =
+        paths.iter().partition(|p| p.exists() || p.is_symlink());
+    for (args, paths) in [
+        (&["add", "--"][..], present),
+        (
+            &["rm", "-q", "--cached", "--ignore-unmatch", "--"][..],
+            gone,
+        ),
+    ] {
+        if paths.is_empty() {
+            continue;
+        }
+        let _ = Command::new("git")
+            .arg("-C")
+            .arg(root)
+            .args(args)
+            .args(paths)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .status();
+    }
 }
 
 #[cfg(test)]

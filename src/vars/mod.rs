@@ -27,6 +27,7 @@ pub mod generate;
 pub mod identity;
 pub mod repo;
 pub mod sops;
+pub mod sops_links;
 pub mod upload;
 
 pub use decl::{

@@ -1,0 +1,533 @@
+//! Who a secret of clan-core's sops store is for, as clan-core decides it: a secret's folder
+//! (`vars/<scope>/<gen>/<file>/`) holds links `machines/<m>` → `sops/machines/<m>`,
+//! `users/<u>` → `sops/users/<u>` and `groups/<g>` → `sops/groups/<g>` (whose own
+//! `machines/` and `users/` links name its members), plus the machine's
+//! `clan.core.sops.defaultGroups`; each `key.json` holds age public keys. The file's
+//! recipients must be exactly those keys: one more (someone added a link but never
+//! re-encrypted, or added their key to the file) or one fewer is reported by `vars check`
+//! and stops generate and the deploy, and `vars fix` makes them agree: the machine's link
+//! set by the file's `deploy`, the default groups' links added, the secret re-encrypted.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use super::{Repo, Secret, sops};
+use crate::error::{Error, Hint};
+
+/// The [`Error::code`] of a secret whose recipients differ from its links.
+pub const RECIPIENTS_CHANGED: &str = "vars.recipients-changed";
+
+/// The age public keys of `dir/key.json`: a list of `{"publickey", "type"}`, or one such
+/// object (clan-core's older form).
+pub fn read_keys(dir: &Path) -> Result<Vec<String>, Error> {
+    #[derive(serde::Deserialize)]
+    struct Key {
+        publickey: String,
+        #[serde(rename = "type", default = "age")]
+        kind: String,
+    }
+    fn age() -> String {
+        "age".into()
+    }
+    #[derive(serde::Deserialize)]
+    #[serde(untagged)]
+    enum Keys {
+        Many(Vec<Key>),
+        One(Key),
+    }
+    let path = dir.join("key.json");
+    let text = std::fs::read_to_string(&path)
+        .map_err(|e| Error::usage(format!("cannot read {}: {e}", path.display())))?;
+    let keys = match serde_json::from_str::<Keys>(&text).map_err(|e| {
+        Error::usage(format!(
+            "{} is not clan-core's key.json: {e}",
+            path.display()
+        ))
+    })? {
+        Keys::Many(keys) => keys,
+        Keys::One(key) => vec![key],
+    };
+    keys.into_iter()
+        .map(|key| {
+            if key.kind != "age" || !key.publickey.starts_with("age1") {
+                return Err(Error::usage(format!(
+                    "{} holds a {} key ({}): this tool reads age keys only",
+                    path.display(),
+                    crate::boundary::terminal_safe(&key.kind),
+                    crate::boundary::terminal_safe(&key.publickey)
+                )));
+            }
+            Ok(key.publickey)
+        })
+        .collect()
+}
+
+/// The keys the links in `folder` (a `machines/` or `users/` folder) point to, each with
+/// where it comes from (`machine 'm'`, `user 'u'`). As clan-core: a link must resolve to a
+/// folder of the same kind; others are ignored.
+fn keys_of_links(folder: &Path, found: &mut BTreeMap<String, String>) -> Result<(), Error> {
+    let Some(kind) = folder.file_name().and_then(|n| n.to_str()) else {
+        return Ok(());
+    };
+    let mut entries: Vec<PathBuf> = std::fs::read_dir(folder)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.path())
+        .collect();
+    entries.sort();
+    for link in entries {
+        if !link.is_symlink() {
+            continue;
+        }
+        let Ok(target) = link.canonicalize() else {
+            continue;
+        };
+        if target
+            .parent()
+            .and_then(|p| p.file_name())
+            .and_then(|n| n.to_str())
+            != Some(kind)
+        {
+            continue;
+        }
+        let name = link
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let label = format!("{} '{name}'", kind.trim_end_matches('s'));
+        for key in read_keys(&target)? {
+            found.entry(key).or_insert_with(|| label.clone());
+        }
+    }
+    Ok(())
+}
+
+/// The keys the secret whose folder is `dir` must be encrypted to, with where each comes
+/// from: its `machines/`, `users/` and `groups/<g>/{machines,users}/` links, and the members
+/// of `default_groups` (from the clan's `sops/groups/`).
+pub fn wanted(
+    repo: &Repo,
+    dir: &Path,
+    default_groups: &[String],
+) -> Result<BTreeMap<String, String>, Error> {
+    let mut found = BTreeMap::new();
+    keys_of_links(&dir.join("machines"), &mut found)?;
+    keys_of_links(&dir.join("users"), &mut found)?;
+    let mut groups: Vec<PathBuf> = std::fs::read_dir(dir.join("groups"))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.path())
+        .collect();
+    groups.extend(
+        default_groups
+            .iter()
+            .map(|g| repo.root.join("sops/groups").join(g)),
+    );
+    for group in groups {
+        keys_of_links(&group.join("machines"), &mut found)?;
+        keys_of_links(&group.join("users"), &mut found)?;
+    }
+    Ok(found)
+}
+
+/// How a secret's recipients differ from its links.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Difference {
+    /// Keys its links name that it is not encrypted to, with where each comes from.
+    pub missing: Vec<(String, String)>,
+    /// Keys it is encrypted to that no link names.
+    pub extra: Vec<String>,
+}
+
+impl Difference {
+    /// The difference in words, for `vars check` and errors.
+    pub fn describe(&self, var: &str) -> String {
+        let mut parts = Vec::new();
+        if !self.missing.is_empty() {
+            parts.push(format!(
+                "its links name {} it is not encrypted to",
+                self.missing
+                    .iter()
+                    .map(|(key, from)| format!("{key} (key of {from})"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ));
+        }
+        if !self.extra.is_empty() {
+            parts.push(format!(
+                "it is encrypted to {}, which no link names (someone may have added their key without a link)",
+                self.extra.join(", ")
+            ));
+        }
+        format!("secret {var}: {}", parts.join("; "))
+    }
+}
+
+/// How the sops file `dir/secret` differs from the keys its links (and `default_groups`)
+/// name; `None`: they agree.
+pub fn compare(
+    repo: &Repo,
+    dir: &Path,
+    default_groups: &[String],
+) -> Result<Option<Difference>, Error> {
+    let path = dir.join("secret");
+    let text = std::fs::read_to_string(&path)
+        .map_err(|e| Error::usage(format!("cannot read {}: {e}", path.display())))?;
+    let current =
+        sops::recipients(&text).map_err(|e| Error::usage(format!("{}: {e}", path.display())))?;
+    let wanted = wanted(repo, dir, default_groups)?;
+    let difference = Difference {
+        missing: wanted
+            .iter()
+            .filter(|(key, _)| !current.contains(key))
+            .map(|(key, from)| (key.clone(), from.clone()))
+            .collect(),
+        extra: current
+            .iter()
+            .filter(|key| !wanted.contains_key(*key))
+            .cloned()
+            .collect(),
+    };
+    Ok((difference != Difference::default()).then_some(difference))
+}
+
+/// A relative link from `link` (a path inside the repository) to `target` (relative to
+/// the repository's root), as clan-core makes them (`../../…/sops/machines/<m>`).
+fn relative_to_root(repo: &Repo, link: &Path, target: &str) -> PathBuf {
+    let depth = link
+        .parent()
+        .and_then(|p| p.strip_prefix(&repo.root).ok())
+        .map(|p| p.components().count())
+        .unwrap_or(0);
+    let mut path = PathBuf::new();
+    for _ in 0..depth {
+        path.push("..");
+    }
+    path.join(target)
+}
+
+/// Makes link `name` in `folder` point to `target` (relative to the root), unless it does.
+fn ensure_link(
+    repo: &Repo,
+    folder: &Path,
+    name: &str,
+    target: &str,
+    changed: &mut Vec<PathBuf>,
+) -> Result<(), Error> {
+    let link = folder.join(name);
+    if link.is_symlink() {
+        return Ok(());
+    }
+    std::fs::create_dir_all(folder)
+        .map_err(|e| Error::new(format!("cannot create {}: {e}", folder.display())))?;
+    std::os::unix::fs::symlink(relative_to_root(repo, &link, target), &link)
+        .map_err(|e| Error::new(format!("cannot link {}: {e}", link.display())))?;
+    changed.push(link);
+    Ok(())
+}
+
+/// What [`fix`] is told about one secret.
+pub struct FixSecret<'a> {
+    /// Its folder (`vars/<scope>/<gen>/<file>`).
+    pub dir: PathBuf,
+    /// `gen/file`, for messages.
+    pub var: String,
+    /// The machine it belongs to (or shares it).
+    pub machine: &'a str,
+    /// Whether it goes to the machine (`deploy`): its `machines/<m>` link follows.
+    pub deploy: bool,
+}
+
+/// Makes one secret agree with its links, as clan-core's `vars fix` does: the machine's
+/// link is there exactly when the secret is deployed, the default groups' links are there,
+/// and the file is encrypted to exactly the keys they name (decrypted with `open`, then
+/// encrypted anew). Returns the paths changed (links and the file).
+pub fn fix(
+    repo: &Repo,
+    secret: &FixSecret,
+    default_groups: &[String],
+    open: &dyn Fn(&str) -> Result<Secret, Error>,
+) -> Result<Vec<PathBuf>, Error> {
+    let mut changed = Vec::new();
+    let machine_link = secret.dir.join("machines").join(secret.machine);
+    if secret.deploy {
+        if !repo
+            .root
+            .join("sops/machines")
+            .join(secret.machine)
+            .join("key.json")
+            .is_file()
+        {
+            return Err(Error::usage(format!(
+                "machine {} has no key in the sops store (sops/machines/{}/key.json): {} cannot be encrypted to it",
+                secret.machine, secret.machine, secret.var
+            ))
+            .hint(Hint::text(format!(
+                "clan-core makes the machine's key with its first vars: clan vars generate {}",
+                secret.machine
+            ))));
+        }
+        ensure_link(
+            repo,
+            &secret.dir.join("machines"),
+            secret.machine,
+            &format!("sops/machines/{}", secret.machine),
+            &mut changed,
+        )?;
+    } else if machine_link.is_symlink() {
+        std::fs::remove_file(&machine_link)
+            .map_err(|e| Error::new(format!("cannot remove {}: {e}", machine_link.display())))?;
+        changed.push(machine_link);
+    }
+    for group in default_groups {
+        if !repo.root.join("sops/groups").join(group).is_dir() {
+            return Err(Error::usage(format!(
+                "the default group {group} (clan.core.sops.defaultGroups) has no folder sops/groups/{group}"
+            )));
+        }
+        ensure_link(
+            repo,
+            &secret.dir.join("groups"),
+            group,
+            &format!("sops/groups/{group}"),
+            &mut changed,
+        )?;
+    }
+    let path = secret.dir.join("secret");
+    if compare(repo, &secret.dir, default_groups)?.is_some() {
+        let text = std::fs::read_to_string(&path)
+            .map_err(|e| Error::usage(format!("cannot read {}: {e}", path.display())))?;
+        let plain = open(&text)?;
+        let recipients = wanted(repo, &secret.dir, default_groups)?
+            .keys()
+            .map(|k| {
+                k.parse::<age::x25519::Recipient>()
+                    .map_err(|_| Error::usage(format!("{k} is not an age public key")))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        if recipients.is_empty() {
+            return Err(Error::usage(format!(
+                "secret {}: no link names anyone who may read it; nothing was changed",
+                secret.var
+            )));
+        }
+        let written = sops::encrypt(&plain, &recipients, &sops::now())
+            .map_err(|e| Error::new(format!("cannot encrypt {}: {e}", path.display())))?;
+        super::write_atomically(&path, written.as_bytes())?;
+        changed.push(path);
+    }
+    Ok(changed)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A writable copy of clan-core's own sops-written repository (tests/fixtures).
+    fn copy() -> (tempfile::TempDir, Repo) {
+        let dir = tempfile::tempdir().unwrap();
+        let from = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/clan-core-sops");
+        let status = std::process::Command::new("cp")
+            .arg("-a")
+            .arg(format!("{}/.", from.display()))
+            .arg(dir.path())
+            .status()
+            .unwrap();
+        assert!(status.success());
+        let repo = Repo {
+            root: dir.path().to_path_buf(),
+        };
+        (dir, repo)
+    }
+
+    fn admin(repo: &Repo) -> crate::vars::UserIdentity {
+        let key = std::fs::read_to_string(repo.root.join("admin-age-key.txt")).unwrap();
+        crate::vars::UserIdentity::parse("the test key".into(), &key).unwrap()
+    }
+
+    fn add_user(repo: &Repo, name: &str) -> age::x25519::Identity {
+        let id = age::x25519::Identity::generate();
+        let dir = repo.root.join("sops/users").join(name);
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(
+            dir.join("key.json"),
+            format!(r#"[{{"publickey": "{}", "type": "age"}}]"#, id.to_public()),
+        )
+        .unwrap();
+        id
+    }
+
+    #[test]
+    fn clan_cores_own_files_agree_with_their_links() {
+        let (_dir, repo) = copy();
+        for var in [
+            "vars/per-machine/peer1/new-service/a-secret",
+            "vars/per-machine/peer1/dummy-generator/generated-password",
+            "vars/per-machine/admin1/dummy-generator/generated-password",
+        ] {
+            assert_eq!(
+                compare(&repo, &repo.root.join(var), &[]).unwrap(),
+                None,
+                "{var}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_new_link_is_reported_then_fixed_by_re_encrypting() {
+        let (_dir, repo) = copy();
+        let user = admin(&repo);
+        let bob = add_user(&repo, "bob");
+        let dir = repo
+            .root
+            .join("vars/per-machine/peer1/new-service/a-secret");
+        let before = sops::decrypt(
+            &std::fs::read_to_string(dir.join("secret")).unwrap(),
+            &user.identities,
+        )
+        .unwrap();
+        std::os::unix::fs::symlink("../../../../../../sops/users/bob", dir.join("users/bob"))
+            .unwrap();
+        let difference = compare(&repo, &dir, &[]).unwrap().unwrap();
+        assert_eq!(
+            difference.missing,
+            [(bob.to_public().to_string(), "user 'bob'".to_string())]
+        );
+        assert!(
+            difference
+                .describe("new-service/a-secret")
+                .contains("(key of user 'bob')")
+        );
+        let open = |text: &str| {
+            sops::decrypt(text, &user.identities).map_err(|e| Error::new(e.to_string()))
+        };
+        let changed = fix(
+            &repo,
+            &FixSecret {
+                dir: dir.clone(),
+                var: "new-service/a-secret".into(),
+                machine: "peer1",
+                deploy: true,
+            },
+            &[],
+            &open,
+        )
+        .unwrap();
+        assert_eq!(changed, [dir.join("secret")]);
+        assert_eq!(compare(&repo, &dir, &[]).unwrap(), None);
+        let text = std::fs::read_to_string(dir.join("secret")).unwrap();
+        assert_eq!(
+            sops::decrypt(&text, &[bob]).unwrap(),
+            before,
+            "bob reads it"
+        );
+        assert_eq!(sops::decrypt(&text, &user.identities).unwrap(), before);
+    }
+
+    #[test]
+    fn a_key_without_a_link_is_reported_and_removed() {
+        let (_dir, repo) = copy();
+        let user = admin(&repo);
+        let mallory = age::x25519::Identity::generate();
+        let dir = repo
+            .root
+            .join("vars/per-machine/peer1/new-service/a-secret");
+        // The file re-encrypted to one more key, no link added.
+        let text = std::fs::read_to_string(dir.join("secret")).unwrap();
+        let plain = sops::decrypt(&text, &user.identities).unwrap();
+        let mut keys: Vec<age::x25519::Recipient> = sops::recipients(&text)
+            .unwrap()
+            .iter()
+            .map(|k| k.parse().unwrap())
+            .collect();
+        keys.push(mallory.to_public());
+        std::fs::write(
+            dir.join("secret"),
+            sops::encrypt(&plain, &keys, &sops::now()).unwrap(),
+        )
+        .unwrap();
+        let difference = compare(&repo, &dir, &[]).unwrap().unwrap();
+        assert_eq!(difference.extra, [mallory.to_public().to_string()]);
+        let open = |text: &str| {
+            sops::decrypt(text, &user.identities).map_err(|e| Error::new(e.to_string()))
+        };
+        fix(
+            &repo,
+            &FixSecret {
+                dir: dir.clone(),
+                var: "new-service/a-secret".into(),
+                machine: "peer1",
+                deploy: true,
+            },
+            &[],
+            &open,
+        )
+        .unwrap();
+        let text = std::fs::read_to_string(dir.join("secret")).unwrap();
+        assert!(
+            sops::decrypt(&text, &[mallory]).is_err(),
+            "mallory's key is gone"
+        );
+    }
+
+    #[test]
+    fn deploy_and_default_groups_set_the_links() {
+        let (_dir, repo) = copy();
+        let user = admin(&repo);
+        let carol = add_user(&repo, "carol");
+        let group = repo.root.join("sops/groups/ops/users");
+        std::fs::create_dir_all(&group).unwrap();
+        std::os::unix::fs::symlink("../../../users/carol", group.join("carol")).unwrap();
+        let dir = repo
+            .root
+            .join("vars/per-machine/peer1/new-service/a-secret");
+        let groups = ["ops".to_string()];
+        assert!(compare(&repo, &dir, &groups).unwrap().is_some());
+        let open = |text: &str| {
+            sops::decrypt(text, &user.identities).map_err(|e| Error::new(e.to_string()))
+        };
+        // Not deployed: the machine's link goes; the default group's comes.
+        let changed = fix(
+            &repo,
+            &FixSecret {
+                dir: dir.clone(),
+                var: "new-service/a-secret".into(),
+                machine: "peer1",
+                deploy: false,
+            },
+            &groups,
+            &open,
+        )
+        .unwrap();
+        assert!(changed.contains(&dir.join("machines/peer1")));
+        assert!(changed.contains(&dir.join("groups/ops")));
+        assert!(!dir.join("machines/peer1").exists());
+        assert_eq!(
+            std::fs::read_link(dir.join("groups/ops")).unwrap(),
+            Path::new("../../../../../../sops/groups/ops")
+        );
+        assert_eq!(compare(&repo, &dir, &groups).unwrap(), None);
+        let text = std::fs::read_to_string(dir.join("secret")).unwrap();
+        assert!(sops::decrypt(&text, &[carol]).is_ok());
+        // Deployed again: the machine's link is back, as clan-core writes it.
+        fix(
+            &repo,
+            &FixSecret {
+                dir: dir.clone(),
+                var: "new-service/a-secret".into(),
+                machine: "peer1",
+                deploy: true,
+            },
+            &groups,
+            &open,
+        )
+        .unwrap();
+        assert_eq!(
+            std::fs::read_link(dir.join("machines/peer1")).unwrap(),
+            Path::new("../../../../../../sops/machines/peer1")
+        );
+        assert_eq!(compare(&repo, &dir, &groups).unwrap(), None);
+    }
+}
