@@ -76,6 +76,25 @@ pub enum VarsCommand {
     /// Re-encrypt machine keys to the current vars.settings.recipients (after adding or
     /// removing a person); secrets are not touched.
     Fix(VarsFixArgs),
+    /// Make your age key if you have none (kept where sops looks), and add its public key
+    /// to the clan as a sops user (`sops/users/<user>/key.json`), as clan-core's keygen.
+    Keygen(VarsKeygenArgs),
+}
+
+/// Arguments of `clan vars keygen`.
+#[derive(Debug, Args)]
+pub struct VarsKeygenArgs {
+    /// Your name in the clan (default: $USER).
+    #[arg(long, value_name = "NAME")]
+    pub user: Option<String>,
+
+    /// Replace the keys the clan has for that user.
+    #[arg(long)]
+    pub force: bool,
+
+    /// The flake, as for update.
+    #[command(flatten)]
+    pub hosts: HostArgs,
 }
 
 /// Arguments of `clan vars generate`.

@@ -46,6 +46,7 @@ fn main() {
         TopCommand::Vars(VarsCommand::Get(a)) => Some(&a.hosts),
         TopCommand::Vars(VarsCommand::Upload(a)) => Some(&a.on.hosts),
         TopCommand::Vars(VarsCommand::Fix(a)) => Some(&a.hosts),
+        TopCommand::Vars(VarsCommand::Keygen(a)) => Some(&a.hosts),
     };
     if let Some(hosts) = hosts {
         clan::hint::remember(hosts.hint_context());
@@ -69,6 +70,7 @@ fn main() {
         TopCommand::Vars(VarsCommand::Check(args)) => clan::commands::vars::check(args),
         TopCommand::Vars(VarsCommand::Upload(args)) => clan::commands::vars::upload(args),
         TopCommand::Vars(VarsCommand::Fix(args)) => clan::commands::vars::fix(args),
+        TopCommand::Vars(VarsCommand::Keygen(args)) => clan::commands::vars::keygen(args),
     };
     // The one place where how a run ended becomes a number.
     let exit = match result {

@@ -391,6 +391,58 @@ pub fn fix(args: &VarsFixArgs) -> Result<ExitKind, Error> {
     Ok(ExitKind::Success)
 }
 
+/// `clan vars keygen`: the user's age key (made if there is none) added to the clan as a
+/// sops user, as clan-core's keygen does.
+pub fn keygen(args: &crate::cli::VarsKeygenArgs) -> Result<ExitKind, Error> {
+    let user = match &args.user {
+        Some(user) => user.clone(),
+        None => std::env::var("USER")
+            .ok()
+            .filter(|u| !u.is_empty())
+            .ok_or_else(|| Error::usage("$USER is unset: name yourself with --user NAME"))?,
+    };
+    if user.is_empty()
+        || user == "."
+        || user == ".."
+        || !user
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
+    {
+        return Err(Error::usage(format!(
+            "invalid user name {:?} (from --user or $USER): letters, digits and . _ -",
+            crate::boundary::terminal_safe(&user)
+        )));
+    }
+    let root = crate::commands::machines::clan_dir(&args.hosts.flake)?;
+    let repo = Repo { root };
+    let (identity, made) = crate::vars::UserIdentity::find_or_make()?;
+    let keys = identity.recipients();
+    match &made {
+        Some(path) => eprintln!(
+            "made your age key in {}: back it up, it is what opens this clan's secrets",
+            path.display()
+        ),
+        None => eprintln!("your age key: {}", identity.source),
+    }
+    let written = crate::vars::sops_links::write_user_keys(&repo, &user, &keys, args.force)?;
+    match &written {
+        Some(path) => {
+            crate::vars::generate::git_add(&repo.root, std::slice::from_ref(path));
+            eprintln!("{user}: {} written (staged)", path.display());
+        }
+        None => eprintln!("{user}: the clan has this key already"),
+    }
+    // The public key, for people and scripts; this tool's own age store takes it in
+    // vars.settings.recipients.
+    for key in &keys {
+        println!("{key}");
+    }
+    eprintln!(
+        "hint: clan-core's sops store reads sops/users/; this tool's own age store wants the key in vars.settings.recipients.default"
+    );
+    Ok(ExitKind::Success)
+}
+
 /// `clan vars upload`: generates what is missing, then sends the key and the encrypted
 /// secrets to the machine's target over its own connection.
 pub fn upload(upload_args: &VarsUploadArgs) -> Result<ExitKind, Error> {

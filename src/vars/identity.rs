@@ -78,6 +78,15 @@ pub fn decrypt_with(
     Ok(plain)
 }
 
+/// Where `clan vars keygen` makes the user's key, as clan-core's does: `SOPS_AGE_KEY_FILE`,
+/// else `~/.config/sops/age/keys.txt`.
+pub fn new_identity_file() -> Option<PathBuf> {
+    if let Some(file) = std::env::var_os("SOPS_AGE_KEY_FILE").filter(|f| !f.is_empty()) {
+        return Some(PathBuf::from(file));
+    }
+    std::env::var_os("HOME").map(|home| PathBuf::from(home).join(".config/sops/age/keys.txt"))
+}
+
 /// The user's age identity, as clan-core looks for it.
 pub struct UserIdentity {
     /// Where it came from, for messages (never its content).
@@ -128,6 +137,49 @@ impl UserIdentity {
             return Err(Error::usage(format!("{source} holds no age identity")));
         }
         Ok(UserIdentity { source, identities })
+    }
+
+    /// The user's identity, made when there is none (`clan vars keygen`): a new X25519 key,
+    /// appended to [`new_identity_file`] (made 0600; an existing file is never replaced).
+    /// Returns it, and the file it was made in, if it was made.
+    pub fn find_or_make() -> Result<(UserIdentity, Option<PathBuf>), Error> {
+        let found = UserIdentity::find();
+        let Some(path) = new_identity_file() else {
+            return found.map(|user| (user, None));
+        };
+        match found {
+            Ok(user) => Ok((user, None)),
+            Err(_) if !path.exists() => {
+                use std::io::Write;
+                use std::os::unix::fs::OpenOptionsExt;
+                let identity = age::x25519::Identity::generate();
+                let secret = Zeroizing::new(
+                    age::secrecy::ExposeSecret::expose_secret(&identity.to_string()).to_string(),
+                );
+                let dir = path.parent().expect("a file in a directory");
+                let fail =
+                    |e: std::io::Error| Error::new(format!("cannot write {}: {e}", path.display()));
+                std::fs::create_dir_all(dir).map_err(fail)?;
+                let mut file = std::fs::OpenOptions::new()
+                    .append(true)
+                    .create(true)
+                    .mode(0o600)
+                    .open(&path)
+                    .map_err(fail)?;
+                file.write_all(
+                    format!("# public key: {}\n{}\n", identity.to_public(), *secret).as_bytes(),
+                )
+                .map_err(fail)?;
+                Ok((
+                    UserIdentity {
+                        source: path.display().to_string(),
+                        identities: vec![identity],
+                    },
+                    Some(path),
+                ))
+            }
+            Err(e) => Err(e),
+        }
     }
 
     /// From `AGE_KEY`, `AGE_KEYFILE`, `SOPS_AGE_KEY`, `SOPS_AGE_KEY_FILE` (where sops and

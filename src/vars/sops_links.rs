@@ -62,6 +62,46 @@ pub fn read_keys(dir: &Path) -> Result<Vec<String>, Error> {
         .collect()
 }
 
+/// Makes `sops/users/<user>/key.json` hold `keys` (clan-core's `clan secrets users add`):
+/// written when missing; left when it holds them already (`None`); another set of keys is
+/// the user's and replaced only with `force`.
+pub fn write_user_keys(
+    repo: &Repo,
+    user: &str,
+    keys: &[String],
+    force: bool,
+) -> Result<Option<PathBuf>, Error> {
+    let dir = repo.root.join("sops/users").join(user);
+    let path = dir.join("key.json");
+    if path.exists() {
+        let mut have = read_keys(&dir)?;
+        let mut want = keys.to_vec();
+        have.sort();
+        want.sort();
+        if have == want {
+            return Ok(None);
+        }
+        if !force {
+            return Err(Error::usage(format!(
+                "{} holds other keys for user {user} ({}): nothing was changed",
+                path.display(),
+                have.join(", ")
+            ))
+            .code("vars.user-exists")
+            .hint(Hint::text(
+                "choose another name with --user NAME, or replace those keys with --force (then `clan vars fix` re-encrypts the secrets)",
+            )));
+        }
+    }
+    let entries: Vec<serde_json::Value> = keys
+        .iter()
+        .map(|k| serde_json::json!({ "publickey": k, "type": "age" }))
+        .collect();
+    let text = serde_json::to_string_pretty(&entries).expect("JSON always serializes") + "\n";
+    super::write_atomically(&path, text.as_bytes())?;
+    Ok(Some(path))
+}
+
 /// The keys the links in `folder` (a `machines/` or `users/` folder) point to, each with
 /// where it comes from (`machine 'm'`, `user 'u'`). As clan-core: a link must resolve to a
 /// folder of the same kind; others are ignored.
