@@ -71,6 +71,8 @@ pub enum VarsCommand {
     Get(VarsGetArgs),
     /// Check that a machine's vars are complete and that you can decrypt its key.
     Check(VarsMachineArgs),
+    /// Set one var of a machine to what you type (hidden) or what standard input holds.
+    Set(VarsGetArgs),
     /// Send a machine's key and encrypted secrets straight to it (never via a build host).
     Upload(VarsUploadArgs),
     /// Re-encrypt machine keys to the current vars.settings.recipients (after adding or

@@ -49,6 +49,24 @@ fn sh(lab: &Lab, name: &str, line: &str) -> String {
     String::from_utf8_lossy(&out.stdout).trim().to_string()
 }
 
+/// Runs git in the clan `flake` (which must succeed); its output.
+fn git_in(flake: &Path) -> impl Fn(&[&str]) -> String + '_ {
+    move |args| {
+        let out = Command::new("git")
+            .arg("-C")
+            .arg(flake)
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+}
+
 /// Files under `dir` that contain any of `needles`.
 fn files_containing(dir: &Path, needles: &[&str]) -> Vec<String> {
     let mut cmd = Command::new("grep");
@@ -702,20 +720,7 @@ fn a_checkout_without_the_machine_key_never_makes_a_new_one() {
     let generators =
         r#"{ api = { files.token = { }; script = "echo tok-$RANDOM > $out/token"; }; }"#;
     let flake = one_target_flake(&lab, &public, generators, "/root/secret-vars");
-    let git = |args: &[&str]| {
-        let out = Command::new("git")
-            .arg("-C")
-            .arg(&flake)
-            .args(args)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    };
+    let git = git_in(&flake);
     git(&["init", "-q"]);
     git(&["add", "-A"]);
     let generated = clan(&lab, &flake, &["vars", "generate", "m"]);
@@ -1055,20 +1060,7 @@ fn the_earlier_layout_is_moved_by_vars_fix_and_never_generated_again() {
     let generators =
         r#"{ api = { files.token = { }; script = "echo tok-$RANDOM > $out/token"; }; }"#;
     let flake = one_target_flake(&lab, &public, generators, "/root/secret-vars");
-    let git = |args: &[&str]| {
-        let out = Command::new("git")
-            .arg("-C")
-            .arg(&flake)
-            .args(args)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    };
+    let git = git_in(&flake);
     git(&["init", "-q"]);
     git(&["add", "-A"]);
     assert_eq!(clan(&lab, &flake, &["vars", "generate", "m"]).code, 0);
@@ -1128,4 +1120,62 @@ fn the_earlier_layout_is_moved_by_vars_fix_and_never_generated_again() {
         sh(&lab, "target", "cat /run/secrets/api/token"),
         token.trim()
     );
+}
+
+// `clan vars set`: a var made by hand, from standard input, stored as generate stores it
+// (the secret encrypted to the machine's key, staged in git), and deployed.
+#[test]
+fn vars_set_stores_a_value_as_generate_would() {
+    let lab = Lab::start(&[HostSpec::new("target")]);
+    let (private, public) = identity();
+    install_identity(&lab, &private);
+    let generators = r#"{ api = { files.token = { }; files.url.secret = false;
+        script = "echo tok-$RANDOM > $out/token; echo https://a > $out/url"; }; }"#;
+    let flake = one_target_flake(&lab, &public, generators, "/root/secret-vars");
+    let git = git_in(&flake);
+    git(&["init", "-q"]);
+    git(&["add", "-A"]);
+    let set = |var: &str, value: &str| {
+        lab.run_on_workstation_with_input(
+            &flake,
+            &[env!("CARGO_BIN_EXE_clan"), "vars", "set", "m", var],
+            value,
+        )
+    };
+    // Before anything was generated: the machine's key is made for it.
+    let out = set("api/token", "typed-by-hand\n");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        clan(&lab, &flake, &["vars", "get", "m", "api/token"]).stdout,
+        "typed-by-hand\n"
+    );
+    let tracked = git(&["ls-files"]);
+    for f in [
+        "secrets/clan-vars/per-machine/m/api/token/token.age",
+        "secrets/age-keys/machines/m/key.age",
+    ] {
+        assert!(tracked.lines().any(|l| l == f), "{f} untracked:\n{tracked}");
+    }
+    let out = set("api/url", "https://b\n");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // The rest is generated; what was set stays.
+    assert_eq!(clan(&lab, &flake, &["machines", "update", "m"]).code, 0);
+    assert_eq!(
+        sh(&lab, "target", "cat /run/secrets/api/token"),
+        "typed-by-hand"
+    );
+    assert_eq!(
+        std::fs::read_to_string(flake.join("vars/per-machine/m/api/url/value")).unwrap(),
+        "https://b\n"
+    );
+    let unknown = set("api/nope", "x");
+    assert_eq!(unknown.status.code(), Some(2));
 }

@@ -215,7 +215,13 @@ pub fn get(args: &VarsGetArgs) -> Result<ExitKind, Error> {
         return Ok(ExitKind::Success);
     }
     let generation = Generation::new(&declared.repo, &declared.settings);
-    if !declared.repo.generated(&args.machine, g, decl) {
+    let present = if decl.files[f].secret {
+        declared.repo.secret_path(&args.machine, g, decl, f)
+    } else {
+        declared.repo.value_path(&args.machine, g, decl, f)
+    }
+    .is_file();
+    if !present {
         return Err(Error::usage(format!(
             "{g}/{f} of machine {} is not generated yet",
             args.machine
@@ -229,6 +235,61 @@ pub fn get(args: &VarsGetArgs) -> Result<ExitKind, Error> {
     let mut out = std::io::stdout().lock();
     let _ = out.write_all(&content);
     Ok(ExitKind::Success)
+}
+
+/// `clan vars set`: one var, from the terminal (hidden) or standard input.
+pub fn set(args: &VarsGetArgs) -> Result<ExitKind, Error> {
+    let Some((g, f)) = args.var.split_once('/') else {
+        return Err(Error::usage(format!(
+            "{:?} (from the command line) is not GENERATOR/FILE",
+            args.var
+        )));
+    };
+    let declared = declared(&args.hosts, std::slice::from_ref(&args.machine))?;
+    let vars = one(&declared, &args.machine)?;
+    if !vars
+        .generators
+        .get(g)
+        .is_some_and(|d| d.files.contains_key(f))
+    {
+        return Err(
+            Error::usage(format!("machine {} has no var {g}/{f}", args.machine)).hint(Hint::text(
+                format!(
+                    "`{}` lists them",
+                    crate::hint::command("vars list", &args.machine, &[])
+                ),
+            )),
+        );
+    }
+    let value = read_value(&format!("{g}/{f} of machine {}", args.machine))?;
+    let generation = Generation::new(&declared.repo, &declared.settings);
+    let written = generation.set(&args.machine, &vars, g, f, value)?;
+    eprintln!(
+        "{}: {g}/{f} set ({}; staged)",
+        args.machine,
+        written
+            .iter()
+            .map(|p| p.display().to_string())
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    Ok(ExitKind::Success)
+}
+
+/// A var's new value: typed on the terminal without echo (one line), else all of standard
+/// input, as it is.
+fn read_value(what: &str) -> Result<crate::vars::Secret, Error> {
+    use std::io::{IsTerminal, Read};
+    if std::io::stdin().is_terminal() {
+        let typed = rpassword::prompt_password(format!("{what}: "))
+            .map_err(|e| Error::new(format!("cannot read the value: {e}")))?;
+        return Ok(zeroize::Zeroizing::new(typed.into_bytes()));
+    }
+    let mut value = zeroize::Zeroizing::new(Vec::new());
+    std::io::stdin()
+        .read_to_end(&mut value)
+        .map_err(|e| Error::new(format!("cannot read the value from standard input: {e}")))?;
+    Ok(value)
 }
 
 /// `clan vars check`: every problem, one line each; exit 1 if there is any.

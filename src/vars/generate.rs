@@ -359,9 +359,77 @@ impl<'a> Generation<'a> {
         Ok(files)
     }
 
-    /// Stores a generator's files: values as they are, secrets encrypted to the machine's
-    /// key (shared ones to every machine that shares them). Returns the paths written.
+    /// Stores a generator's files ([`Generation::store_files`]) and what they were made from.
     fn store(
+        &self,
+        machine: &str,
+        g: &str,
+        decl: &GeneratorDecl,
+        files: &BTreeMap<String, Secret>,
+    ) -> Result<Vec<PathBuf>, Error> {
+        let mut written = self.store_files(machine, g, decl, files)?;
+        // What it was made from, as clan-core records it.
+        let validation = self.repo.validation_path(machine, g, decl);
+        match &decl.validation_hash {
+            Some(hash) => {
+                write_atomically(&validation, hash.as_bytes())?;
+                written.push(validation);
+            }
+            None if validation.exists() => {
+                std::fs::remove_file(&validation).map_err(|e| {
+                    Error::new(format!("cannot remove {}: {e}", validation.display()))
+                })?;
+                written.push(validation);
+            }
+            None => {}
+        }
+        Ok(written)
+    }
+
+    /// `clan vars set`: file `f` of generator `g` becomes `value` (a secret encrypted as
+    /// generate would, to the machine's key and its sharers'); staged in git. Returns the
+    /// paths written. clan-core's stores are not written here.
+    pub fn set(
+        &self,
+        machine: &str,
+        vars: &MachineVars,
+        g: &str,
+        f: &str,
+        value: Secret,
+    ) -> Result<Vec<PathBuf>, Error> {
+        vars.check(machine)?;
+        super::check_store(self.settings, machine, vars)?;
+        if let Some(store) = super::clan_core_store_of(vars) {
+            return Err(Error::usage(format!(
+                "machine {machine} keeps its vars in clan-core's {} store, which this tool does not write yet: nothing was changed",
+                store.name()
+            ))
+            .code(super::clan_core_store::READ_ONLY)
+            .hint(Hint::text(format!(
+                "set it with clan-core's CLI: clan vars set {machine} {g}/{f}"
+            ))));
+        }
+        self.repo.check_layout()?;
+        let secrets = self.repo.secrets_of(machine);
+        if !secrets.is_empty() && !self.repo.has_key(machine) {
+            return Err(self.repo.key_missing(machine, &secrets));
+        }
+        let decl = &vars.generators[g];
+        let written =
+            self.store_files(machine, g, decl, &BTreeMap::from([(f.to_string(), value)]))?;
+        let mut staged = written.clone();
+        staged.extend([
+            self.repo.machine_pub(machine),
+            self.repo.machine_key(machine),
+            Repo::recipients_path(&self.repo.machine_key(machine)),
+        ]);
+        git_add(&self.repo.root, &staged);
+        Ok(written)
+    }
+
+    /// Writes a generator's files: values as they are, secrets encrypted to the machine's
+    /// key (shared ones to every machine that shares them). Returns the paths written.
+    fn store_files(
         &self,
         machine: &str,
         g: &str,
@@ -392,21 +460,6 @@ impl<'a> Generation<'a> {
                 written.push(Repo::write_recipients(&path, &recipients)?);
             }
             written.push(path);
-        }
-        // What it was made from, as clan-core records it.
-        let validation = self.repo.validation_path(machine, g, decl);
-        match &decl.validation_hash {
-            Some(hash) => {
-                write_atomically(&validation, hash.as_bytes())?;
-                written.push(validation);
-            }
-            None if validation.exists() => {
-                std::fs::remove_file(&validation).map_err(|e| {
-                    Error::new(format!("cannot remove {}: {e}", validation.display()))
-                })?;
-                written.push(validation);
-            }
-            None => {}
         }
         Ok(written)
     }

@@ -399,6 +399,21 @@ mod tests {
         id
     }
 
+    /// [`fix`] of peer1's `new-service/a-secret`, opened with the admin's key.
+    fn fix_as_admin(repo: &Repo, dir: &Path, deploy: bool, groups: &[String]) -> Vec<PathBuf> {
+        let user = admin(repo);
+        let open = |text: &str| {
+            sops::decrypt(text, &user.identities).map_err(|e| Error::new(e.to_string()))
+        };
+        let secret = FixSecret {
+            dir: dir.to_path_buf(),
+            var: "new-service/a-secret".into(),
+            machine: "peer1",
+            deploy,
+        };
+        fix(repo, &secret, groups, &open).unwrap()
+    }
+
     #[test]
     fn clan_cores_own_files_agree_with_their_links() {
         let (_dir, repo) = copy();
@@ -440,21 +455,7 @@ mod tests {
                 .describe("new-service/a-secret")
                 .contains("(key of user 'bob')")
         );
-        let open = |text: &str| {
-            sops::decrypt(text, &user.identities).map_err(|e| Error::new(e.to_string()))
-        };
-        let changed = fix(
-            &repo,
-            &FixSecret {
-                dir: dir.clone(),
-                var: "new-service/a-secret".into(),
-                machine: "peer1",
-                deploy: true,
-            },
-            &[],
-            &open,
-        )
-        .unwrap();
+        let changed = fix_as_admin(&repo, &dir, true, &[]);
         assert_eq!(changed, [dir.join("secret")]);
         assert_eq!(compare(&repo, &dir, &[]).unwrap(), None);
         let text = std::fs::read_to_string(dir.join("secret")).unwrap();
@@ -490,21 +491,7 @@ mod tests {
         .unwrap();
         let difference = compare(&repo, &dir, &[]).unwrap().unwrap();
         assert_eq!(difference.extra, [mallory.to_public().to_string()]);
-        let open = |text: &str| {
-            sops::decrypt(text, &user.identities).map_err(|e| Error::new(e.to_string()))
-        };
-        fix(
-            &repo,
-            &FixSecret {
-                dir: dir.clone(),
-                var: "new-service/a-secret".into(),
-                machine: "peer1",
-                deploy: true,
-            },
-            &[],
-            &open,
-        )
-        .unwrap();
+        fix_as_admin(&repo, &dir, true, &[]);
         let text = std::fs::read_to_string(dir.join("secret")).unwrap();
         assert!(
             sops::decrypt(&text, &[mallory]).is_err(),
@@ -515,7 +502,6 @@ mod tests {
     #[test]
     fn deploy_and_default_groups_set_the_links() {
         let (_dir, repo) = copy();
-        let user = admin(&repo);
         let carol = add_user(&repo, "carol");
         let group = repo.root.join("sops/groups/ops/users");
         std::fs::create_dir_all(&group).unwrap();
@@ -525,22 +511,8 @@ mod tests {
             .join("vars/per-machine/peer1/new-service/a-secret");
         let groups = ["ops".to_string()];
         assert!(compare(&repo, &dir, &groups).unwrap().is_some());
-        let open = |text: &str| {
-            sops::decrypt(text, &user.identities).map_err(|e| Error::new(e.to_string()))
-        };
         // Not deployed: the machine's link goes; the default group's comes.
-        let changed = fix(
-            &repo,
-            &FixSecret {
-                dir: dir.clone(),
-                var: "new-service/a-secret".into(),
-                machine: "peer1",
-                deploy: false,
-            },
-            &groups,
-            &open,
-        )
-        .unwrap();
+        let changed = fix_as_admin(&repo, &dir, false, &groups);
         assert!(changed.contains(&dir.join("machines/peer1")));
         assert!(changed.contains(&dir.join("groups/ops")));
         assert!(!dir.join("machines/peer1").exists());
@@ -552,18 +524,7 @@ mod tests {
         let text = std::fs::read_to_string(dir.join("secret")).unwrap();
         assert!(sops::decrypt(&text, &[carol]).is_ok());
         // Deployed again: the machine's link is back, as clan-core writes it.
-        fix(
-            &repo,
-            &FixSecret {
-                dir: dir.clone(),
-                var: "new-service/a-secret".into(),
-                machine: "peer1",
-                deploy: true,
-            },
-            &groups,
-            &open,
-        )
-        .unwrap();
+        fix_as_admin(&repo, &dir, true, &groups);
         assert_eq!(
             std::fs::read_link(dir.join("machines/peer1")).unwrap(),
             Path::new("../../../../../../sops/machines/peer1")
