@@ -296,9 +296,7 @@ impl Script {
         argv.extend(args.iter().cloned());
         Invocation::new("sh", argv)
     }
-}
 
-impl Script {
     /// The invocation that runs the script as root through sudo by its fixed path,
     /// `/run/clan/NAME-HASH.sh`, installing it there first (through sudo, with
     /// [`SUDO_INSTALL`]) when it is not in place (`src/scripts/sudo-run.sh`). sudo sees two
@@ -847,6 +845,19 @@ mod tests {
         let _ = std::io::stdout().flush();
         assert_eq!(String::from_utf8_lossy(&out.stdout), "done\n");
         assert_eq!(out.status.code(), Some(3));
+    }
+
+    #[test]
+    fn the_sudo_install_command_is_one_line_a_sudoers_rule_can_name() {
+        assert!(!SUDO_INSTALL.contains(['\n', ',', ':', '=', '\\', '*', '?', '[', '"', '\'']));
+        assert!(!SUDO_INSTALL.contains("  "));
+        for script in [ACTIVATE, crate::vars::upload::VARS_UPLOAD] {
+            assert!(SUDO_SCRIPTS.contains(&script.name), "{}", script.name);
+            assert!(SUDO_INSTALL.contains(script.name), "{}", script.name);
+        }
+        let rule = sudoers_rule("deploy");
+        assert!(rule.starts_with("deploy ALL=(root) NOPASSWD: /run/clan/clan-activate-*.sh, "));
+        assert!(rule.ends_with(" clan-install clan-vars-upload"));
     }
 
     #[test]

@@ -685,6 +685,37 @@ fn the_readme_sudoers_rule_is_all_a_deploy_needs(kind: HostKind) {
     let back = clan(&lab, &v2_flake, &["machines", "rollback", "m"]);
     assert_eq!(back.code, 0, "{}", back.all());
     assert_system(&lab, Some(&v1), Some(&v1));
+    // Secrets go through the same rule (clan-vars-upload), and are decrypted on the target.
+    let id = age::x25519::Identity::generate();
+    let keys = lab
+        .host(clan_lab::WORKSTATION)
+        .root()
+        .join(".config/sops/age/keys.txt");
+    std::fs::create_dir_all(keys.parent().unwrap()).unwrap();
+    std::fs::write(
+        &keys,
+        format!(
+            "{}\n",
+            age::secrecy::ExposeSecret::expose_secret(&id.to_string())
+        ),
+    )
+    .unwrap();
+    let secrets_flake = lab.write_flake(&format!(
+        r#"{{ vars.settings.recipients.default = [ "{public}" ];
+             inventory.machines.m.deploy.targetHost = "deployrule@{t}";
+             machines.m = {{ imports = [ (system {{ variant = "v3";
+               vars = {{ api = {{ files.token = {{ }}; script = "echo tok-through-sudo > $out/token"; }}; }}; }}) ];
+               clan.core.vars.age.secretLocation = "/root/secret-vars"; }}; }}"#,
+        public = id.to_public(),
+        t = lab.ip("target")
+    ));
+    let run = update(&lab, &secrets_flake, &[]);
+    assert_eq!(run.code, 0, "{}", run.all());
+    let token = lab.exec("target", &["cat", "/run/secrets/api/token"]);
+    assert_eq!(
+        String::from_utf8_lossy(&token.stdout).trim(),
+        "tok-through-sudo"
+    );
     assert_nothing_left(&lab);
 
     if kind == HostKind::Systemd {
@@ -703,18 +734,27 @@ fn the_readme_sudoers_rule_is_all_a_deploy_needs(kind: HostKind) {
             .lines()
             .filter(|l| l.starts_with("deployrule :") && l.contains("COMMAND="))
             .collect();
-        // The probe, lock, prepare, switch, confirm... of two deploys and a rollback.
+        // The probe, lock, prepare, switch, confirm... of three deploys and a rollback.
         assert!(commands.len() >= 8, "{journal}");
-        let installs = commands
-            .iter()
-            .filter(|l| l.contains("clan-install clan-activate"))
-            .count();
-        assert_eq!(installs, 1, "installed once:\n{journal}");
+        for script in ["clan-activate", "clan-vars-upload"] {
+            let installs = commands
+                .iter()
+                .filter(|l| l.ends_with(&format!("' clan-install {script}")))
+                .count();
+            assert_eq!(installs, 1, "{script} installed once:\n{journal}");
+            assert!(
+                commands
+                    .iter()
+                    .any(|l| l.contains(&format!("COMMAND=/run/clan/{script}-"))),
+                "{journal}"
+            );
+        }
         for line in &commands {
             assert!(line.len() < 600, "a long line: {line}");
             assert!(
                 line.contains("COMMAND=/run/clan/clan-activate-")
-                    || line.ends_with("' clan-install clan-activate"),
+                    || line.contains("COMMAND=/run/clan/clan-vars-upload-")
+                    || line.contains("' clan-install clan-"),
                 "{line}"
             );
             assert!(!line.contains("clan-activate: the target's side"), "{line}");
