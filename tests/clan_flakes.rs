@@ -732,6 +732,42 @@ fn clan_cores_template_deploys_on_this_library() {
             public_in_repo.starts_with(&public_on_target),
             "{m}: {public_in_repo} / {public_on_target}"
         );
+        // The host key is certified by the clan's one authority for <machine>.<domain>.
+        let cert = f.join(format!(
+            "vars/per-machine/{m}/openssh-cert/ssh.id_ed25519-cert.pub/value"
+        ));
+        let shown = std::process::Command::new("ssh-keygen")
+            .arg("-L")
+            .arg("-f")
+            .arg(&cert)
+            .output()
+            .unwrap();
+        let shown = String::from_utf8_lossy(&shown.stdout).into_owned();
+        let ca =
+            std::fs::read_to_string(f.join("vars/shared/openssh-ca/id_ed25519.pub/value")).unwrap();
+        let fingerprint = std::process::Command::new("ssh-keygen")
+            .args(["-l", "-f"])
+            .arg(f.join("vars/shared/openssh-ca/id_ed25519.pub/value"))
+            .output()
+            .unwrap();
+        let fingerprint = String::from_utf8_lossy(&fingerprint.stdout)
+            .split_whitespace()
+            .nth(1)
+            .unwrap_or("?")
+            .to_string();
+        assert!(ca.starts_with("ssh-ed25519 "), "{ca}");
+        assert!(
+            shown.contains("host certificate")
+                && shown.contains(&format!("{m}.tlab"))
+                && shown.contains(&fingerprint),
+            "{m}: {shown}"
+        );
+        // The authority's private key never reaches a machine.
+        assert_eq!(
+            sh("test -e /run/secrets/openssh-ca && echo deployed"),
+            "",
+            "{m}: the CA key is deploy = false"
+        );
         // root's password hash, before users are made; the password itself never leaves
         // the repository.
         let hash = sh("cat /run/secrets-for-users/user-password-root/user-password-hash");

@@ -168,10 +168,30 @@ in
     && gens.user-password-root.files.user-password-hash.neededFor == "users"
     && !gens.user-password-root.files.user-password.deploy
     && gens.user-password-root.prompts.user-password.type == "hidden"
-    && c.users.mutableUsers == false;
-  ownSshdCertificateRefusedByName = failsWith (clan {
+    && c.users.mutableUsers == false
+    # The clan's certificate authority (shared, never deployed) signs the host key for
+    # <machine>.<domain>, made again when the names change; servers trust it.
+    && gens.openssh-ca.share && !gens.openssh-ca.files.id_ed25519.deploy
+    && gens.openssh-cert.dependencies == [ "openssh" "openssh-ca" ]
+    && gens.openssh-cert.validationHash != null
+    && c.programs.ssh.knownHosts.ssh-ca.extraHostNames == [ "*.clan" ]
+    && lib.hasInfix "-n m.clan " gens.openssh-cert.script;
+  ownSshdClientTrustsTheAuthority =
+    let
+      t = clan {
+        inventory.machines = { s = { }; c = { }; };
+        inventory.instances.sshd = { roles.server.machines.s = { }; roles.client.machines.c = { }; };
+        machines.s = { };
+        machines.c = { };
+      };
+      c = t.nixosConfigurations.c.config;
+    in
+    c.programs.ssh.knownHosts.ssh-ca.certAuthority
+    && c.clan.core.vars.generators.openssh-ca.share
+    && !(c.clan.core.vars.generators ? openssh);
+  ownSshdRsaRefusedByName = failsWith (clan {
     inventory.machines.m = { };
-    inventory.instances.sshd = { roles.server.tags.all = { }; roles.server.settings.certificate.enable = true; };
+    inventory.instances.sshd = { roles.server.tags.all = { }; roles.server.settings.hostKeys.rsa.enable = true; };
     machines.m = { };
   }).nixosConfigurations.m.config.clan.core.vars.generators;
   mkDefaultLosesToAPlainValue =

@@ -133,12 +133,8 @@ impl<'a> Generation<'a> {
         if !run.is_empty() {
             self.repo.ensure_machine_key(machine, self.settings)?;
         }
-        for g in order.iter().filter(|g| run.contains(*g)) {
-            eprintln!("{machine}: generating {g}…");
-            let files = self.run_generator(machine, g, vars)?;
-            written.extend(self.store(machine, g, &vars.generators[g], &files)?);
-        }
-        // Shared generators that exist but were made for other machines.
+        // Shared generators that exist but were made for other machines: shared with this
+        // one first, so the generators that depend on them can read them.
         for (g, decl) in vars
             .generators
             .iter()
@@ -147,6 +143,11 @@ impl<'a> Generation<'a> {
             if self.repo.generated(machine, g, decl) {
                 written.extend(self.share_with(machine, g, decl)?);
             }
+        }
+        for g in order.iter().filter(|g| run.contains(*g)) {
+            eprintln!("{machine}: generating {g}…");
+            let files = self.run_generator(machine, g, vars)?;
+            written.extend(self.store(machine, g, &vars.generators[g], &files)?);
         }
         // Everything generate made is tracked, the machine's key included: a checkout
         // without it could not decrypt the secrets (and must not make a new key).
