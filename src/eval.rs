@@ -22,6 +22,10 @@ pub struct MachineFacts {
     pub inventory_build_host: Option<String>,
     /// `clan.core.networking.targetHost`
     pub config_target_host: Option<String>,
+    /// Whether that is the option's default (`root@<hostName>.<domain>`, the domain being the
+    /// clan's `meta.domain` unless the machine sets its own): nothing defined it.
+    #[serde(default)]
+    pub config_target_host_is_default: bool,
     /// `clan.core.networking.buildHost`
     pub config_build_host: Option<String>,
     /// `inventory.machines.<m>.deploy.forwardAgent`
@@ -164,6 +168,7 @@ let
       inventoryTargetHost = inv.deploy.targetHost or null;
       inventoryBuildHost = inv.deploy.buildHost or null;
       configTargetHost = net.targetHost or null;
+      configTargetHostIsDefault = tryOr false (((machines.${name}.options or { }).clan.core.networking.targetHost.highestPrio or 0) >= 1500);
       configBuildHost = net.buildHost or null;
       inventoryForwardAgent = inv.deploy.forwardAgent or null;
       healthCheck = inv.deploy.healthCheck or null;

@@ -38,6 +38,12 @@ pub enum Source {
         /// `targetHost` or `buildHost`.
         attr: &'static str,
     },
+    /// Nothing set the target host: the default `root@<hostName>.<domain>` (clan-core's,
+    /// from `meta.domain`).
+    DomainDefault {
+        /// Machine name.
+        machine: String,
+    },
     /// Nothing set the build host: build on the target.
     TargetFallback,
     /// Nothing set it: the default.
@@ -54,6 +60,10 @@ impl fmt::Display for Source {
             Source::MachineConfig { machine, attr } => {
                 write!(f, "clan.core.networking.{attr} in {machine}'s configuration")
             }
+            Source::DomainDefault { machine } => write!(
+                f,
+                "the default of clan.core.networking.targetHost in {machine}'s configuration: root@<hostName>.<meta.domain>"
+            ),
             Source::TargetFallback => f.write_str(
                 "no buildHost set in --build-host, the inventory or clan.core.networking: building on the target",
             ),
@@ -309,7 +319,16 @@ pub fn target_candidates(
             inventory(name, "targetHost"),
             facts.inventory_target_host.clone(),
         ),
-        (config(name, "targetHost"), facts.config_target_host.clone()),
+        (
+            if facts.config_target_host_is_default {
+                Source::DomainDefault {
+                    machine: name.to_string(),
+                }
+            } else {
+                config(name, "targetHost")
+            },
+            facts.config_target_host.clone(),
+        ),
     ]
 }
 

@@ -701,6 +701,10 @@ fn clan_cores_template_deploys_on_this_library() {
     assert_eq!(show.code, 0, "{}", show.all());
     let shown: serde_json::Value = serde_json::from_str(&show.stdout).unwrap();
     assert_eq!(shown["web"]["targetHost"]["value"], "root@web.tlab");
+    assert_eq!(
+        shown["web"]["targetHost"]["source"],
+        "the default of clan.core.networking.targetHost in web's configuration: root@<hostName>.<meta.domain>"
+    );
 
     // root's password is asked once per machine (db first), on a terminal.
     let generated = clan_on_terminal(&lab, &f, &["vars", "generate"], "db-root-pw\nweb-root-pw\n");

@@ -514,7 +514,7 @@ fn bad_input_no_target_host_anywhere() {
     assert_eq!(planned.code, 0, "{}", planned.all());
     assert!(
         planned.stdout.contains(
-            "m: deploy to root@m.clan (clan.core.networking.targetHost in m's configuration)"
+            "m: deploy to root@m.clan (the default of clan.core.networking.targetHost in m's configuration: root@<hostName>.<meta.domain>)"
         ),
         "{}",
         planned.stdout
