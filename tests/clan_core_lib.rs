@@ -573,6 +573,35 @@ fn a_new_recipient_link_stops_the_deploy_until_vars_fix() {
         clan::vars::sops::decrypt(&after, std::slice::from_ref(&bob)).unwrap()[..],
         b"content of openssh/ssh.id_ed25519"[..]
     );
+    // `vars set` writes into the store as clan-core does: to exactly the linked keys.
+    let set = lab.run_on_workstation_with_input(
+        &f,
+        &[
+            env!("CARGO_BIN_EXE_clan"),
+            "vars",
+            "set",
+            "alpha",
+            "openssh/ssh.id_ed25519",
+        ],
+        "a key set by hand",
+    );
+    assert!(
+        set.status.success(),
+        "{}",
+        String::from_utf8_lossy(&set.stderr)
+    );
+    let get = clan(
+        &lab,
+        &f,
+        &["vars", "get", "alpha", "openssh/ssh.id_ed25519"],
+    );
+    assert_eq!(get.stdout, "a key set by hand");
+    assert_eq!(clan(&lab, &f, &["vars", "check", "alpha"]).code, 0);
+    let text = std::fs::read_to_string(&secret).unwrap();
+    assert_eq!(
+        clan::vars::sops::decrypt(&text, std::slice::from_ref(&bob)).unwrap()[..],
+        b"a key set by hand"[..]
+    );
     let run = clan(&lab, &f, &["machines", "update", "alpha"]);
     assert_eq!(run.code, 0, "{}", run.all());
 }

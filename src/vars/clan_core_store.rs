@@ -197,6 +197,63 @@ pub fn fix(
     Ok(changed)
 }
 
+/// `clan vars set` in clan-core's sops store: a public value as it is; a secret written as
+/// clan-core writes it ([`sops_links::write_secret`]: the machine's, default groups' and your
+/// user's links, encrypted to exactly the linked keys). Your key must be a sops user of the
+/// clan (`sops/users/<u>/key.json`). Returns the paths changed.
+#[allow(clippy::too_many_arguments)]
+pub fn set(
+    store: ClanCoreStore,
+    repo: &Repo,
+    machine: &str,
+    vars: &MachineVars,
+    g: &str,
+    f: &str,
+    value: &[u8],
+    user: &UserIdentity,
+) -> Result<Vec<PathBuf>, Error> {
+    let decl = &vars.generators[g];
+    let file = &decl.files[f];
+    if !file.secret {
+        let path = repo.value_path(machine, g, decl, f);
+        super::write_atomically(&path, value)?;
+        return Ok(vec![path]);
+    }
+    if store != ClanCoreStore::Sops {
+        return Err(Error::usage(format!(
+            "machine {machine} keeps its vars in clan-core's {} store, whose secrets this tool does not write yet: nothing was changed",
+            store.name()
+        ))
+        .code(READ_ONLY)
+        .hint(Hint::text(format!(
+            "set it with clan-core's CLI: clan vars set {machine} {g}/{f}"
+        ))));
+    }
+    let keys = user.recipients();
+    let Some((name, theirs)) = sops_links::user_of(repo, &keys)? else {
+        return Err(Error::usage(format!(
+            "your age key ({}) is no sops user of this clan (sops/users/<name>/key.json): nothing was changed",
+            user.source
+        ))
+        .hint(Hint::text(
+            "add yourself with `clan vars keygen`, and have someone who can read the secrets run `clan vars fix`",
+        )));
+    };
+    let path = secret_path(store, repo, machine, g, decl, f);
+    sops_links::write_secret(
+        repo,
+        &sops_links::FixSecret {
+            dir: path.parent().expect("a file in a folder").to_path_buf(),
+            var: format!("{g}/{f}"),
+            machine,
+            deploy: file.deploy,
+        },
+        &vars.sops_default_groups,
+        (&name, &theirs),
+        value,
+    )
+}
+
 /// Nothing is generated in a clan-core store here: Ok when every var is there (and nothing
 /// is asked to be made again) and, in the sops store, every secret is encrypted to exactly
 /// the keys its links name; else an error naming what is wrong and the command that mends

@@ -388,8 +388,9 @@ impl<'a> Generation<'a> {
     }
 
     /// `clan vars set`: file `f` of generator `g` becomes `value` (a secret encrypted as
-    /// generate would, to the machine's key and its sharers'); staged in git. Returns the
-    /// paths written. clan-core's stores are not written here.
+    /// generate would, to the machine's key and its sharers'; in clan-core's sops store, as
+    /// clan-core writes it, see [`super::clan_core_store::set`]); staged in git. Returns the
+    /// paths written.
     pub fn set(
         &self,
         machine: &str,
@@ -401,14 +402,18 @@ impl<'a> Generation<'a> {
         vars.check(machine)?;
         super::check_store(self.settings, machine, vars)?;
         if let Some(store) = super::clan_core_store_of(vars) {
-            return Err(Error::usage(format!(
-                "machine {machine} keeps its vars in clan-core's {} store, which this tool does not write yet: nothing was changed",
-                store.name()
-            ))
-            .code(super::clan_core_store::READ_ONLY)
-            .hint(Hint::text(format!(
-                "set it with clan-core's CLI: clan vars set {machine} {g}/{f}"
-            ))));
+            let written = super::clan_core_store::set(
+                store,
+                self.repo,
+                machine,
+                vars,
+                g,
+                f,
+                &value,
+                self.user()?,
+            )?;
+            git_add(&self.repo.root, &written);
+            return Ok(written);
         }
         self.repo.check_layout()?;
         let secrets = self.repo.secrets_of(machine);

@@ -62,6 +62,58 @@ pub fn read_keys(dir: &Path) -> Result<Vec<String>, Error> {
         .collect()
 }
 
+/// Which sops user of the clan `keys` (the user's own public keys) belong to: the first
+/// `sops/users/<u>/key.json` holding one of them, with that user's keys.
+pub fn user_of(repo: &Repo, keys: &[String]) -> Result<Option<(String, Vec<String>)>, Error> {
+    let mut users: Vec<PathBuf> = std::fs::read_dir(repo.root.join("sops/users"))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.join("key.json").is_file())
+        .collect();
+    users.sort();
+    for dir in users {
+        let theirs = read_keys(&dir)?;
+        if theirs.iter().any(|k| keys.contains(k)) {
+            let name = dir
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            return Ok(Some((name, theirs)));
+        }
+    }
+    Ok(None)
+}
+
+/// Writes a secret into clan-core's sops store as clan-core's `vars set` does: the machine's
+/// link when the secret is deployed, the default groups' links, the writing user's link when
+/// its keys are not among the recipients yet; then `value` encrypted to exactly the keys the
+/// links name. Returns the paths changed.
+pub fn write_secret(
+    repo: &Repo,
+    secret: &FixSecret,
+    default_groups: &[String],
+    user: (&str, &[String]),
+    value: &[u8],
+) -> Result<Vec<PathBuf>, Error> {
+    let mut changed = Vec::new();
+    ensure_links(repo, secret, default_groups, &mut changed)?;
+    let (name, keys) = user;
+    let linked = wanted(repo, &secret.dir, default_groups)?;
+    if !keys.iter().all(|k| linked.contains_key(k)) {
+        ensure_link(
+            repo,
+            &secret.dir.join("users"),
+            name,
+            &format!("sops/users/{name}"),
+            &mut changed,
+        )?;
+    }
+    changed.push(encrypt_to_links(repo, secret, default_groups, value)?);
+    Ok(changed)
+}
+
 /// Makes `sops/users/<user>/key.json` hold `keys` (clan-core's `clan secrets users add`):
 /// written when missing; left when it holds them already (`None`); another set of keys is
 /// the user's and replaced only with `force`.
@@ -292,6 +344,34 @@ pub fn fix(
 ) -> Result<Vec<PathBuf>, Error> {
     let mut changed = Vec::new();
     let machine_link = secret.dir.join("machines").join(secret.machine);
+    if !secret.deploy && machine_link.is_symlink() {
+        std::fs::remove_file(&machine_link)
+            .map_err(|e| Error::new(format!("cannot remove {}: {e}", machine_link.display())))?;
+        changed.push(machine_link);
+    }
+    ensure_links(repo, secret, default_groups, &mut changed)?;
+    let path = secret.dir.join("secret");
+    if compare(repo, &secret.dir, default_groups)?.is_some() {
+        let text = std::fs::read_to_string(&path)
+            .map_err(|e| Error::usage(format!("cannot read {}: {e}", path.display())))?;
+        changed.push(encrypt_to_links(
+            repo,
+            secret,
+            default_groups,
+            &open(&text)?,
+        )?);
+    }
+    Ok(changed)
+}
+
+/// The links every secret has: the machine's when it is deployed (the machine's key must be
+/// in the store), and the default groups'.
+fn ensure_links(
+    repo: &Repo,
+    secret: &FixSecret,
+    default_groups: &[String],
+    changed: &mut Vec<PathBuf>,
+) -> Result<(), Error> {
     if secret.deploy {
         if !repo
             .root
@@ -314,12 +394,8 @@ pub fn fix(
             &secret.dir.join("machines"),
             secret.machine,
             &format!("sops/machines/{}", secret.machine),
-            &mut changed,
+            changed,
         )?;
-    } else if machine_link.is_symlink() {
-        std::fs::remove_file(&machine_link)
-            .map_err(|e| Error::new(format!("cannot remove {}: {e}", machine_link.display())))?;
-        changed.push(machine_link);
     }
     for group in default_groups {
         if !repo.root.join("sops/groups").join(group).is_dir() {
@@ -332,33 +408,37 @@ pub fn fix(
             &secret.dir.join("groups"),
             group,
             &format!("sops/groups/{group}"),
-            &mut changed,
+            changed,
         )?;
     }
-    let path = secret.dir.join("secret");
-    if compare(repo, &secret.dir, default_groups)?.is_some() {
-        let text = std::fs::read_to_string(&path)
-            .map_err(|e| Error::usage(format!("cannot read {}: {e}", path.display())))?;
-        let plain = open(&text)?;
-        let recipients = wanted(repo, &secret.dir, default_groups)?
-            .keys()
-            .map(|k| {
-                k.parse::<age::x25519::Recipient>()
-                    .map_err(|_| Error::usage(format!("{k} is not an age public key")))
-            })
-            .collect::<Result<Vec<_>, _>>()?;
-        if recipients.is_empty() {
-            return Err(Error::usage(format!(
-                "secret {}: no link names anyone who may read it; nothing was changed",
-                secret.var
-            )));
-        }
-        let written = sops::encrypt(&plain, &recipients, &sops::now())
-            .map_err(|e| Error::new(format!("cannot encrypt {}: {e}", path.display())))?;
-        super::write_atomically(&path, written.as_bytes())?;
-        changed.push(path);
+    Ok(())
+}
+
+/// Writes `value` as the secret's file, encrypted to exactly the keys its links name.
+fn encrypt_to_links(
+    repo: &Repo,
+    secret: &FixSecret,
+    default_groups: &[String],
+    value: &[u8],
+) -> Result<PathBuf, Error> {
+    let recipients = wanted(repo, &secret.dir, default_groups)?
+        .keys()
+        .map(|k| {
+            k.parse::<age::x25519::Recipient>()
+                .map_err(|_| Error::usage(format!("{k} is not an age public key")))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    if recipients.is_empty() {
+        return Err(Error::usage(format!(
+            "secret {}: no link names anyone who may read it; nothing was changed",
+            secret.var
+        )));
     }
-    Ok(changed)
+    let path = secret.dir.join("secret");
+    let written = sops::encrypt(value, &recipients, &sops::now())
+        .map_err(|e| Error::new(format!("cannot encrypt {}: {e}", path.display())))?;
+    super::write_atomically(&path, written.as_bytes())?;
+    Ok(path)
 }
 
 #[cfg(test)]
@@ -497,6 +577,40 @@ mod tests {
             sops::decrypt(&text, &[mallory]).is_err(),
             "mallory's key is gone"
         );
+    }
+
+    #[test]
+    fn a_secret_is_written_as_clan_core_writes_it() {
+        let (_dir, repo) = copy();
+        let user = admin(&repo);
+        let (name, keys) = user_of(&repo, &user.recipients()).unwrap().unwrap();
+        assert_eq!(name, "admin");
+        let secret = |var: &str, deploy| FixSecret {
+            dir: repo.root.join("vars/per-machine/peer1").join(var),
+            var: var.into(),
+            machine: "peer1",
+            deploy,
+        };
+        // A new one: the machine's link and the writer's, encrypted to exactly them.
+        let new = secret("api/token", true);
+        let changed = write_secret(&repo, &new, &[], (&name, &keys), b"v1").unwrap();
+        assert!(changed.contains(&new.dir.join("machines/peer1")));
+        assert!(changed.contains(&new.dir.join("users/admin")));
+        assert_eq!(compare(&repo, &new.dir, &[]).unwrap(), None);
+        let text = std::fs::read_to_string(new.dir.join("secret")).unwrap();
+        assert_eq!(&sops::decrypt(&text, &user.identities).unwrap()[..], b"v1");
+        // An existing one: a new value, the same recipients, no new link.
+        let old = secret("new-service/a-secret", true);
+        let before = sops::recipients(&std::fs::read_to_string(old.dir.join("secret")).unwrap());
+        let changed = write_secret(&repo, &old, &[], (&name, &keys), b"v2").unwrap();
+        assert_eq!(changed, [old.dir.join("secret")]);
+        let text = std::fs::read_to_string(old.dir.join("secret")).unwrap();
+        assert_eq!(sops::recipients(&text).unwrap(), before.unwrap());
+        assert_eq!(&sops::decrypt(&text, &user.identities).unwrap()[..], b"v2");
+        // Not deployed: no machine link.
+        let kept = secret("api/seed", false);
+        write_secret(&repo, &kept, &[], (&name, &keys), b"s").unwrap();
+        assert!(!kept.dir.join("machines").exists());
     }
 
     #[test]
