@@ -120,11 +120,17 @@ pub fn missing(
     missing
 }
 
-/// The sops secrets of `machine` that exist, each as (`gen/file`, its folder, deployed).
+/// The sops secrets of `machine` that exist, each as (`gen/file`, its folder, deployed): its
+/// vars, and its own key (`sops/secrets/<m>-age.key`, for users only).
 fn sops_secrets(repo: &Repo, machine: &str, vars: &MachineVars) -> Vec<(String, PathBuf, bool)> {
-    vars.generators
-        .iter()
-        .flat_map(|(g, decl)| {
+    let key = machine_key_path(ClanCoreStore::Sops, repo, machine);
+    let key = (
+        format!("{machine}'s key"),
+        key.parent().expect("a file in a folder").to_path_buf(),
+        false,
+    );
+    std::iter::once(key)
+        .chain(vars.generators.iter().flat_map(|(g, decl)| {
             decl.files
                 .iter()
                 .filter(|(_, file)| file.secret)
@@ -133,7 +139,7 @@ fn sops_secrets(repo: &Repo, machine: &str, vars: &MachineVars) -> Vec<(String, 
                     let dir = path.parent().expect("a file in a folder").to_path_buf();
                     (format!("{g}/{f}"), dir, file.deploy)
                 })
-        })
+        }))
         .filter(|(_, dir, _)| dir.join("secret").is_file())
         .collect()
 }

@@ -501,6 +501,8 @@ mod tests {
             "vars/per-machine/peer1/new-service/a-secret",
             "vars/per-machine/peer1/dummy-generator/generated-password",
             "vars/per-machine/admin1/dummy-generator/generated-password",
+            "sops/secrets/peer1-age.key",
+            "sops/secrets/admin1-age.key",
         ] {
             assert_eq!(
                 compare(&repo, &repo.root.join(var), &[]).unwrap(),
@@ -611,6 +613,32 @@ mod tests {
         let kept = secret("api/seed", false);
         write_secret(&repo, &kept, &[], (&name, &keys), b"s").unwrap();
         assert!(!kept.dir.join("machines").exists());
+    }
+
+    #[test]
+    fn the_machines_own_key_follows_its_links_too() {
+        use crate::vars::clan_core_store::{ClanCoreStore, fix as fix_store, recipient_problems};
+        let (_dir, repo) = copy();
+        let user = admin(&repo);
+        let bob = add_user(&repo, "bob");
+        let vars = crate::vars::MachineVars::default();
+        let key_dir = repo.root.join("sops/secrets/peer1-age.key");
+        std::os::unix::fs::symlink("../../../users/bob", key_dir.join("users/bob")).unwrap();
+        let problems = recipient_problems(ClanCoreStore::Sops, &repo, "peer1", &vars).unwrap();
+        assert_eq!(problems.len(), 1);
+        assert!(
+            problems[0].starts_with("secret peer1's key: ") && problems[0].contains("user 'bob'"),
+            "{problems:?}"
+        );
+        let changed = fix_store(ClanCoreStore::Sops, &repo, "peer1", &vars, &user).unwrap();
+        assert_eq!(changed, [key_dir.join("secret")]);
+        let text = std::fs::read_to_string(key_dir.join("secret")).unwrap();
+        let key = sops::decrypt(&text, &[bob]).unwrap();
+        assert!(
+            std::str::from_utf8(&key)
+                .unwrap()
+                .contains("AGE-SECRET-KEY-1")
+        );
     }
 
     #[test]
