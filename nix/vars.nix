@@ -254,8 +254,12 @@ let
     }
     clan_vars_file() {
       mkdir -p "$1.d/new/$2"; chmod 0751 "$1.d/new/$2"
-      if ! (umask 077; "$age" -d -i "$key" -o "$1.d/new/$2/$3" "$loc/$4"); then
-        echo "clan vars: cannot decrypt $loc/$4 with this machine's key: run 'clan vars upload $machine'" >&2
+      # A target whose secrets were uploaded in the earlier layout (<gen>/<file>.age, before
+      # `clan vars fix` moved them; a deploy with --no-secrets leaves them) still activates.
+      src="$loc/$4"
+      if [ ! -e "$src" ] && [ -e "$loc/''${4%/*}.age" ]; then src="$loc/''${4%/*}.age"; fi
+      if ! (umask 077; "$age" -d -i "$key" -o "$1.d/new/$2/$3" "$src"); then
+        echo "clan vars: cannot decrypt $src with this machine's key: run 'clan vars upload $machine'" >&2
         exit 1
       fi
       if ! chown "$5:$6" "$1.d/new/$2/$3"; then

@@ -1120,6 +1120,24 @@ fn the_earlier_layout_is_moved_by_vars_fix_and_never_generated_again() {
         sh(&lab, "target", "cat /run/secrets/api/token"),
         token.trim()
     );
+
+    // A target still holding the earlier layout (uploaded before the move; a deploy with
+    // --no-secrets leaves it) activates all the same.
+    let uploaded = std::fs::canonicalize(lab.host("target").root().join("secret-vars")).unwrap();
+    let dir = uploaded.join("per-machine/m/api");
+    std::fs::rename(dir.join("token/token.age"), dir.join("token.age")).unwrap();
+    std::fs::remove_dir(dir.join("token")).unwrap();
+    sh(&lab, "target", "rm -rf /run/secrets /run/secrets.d");
+    let again = clan(
+        &lab,
+        &flake,
+        &["machines", "update", "m", "--no-secrets", "--reactivate"],
+    );
+    assert_eq!(again.code, 0, "{}", again.stderr);
+    assert_eq!(
+        sh(&lab, "target", "cat /run/secrets/api/token"),
+        token.trim()
+    );
 }
 
 // `clan vars set`: a var made by hand, from standard input, stored as generate stores it
