@@ -17,9 +17,19 @@ use crate::error::{Error, Hint};
 /// The [`Error::code`] of a secret whose recipients differ from its links.
 pub const RECIPIENTS_CHANGED: &str = "vars.recipients-changed";
 
-/// The age public keys of `dir/key.json`: a list of `{"publickey", "type"}`, or one such
-/// object (clan-core's older form).
+/// The age public keys of `dir/key.json` (see [`read_typed_keys`]; keys of other types, which
+/// clan-core also allows, are left out).
 pub fn read_keys(dir: &Path) -> Result<Vec<String>, Error> {
+    Ok(read_typed_keys(dir)?
+        .into_iter()
+        .filter(|(kind, _)| kind == "age")
+        .map(|(_, key)| key)
+        .collect())
+}
+
+/// The public keys of `dir/key.json`, each with its type (`age`, `pgp`): a list of
+/// `{"publickey", "type"}`, or one such object (clan-core's older form).
+pub fn read_typed_keys(dir: &Path) -> Result<Vec<(String, String)>, Error> {
     #[derive(serde::Deserialize)]
     struct Key {
         publickey: String,
@@ -49,15 +59,14 @@ pub fn read_keys(dir: &Path) -> Result<Vec<String>, Error> {
     };
     keys.into_iter()
         .map(|key| {
-            if key.kind != "age" || !key.publickey.starts_with("age1") {
+            if key.kind == "age" && !key.publickey.starts_with("age1") {
                 return Err(Error::usage(format!(
-                    "{} holds a {} key ({}): this tool reads age keys only",
+                    "{} holds {:?}, which is not an age public key (age1…)",
                     path.display(),
-                    crate::boundary::terminal_safe(&key.kind),
                     crate::boundary::terminal_safe(&key.publickey)
                 )));
             }
-            Ok(key.publickey)
+            Ok((key.kind, key.publickey))
         })
         .collect()
 }
@@ -97,6 +106,7 @@ pub fn write_secret(
     user: (&str, &[String]),
     value: &[u8],
 ) -> Result<Vec<PathBuf>, Error> {
+    only_age(repo, secret, default_groups)?;
     let mut changed = Vec::new();
     ensure_links(repo, secret, default_groups, &mut changed)?;
     let (name, keys) = user;
@@ -126,7 +136,16 @@ pub fn write_user_keys(
     let dir = repo.root.join("sops/users").join(user);
     let path = dir.join("key.json");
     if path.exists() {
-        let mut have = read_keys(&dir)?;
+        let mut have: Vec<String> = read_typed_keys(&dir)?
+            .into_iter()
+            .map(|(kind, key)| {
+                if kind == "age" {
+                    key
+                } else {
+                    format!("{kind}:{key}")
+                }
+            })
+            .collect();
         let mut want = keys.to_vec();
         have.sort();
         want.sort();
@@ -154,10 +173,18 @@ pub fn write_user_keys(
     Ok(Some(path))
 }
 
-/// The keys the links in `folder` (a `machines/` or `users/` folder) point to, each with
-/// where it comes from (`machine 'm'`, `user 'u'`). As clan-core: a link must resolve to a
-/// folder of the same kind; others are ignored.
-fn keys_of_links(folder: &Path, found: &mut BTreeMap<String, String>) -> Result<(), Error> {
+/// What the links of a secret name: age keys, each with where it comes from (`machine 'm'`,
+/// `user 'u'`), and the sources of keys of other types (pgp), which this tool cannot
+/// encrypt to.
+#[derive(Default)]
+struct Linked {
+    age: BTreeMap<String, String>,
+    others: Vec<String>,
+}
+
+/// The keys the links in `folder` (a `machines/` or `users/` folder) point to. As
+/// clan-core: a link must resolve to a folder of the same kind; others are ignored.
+fn keys_of_links(folder: &Path, found: &mut Linked) -> Result<(), Error> {
     let Some(kind) = folder.file_name().and_then(|n| n.to_str()) else {
         return Ok(());
     };
@@ -188,8 +215,12 @@ fn keys_of_links(folder: &Path, found: &mut BTreeMap<String, String>) -> Result<
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_default();
         let label = format!("{} '{name}'", kind.trim_end_matches('s'));
-        for key in read_keys(&target)? {
-            found.entry(key).or_insert_with(|| label.clone());
+        for (kind, key) in read_typed_keys(&target)? {
+            if kind == "age" {
+                found.age.entry(key).or_insert_with(|| label.clone());
+            } else {
+                found.others.push(format!("{kind} key of {label}"));
+            }
         }
     }
     Ok(())
@@ -203,7 +234,12 @@ pub fn wanted(
     dir: &Path,
     default_groups: &[String],
 ) -> Result<BTreeMap<String, String>, Error> {
-    let mut found = BTreeMap::new();
+    Ok(linked(repo, dir, default_groups)?.age)
+}
+
+/// [`wanted`], with the keys of other types.
+fn linked(repo: &Repo, dir: &Path, default_groups: &[String]) -> Result<Linked, Error> {
+    let mut found = Linked::default();
     keys_of_links(&dir.join("machines"), &mut found)?;
     keys_of_links(&dir.join("users"), &mut found)?;
     let mut groups: Vec<PathBuf> = std::fs::read_dir(dir.join("groups"))
@@ -342,6 +378,7 @@ pub fn fix(
     default_groups: &[String],
     open: &dyn Fn(&str) -> Result<Secret, Error>,
 ) -> Result<Vec<PathBuf>, Error> {
+    only_age(repo, secret, default_groups)?;
     let mut changed = Vec::new();
     let machine_link = secret.dir.join("machines").join(secret.machine);
     if !secret.deploy && machine_link.is_symlink() {
@@ -362,6 +399,24 @@ pub fn fix(
         )?);
     }
     Ok(changed)
+}
+
+/// What the secret's links (and the default groups) name, refused when that includes keys of
+/// other types than age (pgp): this tool cannot encrypt to them, and writing the file would
+/// take their readers' access away.
+fn only_age(repo: &Repo, secret: &FixSecret, default_groups: &[String]) -> Result<Linked, Error> {
+    let linked = linked(repo, &secret.dir, default_groups)?;
+    if !linked.others.is_empty() {
+        return Err(Error::usage(format!(
+            "secret {} is also for {}, which this tool cannot encrypt to (age keys only): nothing was changed",
+            secret.var,
+            linked.others.join(", ")
+        ))
+        .hint(Hint::text(
+            "re-encrypt it with clan-core's CLI (clan vars fix, clan vars set)",
+        )));
+    }
+    Ok(linked)
 }
 
 /// The links every secret has: the machine's when it is deployed (the machine's key must be
@@ -421,7 +476,9 @@ fn encrypt_to_links(
     default_groups: &[String],
     value: &[u8],
 ) -> Result<PathBuf, Error> {
-    let recipients = wanted(repo, &secret.dir, default_groups)?
+    let linked = only_age(repo, secret, default_groups)?;
+    let recipients = linked
+        .age
         .keys()
         .map(|k| {
             k.parse::<age::x25519::Recipient>()
@@ -638,6 +695,48 @@ mod tests {
             std::str::from_utf8(&key)
                 .unwrap()
                 .contains("AGE-SECRET-KEY-1")
+        );
+    }
+
+    #[test]
+    fn a_pgp_recipient_is_left_to_clan_core() {
+        let (_dir, repo) = copy();
+        let dir = repo
+            .root
+            .join("vars/per-machine/peer1/new-service/a-secret");
+        let pgp = repo.root.join("sops/users/dave");
+        std::fs::create_dir_all(&pgp).unwrap();
+        std::fs::write(
+            pgp.join("key.json"),
+            r#"{"publickey": "ABCDEF0123456789", "type": "pgp"}"#,
+        )
+        .unwrap();
+        std::os::unix::fs::symlink("../../../../../../sops/users/dave", dir.join("users/dave"))
+            .unwrap();
+        // Only age recipients are compared: nothing to report…
+        assert_eq!(compare(&repo, &dir, &[]).unwrap(), None);
+        // …and nothing this tool writes could keep dave's access: it refuses.
+        let user = admin(&repo);
+        let open = |text: &str| {
+            sops::decrypt(text, &user.identities).map_err(|e| Error::new(e.to_string()))
+        };
+        let secret = FixSecret {
+            dir: dir.clone(),
+            var: "new-service/a-secret".into(),
+            machine: "peer1",
+            deploy: false,
+        };
+        let before = std::fs::read_to_string(dir.join("secret")).unwrap();
+        let refused = fix(&repo, &secret, &[], &open).unwrap_err();
+        assert!(
+            refused.message.contains("pgp key of user 'dave'"),
+            "{}",
+            refused.message
+        );
+        assert_eq!(std::fs::read_to_string(dir.join("secret")).unwrap(), before);
+        assert!(
+            dir.join("machines/peer1").is_symlink(),
+            "no link was changed"
         );
     }
 
