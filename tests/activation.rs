@@ -686,20 +686,7 @@ fn the_readme_sudoers_rule_is_all_a_deploy_needs(kind: HostKind) {
     assert_eq!(back.code, 0, "{}", back.all());
     assert_system(&lab, Some(&v1), Some(&v1));
     // Secrets go through the same rule (clan-vars-upload), and are decrypted on the target.
-    let id = age::x25519::Identity::generate();
-    let keys = lab
-        .host(clan_lab::WORKSTATION)
-        .root()
-        .join(".config/sops/age/keys.txt");
-    std::fs::create_dir_all(keys.parent().unwrap()).unwrap();
-    std::fs::write(
-        &keys,
-        format!(
-            "{}\n",
-            age::secrecy::ExposeSecret::expose_secret(&id.to_string())
-        ),
-    )
-    .unwrap();
+    let id = install_age_identity(&lab);
     let secrets_flake = lab.write_flake(&format!(
         r#"{{ vars.settings.recipients.default = [ "{public}" ];
              inventory.machines.m.deploy.targetHost = "deployrule@{t}";

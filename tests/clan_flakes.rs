@@ -602,20 +602,7 @@ fn clan_cores_template_deploys_on_this_library() {
     }
     lab.prepend_ssh_config(clan_lab::WORKSTATION, &ssh_config);
     lab.prepend_ssh_config("builder", &ssh_config);
-    let id = age::x25519::Identity::generate();
-    let key_file = lab
-        .host(clan_lab::WORKSTATION)
-        .root()
-        .join(".config/sops/age/keys.txt");
-    std::fs::create_dir_all(key_file.parent().unwrap()).unwrap();
-    std::fs::write(
-        &key_file,
-        format!(
-            "{}\n",
-            age::secrecy::ExposeSecret::expose_secret(&id.to_string())
-        ),
-    )
-    .unwrap();
+    let id = install_age_identity(&lab);
 
     let f = lab.dir.join("template");
     // The template's flake.nix, with minimalSystem for the lab's plain-derivation systems.

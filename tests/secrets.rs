@@ -49,6 +49,22 @@ fn sh(lab: &Lab, name: &str, line: &str) -> String {
     String::from_utf8_lossy(&out.stdout).trim().to_string()
 }
 
+/// A clan (with an identity for the workstation) whose machine `m` on `target` has one
+/// generator, `api` (a random `token`), in a git repository with everything staged.
+fn token_clan_in_git(lab: &Lab) -> PathBuf {
+    let (private, public) = identity();
+    install_identity(lab, &private);
+    let generators =
+        r#"{ api = { files.token = { }; script = "echo tok-$RANDOM > $out/token"; }; }"#;
+    let flake = one_target_flake(lab, &public, generators, "/root/secret-vars");
+    {
+        let git = git_in(&flake);
+        git(&["init", "-q"]);
+        git(&["add", "-A"]);
+    }
+    flake
+}
+
 /// Runs git in the clan `flake` (which must succeed); its output.
 fn git_in(flake: &Path) -> impl Fn(&[&str]) -> String + '_ {
     move |args| {
@@ -715,14 +731,8 @@ fn a_prompt_during_a_fleet_deploy_on_a_terminal() {
 #[test]
 fn a_checkout_without_the_machine_key_never_makes_a_new_one() {
     let lab = Lab::start(&[HostSpec::new("target")]);
-    let (private, public) = identity();
-    install_identity(&lab, &private);
-    let generators =
-        r#"{ api = { files.token = { }; script = "echo tok-$RANDOM > $out/token"; }; }"#;
-    let flake = one_target_flake(&lab, &public, generators, "/root/secret-vars");
+    let flake = token_clan_in_git(&lab);
     let git = git_in(&flake);
-    git(&["init", "-q"]);
-    git(&["add", "-A"]);
     let generated = clan(&lab, &flake, &["vars", "generate", "m"]);
     assert_eq!(generated.code, 0, "{}", generated.stderr);
     // Everything generate wrote is tracked, the machine's key included.
@@ -1055,14 +1065,8 @@ fn validation_restart_units_and_hidden_multiline_prompts() {
 #[test]
 fn the_earlier_layout_is_moved_by_vars_fix_and_never_generated_again() {
     let lab = Lab::start(&[HostSpec::new("target")]);
-    let (private, public) = identity();
-    install_identity(&lab, &private);
-    let generators =
-        r#"{ api = { files.token = { }; script = "echo tok-$RANDOM > $out/token"; }; }"#;
-    let flake = one_target_flake(&lab, &public, generators, "/root/secret-vars");
+    let flake = token_clan_in_git(&lab);
     let git = git_in(&flake);
-    git(&["init", "-q"]);
-    git(&["add", "-A"]);
     assert_eq!(clan(&lab, &flake, &["vars", "generate", "m"]).code, 0);
     let token = clan(&lab, &flake, &["vars", "get", "m", "api/token"]).stdout;
     assert!(token.starts_with("tok-"), "{token}");

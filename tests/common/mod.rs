@@ -188,3 +188,23 @@ impl Drop for Stopped {
             .status();
     }
 }
+
+/// A new age identity, installed where sops (and clan) look for the workstation user's
+/// (`~/.config/sops/age/keys.txt`); returned for its public key.
+pub fn install_age_identity(lab: &Lab) -> age::x25519::Identity {
+    let id = age::x25519::Identity::generate();
+    let keys = lab
+        .host(clan_lab::WORKSTATION)
+        .root()
+        .join(".config/sops/age/keys.txt");
+    std::fs::create_dir_all(keys.parent().unwrap()).unwrap();
+    std::fs::write(
+        &keys,
+        format!(
+            "{}\n",
+            age::secrecy::ExposeSecret::expose_secret(&id.to_string())
+        ),
+    )
+    .unwrap();
+    id
+}
