@@ -75,8 +75,9 @@ pub enum VarsCommand {
     Set(VarsGetArgs),
     /// Send a machine's key and encrypted secrets straight to it (never via a build host).
     Upload(VarsUploadArgs),
-    /// Re-encrypt machine keys to the current vars.settings.recipients (after adding or
-    /// removing a person); secrets are not touched.
+    /// Mend the vars' recipients: this tool's age store re-encrypts machine keys to the
+    /// current vars.settings.recipients (and moves secrets from its earlier layout);
+    /// clan-core's sops store re-encrypts each secret to exactly the keys its links name.
     Fix(VarsFixArgs),
     /// Make your age key if you have none (kept where sops looks), and add its public key
     /// to the clan as a sops user (`sops/users/<user>/key.json`), as clan-core's keygen.
