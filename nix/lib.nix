@@ -239,9 +239,12 @@ let
               description = "Tags to select machines by (`clan machines update --tags`).";
             };
             machineClass = mkOption {
-              type = types.enum [ "nixos" ];
+              type = types.enum [
+                "nixos"
+                "darwin"
+              ];
               default = "nixos";
-              description = "Only NixOS machines are deployed by this tool.";
+              description = "As in clan-core; a darwin machine is listed (clanInternals) but is no NixOS configuration, and this tool's deploy leaves it out with the reason.";
             };
             requireExplicitUpdate = mkOption {
               type = types.bool;
@@ -466,9 +469,14 @@ let
           // config.specialArgs;
         }
       );
-      # Every output goes through the refusals first.
+      # Every output goes through the refusals first. A darwin machine (clan-core deploys it
+      # with nix-darwin) is no NixOS configuration; the CLI still sees it, to say why it is
+      # left out.
+      isDarwin = name: (config.inventory.machines.${name}.machineClass or "nixos") == "darwin";
       outputs = {
-        nixosConfigurations = builtins.seq checked nixosConfigurations;
+        nixosConfigurations = builtins.seq checked (
+          lib.filterAttrs (name: _: !isDarwin name) nixosConfigurations
+        );
         clanInternals = {
           # Each machine with all its tags (its own, inventory.tags, all, nixos), as
           # clan-core's computed tags give them.

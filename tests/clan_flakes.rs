@@ -157,21 +157,10 @@ fn a_darwin_machine_is_named_and_left_out() {
     let lab = Lab::start(&[HostSpec::new("target")]);
     let t = lab.ip("target");
     let f = lab.write_flake(&format!(
-        r#"{{ inventory.machines = {{ m.deploy.targetHost = "root@{t}"; mac.deploy.targetHost = "root@{t}"; }};
+        r#"{{ inventory.machines = {{ m.deploy.targetHost = "root@{t}";
+               mac = {{ deploy.targetHost = "root@{t}"; machineClass = "darwin"; }}; }};
              machines = {{ m = system {{ }}; mac = system {{ }}; }}; }}"#
     ));
-    // As clan-core's inventory says it (this repository's library knows only nixos).
-    let text = std::fs::read_to_string(f.join("flake.nix")).unwrap();
-    let text = text.replace(
-        "inherit (clan.config) nixosConfigurations clanInternals;",
-        r#"inherit (clan.config) nixosConfigurations;
-      clanInternals = let ci = clan.config.clanInternals; in ci // {
-        inventory = ci.inventory // {
-          machines = ci.inventory.machines // { mac = ci.inventory.machines.mac // { machineClass = "darwin"; }; };
-        };
-      };"#,
-    );
-    std::fs::write(f.join("flake.nix"), text).unwrap();
     let all = clan(&lab, &f, &["machines", "update", "--dry-run"]);
     assert_eq!(all.code, 0, "{}", all.all());
     assert!(

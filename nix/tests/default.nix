@@ -223,7 +223,14 @@ in
   pkgsForSystemRefused = fails (clan { pkgsForSystem = _: null; }).nixosConfigurations;
   unknownInventoryKeyRefused =
     fails (clan { inventory.machines.x.deploy.tagetHost = "typo"; }).clanInternals.inventory;
-  darwinRefused = fails (clan { inventory.machines.x.machineClass = "darwin"; }).clanInternals.inventory;
+  # As clan-core has it: a darwin machine is listed, but is no NixOS configuration.
+  darwinListedNotANixosConfiguration =
+    let
+      c = clan { inventory.machines.x.machineClass = "darwin"; machines.x = { }; machines.y = { }; };
+    in
+    c.clanInternals.inventory.machines.x.machineClass == "darwin"
+    && c.clanInternals.machines ? x
+    && !(c.nixosConfigurations ? x) && c.nixosConfigurations ? y;
   varsSettingsExposed = varsClan.clanInternals.vars.settings.recipients.default == [ "age1example" ];
   publicValueReadFromTheRepository = web1vars.generators.greeting.files.hello.value == "hi there";
   publicPathInTheStore = lib.hasPrefix builtins.storeDir web1vars.generators.greeting.files.hello.path;
