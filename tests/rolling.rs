@@ -78,20 +78,18 @@ fn canary_then_batches_stop_at_an_unhealthy_machine(kind: HostKind) {
     assert!(dry.stdout.contains("batch 2: m2, m3"));
     assert!(dry.stdout.contains("batch 3: m4, m5"));
 
-    let run = clan(
-        &lab,
-        &v2,
-        &[
-            "machines",
-            "update",
-            "--batch-size",
-            "2",
-            "--canary",
-            "m1",
-            "--rollback-on-unhealthy",
-            "--json",
-        ],
-    );
+    // The rollout, run twice below.
+    let rollout = [
+        "machines",
+        "update",
+        "--batch-size",
+        "2",
+        "--canary",
+        "m1",
+        "--rollback-on-unhealthy",
+        "--json",
+    ];
+    let run = clan(&lab, &v2, &rollout);
     assert_eq!(
         run.code, 3,
         "an unhealthy machine was changed, then rolled back"
@@ -146,20 +144,7 @@ fn canary_then_batches_stop_at_an_unhealthy_machine(kind: HostKind) {
     // The same rollout again: each batch has its own up-to-date check, so the machines that
     // run v2 are left alone and the unhealthy one stops the rollout again.
     let switches = lab.host("m1").switch_log().len();
-    let again = clan(
-        &lab,
-        &v2,
-        &[
-            "machines",
-            "update",
-            "--batch-size",
-            "2",
-            "--canary",
-            "m1",
-            "--rollback-on-unhealthy",
-            "--json",
-        ],
-    );
+    let again = clan(&lab, &v2, &rollout);
     assert_eq!(again.code, 3, "{}", again.all());
     let report: serde_json::Value = serde_json::from_str(&again.stdout).unwrap();
     let result = |m: &str| result_of(&report, m).unwrap();

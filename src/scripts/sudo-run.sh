@@ -14,20 +14,15 @@
 # that text (checked here, before sudo runs it; only root could change it after).
 # Exit codes: the script's; 126 an unsafe /run/clan or a failed install; sudo's own (1)
 # when it refuses.
-password=$1
-if [ "$password" = 1 ]; then
+# sudo's flags, one word each (split on purpose where they are used).
+flags=--non-interactive
+if [ "$1" = 1 ]; then
 	IFS= read -r CLAN_SUDO_PASSWORD || exit 1
 	export CLAN_SUDO_PASSWORD
 	SUDO_ASKPASS=$(command -v printenv) || exit 1
 	export SUDO_ASKPASS
+	flags="-k -A -p CLAN_SUDO_PASSWORD"
 fi
-as_root() {
-	if [ "$password" = 1 ]; then
-		sudo -k -A -p CLAN_SUDO_PASSWORD -- "$@"
-	else
-		sudo --non-interactive -- "$@"
-	fi
-}
 name=$2
 text=$3
 install=$4
@@ -41,13 +36,12 @@ in_place() {
 	[ -d "$d" ] && roots "$d" && [ -f "$f" ] && roots "$f" && [ "$(cat "$f" 2>/dev/null)" = "$(file)" ]
 }
 if ! in_place; then
-	file | as_root /bin/sh -c "$install" clan-install "$name" || exit
+	# shellcheck disable=SC2086
+	file | sudo $flags -- /bin/sh -c "$install" clan-install "$name" || exit
 	if ! in_place; then
 		echo "clan: unsafe $d or $f after installing it; nothing was run" >&2
 		exit 126
 	fi
 fi
-if [ "$password" = 1 ]; then
-	exec sudo -k -A -p CLAN_SUDO_PASSWORD -- "$f" "$@"
-fi
-exec sudo --non-interactive -- "$f" "$@"
+# shellcheck disable=SC2086
+exec sudo $flags -- "$f" "$@"

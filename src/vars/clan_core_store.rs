@@ -164,6 +164,19 @@ pub fn recipient_problems(
     Ok(problems)
 }
 
+/// The refusal of `clan <command>` for a store whose secrets this tool does not write yet
+/// (clan-core's age store), naming clan-core's command with `args`.
+fn not_written_here(store: ClanCoreStore, machine: &str, command: &str, args: &str) -> Error {
+    Error::usage(format!(
+        "machine {machine} keeps its vars in clan-core's {} store, whose secrets this tool does not write yet: nothing was changed",
+        store.name()
+    ))
+    .code(READ_ONLY)
+    .hint(Hint::text(format!(
+        "use clan-core's CLI: clan {command} {args}"
+    )))
+}
+
 /// `clan vars fix` for clan-core's sops store: every secret of `machine` agrees with its
 /// links again ([`sops_links::fix`]), decrypted with the user's key or the machine's. Returns
 /// the paths changed.
@@ -175,14 +188,7 @@ pub fn fix(
     user: &UserIdentity,
 ) -> Result<Vec<PathBuf>, Error> {
     if store != ClanCoreStore::Sops {
-        return Err(Error::usage(format!(
-            "machine {machine} keeps its vars in clan-core's {} store, whose fix this tool does not do yet: nothing was changed",
-            store.name()
-        ))
-        .code(READ_ONLY)
-        .hint(Hint::text(format!(
-            "fix its recipients with clan-core's CLI: clan vars fix {machine}"
-        ))));
+        return Err(not_written_here(store, machine, "vars fix", machine));
     }
     let mut changed = Vec::new();
     for (var, dir, deploy) in sops_secrets(repo, machine, vars) {
@@ -226,14 +232,12 @@ pub fn set(
         return Ok(vec![path]);
     }
     if store != ClanCoreStore::Sops {
-        return Err(Error::usage(format!(
-            "machine {machine} keeps its vars in clan-core's {} store, whose secrets this tool does not write yet: nothing was changed",
-            store.name()
-        ))
-        .code(READ_ONLY)
-        .hint(Hint::text(format!(
-            "set it with clan-core's CLI: clan vars set {machine} {g}/{f}"
-        ))));
+        return Err(not_written_here(
+            store,
+            machine,
+            "vars set",
+            &format!("{machine} {g}/{f}"),
+        ));
     }
     let keys = user.recipients();
     let Some((name, theirs)) = sops_links::user_of(repo, &keys)? else {

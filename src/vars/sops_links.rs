@@ -106,12 +106,14 @@ pub fn write_secret(
     user: (&str, &[String]),
     value: &[u8],
 ) -> Result<Vec<PathBuf>, Error> {
-    only_age(repo, secret, default_groups)?;
+    let mut linked = only_age(repo, secret, default_groups)?;
     let mut changed = Vec::new();
     ensure_links(repo, secret, default_groups, &mut changed)?;
+    if !changed.is_empty() {
+        linked = only_age(repo, secret, default_groups)?;
+    }
     let (name, keys) = user;
-    let linked = wanted(repo, &secret.dir, default_groups)?;
-    if !keys.iter().all(|k| linked.contains_key(k)) {
+    if !keys.iter().all(|k| linked.age.contains_key(k)) {
         ensure_link(
             repo,
             &secret.dir.join("users"),
@@ -119,8 +121,9 @@ pub fn write_secret(
             &format!("sops/users/{name}"),
             &mut changed,
         )?;
+        linked = only_age(repo, secret, default_groups)?;
     }
-    changed.push(encrypt_to_links(repo, secret, default_groups, value)?);
+    changed.push(encrypt_to(secret, &linked, value)?);
     Ok(changed)
 }
 
@@ -301,11 +304,24 @@ pub fn compare(
     default_groups: &[String],
 ) -> Result<Option<Difference>, Error> {
     let path = dir.join("secret");
-    let text = std::fs::read_to_string(&path)
-        .map_err(|e| Error::usage(format!("cannot read {}: {e}", path.display())))?;
+    let text = read_secret(&path)?;
+    difference(&text, &path, &wanted(repo, dir, default_groups)?)
+}
+
+/// The sops file at `path`, as text.
+fn read_secret(path: &Path) -> Result<String, Error> {
+    std::fs::read_to_string(path)
+        .map_err(|e| Error::usage(format!("cannot read {}: {e}", path.display())))
+}
+
+/// How the recipients of `text` (the sops file at `path`) differ from `wanted`.
+fn difference(
+    text: &str,
+    path: &Path,
+    wanted: &BTreeMap<String, String>,
+) -> Result<Option<Difference>, Error> {
     let current =
-        sops::recipients(&text).map_err(|e| Error::usage(format!("{}: {e}", path.display())))?;
-    let wanted = wanted(repo, dir, default_groups)?;
+        sops::recipients(text).map_err(|e| Error::usage(format!("{}: {e}", path.display())))?;
     let difference = Difference {
         missing: wanted
             .iter()
@@ -378,7 +394,7 @@ pub fn fix(
     default_groups: &[String],
     open: &dyn Fn(&str) -> Result<Secret, Error>,
 ) -> Result<Vec<PathBuf>, Error> {
-    only_age(repo, secret, default_groups)?;
+    let mut linked = only_age(repo, secret, default_groups)?;
     let mut changed = Vec::new();
     let machine_link = secret.dir.join("machines").join(secret.machine);
     if !secret.deploy && machine_link.is_symlink() {
@@ -387,16 +403,13 @@ pub fn fix(
         changed.push(machine_link);
     }
     ensure_links(repo, secret, default_groups, &mut changed)?;
+    if !changed.is_empty() {
+        linked = only_age(repo, secret, default_groups)?;
+    }
     let path = secret.dir.join("secret");
-    if compare(repo, &secret.dir, default_groups)?.is_some() {
-        let text = std::fs::read_to_string(&path)
-            .map_err(|e| Error::usage(format!("cannot read {}: {e}", path.display())))?;
-        changed.push(encrypt_to_links(
-            repo,
-            secret,
-            default_groups,
-            &open(&text)?,
-        )?);
+    let text = read_secret(&path)?;
+    if difference(&text, &path, &linked.age)?.is_some() {
+        changed.push(encrypt_to(secret, &linked, &open(&text)?)?);
     }
     Ok(changed)
 }
@@ -469,14 +482,9 @@ fn ensure_links(
     Ok(())
 }
 
-/// Writes `value` as the secret's file, encrypted to exactly the keys its links name.
-fn encrypt_to_links(
-    repo: &Repo,
-    secret: &FixSecret,
-    default_groups: &[String],
-    value: &[u8],
-) -> Result<PathBuf, Error> {
-    let linked = only_age(repo, secret, default_groups)?;
+/// Writes `value` as the secret's file, encrypted to exactly the age keys its links name
+/// (`linked`, from [`only_age`]).
+fn encrypt_to(secret: &FixSecret, linked: &Linked, value: &[u8]) -> Result<PathBuf, Error> {
     let recipients = linked
         .age
         .keys()
