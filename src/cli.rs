@@ -695,6 +695,14 @@ fn complete_machines(current: &std::ffi::OsStr) -> Vec<CompletionCandidate> {
         .map(|index| index.machines)
         .unwrap_or_default()
         .into_iter()
+        // Through the trust boundary: a name from the flake reaches the terminal.
+        .filter(|name| {
+            crate::boundary::MachineName::parse(
+                name,
+                &crate::boundary::Origin::Flake("machines".into()),
+            )
+            .is_ok()
+        })
         .filter(|name| name.starts_with(current.as_ref()))
         .map(CompletionCandidate::new)
         .collect()
@@ -709,6 +717,9 @@ fn complete_tags(current: &std::ffi::OsStr) -> Vec<CompletionCandidate> {
     tags.sort();
     tags.dedup();
     tags.into_iter()
+        .filter(|tag| {
+            crate::boundary::Tag::parse(tag, &crate::boundary::Origin::Flake("tags".into())).is_ok()
+        })
         .filter(|tag| tag.starts_with(current.as_ref()))
         .map(CompletionCandidate::new)
         .collect()

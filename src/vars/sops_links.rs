@@ -217,7 +217,12 @@ fn keys_of_links(folder: &Path, found: &mut Linked) -> Result<(), Error> {
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_default();
-        let label = format!("{} '{name}'", kind.trim_end_matches('s'));
+        // Shown to people: a file name of the repository, made terminal-safe.
+        let label = format!(
+            "{} '{}'",
+            kind.trim_end_matches('s'),
+            crate::boundary::terminal_safe(&name)
+        );
         for (kind, key) in read_typed_keys(&target)? {
             if kind == "age" {
                 found.age.entry(key).or_insert_with(|| label.clone());
