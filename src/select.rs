@@ -426,6 +426,18 @@ fn check_outputs(machines: &[LoadedMachine]) -> Result<(), Error> {
                 m.name
             )));
         }
+        // The derivation as the store holds it, read here: a process per machine costs
+        // more than the rest of this check. Nix is asked when the file is not there (another
+        // store) or not in the format read here.
+        if let Some(outputs) = std::fs::read(m.drv_path().as_str())
+            .ok()
+            .and_then(|text| drv_outputs(&text))
+        {
+            if outputs.iter().any(|o| o == m.out_path().as_str()) {
+                continue;
+            }
+            return Err(not_an_output(m, String::new()));
+        }
         let out = crate::process::run(
             std::process::Command::new("nix-store").args([
                 "-q",
@@ -442,14 +454,65 @@ fn check_outputs(machines: &[LoadedMachine]) -> Result<(), Error> {
         })?;
         let outputs = String::from_utf8_lossy(&out.stdout);
         if !out.status.success() || !outputs.lines().any(|l| l.trim() == m.out_path().as_str()) {
-            return Err(Error::usage(format!(
-                "{}: the toplevel's outPath {} is not an output of its drvPath {} (from the flake): refusing to deploy it",
-                m.name, m.out_path(), m.drv_path()
-            ))
-            .detail(String::from_utf8_lossy(&out.stderr).trim_end().to_string()));
+            return Err(not_an_output(
+                m,
+                String::from_utf8_lossy(&out.stderr).trim_end().to_string(),
+            ));
         }
     }
     Ok(())
+}
+
+/// `m`'s toplevel is not what its derivation builds.
+fn not_an_output(m: &ResolvedMachine, detail: String) -> Error {
+    Error::usage(format!(
+        "{}: the toplevel's outPath {} is not an output of its drvPath {} (from the flake): refusing to deploy it",
+        m.name,
+        m.out_path(),
+        m.drv_path()
+    ))
+    .detail(detail)
+}
+
+/// The output paths a derivation file names (Nix's ATerm format, `Derive([("out","/nix/store/…",…),…],…)`,
+/// the same from Nix 2.8 to today's), or None when `text` is not in that format.
+pub fn drv_outputs(text: &[u8]) -> Option<Vec<String>> {
+    let mut rest = std::str::from_utf8(text).ok()?.strip_prefix("Derive([")?;
+    // One quoted string, with ATerm's escapes; the text after it.
+    fn quoted(s: &str) -> Option<(String, &str)> {
+        let s = s.strip_prefix('"')?;
+        let mut value = String::new();
+        let mut chars = s.char_indices();
+        while let Some((i, c)) = chars.next() {
+            match c {
+                '"' => return Some((value, &s[i + 1..])),
+                '\\' => value.push(match chars.next()?.1 {
+                    'n' => '\n',
+                    'r' => '\r',
+                    't' => '\t',
+                    other => other,
+                }),
+                c => value.push(c),
+            }
+        }
+        None
+    }
+    let mut outputs = Vec::new();
+    loop {
+        rest = rest.strip_prefix('(')?;
+        let (_name, after) = quoted(rest)?;
+        let (path, after) = quoted(after.strip_prefix(',')?)?;
+        let (_algo, after) = quoted(after.strip_prefix(',')?)?;
+        let (_hash, after) = quoted(after.strip_prefix(',')?)?;
+        outputs.push(path);
+        rest = after.strip_prefix(')')?;
+        if let Some(after) = rest.strip_prefix(',') {
+            rest = after;
+        } else {
+            rest.strip_prefix(']')?;
+            return Some(outputs);
+        }
+    }
 }
 
 /// The flake reference for nix. A local directory with a plain absolute path is passed as
@@ -521,6 +584,33 @@ pub fn clan_dir(flake: &Path) -> Result<std::path::PathBuf, Error> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_derivations_outputs_are_read_from_its_file() {
+        let drv = br#"Derive([("dev","/nix/store/aaa-x-dev","",""),("out","/nix/store/bbb-x","","")],[("/nix/store/ccc-y.drv",["out"])],[],"x86_64-linux","/bin/sh",["-c","echo \"(\\)\""],[("out","/nix/store/bbb-x")])"#;
+        assert_eq!(
+            super::drv_outputs(drv),
+            Some(vec![
+                "/nix/store/aaa-x-dev".to_string(),
+                "/nix/store/bbb-x".to_string()
+            ])
+        );
+        // A fixed-output derivation names its hash in the output.
+        let fixed = br#"Derive([("out","/nix/store/ddd-src","r:sha256","0abc")],[],[],"builtin","builtin:fetchurl",[],[])"#;
+        assert_eq!(
+            super::drv_outputs(fixed),
+            Some(vec!["/nix/store/ddd-src".to_string()])
+        );
+        // Anything else is left to Nix.
+        for other in [
+            &b"DrvWithVersion(\"xp-dyn-drv\",[(\"out\",\"/nix/store/e\",\"\",\"\")])"[..],
+            b"Derive([(\"out\",\"/nix/store/e\"",
+            b"",
+            b"\xff\xfe",
+        ] {
+            assert_eq!(super::drv_outputs(other), None);
+        }
+    }
+
     use super::*;
     use crate::eval::Evaluation;
     use crate::host::HostAddress;

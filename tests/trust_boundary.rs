@@ -120,6 +120,20 @@ fn store_paths_from_the_flake_are_checked() {
         lab.ip("target")
     ));
     let other_out = toplevel(&lab, &other, "m");
+    // The outputs are read from the derivation file itself (a `nix-store` per machine costs
+    // more than the rest of the check): that reading agrees with Nix's.
+    let drv_file = lab
+        .host("workstation")
+        .nix()
+        .join(real_drv.trim_start_matches("/nix/"));
+    let read_here = clan::select::drv_outputs(&std::fs::read(&drv_file).unwrap());
+    let by_nix = lab.run_on_workstation(&real, &["nix-store", "-q", "--outputs", &real_drv]);
+    let by_nix: Vec<String> = String::from_utf8_lossy(&by_nix.stdout)
+        .lines()
+        .map(str::to_string)
+        .collect();
+    assert_eq!(read_here, Some(by_nix.clone()));
+    assert_eq!(by_nix, vec![real_out.clone()]);
     for (toplevel, refusal) in [
         (
             format!(

@@ -176,6 +176,10 @@ struct Figures {
     parallel: f64,
     parallel_noop: f64,
     build_jobs: f64,
+    /// Lines clan printed for people (standard error, `--log-format plain`).
+    plain_lines: usize,
+    /// Terminal control sequences among them (none belong in a log).
+    plain_escapes: usize,
 }
 
 /// Every step the runs' logs on the workstation record (each start is stamped `@EPOCH`), as
@@ -427,6 +431,22 @@ fn bench(clan: &str, sizes: &[usize]) -> ExitCode {
             busy = busy_by_phase(&lab, &samples, epoch_started, epoch_started + tool);
             busy_overall.0 = busy_between(&samples, epoch_started, epoch_started + tool).0;
         }
+        let people = String::from_utf8_lossy(&out.stderr);
+        let plain_lines = people.lines().count();
+        let plain_escapes = people.matches('\x1b').count();
+        if std::env::var_os("CLAN_BENCH_SHOW_OUTPUT").is_some() {
+            eprintln!("--- clan's output, N = {n} ---\n{people}--- end ---");
+            let logs = lab
+                .host("workstation")
+                .root()
+                .join(".local/state/clan/logs");
+            for run in std::fs::read_dir(&logs).expect("logs").flatten() {
+                for file in std::fs::read_dir(run.path()).expect("run logs").flatten() {
+                    let text = std::fs::read_to_string(file.path()).unwrap_or_default();
+                    eprintln!("--- {} ---\n{text}", file.path().display());
+                }
+            }
+        }
         let report: String = String::from_utf8_lossy(&out.stdout).into_owned();
         let peak_kib = report
             .split("\"peakRssKiB\":")
@@ -455,6 +475,10 @@ fn bench(clan: &str, sizes: &[usize]) -> ExitCode {
             assert!(lab.host(m).system_profile().is_some(), "{m} not deployed");
         }
 
+        if std::env::var_os("CLAN_BENCH_ONLY_CLAN").is_some() {
+            eprintln!("N = {n}: clan took {tool:.2} s, printed {plain_lines} lines");
+            continue;
+        }
         eprintln!("N = {n}: no-op re-deploy…");
         let started = Instant::now();
         let out = lab.run_on_workstation(
@@ -526,6 +550,12 @@ fn bench(clan: &str, sizes: &[usize]) -> ExitCode {
             "parallel loop failed: {}",
             String::from_utf8_lossy(&out.stderr)
         );
+        for m in &names {
+            assert!(
+                lab.host(m).system_profile().is_some(),
+                "the parallel loop did not deploy {m}"
+            );
+        }
         let started = Instant::now();
         let out = lab.run_on_workstation(&flake, &["bash", "-ec", &script]);
         let parallel_noop = started.elapsed().as_secs_f64();
@@ -562,15 +592,17 @@ fn bench(clan: &str, sizes: &[usize]) -> ExitCode {
             parallel,
             parallel_noop,
             build_jobs,
+            plain_lines,
+            plain_escapes,
         });
     }
     println!(
-        "\n| N | clan (s) | sequential baseline (s) | parallel loop, 8 at once (s) | clan / parallel loop | clan --build-jobs 8 (s) | no-op: clan / loop (s) | ssh logins ws→builder (baseline) | max ws→target | max builder→target | clan peak RSS (MiB) |"
+        "\n| N | clan (s) | sequential baseline (s) | parallel loop, 8 at once (s) | clan / parallel loop | clan --build-jobs 8 (s) | no-op: clan / loop (s) | ssh logins ws→builder (baseline) | max ws→target | max builder→target | clan peak RSS (MiB) | clan's output: lines (escapes) |"
     );
-    println!("|---|---|---|---|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|---|");
     for f in &all {
         println!(
-            "| {} | {:.1} | {:.1} | {:.1} | {:.2} | {:.1} ({:.2}) | {:.1} / {:.1} | {} ({}) | {} | {} | {:.1} |",
+            "| {} | {:.1} | {:.1} | {:.1} | {:.2} | {:.1} ({:.2}) | {:.1} / {:.1} | {} ({}) | {} | {} | {:.1} | {} ({}) |",
             f.n,
             f.tool,
             f.baseline,
@@ -584,11 +616,18 @@ fn bench(clan: &str, sizes: &[usize]) -> ExitCode {
             f.baseline_ws_to_builder,
             f.ws_to_target_max,
             f.builder_to_target_max,
-            f.peak_kib as f64 / 1024.0
+            f.peak_kib as f64 / 1024.0,
+            f.plain_lines,
+            f.plain_escapes
         );
     }
     println!(
-        "\nEach system: a shared part ({SHARED_SECONDS} s to build) and its own part ({OWN_SECONDS} s); one build host with max-jobs = 4."
+        "\nEach system: a shared part ({SHARED_SECONDS} s to build) and its own part ({OWN_SECONDS} s); one build host with max-jobs = 4. The parallel loop runs {}.",
+        if std::env::var_os("CLAN_BENCH_NIXOS_REBUILD").is_some() {
+            "nixpkgs' nixos-rebuild switch --fast --flake … --build-host … --target-host … per machine"
+        } else {
+            "the sequential baseline's commands per machine (set CLAN_BENCH_NIXOS_REBUILD to nixpkgs' nixos-rebuild script to run it instead)"
+        }
     );
     if !stages.is_empty() {
         println!("\nN = 1, where the time goes (clan, from its run log):\n");
@@ -643,19 +682,52 @@ fn bench(clan: &str, sizes: &[usize]) -> ExitCode {
     ExitCode::SUCCESS
 }
 
-/// The same per-machine commands as [`baseline_script`], run 8 machines at a time (a user's
-/// `xargs -P 8` loop): one script per machine, Nix's locks sharing what they build.
+/// A user's `xargs -P 8` loop, 8 machines at a time, Nix's locks sharing what they build:
+/// per machine, the package's `nixos-rebuild switch --fast --flake … --build-host …
+/// --target-host …` when `CLAN_BENCH_NIXOS_REBUILD` names its script (see
+/// [`nixos_rebuild`]), else the same commands as [`baseline_script`].
 fn parallel_script(lab: &Lab, flake: &Path, names: &[String]) -> String {
     let dir = lab.dir.join("loop");
     std::fs::create_dir_all(&dir).expect("loop dir");
+    let rebuild = nixos_rebuild(lab);
     for m in names {
-        let one = baseline_script(lab, flake, std::slice::from_ref(m));
+        let one = match &rebuild {
+            Some(script) => format!(
+                "export NIX_SSHOPTS='-o StrictHostKeyChecking=yes'\n\
+                 bash {script} switch --fast --flake '{flake}#{m}' --build-host root@{b} \
+                 --target-host root@{t} >{dir}/{m}.log 2>&1 </dev/null || \
+                 {{ cat {dir}/{m}.log >&2; exit 1; }}\n",
+                script = script.display(),
+                dir = dir.display(),
+                flake = flake.display(),
+                b = lab.ip("builder"),
+                t = lab.ip(m),
+            ),
+            None => baseline_script(lab, flake, std::slice::from_ref(m)),
+        };
         std::fs::write(dir.join(format!("{m}.sh")), one).expect("loop script");
     }
     format!(
         "ls {dir}/*.sh | xargs -P 8 -n 1 bash -e",
         dir = dir.display()
     )
+}
+
+/// nixpkgs' `nixos-rebuild` script, as its package installs it, when
+/// `CLAN_BENCH_NIXOS_REBUILD` names it (nixpkgs is not reachable from the lab, so the bench
+/// cannot fetch it): the package's placeholders become this machine's shell and Nix
+/// (`@runtimeShell@`, `@path@`, `@nix@`); a copy from a built package keeps its store paths
+/// and is run with `bash`, its PATH falling back to this machine's.
+fn nixos_rebuild(lab: &Lab) -> Option<std::path::PathBuf> {
+    let source = std::env::var_os("CLAN_BENCH_NIXOS_REBUILD")?;
+    let text = std::fs::read_to_string(&source).expect("CLAN_BENCH_NIXOS_REBUILD is readable");
+    let text = text
+        .replace("@runtimeShell@", "/bin/bash")
+        .replace("@path@", "/usr/bin:/bin")
+        .replace("@nix@", "/usr");
+    let script = lab.dir.join("nixos-rebuild");
+    std::fs::write(&script, text).expect("nixos-rebuild copy");
+    Some(script)
 }
 
 /// What a user would script without this tool: for each machine, one after the other,

@@ -182,7 +182,9 @@ pub(super) fn run_step_now(
     // One short line per step for people; the command itself with -v, and always in the log.
     if progress.verbose() {
         progress.event(&header);
-    } else if let Some(what) = step.kind.describe() {
+    } else if let Some(what) = step.kind.describe()
+        && !step.kind.said_by_its_stage()
+    {
         progress.event(&format!("[{label}] {what} ({})", step.host_label()));
     }
     if let Some(sink) = sink {

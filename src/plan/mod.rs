@@ -201,6 +201,26 @@ impl StepKind {
         })
     }
 
+    /// Whether its machine's stage line (building, copying to the target, activating,
+    /// deployed) says all a person needs of it: plain output then gives it no line of its
+    /// own (`-v` does, and the run's log always has it). Steps of a build group, secrets,
+    /// health checks and every way back keep their line.
+    pub fn said_by_its_stage(self) -> bool {
+        matches!(
+            self,
+            StepKind::NestedCopy
+                | StepKind::CopyFromWorkstation
+                | StepKind::RelayCopy
+                | StepKind::CacheSubstitute
+                | StepKind::VerifySystem
+                | StepKind::Diff
+                | StepKind::LockTarget
+                | StepKind::Prepare
+                | StepKind::Switch
+                | StepKind::Confirm
+        )
+    }
+
     /// Whether Ctrl-C stops it: builds and copies, not activation (it finishes) and not
     /// clean-up (it must run).
     pub fn stoppable(self) -> bool {
