@@ -1,5 +1,6 @@
-//! Flake evaluation on the workstation: one `nix eval --json` process for every machine of a
-//! deploy. The build host never evaluates, so private flake inputs are only fetched here.
+//! Flake evaluation on the workstation: a cheap `nix eval --json` of the clan's names, tags
+//! and selection, then the selected machines by evaluation workers, several machines in one
+//! `nix eval` each. The build host never evaluates, so private flake inputs are only fetched here.
 
 use std::collections::BTreeMap;
 use std::process::Command;
@@ -228,6 +229,11 @@ in {
       recipients = tryOr { } (s.recipients or { });
     };
   selected = if @FACTS@ then builtins.listToAttrs (map (n: { name = n; value = facts n; }) names) else { };
+  # An evaluation worker's machines, one after the other, each machine's facts on standard
+  # error (a trace line starting with the run's marker) as soon as they are known.
+  streamed = let marker = @STREAM@; in
+    if marker == null then 0
+    else builtins.foldl' (count: n: builtins.trace (marker + " " + builtins.toJSON { name = n; facts = facts n; }) (count + 1)) 0 names;
 }"#;
 
 /// A Nix string literal for `s`: JSON escaping plus `$` escaped, so `${` never interpolates.
@@ -338,6 +344,19 @@ fn eval_command_with(
     nix: &NixOptions,
     depth: Depth,
 ) -> Vec<String> {
+    eval_argv(flake, wanted, tags, nix, depth, None)
+}
+
+/// The `nix eval` argv; with `stream`, the machines' facts come as trace lines that start
+/// with that marker, one machine after the other, instead of in the result.
+fn eval_argv(
+    flake: &str,
+    wanted: &[String],
+    tags: &[String],
+    nix: &NixOptions,
+    depth: Depth,
+    stream: Option<&str>,
+) -> Vec<String> {
     let mut argv: Vec<String> = vec![
         "nix".into(),
         "--extra-experimental-features".into(),
@@ -358,12 +377,13 @@ fn eval_command_with(
             .replace("@SYSTEM@", &nix_string(&workstation_system()))
             .replace(
                 "@FACTS@",
-                if depth == Depth::Index {
+                if depth == Depth::Index || stream.is_some() {
                     "false"
                 } else {
                     "true"
                 },
             )
+            .replace("@STREAM@", &stream.map_or("null".to_string(), nix_string))
             .replace(
                 "@TOPLEVEL@",
                 match depth {
@@ -391,9 +411,10 @@ pub fn default_eval_jobs() -> usize {
 
 /// Evaluates `flake` for the selection (the `wanted` machines, filtered by `tags`; all
 /// machines when both are empty). One machine named: one `nix eval`. Otherwise a cheap
-/// index evaluation (names, tags, selection), then each selected machine in its own
-/// `nix eval`, at most `jobs` at once: memory stays that of one machine per process, and a
-/// machine whose evaluation fails fails alone ([`Evaluation::failed`]).
+/// index evaluation (names, tags, selection), then the selected machines dealt out to at
+/// most `jobs` evaluation workers ([`worker`]): one Nix start-up and flake lock per worker,
+/// not per machine; a worker's memory stays bounded; a machine whose evaluation fails fails
+/// alone ([`Evaluation::failed`]).
 pub fn evaluate(
     flake_ref: &FlakeRef,
     wanted: &[String],
@@ -405,18 +426,22 @@ pub fn evaluate(
         return evaluate_one(flake_ref, wanted, tags, nix, true);
     }
     let mut index = evaluate_once(flake_ref, wanted, tags, nix, Depth::Index)?;
-    let queue = std::sync::Mutex::new(index.selected_names.clone());
     let results = std::sync::Mutex::new(Vec::new());
+    let settings = index.vars_settings.clone();
     std::thread::scope(|scope| {
-        for _ in 0..jobs.max(1).min(index.selected_names.len().max(1)) {
-            scope.spawn(|| {
-                loop {
-                    let Some(name) = queue.lock().expect("queue").pop() else {
-                        return;
-                    };
-                    let one = evaluate_machine(flake_ref, &name, nix);
-                    results.lock().expect("results").push((name, one));
-                }
+        for names in partition(&index.selected_names, jobs) {
+            let (results, settings) = (&results, &settings);
+            scope.spawn(move || {
+                worker(
+                    flake_ref,
+                    names,
+                    nix,
+                    settings.as_ref(),
+                    &mut |name, one| {
+                        results.lock().expect("results").push((name, one));
+                        true
+                    },
+                );
             });
         }
     });
@@ -457,8 +482,9 @@ pub fn evaluate_declarations(
 pub type Evaluated = (String, Result<MachineFacts, Error>);
 
 /// Like [`evaluate`] for several machines, streaming: the index evaluation first (returned),
-/// then each selected machine's own evaluation, `nix.eval_jobs` at once, sent as it
-/// finishes, so that a machine can go on to its build before the others are evaluated.
+/// then each selected machine's facts from its evaluation worker (`nix.eval_jobs` of them),
+/// sent as soon as Nix has them, so that a machine can go on to its build before the others
+/// are evaluated.
 pub fn evaluate_stream(
     flake_ref: &FlakeRef,
     wanted: &[String],
@@ -467,27 +493,228 @@ pub fn evaluate_stream(
 ) -> Result<(Evaluation, std::sync::mpsc::Receiver<Evaluated>), Error> {
     let index = evaluate_once(flake_ref, wanted, tags, nix, Depth::Index)?;
     let (tx, rx) = std::sync::mpsc::channel();
-    let queue = std::sync::Arc::new(std::sync::Mutex::new(index.selected_names.clone()));
-    for _ in 0..nix.eval_jobs.max(1).min(index.selected_names.len().max(1)) {
-        let (tx, queue, flake_ref, nix) = (
+    for names in partition(&index.selected_names, nix.eval_jobs) {
+        let (tx, flake_ref, nix, settings) = (
             tx.clone(),
-            std::sync::Arc::clone(&queue),
             flake_ref.clone(),
             nix.clone(),
+            index.vars_settings.clone(),
         );
         std::thread::spawn(move || {
-            loop {
-                let Some(name) = queue.lock().expect("queue").pop() else {
-                    return;
-                };
-                let result = evaluate_machine(&flake_ref, &name, &nix);
-                if tx.send((name, result)).is_err() {
-                    return;
-                }
-            }
+            worker(
+                &flake_ref,
+                names,
+                &nix,
+                settings.as_ref(),
+                &mut |name, result| tx.send((name, result)).is_ok(),
+            );
         });
     }
     Ok((index, rx))
+}
+
+/// `names` dealt out to at most `jobs` evaluation workers (none empty).
+fn partition(names: &[String], jobs: usize) -> Vec<Vec<String>> {
+    let workers = jobs.max(1).min(names.len());
+    let mut parts = vec![Vec::new(); workers];
+    for (i, name) in names.iter().enumerate() {
+        parts[i % workers].push(name.clone());
+    }
+    parts
+}
+
+/// A worker's `nix eval` is started again for the machines it has left once it holds more
+/// than this (resident memory, KiB): memory stays bounded however many machines a worker
+/// has, as with nix-eval-jobs' `--max-memory-size`. About what one NixOS evaluation takes
+/// ([`default_eval_jobs`]).
+const WORKER_MEMORY_LIMIT_KIB: u64 = 1536 * 1024;
+
+/// What a worker hands on: a machine's name and facts (or why they failed); false when
+/// nobody wants more.
+type Deliver<'a> = dyn FnMut(String, Result<MachineFacts, Error>) -> bool + 'a;
+
+/// An evaluation worker: `names` evaluated in one `nix eval` (one Nix start-up and one
+/// flake lock for them all), each machine's facts delivered as soon as Nix has them. With a
+/// vars hook, a machine's missing vars are generated as it arrives (and it is evaluated
+/// again when its system needed them). The `nix eval` is started again for the machines
+/// left when it passes [`WORKER_MEMORY_LIMIT_KIB`]; when it fails, the machine it was
+/// evaluating is evaluated alone (its own error, or its facts if the failure was not its)
+/// and the rest go on: one machine's error fails that machine only.
+fn worker(
+    flake_ref: &FlakeRef,
+    mut names: Vec<String>,
+    nix: &NixOptions,
+    settings: Option<&crate::vars::VarsSettings>,
+    deliver: &mut Deliver<'_>,
+) {
+    // Nix evaluates them in the order of `attrNames`: bytewise.
+    names.sort();
+    let mut rest: std::collections::VecDeque<String> = names.into();
+    let marker = format!("@@clan-facts-{:016x}", nonce());
+    let traced = format!("trace: {marker} ");
+    let depth = if nix.vars.is_some() {
+        Depth::TryToplevel
+    } else {
+        Depth::Toplevel
+    };
+    while !rest.is_empty() {
+        if rest.len() == 1 || crate::interrupt::requested() {
+            for name in std::mem::take(&mut rest) {
+                let result = evaluate_machine(flake_ref, &name, nix);
+                if !deliver(name, result) {
+                    return;
+                }
+            }
+            return;
+        }
+        let wanted: Vec<String> = rest.iter().cloned().collect();
+        let argv = eval_argv(
+            &flake_ref.reference,
+            &wanted,
+            &[],
+            nix,
+            depth,
+            Some(&marker),
+        );
+        let mut command = Command::new(&argv[0]);
+        command.args(&argv[1..]);
+        if let Some(dir) = &flake_ref.dir {
+            command.current_dir(dir);
+        }
+        let mut wanted_more = true;
+        let mut restart = false;
+        let output = crate::process::run_watching(&mut command, None, &mut |line, pid| {
+            let Some(json) = line.strip_prefix(&traced) else {
+                return true;
+            };
+            let Ok(Streamed { name, facts }) = serde_json::from_str::<Streamed>(json) else {
+                return true;
+            };
+            let Some(at) = rest.iter().position(|n| *n == name) else {
+                return true;
+            };
+            rest.remove(at);
+            let result = arrived(flake_ref, &name, facts, nix, settings);
+            if !deliver(name, result) {
+                wanted_more = false;
+                return false;
+            }
+            if !rest.is_empty() && resident_kib(pid) > WORKER_MEMORY_LIMIT_KIB {
+                restart = true;
+                return false;
+            }
+            true
+        });
+        if !wanted_more {
+            return;
+        }
+        match output {
+            Ok(output) => {
+                print_warnings(&String::from_utf8_lossy(&output.stderr));
+                if !output.status.success() && !restart {
+                    // The machine it was evaluating (the first one left) caused it, or not:
+                    // evaluated alone, it says.
+                    if let Some(name) = rest.pop_front() {
+                        let result = evaluate_machine(flake_ref, &name, nix);
+                        if !deliver(name, result) {
+                            return;
+                        }
+                    }
+                }
+            }
+            Err(e) => {
+                let error = if e.kind() == std::io::ErrorKind::Interrupted {
+                    crate::error::interrupted("while evaluating the flake")
+                } else {
+                    Error::new(format!(
+                        "cannot run nix to evaluate {}: {e}",
+                        flake_ref.shown
+                    ))
+                };
+                for name in std::mem::take(&mut rest) {
+                    let error = Error {
+                        message: format!("{name}: {}", error.message),
+                        ..error.clone()
+                    };
+                    if !deliver(name, Err(error)) {
+                        return;
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// One machine's facts as a worker's trace line carries them.
+#[derive(Deserialize)]
+struct Streamed {
+    name: String,
+    facts: MachineFacts,
+}
+
+/// A machine's facts from a worker, made final: with a vars hook, its missing vars are
+/// generated, and it is evaluated again when its system needed them ([`evaluate_one`]).
+fn arrived(
+    flake_ref: &FlakeRef,
+    name: &str,
+    facts: MachineFacts,
+    nix: &NixOptions,
+    settings: Option<&crate::vars::VarsSettings>,
+) -> Result<MachineFacts, Error> {
+    let Some(hook) = &nix.vars else {
+        return Ok(facts);
+    };
+    (hook.0)(name, &facts, settings).map_err(|error| Error {
+        message: format!("{name}: {}", error.message),
+        ..error
+    })?;
+    if facts.drv_path.is_empty() {
+        return evaluate_once(
+            flake_ref,
+            &[name.to_string()],
+            &[],
+            &NixOptions {
+                vars: None,
+                ..nix.clone()
+            },
+            Depth::Toplevel,
+        )
+        .and_then(|mut e| {
+            e.selected
+                .remove(name)
+                .ok_or_else(|| Error::usage(format!("evaluating machine {name} gave no facts")))
+        })
+        .map_err(|error| Error {
+            message: format!("{name}: {}", error.message),
+            ..error
+        });
+    }
+    Ok(facts)
+}
+
+/// A process's resident memory (KiB), 0 when it cannot be read.
+fn resident_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|status| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix("VmRSS:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+/// A number the flake cannot guess: its trace lines cannot pass for a worker's.
+fn nonce() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
+    hasher.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos()),
+    );
+    hasher.finish()
 }
 
 /// The evaluation of the one machine `wanted` names. With a vars hook: its toplevel
@@ -568,22 +795,37 @@ fn evaluate_once(
     if !output.status.success() {
         return Err(evaluation_error(flake, &stderr, nix.show_trace));
     }
-    for line in stderr.lines().filter(|l| l.contains("warning:")) {
-        let line = crate::progress::strip_control(line);
-        // Nix retries a store database that another evaluation holds (no daemon): its
-        // "database is busy" notes say nothing the user can act on.
-        if !line.contains("creating lock file")
-            && !line.contains("updating lock file")
-            && !line.contains("is busy")
-        {
-            eprintln!("{}", line.trim());
-        }
-    }
+    print_warnings(&stderr);
     serde_json::from_slice(&output.stdout).map_err(|e| {
         Error::usage(format!(
             "the flake {flake} evaluated to something unexpected: {e}"
         ))
     })
+}
+
+/// Nix's warnings from an evaluation, each one once in a run (several evaluations of one
+/// flake give the same ones).
+fn print_warnings(stderr: &str) {
+    static SHOWN: std::sync::Mutex<std::collections::BTreeSet<String>> =
+        std::sync::Mutex::new(std::collections::BTreeSet::new());
+    for line in stderr.lines().filter(|l| l.contains("warning:")) {
+        let line = crate::progress::strip_control(line).trim().to_string();
+        // Nix retries a store database that another evaluation holds (no daemon): its
+        // "database is busy" notes say nothing the user can act on.
+        if line.contains("creating lock file")
+            || line.contains("updating lock file")
+            || line.contains("is busy")
+        {
+            continue;
+        }
+        if SHOWN
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(line.clone())
+        {
+            eprintln!("{line}");
+        }
+    }
 }
 
 /// An evaluation failure as the user sees it: exit 2, Nix's own lines, a hint that fits.

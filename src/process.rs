@@ -31,6 +31,18 @@ pub fn spawn(command: &mut Command, input: bool) -> std::io::Result<std::process
 /// its output; stops it (SIGTERM to its group, SIGKILL after 5 s) and returns
 /// [`interrupted`] if Ctrl-C is pressed meanwhile.
 pub fn run(command: &mut Command, input: Option<&[u8]>) -> std::io::Result<Output> {
+    run_watching(command, input, &mut |_, _| true)
+}
+
+/// [`run`], with each line of the child's standard error given to `watch` (the line, the
+/// child's pid) as it comes; when `watch` says false, the child is stopped (SIGTERM to its
+/// group) and its output so far returned with the status it ended with. Its standard error
+/// is returned whole as well.
+pub fn run_watching(
+    command: &mut Command,
+    input: Option<&[u8]>,
+    watch: &mut dyn FnMut(&str, u32) -> bool,
+) -> std::io::Result<Output> {
     if crate::interrupt::requested() {
         return Err(interrupted());
     }
@@ -61,15 +73,42 @@ pub fn run(command: &mut Command, input: Option<&[u8]>) -> std::io::Result<Outpu
             .take()
             .map(|s| Box::new(s) as Box<dyn Read + Send>),
     );
-    let stderr = read(
-        child
-            .stderr
-            .take()
-            .map(|s| Box::new(s) as Box<dyn Read + Send>),
-    );
+    // Standard error line by line, each line passed on as it comes.
+    let (lines, stderr_lines) = std::sync::mpsc::channel::<Vec<u8>>();
+    let stderr = child.stderr.take().map(|s| {
+        thread::spawn(move || {
+            let mut reader = std::io::BufReader::new(s);
+            loop {
+                let mut line = Vec::new();
+                match std::io::BufRead::read_until(&mut reader, b'\n', &mut line) {
+                    Ok(0) | Err(_) => return,
+                    Ok(_) => {
+                        if lines.send(line).is_err() {
+                            return;
+                        }
+                    }
+                }
+            }
+        })
+    });
+    let mut stderr_bytes = Vec::new();
+    let mut watched = true;
+    let mut take_lines = |stderr_bytes: &mut Vec<u8>, watched: &mut bool, pid: u32| {
+        while let Ok(line) = stderr_lines.try_recv() {
+            if *watched {
+                let text = String::from_utf8_lossy(&line);
+                if !watch(text.trim_end_matches('\n'), pid) {
+                    *watched = false;
+                    signal_group(pid, libc::SIGTERM);
+                }
+            }
+            stderr_bytes.extend_from_slice(&line);
+        }
+    };
     let mut stopping: Option<Instant> = None;
     let mut polls = 0;
     let status = loop {
+        take_lines(&mut stderr_bytes, &mut watched, child.id());
         if let Some(status) = child.try_wait()? {
             break status;
         }
@@ -91,10 +130,14 @@ pub fn run(command: &mut Command, input: Option<&[u8]>) -> std::io::Result<Outpu
     if let Some(writer) = writer {
         let _ = writer.join();
     }
+    if let Some(reader) = stderr {
+        let _ = reader.join();
+    }
+    take_lines(&mut stderr_bytes, &mut watched, child.id());
     let output = Output {
         status,
         stdout: stdout.join().unwrap_or_default(),
-        stderr: stderr.join().unwrap_or_default(),
+        stderr: stderr_bytes,
     };
     if stopping.is_some() {
         return Err(interrupted());
@@ -170,5 +213,25 @@ mod tests {
         assert_eq!(String::from_utf8_lossy(&out.stdout), "got x\n");
         assert_eq!(String::from_utf8_lossy(&out.stderr), "err\n");
         assert!(out.status.success());
+    }
+
+    #[test]
+    fn a_watcher_sees_each_line_as_it_comes_and_can_stop_the_child() {
+        let mut seen = Vec::new();
+        let out = run_watching(
+            Command::new("sh").args(["-c", "echo one >&2; echo two >&2; exec sleep 30"]),
+            None,
+            &mut |line, _| {
+                seen.push(line.to_string());
+                line != "two"
+            },
+        )
+        .unwrap();
+        assert_eq!(seen, ["one", "two"]);
+        assert_eq!(String::from_utf8_lossy(&out.stderr), "one\ntwo\n");
+        assert_eq!(
+            std::os::unix::process::ExitStatusExt::signal(&out.status),
+            Some(libc::SIGTERM)
+        );
     }
 }
