@@ -428,3 +428,108 @@ fn build_builds_on_the_build_host_and_never_reaches_a_target() {
         refused.stderr
     );
 }
+
+// A fleet of 8 streams in batches whose checks take turns: the first batch (a quarter of
+// it) is checked alone, and its build starts while the other machines are still being
+// checked; no machine's build starts before its own hops were checked. Every session on a
+// target takes a second (`~/.ssh/rc`), so the second batch's checks last at least that.
+#[test]
+fn a_machine_builds_while_others_are_still_checked() {
+    let names: Vec<String> = (1..=8).map(|i| format!("t{i}")).collect();
+    let mut specs = vec![HostSpec::new("builder")];
+    specs.extend(names.iter().map(|n| HostSpec::new(n)));
+    let lab = Lab::start(&specs);
+    for t in &names {
+        lab.trust("builder", t);
+        std::fs::write(lab.host(t).root().join(".ssh/rc"), "sleep 1\n").unwrap();
+    }
+    let b = lab.ip("builder");
+    let inventory: String = names
+        .iter()
+        .map(|t| {
+            format!(
+                r#"{t} = {{ deploy.targetHost = "root@{}"; deploy.buildHost = "root@{b}"; }};"#,
+                lab.ip(t)
+            )
+        })
+        .collect();
+    let machines: String = names
+        .iter()
+        .map(|t| format!("{t} = system {{ shared = true; }};"))
+        .collect();
+    let flake = lab.write_flake(&format!(
+        "{{ inventory.machines = {{ {inventory} }}; machines = {{ {machines} }}; }}"
+    ));
+    let run = clan(&lab, &flake, &["machines", "update", "--json"]);
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    for t in &names {
+        assert!(profile(&lab, t).is_some(), "{t} not deployed");
+    }
+    // The run's log: each batch's checks, begun and over, and each realise's start.
+    let report: serde_json::Value = serde_json::from_str(&run.stdout).unwrap();
+    let log = report["machines"][0]["log"].as_str().unwrap();
+    let dir = lab.host("workstation").root().join(
+        std::path::Path::new(log)
+            .parent()
+            .unwrap()
+            .strip_prefix("/root")
+            .unwrap(),
+    );
+    let lines: Vec<(f64, String)> = std::fs::read_dir(&dir)
+        .unwrap()
+        .flatten()
+        .flat_map(|e| {
+            std::fs::read_to_string(e.path())
+                .unwrap_or_default()
+                .lines()
+                .filter_map(|l| {
+                    let (t, rest) = l.strip_prefix('@')?.split_once(' ')?;
+                    Some((t.parse().ok()?, rest.to_string()))
+                })
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    let at = |batch: &str, what: &str| -> f64 {
+        lines
+            .iter()
+            .find(|(_, l)| l.starts_with(&format!("[batch {batch}] checks: {what}")))
+            .unwrap_or_else(|| panic!("no [batch {batch}] checks: {what} in {lines:?}"))
+            .0
+    };
+    let first = lines
+        .iter()
+        .find(|(_, l)| l.starts_with("[batch 0] checks: begin"))
+        .map(|(_, l)| l.clone())
+        .unwrap();
+    assert_eq!(first.matches(", ").count(), 1, "a quarter of 8: {first}");
+    // Each realise names the machines of its batch; the first batch's realise starts after
+    // its checks and before the second batch's checks are over.
+    let realise = |machine: &str| -> f64 {
+        lines
+            .iter()
+            .find(|(_, l)| {
+                l.contains("nix-store --realise")
+                    && l.contains(&format!("nixos-system-{machine}.drv"))
+            })
+            .unwrap_or_else(|| panic!("no realise of {machine}"))
+            .0
+    };
+    let in_first: Vec<&String> = names
+        .iter()
+        .filter(|t| first.contains(&format!("{t}, ")) || first.contains(&format!("{t})")))
+        .collect();
+    assert_eq!(in_first.len(), 2, "{first}");
+    assert!(at("1", "begin") >= at("0", "over"));
+    for t in &in_first {
+        assert!(realise(t) >= at("0", "over"));
+        assert!(
+            realise(t) < at("1", "over"),
+            "{t}'s build did not start while the others were checked: {lines:?}"
+        );
+    }
+    for t in names.iter().filter(|t| !in_first.contains(t)) {
+        assert!(realise(t) >= at("1", "over"), "{t} built before its checks");
+    }
+    // What the systems share was built once.
+    assert_eq!(lab.host("builder").shared_builds(), 1);
+}

@@ -174,9 +174,43 @@ impl Deployment {
         progress: &Progress,
         all: &[String],
     ) -> Result<Vec<MachineReport>, Error> {
+        self.batch_then(number, machines, progress, all, None)
+    }
+
+    /// [`Deployment::batch`], saying on `checked` when its checks (up to date, preflight) are
+    /// over, whatever their outcome: a streamed fleet checks its next batch then.
+    fn batch_then(
+        &self,
+        number: Option<u8>,
+        machines: Vec<ResolvedMachine>,
+        progress: &Progress,
+        all: &[String],
+        checked: Option<std::sync::mpsc::Sender<()>>,
+    ) -> Result<Vec<MachineReport>, Error> {
+        // Sends on `checked` when dropped: on every way out of the checks.
+        struct Checked(Option<std::sync::mpsc::Sender<()>>);
+        impl Drop for Checked {
+            fn drop(&mut self) {
+                if let Some(tx) = self.0.take() {
+                    let _ = tx.send(());
+                }
+            }
+        }
+        let checked = Checked(checked);
         let position = |name: &str| all.iter().position(|n| n == name);
         let mut ctx = self.base.clone();
         ctx.batch = number;
+        // When each batch's checks began and ended, in the run's log.
+        let label = number.map_or_else(|| "batch".to_string(), |b| format!("batch {b}"));
+        let names = machines.iter().map(|m| m.name.as_str()).collect::<Vec<_>>();
+        self.logs.write(
+            "checks",
+            &format!(
+                "{} [{label}] checks: begin ({})\n",
+                crate::execute::timestamp(),
+                names.join(", ")
+            ),
+        );
         if ctx.copy_via_workstation {
             check_relay(machines.iter())?;
         }
@@ -223,6 +257,15 @@ impl Deployment {
             // build hosts said of their max-jobs (how many builds run at once).
             plan = plan_deploy(good, &ctx);
         }
+        self.logs.write(
+            "checks",
+            &format!(
+                "{} [{label}] checks: over ({} to deploy)\n",
+                crate::execute::timestamp(),
+                plan.machines.len()
+            ),
+        );
+        drop(checked);
         let names: Vec<String> = plan
             .machines
             .iter()

@@ -19,12 +19,21 @@ pub const STREAM_WINDOW: Duration = Duration::from_millis(500);
 /// The longest a machine waits, once evaluated, for others to join its batch.
 pub const STREAM_MAX_WAIT: Duration = Duration::from_millis(1000);
 
+/// From this many machines on, the first batch is a quarter of the fleet: its checks are
+/// short, and its build (which builds what the systems share) runs while the others are
+/// checked. Smaller fleets build in one batch when they are evaluated together.
+pub const EARLY_BATCH_FROM: usize = 8;
+
 impl Deployment {
     /// Deploys a streamed selection: each machine is resolved as its evaluation arrives, and
     /// machines go on to their batch as soon as they (and any that finish within
-    /// [`STREAM_WINDOW`] of them) are evaluated. No activation starts before every machine's
-    /// values passed the trust boundary ([`crate::execute::gate`]). The reports are in the
-    /// order of the selection.
+    /// [`STREAM_WINDOW`] of them) are evaluated. One batch is checked (up to date,
+    /// preflight) at a time: the machines evaluated meanwhile form the next batch as soon as
+    /// those checks are over, while the batch before builds, copies and activates. Each
+    /// machine's hops are checked before its own build starts, and a machine whose checks
+    /// fail is never built. A fleet of [`EARLY_BATCH_FROM`] or more starts with a quarter of
+    /// it. No activation starts before every machine's values passed the trust boundary
+    /// ([`crate::execute::gate`]). The reports are in the order of the selection.
     pub fn stream(
         &self,
         streamed: &Streamed,
@@ -46,15 +55,37 @@ impl Deployment {
             let mut received = 0;
             let mut batch: u8 = 0;
             let mut first_pending: Option<Instant> = None;
-            while received < expected {
+            // The batch being checked says so when its checks are over; machines that
+            // waited for that go on at once.
+            let (checks_over, checked) = std::sync::mpsc::channel::<()>();
+            let mut checking = false;
+            let mut held_back = false;
+            let early_cap = if expected >= EARLY_BATCH_FROM {
+                expected.div_ceil(4)
+            } else {
+                usize::MAX
+            };
+            while received < expected || !pending.is_empty() {
                 let wait = match first_pending {
+                    _ if checking => Duration::from_millis(20),
                     None => Duration::from_secs(24 * 3600),
                     Some(since) => {
                         STREAM_WINDOW.min(STREAM_MAX_WAIT.saturating_sub(since.elapsed()))
                     }
                 };
                 let mut window_closed = false;
-                match streamed.evaluated.recv_timeout(wait) {
+                let next = if received < expected {
+                    streamed.evaluated.recv_timeout(wait)
+                } else {
+                    // Everything is evaluated: only the checks are waited for.
+                    std::thread::sleep(wait.min(Duration::from_millis(20)));
+                    Err(std::sync::mpsc::RecvTimeoutError::Timeout)
+                };
+                while checked.try_recv().is_ok() {
+                    checking = false;
+                    held_back |= !pending.is_empty();
+                }
+                match next {
                     Ok(evaluated) => {
                         received += 1;
                         match streamed.resolve(evaluated, overrides) {
@@ -105,11 +136,23 @@ impl Deployment {
                     break;
                 }
                 let waited_enough = first_pending.is_some_and(|t| t.elapsed() >= STREAM_MAX_WAIT);
-                if pending.is_empty() || !(window_closed || waited_enough || received >= expected) {
+                if pending.is_empty()
+                    || checking
+                    || !(window_closed || waited_enough || held_back || received >= expected)
+                {
                     continue;
                 }
+                held_back = false;
                 first_pending = None;
-                let machines = std::mem::take(&mut pending);
+                let machines = if batch == 0 && pending.len() > early_cap {
+                    // The rest wait for this batch's checks.
+                    let rest = pending.split_off(early_cap);
+                    held_back = true;
+                    first_pending = Some(Instant::now());
+                    std::mem::replace(&mut pending, rest)
+                } else {
+                    std::mem::take(&mut pending)
+                };
                 if self.settings.run.fail_fast && failed_seen.load(Ordering::SeqCst) {
                     for m in &machines {
                         if let Some(i) = position(m.name.as_str()) {
@@ -126,9 +169,17 @@ impl Deployment {
                 let (failed_seen, progress, names) = (&failed_seen, &progress, &names);
                 let this = batch;
                 batch = batch.wrapping_add(1);
+                checking = true;
+                let checks_over = checks_over.clone();
                 handles.push(scope.spawn(move || {
                     let reports = self
-                        .batch(Some(this), machines.clone(), progress, names)
+                        .batch_then(
+                            Some(this),
+                            machines.clone(),
+                            progress,
+                            names,
+                            Some(checks_over),
+                        )
                         .unwrap_or_else(|error| {
                             for m in &machines {
                                 if let Some(i) = names.iter().position(|n| n == m.name.as_str()) {

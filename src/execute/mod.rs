@@ -37,6 +37,7 @@ mod step;
 
 use group::run_group;
 use machine::run_machine;
+pub(crate) use step::timestamp;
 use step::{quiet, run_step};
 
 pub use lock::{LOCK_HEARTBEAT, LOCK_STALE};

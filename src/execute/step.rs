@@ -141,7 +141,7 @@ fn with_master_said(
 }
 
 /// Seconds since the Unix epoch, to the millisecond: when a step started, in the logs.
-pub(super) fn timestamp() -> String {
+pub(crate) fn timestamp() -> String {
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap_or_default();
