@@ -49,8 +49,10 @@ pub(super) fn run_group(
         }
     }
 
+    // Nix's build count says when a build finished, and the builder is asked then; the
+    // timer only catches what that misses.
     let poll = if group_polls_cheaply(group) {
-        Duration::from_millis(300)
+        Duration::from_secs(1)
     } else {
         Duration::from_secs(2)
     };
