@@ -95,6 +95,7 @@ pub struct Evaluation {
     /// Tags of each machine from the inventory.
     pub tags: BTreeMap<String, Vec<String>>,
     /// Facts for the requested machines (all of them when none were requested).
+    #[serde(default)]
     pub selected: BTreeMap<String, MachineFacts>,
     /// `builtins.storeDir`.
     #[serde(default, rename = "storeDir")]
@@ -215,25 +216,34 @@ let
       toplevelOut = if @TOPLEVEL@ == "no" then "" else if @TOPLEVEL@ == "try" then tryOr "" toplevel.outPath else toplevel.outPath;
     };
   tryOr = d: v: let t = builtins.tryEval v; in if t.success then t.value else d;
-in {
-  storeDir = builtins.storeDir;
-  machines = all;
-  tags = builtins.listToAttrs (map (n: { name = n; value = tagsOf n; }) all);
-  selectedNames = names;
-  # Only what the CLI reads (clan-core's settings also hold functions, which JSON cannot).
-  varsSettings =
-    let s = (ci.vars or { }).settings or null; in
-    if s == null then null else {
-      secretStore = tryOr null (s.secretStore or null);
-      secretModule = tryOr null (s.secretModule or null);
-      recipients = tryOr { } (s.recipients or { });
-    };
+  index = {
+    storeDir = builtins.storeDir;
+    machines = all;
+    tags = builtins.listToAttrs (map (n: { name = n; value = tagsOf n; }) all);
+    selectedNames = names;
+    # Only what the CLI reads (clan-core's settings also hold functions, which JSON cannot).
+    varsSettings =
+      let s = (ci.vars or { }).settings or null; in
+      if s == null then null else {
+        secretStore = tryOr null (s.secretStore or null);
+        secretModule = tryOr null (s.secretModule or null);
+        recipients = tryOr { } (s.recipients or { });
+      };
+  };
+  # An evaluation worker (`null`: none): its machines one after the other, each machine's
+  # facts on standard error (a trace line starting with the run's marker) as soon as they
+  # are known; its share of the selection (`null`: all of it); the index first, if asked.
+  stream = @STREAM@;
+  share =
+    if stream.share == null then names
+    else map (builtins.elemAt names) (builtins.filter (i: i - (i / stream.share.of) * stream.share.of == stream.share.worker) (builtins.genList (i: i) (builtins.length names)));
+  streamFacts = builtins.foldl' (count: n: builtins.trace (stream.marker + " facts " + builtins.toJSON { name = n; facts = facts n; }) (count + 1)) 0 share;
+in index // {
   selected = if @FACTS@ then builtins.listToAttrs (map (n: { name = n; value = facts n; }) names) else { };
-  # An evaluation worker's machines, one after the other, each machine's facts on standard
-  # error (a trace line starting with the run's marker) as soon as they are known.
-  streamed = let marker = @STREAM@; in
-    if marker == null then 0
-    else builtins.foldl' (count: n: builtins.trace (marker + " " + builtins.toJSON { name = n; facts = facts n; }) (count + 1)) 0 names;
+  streamed =
+    if stream == null then 0
+    else if stream.index then builtins.trace (stream.marker + " index " + builtins.toJSON index) streamFacts
+    else streamFacts;
 }"#;
 
 /// A Nix string literal for `s`: JSON escaping plus `$` escaped, so `${` never interpolates.
@@ -347,15 +357,39 @@ fn eval_command_with(
     eval_argv(flake, wanted, tags, nix, depth, None)
 }
 
+/// What an evaluation worker's `nix eval` prints as it goes (see [`worker`]).
+#[derive(Debug, Clone, Copy)]
+struct Stream<'a> {
+    /// Each trace line of the worker's starts with it.
+    marker: &'a str,
+    /// Its share of the selection (worker, of how many), else all of it.
+    share: Option<(usize, usize)>,
+    /// The index (names, tags, selection) first.
+    index: bool,
+}
+
+impl Stream<'_> {
+    fn nix(&self) -> String {
+        let share = self.share.map_or("null".to_string(), |(worker, of)| {
+            format!("{{ worker = {worker}; of = {of}; }}")
+        });
+        format!(
+            "{{ marker = {}; share = {share}; index = {}; }}",
+            nix_string(self.marker),
+            self.index
+        )
+    }
+}
+
 /// The `nix eval` argv; with `stream`, the machines' facts come as trace lines that start
-/// with that marker, one machine after the other, instead of in the result.
+/// with its marker, one machine after the other, instead of in the result.
 fn eval_argv(
     flake: &str,
     wanted: &[String],
     tags: &[String],
     nix: &NixOptions,
     depth: Depth,
-    stream: Option<&str>,
+    stream: Option<Stream<'_>>,
 ) -> Vec<String> {
     let mut argv: Vec<String> = vec![
         "nix".into(),
@@ -383,7 +417,7 @@ fn eval_argv(
                     "true"
                 },
             )
-            .replace("@STREAM@", &stream.map_or("null".to_string(), nix_string))
+            .replace("@STREAM@", &stream.map_or("null".to_string(), |s| s.nix()))
             .replace(
                 "@TOPLEVEL@",
                 match depth {
@@ -434,9 +468,9 @@ pub fn evaluate(
             scope.spawn(move || {
                 worker(
                     flake_ref,
-                    names,
+                    Start::Names(names),
                     nix,
-                    settings.as_ref(),
+                    settings.clone(),
                     &mut |name, one| {
                         results.lock().expect("results").push((name, one));
                         true
@@ -491,9 +525,37 @@ pub fn evaluate_stream(
     tags: &[String],
     nix: &NixOptions,
 ) -> Result<(Evaluation, std::sync::mpsc::Receiver<Evaluated>), Error> {
-    let index = evaluate_once(flake_ref, wanted, tags, nix, Depth::Index)?;
+    // The first worker evaluates the index too, and prints it before its machines: no
+    // evaluation of its own waits before the machines' (one Nix start-up less, and a single
+    // one for a clan of one machine). The others start once the selection is known.
+    let jobs = nix.eval_jobs.max(1);
     let (tx, rx) = std::sync::mpsc::channel();
-    for names in partition(&index.selected_names, nix.eval_jobs) {
+    let (index_tx, index_rx) = std::sync::mpsc::channel();
+    {
+        let (tx, flake_ref, nix) = (tx.clone(), flake_ref.clone(), nix.clone());
+        let start = Start::Index {
+            wanted: wanted.to_vec(),
+            tags: tags.to_vec(),
+            of: jobs,
+            index: index_tx,
+        };
+        std::thread::spawn(move || {
+            worker(&flake_ref, start, &nix, None, &mut |name, result| {
+                tx.send((name, result)).is_ok()
+            });
+        });
+    }
+    let index = index_rx.recv().unwrap_or_else(|_| {
+        Err(Error::new(format!(
+            "evaluating {} ended without its machines",
+            flake_ref.shown
+        )))
+    })?;
+    for worker_number in 1..jobs {
+        let names = share(&index.selected_names, worker_number, jobs);
+        if names.is_empty() {
+            continue;
+        }
         let (tx, flake_ref, nix, settings) = (
             tx.clone(),
             flake_ref.clone(),
@@ -503,14 +565,25 @@ pub fn evaluate_stream(
         std::thread::spawn(move || {
             worker(
                 &flake_ref,
-                names,
+                Start::Names(names),
                 &nix,
-                settings.as_ref(),
+                settings,
                 &mut |name, result| tx.send((name, result)).is_ok(),
             );
         });
     }
     Ok((index, rx))
+}
+
+/// Worker `worker`'s share of the selection `names` among `of` workers: the names at the
+/// positions it has modulo `of`, in order (as the evaluation's own `share` computes it).
+fn share(names: &[String], worker: usize, of: usize) -> Vec<String> {
+    names
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| i % of.max(1) == worker)
+        .map(|(_, n)| n.clone())
+        .collect()
 }
 
 /// `names` dealt out to at most `jobs` evaluation workers (none empty).
@@ -533,32 +606,60 @@ const WORKER_MEMORY_LIMIT_KIB: u64 = 1536 * 1024;
 /// nobody wants more.
 type Deliver<'a> = dyn FnMut(String, Result<MachineFacts, Error>) -> bool + 'a;
 
-/// An evaluation worker: `names` evaluated in one `nix eval` (one Nix start-up and one
+/// What an evaluation worker starts with.
+enum Start {
+    /// These machines.
+    Names(Vec<String>),
+    /// The selection of `wanted` and `tags`: the index is evaluated first and sent on
+    /// `index` (or why it failed), then the worker's share (the first of `of`).
+    Index {
+        wanted: Vec<String>,
+        tags: Vec<String>,
+        of: usize,
+        index: std::sync::mpsc::Sender<Result<Evaluation, Error>>,
+    },
+}
+
+/// An evaluation worker: its machines evaluated in one `nix eval` (one Nix start-up and one
 /// flake lock for them all), each machine's facts delivered as soon as Nix has them. With a
 /// vars hook, a machine's missing vars are generated as it arrives (and it is evaluated
 /// again when its system needed them). The `nix eval` is started again for the machines
 /// left when it passes [`WORKER_MEMORY_LIMIT_KIB`]; when it fails, the machine it was
 /// evaluating is evaluated alone (its own error, or its facts if the failure was not its)
-/// and the rest go on: one machine's error fails that machine only.
+/// and the rest go on: one machine's error fails that machine only. Started with
+/// [`Start::Index`], a failure before the index is the evaluation's error, sent there.
 fn worker(
     flake_ref: &FlakeRef,
-    mut names: Vec<String>,
+    start: Start,
     nix: &NixOptions,
-    settings: Option<&crate::vars::VarsSettings>,
+    mut settings: Option<crate::vars::VarsSettings>,
     deliver: &mut Deliver<'_>,
 ) {
-    // Nix evaluates them in the order of `attrNames`: bytewise.
-    names.sort();
-    let mut rest: std::collections::VecDeque<String> = names.into();
-    let marker = format!("@@clan-facts-{:016x}", nonce());
-    let traced = format!("trace: {marker} ");
+    let (mut rest, mut first): (std::collections::VecDeque<String>, _) = match start {
+        Start::Names(mut names) => {
+            // Nix evaluates them in the order of `attrNames`: bytewise.
+            names.sort();
+            (names.into(), None)
+        }
+        Start::Index {
+            wanted,
+            tags,
+            of,
+            index,
+        } => (Default::default(), Some((wanted, tags, of, index))),
+    };
+    let marker = format!("@@clan-{:016x}", nonce());
+    let (facts_line, index_line) = (
+        format!("trace: {marker} facts "),
+        format!("trace: {marker} index "),
+    );
     let depth = if nix.vars.is_some() {
         Depth::TryToplevel
     } else {
         Depth::Toplevel
     };
-    while !rest.is_empty() {
-        if rest.len() == 1 || crate::interrupt::requested() {
+    while first.is_some() || !rest.is_empty() {
+        if first.is_none() && (rest.len() == 1 || crate::interrupt::requested()) {
             for name in std::mem::take(&mut rest) {
                 let result = evaluate_machine(flake_ref, &name, nix);
                 if !deliver(name, result) {
@@ -567,15 +668,32 @@ fn worker(
             }
             return;
         }
-        let wanted: Vec<String> = rest.iter().cloned().collect();
-        let argv = eval_argv(
-            &flake_ref.reference,
-            &wanted,
-            &[],
-            nix,
-            depth,
-            Some(&marker),
-        );
+        let argv = match &first {
+            Some((wanted, tags, of, _)) => eval_argv(
+                &flake_ref.reference,
+                wanted,
+                tags,
+                nix,
+                depth,
+                Some(Stream {
+                    marker: &marker,
+                    share: Some((0, *of)),
+                    index: true,
+                }),
+            ),
+            None => eval_argv(
+                &flake_ref.reference,
+                &rest.iter().cloned().collect::<Vec<_>>(),
+                &[],
+                nix,
+                depth,
+                Some(Stream {
+                    marker: &marker,
+                    share: None,
+                    index: false,
+                }),
+            ),
+        };
         let mut command = Command::new(&argv[0]);
         command.args(&argv[1..]);
         if let Some(dir) = &flake_ref.dir {
@@ -584,7 +702,28 @@ fn worker(
         let mut wanted_more = true;
         let mut restart = false;
         let output = crate::process::run_watching(&mut command, None, &mut |line, pid| {
-            let Some(json) = line.strip_prefix(&traced) else {
+            if let Some(json) = line.strip_prefix(&index_line) {
+                let Some((_, _, of, index)) = first.take() else {
+                    return true;
+                };
+                let evaluation = serde_json::from_str::<Evaluation>(json).map_err(|e| {
+                    Error::usage(format!(
+                        "the flake {} evaluated to something unexpected: {e}",
+                        flake_ref.shown
+                    ))
+                });
+                if let Ok(evaluation) = &evaluation {
+                    rest = share(&evaluation.selected_names, 0, of).into();
+                    settings = evaluation.vars_settings.clone();
+                }
+                let ok = evaluation.is_ok();
+                if index.send(evaluation).is_err() || !ok {
+                    wanted_more = false;
+                    return false;
+                }
+                return true;
+            }
+            let Some(json) = line.strip_prefix(&facts_line) else {
                 return true;
             };
             let Ok(Streamed { name, facts }) = serde_json::from_str::<Streamed>(json) else {
@@ -594,7 +733,7 @@ fn worker(
                 return true;
             };
             rest.remove(at);
-            let result = arrived(flake_ref, &name, facts, nix, settings);
+            let result = arrived(flake_ref, &name, facts, nix, settings.as_ref());
             if !deliver(name, result) {
                 wanted_more = false;
                 return false;
@@ -610,7 +749,17 @@ fn worker(
         }
         match output {
             Ok(output) => {
-                print_warnings(&String::from_utf8_lossy(&output.stderr));
+                let stderr = String::from_utf8_lossy(&output.stderr);
+                if let Some((_, _, _, index)) = first.take() {
+                    // No index: the flake itself failed to evaluate.
+                    let _ = index.send(Err(if output.status.success() {
+                        Error::new(format!("evaluating {} gave no machines", flake_ref.shown))
+                    } else {
+                        evaluation_error(&flake_ref.shown, &stderr, nix.show_trace)
+                    }));
+                    return;
+                }
+                print_warnings(&stderr);
                 if !output.status.success() && !restart {
                     // The machine it was evaluating (the first one left) caused it, or not:
                     // evaluated alone, it says.
@@ -630,7 +779,12 @@ fn worker(
                         "cannot run nix to evaluate {}: {e}",
                         flake_ref.shown
                     ))
+                    .hint(Hint::text("install Nix (2.8 or newer) on this workstation"))
                 };
+                if let Some((_, _, _, index)) = first.take() {
+                    let _ = index.send(Err(error));
+                    return;
+                }
                 for name in std::mem::take(&mut rest) {
                     let error = Error {
                         message: format!("{name}: {}", error.message),

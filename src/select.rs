@@ -639,6 +639,7 @@ mod tests {
         "--add-root",
         "--keep-going",
         "--log-format",
+        "--option",
         "--check-validity",
         "--print-invalid",
         "--substitute-on-destination",

@@ -256,6 +256,16 @@ pub(super) fn group_steps(
         "--log-format",
         "internal-json",
     ]);
+    // A fleet's batches share what they build through Nix's locks: a build that another
+    // realise holds is looked at again every second, not every 5 s (Nix's default), unless
+    // the user chose otherwise.
+    if !ctx
+        .nix_flags
+        .chunks(3)
+        .any(|o| o.len() == 3 && o[0] == "--option" && o[1] == "build-poll-interval")
+    {
+        realise.extend(["--option", "build-poll-interval", "1"]);
+    }
     let mut realise = Invocation::new("nix-store", realise);
     if builders.is_some() {
         // Nix's connections to its builders (the third hop) follow the host key policy.

@@ -198,7 +198,7 @@ fn remote_build_host_copies_to_target_itself() {
             .starts_with("nix-store --realise ")
     );
     assert!(realise.ends_with(
-        " sh nix-store --realise /nix/store/00000000000000000000000000000000-d-m.drv --add-root /tmp/clan-r1-build0/system --keep-going --log-format internal-json"
+        " sh nix-store --realise /nix/store/00000000000000000000000000000000-d-m.drv --add-root /tmp/clan-r1-build0/system --keep-going --log-format internal-json --option build-poll-interval 1"
     ));
 }
 
