@@ -228,7 +228,7 @@ fn breakdown(lab: &Lab, started: f64, ended: f64, evaluate: f64) -> Vec<(&'stati
     let confirm = at("activate: clan-activate confirm");
     vec![
         ("evaluate and plan, until the checks", checks - started),
-        ("(of which evaluate: a --dry-run, timed apart)", evaluate),
+        ("(the evaluation alone: a --dry-run, timed apart)", evaluate),
         ("checks: up to date, preflight", checked - checks),
         ("copy the derivations to the build host", mkdir - copy_drv),
         ("build (GC-root directory, realise)", copy - mkdir),
