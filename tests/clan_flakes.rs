@@ -816,3 +816,88 @@ fn completion_names_the_clans_machines_and_tags() {
     );
     assert_eq!(complete(&["machines", "list", "--tags", "w"]), ["web"]);
 }
+
+// Evaluation workers: small machines share a worker's `nix eval` to the end (6 machines,
+// 2 workers: the index and two evaluations, where each machine had its own); a worker whose
+// `nix eval` grows past twice what its first machine left it holding starts again for the
+// machines it has left (NixOS-sized machines on nixpkgs' real lib, one worker), and no
+// machine is lost on the way. `nix` is wrapped to count the evaluations.
+#[test]
+fn evaluation_workers_share_a_nix_eval_and_start_again_when_it_grows() {
+    let lab = Lab::start(&[HostSpec::new("target")]);
+    let wrap = lab.dir.join("wrap");
+    std::fs::create_dir_all(&wrap).unwrap();
+    let count = lab.dir.join("evaluations");
+    std::fs::write(
+        wrap.join("nix"),
+        format!(
+            "#!/bin/sh\ncase \" $* \" in *\" eval \"*) echo eval >> {};; esac\nexec /usr/bin/nix \"$@\"\n",
+            count.display()
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(
+        wrap.join("nix"),
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
+    let path = format!("PATH={}:/usr/bin:/bin:/usr/sbin:/sbin", wrap.display());
+    let target = lab.ip("target").to_string();
+    let evaluate = |machines: &str, names: &[String], jobs: &str| -> usize {
+        let inventory: String = names
+            .iter()
+            .map(|m| format!(r#"{m}.deploy.targetHost = "root@{target}";"#))
+            .collect();
+        let flake = lab.write_flake(&format!(
+            "{{ inventory.machines = {{ {inventory} }}; machines = {{ {machines} }}; }}"
+        ));
+        std::fs::copy(
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("bench/synthetic-machine.nix"),
+            flake.join("synthetic-machine.nix"),
+        )
+        .unwrap();
+        let _ = std::fs::remove_file(&count);
+        let out = lab.run_on_workstation(
+            &flake,
+            &[
+                "env",
+                &path,
+                env!("CARGO_BIN_EXE_clan"),
+                "machines",
+                "update",
+                "--dry-run",
+                "--eval-jobs",
+                jobs,
+            ],
+        );
+        let printed = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert_eq!(out.status.code(), Some(0), "{printed}");
+        for m in names {
+            assert!(
+                printed.contains(&format!("{m}.drv")),
+                "{m} is not in the plan: {printed}"
+            );
+        }
+        std::fs::read_to_string(&count).unwrap().lines().count()
+    };
+    let small: Vec<String> = (1..=6).map(|i| format!("s{i}")).collect();
+    let machines: String = small
+        .iter()
+        .map(|m| format!("{m} = system {{ }};"))
+        .collect();
+    assert_eq!(evaluate(&machines, &small, "2"), 3);
+    let big: Vec<String> = (1..=4).map(|i| format!("b{i}")).collect();
+    let machines: String = big
+        .iter()
+        .map(|m| format!(r#"{m} = import ./synthetic-machine.nix {{ name = "{m}"; }};"#))
+        .collect();
+    let evaluations = evaluate(&machines, &big, "1");
+    assert!(
+        evaluations >= 3,
+        "one worker kept four NixOS-sized machines: {evaluations} evaluations"
+    );
+}
