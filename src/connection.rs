@@ -126,17 +126,23 @@ impl Connections {
     /// Closes every shared connection and removes the control directory.
     pub fn close_all(&self) {
         let opened = std::mem::take(&mut *self.opened.lock().expect("connections lock"));
-        for (host, result) in opened.values() {
-            if matches!(result.get(), Some(Ok(_)))
-                && let Some(argv) = host.exit_master_argv()
-            {
-                let _ = Command::new(&argv[0])
+        // All at once: a fleet's run would otherwise end with one round trip per host.
+        let exits: Vec<_> = opened
+            .values()
+            .filter(|(_, result)| matches!(result.get(), Some(Ok(_))))
+            .filter_map(|(host, _)| host.exit_master_argv())
+            .filter_map(|argv| {
+                Command::new(&argv[0])
                     .args(&argv[1..])
                     .stdin(Stdio::null())
                     .stdout(Stdio::null())
                     .stderr(Stdio::null())
-                    .status();
-            }
+                    .spawn()
+                    .ok()
+            })
+            .collect();
+        for mut exit in exits {
+            let _ = exit.wait();
         }
         if let Some(dir) = &self.dir {
             let _ = fs::remove_dir_all(dir);

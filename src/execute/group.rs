@@ -116,7 +116,15 @@ pub(super) fn run_group(
         let (code, output) = handle.join().expect("realise thread");
         (code, output, pending)
     });
-    let pending = report_valid(plan, group, pending, started, connections, built);
+    // A realise that succeeded built every toplevel it was given: nothing to ask.
+    let pending = if code == Some(0) {
+        for &i in &pending {
+            let _ = built.send((i, Ok(started.elapsed())));
+        }
+        Vec::new()
+    } else {
+        report_valid(plan, group, pending, started, connections, built)
+    };
     if !pending.is_empty() && crate::interrupt::requested() {
         return stop_all(&pending, "during its build");
     }
