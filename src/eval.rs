@@ -797,10 +797,7 @@ fn worker(
                     return;
                 }
                 for name in std::mem::take(&mut rest) {
-                    let error = Error {
-                        message: format!("{name}: {}", error.message),
-                        ..error.clone()
-                    };
+                    let error = named(&name, error.clone());
                     if !deliver(name, Err(error)) {
                         return;
                     }
@@ -829,10 +826,7 @@ fn arrived(
     let Some(hook) = &nix.vars else {
         return Ok(facts);
     };
-    (hook.0)(name, &facts, settings).map_err(|error| Error {
-        message: format!("{name}: {}", error.message),
-        ..error
-    })?;
+    (hook.0)(name, &facts, settings).map_err(|error| named(name, error))?;
     if facts.drv_path.is_empty() {
         return evaluate_once(
             flake_ref,
@@ -844,17 +838,26 @@ fn arrived(
             },
             Depth::Toplevel,
         )
-        .and_then(|mut e| {
-            e.selected
-                .remove(name)
-                .ok_or_else(|| Error::usage(format!("evaluating machine {name} gave no facts")))
-        })
-        .map_err(|error| Error {
-            message: format!("{name}: {}", error.message),
-            ..error
-        });
+        .and_then(|e| facts_of(e, name))
+        .map_err(|error| named(name, error));
     }
     Ok(facts)
+}
+
+/// Machine `name`'s facts from an evaluation of it.
+fn facts_of(mut evaluation: Evaluation, name: &str) -> Result<MachineFacts, Error> {
+    evaluation
+        .selected
+        .remove(name)
+        .ok_or_else(|| Error::usage(format!("evaluating machine {name} gave no facts")))
+}
+
+/// `error`, its message starting with the machine's name.
+fn named(name: &str, error: Error) -> Error {
+    Error {
+        message: format!("{name}: {}", error.message),
+        ..error
+    }
 }
 
 /// A process's resident memory (KiB), 0 when it cannot be read.
@@ -924,15 +927,8 @@ fn evaluate_machine(
     nix: &NixOptions,
 ) -> Result<MachineFacts, Error> {
     evaluate_one(flake_ref, &[name.to_string()], &[], nix, false)
-        .and_then(|mut e| {
-            e.selected
-                .remove(name)
-                .ok_or_else(|| Error::usage(format!("evaluating machine {name} gave no facts")))
-        })
-        .map_err(|error| Error {
-            message: format!("{name}: {}", error.message),
-            ..error
-        })
+        .and_then(|e| facts_of(e, name))
+        .map_err(|error| named(name, error))
 }
 
 fn evaluate_once(

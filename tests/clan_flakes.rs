@@ -531,38 +531,14 @@ fn a_fast_machine_builds_while_a_slow_one_is_evaluated() {
         &["machines", "update", "--eval-jobs", "2", "--json"],
     );
     assert_eq!(run.code, 0);
-    let report: serde_json::Value = serde_json::from_str(&run.stdout).unwrap();
-    let log = report["machines"][0]["log"].as_str().unwrap();
-    let dir = lab.host("workstation").root().join(
-        std::path::Path::new(log)
-            .parent()
-            .unwrap()
-            .strip_prefix("/root")
-            .unwrap(),
-    );
     // When each machine's realise started, from the build logs' step headers.
+    let lines = run_log_lines(&lab, &run.stdout);
     let started = |drv_name: &str| -> f64 {
-        std::fs::read_dir(&dir)
-            .unwrap()
-            .flatten()
-            .flat_map(|e| {
-                std::fs::read_to_string(e.path())
-                    .unwrap_or_default()
-                    .lines()
-                    .map(str::to_string)
-                    .collect::<Vec<_>>()
-            })
-            .filter(|l| {
-                l.starts_with('@') && l.contains("nix-store --realise") && l.contains(drv_name)
-            })
-            .filter_map(|l| {
-                l[1..]
-                    .split_whitespace()
-                    .next()
-                    .and_then(|t| t.parse().ok())
-            })
-            .next()
+        lines
+            .iter()
+            .find(|(_, l)| l.contains("nix-store --realise") && l.contains(drv_name))
             .unwrap_or_else(|| panic!("no realise of {drv_name} in the logs"))
+            .0
     };
     let fast = started("nixos-system-fast.drv");
     let slow = started("nixos-system-slow.drv");

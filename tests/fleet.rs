@@ -466,29 +466,7 @@ fn a_machine_builds_while_others_are_still_checked() {
         assert!(profile(&lab, t).is_some(), "{t} not deployed");
     }
     // The run's log: each batch's checks, begun and over, and each realise's start.
-    let report: serde_json::Value = serde_json::from_str(&run.stdout).unwrap();
-    let log = report["machines"][0]["log"].as_str().unwrap();
-    let dir = lab.host("workstation").root().join(
-        std::path::Path::new(log)
-            .parent()
-            .unwrap()
-            .strip_prefix("/root")
-            .unwrap(),
-    );
-    let lines: Vec<(f64, String)> = std::fs::read_dir(&dir)
-        .unwrap()
-        .flatten()
-        .flat_map(|e| {
-            std::fs::read_to_string(e.path())
-                .unwrap_or_default()
-                .lines()
-                .filter_map(|l| {
-                    let (t, rest) = l.strip_prefix('@')?.split_once(' ')?;
-                    Some((t.parse().ok()?, rest.to_string()))
-                })
-                .collect::<Vec<_>>()
-        })
-        .collect();
+    let lines = run_log_lines(&lab, &run.stdout);
     let at = |batch: &str, what: &str| -> f64 {
         lines
             .iter()

@@ -208,3 +208,31 @@ pub fn install_age_identity(lab: &Lab) -> age::x25519::Identity {
     .unwrap();
     id
 }
+
+/// Every timestamped line of the run whose `--json` report is `stdout`, from all of its log
+/// files (`@EPOCH rest`), as (when, the rest).
+pub fn run_log_lines(lab: &Lab, stdout: &str) -> Vec<(f64, String)> {
+    let report: serde_json::Value = serde_json::from_str(stdout).unwrap();
+    let log = report["machines"][0]["log"].as_str().unwrap();
+    let dir = lab.host("workstation").root().join(
+        Path::new(log)
+            .parent()
+            .unwrap()
+            .strip_prefix("/root")
+            .unwrap(),
+    );
+    std::fs::read_dir(&dir)
+        .unwrap()
+        .flatten()
+        .flat_map(|e| {
+            std::fs::read_to_string(e.path())
+                .unwrap_or_default()
+                .lines()
+                .filter_map(|l| {
+                    let (t, rest) = l.strip_prefix('@')?.split_once(' ')?;
+                    Some((t.parse().ok()?, rest.to_string()))
+                })
+                .collect::<Vec<_>>()
+        })
+        .collect()
+}
