@@ -525,19 +525,22 @@ pub fn evaluate_stream(
     tags: &[String],
     nix: &NixOptions,
 ) -> Result<(Evaluation, std::sync::mpsc::Receiver<Evaluated>), Error> {
-    // The first worker evaluates the index too, and prints it before its machines: no
-    // evaluation of its own waits before the machines' (one Nix start-up less, and a single
-    // one for a clan of one machine). The others start once the selection is known.
+    // Every worker evaluates the index too (cheap), prints it before its machines and takes
+    // its share of the selection from it; all start at once. The first one's index is the
+    // run's: no evaluation of its own waits before the machines' (a single `nix eval` for a
+    // clan of one machine, with one worker).
     let jobs = nix.eval_jobs.max(1);
     let (tx, rx) = std::sync::mpsc::channel();
     let (index_tx, index_rx) = std::sync::mpsc::channel();
-    {
+    let mut index_tx = Some(index_tx);
+    for worker_number in 0..jobs {
         let (tx, flake_ref, nix) = (tx.clone(), flake_ref.clone(), nix.clone());
         let start = Start::Index {
             wanted: wanted.to_vec(),
             tags: tags.to_vec(),
+            worker: worker_number,
             of: jobs,
-            index: index_tx,
+            index: index_tx.take(),
         };
         std::thread::spawn(move || {
             worker(&flake_ref, start, &nix, None, &mut |name, result| {
@@ -551,27 +554,6 @@ pub fn evaluate_stream(
             flake_ref.shown
         )))
     })?;
-    for worker_number in 1..jobs {
-        let names = share(&index.selected_names, worker_number, jobs);
-        if names.is_empty() {
-            continue;
-        }
-        let (tx, flake_ref, nix, settings) = (
-            tx.clone(),
-            flake_ref.clone(),
-            nix.clone(),
-            index.vars_settings.clone(),
-        );
-        std::thread::spawn(move || {
-            worker(
-                &flake_ref,
-                Start::Names(names),
-                &nix,
-                settings,
-                &mut |name, result| tx.send((name, result)).is_ok(),
-            );
-        });
-    }
     Ok((index, rx))
 }
 
@@ -610,13 +592,15 @@ type Deliver<'a> = dyn FnMut(String, Result<MachineFacts, Error>) -> bool + 'a;
 enum Start {
     /// These machines.
     Names(Vec<String>),
-    /// The selection of `wanted` and `tags`: the index is evaluated first and sent on
-    /// `index` (or why it failed), then the worker's share (the first of `of`).
+    /// The selection of `wanted` and `tags`: the index is evaluated first (and sent on
+    /// `index`, with why it failed, if given), then the worker's share (worker `worker` of
+    /// `of`).
     Index {
         wanted: Vec<String>,
         tags: Vec<String>,
+        worker: usize,
         of: usize,
-        index: std::sync::mpsc::Sender<Result<Evaluation, Error>>,
+        index: Option<std::sync::mpsc::Sender<Result<Evaluation, Error>>>,
     },
 }
 
@@ -644,9 +628,13 @@ fn worker(
         Start::Index {
             wanted,
             tags,
+            worker,
             of,
             index,
-        } => (Default::default(), Some((wanted, tags, of, index))),
+        } => (
+            Default::default(),
+            Some((wanted, tags, (worker, of), index)),
+        ),
     };
     let marker = format!("@@clan-{:016x}", nonce());
     let (facts_line, index_line) = (
@@ -669,7 +657,7 @@ fn worker(
             return;
         }
         let argv = match &first {
-            Some((wanted, tags, of, _)) => eval_argv(
+            Some((wanted, tags, share, _)) => eval_argv(
                 &flake_ref.reference,
                 wanted,
                 tags,
@@ -677,7 +665,7 @@ fn worker(
                 depth,
                 Some(Stream {
                     marker: &marker,
-                    share: Some((0, *of)),
+                    share: Some(*share),
                     index: true,
                 }),
             ),
@@ -704,7 +692,7 @@ fn worker(
         let mut first_machine_kib: Option<u64> = None;
         let output = crate::process::run_watching(&mut command, None, &mut |line, pid| {
             if let Some(json) = line.strip_prefix(&index_line) {
-                let Some((_, _, of, index)) = first.take() else {
+                let Some((_, _, (worker, of), index)) = first.take() else {
                     return true;
                 };
                 let evaluation = serde_json::from_str::<Evaluation>(json).map_err(|e| {
@@ -714,11 +702,12 @@ fn worker(
                     ))
                 });
                 if let Ok(evaluation) = &evaluation {
-                    rest = share(&evaluation.selected_names, 0, of).into();
+                    rest = share(&evaluation.selected_names, worker, of).into();
                     settings = evaluation.vars_settings.clone();
                 }
                 let ok = evaluation.is_ok();
-                if index.send(evaluation).is_err() || !ok {
+                let sent = index.is_none_or(|index| index.send(evaluation).is_ok());
+                if !sent || !ok {
                     wanted_more = false;
                     return false;
                 }
@@ -762,7 +751,11 @@ fn worker(
             Ok(output) => {
                 let stderr = String::from_utf8_lossy(&output.stderr);
                 if let Some((_, _, _, index)) = first.take() {
-                    // No index: the flake itself failed to evaluate.
+                    // No index: the flake itself failed to evaluate (said by the first
+                    // worker; the others end).
+                    let Some(index) = index else {
+                        return;
+                    };
                     let _ = index.send(Err(if output.status.success() {
                         Error::new(format!("evaluating {} gave no machines", flake_ref.shown))
                     } else {
@@ -793,7 +786,9 @@ fn worker(
                     .hint(Hint::text("install Nix (2.8 or newer) on this workstation"))
                 };
                 if let Some((_, _, _, index)) = first.take() {
-                    let _ = index.send(Err(error));
+                    if let Some(index) = index {
+                        let _ = index.send(Err(error));
+                    }
                     return;
                 }
                 for name in std::mem::take(&mut rest) {

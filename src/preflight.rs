@@ -198,8 +198,105 @@ fn max_jobs_setting(config: &str) -> Option<u32> {
         .and_then(|v| v.trim().parse().ok())
 }
 
-/// Runs the preflight for every machine of `plan`.
-pub fn run(plan: &DeployPlan, ctx: &PlanContext, connections: &Connections) -> Findings {
+/// What each target host of `plan`'s machines is checked for (its own probes, by connection
+/// key): the up-to-date check asks them in its round trip, and the preflight takes the
+/// answers ([`run`]'s `answered`).
+pub fn target_probes(
+    plan: &DeployPlan,
+    ctx: &PlanContext,
+) -> BTreeMap<String, Vec<(String, Invocation)>> {
+    let targets: Vec<String> = plan
+        .machines
+        .iter()
+        .map(|m| connection_key(&ctx.ssh_host(&m.machine.target.value, false).address))
+        .collect();
+    // Only what a target answers at once, from its own store: a no-op deploy asks them too.
+    probes_by_host(plan, ctx)
+        .into_iter()
+        .filter(|(key, _)| targets.contains(key))
+        .map(|(key, (_, probes))| {
+            let cheap = probes
+                .0
+                .into_iter()
+                .filter(|(name, _)| name == NIX || name == PROFILE)
+                .collect();
+            (key, cheap)
+        })
+        .collect()
+}
+
+/// Runs the preflight for every machine of `plan`. `answered`: hosts whose own probes were
+/// answered already (in the up-to-date check's round trip), by connection key: they are not
+/// asked again when every probe of theirs is there.
+pub fn run(
+    plan: &DeployPlan,
+    ctx: &PlanContext,
+    connections: &Connections,
+    answered: &BTreeMap<String, BTreeMap<String, (i32, String)>>,
+) -> Findings {
+    let hosts = probes_by_host(plan, ctx);
+    // Every host's own probes that were not answered yet, and each second hop apart (they
+    // may each wait on a slow target), all at once; the second hops share their build host's
+    // connection.
+    let results: BTreeMap<String, HostResults> = std::thread::scope(|scope| {
+        let handles: Vec<_> = hosts
+            .iter()
+            .flat_map(|(key, (host, probes))| {
+                let own: Vec<(String, Invocation)> = probes
+                    .0
+                    .iter()
+                    .filter(|(name, _)| !answered.get(key).is_some_and(|a| a.contains_key(name)))
+                    .cloned()
+                    .collect();
+                (!own.is_empty())
+                    .then_some(own)
+                    .into_iter()
+                    .chain(probes.1.iter().map(|hop| vec![hop.clone()]))
+                    .map(move |list| {
+                        scope.spawn(move || (key.clone(), probe(host, list, connections)))
+                    })
+            })
+            .collect();
+        let mut merged: BTreeMap<String, HostResults> = hosts
+            .keys()
+            .filter_map(|key| Some((key.clone(), Ok(answered.get(key)?.clone()))))
+            .collect();
+        for handle in handles {
+            let (key, result) = handle.join().expect("probe thread");
+            match (merged.get_mut(&key), result) {
+                (None, result) => {
+                    merged.insert(key, result);
+                }
+                (Some(Ok(all)), Ok(more)) => all.extend(more),
+                (Some(slot @ Ok(_)), Err(e)) => *slot = Err(e),
+                (Some(Err(_)), _) => {}
+            }
+        }
+        merged
+    });
+
+    let mut findings = Findings::default();
+    for m in &plan.machines {
+        let name = &m.machine.name;
+        findings.problems.extend(
+            check_machine(&m.machine, ctx, &results)
+                .into_iter()
+                .map(|problem| (name.clone(), problem)),
+        );
+    }
+    for (key, result) in &results {
+        if let Ok(probes) = result
+            && let Some((0, config)) = probes.get(CONFIG)
+            && let Some(n) = max_jobs_setting(config)
+        {
+            findings.max_jobs.insert(key.clone(), n);
+        }
+    }
+    findings
+}
+
+/// What each host of `plan` must be checked for, by connection key.
+fn probes_by_host(plan: &DeployPlan, ctx: &PlanContext) -> BTreeMap<String, (ProbeHost, Probes)> {
     // Collect what each host must be checked for.
     let mut hosts: BTreeMap<String, (ProbeHost, Probes)> = BTreeMap::new();
     // `build`: only the hops to where it builds (a target that builds for itself included).
@@ -249,52 +346,7 @@ pub fn run(plan: &DeployPlan, ctx: &PlanContext, connections: &Connections) -> F
         }
     }
 
-    // Every host's own probes, and each second hop apart (they may each wait on a slow
-    // target), all at once; the second hops share their build host's connection.
-    let results: BTreeMap<String, HostResults> = std::thread::scope(|scope| {
-        let handles: Vec<_> = hosts
-            .iter()
-            .flat_map(|(key, (host, probes))| {
-                std::iter::once(probes.0.clone())
-                    .chain(probes.1.iter().map(|hop| vec![hop.clone()]))
-                    .map(move |list| {
-                        scope.spawn(move || (key.clone(), probe(host, list, connections)))
-                    })
-            })
-            .collect();
-        let mut merged: BTreeMap<String, HostResults> = BTreeMap::new();
-        for handle in handles {
-            let (key, result) = handle.join().expect("probe thread");
-            match (merged.get_mut(&key), result) {
-                (None, result) => {
-                    merged.insert(key, result);
-                }
-                (Some(Ok(all)), Ok(more)) => all.extend(more),
-                (Some(slot @ Ok(_)), Err(e)) => *slot = Err(e),
-                (Some(Err(_)), _) => {}
-            }
-        }
-        merged
-    });
-
-    let mut findings = Findings::default();
-    for m in &plan.machines {
-        let name = &m.machine.name;
-        findings.problems.extend(
-            check_machine(&m.machine, ctx, &results)
-                .into_iter()
-                .map(|problem| (name.clone(), problem)),
-        );
-    }
-    for (key, result) in &results {
-        if let Ok(probes) = result
-            && let Some((0, config)) = probes.get(CONFIG)
-            && let Some(n) = max_jobs_setting(config)
-        {
-            findings.max_jobs.insert(key.clone(), n);
-        }
-    }
-    findings
+    hosts
 }
 
 fn probes_of(hosts: &mut BTreeMap<String, (ProbeHost, Probes)>, host: ProbeHost) -> &mut Probes {

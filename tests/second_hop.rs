@@ -378,6 +378,26 @@ fn ssh_logins_per_host_for_one_deploy() {
         2,
         "shared connection + fresh confirmation"
     );
+    // Every round trip is accounted for: a new one changes these figures on purpose.
+    let target_sessions = lab.host("target").sessions_by_source();
+    let builder_sessions = lab.host("builder").sessions_by_source();
+    println!(
+        "sessions: workstation → builder {}, workstation → target {}, builder → target {}",
+        count(&builder_sessions, ws),
+        count(&target_sessions, ws),
+        count(&target_sessions, lab.ip("builder"))
+    );
+    assert_eq!(
+        count(&target_sessions, ws),
+        7,
+        "the up-to-date check with the preflight's probes; verify, summary, lock, prepare, \
+         switch; the confirmation"
+    );
+    assert_eq!(
+        count(&target_sessions, lab.ip("builder")),
+        2,
+        "the preflight's second hop, the copy"
+    );
     let quiet = clan(&lab, &flake, &["machines", "update", "m", "--no-rollback"]);
     assert_eq!(quiet.code, 0);
     assert_eq!(

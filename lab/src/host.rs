@@ -172,6 +172,22 @@ impl Host {
         logins
     }
 
+    /// Sessions (commands run, shells) this host's sshd started, by source address: each
+    /// round trip over a connection is one (sshd's `Starting session` lines, LogLevel
+    /// VERBOSE).
+    pub fn sessions_by_source(&self) -> BTreeMap<String, usize> {
+        let mut sessions = BTreeMap::new();
+        for line in self.sshd_log().lines() {
+            if let Some(rest) = line.split("Starting session: ").nth(1)
+                && let Some(from) = rest.split(" from ").nth(1)
+                && let Some(ip) = from.split_whitespace().next()
+            {
+                *sessions.entry(ip.to_string()).or_insert(0) += 1;
+            }
+        }
+        sessions
+    }
+
     /// Number of store paths in this host's store.
     pub fn store_entries(&self) -> usize {
         fs::read_dir(self.nix().join("store"))

@@ -8,7 +8,7 @@
 mod hosts;
 mod stream;
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Mutex;
 
 use crate::boundary::MachineName;
@@ -53,6 +53,8 @@ pub struct Deployment {
     sudo_turn: Mutex<()>,
     /// Every problem the preflight found, in the order found, and the log that holds them.
     preflight: Mutex<(Vec<Error>, Option<std::path::PathBuf>)>,
+    /// A machine failed, with `--fail-fast`: no batch starts a copy or activation after it.
+    failed: std::sync::atomic::AtomicBool,
 }
 
 impl Deployment {
@@ -67,6 +69,7 @@ impl Deployment {
             logs,
             sudo_turn: Mutex::new(()),
             preflight: Mutex::new((Vec::new(), None)),
+            failed: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
@@ -224,8 +227,16 @@ impl Deployment {
         // Machines whose target runs this very system have nothing to do (unless a
         // specialisation of it is asked for: the target may run the system itself).
         let mut lacking = BTreeSet::new();
+        let mut answered = BTreeMap::new();
         if !self.settings.reactivate && ctx.specialisation.is_none() {
-            let checked = up_to_date(&plan, &self.connections, &self.logs);
+            // The preflight's probes of the targets go with it: one round trip each.
+            let also = if self.settings.preflight {
+                crate::preflight::target_probes(&plan, &ctx)
+            } else {
+                BTreeMap::new()
+            };
+            let checked = up_to_date(&plan, &self.connections, &self.logs, &also);
+            answered = checked.answered;
             lacking = checked.lacking;
             for report in checked.reports {
                 crate::progress::line(&format!(
@@ -248,7 +259,7 @@ impl Deployment {
         }
         announce(&plan, &ctx);
         if self.settings.preflight {
-            let (good, failed) = self.preflight(&plan, &mut ctx, progress, all);
+            let (good, failed) = self.preflight(&plan, &mut ctx, progress, all, &answered);
             reports.extend(failed);
             if good.is_empty() {
                 return Ok(reports);
@@ -279,6 +290,7 @@ impl Deployment {
             &progress,
             self.settings.run,
             &lacking,
+            &self.failed,
         ));
         Ok(reports)
     }
@@ -318,6 +330,7 @@ impl Deployment {
         ctx: &mut PlanContext,
         progress: &Progress,
         all: &[String],
+        answered: &BTreeMap<String, BTreeMap<String, (i32, String)>>,
     ) -> (Vec<ResolvedMachine>, Vec<MachineReport>) {
         progress.event("Preflight: checking every hop…");
         if progress.is_live() {
@@ -327,7 +340,7 @@ impl Deployment {
                 }
             }
         }
-        let findings = crate::preflight::run(plan, ctx, &self.connections);
+        let findings = crate::preflight::run(plan, ctx, &self.connections, answered);
         ctx.builder_max_jobs = findings.max_jobs;
         if findings.problems.is_empty() {
             progress.event("Preflight: all hops ok.");
@@ -403,13 +416,20 @@ struct Checked {
     rest: Vec<ResolvedMachine>,
     /// Targets without the target-state record (see [`crate::execute::up_to_date`]).
     lacking: BTreeSet<String>,
+    /// The preflight's probes the targets answered in the same round trip.
+    answered: BTreeMap<String, BTreeMap<String, (i32, String)>>,
 }
 
 /// Splits off the machines with nothing to do ([`crate::execute::up_to_date`]). A machine
 /// whose target runs the system but has an activation that an earlier run left unconfirmed
 /// is not up to date: it gets a line, and it is deployed again.
-fn up_to_date(plan: &DeployPlan, connections: &Connections, logs: &Logs) -> Checked {
-    let checked = crate::execute::up_to_date(plan, connections, logs);
+fn up_to_date(
+    plan: &DeployPlan,
+    connections: &Connections,
+    logs: &Logs,
+    also: &BTreeMap<String, Vec<(String, crate::ssh::Invocation)>>,
+) -> Checked {
+    let checked = crate::execute::up_to_date(plan, connections, logs, also);
     for (&i, runs) in &checked.pending {
         let m = &plan.machines[i].machine;
         let runs = if runs.iter().any(|r| r == "unknown") {
@@ -444,6 +464,7 @@ fn up_to_date(plan: &DeployPlan, connections: &Connections, logs: &Logs) -> Chec
         reports,
         rest,
         lacking,
+        answered: checked.answered,
     }
 }
 

@@ -109,14 +109,28 @@ pub struct TargetsChecked {
     /// Machines whose target has activations that earlier runs left unconfirmed (their
     /// run ids, or `unknown`): not up to date, whatever it runs, until a deploy confirms.
     pub pending: BTreeMap<usize, Vec<String>>,
+    /// The preflight's probes the targets answered in the same round trip, by connection
+    /// key ([`crate::preflight::run`]).
+    pub answered: BTreeMap<String, BTreeMap<String, (i32, String)>>,
 }
+
+/// The probe name the up-to-date check's answer has when it shares its round trip with the
+/// preflight's probes.
+const STATE_PROBE: &str = "clan-target-state";
 
 /// The machines of `plan` that have nothing to do: their target runs the very system and
 /// (for `switch`) its profile points to it, and they upload no secrets. One round trip
 /// each, over the target's shared connection, all at once; a target that cannot be asked
 /// is not up to date (the deploy then finds out why).
 /// What ssh said when a target could not be asked is in the run's `up-to-date` log.
-pub fn up_to_date(plan: &DeployPlan, connections: &Connections, logs: &Logs) -> TargetsChecked {
+/// `also`: the preflight's probes of each target (by connection key), asked in the same
+/// round trip; their answers are in [`TargetsChecked::answered`].
+pub fn up_to_date(
+    plan: &DeployPlan,
+    connections: &Connections,
+    logs: &Logs,
+    also: &BTreeMap<String, Vec<(String, crate::ssh::Invocation)>>,
+) -> TargetsChecked {
     let candidates: Vec<usize> = plan
         .machines
         .iter()
@@ -126,7 +140,12 @@ pub fn up_to_date(plan: &DeployPlan, connections: &Connections, logs: &Logs) -> 
         })
         .map(|(i, _)| i)
         .collect();
-    type Answer = (TargetState, bool, Vec<String>);
+    type Answer = (
+        TargetState,
+        bool,
+        Vec<String>,
+        Option<(String, BTreeMap<String, (i32, String)>)>,
+    );
     let states: Vec<(usize, Option<Answer>)> = thread::scope(|scope| {
         let handles: Vec<_> = candidates
             .iter()
@@ -137,7 +156,48 @@ pub fn up_to_date(plan: &DeployPlan, connections: &Connections, logs: &Logs) -> 
                     if let Runner::Remote { host, .. } = &check.runner {
                         let _ = connections.open(host);
                     }
-                    let out = quiet(check, connections).ok()?;
+                    // With the preflight's probes of this target, in one round trip.
+                    let shared = match &check.runner {
+                        Runner::Remote {
+                            host,
+                            command: crate::ssh::RemoteCommand::Run(state),
+                            ..
+                        } => also
+                            .get(&crate::plan::connection_key(&host.address))
+                            .map(|probes| (host, state, probes)),
+                        _ => None,
+                    };
+                    let (out, answered) = match shared {
+                        Some((host, state, probes)) => {
+                            let mut probes = probes.clone();
+                            probes.push((STATE_PROBE.to_string(), state.clone()));
+                            let argv = host.ssh_argv(
+                                crate::ssh::Side::Workstation,
+                                &crate::ssh::RemoteCommand::Probes(probes),
+                            );
+                            let mut out = step::session_of(check, connections)
+                                .run(|| {
+                                    crate::process::run(
+                                        std::process::Command::new(&argv[0]).args(&argv[1..]),
+                                        None,
+                                    )
+                                })
+                                .ok()?;
+                            let mut answers =
+                                crate::ssh::parse_probes(&String::from_utf8_lossy(&out.stdout));
+                            // The state's exit and output, as if it had run alone; ssh's own
+                            // failure (nothing answered) stays as it is.
+                            if let Some((code, output)) = answers.remove(STATE_PROBE) {
+                                out.status = std::os::unix::process::ExitStatusExt::from_raw(
+                                    (code & 0xff) << 8,
+                                );
+                                out.stdout = output.into_bytes();
+                            }
+                            let key = crate::plan::connection_key(&host.address);
+                            (out, (!answers.is_empty()).then_some((key, answers)))
+                        }
+                        None => (quiet(check, connections).ok()?, None),
+                    };
                     let state = TargetState::from_exit(out.status.code());
                     let stdout = String::from_utf8_lossy(&out.stdout);
                     let profile = stdout.lines().any(|l| l == "profile-current");
@@ -158,7 +218,8 @@ pub fn up_to_date(plan: &DeployPlan, connections: &Connections, logs: &Logs) -> 
                             ),
                         );
                     }
-                    matches!(out.status.code(), Some(0..=2)).then_some((state, profile, pending))
+                    matches!(out.status.code(), Some(0..=2))
+                        .then_some((state, profile, pending, answered))
                 })
             })
             .collect();
@@ -169,17 +230,20 @@ pub fn up_to_date(plan: &DeployPlan, connections: &Connections, logs: &Logs) -> 
             .collect()
     });
     let mut checked = TargetsChecked::default();
-    for (i, state) in states {
+    for (i, mut state) in states {
+        if let Some((key, answers)) = state.as_mut().and_then(|s| s.3.take()) {
+            checked.answered.insert(key, answers);
+        }
         match state {
-            Some((TargetState::Running, profile, _))
+            Some((TargetState::Running, profile, ..))
                 if profile || plan.machines[i].action == Action::Test =>
             {
                 checked.up_to_date.insert(i);
             }
-            Some((TargetState::Absent, _, _)) => {
+            Some((TargetState::Absent, ..)) => {
                 checked.lacking.insert(i);
             }
-            Some((_, _, pending)) if !pending.is_empty() => {
+            Some((_, _, pending, _)) if !pending.is_empty() => {
                 checked.pending.insert(i, pending);
             }
             _ => {}
@@ -290,7 +354,8 @@ type Built = (usize, Result<Duration, Error>);
 
 /// Runs the plan; returns one report per machine, in the plan's order.
 /// `lacking`: machines whose target the up-to-date check found without the system; their
-/// present check is not asked again.
+/// present check is not asked again. `stop`: with `--fail-fast`, set by the first failure
+/// (of this plan or of another running beside it), after which no copy or activation starts.
 pub fn run_plan(
     plan: &DeployPlan,
     connections: &Connections,
@@ -298,8 +363,8 @@ pub fn run_plan(
     progress: &Progress,
     options: RunOptions,
     lacking: &BTreeSet<String>,
+    stop: &AtomicBool,
 ) -> Vec<MachineReport> {
-    let stop = AtomicBool::new(false);
     let jobs = Semaphore::new(options.jobs);
     let sinks: Vec<LogSink> = plan
         .machines
