@@ -230,20 +230,15 @@ let
         recipients = tryOr { } (s.recipients or { });
       };
   };
-  # An evaluation worker (`null`: none): its machines one after the other, each machine's
-  # facts on standard error (a trace line starting with the run's marker) as soon as they
-  # are known; its share of the selection (`null`: all of it); the index first, if asked.
-  stream = @STREAM@;
-  share =
-    if stream.share == null then names
-    else map (builtins.elemAt names) (builtins.filter (i: i - (i / stream.share.of) * stream.share.of == stream.share.worker) (builtins.genList (i: i) (builtins.length names)));
-  streamFacts = builtins.foldl' (count: n: builtins.trace (stream.marker + " facts " + builtins.toJSON { name = n; facts = facts n; }) (count + 1)) 0 share;
+  # An evaluation worker's marker (`null`: none): its machines one after the other, each
+  # machine's facts on standard error (a trace line starting with the marker) as soon as
+  # they are known.
+  marker = @STREAM@;
 in index // {
   selected = if @FACTS@ then builtins.listToAttrs (map (n: { name = n; value = facts n; }) names) else { };
   streamed =
-    if stream == null then 0
-    else if stream.index then builtins.trace (stream.marker + " index " + builtins.toJSON index) streamFacts
-    else streamFacts;
+    if marker == null then 0
+    else builtins.foldl' (count: n: builtins.trace (marker + " facts " + builtins.toJSON { name = n; facts = facts n; }) (count + 1)) 0 names;
 }"#;
 
 /// A Nix string literal for `s`: JSON escaping plus `$` escaped, so `${` never interpolates.
@@ -357,39 +352,15 @@ fn eval_command_with(
     eval_argv(flake, wanted, tags, nix, depth, None)
 }
 
-/// What an evaluation worker's `nix eval` prints as it goes (see [`worker`]).
-#[derive(Debug, Clone, Copy)]
-struct Stream<'a> {
-    /// Each trace line of the worker's starts with it.
-    marker: &'a str,
-    /// Its share of the selection (worker, of how many), else all of it.
-    share: Option<(usize, usize)>,
-    /// The index (names, tags, selection) first.
-    index: bool,
-}
-
-impl Stream<'_> {
-    fn nix(&self) -> String {
-        let share = self.share.map_or("null".to_string(), |(worker, of)| {
-            format!("{{ worker = {worker}; of = {of}; }}")
-        });
-        format!(
-            "{{ marker = {}; share = {share}; index = {}; }}",
-            nix_string(self.marker),
-            self.index
-        )
-    }
-}
-
-/// The `nix eval` argv; with `stream`, the machines' facts come as trace lines that start
-/// with its marker, one machine after the other, instead of in the result.
+/// The `nix eval` argv; with `stream` (a marker), the machines' facts come as trace lines
+/// that start with it, one machine after the other, instead of in the result.
 fn eval_argv(
     flake: &str,
     wanted: &[String],
     tags: &[String],
     nix: &NixOptions,
     depth: Depth,
-    stream: Option<Stream<'_>>,
+    stream: Option<&str>,
 ) -> Vec<String> {
     let mut argv: Vec<String> = vec![
         "nix".into(),
@@ -417,7 +388,7 @@ fn eval_argv(
                     "true"
                 },
             )
-            .replace("@STREAM@", &stream.map_or("null".to_string(), |s| s.nix()))
+            .replace("@STREAM@", &stream.map_or("null".to_string(), nix_string))
             .replace(
                 "@TOPLEVEL@",
                 match depth {
@@ -466,16 +437,10 @@ pub fn evaluate(
         for names in partition(&index.selected_names, jobs) {
             let (results, settings) = (&results, &settings);
             scope.spawn(move || {
-                worker(
-                    flake_ref,
-                    Start::Names(names),
-                    nix,
-                    settings.clone(),
-                    &mut |name, one| {
-                        results.lock().expect("results").push((name, one));
-                        true
-                    },
-                );
+                worker(flake_ref, names, nix, settings.clone(), &mut |name, one| {
+                    results.lock().expect("results").push((name, one));
+                    true
+                });
             });
         }
     });
@@ -525,47 +490,24 @@ pub fn evaluate_stream(
     tags: &[String],
     nix: &NixOptions,
 ) -> Result<(Evaluation, std::sync::mpsc::Receiver<Evaluated>), Error> {
-    // Every worker evaluates the index too (cheap), prints it before its machines and takes
-    // its share of the selection from it; all start at once. The first one's index is the
-    // run's: no evaluation of its own waits before the machines' (a single `nix eval` for a
-    // clan of one machine, with one worker).
-    let jobs = nix.eval_jobs.max(1);
+    // The index alone first: the store is opened (made, on a new machine) by one Nix
+    // process before the workers start, all at once.
+    let index = evaluate_once(flake_ref, wanted, tags, nix, Depth::Index)?;
     let (tx, rx) = std::sync::mpsc::channel();
-    let (index_tx, index_rx) = std::sync::mpsc::channel();
-    let mut index_tx = Some(index_tx);
-    for worker_number in 0..jobs {
-        let (tx, flake_ref, nix) = (tx.clone(), flake_ref.clone(), nix.clone());
-        let start = Start::Index {
-            wanted: wanted.to_vec(),
-            tags: tags.to_vec(),
-            worker: worker_number,
-            of: jobs,
-            index: index_tx.take(),
-        };
+    for names in partition(&index.selected_names, nix.eval_jobs) {
+        let (tx, flake_ref, nix, settings) = (
+            tx.clone(),
+            flake_ref.clone(),
+            nix.clone(),
+            index.vars_settings.clone(),
+        );
         std::thread::spawn(move || {
-            worker(&flake_ref, start, &nix, None, &mut |name, result| {
+            worker(&flake_ref, names, &nix, settings, &mut |name, result| {
                 tx.send((name, result)).is_ok()
             });
         });
     }
-    let index = index_rx.recv().unwrap_or_else(|_| {
-        Err(Error::new(format!(
-            "evaluating {} ended without its machines",
-            flake_ref.shown
-        )))
-    })?;
     Ok((index, rx))
-}
-
-/// Worker `worker`'s share of the selection `names` among `of` workers: the names at the
-/// positions it has modulo `of`, in order (as the evaluation's own `share` computes it).
-fn share(names: &[String], worker: usize, of: usize) -> Vec<String> {
-    names
-        .iter()
-        .enumerate()
-        .filter(|(i, _)| i % of.max(1) == worker)
-        .map(|(_, n)| n.clone())
-        .collect()
 }
 
 /// `names` dealt out to at most `jobs` evaluation workers (none empty).
@@ -588,66 +530,32 @@ const WORKER_MEMORY_LIMIT_KIB: u64 = 1536 * 1024;
 /// nobody wants more.
 type Deliver<'a> = dyn FnMut(String, Result<MachineFacts, Error>) -> bool + 'a;
 
-/// What an evaluation worker starts with.
-enum Start {
-    /// These machines.
-    Names(Vec<String>),
-    /// The selection of `wanted` and `tags`: the index is evaluated first (and sent on
-    /// `index`, with why it failed, if given), then the worker's share (worker `worker` of
-    /// `of`).
-    Index {
-        wanted: Vec<String>,
-        tags: Vec<String>,
-        worker: usize,
-        of: usize,
-        index: Option<std::sync::mpsc::Sender<Result<Evaluation, Error>>>,
-    },
-}
-
-/// An evaluation worker: its machines evaluated in one `nix eval` (one Nix start-up and one
+/// An evaluation worker: `names` evaluated in one `nix eval` (one Nix start-up and one
 /// flake lock for them all), each machine's facts delivered as soon as Nix has them. With a
 /// vars hook, a machine's missing vars are generated as it arrives (and it is evaluated
 /// again when its system needed them). The `nix eval` is started again for the machines
-/// left when it passes [`WORKER_MEMORY_LIMIT_KIB`]; when it fails, the machine it was
-/// evaluating is evaluated alone (its own error, or its facts if the failure was not its)
-/// and the rest go on: one machine's error fails that machine only. Started with
-/// [`Start::Index`], a failure before the index is the evaluation's error, sent there.
+/// left when it grows (see below); when it fails, the machine it was evaluating is
+/// evaluated alone (its own error, or its facts if the failure was not its) and the rest go
+/// on: one machine's error fails that machine only.
 fn worker(
     flake_ref: &FlakeRef,
-    start: Start,
+    mut names: Vec<String>,
     nix: &NixOptions,
-    mut settings: Option<crate::vars::VarsSettings>,
+    settings: Option<crate::vars::VarsSettings>,
     deliver: &mut Deliver<'_>,
 ) {
-    let (mut rest, mut first): (std::collections::VecDeque<String>, _) = match start {
-        Start::Names(mut names) => {
-            // Nix evaluates them in the order of `attrNames`: bytewise.
-            names.sort();
-            (names.into(), None)
-        }
-        Start::Index {
-            wanted,
-            tags,
-            worker,
-            of,
-            index,
-        } => (
-            Default::default(),
-            Some((wanted, tags, (worker, of), index)),
-        ),
-    };
+    // Nix evaluates them in the order of `attrNames`: bytewise.
+    names.sort();
+    let mut rest: std::collections::VecDeque<String> = names.into();
     let marker = format!("@@clan-{:016x}", nonce());
-    let (facts_line, index_line) = (
-        format!("trace: {marker} facts "),
-        format!("trace: {marker} index "),
-    );
+    let facts_line = format!("trace: {marker} facts ");
     let depth = if nix.vars.is_some() {
         Depth::TryToplevel
     } else {
         Depth::Toplevel
     };
-    while first.is_some() || !rest.is_empty() {
-        if first.is_none() && (rest.len() == 1 || crate::interrupt::requested()) {
+    while !rest.is_empty() {
+        if rest.len() == 1 || crate::interrupt::requested() {
             for name in std::mem::take(&mut rest) {
                 let result = evaluate_machine(flake_ref, &name, nix);
                 if !deliver(name, result) {
@@ -656,32 +564,14 @@ fn worker(
             }
             return;
         }
-        let argv = match &first {
-            Some((wanted, tags, share, _)) => eval_argv(
-                &flake_ref.reference,
-                wanted,
-                tags,
-                nix,
-                depth,
-                Some(Stream {
-                    marker: &marker,
-                    share: Some(*share),
-                    index: true,
-                }),
-            ),
-            None => eval_argv(
-                &flake_ref.reference,
-                &rest.iter().cloned().collect::<Vec<_>>(),
-                &[],
-                nix,
-                depth,
-                Some(Stream {
-                    marker: &marker,
-                    share: None,
-                    index: false,
-                }),
-            ),
-        };
+        let argv = eval_argv(
+            &flake_ref.reference,
+            &rest.iter().cloned().collect::<Vec<_>>(),
+            &[],
+            nix,
+            depth,
+            Some(&marker),
+        );
         let mut command = Command::new(&argv[0]);
         command.args(&argv[1..]);
         if let Some(dir) = &flake_ref.dir {
@@ -691,28 +581,6 @@ fn worker(
         let mut restart = false;
         let mut first_machine_kib: Option<u64> = None;
         let output = crate::process::run_watching(&mut command, None, &mut |line, pid| {
-            if let Some(json) = line.strip_prefix(&index_line) {
-                let Some((_, _, (worker, of), index)) = first.take() else {
-                    return true;
-                };
-                let evaluation = serde_json::from_str::<Evaluation>(json).map_err(|e| {
-                    Error::usage(format!(
-                        "the flake {} evaluated to something unexpected: {e}",
-                        flake_ref.shown
-                    ))
-                });
-                if let Ok(evaluation) = &evaluation {
-                    rest = share(&evaluation.selected_names, worker, of).into();
-                    settings = evaluation.vars_settings.clone();
-                }
-                let ok = evaluation.is_ok();
-                let sent = index.is_none_or(|index| index.send(evaluation).is_ok());
-                if !sent || !ok {
-                    wanted_more = false;
-                    return false;
-                }
-                return true;
-            }
             let Some(json) = line.strip_prefix(&facts_line) else {
                 return true;
             };
@@ -750,19 +618,6 @@ fn worker(
         match output {
             Ok(output) => {
                 let stderr = String::from_utf8_lossy(&output.stderr);
-                if let Some((_, _, _, index)) = first.take() {
-                    // No index: the flake itself failed to evaluate (said by the first
-                    // worker; the others end).
-                    let Some(index) = index else {
-                        return;
-                    };
-                    let _ = index.send(Err(if output.status.success() {
-                        Error::new(format!("evaluating {} gave no machines", flake_ref.shown))
-                    } else {
-                        evaluation_error(&flake_ref.shown, &stderr, nix.show_trace)
-                    }));
-                    return;
-                }
                 print_warnings(&stderr);
                 if !output.status.success() && !restart {
                     // The machine it was evaluating (the first one left) caused it, or not:
@@ -785,12 +640,6 @@ fn worker(
                     ))
                     .hint(Hint::text("install Nix (2.8 or newer) on this workstation"))
                 };
-                if let Some((_, _, _, index)) = first.take() {
-                    if let Some(index) = index {
-                        let _ = index.send(Err(error));
-                    }
-                    return;
-                }
                 for name in std::mem::take(&mut rest) {
                     let error = named(&name, error.clone());
                     if !deliver(name, Err(error)) {

@@ -403,17 +403,18 @@ fn bench(clan: &str, sizes: &[usize]) -> ExitCode {
         let epoch_started = epoch();
         let started = Instant::now();
         let sampler = CpuSampler::start();
-        let out = lab.run_on_workstation(
-            &flake,
-            &[
-                clan,
-                "machines",
-                "update",
-                "--json",
-                "--log-format",
-                "plain",
-            ],
-        );
+        // CLAN_BENCH_ARGS: more arguments for this run (quick looks at one flag's effect).
+        let extra = std::env::var("CLAN_BENCH_ARGS").unwrap_or_default();
+        let mut argv = vec![
+            clan,
+            "machines",
+            "update",
+            "--json",
+            "--log-format",
+            "plain",
+        ];
+        argv.extend(extra.split_whitespace());
+        let out = lab.run_on_workstation(&flake, &argv);
         let tool = started.elapsed().as_secs_f64();
         let samples = sampler.stop();
         assert!(
@@ -485,7 +486,11 @@ fn bench(clan: &str, sizes: &[usize]) -> ExitCode {
             &[clan, "machines", "update", "--log-format", "plain"],
         );
         let noop = started.elapsed().as_secs_f64();
-        assert!(out.status.success(), "re-deploy failed");
+        assert!(
+            out.status.success(),
+            "re-deploy failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         drop(lab);
 
         eprintln!("N = {n}: sequential baseline…");
@@ -577,7 +582,11 @@ fn bench(clan: &str, sizes: &[usize]) -> ExitCode {
             ],
         );
         let build_jobs = started.elapsed().as_secs_f64();
-        assert!(out.status.success(), "deploy with --build-jobs failed");
+        assert!(
+            out.status.success(),
+            "deploy with --build-jobs failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         all.push(Figures {
             n,
             tool,
