@@ -160,32 +160,28 @@ impl Host {
 
     /// Successful ssh logins to this host, by source address (from sshd's log).
     pub fn logins_by_source(&self) -> BTreeMap<String, usize> {
-        let mut logins = BTreeMap::new();
-        for line in self.sshd_log().lines() {
-            if let Some(rest) = line.split("Accepted publickey for ").nth(1)
-                && let Some(from) = rest.split(" from ").nth(1)
-                && let Some(ip) = from.split_whitespace().next()
-            {
-                *logins.entry(ip.to_string()).or_insert(0) += 1;
-            }
-        }
-        logins
+        self.sshd_lines_by_source("Accepted publickey for ")
     }
 
     /// Sessions (commands run, shells) this host's sshd started, by source address: each
     /// round trip over a connection is one (sshd's `Starting session` lines, LogLevel
     /// VERBOSE).
     pub fn sessions_by_source(&self) -> BTreeMap<String, usize> {
-        let mut sessions = BTreeMap::new();
+        self.sshd_lines_by_source("Starting session: ")
+    }
+
+    /// How many of this host's sshd log lines hold `marker`, by the source address after it.
+    fn sshd_lines_by_source(&self, marker: &str) -> BTreeMap<String, usize> {
+        let mut counts = BTreeMap::new();
         for line in self.sshd_log().lines() {
-            if let Some(rest) = line.split("Starting session: ").nth(1)
+            if let Some(rest) = line.split(marker).nth(1)
                 && let Some(from) = rest.split(" from ").nth(1)
                 && let Some(ip) = from.split_whitespace().next()
             {
-                *sessions.entry(ip.to_string()).or_insert(0) += 1;
+                *counts.entry(ip.to_string()).or_insert(0) += 1;
             }
         }
-        sessions
+        counts
     }
 
     /// Number of store paths in this host's store.
