@@ -54,31 +54,7 @@ fn canary_then_batches_stop_at_an_unhealthy_machine(kind: HostKind) {
 
     let v2 = fleet(&lab, &names, "v2", true);
     let v2_out: Vec<String> = names.iter().map(|m| toplevel(&lab, &v2, m)).collect();
-    let dry = clan(
-        &lab,
-        &v2,
-        &[
-            "machines",
-            "update",
-            "--batch-size",
-            "2",
-            "--canary",
-            "m1",
-            "--dry-run",
-            "--rollback-on-unhealthy",
-        ],
-    );
-    assert_eq!(dry.code, 0);
-    // What an unhealthy machine would do is part of the printed plan.
-    assert!(dry.stdout.contains(&format!(
-        "      if the health check fails (--rollback-on-unhealthy):\n        [target root@{}] clan-activate revert ",
-        lab.ip("m3")
-    )));
-    assert!(dry.stdout.contains("batch 1 (canary): m1"));
-    assert!(dry.stdout.contains("batch 2: m2, m3"));
-    assert!(dry.stdout.contains("batch 3: m4, m5"));
-
-    // The rollout, run twice below.
+    // The rollout, planned here and run twice below.
     let rollout = [
         "machines",
         "update",
@@ -89,6 +65,19 @@ fn canary_then_batches_stop_at_an_unhealthy_machine(kind: HostKind) {
         "--rollback-on-unhealthy",
         "--json",
     ];
+    let mut planned = rollout[..rollout.len() - 1].to_vec();
+    planned.push("--dry-run");
+    let dry = clan(&lab, &v2, &planned);
+    assert_eq!(dry.code, 0);
+    // What an unhealthy machine would do is part of the printed plan.
+    assert!(dry.stdout.contains(&format!(
+        "      if the health check fails (--rollback-on-unhealthy):\n        [target root@{}] clan-activate revert ",
+        lab.ip("m3")
+    )));
+    assert!(dry.stdout.contains("batch 1 (canary): m1"));
+    assert!(dry.stdout.contains("batch 2: m2, m3"));
+    assert!(dry.stdout.contains("batch 3: m4, m5"));
+
     let run = clan(&lab, &v2, &rollout);
     assert_eq!(
         run.code, 3,

@@ -551,6 +551,16 @@ mod tests {
 
     /// [`fix`] of peer1's `new-service/a-secret`, opened with the admin's key.
     fn fix_as_admin(repo: &Repo, dir: &Path, deploy: bool, groups: &[String]) -> Vec<PathBuf> {
+        try_fix_as_admin(repo, dir, deploy, groups).unwrap()
+    }
+
+    /// [`fix_as_admin`], its refusal returned.
+    fn try_fix_as_admin(
+        repo: &Repo,
+        dir: &Path,
+        deploy: bool,
+        groups: &[String],
+    ) -> Result<Vec<PathBuf>, Error> {
         let user = admin(repo);
         let open = |text: &str| {
             sops::decrypt(text, &user.identities).map_err(|e| Error::new(e.to_string()))
@@ -561,7 +571,7 @@ mod tests {
             machine: "peer1",
             deploy,
         };
-        fix(repo, &secret, groups, &open).unwrap()
+        fix(repo, &secret, groups, &open)
     }
 
     #[test]
@@ -729,18 +739,8 @@ mod tests {
         // Only age recipients are compared: nothing to report…
         assert_eq!(compare(&repo, &dir, &[]).unwrap(), None);
         // …and nothing this tool writes could keep dave's access: it refuses.
-        let user = admin(&repo);
-        let open = |text: &str| {
-            sops::decrypt(text, &user.identities).map_err(|e| Error::new(e.to_string()))
-        };
-        let secret = FixSecret {
-            dir: dir.clone(),
-            var: "new-service/a-secret".into(),
-            machine: "peer1",
-            deploy: false,
-        };
         let before = std::fs::read_to_string(dir.join("secret")).unwrap();
-        let refused = fix(&repo, &secret, &[], &open).unwrap_err();
+        let refused = try_fix_as_admin(&repo, &dir, false, &[]).unwrap_err();
         assert!(
             refused.message.contains("pgp key of user 'dave'"),
             "{}",
