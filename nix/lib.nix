@@ -341,9 +341,12 @@ let
         pkgsForSystem = unsupported "pkgsForSystem" "Set nixpkgs options in the machines' modules.";
         vars.settings = {
           secretStore = mkOption {
-            type = types.enum [ "age" ];
+            type = types.enum [
+              "age"
+              "sops"
+            ];
             default = "age";
-            description = "Where vars secrets are kept: age-encrypted files in the repository (the only store this tool has).";
+            description = "Where vars secrets are kept: sops files at clan-core's sops layout (decrypted on the target by sops), or age files at clan-core's age paths (uploaded, decrypted by age). Each machine's clan.core.vars.settings.secretStore defaults to it.";
           };
           recipients.default = mkOption {
             type = types.listOf types.str;
@@ -453,6 +456,7 @@ let
             networking.domain = lib.mkDefault config.meta.domain;
             clan.core.settings.machine.name = name;
             clan.core.settings.directory = directory;
+            clan.core.vars.settings.secretStore = lib.mkDefault config.vars.settings.secretStore;
           }
         ]
         ++ machineFiles name

@@ -23,16 +23,46 @@ let
   machine = config.clan.core.settings.machine.name;
   directory = config.clan.core.settings.directory;
   loc = cfg.age.secretLocation;
+  sops = cfg.settings.secretStore == "sops";
+  upload = cfg.sops.secretUploadDirectory;
 
-  runDirs = {
-    users = "/run/secrets-for-users";
-    services = "/run/secrets";
-    activation = "${loc}/activation";
-    partitioning = "/run/partitioning-secrets";
-  };
+  # Where each phase's secrets are decrypted to: the age store's own directories, or
+  # sops-nix's (as clan-core's sops module points them, under vars/).
+  runDirs =
+    if sops then
+      {
+        users = "/run/secrets-for-users/vars";
+        services = "/run/secrets/vars";
+        activation = "${upload}/activation";
+        partitioning = "/run/partitioning-secrets";
+      }
+    else
+      {
+        users = "/run/secrets-for-users";
+        services = "/run/secrets";
+        activation = "${loc}/activation";
+        partitioning = "/run/partitioning-secrets";
+      };
 
   # Where a generator's files live in the repository, relative to its root.
   scope = gen: if gen.share then "shared" else "per-machine/${machine}";
+  # A generator's folder below a phase's directory: clan-core's `rel_dir` in the sops
+  # store, the generator's name in the age store.
+  runDir = gen: if sops then "${scope gen}/${gen.name}" else gen.name;
+  # A sops secret in the repository, copied alone into the store (the system carries it to
+  # the target); not generated yet: an error naming the command, as for a public value.
+  sopsFile =
+    gen: name:
+    let
+      file = "${toString directory}/vars/${scope gen}/${gen.name}/${name}/secret";
+    in
+    if directory != null && builtins.pathExists file then
+      builtins.path {
+        path = file;
+        name = lib.strings.sanitizeDerivationName "${scope gen}_${gen.name}_${name}";
+      }
+    else
+      throw "clan vars: ${gen.name}/${name} of machine ${machine} is not generated yet: run `clan vars generate ${machine}`";
 
   fileModule =
     gen:
@@ -92,7 +122,7 @@ let
           description = "Where the file is on the machine at run time.";
           default =
             if file.secret then
-              "${runDirs.${file.neededFor}}/${gen.name}/${name}"
+              "${runDirs.${file.neededFor}}/${runDir gen}/${name}"
             else
               builtins.toFile name file.value;
         };
@@ -228,7 +258,9 @@ let
           group = if phase == "users" then "root" else file.group;
         in
         ''
-          clan_vars_file ${q dir} ${q gen.name} ${q file.name} ${q "${scope gen}/${gen.name}/${file.name}/${file.name}.age"} ${q owner} ${q group} ${q file.mode}${lib.concatMapStrings (u: " " + q u) file.restartUnits}
+          clan_vars_file ${q dir} ${q (runDir gen)} ${q file.name} ${
+            q (if sops then "${sopsFile gen file.name}" else "${scope gen}/${gen.name}/${file.name}/${file.name}.age")
+          } ${q owner} ${q group} ${q file.mode}${lib.concatMapStrings (u: " " + q u) file.restartUnits}
         ''
       ) files
       + ''
@@ -236,10 +268,28 @@ let
       ''
     );
 
+  # `clan_vars_decrypt SOURCE OUT`: one secret, decrypted with the machine's key.
+  decrypt =
+    if sops then
+      ''
+        # A sops file (binary store) from the system closure, opened by sops with the
+        # machine's key.
+        clan_vars_decrypt() {
+          SOPS_AGE_KEY_FILE="$key" "$sops" --decrypt --input-type binary --output-type binary "$1" > "$2"
+        }
+      ''
+    else
+      ''
+        clan_vars_decrypt() {
+          "$age" -d -i "$key" -o "$2" "$1"
+        }
+      '';
+
   header = ''
     set -eu
-    loc=${q loc}
+    loc=${q (if sops then upload else loc)}
     age=${q cfg.age.command}
+    sops=${q cfg.sops.command}
     machine=${q machine}
     key="$loc/key.txt"
     if [ ! -r "$key" ]; then
@@ -254,11 +304,16 @@ let
     }
     clan_vars_file() {
       mkdir -p "$1.d/new/$2"; chmod 0751 "$1.d/new/$2"
-      # A target whose secrets were uploaded in the earlier layout (<gen>/<file>.age, before
-      # `clan vars fix` moved them; a deploy with --no-secrets leaves them) still activates.
-      src="$loc/$4"
-      if [ ! -e "$src" ] && [ -e "$loc/''${4%/*}.age" ]; then src="$loc/''${4%/*}.age"; fi
-      if ! (umask 077; "$age" -d -i "$key" -o "$1.d/new/$2/$3" "$src"); then
+      case "$4" in
+        /*) src="$4" ;;
+        *)
+          # A target whose secrets were uploaded in the earlier layout (<gen>/<file>.age, before
+          # `clan vars fix` moved them; a deploy with --no-secrets leaves them) still activates.
+          src="$loc/$4"
+          if [ ! -e "$src" ] && [ -e "$loc/''${4%/*}.age" ]; then src="$loc/''${4%/*}.age"; fi
+          ;;
+      esac
+      if ! (umask 077; clan_vars_decrypt "$src" "$1.d/new/$2/$3"); then
         echo "clan vars: cannot decrypt $src with this machine's key: run 'clan vars upload $machine'" >&2
         exit 1
       fi
@@ -289,7 +344,7 @@ let
   '';
 
   script = phases: lib.optionalString (lib.any (p: deployed p != [ ]) phases) (
-    header + lib.concatMapStrings phaseScript phases
+    header + decrypt + lib.concatMapStrings phaseScript phases
   );
 
   # A NixOS activation snippet: every snippet runs in one shared shell, so the decryption
@@ -323,11 +378,44 @@ in
     };
   };
 
+  options.clan.core.sops.defaultGroups = mkOption {
+    type = types.listOf types.str;
+    default = [ ];
+    description = "sops groups (sops/groups/<g>) every sops secret of this machine is also encrypted to, as in clan-core.";
+  };
+
   options.clan.core.vars = {
     generators = mkOption {
       type = types.attrsOf (types.submodule generatorModule);
       default = { };
       description = "What `clan vars generate` makes for this machine.";
+    };
+    settings.secretStore = mkOption {
+      type = types.enum [
+        "age"
+        "sops"
+      ];
+      default = "age";
+      description = "The store that keeps this machine's secrets (set by lib.clan from the clan's vars.settings.secretStore).";
+    };
+    settings.secretModule = mkOption {
+      type = types.nullOr types.str;
+      readOnly = true;
+      default =
+        if sops then "clan_lib.vars.secret_modules.sops" else null;
+      description = "The sops store's name as clan-core's CLI reads it (its layout is clan-core's); null for this tool's age store.";
+    };
+    sops.secretUploadDirectory = mkOption {
+      type = types.str;
+      default = "/var/lib/sops-nix";
+      description = "Where the deploy puts the machine's age key (key.txt) for the sops store; activation-phase secrets are decrypted below it, in activation/.";
+    };
+    sops.command = mkOption {
+      type = types.str;
+      default =
+        if config._module.args ? pkgs then "${config._module.args.pkgs.sops}/bin/sops" else "sops";
+      defaultText = "\${pkgs.sops}/bin/sops, or `sops` from PATH without nixpkgs";
+      description = "The sops program that decrypts the sops store's secrets on the target (`sops --decrypt --input-type binary --output-type binary FILE`, the key in SOPS_AGE_KEY_FILE).";
     };
     age.secretLocation = mkOption {
       type = types.str;

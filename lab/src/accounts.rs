@@ -158,3 +158,23 @@ impl Lab {
         write(&path, &format!("{text}\n{old}"));
     }
 }
+
+impl Lab {
+    /// Puts the lab's sops (`examples/lab_sops.rs`: sops' decrypt command carried out by an
+    /// independent implementation, built by `cargo test` beside the test binaries) on host
+    /// `name`, as `/root/.lab/bin/sops` (its own /root, on both host kinds); returns that
+    /// path, for `clan.core.vars.sops.command`.
+    pub fn install_sops(&self, name: &str) -> &'static str {
+        let exe = std::env::current_exe().expect("the test binary");
+        let built = exe
+            .parent()
+            .and_then(|deps| deps.parent())
+            .map(|profile| profile.join("examples/lab_sops"))
+            .filter(|p| p.is_file())
+            .expect("examples/lab_sops is built by `cargo test` beside the test binaries");
+        let dir = self.host(name).root().join(".lab/bin");
+        fs::create_dir_all(&dir).expect("/root/.lab/bin");
+        fs::copy(&built, dir.join("sops")).expect("copy the lab's sops");
+        "/root/.lab/bin/sops"
+    }
+}

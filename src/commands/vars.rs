@@ -193,14 +193,11 @@ pub fn get(args: &VarsGetArgs) -> Result<ExitKind, Error> {
             crate::vars::clan_core_store::missing(store, &declared.repo, &args.machine, &vars);
         if missing.contains(&format!("{} is not generated", args.var)) {
             return Err(Error::usage(format!(
-                "{g}/{f} of machine {} is not generated yet (clan-core's {} store)",
+                "{g}/{f} of machine {} is not generated yet ({} store, clan-core's layout)",
                 args.machine,
                 store.name()
             ))
-            .hint(Hint::text(format!(
-                "generate it with clan-core's CLI: clan vars generate {}",
-                args.machine
-            ))));
+            .hint(Hint::text(generate_hint(&vars, &args.machine))));
         }
         let content = crate::vars::clan_core_store::read(
             store,
@@ -389,7 +386,7 @@ fn check_clan_core(
     }
     if problems.is_empty() {
         eprintln!(
-            "{machine}: vars complete in clan-core's {} store, and your key opens the machine's key",
+            "{machine}: vars complete in the {} store (clan-core's layout), and your key opens the machine's key",
             store.name()
         );
         return Ok(ExitKind::Success);
@@ -399,10 +396,24 @@ fn check_clan_core(
         eprintln!("  - {problem}");
     }
     eprintln!(
-        "hint: `{}` re-encrypts secrets to the keys their links name (sops store); clan-core's CLI makes missing vars (clan vars generate {machine})",
-        crate::hint::command("vars fix", machine, &[])
+        "hint: `{}` re-encrypts secrets to the keys their links name (sops store); {}",
+        crate::hint::command("vars fix", machine, &[]),
+        generate_hint(vars, machine)
     );
     Ok(ExitKind::DeployFailed)
+}
+
+/// How a missing var of a sops or clan-core store is made: here, when the machine's
+/// generators are this library's; else with clan-core's CLI.
+fn generate_hint(vars: &MachineVars, machine: &str) -> String {
+    if vars.generated_here() {
+        format!(
+            "`{}` makes missing vars",
+            crate::hint::command("vars generate", machine, &[])
+        )
+    } else {
+        format!("clan-core's CLI makes missing vars (clan vars generate {machine})")
+    }
 }
 
 /// `clan vars fix`.

@@ -277,19 +277,7 @@ pub fn check_complete(
 ) -> Result<(), Error> {
     let missing = missing(store, repo, machine, vars);
     if missing.is_empty() && !regenerate {
-        let problems = recipient_problems(store, repo, machine, vars)?;
-        if problems.is_empty() {
-            return Ok(());
-        }
-        return Err(Error::usage(format!(
-            "machine {machine}'s sops secrets are not encrypted to exactly the keys their links name: {}; nothing was generated or uploaded",
-            problems.join("; ")
-        ))
-        .code(sops_links::RECIPIENTS_CHANGED)
-        .hint(Hint::text(format!(
-            "if the change is intended, `{}` re-encrypts them (and sets the machine's links); else find who changed the links or the files",
-            crate::hint::command("vars fix", machine, &[])
-        ))));
+        return check_recipients(store, repo, machine, vars, "generated or uploaded");
     }
     let code = if missing.is_empty() {
         READ_ONLY
@@ -308,6 +296,30 @@ pub fn check_complete(
     .code(code)
     .hint(Hint::text(format!(
         "generate them with clan-core's CLI (clan vars generate {machine}), commit them, and deploy again"
+    ))))
+}
+
+/// Ok when every sops secret of `machine` is encrypted to exactly the keys its links name;
+/// else an error naming each difference and `vars fix` (nothing was `done`).
+pub fn check_recipients(
+    store: ClanCoreStore,
+    repo: &Repo,
+    machine: &str,
+    vars: &MachineVars,
+    done: &str,
+) -> Result<(), Error> {
+    let problems = recipient_problems(store, repo, machine, vars)?;
+    if problems.is_empty() {
+        return Ok(());
+    }
+    Err(Error::usage(format!(
+        "machine {machine}'s sops secrets are not encrypted to exactly the keys their links name: {}; nothing was {done}",
+        problems.join("; ")
+    ))
+    .code(sops_links::RECIPIENTS_CHANGED)
+    .hint(Hint::text(format!(
+        "if the change is intended, `{}` re-encrypts them (and sets the machine's links); else find who changed the links or the files",
+        crate::hint::command("vars fix", machine, &[])
     ))))
 }
 
@@ -475,7 +487,8 @@ pub fn check_upload(
                 .map(move |(f, _)| format!("{g}/{f}"))
         })
         .collect();
-    if !early.is_empty() {
+    // The sops store written here decrypts those on the target too (nix/vars.nix).
+    if !early.is_empty() && !vars.generated_here() {
         return Err(Error::usage(format!(
             "machine {machine}'s secrets {} are needed for activation: clan-core uploads those decrypted, which this tool does not do with its {} store yet; nothing was uploaded",
             early.join(", "),

@@ -68,6 +68,14 @@ pub struct MachineVars {
     pub generators: BTreeMap<String, GeneratorDecl>,
 }
 
+impl MachineVars {
+    /// Whether this tool runs the machine's generators: they are its own library's, not
+    /// clan-core's (whose `finalScript` it does not run).
+    pub fn generated_here(&self) -> bool {
+        !self.generators.values().any(|g| g.from_clan_core)
+    }
+}
+
 /// One generator.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "camelCase")]

@@ -11,11 +11,42 @@ use std::sync::OnceLock;
 
 use zeroize::Zeroizing;
 
+use super::clan_core_store::ClanCoreStore;
 use super::{
     GeneratorDecl, MachineVars, Repo, Secret, UserIdentity, VarsSettings, decrypt_with, encrypt,
     write_atomically,
 };
 use crate::error::{Error, Hint};
+
+/// Which store keeps a machine's vars, as generation sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kept {
+    /// This tool's age store.
+    Age,
+    /// The sops store in clan-core's layout, written here (the clan's generators are this
+    /// library's: [`super::sops_store`]).
+    Sops,
+    /// One of clan-core's stores with clan-core's generators: read, never written.
+    ClanCore(ClanCoreStore),
+}
+
+impl Kept {
+    fn of(vars: &MachineVars) -> Kept {
+        match super::clan_core_store_of(vars) {
+            None => Kept::Age,
+            Some(ClanCoreStore::Sops) if vars.generated_here() => Kept::Sops,
+            Some(store) => Kept::ClanCore(store),
+        }
+    }
+
+    /// Whether every file of generator `g` is in the store.
+    fn generated(self, repo: &Repo, machine: &str, g: &str, decl: &GeneratorDecl) -> bool {
+        match self {
+            Kept::Age => repo.generated(machine, g, decl),
+            _ => super::sops_store::generated(repo, machine, g, decl),
+        }
+    }
+}
 
 /// What a generation needs besides the machine: the repository, the clan's settings, and
 /// the user's identity (looked for only when something must be decrypted).
@@ -61,23 +92,40 @@ impl<'a> Generation<'a> {
     pub fn machine(&self, machine: &str, vars: &MachineVars) -> Result<Vec<String>, Error> {
         vars.check(machine)?;
         super::check_store(self.settings, machine, vars)?;
-        // clan-core's stores are read and deployed here, never written.
-        if let Some(store) = super::clan_core_store_of(vars) {
-            super::clan_core_store::check_complete(
-                store,
-                self.repo,
-                machine,
-                vars,
-                self.regenerate,
-            )?;
-            return Ok(Vec::new());
-        }
-        // Secrets in the earlier layout would read as missing: moved first, by `vars fix`.
-        self.repo.check_layout()?;
-        // Secrets without their key: nothing is generated (nor said to be complete).
-        let secrets = self.repo.secrets_of(machine);
-        if !secrets.is_empty() && !self.repo.has_key(machine) {
-            return Err(self.repo.key_missing(machine, &secrets));
+        let kept = Kept::of(vars);
+        match kept {
+            // clan-core's stores, with clan-core's generators: read and deployed here,
+            // never written.
+            Kept::ClanCore(store) => {
+                super::clan_core_store::check_complete(
+                    store,
+                    self.repo,
+                    machine,
+                    vars,
+                    self.regenerate,
+                )?;
+                return Ok(Vec::new());
+            }
+            Kept::Sops => {
+                // Secrets whose recipients differ from their links: `vars fix` first.
+                super::clan_core_store::check_recipients(
+                    ClanCoreStore::Sops,
+                    self.repo,
+                    machine,
+                    vars,
+                    "generated",
+                )?;
+            }
+            Kept::Age => {
+                // Secrets in the earlier layout would read as missing: moved first, by
+                // `vars fix`.
+                self.repo.check_layout()?;
+                // Secrets without their key: nothing is generated (nor said to be complete).
+                let secrets = self.repo.secrets_of(machine);
+                if !secrets.is_empty() && !self.repo.has_key(machine) {
+                    return Err(self.repo.key_missing(machine, &secrets));
+                }
+            }
         }
         if let Some(only) = &self.only
             && !vars.generators.contains_key(only)
@@ -97,7 +145,7 @@ impl<'a> Generation<'a> {
             let decl = &vars.generators[g];
             let selected = self.only.as_ref().is_none_or(|o| o == g);
             // A changed validation makes it (and what depends on it) run again.
-            let missing = !self.repo.generated(machine, g, decl)
+            let missing = !kept.generated(self.repo, machine, g, decl)
                 || !self.repo.validation_current(machine, g, decl);
             let dep_runs = decl.dependencies.iter().any(|d| run.contains(d));
             if (selected && (self.regenerate || missing))
@@ -109,7 +157,23 @@ impl<'a> Generation<'a> {
         }
         // A var that exists in another store's layout is generated already: never make a
         // new one beside it.
-        for g in order.iter().filter(|g| run.contains(*g)) {
+        if kept == Kept::Sops
+            && !run.is_empty()
+            && let Some(found) = super::sops_store::age_layout_file(self.repo, machine, vars)
+        {
+            return Err(Error::usage(format!(
+                "machine {machine}'s vars exist in this tool's age layout ({}), while its clan selects the sops store (clan.core.vars.settings.secretStore, from vars.settings.secretStore): refusing to generate new secrets beside them",
+                found.display()
+            ))
+            .code("vars.foreign-layout")
+            .hint(Hint::text(
+                "keep the age store: set vars.settings.secretStore = \"age\" in the clan (README, Secrets)",
+            )));
+        }
+        for g in order
+            .iter()
+            .filter(|g| kept == Kept::Age && run.contains(*g))
+        {
             let decl = &vars.generators[g];
             for f in decl
                 .files
@@ -130,8 +194,24 @@ impl<'a> Generation<'a> {
             }
         }
         let mut written = Vec::new();
+        let writer = if kept == Kept::Sops
+            && (!run.is_empty() || vars.generators.values().any(|d| d.share))
+        {
+            Some(super::sops_store::Writer::of(self.repo, self.user()?)?)
+        } else {
+            None
+        };
         if !run.is_empty() {
-            self.repo.ensure_machine_key(machine, self.settings)?;
+            match &writer {
+                Some(writer) => {
+                    written.extend(
+                        super::sops_store::ensure_machine_key(self.repo, machine, vars, writer)?.1,
+                    );
+                }
+                None => {
+                    self.repo.ensure_machine_key(machine, self.settings)?;
+                }
+            }
         }
         // Shared generators that exist but were made for other machines: shared with this
         // one first, so the generators that depend on them can read them.
@@ -140,18 +220,33 @@ impl<'a> Generation<'a> {
             .iter()
             .filter(|(g, decl)| decl.share && !run.contains(*g))
         {
-            if self.repo.generated(machine, g, decl) {
-                written.extend(self.share_with(machine, g, decl)?);
+            if kept.generated(self.repo, machine, g, decl) {
+                written.extend(match kept {
+                    Kept::Sops => super::sops_store::share_with(
+                        self.repo,
+                        machine,
+                        vars,
+                        g,
+                        decl,
+                        self.user()?,
+                    )?,
+                    _ => self.share_with(machine, g, decl)?,
+                });
             }
         }
         for g in order.iter().filter(|g| run.contains(*g)) {
             eprintln!("{machine}: generating {g}…");
-            let files = self.run_generator(machine, g, vars)?;
-            written.extend(self.store(machine, g, &vars.generators[g], &files)?);
+            let files = self.run_generator(machine, g, vars, kept)?;
+            let decl = &vars.generators[g];
+            written.extend(match &writer {
+                Some(writer) => self.store_sops(machine, vars, g, &files, writer)?,
+                None => self.store_files(machine, g, decl, &files)?,
+            });
+            written.extend(self.store_validation(machine, g, decl)?);
         }
         // Everything generate made is tracked, the machine's key included: a checkout
         // without it could not decrypt the secrets (and must not make a new key).
-        if !written.is_empty() {
+        if !written.is_empty() && kept == Kept::Age {
             written.extend(
                 [
                     self.repo.machine_pub(machine),
@@ -233,6 +328,7 @@ impl<'a> Generation<'a> {
         machine: &str,
         g: &str,
         vars: &MachineVars,
+        kept: Kept,
     ) -> Result<BTreeMap<String, Secret>, Error> {
         let decl = &vars.generators[g];
         let dir = private_dir()?;
@@ -255,7 +351,18 @@ impl<'a> Generation<'a> {
             std::fs::create_dir(input.join(dep))
                 .map_err(|e| Error::new(format!("cannot create $in/{dep}: {e}")))?;
             for f in dep_decl.files.keys() {
-                let content = self.read_file(machine, dep, dep_decl, f)?;
+                let content = match kept {
+                    Kept::Sops => super::clan_core_store::read(
+                        ClanCoreStore::Sops,
+                        self.repo,
+                        machine,
+                        dep,
+                        dep_decl,
+                        f,
+                        self.user()?,
+                    )?,
+                    _ => self.read_file(machine, dep, dep_decl, f)?,
+                };
                 write_private(&input.join(dep).join(f), &content)?;
             }
         }
@@ -360,16 +467,40 @@ impl<'a> Generation<'a> {
         Ok(files)
     }
 
-    /// Stores a generator's files ([`Generation::store_files`]) and what they were made from.
-    fn store(
+    /// Stores a generator's files in the sops store: values as they are, secrets as
+    /// clan-core writes them ([`super::sops_store::write_secret`]).
+    fn store_sops(
+        &self,
+        machine: &str,
+        vars: &MachineVars,
+        g: &str,
+        files: &BTreeMap<String, Secret>,
+        writer: &super::sops_store::Writer,
+    ) -> Result<Vec<PathBuf>, Error> {
+        let decl = &vars.generators[g];
+        let mut written = Vec::new();
+        for (f, content) in files {
+            if decl.files[f].secret {
+                written.extend(super::sops_store::write_secret(
+                    self.repo, machine, vars, g, decl, f, content, writer,
+                )?);
+            } else {
+                let path = self.repo.value_path(machine, g, decl, f);
+                write_atomically(&path, content)?;
+                written.push(path);
+            }
+        }
+        Ok(written)
+    }
+
+    /// What generator `g` was made from, as clan-core records it (its validation hash).
+    fn store_validation(
         &self,
         machine: &str,
         g: &str,
         decl: &GeneratorDecl,
-        files: &BTreeMap<String, Secret>,
     ) -> Result<Vec<PathBuf>, Error> {
-        let mut written = self.store_files(machine, g, decl, files)?;
-        // What it was made from, as clan-core records it.
+        let mut written = Vec::new();
         let validation = self.repo.validation_path(machine, g, decl);
         match &decl.validation_hash {
             Some(hash) => {

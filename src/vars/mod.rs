@@ -28,6 +28,7 @@ pub mod identity;
 pub mod repo;
 pub mod sops;
 pub mod sops_links;
+pub mod sops_store;
 pub mod upload;
 
 pub use decl::{

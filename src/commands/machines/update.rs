@@ -70,7 +70,14 @@ fn update_nix_options(args: &UpdateArgs) -> Result<crate::eval::NixOptions, Erro
                 generation.machine(name, vars)
             };
             let missing = vars.generators.iter().any(|(g, decl)| {
-                !repo.generated(name, g, decl) || !repo.validation_current(name, g, decl)
+                let sops = crate::vars::clan_core_store_of(vars)
+                    == Some(crate::vars::clan_core_store::ClanCoreStore::Sops);
+                let generated = if sops {
+                    crate::vars::sops_store::generated(&repo, name, g, decl)
+                } else {
+                    repo.generated(name, g, decl)
+                };
+                !generated || !repo.validation_current(name, g, decl)
             });
             if missing {
                 // In a fleet, the live lines are on the screen by now: prompts and messages

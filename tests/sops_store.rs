@@ -1,0 +1,348 @@
+//! The sops store on this repository's library (`vars.settings.secretStore = "sops"`):
+//! `clan vars generate` writes clan-core's sops layout (the machine's key pair under `sops/`,
+//! each secret at `vars/<scope>/<gen>/<file>/secret` with its `machines/` and `users/` links,
+//! encrypted to exactly the linked keys), the deploy sends the machine's key to
+//! `secretUploadDirectory` and the sops files inside the system, and the target decrypts
+//! them with sops (here the lab's stand-in, an independent implementation) at clan-core's
+//! paths. Never on the build host in the clear.
+
+mod common;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use age::secrecy::ExposeSecret;
+use clan_lab::{HostKind, WORKSTATION};
+use common::*;
+
+const GENERATORS: &str = r#"{
+  base = {
+    files.password = { };
+    files.greeting.secret = false;
+    script = "head -c 24 /dev/urandom | base64 > $out/password; echo hello-public > $out/greeting";
+  };
+  db = {
+    dependencies = [ "base" ];
+    files.hash = { owner = "nobody"; group = "nogroup"; mode = "0440"; };
+    files.rootpw.neededFor = "users";
+    files.draft.deploy = false;
+    script = "sha256sum < $in/base/password | cut -d' ' -f1 > $out/hash; echo root-$RANDOM > $out/rootpw; echo draft > $out/draft";
+  };
+  ca = {
+    share = true;
+    files.key = { };
+    script = "echo ca-$RANDOM$RANDOM > $out/key";
+  };
+}"#;
+
+fn sh(lab: &Lab, name: &str, line: &str) -> String {
+    let out = lab.exec(name, &["sh", "-c", line]);
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+fn git(flake: &Path, args: &[&str]) -> String {
+    let out = Command::new("git")
+        .arg("-C")
+        .arg(flake)
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn link(path: &Path) -> String {
+    std::fs::read_link(path)
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+        .display()
+        .to_string()
+}
+
+/// Code of the first error of a `--json` report.
+fn error_code(run: &Run) -> String {
+    let report: serde_json::Value = serde_json::from_str(&run.stdout)
+        .unwrap_or_else(|_| panic!("no JSON report: {}", run.all()));
+    report["errors"][0]["code"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string()
+}
+
+#[test]
+fn the_sops_store_is_generated_as_clan_core_lays_it_out_and_decrypts_on_the_target() {
+    let lab = Lab::start(&[
+        HostSpec::new("builder"),
+        HostSpec::new("target").kind(HostKind::Systemd),
+    ]);
+    lab.trust("builder", "target");
+    let sops = lab.install_sops("target");
+    let admin = age::x25519::Identity::generate();
+    let keys = lab
+        .host(WORKSTATION)
+        .root()
+        .join(".config/sops/age/keys.txt");
+    std::fs::create_dir_all(keys.parent().unwrap()).unwrap();
+    std::fs::write(
+        &keys,
+        format!("# admin\n{}\n", admin.to_string().expose_secret()),
+    )
+    .unwrap();
+    let flake = lab.write_flake(&format!(
+        r#"{{
+          vars.settings.secretStore = "sops";
+          inventory.machines.m.deploy = {{ targetHost = "root@{t}"; buildHost = "root@{b}"; }};
+          machines.m = {{ imports = [ (system {{ vars = {GENERATORS}; publicVarOf = [ "base" "greeting" ]; }}) ];
+            clan.core.vars.sops.command = "{sops}"; }};
+          # In the age layout: the sops store never generates beside it.
+          machines.n = {{ imports = [ (system {{ vars = {{ x = {{ files.s = {{ }}; script = "echo s > $out/s"; }}; }}; }}) ]; }};
+        }}"#,
+        t = lab.ip("target"),
+        b = lab.ip("builder"),
+    ));
+    git(&flake, &["init", "-q"]);
+    git(&flake, &["add", "-A"]);
+
+    // Not a sops user of the clan yet: nothing is made.
+    let no_user = clan(&lab, &flake, &["vars", "generate", "m"]);
+    assert_eq!(no_user.code, 2, "{}", no_user.all());
+    assert!(
+        no_user.stderr.contains("no sops user of this clan")
+            && no_user.stderr.contains("clan vars keygen"),
+        "{}",
+        no_user.stderr
+    );
+    assert!(!flake.join("sops").exists() && !flake.join("vars").exists());
+
+    let keygen = clan(&lab, &flake, &["vars", "keygen", "--user", "admin"]);
+    assert_eq!(keygen.code, 0, "{}", keygen.all());
+    let generated = clan(&lab, &flake, &["vars", "generate", "m"]);
+    assert_eq!(generated.code, 0, "{}", generated.all());
+
+    // clan-core's layout, links and all, tracked by git.
+    let key_json: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(flake.join("sops/machines/m/key.json")).unwrap(),
+    )
+    .unwrap();
+    let machine_public = key_json[0]["publickey"].as_str().unwrap().to_string();
+    assert!(machine_public.starts_with("age1"), "{key_json}");
+    assert_eq!(key_json[0]["type"], "age");
+    let key_dir = flake.join("sops/secrets/m-age.key");
+    assert_eq!(
+        link(&key_dir.join("users/admin")),
+        "../../../../sops/users/admin"
+    );
+    assert!(!key_dir.join("machines").exists());
+    let password_dir = flake.join("vars/per-machine/m/base/password");
+    assert_eq!(
+        link(&password_dir.join("machines/m")),
+        "../../../../../../sops/machines/m"
+    );
+    assert_eq!(
+        link(&password_dir.join("users/admin")),
+        "../../../../../../sops/users/admin"
+    );
+    // Not deployed: the machine is no recipient.
+    assert!(
+        !flake
+            .join("vars/per-machine/m/db/draft/machines/m")
+            .exists()
+    );
+    assert!(flake.join("vars/shared/ca/key/machines/m").is_symlink());
+    assert_eq!(
+        std::fs::read_to_string(flake.join("vars/per-machine/m/base/greeting/value")).unwrap(),
+        "hello-public\n"
+    );
+    let tracked = git(&flake, &["ls-files"]);
+    for path in [
+        "sops/users/admin/key.json",
+        "sops/machines/m/key.json",
+        "sops/secrets/m-age.key/secret",
+        "sops/secrets/m-age.key/users/admin",
+        "vars/per-machine/m/base/password/secret",
+        "vars/per-machine/m/base/password/machines/m",
+        "vars/shared/ca/key/secret",
+    ] {
+        assert!(
+            tracked.lines().any(|l| l == path),
+            "{path} untracked:\n{tracked}"
+        );
+    }
+    // sops' binary store, encrypted to exactly the linked keys.
+    let text = std::fs::read_to_string(password_dir.join("secret")).unwrap();
+    let mut recipients = clan::vars::sops::recipients(&text).unwrap();
+    recipients.sort();
+    let mut wanted = vec![machine_public.clone(), admin.to_public().to_string()];
+    wanted.sort();
+    assert_eq!(recipients, wanted);
+
+    let check = clan(&lab, &flake, &["vars", "check", "m"]);
+    assert_eq!(check.code, 0, "{}", check.all());
+    let list = clan(&lab, &flake, &["vars", "list", "m"]);
+    assert!(
+        list.stdout.contains("base/greeting hello-public"),
+        "{}",
+        list.stdout
+    );
+    let password = clan(&lab, &flake, &["vars", "get", "m", "base/password"]).stdout;
+    let hash = clan(&lab, &flake, &["vars", "get", "m", "db/hash"]).stdout;
+    let rootpw = clan(&lab, &flake, &["vars", "get", "m", "db/rootpw"]).stdout;
+    let ca = clan(&lab, &flake, &["vars", "get", "m", "ca/key"]).stdout;
+    assert_eq!(password.trim().len(), 32);
+    assert_eq!(hash.trim().len(), 64, "the dependency was read: {hash}");
+
+    // Deployed through the build host: the machine's key to the upload directory, the sops
+    // files inside the system; decrypted on the target by sops at clan-core's paths.
+    let run = clan(&lab, &flake, &["machines", "update", "m"]);
+    assert_eq!(run.code, 0, "{}", run.all());
+    let out = toplevel(&lab, &flake, "m");
+    assert!(
+        lab.host("builder").has_path(&out),
+        "not built on the builder"
+    );
+    assert_eq!(lab.current_system("target").as_deref(), Some(out.as_str()));
+    let dir = "/run/secrets/vars/per-machine/m";
+    assert_eq!(
+        sh(&lab, "target", &format!("cat {dir}/base/password")),
+        password.trim()
+    );
+    assert_eq!(
+        sh(&lab, "target", &format!("cat {dir}/db/hash")),
+        hash.trim()
+    );
+    assert_eq!(
+        sh(&lab, "target", &format!("stat -c '%U:%G %a' {dir}/db/hash")),
+        "nobody:nogroup 440"
+    );
+    assert_eq!(
+        sh(
+            &lab,
+            "target",
+            "cat /run/secrets-for-users/vars/per-machine/m/db/rootpw"
+        ),
+        rootpw.trim()
+    );
+    assert_eq!(
+        sh(&lab, "target", "cat /run/secrets/vars/shared/ca/key"),
+        ca.trim()
+    );
+    assert_eq!(
+        sh(&lab, "target", &format!("ls {dir}/db")),
+        "hash",
+        "only what is deployed (and not for users) is there"
+    );
+    let machine_key = sh(&lab, "target", "cat /var/lib/sops-nix/key.txt");
+    assert!(machine_key.starts_with("AGE-SECRET-KEY-1"), "{machine_key}");
+    assert_eq!(
+        machine_key
+            .parse::<age::x25519::Identity>()
+            .unwrap()
+            .to_public()
+            .to_string(),
+        machine_public
+    );
+    // The option's path is where the file is.
+    let path = eval_raw(
+        &lab,
+        &flake,
+        "nixosConfigurations.m.config.clan.core.vars.generators.db.files.hash.path",
+    );
+    assert_eq!(path, format!("{dir}/db/hash"));
+    // Nothing in the clear, nor the machine's key, on the build host.
+    let needles = [
+        password.trim(),
+        hash.trim(),
+        rootpw.trim(),
+        ca.trim(),
+        machine_key.as_str(),
+    ];
+    let hits = files_containing(&lab.host("builder").dir, &needles);
+    assert!(hits.is_empty(), "secret bytes on the build host: {hits:?}");
+
+    // A link added without re-encrypting: named, the deploy (and its dry run) stop; `vars
+    // fix` re-encrypts to exactly the linked keys.
+    let bob = age::x25519::Identity::generate();
+    std::fs::create_dir_all(flake.join("sops/users/bob")).unwrap();
+    std::fs::write(
+        flake.join("sops/users/bob/key.json"),
+        format!(r#"[{{"publickey": "{}", "type": "age"}}]"#, bob.to_public()),
+    )
+    .unwrap();
+    std::os::unix::fs::symlink(
+        "../../../../../../sops/users/bob",
+        password_dir.join("users/bob"),
+    )
+    .unwrap();
+    git(&flake, &["add", "-A"]);
+    let check = clan(&lab, &flake, &["vars", "check", "m"]);
+    assert_eq!(check.code, 1, "{}", check.all());
+    assert!(
+        check.stderr.contains("key of user 'bob'"),
+        "{}",
+        check.stderr
+    );
+    for dry in [true, false] {
+        let mut args = vec!["machines", "update", "m", "--json"];
+        if dry {
+            args.push("--dry-run");
+        }
+        let stopped = clan(&lab, &flake, &args);
+        assert_eq!(stopped.code, 2, "{}", stopped.all());
+        assert_eq!(error_code(&stopped), "vars.recipients-changed");
+    }
+    let fix = clan(&lab, &flake, &["vars", "fix", "m"]);
+    assert_eq!(fix.code, 0, "{}", fix.all());
+    let text = std::fs::read_to_string(password_dir.join("secret")).unwrap();
+    assert_eq!(
+        clan::vars::sops::decrypt(&text, std::slice::from_ref(&bob)).unwrap()[..],
+        password.as_bytes()[..]
+    );
+    assert_eq!(clan(&lab, &flake, &["vars", "check", "m"]).code, 0);
+
+    // Regenerating one generator keeps the machine's key and the others' secrets.
+    let key_before = std::fs::read(key_dir.join("secret")).unwrap();
+    let hash_before = std::fs::read(flake.join("vars/per-machine/m/db/hash/secret")).unwrap();
+    let again = clan(&lab, &flake, &["vars", "generate", "m", "-g", "ca", "-r"]);
+    assert_eq!(again.code, 0, "{}", again.all());
+    assert_eq!(std::fs::read(key_dir.join("secret")).unwrap(), key_before);
+    assert_eq!(
+        std::fs::read(flake.join("vars/per-machine/m/db/hash/secret")).unwrap(),
+        hash_before
+    );
+    assert_ne!(
+        clan(&lab, &flake, &["vars", "get", "m", "ca/key"]).stdout,
+        ca
+    );
+
+    // A machine whose vars are in the age layout while the clan selects sops: refused by
+    // name, nothing made beside them.
+    let planted = flake.join("secrets/age-keys/machines/n/pub");
+    std::fs::create_dir_all(planted.parent().unwrap()).unwrap();
+    std::fs::write(&planted, format!("{}\n", bob.to_public())).unwrap();
+    let refused = clan(&lab, &flake, &["vars", "generate", "n"]);
+    assert_eq!(refused.code, 2, "{}", refused.all());
+    assert!(
+        refused.stderr.contains("secrets/age-keys/machines/n/pub")
+            && refused.stderr.contains("age layout")
+            && refused.stderr.contains("sops store"),
+        "{}",
+        refused.stderr
+    );
+    assert!(!flake.join("sops/machines/n").exists() && !flake.join("vars/per-machine/n").exists());
+}
+
+/// Files under `dir` that contain any of `needles`.
+fn files_containing(dir: &Path, needles: &[&str]) -> Vec<PathBuf> {
+    let mut cmd = Command::new("grep");
+    cmd.args(["-rlsF", "--no-messages"]);
+    for n in needles {
+        cmd.arg("-e").arg(n);
+    }
+    let out = cmd.arg(dir).output().expect("grep");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(PathBuf::from)
+        .collect()
+}
