@@ -345,7 +345,7 @@ let
               "age"
               "sops"
             ];
-            default = "age";
+            default = "sops";
             description = "Where vars secrets are kept: sops files at clan-core's sops layout (decrypted on the target by sops), or age files at clan-core's age paths (uploaded, decrypted by age). Each machine's clan.core.vars.settings.secretStore defaults to it.";
           };
           recipients.default = mkOption {

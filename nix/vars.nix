@@ -288,8 +288,7 @@ let
   header = ''
     set -eu
     loc=${q (if sops then upload else loc)}
-    age=${q cfg.age.command}
-    sops=${q cfg.sops.command}
+    ${if sops then "sops=${q cfg.sops.command}" else "age=${q cfg.age.command}"}
     machine=${q machine}
     key="$loc/key.txt"
     if [ ! -r "$key" ]; then
@@ -395,7 +394,7 @@ in
         "age"
         "sops"
       ];
-      default = "age";
+      default = "sops";
       description = "The store that keeps this machine's secrets (set by lib.clan from the clan's vars.settings.secretStore).";
     };
     settings.secretModule = mkOption {

@@ -688,7 +688,7 @@ fn the_readme_sudoers_rule_is_all_a_deploy_needs(kind: HostKind) {
     // Secrets go through the same rule (clan-vars-upload), and are decrypted on the target.
     let id = install_age_identity(&lab);
     let secrets_flake = lab.write_flake(&format!(
-        r#"{{ vars.settings.recipients.default = [ "{public}" ];
+        r#"{{ vars.settings.secretStore = "age"; vars.settings.recipients.default = [ "{public}" ];
              inventory.machines.m.deploy.targetHost = "deployrule@{t}";
              machines.m = {{ imports = [ (system {{ variant = "v3";
                vars = {{ api = {{ files.token = {{ }}; script = "echo tok-through-sudo > $out/token"; }}; }}; }}) ];

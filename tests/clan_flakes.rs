@@ -634,7 +634,7 @@ fn clan_cores_template_deploys_on_this_library() {
       roles.default.settings = {{ user = "root"; prompt = true; }};
     }};
   }};
-  vars.settings.recipients.default = [ "{public}" ];
+  vars.settings.secretStore = "age"; vars.settings.recipients.default = [ "{public}" ];
   {web}
   {db}
 }}"#,

@@ -39,10 +39,27 @@ fn lib_clan_evaluation_tests() {
     assert!(defined.len() >= 18, "{defined:?}");
 }
 
-/// The activation script the library generates for vars is valid sh and shellcheck-clean
-/// (the test command installs shellcheck; without it this test fails rather than skip).
+/// The activation script the library generates for vars, in either store, is valid sh and
+/// shellcheck-clean (the test command installs shellcheck; without it this test fails rather
+/// than skip).
 #[test]
 fn vars_activation_script_is_valid_sh() {
+    for (store, wanted) in [
+        (
+            "age",
+            "clan_vars_file /run/secrets-for-users db root shared/db/root/root.age",
+        ),
+        // The sops file is copied alone into the store (nix/tests/example/vars/shared/db).
+        (
+            "sops",
+            "clan_vars_file /run/secrets-for-users/vars shared/db root /nix/store/",
+        ),
+    ] {
+        activation_script_checks(store, wanted);
+    }
+}
+
+fn activation_script_checks(store: &str, wanted: &str) {
     let lib = clan_lab::nixpkgs_lib();
     let repo = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
     let expr = format!(
@@ -54,6 +71,7 @@ fn vars_activation_script_is_valid_sh() {
             inherit nixpkgs;
             nixosSystem = clanLib.minimalSystem;
             directory = {repo}/nix/tests/example;
+            vars.settings.secretStore = "{store}";
             machines.web1 = {{
               clan.core.vars.generators.db = {{
                 files.hash = {{ owner = "nobody"; mode = "0440"; }};
@@ -78,9 +96,7 @@ fn vars_activation_script_is_valid_sh() {
         String::from_utf8_lossy(&out.stderr)
     );
     let script: String = serde_json::from_slice(&out.stdout).expect("a string");
-    assert!(
-        script.contains("clan_vars_file /run/secrets-for-users db root shared/db/root/root.age")
-    );
+    assert!(script.contains(wanted), "{store}: {script}");
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("activate.sh");
     std::fs::write(&path, &script).unwrap();

@@ -34,7 +34,7 @@ fn install_identity(lab: &Lab, private: &str) -> PathBuf {
 fn one_target_flake(lab: &Lab, public: &str, generators: &str, location: &str) -> PathBuf {
     lab.write_flake(&format!(
         r#"{{
-          vars.settings.recipients.default = [ "{public}" ];
+          vars.settings.secretStore = "age"; vars.settings.recipients.default = [ "{public}" ];
           inventory.machines.m.deploy.targetHost = "root@{t}";
           machines.m = {{ imports = [ (system {{ vars = {generators}; }}) ];
             clan.core.vars.age.secretLocation = "{location}"; }};
@@ -123,7 +123,7 @@ fn secrets_reach_the_target_and_never_the_build_host() {
     install_identity(&lab, &private);
     let flake = lab.write_flake(&format!(
         r#"{{
-          vars.settings.recipients.default = [ "{public}" ];
+          vars.settings.secretStore = "age"; vars.settings.recipients.default = [ "{public}" ];
           inventory.machines.m.deploy = {{ targetHost = "root@{t}"; buildHost = "root@{b}"; }};
           machines.m = system {{ vars = {GENERATORS}; publicVarOf = [ "base" "greeting" ]; }};
         }}"#,
@@ -277,7 +277,7 @@ fn shared_vars_and_key_rotation_touch_only_machine_keys() {
     let clan_args = |recipient: &str| {
         format!(
             r#"{{
-              vars.settings.recipients.default = [ "{recipient}" ];
+              vars.settings.secretStore = "age"; vars.settings.recipients.default = [ "{recipient}" ];
               machines.m1 = system {{ vars = {shared}; }};
               machines.m2 = system {{ vars = {shared}; }};
             }}"#
@@ -400,7 +400,7 @@ fn each_vars_mistake_is_one_clear_error_and_nothing_is_uploaded() {
     let flake_with = |recipients: &str, script: &str| {
         lab.write_flake(&format!(
             r#"{{
-              vars.settings.recipients.default = [ {recipients} ];
+              vars.settings.secretStore = "age"; vars.settings.recipients.default = [ {recipients} ];
               inventory.machines.m.deploy.targetHost = "root@{t}";
               machines.m = {{ imports = [ (system {{ vars = {{
                 app = {{ files.key = {{ }}; files.cert.secret = false; script = "{script}"; }};
@@ -467,7 +467,7 @@ fn a_repository_in_clan_cores_age_layout_is_read() {
     install_identity(&lab, &private);
     let flake = lab.write_flake(&format!(
         r#"{{
-          vars.settings.recipients.default = [ "{public}" ];
+          vars.settings.secretStore = "age"; vars.settings.recipients.default = [ "{public}" ];
           machines.web = system {{ vars = {{
             openssh = {{ files.ssh-key = {{ }}; files."ssh-key.pub".secret = false; }};
           }}; }};
@@ -547,7 +547,7 @@ fn ctrl_c_during_a_generator_stores_nothing_and_removes_its_directory() {
     let sleep = format!("sleep 30.{}", std::process::id());
     let flake = lab.write_flake(&format!(
         r#"{{
-          vars.settings.recipients.default = [ "{public}" ];
+          vars.settings.secretStore = "age"; vars.settings.recipients.default = [ "{public}" ];
           machines.m = system {{ vars = {{
             slow = {{ files.key = {{ }}; script = "echo {mark} > $out/key; {sleep}"; }};
           }}; }};
@@ -670,7 +670,7 @@ fn runtime_inputs_are_built_here_and_on_the_generators_path() {
     // A package built on the workstation when the generator needs it: bin/tool prints a word.
     let flake = lab.write_flake(&format!(
         r#"{{
-          vars.settings.recipients.default = [ "{public}" ];
+          vars.settings.secretStore = "age"; vars.settings.recipients.default = [ "{public}" ];
           machines.m = system {{ vars = {{
             made = {{
               files.word.secret = false;
@@ -704,7 +704,7 @@ fn a_prompt_during_a_fleet_deploy_on_a_terminal() {
     install_identity(&lab, &private);
     let flake = lab.write_flake(&format!(
         r#"{{
-          vars.settings.recipients.default = [ "{public}" ];
+          vars.settings.secretStore = "age"; vars.settings.recipients.default = [ "{public}" ];
           inventory.machines.m1.deploy.targetHost = "root@{t1}";
           inventory.machines.m2.deploy.targetHost = "root@{t2}";
           machines.m1 = system {{ }};

@@ -92,7 +92,7 @@ fn the_sops_store_is_generated_as_clan_core_lays_it_out_and_decrypts_on_the_targ
     .unwrap();
     let flake = lab.write_flake(&format!(
         r#"{{
-          vars.settings.secretStore = "sops";
+          # The sops store is the default, as in clan-core.
           inventory.machines.m.deploy = {{ targetHost = "root@{t}"; buildHost = "root@{b}"; }};
           machines.m = {{ imports = [ (system {{ vars = {GENERATORS}; publicVarOf = [ "base" "greeting" ]; }}) ];
             clan.core.vars.sops.command = "{sops}"; }};

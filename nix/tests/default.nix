@@ -24,7 +24,7 @@ let
   };
   fails = v: !(builtins.tryEval (builtins.deepSeq v v)).success;
   varsClan = clan {
-    vars.settings.recipients.default = [ "age1example" ];
+    vars.settings.secretStore = "age"; vars.settings.recipients.default = [ "age1example" ];
     machines.web1 = {
       clan.core.vars.generators.greeting = {
         files.hello.secret = false;
@@ -146,7 +146,7 @@ in
   servicesUnknownMachineNamed = failsWith (servicesClan {
     inventory.instances.x = { module = { name = "greeter"; input = "self"; }; roles.peer.machines.zz = { }; };
   }).nixosConfigurations.a.config;
-  # This tool's own sshd and users services, as clan-core's template uses them.
+  # This tool's own sshd and users services, as clan-core's template uses them (the sops store, by default: clan-core's paths).
   ownServicesGiveVars =
     let
       t = clan {
@@ -162,9 +162,9 @@ in
     in
     gens.openssh.files."ssh.id_ed25519".secret
     && !gens.openssh.files."ssh.id_ed25519.pub".secret
-    && c.services.openssh.hostKeys == [ { path = "/run/secrets/openssh/ssh.id_ed25519"; type = "ed25519"; } ]
+    && c.services.openssh.hostKeys == [ { path = "/run/secrets/vars/per-machine/m/openssh/ssh.id_ed25519"; type = "ed25519"; } ]
     && c.users.users.root.openssh.authorizedKeys.keys == [ "ssh-ed25519 AAAA admin" ]
-    && c.users.users.root.hashedPasswordFile == "/run/secrets-for-users/user-password-root/user-password-hash"
+    && c.users.users.root.hashedPasswordFile == "/run/secrets-for-users/vars/per-machine/m/user-password-root/user-password-hash"
     && gens.user-password-root.files.user-password-hash.neededFor == "users"
     && !gens.user-password-root.files.user-password.deploy
     && gens.user-password-root.prompts.user-password.type == "hidden"

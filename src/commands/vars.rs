@@ -143,8 +143,29 @@ pub fn list(args: &VarsMachineArgs) -> Result<ExitKind, Error> {
                 } else {
                     declared.repo.secret_path(&args.machine, g, decl, f)
                 };
+                // Present in the layout of the store the clan does not select: generated,
+                // never "not generated" (the next generate refuses to make it again).
+                let elsewhere = match vars.clan_core {
+                    Some(crate::vars::clan_core_store::ClanCoreStore::Sops) => Some((
+                        declared.repo.secret_path(&args.machine, g, decl, f),
+                        "this tool's age layout, but the clan selects the sops store",
+                    )),
+                    Some(_) => None,
+                    None => declared
+                        .repo
+                        .foreign_secret(&args.machine, g, decl, f)
+                        .map(|p| (p, "the sops layout, but the clan selects the age store")),
+                };
                 if path.is_file() {
                     "********".to_string()
+                } else if let Some((other, which)) = elsewhere.filter(|(p, _)| p.is_file()) {
+                    format!(
+                        "(in {which}: {})",
+                        other
+                            .strip_prefix(&declared.repo.root)
+                            .unwrap_or(&other)
+                            .display()
+                    )
                 } else {
                     "(not generated)".to_string()
                 }

@@ -107,14 +107,9 @@ impl<'a> Generation<'a> {
                 return Ok(Vec::new());
             }
             Kept::Sops => {
-                // Secrets whose recipients differ from their links: `vars fix` first.
-                super::clan_core_store::check_recipients(
-                    ClanCoreStore::Sops,
-                    self.repo,
-                    machine,
-                    vars,
-                    "generated",
-                )?;
+                // Secrets whose recipients differ from their links (`vars fix` first), or
+                // vars kept in the age layout.
+                super::sops_store::check_before_generating(self.repo, machine, vars, "generated")?;
             }
             Kept::Age => {
                 // Secrets in the earlier layout would read as missing: moved first, by
@@ -157,19 +152,6 @@ impl<'a> Generation<'a> {
         }
         // A var that exists in another store's layout is generated already: never make a
         // new one beside it.
-        if kept == Kept::Sops
-            && !run.is_empty()
-            && let Some(found) = super::sops_store::age_layout_file(self.repo, machine, vars)
-        {
-            return Err(Error::usage(format!(
-                "machine {machine}'s vars exist in this tool's age layout ({}), while its clan selects the sops store (clan.core.vars.settings.secretStore, from vars.settings.secretStore): refusing to generate new secrets beside them",
-                found.display()
-            ))
-            .code("vars.foreign-layout")
-            .hint(Hint::text(
-                "keep the age store: set vars.settings.secretStore = \"age\" in the clan (README, Secrets)",
-            )));
-        }
         for g in order
             .iter()
             .filter(|g| kept == Kept::Age && run.contains(*g))

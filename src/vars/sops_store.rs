@@ -224,6 +224,34 @@ pub fn share_with(
     Ok(changed)
 }
 
+/// Before anything is generated for `machine` (and in the dry run, which predicts that):
+/// every secret is encrypted to exactly the keys its links name, and no var that is missing
+/// here exists in this tool's age layout ([`age_layout_file`]), which would mean the clan
+/// keeps its vars there.
+pub fn check_before_generating(
+    repo: &Repo,
+    machine: &str,
+    vars: &MachineVars,
+    done: &str,
+) -> Result<(), Error> {
+    super::clan_core_store::check_recipients(ClanCoreStore::Sops, repo, machine, vars, done)?;
+    let missing = vars
+        .generators
+        .iter()
+        .any(|(g, decl)| !generated(repo, machine, g, decl));
+    match age_layout_file(repo, machine, vars).filter(|_| missing) {
+        None => Ok(()),
+        Some(found) => Err(Error::usage(format!(
+            "machine {machine}'s vars exist in this tool's age layout ({}), while its clan selects the sops store (clan.core.vars.settings.secretStore, from vars.settings.secretStore, whose default is sops): refusing to generate new secrets beside them; nothing was {done}",
+            found.display()
+        ))
+        .code("vars.foreign-layout")
+        .hint(Hint::text(
+            "keep the age store: set vars.settings.secretStore = \"age\" in the clan (README, Secrets)",
+        ))),
+    }
+}
+
 /// The first file of `machine` in this tool's age layout, where the clan selects the sops
 /// store: its secrets or key live there, and generating into the sops store would make new
 /// ones beside them.
