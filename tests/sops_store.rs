@@ -333,6 +333,131 @@ fn the_sops_store_is_generated_as_clan_core_lays_it_out_and_decrypts_on_the_targ
     assert!(!flake.join("sops/machines/n").exists() && !flake.join("vars/per-machine/n").exists());
 }
 
+// A repository that sops and clan-core wrote (clan-core's checks, copied unchanged into
+// tests/fixtures/clan-core-sops with their test key), under this repository's library: read
+// as it is (nothing generated again: the generators would fail), and deployed through a build
+// host; on the target, sops (the lab's stand-in) decrypts the files sops wrote with the key
+// the deploy uploaded.
+#[test]
+fn a_repository_sops_wrote_deploys_and_decrypts_on_the_target() {
+    let lab = Lab::start(&[HostSpec::new("builder"), HostSpec::new("target")]);
+    lab.trust("builder", "target");
+    let sops = lab.install_sops("target");
+    let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/clan-core-sops");
+    let keys = lab
+        .host(WORKSTATION)
+        .root()
+        .join(".config/sops/age/keys.txt");
+    std::fs::create_dir_all(keys.parent().unwrap()).unwrap();
+    std::fs::copy(fixture.join("admin-age-key.txt"), &keys).unwrap();
+    let flake = lab.write_flake(&format!(
+        r#"{{
+          inventory.machines.peer1.deploy = {{ targetHost = "root@{t}"; buildHost = "root@{b}"; }};
+          machines.peer1 = {{ imports = [ (system {{ vars = {{
+              dummy-generator = {{ files.generated-password = {{ }}; files.host-id.secret = false; script = "exit 1"; }};
+              new-service = {{ files.a-secret = {{ }}; files.not-a-secret.secret = false; script = "exit 1"; }};
+            }}; }}) ];
+            clan.core.vars.sops.command = "{sops}";
+            # Under the target's own /root (the lab's namespace hosts share the machine's /var).
+            clan.core.vars.sops.secretUploadDirectory = "/root/sops-nix"; }};
+        }}"#,
+        t = lab.ip("target"),
+        b = lab.ip("builder"),
+    ));
+    let copied = Command::new("cp")
+        .arg("-a")
+        .arg(fixture.join("sops"))
+        .arg(fixture.join("vars"))
+        .arg(&flake)
+        .status()
+        .unwrap();
+    assert!(copied.success());
+    git(&flake, &["init", "-q"]);
+    git(&flake, &["add", "-A"]);
+    git(
+        &flake,
+        &[
+            "-c",
+            "user.name=t",
+            "-c",
+            "user.email=t@t",
+            "commit",
+            "-qm",
+            "clan-core's files",
+        ],
+    );
+
+    let list = clan(&lab, &flake, &["vars", "list", "peer1"]);
+    assert_eq!(list.code, 0, "{}", list.all());
+    for line in [
+        "dummy-generator/generated-password ********",
+        "dummy-generator/host-id 6745",
+        "new-service/a-secret ********",
+    ] {
+        assert!(list.stdout.contains(line), "{}", list.stdout);
+    }
+    let check = clan(&lab, &flake, &["vars", "check", "peer1"]);
+    assert_eq!(check.code, 0, "{}", check.all());
+    let password = clan(
+        &lab,
+        &flake,
+        &["vars", "get", "peer1", "dummy-generator/generated-password"],
+    );
+    assert_eq!(password.code, 0, "{}", password.all());
+    let a_secret = clan(
+        &lab,
+        &flake,
+        &["vars", "get", "peer1", "new-service/a-secret"],
+    )
+    .stdout;
+    assert!(!password.stdout.is_empty() && !a_secret.is_empty());
+
+    let run = clan(&lab, &flake, &["machines", "update", "peer1"]);
+    assert_eq!(run.code, 0, "{}", run.all());
+    let out = toplevel(&lab, &flake, "peer1");
+    assert!(
+        lab.host("builder").has_path(&out),
+        "not built on the builder"
+    );
+    assert_activated(&lab, &out);
+    let dir = "/run/secrets/vars/per-machine/peer1";
+    assert_eq!(
+        sh(
+            &lab,
+            "target",
+            &format!("cat {dir}/dummy-generator/generated-password")
+        ),
+        password.stdout.trim()
+    );
+    assert_eq!(
+        sh(&lab, "target", &format!("cat {dir}/new-service/a-secret")),
+        a_secret.trim()
+    );
+    // The key the deploy uploaded is the one sops encrypted peer1's secrets to.
+    let uploaded = sh(&lab, "target", "cat /root/sops-nix/key.txt");
+    let public: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(fixture.join("sops/machines/peer1/key.json")).unwrap(),
+    )
+    .unwrap();
+    let public = match &public {
+        serde_json::Value::Array(keys) => keys[0]["publickey"].clone(),
+        one => one["publickey"].clone(),
+    };
+    assert_eq!(
+        uploaded
+            .parse::<age::x25519::Identity>()
+            .unwrap()
+            .to_public()
+            .to_string(),
+        public.as_str().unwrap()
+    );
+    // Nothing was made or changed in the repository.
+    assert_eq!(
+        git(&flake, &["status", "--porcelain", "--", "sops", "vars"]),
+        ""
+    );
+}
+
 /// Files under `dir` that contain any of `needles`.
 fn files_containing(dir: &Path, needles: &[&str]) -> Vec<PathBuf> {
     let mut cmd = Command::new("grep");
