@@ -531,7 +531,7 @@ pub fn keygen(args: &crate::cli::VarsKeygenArgs) -> Result<ExitKind, Error> {
         println!("{key}");
     }
     eprintln!(
-        "hint: clan-core's sops store reads sops/users/; this tool's own age store wants the key in vars.settings.recipients.default"
+        "hint: the sops store (the default) encrypts to the users in sops/users/; the age store (vars.settings.secretStore = \"age\") wants the key in vars.settings.recipients.default"
     );
     Ok(ExitKind::Success)
 }

@@ -16,10 +16,11 @@
 //! This tool reads those stores (list, get, check) and deploys from them: the machine's key
 //! goes to the target as `key.txt` (sops: `clan.core.vars.sops.secretUploadDirectory`; age:
 //! `clan.core.vars.age.secretLocation`), and the secrets reach the target inside the system
-//! closure, where clan-core's modules decrypt them (sops-nix; its age module). In the sops
-//! store it checks and fixes who each secret is for ([`sops_links`]); it does not generate
-//! into either (yet): a missing var is an error naming clan-core's command, never a new
-//! secret.
+//! closure, where they are decrypted (clan-core's library: sops-nix, its age module; this
+//! repository's: `sops` at activation, `nix/vars.nix`). In the sops store it checks and fixes
+//! who each secret is for ([`sops_links`]). It generates into the sops store for machines
+//! whose generators are this library's ([`super::sops_store`]); with clan-core's generators a
+//! missing var is an error naming clan-core's command, never a new secret.
 
 use std::path::PathBuf;
 

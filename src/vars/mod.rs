@@ -4,7 +4,8 @@
 //! ([`clan_core_store`], with sops' file format in [`sops`]), generators ([`generate`]) and
 //! the upload ([`upload`]). Here: which store keeps a machine's vars.
 //!
-//! This tool's age store (relative to the clan's directory):
+//! The sops store (the default, clan-core's layout) is read in [`clan_core_store`] and
+//! written in [`sops_store`]. This tool's age store (relative to the clan's directory):
 //! - public files: `vars/per-machine/<m>/<decl>/<file>/value`, `vars/shared/<decl>/<file>/value`
 //! - secret files, encrypted to machine keys, at clan-core's age paths:
 //!   `secrets/clan-vars/per-machine/<m>/<decl>/<file>/<file>.age`,
@@ -67,16 +68,14 @@ pub fn check_store(
     }
 }
 
-/// Which of clan-core's stores keeps the machine's vars, if one does: the one clan-core's
-/// library chooses for the machine (`clan.core.vars.settings.secretModule`: sops by
-/// default, or age). This tool reads and deploys both ([`clan_core_store`]); its own age
-/// store is chosen by `secretStore = "age"` (or nothing) on its own library.
+/// Which store in clan-core's layout keeps the machine's vars, if one does: the one the
+/// machine's `clan.core.vars.settings.secretModule` names. clan-core's library names it on
+/// every machine (sops by default, or age); this repository's library names the sops store
+/// when `secretStore = "sops"` (its default too), and none for its own age store. Whether
+/// this tool also generates into it depends on whose generators the machine has
+/// ([`MachineVars::generated_here`]).
 pub fn clan_core_store_of(vars: &MachineVars) -> Option<clan_core_store::ClanCoreStore> {
     use clan_core_store::ClanCoreStore;
-    // clan-core's library names the module on every machine, and its modules decrypt what
-    // the store holds on the target (sops-nix, its age module). This repository's library
-    // names none: its `secretStore = "sops"` is refused ([`foreign_store`]), since nothing
-    // of it would decrypt sops files on the target.
     match vars.secret_module.as_deref() {
         Some(module) if module.ends_with(".sops") => Some(ClanCoreStore::Sops),
         Some(module) if module.ends_with(".age") => Some(ClanCoreStore::Age),
@@ -107,7 +106,9 @@ pub fn foreign_store(settings: &VarsSettings, machine: &str, vars: &MachineVars)
             module_attr(),
             "which this tool does not support yet (only its own age store and clan-core's sops and age stores)",
         ),
-        (Some(store), None) if store != "age" => (
+        // A machine of this repository's library names the sops store by its module; one
+        // without a module chose the age store itself, whatever the clan's default says.
+        (Some(store), None) if store != "age" && store != "sops" => (
             format!("{store:?}"),
             "vars.settings.secretStore".to_string(),
             "which this tool does not support yet (only its own age store and clan-core's sops and age stores)",
@@ -201,10 +202,16 @@ mod tests {
             secret_store: Some("sops".into()),
             ..VarsSettings::default()
         };
-        // This repository's library names no module: nothing of it decrypts sops files on
-        // the target, so its `secretStore = "sops"` is refused, by name.
+        // A machine of this repository's library that names no module chose the age store
+        // itself (`clan.core.vars.settings.secretStore = "age"`), over the clan's default.
         assert_eq!(clan_core_store_of(&MachineVars::default()), None);
-        let refused = check_store(&flake_sops, "db", &MachineVars::default()).unwrap_err();
+        assert!(check_store(&flake_sops, "db", &MachineVars::default()).is_ok());
+        // A store neither library has: refused, by name.
+        let vault = VarsSettings {
+            secret_store: Some("vault".into()),
+            ..VarsSettings::default()
+        };
+        let refused = check_store(&vault, "db", &MachineVars::default()).unwrap_err();
         assert!(
             refused.message.contains("(from vars.settings.secretStore)"),
             "{}",

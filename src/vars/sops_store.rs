@@ -269,3 +269,147 @@ pub fn age_layout_file(repo: &Repo, machine: &str, vars: &MachineVars) -> Option
             })
         })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::vars::FileDecl;
+
+    fn clan() -> (tempfile::TempDir, Repo, UserIdentity, Writer) {
+        let dir = tempfile::tempdir().unwrap();
+        let repo = Repo {
+            root: dir.path().to_path_buf(),
+        };
+        let id = age::x25519::Identity::generate();
+        let user = UserIdentity::parse(
+            "test".into(),
+            age::secrecy::ExposeSecret::expose_secret(&id.to_string()),
+        )
+        .unwrap();
+        sops_links::write_user_keys(&repo, "admin", &user.recipients(), false).unwrap();
+        let writer = Writer::of(&repo, &user).unwrap();
+        (dir, repo, user, writer)
+    }
+
+    /// A machine with one shared generator `ca` (secret `key`) and one of its own, `api`.
+    fn vars() -> MachineVars {
+        let secret = FileDecl {
+            secret: true,
+            deploy: true,
+            ..FileDecl::default()
+        };
+        let mut vars = MachineVars::default();
+        let mut ca = GeneratorDecl {
+            share: true,
+            ..GeneratorDecl::default()
+        };
+        ca.files.insert("key".into(), secret.clone());
+        vars.generators.insert("ca".into(), ca);
+        let mut api = GeneratorDecl::default();
+        api.files.insert("token".into(), secret);
+        vars.generators.insert("api".into(), api);
+        vars
+    }
+
+    fn machine_identity(repo: &Repo, machine: &str, user: &UserIdentity) -> age::x25519::Identity {
+        let key =
+            crate::vars::clan_core_store::machine_key(ClanCoreStore::Sops, repo, machine, user)
+                .unwrap();
+        std::str::from_utf8(&key).unwrap().trim().parse().unwrap()
+    }
+
+    #[test]
+    fn a_machine_key_is_made_once_and_never_over_half_of_one() {
+        let (_dir, repo, user, writer) = clan();
+        let vars = vars();
+        assert!(
+            Writer::of(
+                &repo,
+                &UserIdentity::parse(
+                    "other".into(),
+                    age::secrecy::ExposeSecret::expose_secret(
+                        &age::x25519::Identity::generate().to_string()
+                    ),
+                )
+                .unwrap()
+            )
+            .is_err()
+        );
+        let (public, written) = ensure_machine_key(&repo, "m", &vars, &writer).unwrap();
+        assert_eq!(written.len(), 3, "{written:?}"); // key.json, the secret, the user's link
+        assert_eq!(
+            machine_identity(&repo, "m", &user).to_public().to_string(),
+            public.to_string()
+        );
+        let (again, written) = ensure_machine_key(&repo, "m", &vars, &writer).unwrap();
+        assert_eq!((again.to_string(), written.len()), (public.to_string(), 0));
+        // Half a key pair: never a new one.
+        std::fs::remove_file(machine_key_path(ClanCoreStore::Sops, &repo, "m")).unwrap();
+        let e = ensure_machine_key(&repo, "m", &vars, &writer)
+            .err()
+            .unwrap();
+        assert_eq!(e.code, Some("vars.key-missing"));
+        assert!(machine_public_path(&repo, "m").is_file());
+        // Secrets of a machine without its key: never a new one either.
+        let orphan = repo.root.join("vars/per-machine/n/api/token/secret");
+        std::fs::create_dir_all(orphan.parent().unwrap()).unwrap();
+        std::fs::write(&orphan, "{}").unwrap();
+        let e = ensure_machine_key(&repo, "n", &vars, &writer)
+            .err()
+            .unwrap();
+        assert!(
+            e.message.contains("1 secret(s) of it exist"),
+            "{}",
+            e.message
+        );
+        assert!(!machine_public_path(&repo, "n").exists());
+    }
+
+    #[test]
+    fn a_shared_secret_is_shared_by_link_and_encrypted_anew() {
+        let (_dir, repo, user, writer) = clan();
+        let vars = vars();
+        ensure_machine_key(&repo, "m1", &vars, &writer).unwrap();
+        ensure_machine_key(&repo, "m2", &vars, &writer).unwrap();
+        let ca = &vars.generators["ca"];
+        write_secret(&repo, "m1", &vars, "ca", ca, "key", b"the ca", &writer).unwrap();
+        let path = secret_path(ClanCoreStore::Sops, &repo, "m1", "ca", ca, "key");
+        assert!(path.starts_with(repo.root.join("vars/shared/ca/key")));
+        let m2 = machine_identity(&repo, "m2", &user);
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert!(sops::decrypt(&text, std::slice::from_ref(&m2)).is_err());
+        assert!(generated(&repo, "m2", "ca", ca));
+        let changed = share_with(&repo, "m2", &vars, "ca", ca, &user).unwrap();
+        assert!(changed.contains(&path), "{changed:?}");
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert_eq!(
+            &sops::decrypt(&text, std::slice::from_ref(&m2)).unwrap()[..],
+            b"the ca"
+        );
+        let m1 = machine_identity(&repo, "m1", &user);
+        assert!(sops::decrypt(&text, std::slice::from_ref(&m1)).is_ok());
+        assert!(path.parent().unwrap().join("machines/m2").is_symlink());
+        // Shared already: nothing changes.
+        assert!(
+            share_with(&repo, "m2", &vars, "ca", ca, &user)
+                .unwrap()
+                .is_empty()
+        );
+        assert!(check_before_generating(&repo, "m2", &vars, "generated").is_ok());
+    }
+
+    #[test]
+    fn vars_in_the_age_layout_are_never_generated_beside() {
+        let (_dir, repo, _user, _writer) = clan();
+        let vars = vars();
+        assert!(check_before_generating(&repo, "m", &vars, "generated").is_ok());
+        let age = repo.secret_path("m", "api", &vars.generators["api"], "token");
+        std::fs::create_dir_all(age.parent().unwrap()).unwrap();
+        std::fs::write(&age, "age").unwrap();
+        let e = check_before_generating(&repo, "m", &vars, "generated")
+            .err()
+            .unwrap();
+        assert_eq!(e.code, Some("vars.foreign-layout"));
+        assert!(e.message.contains("token.age"), "{}", e.message);
+    }
+}
