@@ -484,6 +484,69 @@ fn clan_core_age_store_deploys() {
         store.files,
         "something was generated"
     );
+
+    // Its files are this tool's age store's, so `vars set` and `vars fix` write them as
+    // clan-core's do: a deployed secret to the machine's key; the machine's key to the
+    // current recipients.
+    let set = lab.run_on_workstation_with_input(
+        &f,
+        &[
+            env!("CARGO_BIN_EXE_clan"),
+            "vars",
+            "set",
+            "alpha",
+            "openssh/ssh.id_ed25519",
+        ],
+        "a key set by hand",
+    );
+    assert!(
+        set.status.success(),
+        "{}",
+        String::from_utf8_lossy(&set.stderr)
+    );
+    let host_key =
+        f.join("secrets/clan-vars/per-machine/alpha/openssh/ssh.id_ed25519/ssh.id_ed25519.age");
+    assert_eq!(
+        &clan::vars::decrypt_with(
+            std::slice::from_ref(&machine),
+            &std::fs::read(&host_key).unwrap()
+        )
+        .unwrap()[..],
+        b"a key set by hand"
+    );
+    assert_eq!(clan(&lab, &f, &["vars", "check", "alpha"]).code, 0);
+    let keys = std::fs::read_to_string(
+        lab.host(clan_lab::WORKSTATION)
+            .root()
+            .join(".config/sops/age/keys.txt"),
+    )
+    .unwrap();
+    let admin: age::x25519::Identity = keys.trim().parse().unwrap();
+    let bob = age::x25519::Identity::generate();
+    let clan_nix = std::fs::read_to_string(f.join("clan.nix"))
+        .unwrap()
+        .replace(
+            r#"meta.name = "cclab";"#,
+            &format!(
+                r#"meta.name = "cclab"; vars.settings.recipients.default = [ "{}" "{}" ];"#,
+                admin.to_public(),
+                bob.to_public()
+            ),
+        );
+    std::fs::write(f.join("clan.nix"), clan_nix).unwrap();
+    let fix = clan(&lab, &f, &["vars", "fix", "alpha"]);
+    assert_eq!(fix.code, 0, "{}", fix.all());
+    assert!(
+        fix.stderr
+            .contains("alpha: key re-encrypted to 2 recipient(s)"),
+        "{}",
+        fix.stderr
+    );
+    let sealed = std::fs::read(f.join("secrets/age-keys/machines/alpha/key.age")).unwrap();
+    assert_eq!(
+        clan::vars::decrypt_with(std::slice::from_ref(&bob), &sealed).unwrap()[..],
+        store.machine_key.as_bytes()[..]
+    );
 }
 
 #[test]

@@ -130,10 +130,7 @@ fn the_sops_store_is_generated_as_clan_core_lays_it_out_and_decrypts_on_the_targ
     assert!(machine_public.starts_with("age1"), "{key_json}");
     assert_eq!(key_json[0]["type"], "age");
     let key_dir = flake.join("sops/secrets/m-age.key");
-    assert_eq!(
-        link(&key_dir.join("users/admin")),
-        "../../../../sops/users/admin"
-    );
+    assert_eq!(link(&key_dir.join("users/admin")), "../../../users/admin");
     assert!(!key_dir.join("machines").exists());
     let password_dir = flake.join("vars/per-machine/m/base/password");
     assert_eq!(

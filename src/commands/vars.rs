@@ -439,22 +439,25 @@ fn generate_hint(vars: &MachineVars, machine: &str) -> String {
 
 /// `clan vars fix`.
 pub fn fix(args: &VarsFixArgs) -> Result<ExitKind, Error> {
+    use crate::vars::clan_core_store::ClanCoreStore;
     let declared = declared(&args.hosts, &args.machines)?;
-    let mut clan_core = Vec::new();
+    let mut sops = Vec::new();
+    let mut age = Vec::new();
     for (machine, vars) in &declared.machines {
         if let Some(vars) = vars {
             crate::vars::check_store(&declared.settings, machine, vars)?;
-            if let Some(store) = vars.clan_core {
-                clan_core.push((machine, store, vars));
+            match vars.clan_core {
+                Some(ClanCoreStore::Sops) => sops.push((machine, vars)),
+                // clan-core's age store is this tool's, file for file.
+                Some(ClanCoreStore::Age) | None => age.push((machine, vars)),
             }
         }
     }
-    // clan-core's sops store: each secret encrypted to exactly the keys its links name.
-    if !clan_core.is_empty() {
+    // The sops store: each secret encrypted to exactly the keys its links name.
+    if !sops.is_empty() {
         let user = user_identity()?;
-        for (machine, store, vars) in clan_core {
-            let changed =
-                crate::vars::clan_core_store::fix(store, &declared.repo, machine, vars, user)?;
+        for (machine, vars) in sops {
+            let changed = crate::vars::clan_core_store::fix(&declared.repo, machine, vars, user)?;
             crate::vars::generate::git_add(&declared.repo.root, &changed);
             let files = changed.iter().filter(|p| p.ends_with("secret")).count();
             eprintln!(
@@ -462,7 +465,9 @@ pub fn fix(args: &VarsFixArgs) -> Result<ExitKind, Error> {
                 changed.len() - files
             );
         }
-        return Ok(ExitKind::Success);
+        if age.is_empty() {
+            return Ok(ExitKind::Success);
+        }
     }
     let user = crate::vars::UserIdentity::find()?;
     let moved = crate::vars::generate::migrate_old_layout(&declared.repo, &user)?;
@@ -480,6 +485,24 @@ pub fn fix(args: &VarsFixArgs) -> Result<ExitKind, Error> {
             "{machine}: key re-encrypted to {} recipient(s) of {from}",
             keys.len()
         );
+    }
+    // Secrets that are not deployed are encrypted to the people: to the current ones.
+    for (machine, vars) in age {
+        let rekeyed = crate::vars::generate::fix_undeployed(
+            &declared.repo,
+            &declared.settings,
+            &user,
+            machine,
+            vars,
+        )?;
+        if !rekeyed.is_empty() {
+            let (_, from) = declared.settings.recipients_of(machine);
+            eprintln!(
+                "{machine}: {} secret(s) not deployed re-encrypted to the recipients of {from}: {}",
+                rekeyed.len(),
+                rekeyed.join(", ")
+            );
+        }
     }
     Ok(ExitKind::Success)
 }

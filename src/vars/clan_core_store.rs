@@ -165,32 +165,17 @@ pub fn recipient_problems(
     Ok(problems)
 }
 
-/// The refusal of `clan <command>` for a store whose secrets this tool does not write yet
-/// (clan-core's age store), naming clan-core's command with `args`.
-fn not_written_here(store: ClanCoreStore, machine: &str, command: &str, args: &str) -> Error {
-    Error::usage(format!(
-        "machine {machine} keeps its vars in clan-core's {} store, whose secrets this tool does not write yet: nothing was changed",
-        store.name()
-    ))
-    .code(READ_ONLY)
-    .hint(Hint::text(format!(
-        "use clan-core's CLI: clan {command} {args}"
-    )))
-}
-
-/// `clan vars fix` for clan-core's sops store: every secret of `machine` agrees with its
-/// links again ([`sops_links::fix`]), decrypted with the user's key or the machine's. Returns
-/// the paths changed.
+/// `clan vars fix` for the sops store: every secret of `machine` agrees with its links
+/// again ([`sops_links::fix`]), decrypted with the user's key or the machine's. Returns the
+/// paths changed. (The age store, clan-core's too, is fixed as this tool's own:
+/// [`super::generate::fix_keys`], [`super::generate::fix_undeployed`].)
 pub fn fix(
-    store: ClanCoreStore,
     repo: &Repo,
     machine: &str,
     vars: &MachineVars,
     user: &UserIdentity,
 ) -> Result<Vec<PathBuf>, Error> {
-    if store != ClanCoreStore::Sops {
-        return Err(not_written_here(store, machine, "vars fix", machine));
-    }
+    let store = ClanCoreStore::Sops;
     let mut changed = Vec::new();
     for (var, dir, deploy) in sops_secrets(repo, machine, vars) {
         let path = dir.join("secret");
@@ -210,13 +195,13 @@ pub fn fix(
     Ok(changed)
 }
 
-/// `clan vars set` in clan-core's sops store: a public value as it is; a secret written as
+/// `clan vars set` in the sops store (the age store, clan-core's too, is written as this
+/// tool's own): a public value as it is; a secret written as
 /// clan-core writes it ([`sops_links::write_secret`]: the machine's, default groups' and your
 /// user's links, encrypted to exactly the linked keys). Your key must be a sops user of the
 /// clan (`sops/users/<u>/key.json`). Returns the paths changed.
 #[allow(clippy::too_many_arguments)]
 pub fn set(
-    store: ClanCoreStore,
     repo: &Repo,
     machine: &str,
     vars: &MachineVars,
@@ -232,14 +217,7 @@ pub fn set(
         super::write_atomically(&path, value)?;
         return Ok(vec![path]);
     }
-    if store != ClanCoreStore::Sops {
-        return Err(not_written_here(
-            store,
-            machine,
-            "vars set",
-            &format!("{machine} {g}/{f}"),
-        ));
-    }
+    let store = ClanCoreStore::Sops;
     let keys = user.recipients();
     let Some((name, theirs)) = sops_links::user_of(repo, &keys)? else {
         return Err(Error::usage(format!(
@@ -420,6 +398,12 @@ pub fn read(
     }
     let path = secret_path(store, repo, machine, g, decl, f);
     if store == ClanCoreStore::Age {
+        // A secret that is not deployed is encrypted to the people, not the machine.
+        if !decl.files[f].deploy
+            && let Ok(plain) = user.decrypt(&read_file(&path)?)
+        {
+            return Ok(plain);
+        }
         let identity = machine_identity(store, repo, machine, user)?;
         return open_age(&path, &identity, machine);
     }

@@ -287,6 +287,13 @@ impl<'a> Generation<'a> {
         let path = self.repo.secret_path(machine, g, decl, f);
         let encrypted = std::fs::read(&path)
             .map_err(|e| Error::new(format!("cannot read {}: {e}", path.display())))?;
+        // A secret that is not deployed is encrypted to the people (clan-core's age store;
+        // earlier versions of this tool encrypted it to the machine too).
+        if !file.deploy
+            && let Ok(plain) = self.user()?.decrypt(&encrypted)
+        {
+            return Ok(plain);
+        }
         let identity = self.machine_identity(machine)?;
         decrypt_with(std::slice::from_ref(&identity), &encrypted).map_err(|e| {
             Error::usage(format!(
@@ -514,17 +521,9 @@ impl<'a> Generation<'a> {
     ) -> Result<Vec<PathBuf>, Error> {
         vars.check(machine)?;
         super::check_store(self.settings, machine, vars)?;
-        if let Some(store) = super::clan_core_store_of(vars) {
-            let written = super::clan_core_store::set(
-                store,
-                self.repo,
-                machine,
-                vars,
-                g,
-                f,
-                &value,
-                self.user()?,
-            )?;
+        if super::clan_core_store_of(vars) == Some(ClanCoreStore::Sops) {
+            let written =
+                super::clan_core_store::set(self.repo, machine, vars, g, f, &value, self.user()?)?;
             git_add(&self.repo.root, &written);
             return Ok(written);
         }
@@ -546,8 +545,10 @@ impl<'a> Generation<'a> {
         Ok(written)
     }
 
-    /// Writes a generator's files: values as they are, secrets encrypted to the machine's
-    /// key (shared ones to every machine that shares them). Returns the paths written.
+    /// Writes a generator's files as clan-core's age store does: values as they are; a
+    /// deployed secret encrypted to the machine's key (a shared one to every sharing
+    /// machine's, listed beside it); a secret that is not deployed encrypted to the people
+    /// of `vars.settings.recipients`, listed beside it. Returns the paths written.
     fn store_files(
         &self,
         machine: &str,
@@ -555,28 +556,35 @@ impl<'a> Generation<'a> {
         decl: &GeneratorDecl,
         files: &BTreeMap<String, Secret>,
     ) -> Result<Vec<PathBuf>, Error> {
-        let mut recipients = vec![self.repo.ensure_machine_key(machine, self.settings)?];
-        if decl.share {
+        let mut machines = vec![self.repo.ensure_machine_key(machine, self.settings)?];
+        if decl.share && decl.files.values().any(|f| f.secret && f.deploy) {
             for other in self.sharers(machine, g, decl)? {
                 if let Some(r) = self.repo.machine_recipient(&other)? {
-                    recipients.push(r);
+                    machines.push(r);
                 }
             }
         }
         let mut written = Vec::new();
         for (f, content) in files {
-            let (path, bytes) = if decl.files[f].secret {
-                (
-                    self.repo.secret_path(machine, g, decl, f),
-                    encrypt(&recipients, content)?,
-                )
+            let file = &decl.files[f];
+            if !file.secret {
+                let path = self.repo.value_path(machine, g, decl, f);
+                write_atomically(&path, content)?;
+                written.push(path);
+                continue;
+            }
+            let path = self.repo.secret_path(machine, g, decl, f);
+            let people;
+            let recipients = if file.deploy {
+                &machines
             } else {
-                (self.repo.value_path(machine, g, decl, f), content.to_vec())
+                people = super::parse_recipients(self.settings, machine)?;
+                &people
             };
-            write_atomically(&path, &bytes)?;
-            if decl.share && decl.files[f].secret {
-                // Which machines a shared secret opens for, beside it (as clan-core keeps it).
-                written.push(Repo::write_recipients(&path, &recipients)?);
+            write_atomically(&path, &encrypt(recipients, content)?)?;
+            // Whose keys open it, beside it, where that can change (as clan-core keeps it).
+            if decl.share || !file.deploy {
+                written.push(Repo::write_recipients(&path, recipients)?);
             }
             written.push(path);
         }
@@ -585,7 +593,11 @@ impl<'a> Generation<'a> {
 
     /// The other machines whose keys decrypt shared generator `g`'s existing secrets.
     fn sharers(&self, machine: &str, g: &str, decl: &GeneratorDecl) -> Result<Vec<String>, Error> {
-        let Some((f, _)) = decl.files.iter().find(|(_, file)| file.secret) else {
+        let Some((f, _)) = decl
+            .files
+            .iter()
+            .find(|(_, file)| file.secret && file.deploy)
+        else {
             return Ok(Vec::new());
         };
         let Ok(encrypted) = std::fs::read(self.repo.secret_path(machine, g, decl, f)) else {
@@ -612,7 +624,12 @@ impl<'a> Generation<'a> {
         g: &str,
         decl: &GeneratorDecl,
     ) -> Result<Vec<PathBuf>, Error> {
-        let Some((probe, _)) = decl.files.iter().find(|(_, file)| file.secret) else {
+        // Only deployed secrets are encrypted to machines (the others to people).
+        let Some((probe, _)) = decl
+            .files
+            .iter()
+            .find(|(_, file)| file.secret && file.deploy)
+        else {
             return Ok(Vec::new());
         };
         let probe_path = self.repo.secret_path(machine, g, decl, probe);
@@ -641,7 +658,7 @@ impl<'a> Generation<'a> {
         eprintln!("{machine}: sharing {g} (made for {})…", sharers.join(", "));
         let mut files = BTreeMap::new();
         for (f, file) in &decl.files {
-            if file.secret {
+            if file.secret && file.deploy {
                 files.insert(f.clone(), self.read_file(reader, g, decl, f)?);
             }
         }
@@ -686,6 +703,62 @@ pub fn fix_keys(
         git_add(&repo.root, &[repo.machine_key(m), sidecar]);
     }
     Ok(fixed)
+}
+
+/// Re-encrypts each secret of `machine` that is not deployed (in the age store, encrypted to
+/// the people of `vars.settings.recipients`, listed beside it) whose listed recipients are not
+/// the current ones, as clan-core's age `fix` does; opened with the user's key, else the
+/// machine's (earlier versions of this tool encrypted them to the machine). Returns the vars
+/// re-encrypted (`gen/file`).
+pub fn fix_undeployed(
+    repo: &Repo,
+    settings: &VarsSettings,
+    user: &UserIdentity,
+    machine: &str,
+    vars: &MachineVars,
+) -> Result<Vec<String>, Error> {
+    let mut done = Vec::new();
+    for (g, decl) in &vars.generators {
+        for (f, _) in decl
+            .files
+            .iter()
+            .filter(|(_, file)| file.secret && !file.deploy)
+        {
+            let path = repo.secret_path(machine, g, decl, f);
+            if !path.is_file() {
+                continue;
+            }
+            let recipients = super::parse_recipients(settings, machine)?;
+            let mut wanted: Vec<String> = recipients.iter().map(|r| r.to_string()).collect();
+            wanted.sort();
+            wanted.dedup();
+            let listed = std::fs::read_to_string(Repo::recipients_path(&path)).unwrap_or_default();
+            let mut current: Vec<String> = listed.lines().map(str::to_string).collect();
+            current.sort();
+            if current == wanted {
+                continue;
+            }
+            let encrypted = std::fs::read(&path)
+                .map_err(|e| Error::new(format!("cannot read {}: {e}", path.display())))?;
+            let plain = match user.decrypt(&encrypted) {
+                Ok(plain) => plain,
+                Err(_) => {
+                    let identity = repo.machine_identity(machine, user)?;
+                    decrypt_with(std::slice::from_ref(&identity), &encrypted).map_err(|e| {
+                        Error::usage(format!(
+                            "cannot decrypt {} with your key or machine {machine}'s: {e}; nothing of it was changed",
+                            path.display()
+                        ))
+                    })?
+                }
+            };
+            write_atomically(&path, &encrypt(&recipients, &plain)?)?;
+            let sidecar = Repo::write_recipients(&path, &recipients)?;
+            git_add(&repo.root, &[path, sidecar]);
+            done.push(format!("{g}/{f}"));
+        }
+    }
+    Ok(done)
 }
 
 /// Moves every secret of the repository from this tool's earlier layout to clan-core's age

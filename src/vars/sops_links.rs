@@ -343,18 +343,25 @@ fn difference(
 }
 
 /// A relative link from `link` (a path inside the repository) to `target` (relative to
-/// the repository's root), as clan-core makes them (`../../…/sops/machines/<m>`).
+/// the repository's root), the shortest one, as clan-core makes them (`os.path.relpath`:
+/// `../../../../../../sops/machines/<m>` from a var, `../../../users/<u>` from a machine's
+/// key in `sops/secrets/`).
 fn relative_to_root(repo: &Repo, link: &Path, target: &str) -> PathBuf {
-    let depth = link
+    let from: Vec<_> = link
         .parent()
         .and_then(|p| p.strip_prefix(&repo.root).ok())
-        .map(|p| p.components().count())
-        .unwrap_or(0);
+        .map(|p| p.components().collect())
+        .unwrap_or_default();
+    let to: Vec<_> = Path::new(target).components().collect();
+    let common = from.iter().zip(&to).take_while(|(a, b)| a == b).count();
     let mut path = PathBuf::new();
-    for _ in 0..depth {
+    for _ in common..from.len() {
         path.push("..");
     }
-    path.join(target)
+    for part in &to[common..] {
+        path.push(part);
+    }
+    path
 }
 
 /// Makes link `name` in `folder` point to `target` (relative to the root), unless it does.
@@ -710,7 +717,7 @@ mod tests {
             problems[0].starts_with("secret peer1's key: ") && problems[0].contains("user 'bob'"),
             "{problems:?}"
         );
-        let changed = fix_store(ClanCoreStore::Sops, &repo, "peer1", &vars, &user).unwrap();
+        let changed = fix_store(&repo, "peer1", &vars, &user).unwrap();
         assert_eq!(changed, [key_dir.join("secret")]);
         let text = std::fs::read_to_string(key_dir.join("secret")).unwrap();
         let key = sops::decrypt(&text, &[bob]).unwrap();

@@ -274,6 +274,7 @@ pub fn age_layout_file(repo: &Repo, machine: &str, vars: &MachineVars) -> Option
 mod tests {
     use super::*;
     use crate::vars::FileDecl;
+    use std::path::Path;
 
     fn clan() -> (tempfile::TempDir, Repo, UserIdentity, Writer) {
         let dir = tempfile::tempdir().unwrap();
@@ -341,6 +342,12 @@ mod tests {
             machine_identity(&repo, "m", &user).to_public().to_string(),
             public.to_string()
         );
+        // The links clan-core makes (os.path.relpath), byte for byte.
+        let link = |p: &str| std::fs::read_link(repo.root.join(p)).unwrap();
+        assert_eq!(
+            link("sops/secrets/m-age.key/users/admin"),
+            Path::new("../../../users/admin")
+        );
         let (again, written) = ensure_machine_key(&repo, "m", &vars, &writer).unwrap();
         assert_eq!((again.to_string(), written.len()), (public.to_string(), 0));
         // Half a key pair: never a new one.
@@ -388,7 +395,10 @@ mod tests {
         );
         let m1 = machine_identity(&repo, "m1", &user);
         assert!(sops::decrypt(&text, std::slice::from_ref(&m1)).is_ok());
-        assert!(path.parent().unwrap().join("machines/m2").is_symlink());
+        assert_eq!(
+            std::fs::read_link(path.parent().unwrap().join("machines/m2")).unwrap(),
+            Path::new("../../../../../sops/machines/m2")
+        );
         // Shared already: nothing changes.
         assert!(
             share_with(&repo, "m2", &vars, "ca", ca, &user)
