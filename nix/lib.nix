@@ -7,7 +7,8 @@
 # `mkDefault`/`mkForce`. Outputs:
 #   nixosConfigurations.<name>  one NixOS system per machine
 #   clanInternals.inventory     the inventory, typed (the CLI reads deploy.* from it)
-#   clanInternals.machines      the same configurations, for the CLI
+#   clanInternals.machines      the same configurations, for the CLI, per system as
+#                               clan-core's (machines.<system>.<name>)
 # Machines are found as clan-core finds them: inventory.machines, `machines`, and the
 # directories of `<directory>/machines/`, whose configuration.nix and
 # hardware-configuration.nix are imported. `inventory.json` in the directory is read.
@@ -492,7 +493,15 @@ let
               );
             }
           );
-          machines = builtins.seq checked nixosConfigurations;
+          # clan-core's shape, `machines.<system>.<name>`, which clan-core's CLI selects
+          # (its library extends each configuration with that system's nixpkgs, for the
+          # generators; here the configuration is the same for every system).
+          machines = lib.genAttrs [
+            "x86_64-linux"
+            "aarch64-linux"
+            "riscv64-linux"
+            "aarch64-darwin"
+          ] (_: builtins.seq checked nixosConfigurations);
           meta = config.meta;
           vars.settings = config.vars.settings;
           # Each instance's role members.

@@ -219,7 +219,7 @@ in
     (clan { meta.domain = null; machines.m = { }; }).nixosConfigurations.m.config.clan.core.networking.targetHost == null
     && (clan { machines.m.networking.domain = null; }).nixosConfigurations.m.config.clan.core.networking.targetHost == null;
   installedAtAccepted = ok.clanInternals.inventory.machines.json1.installedAt == 1733468400;
-  olderServicesRefused = fails (clan { inventory.services.sshd = { }; }).clanInternals.machines;
+  olderServicesRefused = fails (clan { inventory.services.sshd = { }; }).clanInternals.machines.x86_64-linux;
   pkgsForSystemRefused = fails (clan { pkgsForSystem = _: null; }).nixosConfigurations;
   unknownInventoryKeyRefused =
     fails (clan { inventory.machines.x.deploy.tagetHost = "typo"; }).clanInternals.inventory;
@@ -229,7 +229,7 @@ in
       c = clan { inventory.machines.x.machineClass = "darwin"; machines.x = { }; machines.y = { }; };
     in
     c.clanInternals.inventory.machines.x.machineClass == "darwin"
-    && c.clanInternals.machines ? x
+    && c.clanInternals.machines.x86_64-linux ? x
     && !(c.nixosConfigurations ? x) && c.nixosConfigurations ? y;
   varsSettingsExposed = varsClan.clanInternals.vars.settings.recipients.default == [ "age1example" ];
   publicValueReadFromTheRepository = web1vars.generators.greeting.files.hello.value == "hi there";
