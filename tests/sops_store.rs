@@ -25,7 +25,8 @@ const GENERATORS: &str = r#"{
     files.hash = { owner = "nobody"; group = "nogroup"; mode = "0440"; };
     files.rootpw.neededFor = "users";
     files.draft.deploy = false;
-    script = "sha256sum < $in/base/password | cut -d' ' -f1 > $out/hash; echo root-$RANDOM > $out/rootpw; echo draft > $out/draft";
+    files.init.neededFor = "activation";
+    script = "sha256sum < $in/base/password | cut -d' ' -f1 > $out/hash; echo root-$RANDOM > $out/rootpw; echo draft > $out/draft; echo init-$RANDOM > $out/init";
   };
   ca = {
     share = true;
@@ -230,6 +231,15 @@ fn the_sops_store_is_generated_as_clan_core_lays_it_out_and_decrypts_on_the_targ
         "hash",
         "only what is deployed (and not for users) is there"
     );
+    let init = clan(&lab, &flake, &["vars", "get", "m", "db/init"]).stdout;
+    assert_eq!(
+        sh(
+            &lab,
+            "target",
+            "cat /var/lib/sops-nix/activation/per-machine/m/db/init"
+        ),
+        init.trim()
+    );
     let machine_key = sh(&lab, "target", "cat /var/lib/sops-nix/key.txt");
     assert!(machine_key.starts_with("AGE-SECRET-KEY-1"), "{machine_key}");
     assert_eq!(
@@ -308,9 +318,14 @@ fn the_sops_store_is_generated_as_clan_core_lays_it_out_and_decrypts_on_the_targ
         std::fs::read(flake.join("vars/per-machine/m/db/hash/secret")).unwrap(),
         hash_before
     );
-    assert_ne!(
-        clan(&lab, &flake, &["vars", "get", "m", "ca/key"]).stdout,
-        ca
+    let new_ca = clan(&lab, &flake, &["vars", "get", "m", "ca/key"]).stdout;
+    assert_ne!(new_ca, ca);
+    // The next deploy carries it (a new system: the sops file is in it).
+    let run = clan(&lab, &flake, &["machines", "update", "m"]);
+    assert_eq!(run.code, 0, "{}", run.all());
+    assert_eq!(
+        sh(&lab, "target", "cat /run/secrets/vars/shared/ca/key"),
+        new_ca.trim()
     );
 
     // A machine whose vars are in the age layout while the clan selects sops: refused by
