@@ -571,6 +571,9 @@ fn clan_cores_template_deploys_on_this_library() {
     lab.prepend_ssh_config(clan_lab::WORKSTATION, &ssh_config);
     lab.prepend_ssh_config("builder", &ssh_config);
     let id = install_age_identity(&lab);
+    for m in ["web", "db"] {
+        lab.install_sops(m);
+    }
 
     let f = lab.dir.join("template");
     // The template's flake.nix, with minimalSystem for the lab's plain-derivation systems.
@@ -601,13 +604,15 @@ fn clan_cores_template_deploys_on_this_library() {
         &f.join("toplevel.nix"),
         include_str!("../lab/fixtures/toplevel.nix"),
     );
-    // The template's clan.nix, filled in: two machines, the recipients this library's age
-    // store needs, the lab's systems.
+    // The template's clan.nix, filled in: two machines and the lab's systems, whose secrets
+    // are in the sops store (the default, as in the template), decrypted on the targets by
+    // the lab's sops, the key uploaded under each target's own /root.
     let machine = |m: &str| {
         format!(
             r#"machines.{m} = {{ config, ... }}: {{
       system.build.toplevel = toplevel "{m}" {{ varsActivation = config.clan.core.vars.activationScript; }};
-      clan.core.vars.age.secretLocation = "/root/secret-vars";
+      clan.core.vars.sops.command = "/root/.lab/bin/sops";
+      clan.core.vars.sops.secretUploadDirectory = "/root/sops-nix";
     }};"#
         )
     };
@@ -634,12 +639,10 @@ fn clan_cores_template_deploys_on_this_library() {
       roles.default.settings = {{ user = "root"; prompt = true; }};
     }};
   }};
-  vars.settings.secretStore = "age"; vars.settings.recipients.default = [ "{public}" ];
   {web}
   {db}
 }}"#,
             b = lab.ip("builder"),
-            public = id.to_public(),
             web = machine("web"),
             db = machine("db"),
         ),
@@ -661,7 +664,15 @@ fn clan_cores_template_deploys_on_this_library() {
         "the default of clan.core.networking.targetHost in web's configuration: root@<hostName>.<meta.domain>"
     );
 
-    // root's password is asked once per machine (db first), on a terminal.
+    // You join the clan's sops users once; root's password is asked once per machine (db
+    // first), on a terminal.
+    let keygen = clan(&lab, &f, &["vars", "keygen", "--user", "admin"]);
+    assert_eq!(keygen.code, 0, "{}", keygen.all());
+    assert!(
+        keygen.stdout.contains(&id.to_public().to_string()),
+        "{}",
+        keygen.stdout
+    );
     let generated = clan_on_terminal(&lab, &f, &["vars", "generate"], "db-root-pw\nweb-root-pw\n");
     assert_eq!(generated.code, 0, "{}", generated.all());
     let run = clan(&lab, &f, &["machines", "update", "--tags", "all"]);
@@ -678,7 +689,9 @@ fn clan_cores_template_deploys_on_this_library() {
             let o = lab.exec(m, &["sh", "-c", line]);
             String::from_utf8_lossy(&o.stdout).trim().to_string()
         };
-        let public_on_target = sh("ssh-keygen -y -f /run/secrets/openssh/ssh.id_ed25519");
+        let public_on_target = sh(&format!(
+            "ssh-keygen -y -f /run/secrets/vars/per-machine/{m}/openssh/ssh.id_ed25519"
+        ));
         let public_in_repo = std::fs::read_to_string(f.join(format!(
             "vars/per-machine/{m}/openssh/ssh.id_ed25519.pub/value"
         )))
@@ -723,13 +736,15 @@ fn clan_cores_template_deploys_on_this_library() {
         );
         // The authority's private key never reaches a machine.
         assert_eq!(
-            sh("test -e /run/secrets/openssh-ca && echo deployed"),
+            sh("test -e /run/secrets/vars/shared/openssh-ca && echo deployed"),
             "",
             "{m}: the CA key is deploy = false"
         );
         // root's password hash, before users are made; the password itself never leaves
         // the repository.
-        let hash = sh("cat /run/secrets-for-users/user-password-root/user-password-hash");
+        let hash = sh(&format!(
+            "cat /run/secrets-for-users/vars/per-machine/{m}/user-password-root/user-password-hash"
+        ));
         assert!(hash.starts_with('$'), "{m}: {hash}");
         if hash.starts_with("$6$") {
             let salt = hash.split('$').nth(2).unwrap_or_default().to_string();
@@ -737,12 +752,14 @@ fn clan_cores_template_deploys_on_this_library() {
             assert_eq!(hash, expected, "{m}: the hash of the typed password");
         }
         assert_eq!(
-            sh("test -e /run/secrets/user-password-root && echo deployed"),
+            sh(&format!(
+                "test -e /run/secrets/vars/per-machine/{m}/user-password-root && echo deployed"
+            )),
             "",
             "{m}: user-password is deploy = false"
         );
         assert_eq!(
-            sh("grep -rl root-pw /root/secret-vars /run/secrets /run/secrets-for-users | wc -l"),
+            sh("grep -rl root-pw /root/sops-nix /run/secrets /run/secrets-for-users | wc -l"),
             "0"
         );
     }
