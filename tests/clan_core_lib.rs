@@ -488,22 +488,13 @@ fn clan_core_age_store_deploys() {
     // Its files are this tool's age store's, so `vars set` and `vars fix` write them as
     // clan-core's do: a deployed secret to the machine's key; the machine's key to the
     // current recipients.
-    let set = lab.run_on_workstation_with_input(
+    let set = clan_with_input(
+        &lab,
         &f,
-        &[
-            env!("CARGO_BIN_EXE_clan"),
-            "vars",
-            "set",
-            "alpha",
-            "openssh/ssh.id_ed25519",
-        ],
+        &["vars", "set", "alpha", "openssh/ssh.id_ed25519"],
         "a key set by hand",
     );
-    assert!(
-        set.status.success(),
-        "{}",
-        String::from_utf8_lossy(&set.stderr)
-    );
+    assert_eq!(set.code, 0, "{}", set.all());
     let host_key =
         f.join("secrets/clan-vars/per-machine/alpha/openssh/ssh.id_ed25519/ssh.id_ed25519.age");
     assert_eq!(
@@ -637,22 +628,13 @@ fn a_new_recipient_link_stops_the_deploy_until_vars_fix() {
         b"content of openssh/ssh.id_ed25519"[..]
     );
     // `vars set` writes into the store as clan-core does: to exactly the linked keys.
-    let set = lab.run_on_workstation_with_input(
+    let set = clan_with_input(
+        &lab,
         &f,
-        &[
-            env!("CARGO_BIN_EXE_clan"),
-            "vars",
-            "set",
-            "alpha",
-            "openssh/ssh.id_ed25519",
-        ],
+        &["vars", "set", "alpha", "openssh/ssh.id_ed25519"],
         "a key set by hand",
     );
-    assert!(
-        set.status.success(),
-        "{}",
-        String::from_utf8_lossy(&set.stderr)
-    );
+    assert_eq!(set.code, 0, "{}", set.all());
     let get = clan(
         &lab,
         &f,

@@ -43,12 +43,6 @@ fn one_target_flake(lab: &Lab, public: &str, generators: &str, location: &str) -
     ))
 }
 
-/// Runs a shell line on host `name` (in its namespace) and returns its stdout, trimmed.
-fn sh(lab: &Lab, name: &str, line: &str) -> String {
-    let out = lab.exec(name, &["sh", "-c", line]);
-    String::from_utf8_lossy(&out.stdout).trim().to_string()
-}
-
 /// A clan (with an identity for the workstation) whose machine `m` on `target` has one
 /// generator, `api` (a random `token`), in a git repository with everything staged.
 fn token_clan_in_git(lab: &Lab) -> PathBuf {
@@ -63,38 +57,6 @@ fn token_clan_in_git(lab: &Lab) -> PathBuf {
         git(&["add", "-A"]);
     }
     flake
-}
-
-/// Runs git in the clan `flake` (which must succeed); its output.
-fn git_in(flake: &Path) -> impl Fn(&[&str]) -> String + '_ {
-    move |args| {
-        let out = Command::new("git")
-            .arg("-C")
-            .arg(flake)
-            .args(args)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    }
-}
-
-/// Files under `dir` that contain any of `needles`.
-fn files_containing(dir: &Path, needles: &[&str]) -> Vec<String> {
-    let mut cmd = Command::new("grep");
-    cmd.args(["-rlsF", "--no-messages"]);
-    for n in needles {
-        cmd.arg("-e").arg(n);
-    }
-    let out = cmd.arg(dir).output().expect("grep");
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .map(str::to_string)
-        .collect()
 }
 
 const GENERATORS: &str = r#"{

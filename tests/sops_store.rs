@@ -7,7 +7,7 @@
 //! paths. Never on the build host in the clear.
 
 mod common;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 
 use age::secrecy::ExposeSecret;
@@ -35,24 +35,8 @@ const GENERATORS: &str = r#"{
   };
 }"#;
 
-fn sh(lab: &Lab, name: &str, line: &str) -> String {
-    let out = lab.exec(name, &["sh", "-c", line]);
-    String::from_utf8_lossy(&out.stdout).trim().to_string()
-}
-
 fn git(flake: &Path, args: &[&str]) -> String {
-    let out = Command::new("git")
-        .arg("-C")
-        .arg(flake)
-        .args(args)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
+    git_in(flake)(args)
 }
 
 fn link(path: &Path) -> String {
@@ -468,18 +452,4 @@ fn a_repository_sops_wrote_deploys_and_decrypts_on_the_target() {
         git(&flake, &["status", "--porcelain", "--", "sops", "vars"]),
         ""
     );
-}
-
-/// Files under `dir` that contain any of `needles`.
-fn files_containing(dir: &Path, needles: &[&str]) -> Vec<PathBuf> {
-    let mut cmd = Command::new("grep");
-    cmd.args(["-rlsF", "--no-messages"]);
-    for n in needles {
-        cmd.arg("-e").arg(n);
-    }
-    let out = cmd.arg(dir).output().expect("grep");
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .map(PathBuf::from)
-        .collect()
 }

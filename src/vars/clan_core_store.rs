@@ -217,30 +217,8 @@ pub fn set(
         super::write_atomically(&path, value)?;
         return Ok(vec![path]);
     }
-    let store = ClanCoreStore::Sops;
-    let keys = user.recipients();
-    let Some((name, theirs)) = sops_links::user_of(repo, &keys)? else {
-        return Err(Error::usage(format!(
-            "your age key ({}) is no sops user of this clan (sops/users/<name>/key.json): nothing was changed",
-            user.source
-        ))
-        .hint(Hint::text(
-            "add yourself with `clan vars keygen`, and have someone who can read the secrets run `clan vars fix`",
-        )));
-    };
-    let path = secret_path(store, repo, machine, g, decl, f);
-    sops_links::write_secret(
-        repo,
-        &sops_links::FixSecret {
-            dir: path.parent().expect("a file in a folder").to_path_buf(),
-            var: format!("{g}/{f}"),
-            machine,
-            deploy: file.deploy,
-        },
-        &vars.sops_default_groups,
-        (&name, &theirs),
-        value,
-    )
+    let writer = super::sops_store::Writer::of(repo, user)?;
+    super::sops_store::write_secret(repo, machine, vars, g, decl, f, value, &writer)
 }
 
 /// Nothing is generated in a clan-core store here: Ok when every var is there (and nothing

@@ -34,12 +34,12 @@ impl Writer {
         match sops_links::user_of(repo, &user.recipients())? {
             Some((name, keys)) => Ok(Writer { name, keys }),
             None => Err(Error::usage(format!(
-                "your age key ({}) is no sops user of this clan (sops/users/<name>/key.json): the secrets could not be encrypted to you; nothing was generated",
+                "your age key ({}) is no sops user of this clan (sops/users/<name>/key.json): the secrets could not be encrypted to you; nothing was written",
                 user.source
             ))
             .code("vars.no-sops-user")
             .hint(Hint::text(
-                "add yourself with `clan vars keygen` (it writes sops/users/<you>/key.json), then generate again",
+                "add yourself with `clan vars keygen` (it writes sops/users/<you>/key.json), then try again; to read secrets made before, have someone who can read them run `clan vars fix`",
             ))),
         }
     }

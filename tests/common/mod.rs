@@ -28,6 +28,13 @@ pub fn clan(lab: &Lab, flake: &Path, args: &[&str]) -> Run {
     run_clan(lab, flake, args, &argv, None)
 }
 
+/// Runs `clan ARGS` with `input` on its standard input (no terminal).
+pub fn clan_with_input(lab: &Lab, flake: &Path, args: &[&str], input: &str) -> Run {
+    let mut argv = vec![env!("CARGO_BIN_EXE_clan")];
+    argv.extend_from_slice(args);
+    run_clan(lab, flake, args, &argv, Some(input))
+}
+
 /// Runs `clan ARGS` under an ssh-agent that holds the workstation's default key.
 pub fn clan_with_agent(lab: &Lab, flake: &Path, args: &[&str]) -> Run {
     let mut argv = vec![
@@ -234,5 +241,43 @@ pub fn run_log_lines(lab: &Lab, stdout: &str) -> Vec<(f64, String)> {
                 })
                 .collect::<Vec<_>>()
         })
+        .collect()
+}
+
+/// Runs a shell line on host `name` (in its namespace) and returns its stdout, trimmed.
+pub fn sh(lab: &Lab, name: &str, line: &str) -> String {
+    let out = lab.exec(name, &["sh", "-c", line]);
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+/// Runs git in the clan `flake` (which must succeed); its output.
+pub fn git_in(flake: &Path) -> impl Fn(&[&str]) -> String + '_ {
+    move |args| {
+        let out = std::process::Command::new("git")
+            .arg("-C")
+            .arg(flake)
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+}
+
+/// Files under `dir` that contain any of `needles`.
+pub fn files_containing(dir: &Path, needles: &[&str]) -> Vec<String> {
+    let mut cmd = std::process::Command::new("grep");
+    cmd.args(["-rlsF", "--no-messages"]);
+    for n in needles {
+        cmd.arg("-e").arg(n);
+    }
+    let out = cmd.arg(dir).output().expect("grep");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(str::to_string)
         .collect()
 }
