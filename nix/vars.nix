@@ -1,16 +1,27 @@
-# Clan vars, the age backend: what a machine declares (`clan.core.vars.generators`), where
-# its files are at run time, and the activation that decrypts the secrets on the target.
+# Clan vars: what a machine declares (`clan.core.vars.generators`), where its files are at
+# run time, and the activation that decrypts the secrets on the target, for both of
+# clan-core's stores (`clan.core.vars.settings.secretStore`).
 #
 # The workstation (`clan vars generate`) runs the generators and stores public files in the
 # repository at vars/per-machine/<machine>/<generator>/<file>/value (vars/shared/… for
-# shared generators) and secret files encrypted to the machine's age key at
-# secrets/clan-vars/per-machine/<machine>/<generator>/<file>/<file>.age (…/shared/…), clan-core's
-# age layout.
-# `clan vars upload` (and `clan machines update`) sends the machine's private key and its
-# encrypted secrets straight to the target, into `clan.core.vars.age.secretLocation`.
-# Activation decrypts them: neededFor "users" into /run/secrets-for-users (before users are
-# created), "services" into /run/secrets (after), "activation" into
-# <secretLocation>/activation; "partitioning" files are for installers and never uploaded.
+# shared generators).
+#
+# sops (the default): secrets at vars/<scope>/<generator>/<file>/secret, sops-encrypted to
+# the keys their machines/ and users/ links name (clan-core's layout). Each is copied alone
+# into the store and carried by the system; the deploy uploads only the machine's key, to
+# `clan.core.vars.sops.secretUploadDirectory`/key.txt. Activation decrypts them with sops
+# (`clan.core.vars.sops.command`) to clan-core's paths: /run/secrets-for-users/vars/<scope>/
+# <generator>/<file> (neededFor "users", before users are created), /run/secrets/vars/…
+# ("services", after), <secretUploadDirectory>/activation/… ("activation").
+#
+# age: secrets encrypted to the machine's age key at
+# secrets/clan-vars/<scope>/<generator>/<file>/<file>.age (clan-core's age layout). The deploy
+# (and `clan vars upload`) sends the machine's private key and its encrypted secrets straight
+# to the target, into `clan.core.vars.age.secretLocation`. Activation decrypts them with age:
+# "users" into /run/secrets-for-users/<generator>/<file>, "services" into /run/secrets/…,
+# "activation" into <secretLocation>/activation/….
+#
+# "partitioning" files are for installers and never deployed.
 {
   lib,
   config,

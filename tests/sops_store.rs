@@ -81,6 +81,8 @@ fn the_sops_store_is_generated_as_clan_core_lays_it_out_and_decrypts_on_the_targ
           inventory.machines.m.deploy = {{ targetHost = "root@{t}"; buildHost = "root@{b}"; }};
           machines.m = {{ imports = [ (system {{ vars = {GENERATORS}; publicVarOf = [ "base" "greeting" ]; }}) ];
             clan.core.vars.sops.command = "{sops}"; }};
+          # Only the shared generator: it joins what m made.
+          machines.o = {{ imports = [ (system {{ vars = {{ ca = {{ share = true; files.key = {{ }}; script = "echo ca-$RANDOM$RANDOM > $out/key"; }}; }}; }}) ]; }};
           # In the age layout: the sops store never generates beside it.
           machines.n = {{ imports = [ (system {{ vars = {{ x = {{ files.s = {{ }}; script = "echo s > $out/s"; }}; }}; }}) ]; }};
         }}"#,
@@ -310,6 +312,23 @@ fn the_sops_store_is_generated_as_clan_core_lays_it_out_and_decrypts_on_the_targ
     assert_eq!(
         sh(&lab, "target", "cat /run/secrets/vars/shared/ca/key"),
         new_ca.trim()
+    );
+
+    // A machine with nothing of its own to generate joins the shared secret: its key is
+    // made, its link added, the secret encrypted to it too (and not made again).
+    let join = clan(&lab, &flake, &["vars", "generate", "o"]);
+    assert_eq!(join.code, 0, "{}", join.all());
+    assert!(flake.join("vars/shared/ca/key/machines/o").is_symlink());
+    let o_key = clan::vars::sops::decrypt(
+        &std::fs::read_to_string(flake.join("sops/secrets/o-age.key/secret")).unwrap(),
+        std::slice::from_ref(&admin),
+    )
+    .unwrap();
+    let o_key: age::x25519::Identity = std::str::from_utf8(&o_key).unwrap().trim().parse().unwrap();
+    let shared = std::fs::read_to_string(flake.join("vars/shared/ca/key/secret")).unwrap();
+    assert_eq!(
+        clan::vars::sops::decrypt(&shared, std::slice::from_ref(&o_key)).unwrap()[..],
+        new_ca.as_bytes()[..]
     );
 
     // A machine whose vars are in the age layout while the clan selects sops: refused by

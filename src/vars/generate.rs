@@ -176,14 +176,22 @@ impl<'a> Generation<'a> {
             }
         }
         let mut written = Vec::new();
-        let writer = if kept == Kept::Sops
-            && (!run.is_empty() || vars.generators.values().any(|d| d.share))
-        {
+        // A shared sops secret another machine made, not yet for this one: this machine
+        // needs its key for it.
+        let joins = kept == Kept::Sops
+            && vars.generators.iter().any(|(g, decl)| {
+                decl.share
+                    && !run.contains(g)
+                    && kept.generated(self.repo, machine, g, decl)
+                    && !super::sops_store::shared_with(self.repo, machine, g, decl)
+            });
+        // Whoever writes into the sops store must be one of its users (the links name them).
+        let writer = if kept == Kept::Sops && (!run.is_empty() || joins) {
             Some(super::sops_store::Writer::of(self.repo, self.user()?)?)
         } else {
             None
         };
-        if !run.is_empty() {
+        if !run.is_empty() || joins {
             match &writer {
                 Some(writer) => {
                     written.extend(

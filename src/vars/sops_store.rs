@@ -179,6 +179,19 @@ pub fn write_secret(
     )
 }
 
+/// Whether every deployed secret of shared generator `g` is for `machine` already (its
+/// `machines/<m>` link is there).
+pub fn shared_with(repo: &Repo, machine: &str, g: &str, decl: &GeneratorDecl) -> bool {
+    decl.files
+        .iter()
+        .filter(|(_, file)| file.secret && file.deploy)
+        .all(|(f, _)| {
+            secret_path(ClanCoreStore::Sops, repo, machine, g, decl, f)
+                .parent()
+                .is_some_and(|dir| dir.join("machines").join(machine).is_symlink())
+        })
+}
+
 /// Shares shared generator `g`'s existing secrets with `machine`: its link added where the
 /// secret is deployed, and the secret encrypted anew to the linked keys (opened with the
 /// user's key, which the writer's link names). Returns the paths changed.
