@@ -348,6 +348,72 @@ fn the_sops_store_is_generated_as_clan_core_lays_it_out_and_decrypts_on_the_targ
     assert!(!flake.join("sops/machines/n").exists() && !flake.join("vars/per-machine/n").exists());
 }
 
+// The deploy generates what the sops store lacks, as clan-core's does, and the system it then
+// builds carries the new sops files: one run, from nothing to secrets on the target.
+#[test]
+fn a_deploy_generates_into_the_sops_store_and_carries_the_new_files() {
+    let lab = Lab::start(&[HostSpec::new("target")]);
+    let sops = lab.install_sops("target");
+    install_age_identity(&lab);
+    let flake = lab.write_flake(&format!(
+        r#"{{
+          inventory.machines.m.deploy.targetHost = "root@{t}";
+          machines.m = {{ imports = [ (system {{ vars = {{
+              api = {{ files.token = {{ }}; script = "echo tok-$RANDOM$RANDOM > $out/token"; }};
+            }}; }}) ];
+            clan.core.vars.sops.command = "{sops}";
+            clan.core.vars.sops.secretUploadDirectory = "/root/sops-nix"; }};
+        }}"#,
+        t = lab.ip("target"),
+    ));
+    git(&flake, &["init", "-q"]);
+    git(&flake, &["add", "-A"]);
+    assert_eq!(
+        clan(&lab, &flake, &["vars", "keygen", "--user", "admin"]).code,
+        0
+    );
+    // A dry run generates nothing, so it cannot evaluate a system that carries secrets not
+    // made yet: it says so by name.
+    let dry = clan(
+        &lab,
+        &flake,
+        &["machines", "update", "m", "--dry-run", "--json"],
+    );
+    assert_eq!(dry.code, 2, "{}", dry.all());
+    let report: serde_json::Value = serde_json::from_str(&dry.stdout).unwrap();
+    assert_eq!(
+        report["errors"][0]["code"], "vars.not-generated",
+        "{report}"
+    );
+    assert!(
+        dry.stderr.contains("(api)") && dry.stderr.contains("clan vars generate m"),
+        "{}",
+        dry.stderr
+    );
+    assert!(!flake.join("vars").exists(), "the dry run generated");
+    let run = clan(&lab, &flake, &["machines", "update", "m"]);
+    assert_eq!(run.code, 0, "{}", run.all());
+    assert!(run.stderr.contains("m: generating api"), "{}", run.stderr);
+    let token = clan(&lab, &flake, &["vars", "get", "m", "api/token"]).stdout;
+    assert!(token.starts_with("tok-"), "{token}");
+    assert_eq!(
+        sh(
+            &lab,
+            "target",
+            "cat /run/secrets/vars/per-machine/m/api/token"
+        ),
+        token.trim()
+    );
+    // Once they exist, the dry run shows the plan.
+    let dry = clan(&lab, &flake, &["machines", "update", "m", "--dry-run"]);
+    assert_eq!(dry.code, 0, "{}", dry.all());
+    let tracked = git(&flake, &["ls-files", "vars", "sops"]);
+    assert!(
+        tracked.contains("vars/per-machine/m/api/token/secret"),
+        "{tracked}"
+    );
+}
+
 // A repository that sops and clan-core wrote (clan-core's checks, copied unchanged into
 // tests/fixtures/clan-core-sops with their test key), under this repository's library: read
 // as it is (nothing generated again: the generators would fail), and deployed through a build

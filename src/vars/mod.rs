@@ -83,6 +83,24 @@ pub fn clan_core_store_of(vars: &MachineVars) -> Option<clan_core_store::ClanCor
     }
 }
 
+/// The generators of `machine` that `generate` would run without `--regenerate`: files
+/// missing from its store, or a changed validation.
+pub fn not_generated(repo: &Repo, machine: &str, vars: &MachineVars) -> Vec<String> {
+    let sops = clan_core_store_of(vars) == Some(clan_core_store::ClanCoreStore::Sops);
+    vars.generators
+        .iter()
+        .filter(|(g, decl)| {
+            let generated = if sops {
+                sops_store::generated(repo, machine, g, decl)
+            } else {
+                repo.generated(machine, g, decl)
+            };
+            !generated || !repo.validation_current(machine, g, decl)
+        })
+        .map(|(g, _)| g.clone())
+        .collect()
+}
+
 /// Where the machine's key goes on the target for sops-nix: `secretUploadDirectory`
 /// (clan-core's default `/var/lib/sops-nix`).
 pub fn sops_upload_directory(vars: &MachineVars) -> String {

@@ -7,7 +7,7 @@ use std::io::IsTerminal;
 use crate::cli::{LogFormat, UpdateArgs};
 use crate::connection::Connections;
 use crate::deploy::{Deployment, Settings, rollout_batches, run_id, workstation_identity};
-use crate::error::{Error, ExitKind};
+use crate::error::{Error, ExitKind, Hint};
 use crate::execute::{Logs, MachineReport, Outcome, RunOptions, exit_code};
 use crate::plan::{Action, Activation, PlanContext};
 use crate::report;
@@ -44,12 +44,37 @@ fn update_overrides(args: &UpdateArgs) -> Result<crate::resolve::Overrides, Erro
 /// time (prompts), and the user's identity is checked against its key.
 fn update_nix_options(args: &UpdateArgs) -> Result<crate::eval::NixOptions, Error> {
     let mut nix = args.hosts.nix_options()?;
-    if args.no_secrets || args.dry_run {
+    if args.no_secrets {
         return Ok(nix);
     }
     let repo = crate::vars::Repo {
         root: crate::commands::machines::clan_dir(&args.hosts.flake)?,
     };
+    if args.dry_run {
+        // Nothing is generated. A system that carries its secrets (the sops store) cannot
+        // be evaluated before they exist: said so, by name, instead of Nix's error.
+        nix.vars = Some(crate::eval::VarsHook(std::sync::Arc::new(
+            move |name, facts, _| {
+                let Some(vars) = facts.vars.as_ref().filter(|_| facts.drv_path.is_empty()) else {
+                    return Ok(());
+                };
+                let missing = crate::vars::not_generated(&repo, name, vars);
+                if missing.is_empty() {
+                    return Ok(());
+                }
+                Err(Error::usage(format!(
+                    "its system carries vars that are not generated yet ({}): the deploy generates them first, then evaluates the system with them; a dry run generates nothing, so it cannot show this system",
+                    missing.join(", ")
+                ))
+                .code("vars.not-generated")
+                .hint(Hint::text(format!(
+                    "run `{}` (or the deploy), then the dry run shows the whole plan",
+                    crate::hint::command("vars generate", name, &[])
+                ))))
+            },
+        )));
+        return Ok(nix);
+    }
     let one_at_a_time = std::sync::Mutex::new(());
     let sandbox = !args.no_sandbox;
     if args.no_sandbox {
@@ -69,17 +94,7 @@ fn update_nix_options(args: &UpdateArgs) -> Result<crate::eval::NixOptions, Erro
                 generation.sandbox = sandbox;
                 generation.machine(name, vars)
             };
-            let missing = vars.generators.iter().any(|(g, decl)| {
-                let sops = crate::vars::clan_core_store_of(vars)
-                    == Some(crate::vars::clan_core_store::ClanCoreStore::Sops);
-                let generated = if sops {
-                    crate::vars::sops_store::generated(&repo, name, g, decl)
-                } else {
-                    repo.generated(name, g, decl)
-                };
-                !generated || !repo.validation_current(name, g, decl)
-            });
-            if missing {
+            if !crate::vars::not_generated(&repo, name, vars).is_empty() {
                 // In a fleet, the live lines are on the screen by now: prompts and messages
                 // go between them.
                 crate::progress::with_terminal(generate)?;
