@@ -907,8 +907,8 @@ fn a_failing_generators_output_stays_out_of_the_json_report() {
     );
 }
 
-// A var that exists in another store's layout (clan-core's sops store, its default) is
-// generated already: generate and the deploy refuse to make a new one beside it, naming the
+// A var that exists in another store's layout (the sops store, the default) is generated
+// already, under a clan that selects the age store: generate and the deploy refuse to make a new one beside it, naming the
 // file, and store nothing.
 #[test]
 fn a_secret_in_another_stores_layout_is_never_generated_again() {
@@ -932,7 +932,7 @@ fn a_secret_in_another_stores_layout_is_never_generated_again() {
         assert_eq!(run.code, 2, "{args:?}: {}", run.stderr);
         assert!(
             run.stderr.contains(&format!(
-                "machine m's secret api/token exists in clan-core's sops layout ({})",
+                "machine m's secret api/token exists in the sops layout ({})",
                 sops_file.display()
             )),
             "{args:?}: {}",

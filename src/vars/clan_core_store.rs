@@ -320,13 +320,13 @@ pub fn machine_key(
     let path = machine_key_path(store, repo, machine);
     if !path.is_file() {
         return Err(Error::usage(format!(
-            "machine {machine} has no key in clan-core's {} store ({} is missing): the target could not decrypt its secrets",
+            "machine {machine} has no key in the {} store ({} is missing): the target could not decrypt its secrets",
             store.name(),
             path.display()
         ))
         .code(MISSING)
         .hint(Hint::text(format!(
-            "clan-core makes it with the machine's first vars: clan vars generate {machine}"
+            "the machine's first vars make it: clan vars generate {machine}"
         ))));
     }
     match store {
@@ -486,7 +486,7 @@ pub fn check_upload(
                     path.display()
                 ))
                 .hint(Hint::text(format!(
-                    "add the machine as a recipient with clan-core's CLI (clan vars fix {machine}), commit, and deploy again"
+                    "`clan vars fix {machine}` adds the machine as a recipient (its link, the file encrypted anew); commit, and deploy again"
                 ))));
             }
         }

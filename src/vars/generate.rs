@@ -165,12 +165,12 @@ impl<'a> Generation<'a> {
             {
                 if let Some(found) = self.repo.foreign_secret(machine, g, decl, f) {
                     return Err(Error::usage(format!(
-                        "machine {machine}'s secret {g}/{f} exists in clan-core's sops layout ({}), while the clan selects this tool's age store: refusing to generate a new one beside it",
+                        "machine {machine}'s secret {g}/{f} exists in the sops layout ({}), while its clan selects the age store (clan.core.vars.settings.secretStore = \"age\"): refusing to generate a new one beside it",
                         found.display()
                     ))
                     .code("vars.foreign-layout")
                     .hint(Hint::text(
-                        "the clan's secrets are in clan-core's sops store: build the clan with clan-core's library (this tool reads and deploys its sops store), or deploy with --no-secrets (README, Secrets)",
+                        "the clan's secrets are in the sops store, the default: remove secretStore = \"age\" from the clan (README, Secrets)",
                     )));
                 }
             }

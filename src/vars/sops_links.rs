@@ -465,7 +465,7 @@ fn ensure_links(
                 secret.machine, secret.machine, secret.var
             ))
             .hint(Hint::text(format!(
-                "clan-core makes the machine's key with its first vars: clan vars generate {}",
+                "the machine's first vars make its key: clan vars generate {}",
                 secret.machine
             ))));
         }
