@@ -83,6 +83,8 @@ fn the_sops_store_is_generated_as_clan_core_lays_it_out_and_decrypts_on_the_targ
             clan.core.vars.sops.command = "{sops}"; }};
           # Only the shared generator: it joins what m made.
           machines.o = {{ imports = [ (system {{ vars = {{ ca = {{ share = true; files.key = {{ }}; script = "echo ca-$RANDOM$RANDOM > $out/key"; }}; }}; }}) ]; }};
+          # The shared generator declared otherwise: refused beside o.
+          machines.p = {{ imports = [ (system {{ vars = {{ ca = {{ share = true; files.key.deploy = false; script = "echo ca-$RANDOM$RANDOM > $out/key"; }}; }}; }}) ]; }};
           # In the age layout: the sops store never generates beside it.
           machines.n = {{ imports = [ (system {{ vars = {{ x = {{ files.s = {{ }}; script = "echo s > $out/s"; }}; }}; }}) ]; }};
         }}"#,
@@ -316,6 +318,19 @@ fn the_sops_store_is_generated_as_clan_core_lays_it_out_and_decrypts_on_the_targ
 
     // A machine with nothing of its own to generate joins the shared secret: its key is
     // made, its link added, the secret encrypted to it too (and not made again).
+    let differs = clan(&lab, &flake, &["vars", "generate", "o", "p"]);
+    assert_eq!(differs.code, 2, "{}", differs.all());
+    assert!(
+        differs
+            .stderr
+            .contains("machines o and p declare the shared generator ca differently (in: files)"),
+        "{}",
+        differs.stderr
+    );
+    assert!(
+        !flake.join("sops/machines/o").exists(),
+        "something was made"
+    );
     let join = clan(&lab, &flake, &["vars", "generate", "o"]);
     assert_eq!(join.code, 0, "{}", join.all());
     assert!(flake.join("vars/shared/ca/key/machines/o").is_symlink());

@@ -88,6 +88,13 @@ pub fn generate(args: &VarsGenerateArgs) -> Result<ExitKind, Error> {
             "warning: --no-sandbox: generators run with your environment, home directory and network"
         );
     }
+    // Shared generators declared differently stop everything before anything is made.
+    let mut shared = crate::vars::SharedDefinitions::default();
+    for (machine, vars) in &declared.machines {
+        if let Some(vars) = vars {
+            shared.check(machine, vars)?;
+        }
+    }
     for (machine, vars) in &declared.machines {
         let Some(vars) = vars else {
             if !args.machines.is_empty() {

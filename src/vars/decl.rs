@@ -76,6 +76,57 @@ impl MachineVars {
     }
 }
 
+/// The shared generators of a run, each as the first machine that declares it declares it:
+/// as in clan-core, two machines may not declare one shared generator differently (its
+/// files, apart from their owner, group and mode; its prompts, dependencies or validation),
+/// since one shared value cannot come from two definitions.
+#[derive(Debug, Default)]
+pub struct SharedDefinitions(BTreeMap<String, (String, GeneratorDecl)>);
+
+impl SharedDefinitions {
+    /// Records `machine`'s shared generators; an error names the first one it declares
+    /// differently from an earlier machine, and how.
+    pub fn check(&mut self, machine: &str, vars: &MachineVars) -> Result<(), Error> {
+        for (g, decl) in vars.generators.iter().filter(|(_, d)| d.share) {
+            let Some((first, theirs)) = self.0.get(g) else {
+                self.0
+                    .insert(g.clone(), (machine.to_string(), decl.clone()));
+                continue;
+            };
+            let what = |f: &FileDecl| (f.secret, f.deploy, f.needed_for.clone());
+            let mut differ = Vec::new();
+            if theirs.files.len() != decl.files.len()
+                || theirs
+                    .files
+                    .iter()
+                    .any(|(f, file)| decl.files.get(f).map(what) != Some(what(file)))
+            {
+                differ.push("files");
+            }
+            if theirs.prompts != decl.prompts {
+                differ.push("prompts");
+            }
+            if theirs.dependencies != decl.dependencies {
+                differ.push("dependencies");
+            }
+            if theirs.validation_hash != decl.validation_hash {
+                differ.push("validation");
+            }
+            if !differ.is_empty() {
+                return Err(Error::usage(format!(
+                    "machines {first} and {machine} declare the shared generator {g} differently (in: {}): one shared value cannot come from two definitions; nothing of it was generated",
+                    differ.join(", ")
+                ))
+                .code("vars.shared-differs")
+                .hint(Hint::text(format!(
+                    "make clan.core.vars.generators.{g} the same on both machines (owner, group and mode may differ)"
+                ))));
+            }
+        }
+        Ok(())
+    }
+}
+
 /// One generator.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -318,11 +369,19 @@ impl MachineVars {
                 }
             }
             for dep in &decl.dependencies {
-                if !self.generators.contains_key(dep) {
+                let Some(theirs) = self.generators.get(dep) else {
                     return Err(refuse(
                         format!("generators.{g}.dependencies"),
                         dep,
                         "no generator of this machine has that name",
+                    ));
+                };
+                // One value for every machine cannot come from one machine's own.
+                if decl.share && !theirs.share {
+                    return Err(refuse(
+                        format!("generators.{g}.dependencies"),
+                        dep,
+                        "a shared generator (share = true) cannot depend on a generator of the machine's own: share that one too, or do not share this one",
                     ));
                 }
             }

@@ -33,8 +33,8 @@ pub mod sops_store;
 pub mod upload;
 
 pub use decl::{
-    FileDecl, GeneratorDecl, MachineVars, PromptDecl, Recipients, RuntimeInput, VarsSettings,
-    dependency_order, scope,
+    FileDecl, GeneratorDecl, MachineVars, PromptDecl, Recipients, RuntimeInput, SharedDefinitions,
+    VarsSettings, dependency_order, scope,
 };
 pub use identity::{UserIdentity, decrypt_with, encrypt, parse_recipients};
 pub use repo::{Repo, write_atomically};
@@ -170,6 +170,57 @@ mod tests {
         gens.insert("c".to_string(), generator(&["a"]));
         let e = dependency_order(&gens).unwrap_err();
         assert!(e.message.contains("a → b → c → a"), "{}", e.message);
+    }
+
+    #[test]
+    fn shared_generators_are_declared_alike_and_depend_only_on_shared_ones() {
+        let file = |owner: &str, deploy: bool| FileDecl {
+            secret: true,
+            deploy,
+            owner: owner.into(),
+            group: "root".into(),
+            mode: "0400".into(),
+            needed_for: "services".into(),
+        };
+        let machine = |owner: &str, deploy: bool| {
+            let mut ca = GeneratorDecl {
+                share: true,
+                ..GeneratorDecl::default()
+            };
+            ca.files.insert("key".into(), file(owner, deploy));
+            let mut vars = MachineVars {
+                secret_location: "/etc/secret-vars".into(),
+                ..MachineVars::default()
+            };
+            vars.generators.insert("ca".into(), ca);
+            vars
+        };
+        let mut shared = SharedDefinitions::default();
+        shared.check("a", &machine("root", true)).unwrap();
+        // Owner, group and mode are each machine's own.
+        shared.check("b", &machine("nginx", true)).unwrap();
+        let e = shared.check("c", &machine("root", false)).unwrap_err();
+        assert_eq!(e.code, Some("vars.shared-differs"));
+        assert!(
+            e.message.contains(
+                "machines a and c declare the shared generator ca differently (in: files)"
+            ),
+            "{}",
+            e.message
+        );
+        // A shared generator may not read one machine's own.
+        let mut vars = machine("root", true);
+        vars.generators.insert("own".into(), generator(&[]));
+        vars.generators.get_mut("ca").unwrap().dependencies = vec!["own".into()];
+        let e = vars.check("a").unwrap_err();
+        assert!(
+            e.message
+                .contains("cannot depend on a generator of the machine's own"),
+            "{}",
+            e.message
+        );
+        vars.generators.get_mut("own").unwrap().share = true;
+        vars.check("a").unwrap();
     }
 
     #[test]

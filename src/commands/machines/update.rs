@@ -75,7 +75,9 @@ fn update_nix_options(args: &UpdateArgs) -> Result<crate::eval::NixOptions, Erro
         )));
         return Ok(nix);
     }
-    let one_at_a_time = std::sync::Mutex::new(());
+    // One at a time (prompts), and each machine's shared generators compared with those of
+    // the machines before it.
+    let one_at_a_time = std::sync::Mutex::new(crate::vars::SharedDefinitions::default());
     let sandbox = !args.no_sandbox;
     if args.no_sandbox {
         eprintln!(
@@ -87,7 +89,8 @@ fn update_nix_options(args: &UpdateArgs) -> Result<crate::eval::NixOptions, Erro
             let Some(vars) = &facts.vars else {
                 return Ok(());
             };
-            let _turn = one_at_a_time.lock().unwrap_or_else(|e| e.into_inner());
+            let mut shared = one_at_a_time.lock().unwrap_or_else(|e| e.into_inner());
+            shared.check(name, vars)?;
             let settings = settings.cloned().unwrap_or_default();
             let generate = || {
                 let mut generation = crate::vars::generate::Generation::new(&repo, &settings);
