@@ -288,6 +288,45 @@ fn shared_vars_and_key_rotation_touch_only_machine_keys() {
         clan(&lab, &flake, &["vars", "get", "m2", "wifi/psk"]).stdout,
         psk1
     );
+
+    // m2 stops sharing it: `vars fix` re-encrypts the shared secret to the machines that
+    // declare it now, so m2's key no longer opens it (as clan-core's fix does).
+    let flake = lab.write_flake(&format!(
+        r#"{{
+          vars.settings.secretStore = "age"; vars.settings.recipients.default = [ "{new_public}" ];
+          machines.m1 = system {{ vars = {shared}; }};
+          machines.m2 = system {{ vars = {{ own = {{ files.x = {{ }}; script = "echo x > $out/x"; }}; }}; }};
+        }}"#
+    ));
+    let fix = clan(&lab, &flake, &["vars", "fix", "m1"]);
+    assert_eq!(fix.code, 0, "{}", fix.stderr);
+    assert!(
+        fix.stderr
+            .contains("shared wifi: wifi/psk re-encrypted to the machines that share it (m1)"),
+        "{}",
+        fix.stderr
+    );
+    let new_identity: age::x25519::Identity = new_private.parse().unwrap();
+    let machine_key = |m: &str| -> age::x25519::Identity {
+        let sealed =
+            std::fs::read(flake.join(format!("secrets/age-keys/machines/{m}/key.age"))).unwrap();
+        let key = clan::vars::decrypt_with(std::slice::from_ref(&new_identity), &sealed).unwrap();
+        std::str::from_utf8(&key).unwrap().trim().parse().unwrap()
+    };
+    let sealed = std::fs::read(&secret).unwrap();
+    assert!(clan::vars::decrypt_with(&[machine_key("m2")], &sealed).is_err());
+    assert_eq!(
+        &clan::vars::decrypt_with(&[machine_key("m1")], &sealed).unwrap()[..],
+        psk1.as_bytes()
+    );
+    assert_eq!(
+        std::fs::read_to_string(flake.join("secrets/clan-vars/shared/wifi/psk/psk.age.recipients"))
+            .unwrap()
+            .trim(),
+        std::fs::read_to_string(flake.join("secrets/age-keys/machines/m1/pub"))
+            .unwrap()
+            .trim()
+    );
 }
 
 #[test]

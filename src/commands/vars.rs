@@ -1,6 +1,6 @@
 //! `clan vars …`: generate, list, get, check, upload and fix a clan's vars (age backend).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::io::Write;
 
 use crate::cli::{
@@ -492,6 +492,55 @@ pub fn fix(args: &VarsFixArgs) -> Result<ExitKind, Error> {
             "{machine}: key re-encrypted to {} recipient(s) of {from}",
             keys.len()
         );
+    }
+    // Shared secrets: to exactly the machines that declare their generator now, which
+    // takes every machine's declaration (evaluated again when only some were named).
+    let shares = |vars: &MachineVars| {
+        vars.generators
+            .values()
+            .any(|d| d.share && d.files.values().any(|f| f.secret && f.deploy))
+    };
+    if age.iter().any(|(_, vars)| shares(vars)) {
+        let all;
+        let every = if args.machines.is_empty() {
+            &declared
+        } else {
+            all = self::declared(&args.hosts, &[])?;
+            &all
+        };
+        let mut sharers: BTreeMap<&String, (&crate::vars::GeneratorDecl, Vec<String>)> =
+            BTreeMap::new();
+        for (machine, vars) in &every.machines {
+            let Some(vars) = vars
+                .as_ref()
+                .filter(|v| v.clan_core != Some(ClanCoreStore::Sops))
+            else {
+                continue;
+            };
+            for (g, decl) in vars.generators.iter().filter(|(_, d)| d.share) {
+                sharers
+                    .entry(g)
+                    .or_insert_with(|| (decl, Vec::new()))
+                    .1
+                    .push(machine.clone());
+            }
+        }
+        let named: BTreeSet<&String> = age
+            .iter()
+            .filter(|(_, v)| shares(v))
+            .flat_map(|(_, v)| v.generators.keys())
+            .collect();
+        for (g, (decl, machines)) in sharers.iter().filter(|(g, _)| named.contains(*g)) {
+            let rekeyed =
+                crate::vars::generate::fix_shared(&declared.repo, &user, g, decl, machines)?;
+            if !rekeyed.is_empty() {
+                eprintln!(
+                    "shared {g}: {} re-encrypted to the machines that share it ({})",
+                    rekeyed.join(", "),
+                    machines.join(", ")
+                );
+            }
+        }
     }
     // Secrets that are not deployed are encrypted to the people: to the current ones.
     for (machine, vars) in age {

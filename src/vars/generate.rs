@@ -769,6 +769,63 @@ pub fn fix_undeployed(
     Ok(done)
 }
 
+/// Re-encrypts each deployed secret of shared generator `g` to exactly the keys of
+/// `machines` (those that declare it; one without a key yet gets it when it generates), as
+/// clan-core's age `fix` does: a machine that no longer declares it can no longer read it.
+/// Opened with a machine key your key opens. Returns the vars re-encrypted (`gen/file`).
+pub fn fix_shared(
+    repo: &Repo,
+    user: &UserIdentity,
+    g: &str,
+    decl: &GeneratorDecl,
+    machines: &[String],
+) -> Result<Vec<String>, Error> {
+    let mut recipients = Vec::new();
+    for m in machines {
+        if let Some(r) = repo.machine_recipient(m)? {
+            recipients.push(r);
+        }
+    }
+    if recipients.is_empty() {
+        return Ok(Vec::new());
+    }
+    let mut wanted: Vec<String> = recipients.iter().map(|r| r.to_string()).collect();
+    wanted.sort();
+    wanted.dedup();
+    let mut done = Vec::new();
+    for (f, _) in decl.files.iter().filter(|(_, f)| f.secret && f.deploy) {
+        // A shared secret's path is the same for every machine.
+        let path = repo.secret_path(&machines[0], g, decl, f);
+        if !path.is_file() {
+            continue;
+        }
+        let listed = std::fs::read_to_string(Repo::recipients_path(&path)).unwrap_or_default();
+        let mut current: Vec<String> = listed.lines().map(str::to_string).collect();
+        current.sort();
+        if current == wanted {
+            continue;
+        }
+        let encrypted = std::fs::read(&path)
+            .map_err(|e| Error::new(format!("cannot read {}: {e}", path.display())))?;
+        let plain = repo
+            .machines_with_keys()
+            .iter()
+            .filter_map(|m| repo.machine_identity(m, user).ok())
+            .find_map(|identity| decrypt_with(std::slice::from_ref(&identity), &encrypted).ok())
+            .ok_or_else(|| {
+                Error::usage(format!(
+                    "no machine key that your key opens decrypts {}: nothing of it was changed",
+                    path.display()
+                ))
+            })?;
+        write_atomically(&path, &encrypt(&recipients, &plain)?)?;
+        let sidecar = Repo::write_recipients(&path, &recipients)?;
+        git_add(&repo.root, &[path, sidecar]);
+        done.push(format!("{g}/{f}"));
+    }
+    Ok(done)
+}
+
 /// Moves every secret of the repository from this tool's earlier layout to clan-core's age
 /// layout ([`Repo::old_layout`]), changing no secret, and writes the recipients sidecar of
 /// each shared one (the machines whose keys, opened with `user`, decrypt it). A secret
