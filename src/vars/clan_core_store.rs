@@ -168,7 +168,8 @@ pub fn recipient_problems(
 /// `clan vars fix` for the sops store: every secret of `machine` agrees with its links
 /// again ([`sops_links::fix`]), decrypted with the user's key or the machine's. Returns the
 /// paths changed. (The age store, clan-core's too, is fixed as this tool's own:
-/// [`super::generate::fix_keys`], [`super::generate::fix_undeployed`].)
+/// [`super::generate::fix_keys`], [`super::generate::fix_undeployed`],
+/// [`super::generate::fix_shared`].)
 pub fn fix(
     repo: &Repo,
     machine: &str,
@@ -200,7 +201,6 @@ pub fn fix(
 /// clan-core writes it ([`sops_links::write_secret`]: the machine's, default groups' and your
 /// user's links, encrypted to exactly the linked keys). Your key must be a sops user of the
 /// clan (`sops/users/<u>/key.json`). Returns the paths changed.
-#[allow(clippy::too_many_arguments)]
 pub fn set(
     repo: &Repo,
     machine: &str,
