@@ -430,6 +430,8 @@ fn clan_core_age_store_deploys() {
       system.build.toplevel = toplevel "alpha" {{ }};
       clan.core.vars.settings.secretStore = "age";
       clan.core.vars.age.secretLocation = "/root/clan-age";
+      # Needed for activation: clan-core uploads it decrypted.
+      clan.core.vars.generators.early = {{ files.init.neededFor = "activation"; script = "true"; }};
     }};
   }};
 }}"#,
@@ -472,6 +474,15 @@ fn clan_core_age_store_deploys() {
     assert_eq!(run.code, 0, "{}", run.all());
     let uploaded = std::fs::read_to_string(lab.host("target").root().join("clan-age/key.txt"))
         .expect("key.txt in the target's secretLocation");
+    assert_eq!(
+        std::fs::read_to_string(
+            lab.host("target")
+                .root()
+                .join("clan-age/activation/per-machine/alpha/early/init")
+        )
+        .expect("the activation secret, decrypted where clan-core's modules read it"),
+        "content of early/init"
+    );
     assert_eq!(uploaded.trim(), store.machine_key.trim());
     let machine: age::x25519::Identity = uploaded.trim().parse().unwrap();
     for secret in &store.secrets {

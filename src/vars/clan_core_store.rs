@@ -440,28 +440,6 @@ pub fn check_upload(
     user: &UserIdentity,
 ) -> Result<(), Error> {
     check_complete(store, repo, machine, vars, false)?;
-    let early: Vec<String> = vars
-        .generators
-        .iter()
-        .flat_map(|(g, decl)| {
-            decl.files
-                .iter()
-                .filter(|(_, file)| file.uploaded() && file.needed_for == "activation")
-                .map(move |(f, _)| format!("{g}/{f}"))
-        })
-        .collect();
-    // The sops store written here decrypts those on the target too (nix/vars.nix).
-    if !early.is_empty() && !vars.generated_here() {
-        return Err(Error::usage(format!(
-            "machine {machine}'s secrets {} are needed for activation: clan-core uploads those decrypted, which this tool does not do with its {} store yet; nothing was uploaded",
-            early.join(", "),
-            store.name()
-        ))
-        .code("vars.clan-core-unsupported")
-        .hint(Hint::text(format!(
-            "upload them with clan-core's CLI (clan vars upload {machine}), and deploy with --no-secrets"
-        ))));
-    }
     let identity = machine_identity(store, repo, machine, user)?;
     let public = identity.to_public().to_string();
     for (g, decl) in &vars.generators {

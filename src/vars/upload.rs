@@ -34,6 +34,11 @@ pub struct SecretsUpload {
     /// `secretUploadDirectory`, age's `secretLocation`); the secrets are in the system
     /// closure, where clan-core's modules decrypt them.
     pub clan_core: Option<super::clan_core_store::ClanCoreStore>,
+    /// On clan-core's library, the secrets needed for activation, which clan-core uploads
+    /// decrypted (its modules read them at `<location>/activation/<scope>/<gen>/<file>`):
+    /// each as (generator, file, its declaration). This library's activation decrypts them on
+    /// the target instead.
+    pub decrypted: Vec<(String, String, super::GeneratorDecl)>,
 }
 
 impl SecretsUpload {
@@ -44,12 +49,26 @@ impl SecretsUpload {
                 super::clan_core_store::ClanCoreStore::Sops => super::sops_upload_directory(vars),
                 super::clan_core_store::ClanCoreStore::Age => vars.secret_location.clone(),
             };
+            let decrypted = if vars.generated_here() {
+                Vec::new()
+            } else {
+                vars.generators
+                    .iter()
+                    .flat_map(|(g, decl)| {
+                        decl.files
+                            .iter()
+                            .filter(|(_, file)| file.uploaded() && file.needed_for == "activation")
+                            .map(move |(f, _)| (g.clone(), f.clone(), decl.clone()))
+                    })
+                    .collect()
+            };
             return (!vars.uploaded_files(machine).is_empty()).then(|| SecretsUpload {
                 machine: machine.to_string(),
                 repo: repo.clone(),
                 location,
                 files: Vec::new(),
                 clan_core: Some(store),
+                decrypted,
             });
         }
         let files: Vec<String> = vars
@@ -63,12 +82,13 @@ impl SecretsUpload {
             location: vars.secret_location.clone(),
             files,
             clan_core: None,
+            decrypted: Vec::new(),
         })
     }
 
     /// Files sent, the key included.
     pub fn count(&self) -> usize {
-        self.files.len() + 1
+        self.files.len() + self.decrypted.len() + 1
     }
 
     /// The script's arguments.
@@ -77,7 +97,8 @@ impl SecretsUpload {
     }
 
     /// The tar the target receives, in memory: the machine's key, decrypted with the user's
-    /// identity, and the encrypted secrets as they are in the repository.
+    /// identity, the encrypted secrets as they are in the repository, and on clan-core's
+    /// library its secrets needed for activation, decrypted (as clan-core uploads them).
     pub fn bundle(&self, user: &UserIdentity) -> Result<Secret, Error> {
         let key = if let Some(store) = self.clan_core {
             super::clan_core_store::machine_key(store, &self.repo, &self.machine, user)?
@@ -98,12 +119,32 @@ impl SecretsUpload {
                     crate::hint::command("vars generate", &self.machine, &[])
                 )))
             })?;
-            encrypted.push((rel, bytes));
+            encrypted.push((rel.clone(), bytes));
+        }
+        // Plaintext, as clan-core uploads these: wiped when dropped.
+        let mut decrypted = Vec::new();
+        if let Some(store) = self.clan_core {
+            for (g, f, decl) in &self.decrypted {
+                let rel = format!("activation/{}/{g}/{f}", super::scope(&self.machine, decl));
+                let plain = super::clan_core_store::read(
+                    store,
+                    &self.repo,
+                    &self.machine,
+                    g,
+                    decl,
+                    f,
+                    user,
+                )?;
+                decrypted.push((rel, plain));
+            }
         }
         // Room for everything up front: the buffer that holds the key is never reallocated,
         // so no copy of it is left behind unwiped.
-        let capacity =
-            10240 + 2048 + key.len() + encrypted.iter().map(|(_, b)| 2048 + b.len()).sum::<usize>();
+        let capacity = 10240
+            + 2048
+            + key.len()
+            + encrypted.iter().map(|(_, b)| 2048 + b.len()).sum::<usize>()
+            + decrypted.iter().map(|(_, b)| 2048 + b.len()).sum::<usize>();
         let mut buffer = Zeroizing::new(Vec::with_capacity(capacity));
         let mut tar = tar::Builder::new(&mut *buffer);
         let mut add = |path: &str, bytes: &[u8]| -> Result<(), Error> {
@@ -119,6 +160,9 @@ impl SecretsUpload {
         };
         add("key.txt", &key)?;
         for (rel, bytes) in &encrypted {
+            add(rel, bytes)?;
+        }
+        for (rel, bytes) in &decrypted {
             add(rel, bytes)?;
         }
         tar.finish()
@@ -251,6 +295,7 @@ mod tests {
             location: "/etc/secret-vars".into(),
             files: vec![rel.into()],
             clan_core: None,
+            decrypted: Vec::new(),
         };
         assert_eq!(upload.args(), ["/etc/secret-vars", "2"]);
         let bundle = upload.bundle(&user).unwrap();
