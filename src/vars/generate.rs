@@ -737,33 +737,21 @@ pub fn fix_undeployed(
                 continue;
             }
             let recipients = super::parse_recipients(settings, machine)?;
-            let mut wanted: Vec<String> = recipients.iter().map(|r| r.to_string()).collect();
-            wanted.sort();
-            wanted.dedup();
-            let listed = std::fs::read_to_string(Repo::recipients_path(&path)).unwrap_or_default();
-            let mut current: Vec<String> = listed.lines().map(str::to_string).collect();
-            current.sort();
-            if current == wanted {
-                continue;
-            }
-            let encrypted = std::fs::read(&path)
-                .map_err(|e| Error::new(format!("cannot read {}: {e}", path.display())))?;
-            let plain = match user.decrypt(&encrypted) {
-                Ok(plain) => plain,
+            let open = |encrypted: &[u8]| match user.decrypt(encrypted) {
+                Ok(plain) => Ok(plain),
                 Err(_) => {
                     let identity = repo.machine_identity(machine, user)?;
-                    decrypt_with(std::slice::from_ref(&identity), &encrypted).map_err(|e| {
+                    decrypt_with(std::slice::from_ref(&identity), encrypted).map_err(|e| {
                         Error::usage(format!(
                             "cannot decrypt {} with your key or machine {machine}'s: {e}; nothing of it was changed",
                             path.display()
                         ))
-                    })?
+                    })
                 }
             };
-            write_atomically(&path, &encrypt(&recipients, &plain)?)?;
-            let sidecar = Repo::write_recipients(&path, &recipients)?;
-            git_add(&repo.root, &[path, sidecar]);
-            done.push(format!("{g}/{f}"));
+            if reencrypt_unless_listed(repo, &path, &recipients, open)? {
+                done.push(format!("{g}/{f}"));
+            }
         }
     }
     Ok(done)
@@ -789,9 +777,6 @@ pub fn fix_shared(
     if recipients.is_empty() {
         return Ok(Vec::new());
     }
-    let mut wanted: Vec<String> = recipients.iter().map(|r| r.to_string()).collect();
-    wanted.sort();
-    wanted.dedup();
     let mut done = Vec::new();
     for (f, _) in decl.files.iter().filter(|(_, f)| f.secret && f.deploy) {
         // A shared secret's path is the same for every machine.
@@ -799,31 +784,50 @@ pub fn fix_shared(
         if !path.is_file() {
             continue;
         }
-        let listed = std::fs::read_to_string(Repo::recipients_path(&path)).unwrap_or_default();
-        let mut current: Vec<String> = listed.lines().map(str::to_string).collect();
-        current.sort();
-        if current == wanted {
-            continue;
+        let open = |encrypted: &[u8]| {
+            repo.machines_with_keys()
+                .iter()
+                .filter_map(|m| repo.machine_identity(m, user).ok())
+                .find_map(|identity| decrypt_with(std::slice::from_ref(&identity), encrypted).ok())
+                .ok_or_else(|| {
+                    Error::usage(format!(
+                        "no machine key that your key opens decrypts {}: nothing of it was changed",
+                        path.display()
+                    ))
+                })
+        };
+        if reencrypt_unless_listed(repo, &path, &recipients, open)? {
+            done.push(format!("{g}/{f}"));
         }
-        let encrypted = std::fs::read(&path)
-            .map_err(|e| Error::new(format!("cannot read {}: {e}", path.display())))?;
-        let plain = repo
-            .machines_with_keys()
-            .iter()
-            .filter_map(|m| repo.machine_identity(m, user).ok())
-            .find_map(|identity| decrypt_with(std::slice::from_ref(&identity), &encrypted).ok())
-            .ok_or_else(|| {
-                Error::usage(format!(
-                    "no machine key that your key opens decrypts {}: nothing of it was changed",
-                    path.display()
-                ))
-            })?;
-        write_atomically(&path, &encrypt(&recipients, &plain)?)?;
-        let sidecar = Repo::write_recipients(&path, &recipients)?;
-        git_add(&repo.root, &[path, sidecar]);
-        done.push(format!("{g}/{f}"));
     }
     Ok(done)
+}
+
+/// Encrypts the age secret at `path` anew to exactly `recipients` (opened with `open`),
+/// its sidecar listing them, staged in git; unless the sidecar lists them already. Returns
+/// whether it did.
+fn reencrypt_unless_listed(
+    repo: &Repo,
+    path: &Path,
+    recipients: &[age::x25519::Recipient],
+    open: impl FnOnce(&[u8]) -> Result<Secret, Error>,
+) -> Result<bool, Error> {
+    let mut wanted: Vec<String> = recipients.iter().map(|r| r.to_string()).collect();
+    wanted.sort();
+    wanted.dedup();
+    let listed = std::fs::read_to_string(Repo::recipients_path(path)).unwrap_or_default();
+    let mut current: Vec<String> = listed.lines().map(str::to_string).collect();
+    current.sort();
+    if current == wanted {
+        return Ok(false);
+    }
+    let encrypted = std::fs::read(path)
+        .map_err(|e| Error::new(format!("cannot read {}: {e}", path.display())))?;
+    let plain = open(&encrypted)?;
+    write_atomically(path, &encrypt(recipients, &plain)?)?;
+    let sidecar = Repo::write_recipients(path, recipients)?;
+    git_add(&repo.root, &[path.to_path_buf(), sidecar]);
+    Ok(true)
 }
 
 /// Moves every secret of the repository from this tool's earlier layout to clan-core's age
