@@ -247,7 +247,7 @@ pub fn check_complete(
         missing.join(", ")
     };
     Err(Error::usage(format!(
-        "machine {machine} keeps its vars in clan-core's {} store: {what}; this tool reads and deploys that store but does not write it yet, so nothing was generated",
+        "machine {machine} keeps its vars in clan-core's {} store: {what}; this tool does not run clan-core's generators (their finalScript), so nothing was generated",
         store.name()
     ))
     .code(code)
