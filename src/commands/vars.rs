@@ -508,38 +508,20 @@ pub fn fix(args: &VarsFixArgs) -> Result<ExitKind, Error> {
             all = self::declared(&args.hosts, &[])?;
             &all
         };
-        let mut sharers: BTreeMap<&String, (&crate::vars::GeneratorDecl, Vec<String>)> =
-            BTreeMap::new();
-        for (machine, vars) in &every.machines {
-            let Some(vars) = vars
-                .as_ref()
-                .filter(|v| v.clan_core != Some(ClanCoreStore::Sops))
-            else {
-                continue;
-            };
-            for (g, decl) in vars.generators.iter().filter(|(_, d)| d.share) {
-                sharers
-                    .entry(g)
-                    .or_insert_with(|| (decl, Vec::new()))
-                    .1
-                    .push(machine.clone());
-            }
-        }
-        let named: BTreeSet<&String> = age
+        let named: BTreeSet<String> = age
             .iter()
             .filter(|(_, v)| shares(v))
-            .flat_map(|(_, v)| v.generators.keys())
+            .flat_map(|(_, v)| v.generators.keys().cloned())
             .collect();
-        for (g, (decl, machines)) in sharers.iter().filter(|(g, _)| named.contains(*g)) {
-            let rekeyed =
-                crate::vars::generate::fix_shared(&declared.repo, &user, g, decl, machines)?;
-            if !rekeyed.is_empty() {
-                eprintln!(
-                    "shared {g}: {} re-encrypted to the machines that share it ({})",
-                    rekeyed.join(", "),
-                    machines.join(", ")
-                );
-            }
+        let fixed =
+            crate::vars::generate::fix_all_shared(&declared.repo, &user, &every.machines, &named)?;
+        for shared in fixed {
+            eprintln!(
+                "shared {}: {} re-encrypted to the machines that share it ({})",
+                shared.generator,
+                shared.vars.join(", "),
+                shared.machines.join(", ")
+            );
         }
     }
     // Secrets that are not deployed are encrypted to the people: to the current ones.

@@ -38,14 +38,6 @@ impl Kept {
             Some(store) => Kept::ClanCore(store),
         }
     }
-
-    /// Whether every file of generator `g` is in the store.
-    fn generated(self, repo: &Repo, machine: &str, g: &str, decl: &GeneratorDecl) -> bool {
-        match self {
-            Kept::Age => repo.generated(machine, g, decl),
-            _ => super::sops_store::generated(repo, machine, g, decl),
-        }
-    }
 }
 
 /// What a generation needs besides the machine: the repository, the clan's settings, and
@@ -140,7 +132,7 @@ impl<'a> Generation<'a> {
             let decl = &vars.generators[g];
             let selected = self.only.as_ref().is_none_or(|o| o == g);
             // A changed validation makes it (and what depends on it) run again.
-            let missing = !kept.generated(self.repo, machine, g, decl)
+            let missing = !super::generated(self.repo, machine, vars, g, decl)
                 || !self.repo.validation_current(machine, g, decl);
             let dep_runs = decl.dependencies.iter().any(|d| run.contains(d));
             if (selected && (self.regenerate || missing))
@@ -182,7 +174,7 @@ impl<'a> Generation<'a> {
             && vars.generators.iter().any(|(g, decl)| {
                 decl.share
                     && !run.contains(g)
-                    && kept.generated(self.repo, machine, g, decl)
+                    && super::generated(self.repo, machine, vars, g, decl)
                     && !super::sops_store::shared_with(self.repo, machine, g, decl)
             });
         // Whoever writes into the sops store must be one of its users (the links name them).
@@ -210,7 +202,7 @@ impl<'a> Generation<'a> {
             .iter()
             .filter(|(g, decl)| decl.share && !run.contains(*g))
         {
-            if kept.generated(self.repo, machine, g, decl) {
+            if super::generated(self.repo, machine, vars, g, decl) {
                 written.extend(match kept {
                     Kept::Sops => super::sops_store::share_with(
                         self.repo,
@@ -755,6 +747,60 @@ pub fn fix_undeployed(
         }
     }
     Ok(done)
+}
+
+/// A shared generator whose secrets `vars fix` encrypted anew ([`fix_all_shared`]).
+pub struct SharedFixed {
+    /// The generator.
+    pub generator: String,
+    /// Its vars re-encrypted (`gen/file`).
+    pub vars: Vec<String>,
+    /// The machines that share it now.
+    pub machines: Vec<String>,
+}
+
+/// `vars fix`'s shared pass in the age store: each shared generator of `generators`, its
+/// deployed secrets re-encrypted to exactly the machines of `every` (every machine of the
+/// clan, for the age store) that declare it ([`fix_shared`]). Returns each generator whose
+/// secrets changed.
+pub fn fix_all_shared(
+    repo: &Repo,
+    user: &UserIdentity,
+    every: &BTreeMap<String, Option<MachineVars>>,
+    generators: &BTreeSet<String>,
+) -> Result<Vec<SharedFixed>, Error> {
+    let mut sharers: BTreeMap<&String, (&GeneratorDecl, Vec<String>)> = BTreeMap::new();
+    for (machine, vars) in every {
+        let Some(vars) = vars
+            .as_ref()
+            .filter(|v| v.clan_core != Some(ClanCoreStore::Sops))
+        else {
+            continue;
+        };
+        for (g, decl) in vars
+            .generators
+            .iter()
+            .filter(|(g, d)| d.share && generators.contains(*g))
+        {
+            sharers
+                .entry(g)
+                .or_insert_with(|| (decl, Vec::new()))
+                .1
+                .push(machine.clone());
+        }
+    }
+    let mut fixed = Vec::new();
+    for (g, (decl, machines)) in sharers {
+        let rekeyed = fix_shared(repo, user, g, decl, &machines)?;
+        if !rekeyed.is_empty() {
+            fixed.push(SharedFixed {
+                generator: g.clone(),
+                vars: rekeyed,
+                machines,
+            });
+        }
+    }
+    Ok(fixed)
 }
 
 /// Re-encrypts each deployed secret of shared generator `g` to exactly the keys of

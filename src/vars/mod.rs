@@ -83,19 +83,33 @@ pub fn clan_core_store_of(vars: &MachineVars) -> Option<clan_core_store::ClanCor
     }
 }
 
+/// Whether every file of generator `g` of `machine` is in the store that keeps its vars
+/// (this tool's age store, or the sops or age store in clan-core's layout).
+pub fn generated(
+    repo: &Repo,
+    machine: &str,
+    vars: &MachineVars,
+    g: &str,
+    decl: &GeneratorDecl,
+) -> bool {
+    let store = clan_core_store_of(vars);
+    decl.files.iter().all(|(f, file)| {
+        match store.filter(|_| file.secret) {
+            Some(store) => clan_core_store::secret_path(store, repo, machine, g, decl, f),
+            None if file.secret => repo.secret_path(machine, g, decl, f),
+            None => repo.value_path(machine, g, decl, f),
+        }
+        .is_file()
+    })
+}
+
 /// The generators of `machine` that `generate` would run without `--regenerate`: files
 /// missing from its store, or a changed validation.
 pub fn not_generated(repo: &Repo, machine: &str, vars: &MachineVars) -> Vec<String> {
-    let sops = clan_core_store_of(vars) == Some(clan_core_store::ClanCoreStore::Sops);
     vars.generators
         .iter()
         .filter(|(g, decl)| {
-            let generated = if sops {
-                sops_store::generated(repo, machine, g, decl)
-            } else {
-                repo.generated(machine, g, decl)
-            };
-            !generated || !repo.validation_current(machine, g, decl)
+            !generated(repo, machine, vars, g, decl) || !repo.validation_current(machine, g, decl)
         })
         .map(|(g, _)| g.clone())
         .collect()

@@ -180,17 +180,6 @@ impl Repo {
         stored == decl.validation_hash
     }
 
-    /// Whether every file of generator `g` is in the repository.
-    pub fn generated(&self, machine: &str, g: &str, decl: &GeneratorDecl) -> bool {
-        decl.files.iter().all(|(f, file)| {
-            if file.secret {
-                self.secret_path(machine, g, decl, f).is_file()
-            } else {
-                self.value_path(machine, g, decl, f).is_file()
-            }
-        })
-    }
-
     /// The machine's public key, if it has one.
     pub fn machine_recipient(
         &self,

@@ -57,17 +57,6 @@ pub fn machine_public_path(repo: &Repo, machine: &str) -> PathBuf {
         .join("key.json")
 }
 
-/// Whether file `f` of generator `g` is in the store.
-pub fn generated(repo: &Repo, machine: &str, g: &str, decl: &GeneratorDecl) -> bool {
-    decl.files.iter().all(|(f, file)| {
-        if file.secret {
-            secret_path(ClanCoreStore::Sops, repo, machine, g, decl, f).is_file()
-        } else {
-            repo.value_path(machine, g, decl, f).is_file()
-        }
-    })
-}
-
 /// The secrets of `machine` in the store (`vars/per-machine/<m>/<gen>/<file>/secret`).
 fn secrets_of(repo: &Repo, machine: &str) -> Vec<PathBuf> {
     let root = repo.root.join("vars/per-machine").join(machine);
@@ -251,7 +240,7 @@ pub fn check_before_generating(
     let missing = vars
         .generators
         .iter()
-        .any(|(g, decl)| !generated(repo, machine, g, decl));
+        .any(|(g, decl)| !super::generated(repo, machine, vars, g, decl));
     match age_layout_file(repo, machine, vars).filter(|_| missing) {
         None => Ok(()),
         Some(found) => Err(Error::usage(format!(
@@ -312,7 +301,10 @@ mod tests {
             deploy: true,
             ..FileDecl::default()
         };
-        let mut vars = MachineVars::default();
+        let mut vars = MachineVars {
+            secret_module: Some("clan_lib.vars.secret_modules.sops".into()),
+            ..MachineVars::default()
+        };
         let mut ca = GeneratorDecl {
             share: true,
             ..GeneratorDecl::default()
@@ -398,7 +390,7 @@ mod tests {
         let m2 = machine_identity(&repo, "m2", &user);
         let text = std::fs::read_to_string(&path).unwrap();
         assert!(sops::decrypt(&text, std::slice::from_ref(&m2)).is_err());
-        assert!(generated(&repo, "m2", "ca", ca));
+        assert!(crate::vars::generated(&repo, "m2", &vars, "ca", ca));
         let changed = share_with(&repo, "m2", &vars, "ca", ca, &user).unwrap();
         assert!(changed.contains(&path), "{changed:?}");
         let text = std::fs::read_to_string(&path).unwrap();
